@@ -1,0 +1,199 @@
+//! Async client of the control API, used by the proxy, the command line,
+//! the tests and the benchmarks.
+
+use std::time::Duration;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::name::Name;
+use crate::types::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Control answered with an error body.
+    #[error("{message} ({code}, HTTP {status})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("control unreachable at {url}: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("unexpected answer from control ({status}): {body}")]
+    Protocol { status: u16, body: String },
+}
+
+impl ClientError {
+    /// The machine code of an API error (`not_found`, `conflict`, ...).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } | ClientError::Protocol { status, .. } => Some(*status),
+            ClientError::Transport { .. } => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// `base` is control's address, e.g. `http://127.0.0.1:8001`.
+    pub fn new(base: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .expect("reqwest client without TLS always builds");
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{}", self.base, path)
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let transport = |source| ClientError::Transport {
+            url: self.base.clone(),
+            source,
+        };
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.map_err(transport)?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&body).map_err(|_| ClientError::Protocol {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(e) => Err(ClientError::Api {
+                status,
+                code: e.code,
+                message: e.error,
+            }),
+            Err(_) => Err(ClientError::Protocol {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            }),
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        self.send(self.http.post(self.url(path)).json(body)).await
+    }
+
+    pub async fn create_app(&self, name: &Name) -> Result<AppInfo, ClientError> {
+        self.post("/apps", &CreateApp { name: name.clone() }).await
+    }
+
+    pub async fn create_key(&self, app: &Name) -> Result<ApiKeyCreated, ClientError> {
+        self.post(&format!("/apps/{app}/keys"), &serde_json::json!({})).await
+    }
+
+    pub async fn list_keys(&self, app: &Name) -> Result<Vec<ApiKeyInfo>, ClientError> {
+        self.get(&format!("/apps/{app}/keys")).await
+    }
+
+    pub async fn delete_key(&self, app: &Name, id: &str) -> Result<serde_json::Value, ClientError> {
+        self.send(self.http.delete(self.url(&format!("/apps/{app}/keys/{id}"))))
+            .await
+    }
+
+    /// Which app a key belongs to; `not_found` for an unknown or revoked key.
+    pub async fn verify_key(&self, key: &str) -> Result<KeyOwner, ClientError> {
+        self.post("/keys/verify", &VerifyKey { key: key.to_string() })
+            .await
+    }
+
+    pub async fn create_user(&self, app: &Name, name: &str, password: &str) -> Result<UserInfo, ClientError> {
+        let body = CreateUser {
+            name: name.to_string(),
+            password: password.to_string(),
+        };
+        self.post(&format!("/apps/{app}/users"), &body).await
+    }
+
+    pub async fn get_user(&self, app: &Name, name: &str) -> Result<UserInfo, ClientError> {
+        self.get(&format!("/apps/{app}/users/{name}")).await
+    }
+
+    pub async fn create_database(&self, req: &CreateDatabase) -> Result<DatabaseInfo, ClientError> {
+        self.post("/databases", req).await
+    }
+
+    pub async fn list_databases(&self, app: Option<&Name>) -> Result<DatabaseList, ClientError> {
+        match app {
+            Some(app) => self.get(&format!("/databases?app={app}")).await,
+            None => self.get("/databases").await,
+        }
+    }
+
+    pub async fn database(&self, app: &Name, db: &Name) -> Result<DatabaseInfo, ClientError> {
+        self.get(&format!("/databases/{app}/{db}")).await
+    }
+
+    pub async fn wake(&self, app: &Name, db: &Name) -> Result<DatabaseInfo, ClientError> {
+        self.post(&format!("/databases/{app}/{db}/wake"), &serde_json::json!({}))
+            .await
+    }
+
+    pub async fn hibernate(&self, app: &Name, db: &Name, force: bool) -> Result<DatabaseInfo, ClientError> {
+        let q = if force { "?force=true" } else { "" };
+        self.post(&format!("/databases/{app}/{db}/hibernate{q}"), &serde_json::json!({}))
+            .await
+    }
+
+    pub async fn drop_database(&self, app: &Name, db: &Name) -> Result<serde_json::Value, ClientError> {
+        self.send(self.http.delete(self.url(&format!("/databases/{app}/{db}"))))
+            .await
+    }
+
+    pub async fn report_activity(&self, report: &ActivityReport) -> Result<serde_json::Value, ClientError> {
+        self.post("/activity", report).await
+    }
+
+    pub async fn scale(&self, req: &ScaleRequest) -> Result<ScalePlan, ClientError> {
+        self.post("/cluster/scale", req).await
+    }
+
+    pub async fn nodes(&self) -> Result<NodeList, ClientError> {
+        self.get("/nodes").await
+    }
+
+    /// The raw `/api/v1/events` response, for callers that read the SSE stream.
+    pub async fn events(&self) -> Result<reqwest::Response, ClientError> {
+        self.http
+            .get(self.url("/events"))
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: self.base.clone(),
+                source,
+            })
+    }
+}

@@ -1,0 +1,457 @@
+//! The configuration file shared by `rouse-control` and `rouse-proxy`: one
+//! YAML document with `node`, `database`, `discovery`, `control`, `proxy`
+//! and `redis` sections (each binary uses its own), the keys of the
+//! reference `node.yaml` loading as they are. Every key can be overridden by
+//! `ROUSE_<SECTION>__<KEY>` environment variables; `REDIS_URL` sets
+//! `redis.url`. Unknown keys are refused with the file, line and key.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `configs/local.yaml`, the default when no `--config` is given.
+pub const LOCAL_CONFIG: &str = include_str!("../../../configs/local.yaml");
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub database: DatabaseConfig,
+    pub discovery: DiscoveryConfig,
+    pub control: ControlConfig,
+    pub proxy: ProxyConfig,
+    pub redis: RedisConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    /// libp2p listen multiaddrs of the control daemon.
+    pub listen_addresses: Vec<String>,
+    pub max_connections: u32,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            data_dir: PathBuf::from("./data"),
+            listen_addresses: vec!["/ip4/0.0.0.0/tcp/4001".into()],
+            max_connections: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub replication_factor: u32,
+    /// Idle time before a database hibernates; zero disables hibernation.
+    #[serde(with = "crate::duration")]
+    pub hibernation_timeout: Duration,
+    pub max_databases: u32,
+    pub port_range_http_start: u16,
+    pub port_range_http_end: u16,
+    pub port_range_raft_start: u16,
+    pub port_range_raft_end: u16,
+    pub port_range_postgres_start: u16,
+    pub port_range_postgres_end: u16,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            replication_factor: 3,
+            hibernation_timeout: Duration::from_secs(60),
+            max_databases: 100,
+            port_range_http_start: 5001,
+            port_range_http_end: 5999,
+            port_range_raft_start: 7001,
+            port_range_raft_end: 7999,
+            port_range_postgres_start: 55001,
+            port_range_postgres_end: 55999,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// Peers as multiaddrs, with or without their `/p2p/<peer id>` suffix.
+    pub bootstrap_peers: Vec<String>,
+    #[serde(with = "crate::duration")]
+    pub discovery_interval: Duration,
+    #[serde(with = "crate::duration")]
+    pub health_check_interval: Duration,
+    pub mdns: bool,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            bootstrap_peers: Vec::new(),
+            discovery_interval: Duration::from_secs(30),
+            health_check_interval: Duration::from_secs(10),
+            mdns: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    pub api_addr: SocketAddr,
+    /// `rqlited` binary; found on PATH when unset.
+    pub rqlited_path: Option<PathBuf>,
+    /// Directory with `initdb` and `postgres`; PATH, then the newest
+    /// `/usr/lib/postgresql/*/bin`, when unset.
+    pub postgres_bin_dir: Option<PathBuf>,
+    /// Unprivileged user that runs PostgreSQL when control runs as root.
+    pub run_as: String,
+    /// Loopback addresses the replicas of one database take on this node,
+    /// so that a 3-replica Raft cluster runs on distinct hosts locally.
+    pub replica_hosts: Vec<IpAddr>,
+    /// rqlite `-raft-election-timeout`: short, so that a woken cluster
+    /// elects its leader fast.
+    #[serde(with = "crate::duration")]
+    pub raft_election_timeout: Duration,
+    /// rqlite `-raft-timeout` (heartbeat timeout).
+    #[serde(with = "crate::duration")]
+    pub raft_heartbeat_timeout: Duration,
+    /// How long an engine may take to answer its first query after a start.
+    #[serde(with = "crate::duration")]
+    pub start_timeout: Duration,
+    /// Time between SIGTERM and SIGKILL when stopping an engine.
+    #[serde(with = "crate::duration")]
+    pub stop_grace: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            api_addr: SocketAddr::from(([127, 0, 0, 1], 8001)),
+            rqlited_path: None,
+            postgres_bin_dir: None,
+            run_as: "postgres".into(),
+            replica_hosts: (1..=3)
+                .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
+                .collect(),
+            raft_election_timeout: Duration::from_millis(100),
+            raft_heartbeat_timeout: Duration::from_millis(100),
+            start_timeout: Duration::from_secs(30),
+            stop_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub control_url: String,
+    pub http_addr: SocketAddr,
+    pub postgres_addr: SocketAddr,
+    pub postgres_ro_addr: SocketAddr,
+    pub redis_addr: SocketAddr,
+    pub stats_addr: SocketAddr,
+    /// For routing by Host `<db>.<app>.<base_domain>` and TLS SNI.
+    pub base_domain: Option<String>,
+    #[serde(with = "crate::duration")]
+    pub wake_timeout: Duration,
+    pub max_waiting: u32,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
+        ProxyConfig {
+            control_url: "http://127.0.0.1:8001".into(),
+            http_addr: any(8080),
+            postgres_addr: any(5433),
+            postgres_ro_addr: any(5434),
+            redis_addr: any(6380),
+            stats_addr: any(7000),
+            base_domain: None,
+            wake_timeout: Duration::from_secs(30),
+            max_waiting: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Shared state; absent means in-process only.
+    pub url: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}: key `{key}`: {message}")]
+    File {
+        file: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
+    #[error("environment {vars}: key `{key}`: {message}")]
+    Env {
+        vars: String,
+        key: String,
+        message: String,
+    },
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+}
+
+const SECTIONS: [&str; 6] = ["node", "database", "discovery", "control", "proxy", "redis"];
+
+impl Config {
+    /// Loads `path` (or the embedded `configs/local.yaml`), then applies the
+    /// process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (name, text) = match path {
+            Some(p) => (
+                p.display().to_string(),
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Io {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+            ),
+            None => ("configs/local.yaml (embedded)".to_string(), LOCAL_CONFIG.to_string()),
+        };
+        Config::parse(&name, &text, std::env::vars())
+    }
+
+    /// Parses `text` (named `file` in errors) and applies the `ROUSE_*` and
+    /// `REDIS_URL` variables among `env`.
+    pub fn parse(
+        file: &str,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = if text.trim().is_empty() { "{}" } else { text };
+        let from_file: Config =
+            serde_path_to_error::deserialize(serde_norway::Deserializer::from_str(text)).map_err(
+                |e| {
+                    let line = e.inner().location().map(|l| l.line()).unwrap_or(1);
+                    ConfigError::File {
+                        file: file.to_string(),
+                        line,
+                        key: e.path().to_string(),
+                        message: strip_location(&e.inner().to_string()),
+                    }
+                },
+            )?;
+
+        let overrides = env_overrides(env);
+        let config = if overrides.is_empty() {
+            from_file
+        } else {
+            let mut tree: serde_norway::Value =
+                serde_norway::from_str(text).map_err(|e| ConfigError::Invalid {
+                    file: file.to_string(),
+                    message: e.to_string(),
+                })?;
+            if tree.is_null() {
+                tree = serde_norway::Value::Mapping(Default::default());
+            }
+            for (path, value, _) in &overrides {
+                set_path(&mut tree, path, value.clone());
+            }
+            let vars = overrides
+                .iter()
+                .map(|(_, _, var)| var.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            serde_path_to_error::deserialize(tree).map_err(|e| ConfigError::Env {
+                vars,
+                key: e.path().to_string(),
+                message: strip_location(&e.inner().to_string()),
+            })?
+        };
+        config.validate().map_err(|message| ConfigError::Invalid {
+            file: file.to_string(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let d = &self.database;
+        for (what, start, end) in [
+            ("http", d.port_range_http_start, d.port_range_http_end),
+            ("raft", d.port_range_raft_start, d.port_range_raft_end),
+            ("postgres", d.port_range_postgres_start, d.port_range_postgres_end),
+        ] {
+            if start == 0 || start > end {
+                return Err(format!(
+                    "database.port_range_{what}_start..end ({start}..{end}) is not a range of ports"
+                ));
+            }
+        }
+        if d.replication_factor == 0 {
+            return Err("database.replication_factor must be at least 1".into());
+        }
+        if self.control.replica_hosts.is_empty() {
+            return Err("control.replica_hosts must name at least one address".into());
+        }
+        Ok(())
+    }
+}
+
+/// serde_norway appends " at line X column Y"; the line is reported on its own.
+fn strip_location(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// `(key path, value, variable name)` for every variable that names a key.
+fn env_overrides(
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Vec<(Vec<String>, serde_norway::Value, String)> {
+    let mut out = Vec::new();
+    let mut redis_url = None;
+    for (var, raw) in env {
+        if var == "REDIS_URL" {
+            redis_url = Some(raw);
+            continue;
+        }
+        let Some(rest) = var.strip_prefix("ROUSE_") else {
+            continue;
+        };
+        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        // Other ROUSE_* variables (of scripts, say) are not config keys.
+        if path.len() < 2 || !SECTIONS.contains(&path[0].as_str()) {
+            continue;
+        }
+        let value = serde_norway::from_str(&raw).unwrap_or(serde_norway::Value::String(raw));
+        out.push((path, value, var));
+    }
+    if let Some(url) = redis_url {
+        if !out.iter().any(|(p, _, _)| p == &["redis", "url"]) {
+            out.push((
+                vec!["redis".into(), "url".into()],
+                serde_norway::Value::String(url),
+                "REDIS_URL".into(),
+            ));
+        }
+    }
+    out.sort_by(|a, b| a.2.cmp(&b.2));
+    out
+}
+
+fn set_path(tree: &mut serde_norway::Value, path: &[String], value: serde_norway::Value) {
+    use serde_norway::Value;
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut node = tree;
+    for key in parents {
+        if !node.is_mapping() {
+            *node = Value::Mapping(Default::default());
+        }
+        let map = node.as_mapping_mut().expect("just made a mapping");
+        node = map
+            .entry(Value::String(key.clone()))
+            .or_insert_with(|| Value::Mapping(Default::default()));
+    }
+    if !node.is_mapping() {
+        *node = Value::Mapping(Default::default());
+    }
+    node.as_mapping_mut()
+        .expect("just made a mapping")
+        .insert(Value::String(last.clone()), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn embedded_local_config_loads() {
+        let c = Config::parse("local.yaml", LOCAL_CONFIG, no_env()).unwrap();
+        assert_eq!(c.database.replication_factor, 1);
+    }
+
+    #[test]
+    fn reference_node_yaml_loads_as_is() {
+        let text = include_str!("../../../configs/node.yaml");
+        let c = Config::parse("node.yaml", text, no_env()).unwrap();
+        assert_eq!(c.database.replication_factor, 3);
+        assert_eq!(c.database.hibernation_timeout, Duration::from_secs(60));
+        assert_eq!(c.database.port_range_raft_end, 7999);
+        assert_eq!(c.discovery.health_check_interval, Duration::from_secs(10));
+        assert_eq!(c.node.max_connections, 50);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = "node:\n  data_dir: /tmp/x\ndatabase:\n  replication_factor: 1\n  hibernate_after: 5s\n";
+        let err = Config::parse("c.yaml", text, no_env()).unwrap_err();
+        match &err {
+            ConfigError::File { file, line, key, message } => {
+                assert_eq!(file, "c.yaml");
+                assert_eq!(*line, 5);
+                assert!(key.contains("hibernate_after"), "{key}");
+                assert!(message.contains("unknown field"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(err.to_string().starts_with("c.yaml:5: key `database.hibernate_after`"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_its_key() {
+        let text = "database:\n  hibernation_timeout: soon\n";
+        let err = Config::parse("c.yaml", text, no_env()).unwrap_err().to_string();
+        assert!(err.contains("c.yaml:2") && err.contains("database.hibernation_timeout"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_apply_and_are_checked() {
+        let env = vec![
+            ("ROUSE_DATABASE__HIBERNATION_TIMEOUT".to_string(), "5s".to_string()),
+            ("ROUSE_CONTROL__API_ADDR".to_string(), "127.0.0.1:18001".to_string()),
+            ("ROUSE_DEPS_DIR".to_string(), "/opt/x".to_string()),
+            ("REDIS_URL".to_string(), "redis://127.0.0.1:6379/0".to_string()),
+        ];
+        let c = Config::parse("local.yaml", LOCAL_CONFIG, env).unwrap();
+        assert_eq!(c.database.hibernation_timeout, Duration::from_secs(5));
+        assert_eq!(c.control.api_addr.port(), 18001);
+        assert_eq!(c.redis.url.as_deref(), Some("redis://127.0.0.1:6379/0"));
+
+        let bad = vec![("ROUSE_DATABASE__TYPO".to_string(), "1".to_string())];
+        let err = Config::parse("local.yaml", LOCAL_CONFIG, bad).unwrap_err().to_string();
+        assert!(err.contains("ROUSE_DATABASE__TYPO") && err.contains("typo"), "{err}");
+    }
+
+    #[test]
+    fn empty_file_means_defaults() {
+        let c = Config::parse("empty.yaml", "# nothing\n", no_env()).unwrap();
+        assert_eq!(c.control.api_addr.port(), 8001);
+        assert_eq!(c.proxy.max_waiting, 10_000);
+    }
+
+    #[test]
+    fn inverted_port_range_is_refused() {
+        let text = "database:\n  port_range_http_start: 6000\n  port_range_http_end: 5000\n";
+        assert!(matches!(
+            Config::parse("c.yaml", text, no_env()),
+            Err(ConfigError::Invalid { .. })
+        ));
+    }
+}

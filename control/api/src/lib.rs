@@ -1,0 +1,14 @@
+//! The contract between rouse's control daemon, its proxies and operators:
+//! validated names, the JSON shapes of the control API, the configuration
+//! file, and an async client. Nothing in here runs processes or networks
+//! beyond HTTP calls to control.
+
+pub mod client;
+pub mod config;
+pub mod duration;
+pub mod name;
+pub mod types;
+
+pub use client::{Client, ClientError};
+pub use name::{DbKey, Name, NameError};
+pub use types::*;

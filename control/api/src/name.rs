@@ -1,0 +1,139 @@
+//! App and database names. They become data directory names, so they are
+//! validated, never sanitised.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Longest name accepted: 63 characters, like a DNS label, so that
+/// `<db>.<app>.<base_domain>` stays a valid host name.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// An app (tenant) or database name: `[a-z0-9][a-z0-9-]{0,62}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Name(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("name is empty")]
+    Empty,
+    #[error("name {0:?} is longer than 63 characters")]
+    TooLong(String),
+    #[error("name {0:?} must start with a lowercase letter or digit")]
+    BadStart(String),
+    #[error("name {0:?} may contain only lowercase letters, digits and '-'")]
+    BadChar(String),
+}
+
+impl Name {
+    pub fn new(name: &str) -> Result<Self, NameError> {
+        let bytes = name.as_bytes();
+        let Some(first) = bytes.first() else {
+            return Err(NameError::Empty);
+        };
+        if bytes.len() > MAX_NAME_LEN {
+            return Err(NameError::TooLong(name.to_string()));
+        }
+        if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
+            return Err(NameError::BadStart(name.to_string()));
+        }
+        if !bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        {
+            return Err(NameError::BadChar(name.to_string()));
+        }
+        Ok(Name(name.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for Name {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Name::new(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Name::new(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One database of one app. Its internal name `<app>_<db>` is unambiguous
+/// because `_` cannot occur in either part.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DbKey {
+    pub app: Name,
+    #[serde(rename = "name")]
+    pub db: Name,
+}
+
+impl DbKey {
+    pub fn new(app: Name, db: Name) -> Self {
+        DbKey { app, db }
+    }
+
+    /// Parses an internal name `<app>_<db>`; `None` for anything else.
+    pub fn from_internal(internal: &str) -> Option<Self> {
+        let (app, db) = internal.split_once('_')?;
+        Some(DbKey::new(Name::new(app).ok()?, Name::new(db).ok()?))
+    }
+
+    pub fn internal(&self) -> String {
+        format!("{}_{}", self.app, self.db)
+    }
+}
+
+impl fmt::Display for DbKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}_{}", self.app, self.db)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn accepts_and_refuses() {
+        assert!(Name::new("myapp").is_ok());
+        assert!(Name::new("0-a").is_ok());
+        assert_eq!(Name::new(""), Err(NameError::Empty));
+        assert!(matches!(Name::new("-a"), Err(NameError::BadStart(_))));
+        assert!(matches!(Name::new("My"), Err(NameError::BadStart(_))));
+        assert!(matches!(Name::new("a_b"), Err(NameError::BadChar(_))));
+        assert!(matches!(Name::new("a/../b"), Err(NameError::BadChar(_))));
+        assert!(Name::new(&"a".repeat(63)).is_ok());
+        assert!(matches!(Name::new(&"a".repeat(64)), Err(NameError::TooLong(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn valid_names_round_trip_through_internal(app in "[a-z0-9][a-z0-9-]{0,62}", db in "[a-z0-9][a-z0-9-]{0,62}") {
+            let key = DbKey::new(Name::new(&app).unwrap(), Name::new(&db).unwrap());
+            prop_assert_eq!(DbKey::from_internal(&key.internal()), Some(key));
+        }
+
+        #[test]
+        fn accepted_names_are_safe_path_components(s in "\\PC{0,80}") {
+            if let Ok(name) = Name::new(&s) {
+                prop_assert!(!name.as_str().contains(['/', '.', '_', '\0']));
+                prop_assert!(name.as_str().len() <= MAX_NAME_LEN);
+            }
+        }
+    }
+}

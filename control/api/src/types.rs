@@ -1,0 +1,290 @@
+//! JSON shapes of the control API (`/api/v1/...`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::name::Name;
+
+/// Error body of every failed call: `{"error": "<message>", "code": "<machine_code>"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: String,
+    pub code: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    Rqlite,
+    Postgres,
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Rqlite => "rqlite",
+            Engine::Postgres => "postgres",
+        }
+    }
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "rqlite" => Ok(Engine::Rqlite),
+            "postgres" => Ok(Engine::Postgres),
+            other => Err(format!(
+                "unknown engine {other:?}: expected rqlite or postgres"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseStatus {
+    Initializing,
+    Active,
+    Hibernating,
+    Waking,
+    Failed,
+}
+
+impl DatabaseStatus {
+    pub const ALL: [DatabaseStatus; 5] = [
+        DatabaseStatus::Initializing,
+        DatabaseStatus::Active,
+        DatabaseStatus::Hibernating,
+        DatabaseStatus::Waking,
+        DatabaseStatus::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatabaseStatus::Initializing => "initializing",
+            DatabaseStatus::Active => "active",
+            DatabaseStatus::Hibernating => "hibernating",
+            DatabaseStatus::Waking => "waking",
+            DatabaseStatus::Failed => "failed",
+        }
+    }
+}
+
+impl std::str::FromStr for DatabaseStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DatabaseStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown status {s:?}"))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateApp {
+    pub name: Name,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppInfo {
+    pub name: Name,
+    pub created_at: u64,
+}
+
+/// Returned once when a key is issued; only its hash is kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiKeyCreated {
+    pub app: Name,
+    pub id: String,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiKeyInfo {
+    pub id: String,
+    pub created_at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyKey {
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyOwner {
+    pub app: Name,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateUser {
+    pub name: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub app: Name,
+    pub name: String,
+    /// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, what the
+    /// proxy authenticates clients against.
+    pub scram_verifier: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateDatabase {
+    pub app: Name,
+    pub name: Name,
+    pub engine: Engine,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_factor: Option<u32>,
+}
+
+/// One running replica's addresses.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Endpoint {
+    pub node_id: String,
+    pub host: String,
+    /// rqlite HTTP API port, or the PostgreSQL port.
+    pub port: u16,
+    /// rqlite Raft port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raft_port: Option<u16>,
+    pub leader: bool,
+}
+
+impl Endpoint {
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Credentials a proxy uses for the backend leg of a Postgres database.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackendCredentials {
+    pub user: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatabaseInfo {
+    pub app: Name,
+    pub name: Name,
+    pub engine: Engine,
+    pub replication_factor: u32,
+    pub status: DatabaseStatus,
+    /// Why the database is `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Leader first; empty unless active.
+    pub endpoints: Vec<Endpoint>,
+    /// Ports held (or, while hibernating, to be reused on wake).
+    pub ports: Vec<u16>,
+    pub created_at: u64,
+    /// Unix milliseconds.
+    pub last_activity: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_wake_ms: Option<u64>,
+    pub open_sessions: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendCredentials>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatabaseList {
+    pub databases: Vec<DatabaseInfo>,
+}
+
+/// What a proxy reports every few seconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActivityReport {
+    pub proxy_id: String,
+    pub databases: Vec<DatabaseActivity>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatabaseActivity {
+    pub app: Name,
+    pub name: Name,
+    /// Unix milliseconds of the last request or statement.
+    pub last_activity: u64,
+    pub open_sessions: u64,
+    #[serde(default)]
+    pub requests: u64,
+}
+
+/// One server-sent event on `/events`; the SSE `event:` field is `kind`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    Status {
+        app: Name,
+        name: Name,
+        status: DatabaseStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    Leader {
+        app: Name,
+        name: Name,
+        endpoints: Vec<Endpoint>,
+    },
+    Dropped {
+        app: Name,
+        name: Name,
+    },
+    KeyRevoked {
+        app: Name,
+        id: String,
+    },
+    UserChanged {
+        app: Name,
+        name: String,
+    },
+}
+
+impl Event {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Status { .. } => "status",
+            Event::Leader { .. } => "leader",
+            Event::Dropped { .. } => "dropped",
+            Event::KeyRevoked { .. } => "key_revoked",
+            Event::UserChanged { .. } => "user_changed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScaleRequest {
+    pub target_db_count: u32,
+    pub min_ha_nodes: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScalePlan {
+    pub target_db_count: u32,
+    pub replication_factor: u32,
+    pub nodes: u32,
+    pub capacity: u32,
+    pub current_databases: u32,
+    pub replicas_needed: u32,
+    pub fits: bool,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node_id: String,
+    pub api_addr: String,
+    pub healthy: bool,
+    pub max_databases: u32,
+    pub databases: u32,
+    pub active_databases: u32,
+    pub last_seen: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeList {
+    pub nodes: Vec<NodeInfo>,
+}

