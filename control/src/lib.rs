@@ -1,0 +1,65 @@
+//! rouse's control daemon: owns the lifecycle of every database on its node
+//! (create, hibernate, wake, drop, restart on crash) and serves the control
+//! API that proxies and operators use.
+
+pub mod activity;
+pub mod api;
+pub mod cli;
+pub mod engine;
+pub mod error;
+pub mod manager;
+pub mod metrics;
+pub mod ports;
+pub mod process;
+pub mod rqlite;
+pub mod secrets;
+pub mod store;
+pub mod system;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use rouse_control_api::config::Config;
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::engine::EngineEnv;
+use crate::manager::Manager;
+use crate::ports::PortAllocator;
+use crate::system::SystemDb;
+
+/// Runs the daemon on an already-bound API listener until `shutdown`
+/// resolves, then stops every engine (their status is kept, so the next run
+/// starts them again).
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    metrics::install();
+    std::fs::create_dir_all(&config.node.data_dir)?;
+    let node_id = system::node_id(&config.node.data_dir)?;
+    let engines = EngineEnv::from_config(&config.control)?;
+    let ports = Arc::new(PortAllocator::default());
+    if let Ok(addr) = listener.local_addr() {
+        ports.hold(addr.port());
+    }
+    let system = SystemDb::start(&config, &node_id, &engines, &ports).await?;
+    let grace = config.control.stop_grace;
+    let manager = Manager::new(
+        config,
+        node_id.clone(),
+        system.store.clone(),
+        engines,
+        ports,
+    );
+    manager.adopt().await?;
+    let reaper = tokio::spawn(manager.clone().run_idle_reaper());
+    info!(node_id = %node_id, api_addr = %listener.local_addr()?, "rouse-control ready");
+    api::serve(listener, manager.clone(), shutdown).await;
+    info!("shutting down: stopping engines");
+    reaper.abort();
+    manager.shutdown().await;
+    system.stop(grace).await;
+    Ok(())
+}

@@ -24,7 +24,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig => match rouse_proxy::check_config(cli.config.as_deref()) {
             Ok(effective) => {
-                println!("{}", serde_json::to_string_pretty(&effective).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&effective).unwrap_or_default()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

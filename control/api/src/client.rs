@@ -72,7 +72,10 @@ impl Client {
         format!("{}/api/v1{}", self.base, path)
     }
 
-    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
         let transport = |source| ClientError::Transport {
             url: self.base.clone(),
             source,
@@ -103,7 +106,11 @@ impl Client {
         self.send(self.http.get(self.url(path))).await
     }
 
-    async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         self.send(self.http.post(self.url(path)).json(body)).await
     }
 
@@ -112,7 +119,8 @@ impl Client {
     }
 
     pub async fn create_key(&self, app: &Name) -> Result<ApiKeyCreated, ClientError> {
-        self.post(&format!("/apps/{app}/keys"), &serde_json::json!({})).await
+        self.post(&format!("/apps/{app}/keys"), &serde_json::json!({}))
+            .await
     }
 
     pub async fn list_keys(&self, app: &Name) -> Result<Vec<ApiKeyInfo>, ClientError> {
@@ -120,17 +128,30 @@ impl Client {
     }
 
     pub async fn delete_key(&self, app: &Name, id: &str) -> Result<serde_json::Value, ClientError> {
-        self.send(self.http.delete(self.url(&format!("/apps/{app}/keys/{id}"))))
-            .await
+        self.send(
+            self.http
+                .delete(self.url(&format!("/apps/{app}/keys/{id}"))),
+        )
+        .await
     }
 
     /// Which app a key belongs to; `not_found` for an unknown or revoked key.
     pub async fn verify_key(&self, key: &str) -> Result<KeyOwner, ClientError> {
-        self.post("/keys/verify", &VerifyKey { key: key.to_string() })
-            .await
+        self.post(
+            "/keys/verify",
+            &VerifyKey {
+                key: key.to_string(),
+            },
+        )
+        .await
     }
 
-    pub async fn create_user(&self, app: &Name, name: &str, password: &str) -> Result<UserInfo, ClientError> {
+    pub async fn create_user(
+        &self,
+        app: &Name,
+        name: &str,
+        password: &str,
+    ) -> Result<UserInfo, ClientError> {
         let body = CreateUser {
             name: name.to_string(),
             password: password.to_string(),
@@ -158,22 +179,43 @@ impl Client {
     }
 
     pub async fn wake(&self, app: &Name, db: &Name) -> Result<DatabaseInfo, ClientError> {
-        self.post(&format!("/databases/{app}/{db}/wake"), &serde_json::json!({}))
-            .await
+        self.post(
+            &format!("/databases/{app}/{db}/wake"),
+            &serde_json::json!({}),
+        )
+        .await
     }
 
-    pub async fn hibernate(&self, app: &Name, db: &Name, force: bool) -> Result<DatabaseInfo, ClientError> {
+    pub async fn hibernate(
+        &self,
+        app: &Name,
+        db: &Name,
+        force: bool,
+    ) -> Result<DatabaseInfo, ClientError> {
         let q = if force { "?force=true" } else { "" };
-        self.post(&format!("/databases/{app}/{db}/hibernate{q}"), &serde_json::json!({}))
-            .await
+        self.post(
+            &format!("/databases/{app}/{db}/hibernate{q}"),
+            &serde_json::json!({}),
+        )
+        .await
     }
 
-    pub async fn drop_database(&self, app: &Name, db: &Name) -> Result<serde_json::Value, ClientError> {
-        self.send(self.http.delete(self.url(&format!("/databases/{app}/{db}"))))
-            .await
+    pub async fn drop_database(
+        &self,
+        app: &Name,
+        db: &Name,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.send(
+            self.http
+                .delete(self.url(&format!("/databases/{app}/{db}"))),
+        )
+        .await
     }
 
-    pub async fn report_activity(&self, report: &ActivityReport) -> Result<serde_json::Value, ClientError> {
+    pub async fn report_activity(
+        &self,
+        report: &ActivityReport,
+    ) -> Result<serde_json::Value, ClientError> {
         self.post("/activity", report).await
     }
 

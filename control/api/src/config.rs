@@ -225,7 +225,10 @@ impl Config {
                     source,
                 })?,
             ),
-            None => ("configs/local.yaml (embedded)".to_string(), LOCAL_CONFIG.to_string()),
+            None => (
+                "configs/local.yaml (embedded)".to_string(),
+                LOCAL_CONFIG.to_string(),
+            ),
         };
         Config::parse(&name, &text, std::env::vars())
     }
@@ -238,18 +241,18 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let text = if text.trim().is_empty() { "{}" } else { text };
-        let from_file: Config =
-            serde_path_to_error::deserialize(serde_norway::Deserializer::from_str(text)).map_err(
-                |e| {
-                    let line = e.inner().location().map(|l| l.line()).unwrap_or(1);
-                    ConfigError::File {
-                        file: file.to_string(),
-                        line,
-                        key: e.path().to_string(),
-                        message: strip_location(&e.inner().to_string()),
-                    }
-                },
-            )?;
+        let from_file: Config = serde_path_to_error::deserialize(
+            serde_norway::Deserializer::from_str(text),
+        )
+        .map_err(|e| {
+            let line = e.inner().location().map(|l| l.line()).unwrap_or(1);
+            ConfigError::File {
+                file: file.to_string(),
+                line,
+                key: e.path().to_string(),
+                message: strip_location(&e.inner().to_string()),
+            }
+        })?;
 
         let overrides = env_overrides(env);
         let config = if overrides.is_empty() {
@@ -289,7 +292,11 @@ impl Config {
         for (what, start, end) in [
             ("http", d.port_range_http_start, d.port_range_http_end),
             ("raft", d.port_range_raft_start, d.port_range_raft_end),
-            ("postgres", d.port_range_postgres_start, d.port_range_postgres_end),
+            (
+                "postgres",
+                d.port_range_postgres_start,
+                d.port_range_postgres_end,
+            ),
         ] {
             if start == 0 || start > end {
                 return Err(format!(
@@ -403,7 +410,12 @@ mod tests {
         let text = "node:\n  data_dir: /tmp/x\ndatabase:\n  replication_factor: 1\n  hibernate_after: 5s\n";
         let err = Config::parse("c.yaml", text, no_env()).unwrap_err();
         match &err {
-            ConfigError::File { file, line, key, message } => {
+            ConfigError::File {
+                file,
+                line,
+                key,
+                message,
+            } => {
                 assert_eq!(file, "c.yaml");
                 assert_eq!(*line, 5);
                 assert!(key.contains("hibernate_after"), "{key}");
@@ -411,23 +423,41 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(err.to_string().starts_with("c.yaml:5: key `database.hibernate_after`"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("c.yaml:5: key `database.hibernate_after`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_value_names_its_key() {
         let text = "database:\n  hibernation_timeout: soon\n";
-        let err = Config::parse("c.yaml", text, no_env()).unwrap_err().to_string();
-        assert!(err.contains("c.yaml:2") && err.contains("database.hibernation_timeout"), "{err}");
+        let err = Config::parse("c.yaml", text, no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("c.yaml:2") && err.contains("database.hibernation_timeout"),
+            "{err}"
+        );
     }
 
     #[test]
     fn env_overrides_apply_and_are_checked() {
         let env = vec![
-            ("ROUSE_DATABASE__HIBERNATION_TIMEOUT".to_string(), "5s".to_string()),
-            ("ROUSE_CONTROL__API_ADDR".to_string(), "127.0.0.1:18001".to_string()),
+            (
+                "ROUSE_DATABASE__HIBERNATION_TIMEOUT".to_string(),
+                "5s".to_string(),
+            ),
+            (
+                "ROUSE_CONTROL__API_ADDR".to_string(),
+                "127.0.0.1:18001".to_string(),
+            ),
             ("ROUSE_DEPS_DIR".to_string(), "/opt/x".to_string()),
-            ("REDIS_URL".to_string(), "redis://127.0.0.1:6379/0".to_string()),
+            (
+                "REDIS_URL".to_string(),
+                "redis://127.0.0.1:6379/0".to_string(),
+            ),
         ];
         let c = Config::parse("local.yaml", LOCAL_CONFIG, env).unwrap();
         assert_eq!(c.database.hibernation_timeout, Duration::from_secs(5));
@@ -435,8 +465,13 @@ mod tests {
         assert_eq!(c.redis.url.as_deref(), Some("redis://127.0.0.1:6379/0"));
 
         let bad = vec![("ROUSE_DATABASE__TYPO".to_string(), "1".to_string())];
-        let err = Config::parse("local.yaml", LOCAL_CONFIG, bad).unwrap_err().to_string();
-        assert!(err.contains("ROUSE_DATABASE__TYPO") && err.contains("typo"), "{err}");
+        let err = Config::parse("local.yaml", LOCAL_CONFIG, bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ROUSE_DATABASE__TYPO") && err.contains("typo"),
+            "{err}"
+        );
     }
 
     #[test]

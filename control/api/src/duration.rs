@@ -37,7 +37,7 @@ pub fn parse(text: &str) -> Result<Duration, DurationError> {
 
 pub fn format(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")

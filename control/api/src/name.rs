@@ -118,7 +118,10 @@ mod tests {
         assert!(matches!(Name::new("a_b"), Err(NameError::BadChar(_))));
         assert!(matches!(Name::new("a/../b"), Err(NameError::BadChar(_))));
         assert!(Name::new(&"a".repeat(63)).is_ok());
-        assert!(matches!(Name::new(&"a".repeat(64)), Err(NameError::TooLong(_))));
+        assert!(matches!(
+            Name::new(&"a".repeat(64)),
+            Err(NameError::TooLong(_))
+        ));
     }
 
     proptest! {

@@ -1,0 +1,272 @@
+//! The control API over HTTP/1.1 (hyper): `/api/v1/...`, `/healthz`,
+//! `/metrics`. Errors are `{"error","code"}` with a fitting status.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rouse_control_api::*;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast::error::RecvError;
+use tracing::{debug, warn};
+
+use crate::error::ControlError;
+use crate::manager::Manager;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Request bodies are small JSON documents.
+const MAX_BODY: usize = 1 << 20;
+
+/// Serves the API on `listener` until `shutdown` resolves; open connections
+/// then get a few seconds to finish.
+pub async fn serve(
+    listener: TcpListener,
+    manager: Arc<Manager>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let manager = manager.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let manager = manager.clone();
+            async move { Ok::<_, Infallible>(handle(&manager, req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+}
+
+fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.into()).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let body = serde_json::to_vec(value).expect("API types serialise");
+    full(status, "application/json", body)
+}
+
+fn from_error(e: ControlError) -> Response<Body> {
+    metrics::counter!("rouse_control_errors_total", "kind" => e.kind(), "code" => e.code())
+        .increment(1);
+    json(
+        e.status(),
+        &ErrorBody {
+            error: e.to_string(),
+            code: e.code().to_string(),
+        },
+    )
+}
+
+async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ControlError> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| ControlError::BodyTooLarge(MAX_BODY))?
+        .to_bytes();
+    let body = if body.is_empty() {
+        Bytes::from_static(b"{}")
+    } else {
+        body
+    };
+    serde_json::from_slice(&body)
+        .map_err(|e| ControlError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+fn name(segment: &str) -> Result<Name, ControlError> {
+    Ok(Name::new(segment)?)
+}
+
+fn db_key(app: &str, db: &str) -> Result<DbKey, ControlError> {
+    Ok(DbKey::new(name(app)?, name(db)?))
+}
+
+fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
+    req.uri().query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == key).then_some(v)
+    })
+}
+
+fn reply<T: Serialize>(status: StatusCode, result: Result<T, ControlError>) -> Response<Body> {
+    match result {
+        Ok(v) => json(status, &v),
+        Err(e) => from_error(e),
+    }
+}
+
+async fn handle(m: &Arc<Manager>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = route(m, req, &method, &path)
+        .await
+        .unwrap_or_else(from_error);
+    metrics::counter!("rouse_control_requests_total", "status" => resp.status().as_u16().to_string()).increment(1);
+    resp
+}
+
+async fn route(
+    m: &Arc<Manager>,
+    req: Request<Incoming>,
+    method: &Method,
+    path: &str,
+) -> Result<Response<Body>, ControlError> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    use StatusCode as S;
+    Ok(match (method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => json(
+            S::OK,
+            &serde_json::json!({"status": "ok", "node_id": m.node_id()}),
+        ),
+        (&Method::GET, ["metrics"]) => {
+            full(S::OK, "text/plain; version=0.0.4", crate::metrics::render())
+        }
+        (_, ["api", "v1", rest @ ..]) => match (method, rest) {
+            (&Method::POST, ["apps"]) => {
+                let body: CreateApp = read_json(req).await?;
+                reply(S::CREATED, m.create_app(&body.name).await)
+            }
+            (&Method::POST, ["apps", app, "keys"]) => {
+                reply(S::CREATED, m.create_key(&name(app)?).await)
+            }
+            (&Method::GET, ["apps", app, "keys"]) => reply(S::OK, m.list_keys(&name(app)?).await),
+            (&Method::DELETE, ["apps", app, "keys", id]) => reply(
+                S::OK,
+                m.revoke_key(&name(app)?, id)
+                    .await
+                    .map(|_| serde_json::json!({"revoked": id})),
+            ),
+            (&Method::POST, ["keys", "verify"]) => {
+                let body: VerifyKey = read_json(req).await?;
+                reply(S::OK, m.verify_key(&body.key).await)
+            }
+            (&Method::POST, ["apps", app, "users"]) => {
+                let app = name(app)?;
+                let body: CreateUser = read_json(req).await?;
+                reply(
+                    S::CREATED,
+                    m.upsert_user(&app, &body.name, &body.password).await,
+                )
+            }
+            (&Method::GET, ["apps", app, "users", user]) => {
+                reply(S::OK, m.user(&name(app)?, user).await)
+            }
+            (&Method::POST, ["databases"]) => {
+                let body: CreateDatabase = read_json(req).await?;
+                reply(S::CREATED, m.create(&body).await)
+            }
+            (&Method::GET, ["databases"]) => {
+                let app = query_param(&req, "app").map(name).transpose()?;
+                reply(
+                    S::OK,
+                    m.list(app.as_ref())
+                        .await
+                        .map(|databases| DatabaseList { databases }),
+                )
+            }
+            (&Method::GET, ["databases", app, db]) => {
+                reply(S::OK, m.status(&db_key(app, db)?).await)
+            }
+            (&Method::POST, ["databases", app, db, "wake"]) => {
+                reply(S::OK, m.wake(&db_key(app, db)?).await)
+            }
+            (&Method::POST, ["databases", app, db, "hibernate"]) => {
+                let force = matches!(query_param(&req, "force"), Some("" | "true" | "1"));
+                reply(S::OK, m.hibernate(&db_key(app, db)?, force).await)
+            }
+            (&Method::DELETE, ["databases", app, db]) => {
+                let key = db_key(app, db)?;
+                reply(
+                    S::OK,
+                    m.drop_database(&key)
+                        .await
+                        .map(|_| serde_json::json!({"dropped": key.internal()})),
+                )
+            }
+            (&Method::POST, ["activity"]) => {
+                let body: ActivityReport = read_json(req).await?;
+                reply(
+                    S::OK,
+                    m.report_activity(&body)
+                        .await
+                        .map(|n| serde_json::json!({"accepted": n})),
+                )
+            }
+            (&Method::GET, ["events"]) => events(m),
+            (&Method::POST, ["cluster", "scale"]) => {
+                let body: ScaleRequest = read_json(req).await?;
+                reply(S::OK, m.scale(&body).await)
+            }
+            (&Method::GET, ["nodes"]) => reply(S::OK, m.nodes().await),
+            _ => return Err(not_routed(method, path)),
+        },
+        _ => return Err(not_routed(method, path)),
+    })
+}
+
+fn not_routed(method: &Method, path: &str) -> ControlError {
+    ControlError::NotFound(format!("no route for {method} {path}"))
+}
+
+/// Server-sent events: one `event: <kind>` per lifecycle event, a comment
+/// every 15 s to keep proxies' connections alive, and `resync` when a slow
+/// reader missed events (it should drop all its cached routes).
+fn events(m: &Arc<Manager>) -> Response<Body> {
+    let rx = m.subscribe();
+    let tick = tokio::time::interval(Duration::from_secs(15));
+    let stream = futures::stream::unfold((rx, tick), |(mut rx, mut tick)| async move {
+        let chunk = tokio::select! {
+            ev = rx.recv() => match ev {
+                Ok(ev) => format!("event: {}\ndata: {}\n\n", ev.kind(), serde_json::to_string(&ev).expect("events serialise")),
+                Err(RecvError::Lagged(n)) => format!("event: resync\ndata: {{\"missed\":{n}}}\n\n"),
+                Err(RecvError::Closed) => return None,
+            },
+            _ = tick.tick() => ": keep-alive\n\n".to_string(),
+        };
+        Some((
+            Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))),
+            (rx, tick),
+        ))
+    });
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    resp.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-cache"));
+    resp
+}

@@ -1,0 +1,177 @@
+//! The operator's command line: the same binary talks to a running daemon.
+
+use clap::Subcommand;
+use rouse_control_api::{Client, ClientError, CreateDatabase, DatabaseInfo, Engine, Name};
+use serde::Serialize;
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Apps (tenants).
+    App {
+        #[command(subcommand)]
+        cmd: AppCmd,
+    },
+    /// API keys of an app.
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+    /// Postgres logins of an app.
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Databases.
+    Db {
+        #[command(subcommand)]
+        cmd: DbCmd,
+    },
+    /// Control nodes and their capacity.
+    Nodes,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AppCmd {
+    Create { name: Name },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCmd {
+    /// Issue a key; it is shown once.
+    Create {
+        app: Name,
+    },
+    List {
+        app: Name,
+    },
+    Revoke {
+        app: Name,
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCmd {
+    /// Create or update a login (password from --password or ROUSE_PASSWORD).
+    Create {
+        app: Name,
+        name: String,
+        #[arg(long, env = "ROUSE_PASSWORD", hide_env_values = true)]
+        password: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DbCmd {
+    Create {
+        app: Name,
+        name: Name,
+        #[arg(long, default_value = "rqlite")]
+        engine: Engine,
+        /// Replicas (rqlite); the configured default when omitted.
+        #[arg(long)]
+        replicas: Option<u32>,
+    },
+    List {
+        #[arg(long)]
+        app: Option<Name>,
+    },
+    Status {
+        app: Name,
+        name: Name,
+    },
+    Wake {
+        app: Name,
+        name: Name,
+    },
+    Hibernate {
+        app: Name,
+        name: Name,
+        /// Even with open sessions.
+        #[arg(long)]
+        force: bool,
+    },
+    Drop {
+        app: Name,
+        name: Name,
+    },
+}
+
+fn print<T: Serialize>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("API types serialise")
+    );
+}
+
+fn print_table(dbs: &[DatabaseInfo]) {
+    println!(
+        "{:<20} {:<20} {:<9} {:>3} {:<12} {:<22}",
+        "APP", "DATABASE", "ENGINE", "RF", "STATUS", "LEADER"
+    );
+    for d in dbs {
+        let leader = d
+            .endpoints
+            .first()
+            .map(|e| e.addr())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<20} {:<20} {:<9} {:>3} {:<12} {:<22}",
+            d.app,
+            d.name,
+            d.engine.as_str(),
+            d.replication_factor,
+            d.status.as_str(),
+            leader
+        );
+    }
+}
+
+pub async fn run(client: &Client, cmd: Command) -> Result<(), ClientError> {
+    match cmd {
+        Command::App {
+            cmd: AppCmd::Create { name },
+        } => print(&client.create_app(&name).await?),
+        Command::Key { cmd } => match cmd {
+            KeyCmd::Create { app } => print(&client.create_key(&app).await?),
+            KeyCmd::List { app } => print(&client.list_keys(&app).await?),
+            KeyCmd::Revoke { app, id } => print(&client.delete_key(&app, &id).await?),
+        },
+        Command::User {
+            cmd:
+                UserCmd::Create {
+                    app,
+                    name,
+                    password,
+                },
+        } => print(&client.create_user(&app, &name, &password).await?),
+        Command::Db { cmd } => match cmd {
+            DbCmd::Create {
+                app,
+                name,
+                engine,
+                replicas,
+            } => print(
+                &client
+                    .create_database(&CreateDatabase {
+                        app,
+                        name,
+                        engine,
+                        replication_factor: replicas,
+                    })
+                    .await?,
+            ),
+            DbCmd::List { app } => {
+                print_table(&client.list_databases(app.as_ref()).await?.databases)
+            }
+            DbCmd::Status { app, name } => print(&client.database(&app, &name).await?),
+            DbCmd::Wake { app, name } => print(&client.wake(&app, &name).await?),
+            DbCmd::Hibernate { app, name, force } => {
+                print(&client.hibernate(&app, &name, force).await?)
+            }
+            DbCmd::Drop { app, name } => print(&client.drop_database(&app, &name).await?),
+        },
+        Command::Nodes => print(&client.nodes().await?),
+    }
+    Ok(())
+}

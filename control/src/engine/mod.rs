@@ -1,0 +1,217 @@
+//! What it takes to run each engine: preparing data directories, the
+//! command line of each replica's process, and the check that the started
+//! database answers real queries.
+
+pub mod postgres;
+pub mod rqlite;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rouse_control_api::config::ControlConfig;
+use rouse_control_api::{Endpoint, Engine};
+
+use crate::error::{ControlError, Result};
+use crate::process::{lookup_user, ProcessSpec};
+use crate::store::{ReplicaRecord, UserRecord};
+
+/// Binaries and tunables shared by all databases of this node.
+pub struct EngineEnv {
+    pub rqlited: PathBuf,
+    pub postgres_bin: Option<PathBuf>,
+    /// uid/gid PostgreSQL runs as when the daemon is root.
+    pub postgres_user: Option<(u32, u32)>,
+    pub raft_election_timeout: Duration,
+    pub raft_heartbeat_timeout: Duration,
+    pub start_timeout: Duration,
+}
+
+/// One database's processes on this node, as one start sees them.
+pub struct Instance<'a> {
+    /// For logs: `<app>_<db>` or `_system`.
+    pub label: &'a str,
+    /// `<data_dir>/<app>_<db>/<engine>/`
+    pub dir: PathBuf,
+    pub replicas: &'a [ReplicaRecord],
+    /// The engine's superuser password (Postgres).
+    pub secret: &'a str,
+    /// No data yet: initialise (initdb, bootstrap the Raft cluster).
+    pub first_start: bool,
+    /// The Raft addresses differ from the last run's.
+    pub raft_moved: bool,
+}
+
+impl Instance<'_> {
+    pub fn replica_dir(&self, r: &ReplicaRecord) -> PathBuf {
+        self.dir.join(format!("node-{}", r.idx))
+    }
+
+    fn log_file(&self, r: &ReplicaRecord) -> PathBuf {
+        self.dir.join(format!("node-{}.log", r.idx))
+    }
+
+    fn pid_file(&self, r: &ReplicaRecord) -> PathBuf {
+        self.dir.join(format!("node-{}.pid", r.idx))
+    }
+}
+
+impl EngineEnv {
+    pub fn from_config(c: &ControlConfig) -> Result<EngineEnv> {
+        let rqlited = match &c.rqlited_path {
+            Some(p) => p.clone(),
+            None => find_on_path("rqlited").ok_or_else(|| {
+                ControlError::Internal(
+                    "rqlited not found on PATH: install it or set control.rqlited_path".into(),
+                )
+            })?,
+        };
+        let postgres_bin = c.postgres_bin_dir.clone().or_else(find_postgres_bin);
+        // PostgreSQL refuses to run as root; an unprivileged daemon runs it as itself.
+        // SAFETY: geteuid has no preconditions.
+        let postgres_user = if unsafe { libc::geteuid() } == 0 {
+            lookup_user(&c.run_as)
+        } else {
+            None
+        };
+        Ok(EngineEnv {
+            rqlited,
+            postgres_bin,
+            postgres_user,
+            raft_election_timeout: c.raft_election_timeout,
+            raft_heartbeat_timeout: c.raft_heartbeat_timeout,
+            start_timeout: c.start_timeout,
+        })
+    }
+
+    /// Creates directories and initialises data where needed.
+    pub async fn prepare(&self, engine: Engine, inst: &Instance<'_>) -> Result<()> {
+        std::fs::create_dir_all(&inst.dir).map_err(|e| {
+            ControlError::Internal(format!("cannot create {}: {e}", inst.dir.display()))
+        })?;
+        match engine {
+            Engine::Rqlite => rqlite::prepare(inst),
+            Engine::Postgres => postgres::prepare(self, inst).await,
+        }
+    }
+
+    pub fn process(
+        &self,
+        engine: Engine,
+        inst: &Instance<'_>,
+        r: &ReplicaRecord,
+    ) -> Result<ProcessSpec> {
+        Ok(match engine {
+            Engine::Rqlite => ProcessSpec {
+                program: self.rqlited.clone(),
+                args: rqlite::args(self, inst, r),
+                log: inst.log_file(r),
+                pid_file: inst.pid_file(r),
+                user: None,
+                stop_signal: libc::SIGTERM,
+            },
+            Engine::Postgres => ProcessSpec {
+                program: self.postgres_bin()?.join("postgres"),
+                args: postgres::args(inst, r),
+                log: inst.log_file(r),
+                pid_file: inst.pid_file(r),
+                user: self.postgres_user,
+                stop_signal: libc::SIGINT,
+            },
+        })
+    }
+
+    /// Waits until the database answers a real query; its endpoints, leader first.
+    pub async fn wait_ready(&self, engine: Engine, inst: &Instance<'_>) -> Result<Vec<Endpoint>> {
+        let deadline = tokio::time::Instant::now() + self.start_timeout;
+        match engine {
+            Engine::Rqlite => rqlite::wait_ready(inst, deadline).await,
+            Engine::Postgres => postgres::wait_ready(inst, deadline).await,
+        }
+    }
+
+    /// Work on a started database: its Postgres database and the app's roles.
+    pub async fn after_start(
+        &self,
+        engine: Engine,
+        inst: &Instance<'_>,
+        db_name: &str,
+        users: &[UserRecord],
+    ) -> Result<()> {
+        match engine {
+            Engine::Rqlite => Ok(()),
+            Engine::Postgres => postgres::after_start(inst, db_name, users).await,
+        }
+    }
+
+    pub(crate) fn postgres_bin(&self) -> Result<&Path> {
+        self.postgres_bin.as_deref().ok_or_else(|| {
+            ControlError::Engine(
+                "PostgreSQL server binaries not found: install postgresql or set control.postgres_bin_dir".into(),
+            )
+        })
+    }
+}
+
+/// Whether the replicas already hold data from an earlier start.
+pub fn has_data(engine: Engine, inst: &Instance<'_>) -> bool {
+    inst.replicas.iter().all(|r| {
+        let dir = inst.replica_dir(r);
+        match engine {
+            Engine::Rqlite => dir.join("raft.db").exists(),
+            Engine::Postgres => dir.join("PG_VERSION").exists(),
+        }
+    })
+}
+
+fn find_on_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+}
+
+/// `initdb` on PATH (following Debian's symlinks), else the newest
+/// `/usr/lib/postgresql/<version>/bin`.
+fn find_postgres_bin() -> Option<PathBuf> {
+    if let Some(initdb) = find_on_path("initdb") {
+        if let Some(dir) = std::fs::canonicalize(initdb).ok()?.parent() {
+            return Some(dir.to_path_buf());
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").is_file().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, p)| p)
+}
+
+/// Polls `check` until it succeeds or `deadline` passes; the last error
+/// explains a timeout.
+pub(crate) async fn poll_until<T, F, Fut>(
+    deadline: tokio::time::Instant,
+    what: &str,
+    mut check: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, String>>,
+{
+    loop {
+        match check().await {
+            Ok(v) => return Ok(v),
+            Err(last) if tokio::time::Instant::now() >= deadline => {
+                return Err(ControlError::Engine(format!(
+                    "{what} did not become ready in time: {last}"
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(15)).await,
+        }
+    }
+}

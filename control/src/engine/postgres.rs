@@ -1,0 +1,258 @@
+//! PostgreSQL: one instance per database, `initdb` on create, the postmaster
+//! run directly under supervision (stopped with a fast shutdown). The app's
+//! users become login roles with their SCRAM verifiers; all of them act as
+//! one owner role, so objects one user creates are the others' too.
+
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+
+use rouse_control_api::Endpoint;
+
+use super::{poll_until, EngineEnv, Instance};
+use crate::error::{ControlError, Result};
+use crate::process::chown_tree;
+use crate::store::{ReplicaRecord, UserRecord};
+
+/// The engine's superuser, used by control and, for the backend leg, by proxies.
+pub const ADMIN_USER: &str = "rouse_admin";
+/// The role every app user acts as.
+const OWNER_ROLE: &str = "rouse_owner";
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> ControlError + '_ {
+    move |e| ControlError::Internal(format!("{what}: {e}"))
+}
+
+pub(super) async fn prepare(env: &EngineEnv, inst: &Instance<'_>) -> Result<()> {
+    let bin = env.postgres_bin()?.to_path_buf();
+    for r in inst.replicas {
+        let dir = inst.replica_dir(r);
+        if !inst.first_start && dir.join("PG_VERSION").exists() {
+            continue;
+        }
+        // A half-made directory from an interrupted create is made anew.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io("cannot clear data directory"))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(io("cannot create data directory"))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("chmod"))?;
+        let pwfile = inst.dir.join(format!("node-{}.pw", r.idx));
+        std::fs::write(&pwfile, inst.secret).map_err(io("cannot write password file"))?;
+        std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o600))
+            .map_err(io("chmod"))?;
+        if let Some(user) = env.postgres_user {
+            chown_tree(&dir, user).map_err(io("chown data directory"))?;
+            chown_tree(&pwfile, user).map_err(io("chown password file"))?;
+        }
+        let mut cmd = tokio::process::Command::new(bin.join("initdb"));
+        cmd.arg("-D")
+            .arg(&dir)
+            .args([
+                "-U",
+                ADMIN_USER,
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-instructions",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some((uid, gid)) = env.postgres_user {
+            cmd.uid(uid).gid(gid);
+        }
+        let out = cmd.output().await;
+        let _ = std::fs::remove_file(&pwfile);
+        let out = out.map_err(|e| ControlError::Engine(format!("cannot run initdb: {e}")))?;
+        if !out.status.success() {
+            return Err(ControlError::Engine(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        // Proxies on other nodes connect too; they authenticate with SCRAM.
+        let hba = dir.join("pg_hba.conf");
+        let mut rules = std::fs::read_to_string(&hba).map_err(io("read pg_hba.conf"))?;
+        rules.push_str("\nhost all all all scram-sha-256\n");
+        std::fs::write(&hba, rules).map_err(io("write pg_hba.conf"))?;
+    }
+    // The unprivileged server must be able to reach its data directory.
+    if env.postgres_user.is_some() {
+        for d in [inst.dir.as_path(), inst.dir.parent().unwrap_or(&inst.dir)] {
+            let mode = std::fs::metadata(d)
+                .map_err(io("stat"))?
+                .permissions()
+                .mode();
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o711))
+                .map_err(io("chmod"))?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn args(inst: &Instance<'_>, r: &ReplicaRecord) -> Vec<OsString> {
+    vec![
+        "-D".into(),
+        inst.replica_dir(r).into(),
+        "-p".into(),
+        r.port.to_string().into(),
+        "-c".into(),
+        format!("listen_addresses={}", r.host).into(),
+        // TCP only: no socket files in shared directories.
+        "-c".into(),
+        "unix_socket_directories=".into(),
+    ]
+}
+
+async fn connect(
+    r: &ReplicaRecord,
+    secret: &str,
+    db: &str,
+) -> std::result::Result<tokio_postgres::Client, String> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(&r.host)
+        .port(r.port)
+        .user(ADMIN_USER)
+        .password(secret)
+        .dbname(db)
+        .connect_timeout(std::time::Duration::from_secs(2));
+    let (client, conn) = cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+pub(super) async fn wait_ready(
+    inst: &Instance<'_>,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<Endpoint>> {
+    let r = inst
+        .replicas
+        .first()
+        .ok_or_else(|| ControlError::Internal("database without replica".into()))?;
+    poll_until(deadline, inst.label, || async {
+        let client = connect(r, inst.secret, "postgres").await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    })
+    .await?;
+    Ok(vec![Endpoint {
+        node_id: r.node_id.clone(),
+        host: r.host.clone(),
+        port: r.port,
+        raft_port: None,
+        leader: true,
+    }])
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A verifier is base64, digits and `$:-=` only; anything else is refused
+/// rather than quoted into SQL.
+fn verifier_literal(v: &str) -> Result<String> {
+    if v.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "$:+/=-".contains(c))
+    {
+        Ok(format!("'{v}'"))
+    } else {
+        Err(ControlError::Internal(
+            "malformed SCRAM verifier in metadata".into(),
+        ))
+    }
+}
+
+pub(super) async fn after_start(
+    inst: &Instance<'_>,
+    db_name: &str,
+    users: &[UserRecord],
+) -> Result<()> {
+    let r = &inst.replicas[0];
+    let engine = |e: String| ControlError::Engine(format!("{}: {e}", inst.label));
+    let admin = connect(r, inst.secret, "postgres").await.map_err(engine)?;
+    let exists = |sql: &'static str, name: String| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_opt(sql, &[&name])
+                .await
+                .map(|row| row.is_some())
+                .map_err(|e| e.to_string())
+        }
+    };
+    if !exists(
+        "SELECT 1 FROM pg_roles WHERE rolname = $1",
+        OWNER_ROLE.into(),
+    )
+    .await
+    .map_err(engine)?
+    {
+        admin
+            .batch_execute(&format!("CREATE ROLE {OWNER_ROLE} NOLOGIN"))
+            .await
+            .map_err(|e| engine(e.to_string()))?;
+    }
+    if !exists(
+        "SELECT 1 FROM pg_database WHERE datname = $1",
+        db_name.into(),
+    )
+    .await
+    .map_err(engine)?
+    {
+        admin
+            .batch_execute(&format!(
+                "CREATE DATABASE {} OWNER {OWNER_ROLE}",
+                quote_ident(db_name)
+            ))
+            .await
+            .map_err(|e| engine(e.to_string()))?;
+    }
+    sync_users(&admin, users).await.map_err(engine)
+}
+
+/// Makes the app's users login roles with their current verifiers.
+async fn sync_users(
+    admin: &tokio_postgres::Client,
+    users: &[UserRecord],
+) -> std::result::Result<(), String> {
+    for u in users {
+        let role = quote_ident(&u.name);
+        let password = verifier_literal(&u.verifier).map_err(|e| e.to_string())?;
+        let known = admin
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&u.name])
+            .await
+            .map_err(|e| e.to_string())?
+            .is_some();
+        let sql = if known {
+            format!("ALTER ROLE {role} LOGIN PASSWORD {password}")
+        } else {
+            format!(
+                "CREATE ROLE {role} LOGIN PASSWORD {password} IN ROLE {OWNER_ROLE}; \
+                 ALTER ROLE {role} SET role = {OWNER_ROLE}"
+            )
+        };
+        admin.batch_execute(&sql).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Applies the app's users to a running instance (after a user was added).
+pub async fn apply_users(r: &ReplicaRecord, secret: &str, users: &[UserRecord]) -> Result<()> {
+    let admin = connect(r, secret, "postgres")
+        .await
+        .map_err(ControlError::Engine)?;
+    sync_users(&admin, users)
+        .await
+        .map_err(ControlError::Engine)
+}

@@ -1,0 +1,134 @@
+//! rqlite: `replication_factor` rqlited processes forming one Raft cluster.
+
+use std::ffi::OsString;
+
+use rouse_control_api::Endpoint;
+use serde_json::json;
+
+use super::{poll_until, EngineEnv, Instance};
+use crate::error::{ControlError, Result};
+use crate::rqlite::{RqliteClient, Stmt};
+use crate::store::ReplicaRecord;
+
+fn node_id(r: &ReplicaRecord) -> String {
+    format!("node-{}", r.idx)
+}
+
+fn raft_addr(r: &ReplicaRecord) -> String {
+    format!("{}:{}", r.host, r.raft_port.unwrap_or_default())
+}
+
+pub(super) fn prepare(inst: &Instance<'_>) -> Result<()> {
+    for r in inst.replicas {
+        let dir = inst.replica_dir(r);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ControlError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        // Raft remembers its members' addresses: after a wake on other ports,
+        // rqlite's peers.json recovery tells every node where the others are now.
+        if inst.raft_moved && !inst.first_start {
+            let peers: Vec<_> = inst
+                .replicas
+                .iter()
+                .map(|p| json!({"id": node_id(p), "address": raft_addr(p), "non_voter": false}))
+                .collect();
+            let raft_dir = dir.join("raft");
+            std::fs::create_dir_all(&raft_dir)
+                .and_then(|_| {
+                    std::fs::write(raft_dir.join("peers.json"), serde_json::to_vec(&peers)?)
+                })
+                .map_err(|e| ControlError::Internal(format!("cannot write peers.json: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn args(env: &EngineEnv, inst: &Instance<'_>, r: &ReplicaRecord) -> Vec<OsString> {
+    let ms = |d: std::time::Duration| format!("{}ms", d.as_millis().max(1));
+    let mut args: Vec<OsString> = vec![
+        "-node-id".into(),
+        node_id(r).into(),
+        "-http-addr".into(),
+        format!("{}:{}", r.host, r.port).into(),
+        "-raft-addr".into(),
+        raft_addr(r).into(),
+        "-raft-election-timeout".into(),
+        ms(env.raft_election_timeout).into(),
+        "-raft-timeout".into(),
+        ms(env.raft_heartbeat_timeout).into(),
+        // Raft requires the leader lease to be no longer than the heartbeat timeout.
+        "-raft-leader-lease-timeout".into(),
+        ms(env.raft_heartbeat_timeout).into(),
+    ];
+    if inst.first_start && inst.replicas.len() > 1 {
+        let members: Vec<String> = inst.replicas.iter().map(raft_addr).collect();
+        args.extend([
+            "-bootstrap-expect".into(),
+            inst.replicas.len().to_string().into(),
+            "-join".into(),
+            members.join(",").into(),
+        ]);
+    }
+    args.push(inst.replica_dir(r).into());
+    args
+}
+
+pub(super) async fn wait_ready(
+    inst: &Instance<'_>,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<Endpoint>> {
+    let clients: Vec<RqliteClient> = inst
+        .replicas
+        .iter()
+        .map(|r| RqliteClient::new(&format!("{}:{}", r.host, r.port)))
+        .collect();
+    let leader = poll_until(deadline, inst.label, || async {
+        for c in &clients {
+            if let Some(id) = c.leader_id().await {
+                let idx = inst
+                    .replicas
+                    .iter()
+                    .position(|r| node_id(r) == id)
+                    .ok_or_else(|| format!("unknown leader {id}"))?;
+                // A strong read goes through Raft: the leader really leads.
+                clients[idx]
+                    .query(Stmt::new("SELECT 1"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return Ok(idx);
+            }
+        }
+        Err("no leader yet".to_string())
+    })
+    .await?;
+    Ok(endpoints(inst.replicas, Some(leader)))
+}
+
+/// Endpoints of the replicas, the leader first.
+pub fn endpoints(replicas: &[ReplicaRecord], leader: Option<usize>) -> Vec<Endpoint> {
+    let mut out: Vec<Endpoint> = replicas
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Endpoint {
+            node_id: r.node_id.clone(),
+            host: r.host.clone(),
+            port: r.port,
+            raft_port: r.raft_port,
+            leader: Some(i) == leader,
+        })
+        .collect();
+    out.sort_by_key(|e| !e.leader);
+    out
+}
+
+/// The current leader's index, asked of the replicas in turn.
+pub async fn current_leader(replicas: &[ReplicaRecord]) -> Option<usize> {
+    for r in replicas {
+        if let Some(id) = RqliteClient::new(&format!("{}:{}", r.host, r.port))
+            .leader_id()
+            .await
+        {
+            return replicas.iter().position(|p| node_id(p) == id);
+        }
+    }
+    None
+}

@@ -1,0 +1,90 @@
+//! Errors of the control daemon. Each knows the HTTP status and machine code
+//! a caller sees, and its kind, which is also the `kind` label of
+//! `rouse_control_errors_total`.
+
+use hyper::StatusCode;
+use rouse_control_api::NameError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{0}")]
+    InvalidName(#[from] NameError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("request body over {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Refused because proxies report open sessions.
+    #[error("{0}")]
+    InUse(String),
+    #[error("max_databases reached: this node holds {held} of at most {max} databases")]
+    MaxDatabases { held: u32, max: u32 },
+    #[error("no free port in range {start}-{end}")]
+    PortsExhausted { start: u16, end: u16 },
+    #[error("insufficient nodes: got {got}, need {need}")]
+    InsufficientNodes { got: u32, need: u32 },
+    /// The engine did not start or did not answer its first query.
+    #[error("{0}")]
+    Engine(String),
+    #[error("metadata store unavailable: {0}")]
+    Store(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ControlError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ControlError::InvalidName(_) | ControlError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ControlError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControlError::AlreadyExists(_) | ControlError::InUse(_) => StatusCode::CONFLICT,
+            ControlError::MaxDatabases { .. }
+            | ControlError::PortsExhausted { .. }
+            | ControlError::InsufficientNodes { .. }
+            | ControlError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ControlError::Engine(_) => StatusCode::BAD_GATEWAY,
+            ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ControlError::InvalidName(_) => "invalid_name",
+            ControlError::BadRequest(_) => "bad_request",
+            ControlError::BodyTooLarge(_) => "body_too_large",
+            ControlError::NotFound(_) => "not_found",
+            ControlError::AlreadyExists(_) => "already_exists",
+            ControlError::InUse(_) => "in_use",
+            ControlError::MaxDatabases { .. } => "max_databases",
+            ControlError::PortsExhausted { .. } => "ports_exhausted",
+            ControlError::InsufficientNodes { .. } => "insufficient_nodes",
+            ControlError::Engine(_) => "engine_failed",
+            ControlError::Store(_) => "store_unavailable",
+            ControlError::Internal(_) => "internal",
+        }
+    }
+
+    /// Whose fault: `user` (the request), `capacity`, `backend` (an engine
+    /// or the store) or `internal`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ControlError::InvalidName(_)
+            | ControlError::BadRequest(_)
+            | ControlError::BodyTooLarge(_)
+            | ControlError::NotFound(_)
+            | ControlError::AlreadyExists(_)
+            | ControlError::InUse(_) => "user",
+            ControlError::MaxDatabases { .. }
+            | ControlError::PortsExhausted { .. }
+            | ControlError::InsufficientNodes { .. } => "capacity",
+            ControlError::Engine(_) | ControlError::Store(_) => "backend",
+            ControlError::Internal(_) => "internal",
+        }
+    }
+}
+
+pub type Result<T, E = ControlError> = std::result::Result<T, E>;

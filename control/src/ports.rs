@@ -1,0 +1,104 @@
+//! Port allocation: random in the configured range, bind-probed, and sticky
+//! (a database asks for its previous port first).
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::ops::RangeInclusive;
+use std::sync::Mutex;
+
+use rand::Rng;
+
+use crate::error::ControlError;
+
+#[derive(Default)]
+pub struct PortAllocator {
+    held: Mutex<HashSet<u16>>,
+}
+
+impl PortAllocator {
+    /// A free port of `range` on `host`, `preferred` when it is free.
+    pub fn allocate(
+        &self,
+        range: RangeInclusive<u16>,
+        host: IpAddr,
+        preferred: Option<u16>,
+    ) -> Result<u16, ControlError> {
+        let mut held = self.held.lock().expect("port set poisoned");
+        let usable =
+            |port: u16, held: &HashSet<u16>| !held.contains(&port) && bind_probe(host, port);
+        if let Some(p) = preferred.filter(|p| range.contains(p)) {
+            if usable(p, &held) {
+                held.insert(p);
+                return Ok(p);
+            }
+        }
+        let (start, end) = (*range.start(), *range.end());
+        let len = u32::from(end - start) + 1;
+        let offset = rand::rng().random_range(0..len);
+        for i in 0..len {
+            let port = start + ((offset + i) % len) as u16;
+            if usable(port, &held) {
+                held.insert(port);
+                return Ok(port);
+            }
+        }
+        Err(ControlError::PortsExhausted { start, end })
+    }
+
+    /// Marks a port taken without probing (the `_system` store's own ports).
+    pub fn hold(&self, port: u16) {
+        self.held.lock().expect("port set poisoned").insert(port);
+    }
+
+    pub fn release(&self, ports: impl IntoIterator<Item = u16>) {
+        let mut held = self.held.lock().expect("port set poisoned");
+        for p in ports {
+            held.remove(&p);
+        }
+    }
+}
+
+/// Whether `host:port` can be bound now.
+pub fn bind_probe(host: IpAddr, port: u16) -> bool {
+    TcpListener::bind(SocketAddr::new(host, port)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn never_hands_out_a_port_twice_and_reports_exhaustion() {
+        let ports = PortAllocator::default();
+        let a = ports.allocate(41000..=41001, LO, None).unwrap();
+        let b = ports.allocate(41000..=41001, LO, None).unwrap();
+        assert_ne!(a, b);
+        let err = ports.allocate(41000..=41001, LO, None).unwrap_err();
+        assert!(matches!(
+            err,
+            ControlError::PortsExhausted {
+                start: 41000,
+                end: 41001
+            }
+        ));
+        ports.release([a]);
+        assert_eq!(ports.allocate(41000..=41001, LO, None).unwrap(), a);
+    }
+
+    #[test]
+    fn prefers_the_previous_port_and_skips_bound_ones() {
+        let ports = PortAllocator::default();
+        assert_eq!(
+            ports.allocate(41100..=41150, LO, Some(41120)).unwrap(),
+            41120
+        );
+        let busy = TcpListener::bind((LO, 0)).unwrap();
+        let busy_port = busy.local_addr().unwrap().port();
+        let got = ports
+            .allocate(busy_port..=busy_port.saturating_add(1), LO, Some(busy_port))
+            .unwrap();
+        assert_ne!(got, busy_port);
+    }
+}

@@ -1,0 +1,169 @@
+//! A small client of rqlite's HTTP API: parameterised statements, readiness
+//! and leader discovery. Used for the `_system` store and by the rqlite
+//! engine's checks.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RqliteError {
+    #[error("rqlite at {addr} unreachable: {source}")]
+    Transport {
+        addr: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("rqlite at {addr} answered HTTP {status}: {body}")]
+    Http {
+        addr: String,
+        status: u16,
+        body: String,
+    },
+    #[error("rqlite statement failed: {0}")]
+    Statement(String),
+}
+
+/// SQL with positional `?` arguments.
+pub struct Stmt {
+    sql: String,
+    args: Vec<Value>,
+}
+
+impl Stmt {
+    pub fn new(sql: impl Into<String>) -> Self {
+        Stmt {
+            sql: sql.into(),
+            args: Vec::new(),
+        }
+    }
+
+    pub fn arg(mut self, v: impl Into<Value>) -> Self {
+        self.args.push(v.into());
+        self
+    }
+
+    fn to_json(&self) -> Value {
+        let mut parts = vec![Value::String(self.sql.clone())];
+        parts.extend(self.args.iter().cloned());
+        Value::Array(parts)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Response {
+    results: Vec<StmtResult>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StmtResult {
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub columns: Vec<String>,
+    #[serde(default)]
+    pub values: Vec<Vec<Value>>,
+    #[serde(default)]
+    pub rows_affected: u64,
+}
+
+#[derive(Clone)]
+pub struct RqliteClient {
+    addr: String,
+    http: reqwest::Client,
+}
+
+impl RqliteClient {
+    /// `addr` is `host:port` of the HTTP API.
+    pub fn new(addr: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("reqwest client without TLS always builds");
+        RqliteClient {
+            addr: addr.to_string(),
+            http,
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Result<Vec<StmtResult>, RqliteError> {
+        let url = format!("http://{}{}", self.addr, path);
+        let transport = |source| RqliteError::Transport {
+            addr: self.addr.clone(),
+            source,
+        };
+        let resp = self
+            .http
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(transport)?;
+        if status != 200 {
+            return Err(RqliteError::Http {
+                addr: self.addr.clone(),
+                status,
+                body: text,
+            });
+        }
+        let parsed: Response = serde_json::from_str(&text).map_err(|_| RqliteError::Http {
+            addr: self.addr.clone(),
+            status,
+            body: text.clone(),
+        })?;
+        if let Some(err) = parsed.results.iter().find_map(|r| r.error.clone()) {
+            return Err(RqliteError::Statement(err));
+        }
+        Ok(parsed.results)
+    }
+
+    /// Runs writes in one transaction: all of them or none.
+    pub async fn execute(&self, stmts: Vec<Stmt>) -> Result<Vec<StmtResult>, RqliteError> {
+        let body = Value::Array(stmts.iter().map(Stmt::to_json).collect());
+        self.post("/db/execute?transaction", body).await
+    }
+
+    /// A read at `level=strong`: it goes through Raft, so it proves there is
+    /// a working leader.
+    pub async fn query(&self, stmt: Stmt) -> Result<StmtResult, RqliteError> {
+        let body = Value::Array(vec![stmt.to_json()]);
+        let mut results = self.post("/db/query?level=strong", body).await?;
+        Ok(results.pop().unwrap_or_default())
+    }
+
+    /// `/readyz` is 200: the node runs and knows a leader.
+    pub async fn ready(&self) -> bool {
+        let url = format!("http://{}/readyz", self.addr);
+        matches!(
+            self.http.get(url).timeout(Duration::from_secs(1)).send().await,
+            Ok(r) if r.status().is_success()
+        )
+    }
+
+    /// The node id of the current leader, as this node sees it.
+    pub async fn leader_id(&self) -> Option<String> {
+        let url = format!("http://{}/status", self.addr);
+        let status: Value = self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        status["store"]["leader"]["node_id"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    }
+}

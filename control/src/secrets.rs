@@ -1,0 +1,86 @@
+//! API keys (shown once, stored as SHA-256) and Postgres SCRAM verifiers.
+
+use rand::distr::{Alphanumeric, SampleString};
+use sha2::{Digest, Sha256};
+
+/// A fresh key `ak_<32 alphanumerics>` (about 190 bits) and its public id.
+pub fn new_api_key() -> (String, String) {
+    let mut rng = rand::rng();
+    let id = Alphanumeric
+        .sample_string(&mut rng, 10)
+        .to_ascii_lowercase();
+    let key = format!("ak_{}", Alphanumeric.sample_string(&mut rng, 32));
+    (id, key)
+}
+
+/// What is stored for a key. Keys carry enough entropy that a fast hash is
+/// the right one: there is nothing to brute-force.
+pub fn hash_api_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// A random password for the engine's own superuser.
+pub fn new_password() -> String {
+    Alphanumeric.sample_string(&mut rand::rng(), 32)
+}
+
+/// `SCRAM-SHA-256$4096:<salt>$<StoredKey>:<ServerKey>`, the form PostgreSQL
+/// stores and accepts in `CREATE ROLE ... PASSWORD`.
+pub fn scram_verifier(password: &str) -> String {
+    postgres_protocol::password::scram_sha_256(password.as_bytes())
+}
+
+/// Postgres login names: like app names but `_` is allowed and `.` is not,
+/// because the proxy splits `user.app` at the last dot.
+pub fn validate_user_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok && !name.starts_with("pg_") && name != "rouse_admin" && name != "rouse_owner" {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid user name {name:?}: expected [a-z_][a-z0-9_-]{{0,62}}, not pg_* or a reserved name"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_unique_and_hash_stably() {
+        let (id1, k1) = new_api_key();
+        let (id2, k2) = new_api_key();
+        assert_ne!(k1, k2);
+        assert_ne!(id1, id2);
+        assert!(k1.starts_with("ak_") && k1.len() == 35);
+        assert_eq!(hash_api_key(&k1), hash_api_key(&k1));
+        assert_ne!(hash_api_key(&k1), hash_api_key(&k2));
+    }
+
+    #[test]
+    fn verifier_has_postgres_form() {
+        let v = scram_verifier("secret");
+        assert!(v.starts_with("SCRAM-SHA-256$4096:"), "{v}");
+        assert!(!v.contains('\''));
+    }
+
+    #[test]
+    fn user_names() {
+        assert!(validate_user_name("alice").is_ok());
+        assert!(validate_user_name("app_user-1").is_ok());
+        assert!(validate_user_name("alice.myapp").is_err());
+        assert!(validate_user_name("Alice").is_err());
+        assert!(validate_user_name("pg_monitor").is_err());
+        assert!(validate_user_name("rouse_admin").is_err());
+        assert!(validate_user_name("a\"; DROP").is_err());
+    }
+}

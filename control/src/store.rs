@@ -1,0 +1,376 @@
+//! Metadata in the `_system` rqlite database: apps, API keys, Postgres users,
+//! databases and where their replicas run. rqlite's Raft, not home-made
+//! consistency, keeps it safe (one node here, three across nodes).
+
+use rouse_control_api::{DatabaseStatus, DbKey, Engine, Name};
+use serde_json::Value;
+
+use crate::error::{ControlError, Result};
+use crate::rqlite::{RqliteClient, RqliteError, Stmt};
+
+const SCHEMA: [&str; 6] = [
+    "CREATE TABLE IF NOT EXISTS apps (name TEXT PRIMARY KEY, created_at INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, app TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, created_at INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS pg_users (app TEXT NOT NULL, name TEXT NOT NULL, verifier TEXT NOT NULL, PRIMARY KEY (app, name))",
+    "CREATE TABLE IF NOT EXISTS databases (app TEXT NOT NULL, name TEXT NOT NULL, engine TEXT NOT NULL, replication_factor INTEGER NOT NULL, status TEXT NOT NULL, reason TEXT, created_at INTEGER NOT NULL, last_activity INTEGER NOT NULL, last_wake_ms INTEGER, secret TEXT NOT NULL, PRIMARY KEY (app, name))",
+    "CREATE TABLE IF NOT EXISTS replicas (app TEXT NOT NULL, db TEXT NOT NULL, idx INTEGER NOT NULL, node_id TEXT NOT NULL, host TEXT NOT NULL, port INTEGER NOT NULL, raft_port INTEGER, PRIMARY KEY (app, db, idx))",
+    "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+];
+
+/// Where one replica of a database runs (or ran, while hibernating).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaRecord {
+    pub idx: u32,
+    /// The control node that holds this replica.
+    pub node_id: String,
+    pub host: String,
+    pub port: u16,
+    pub raft_port: Option<u16>,
+}
+
+impl ReplicaRecord {
+    pub fn ports(&self) -> impl Iterator<Item = u16> {
+        std::iter::once(self.port).chain(self.raft_port)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseRecord {
+    pub key: DbKey,
+    pub engine: Engine,
+    pub replication_factor: u32,
+    pub status: DatabaseStatus,
+    pub reason: Option<String>,
+    pub created_at: u64,
+    pub last_activity: u64,
+    pub last_wake_ms: Option<u64>,
+    /// Password of the engine's own superuser (Postgres).
+    pub secret: String,
+    pub replicas: Vec<ReplicaRecord>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UserRecord {
+    pub name: String,
+    pub verifier: String,
+}
+
+impl From<RqliteError> for ControlError {
+    fn from(e: RqliteError) -> Self {
+        ControlError::Store(e.to_string())
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: RqliteClient,
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+fn int(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn corrupt(what: &str) -> ControlError {
+    ControlError::Store(format!("unreadable {what} row in _system"))
+}
+
+impl Store {
+    /// Opens the store and creates its tables when they are missing.
+    pub async fn open(db: RqliteClient) -> Result<Store> {
+        db.execute(SCHEMA.iter().map(|s| Stmt::new(*s)).collect())
+            .await?;
+        Ok(Store { db })
+    }
+
+    pub async fn app_exists(&self, app: &Name) -> Result<bool> {
+        let r = self
+            .db
+            .query(Stmt::new("SELECT 1 FROM apps WHERE name = ?").arg(app.as_str()))
+            .await?;
+        Ok(!r.values.is_empty())
+    }
+
+    pub async fn insert_app(&self, app: &Name, now: u64) -> Result<()> {
+        self.db
+            .execute(vec![Stmt::new(
+                "INSERT INTO apps (name, created_at) VALUES (?, ?)",
+            )
+            .arg(app.as_str())
+            .arg(now)])
+            .await?;
+        Ok(())
+    }
+
+    pub async fn insert_key(&self, app: &Name, id: &str, hash: &str, now: u64) -> Result<()> {
+        self.db
+            .execute(vec![Stmt::new(
+                "INSERT INTO api_keys (id, app, hash, created_at) VALUES (?, ?, ?, ?)",
+            )
+            .arg(id)
+            .arg(app.as_str())
+            .arg(hash)
+            .arg(now)])
+            .await?;
+        Ok(())
+    }
+
+    /// `(id, created_at)` of an app's keys.
+    pub async fn list_keys(&self, app: &Name) -> Result<Vec<(String, u64)>> {
+        let r = self
+            .db
+            .query(
+                Stmt::new("SELECT id, created_at FROM api_keys WHERE app = ? ORDER BY created_at")
+                    .arg(app.as_str()),
+            )
+            .await?;
+        Ok(r.values
+            .iter()
+            .map(|row| (text(&row[0]), int(&row[1])))
+            .collect())
+    }
+
+    /// Whether a key was deleted.
+    pub async fn delete_key(&self, app: &Name, id: &str) -> Result<bool> {
+        let r = self
+            .db
+            .execute(vec![Stmt::new(
+                "DELETE FROM api_keys WHERE app = ? AND id = ?",
+            )
+            .arg(app.as_str())
+            .arg(id)])
+            .await?;
+        Ok(r.first().is_some_and(|r| r.rows_affected > 0))
+    }
+
+    /// `(app, id)` of the key with this hash.
+    pub async fn find_key(&self, hash: &str) -> Result<Option<(Name, String)>> {
+        let r = self
+            .db
+            .query(Stmt::new("SELECT app, id FROM api_keys WHERE hash = ?").arg(hash))
+            .await?;
+        match r.values.first() {
+            Some(row) => Ok(Some((
+                Name::new(&text(&row[0])).map_err(|_| corrupt("api_keys"))?,
+                text(&row[1]),
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn upsert_user(&self, app: &Name, user: &UserRecord) -> Result<()> {
+        self.db
+            .execute(vec![Stmt::new(
+                "INSERT INTO pg_users (app, name, verifier) VALUES (?, ?, ?) \
+                 ON CONFLICT (app, name) DO UPDATE SET verifier = excluded.verifier",
+            )
+            .arg(app.as_str())
+            .arg(user.name.as_str())
+            .arg(user.verifier.as_str())])
+            .await?;
+        Ok(())
+    }
+
+    pub async fn users(&self, app: &Name) -> Result<Vec<UserRecord>> {
+        let r = self
+            .db
+            .query(
+                Stmt::new("SELECT name, verifier FROM pg_users WHERE app = ? ORDER BY name")
+                    .arg(app.as_str()),
+            )
+            .await?;
+        Ok(r.values
+            .iter()
+            .map(|row| UserRecord {
+                name: text(&row[0]),
+                verifier: text(&row[1]),
+            })
+            .collect())
+    }
+
+    pub async fn insert_database(&self, rec: &DatabaseRecord) -> Result<()> {
+        let mut stmts = vec![Stmt::new(
+            "INSERT INTO databases (app, name, engine, replication_factor, status, reason, created_at, last_activity, last_wake_ms, secret) \
+             VALUES (?, ?, ?, ?, ?, NULL, ?, ?, NULL, ?)",
+        )
+        .arg(rec.key.app.as_str())
+        .arg(rec.key.db.as_str())
+        .arg(rec.engine.as_str())
+        .arg(rec.replication_factor)
+        .arg(rec.status.as_str())
+        .arg(rec.created_at)
+        .arg(rec.last_activity)
+        .arg(rec.secret.as_str())];
+        stmts.extend(replica_inserts(&rec.key, &rec.replicas));
+        self.db.execute(stmts).await?;
+        Ok(())
+    }
+
+    /// Replaces where the replicas run (after a wake on other ports).
+    pub async fn set_replicas(&self, key: &DbKey, replicas: &[ReplicaRecord]) -> Result<()> {
+        let mut stmts = vec![Stmt::new("DELETE FROM replicas WHERE app = ? AND db = ?")
+            .arg(key.app.as_str())
+            .arg(key.db.as_str())];
+        stmts.extend(replica_inserts(key, replicas));
+        self.db.execute(stmts).await?;
+        Ok(())
+    }
+
+    pub async fn set_status(
+        &self,
+        key: &DbKey,
+        status: DatabaseStatus,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        self.db
+            .execute(vec![Stmt::new(
+                "UPDATE databases SET status = ?, reason = ? WHERE app = ? AND name = ?",
+            )
+            .arg(status.as_str())
+            .arg(reason.map(str::to_string))
+            .arg(key.app.as_str())
+            .arg(key.db.as_str())])
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_activity(
+        &self,
+        key: &DbKey,
+        last_activity: u64,
+        last_wake_ms: Option<u64>,
+    ) -> Result<()> {
+        self.db
+            .execute(vec![Stmt::new(
+                "UPDATE databases SET last_activity = MAX(last_activity, ?), last_wake_ms = COALESCE(?, last_wake_ms) WHERE app = ? AND name = ?",
+            )
+            .arg(last_activity)
+            .arg(last_wake_ms)
+            .arg(key.app.as_str())
+            .arg(key.db.as_str())])
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete_database(&self, key: &DbKey) -> Result<()> {
+        self.db
+            .execute(vec![
+                Stmt::new("DELETE FROM replicas WHERE app = ? AND db = ?")
+                    .arg(key.app.as_str())
+                    .arg(key.db.as_str()),
+                Stmt::new("DELETE FROM databases WHERE app = ? AND name = ?")
+                    .arg(key.app.as_str())
+                    .arg(key.db.as_str()),
+            ])
+            .await?;
+        Ok(())
+    }
+
+    pub async fn database(&self, key: &DbKey) -> Result<Option<DatabaseRecord>> {
+        let mut found = self.databases_where(Some(key), None).await?;
+        Ok(found.pop())
+    }
+
+    pub async fn databases(&self, app: Option<&Name>) -> Result<Vec<DatabaseRecord>> {
+        self.databases_where(None, app).await
+    }
+
+    async fn databases_where(
+        &self,
+        key: Option<&DbKey>,
+        app: Option<&Name>,
+    ) -> Result<Vec<DatabaseRecord>> {
+        const COLS: &str = "SELECT app, name, engine, replication_factor, status, reason, created_at, last_activity, last_wake_ms, secret FROM databases";
+        const RCOLS: &str = "SELECT app, db, idx, node_id, host, port, raft_port FROM replicas";
+        let (dbs, reps) = match (key, app) {
+            (Some(k), _) => (
+                Stmt::new(format!("{COLS} WHERE app = ? AND name = ?"))
+                    .arg(k.app.as_str())
+                    .arg(k.db.as_str()),
+                Stmt::new(format!("{RCOLS} WHERE app = ? AND db = ? ORDER BY idx"))
+                    .arg(k.app.as_str())
+                    .arg(k.db.as_str()),
+            ),
+            (None, Some(a)) => (
+                Stmt::new(format!("{COLS} WHERE app = ? ORDER BY name")).arg(a.as_str()),
+                Stmt::new(format!("{RCOLS} WHERE app = ? ORDER BY db, idx")).arg(a.as_str()),
+            ),
+            (None, None) => (
+                Stmt::new(format!("{COLS} ORDER BY app, name")),
+                Stmt::new(format!("{RCOLS} ORDER BY app, db, idx")),
+            ),
+        };
+        let dbs = self.db.query(dbs).await?;
+        let reps = self.db.query(reps).await?;
+        let mut out = Vec::with_capacity(dbs.values.len());
+        for row in &dbs.values {
+            let key = DbKey::new(
+                Name::new(&text(&row[0])).map_err(|_| corrupt("databases"))?,
+                Name::new(&text(&row[1])).map_err(|_| corrupt("databases"))?,
+            );
+            let replicas = reps
+                .values
+                .iter()
+                .filter(|r| text(&r[0]) == key.app.as_str() && text(&r[1]) == key.db.as_str())
+                .map(|r| ReplicaRecord {
+                    idx: int(&r[2]) as u32,
+                    node_id: text(&r[3]),
+                    host: text(&r[4]),
+                    port: int(&r[5]) as u16,
+                    raft_port: r[6].as_u64().map(|p| p as u16),
+                })
+                .collect();
+            out.push(DatabaseRecord {
+                engine: text(&row[2]).parse().map_err(|_| corrupt("databases"))?,
+                replication_factor: int(&row[3]) as u32,
+                status: text(&row[4]).parse().map_err(|_| corrupt("databases"))?,
+                reason: row[5].as_str().map(str::to_string),
+                created_at: int(&row[6]),
+                last_activity: int(&row[7]),
+                last_wake_ms: row[8].as_u64(),
+                secret: text(&row[9]),
+                key,
+                replicas,
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn setting(&self, key: &str) -> Result<Option<String>> {
+        let r = self
+            .db
+            .query(Stmt::new("SELECT value FROM settings WHERE key = ?").arg(key))
+            .await?;
+        Ok(r.values.first().map(|row| text(&row[0])))
+    }
+
+    pub async fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        self.db
+            .execute(vec![Stmt::new(
+                "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .arg(key)
+            .arg(value)])
+            .await?;
+        Ok(())
+    }
+}
+
+fn replica_inserts<'a>(
+    key: &'a DbKey,
+    replicas: &'a [ReplicaRecord],
+) -> impl Iterator<Item = Stmt> + 'a {
+    replicas.iter().map(move |r| {
+        Stmt::new("INSERT INTO replicas (app, db, idx, node_id, host, port, raft_port) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .arg(key.app.as_str())
+            .arg(key.db.as_str())
+            .arg(r.idx)
+            .arg(r.node_id.as_str())
+            .arg(r.host.as_str())
+            .arg(r.port)
+            .arg(r.raft_port)
+    })
+}
