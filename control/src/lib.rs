@@ -53,7 +53,7 @@ pub async fn run(
         engines,
         ports,
     );
-    manager.adopt().await?;
+    manager.adopt(!system.fresh).await?;
     let reaper = tokio::spawn(manager.clone().run_idle_reaper());
     info!(node_id = %node_id, api_addr = %listener.local_addr()?, "rouse-control ready");
     api::serve(listener, manager.clone(), shutdown).await;

@@ -817,13 +817,20 @@ impl Manager {
 
     // ---- background work ----------------------------------------------------
 
-    /// At start: remove orphaned data directories and start what should run.
-    /// Metadata that cannot be read aborts this, so nothing is removed then.
-    pub async fn adopt(&self) -> Result<()> {
+    /// At start: remove orphaned data directories (unless the metadata store
+    /// is new) and start what should run. Metadata that cannot be read
+    /// aborts this, so nothing is removed then.
+    pub async fn adopt(&self, remove_orphans: bool) -> Result<()> {
         let records = self.store.databases(None).await?;
         let known: std::collections::HashSet<String> =
             records.iter().map(|r| r.key.internal()).collect();
-        if let Ok(entries) = std::fs::read_dir(&self.config.node.data_dir) {
+        if !remove_orphans {
+            warn!("metadata store is new: no data directory is treated as an orphan");
+        }
+        let entries = std::fs::read_dir(&self.config.node.data_dir)
+            .ok()
+            .filter(|_| remove_orphans);
+        if let Some(entries) = entries {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if DbKey::from_internal(&name).is_some()
@@ -839,11 +846,18 @@ impl Manager {
         }
         let mut to_start = Vec::new();
         for rec in &records {
-            self.set_view(&rec.key, rec.status, Vec::new());
-            if matches!(
+            let should_run = matches!(
                 rec.status,
                 DatabaseStatus::Active | DatabaseStatus::Waking | DatabaseStatus::Initializing
-            ) {
+            );
+            // Until its restart is done, a database that should run is waking.
+            let shown = if should_run {
+                DatabaseStatus::Waking
+            } else {
+                rec.status
+            };
+            self.set_view(&rec.key, shown, Vec::new());
+            if should_run {
                 to_start.push(rec.key.clone());
             }
         }

@@ -28,6 +28,9 @@ struct SavedAddr {
 pub struct SystemDb {
     process: Supervised,
     pub store: Store,
+    /// The store was created by this start: its emptiness says nothing
+    /// about which data directories are orphans.
+    pub fresh: bool,
 }
 
 impl SystemDb {
@@ -105,7 +108,11 @@ impl SystemDb {
             raft_port = raft,
             "metadata store ready"
         );
-        Ok(SystemDb { process, store })
+        Ok(SystemDb {
+            process,
+            store,
+            fresh: inst.first_start,
+        })
     }
 
     pub async fn stop(self, grace: std::time::Duration) {

@@ -1,0 +1,96 @@
+//! Test harness of rouse: real `rqlited`, PostgreSQL, Redis and
+//! `rouse-control` processes on free loopback ports, each in a temporary
+//! directory of its own. Dropping a server SIGKILLs its whole process group
+//! and removes its directory, also when the test panics.
+
+mod control;
+mod postgres;
+mod process;
+mod redis;
+mod rqlite;
+
+use std::fs::Permissions;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use tempfile::TempDir;
+
+pub use control::{control_bin, Control, ControlBuilder};
+pub use postgres::Postgres;
+pub use process::{run, ServerProcess};
+pub use redis::Redis;
+pub use rqlite::{rqlite_execute, rqlite_query, Rqlited};
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// How long rqlited, PostgreSQL and Redis may take to answer after a start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A port nobody listens on right now. Another process may take it before
+/// the caller binds it, which is rare enough for tests.
+pub fn free_port(ip: IpAddr) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|listener| listener.local_addr())
+        .unwrap_or_else(|e| panic!("cannot bind a port on {ip}: {e}"))
+        .port()
+}
+
+/// Whether `addr` can be bound, i.e. nothing listens on it any more.
+pub fn port_is_free(addr: SocketAddr) -> bool {
+    TcpListener::bind(addr).is_ok()
+}
+
+/// Ids of the live processes whose command line contains `needle`, this
+/// process excepted (so that a sweep never kills the test itself).
+pub fn pids_mentioning(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            // Arguments are NUL-separated; as spaces, a needle such as
+            // "-D /some/dir" can span two of them.
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (pid != std::process::id() && cmdline.contains(needle)).then_some(pid)
+        })
+        .collect()
+}
+
+/// A temporary directory that others may traverse: PostgreSQL runs as user
+/// `postgres` when the tests run as root.
+fn temp_dir(prefix: &str) -> Result<TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    std::fs::set_permissions(dir.path(), Permissions::from_mode(0o755))
+        .with_context(|| format!("cannot chmod {}", dir.path().display()))?;
+    Ok(dir)
+}
+
+/// The program named by environment variable `var`, else `name` on PATH.
+fn binary(var: &str, name: &str) -> PathBuf {
+    std::env::var_os(var).map_or_else(|| name.into(), PathBuf::from)
+}
+
+/// A fresh client per caller: a pooled connection is tied to the tokio
+/// runtime that opened it, and every `#[tokio::test]` has its own runtime.
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("reqwest client without TLS always builds")
+}
+
+/// Succeeds when `GET url` answers 2xx: the readiness probe of HTTP servers.
+async fn get_ok(url: &str) -> Result<()> {
+    let status = http_client().get(url).send().await?.status();
+    ensure!(status.is_success(), "GET {url}: HTTP {status}");
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! The real `rouse-control` daemon, configured through a YAML file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use tempfile::TempDir;
+
+use crate::process::ServerProcess;
+use crate::{free_port, get_ok, pids_mentioning, temp_dir, LOCALHOST};
+
+/// Control may set up its metadata store before it answers `/healthz`.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Time for control to stop its databases after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Ports per range when the test does not choose them.
+const WINDOW: u16 = 200;
+
+/// Settings of a [`Control`]; unset ones are those of `configs/local.yaml`.
+#[derive(Debug, Clone)]
+pub struct ControlBuilder {
+    replication_factor: u32,
+    hibernation_timeout: String,
+    max_databases: u32,
+    /// http, raft and postgres port ranges, inclusive.
+    port_ranges: Option<[(u16, u16); 3]>,
+    data_dir: Option<PathBuf>,
+    env: Vec<(String, String)>,
+}
+
+impl Default for ControlBuilder {
+    fn default() -> Self {
+        ControlBuilder {
+            replication_factor: 1,
+            hibernation_timeout: "60s".into(),
+            max_databases: 100,
+            port_ranges: None,
+            data_dir: None,
+            env: Vec::new(),
+        }
+    }
+}
+
+impl ControlBuilder {
+    pub fn replication_factor(mut self, n: u32) -> Self {
+        self.replication_factor = n;
+        self
+    }
+
+    /// A duration as the config file spells it: `"2s"`, `"500ms"`, `"0"` (never).
+    pub fn hibernation_timeout(mut self, timeout: &str) -> Self {
+        self.hibernation_timeout = timeout.into();
+        self
+    }
+
+    pub fn max_databases(mut self, n: u32) -> Self {
+        self.max_databases = n;
+        self
+    }
+
+    /// Inclusive `(start, end)` ranges of the engines' ports. By default each
+    /// control gets random 200-port windows in 20000-29999 (http),
+    /// 30000-39999 (raft) and 40000-49999 (postgres), so that tests running
+    /// in parallel rarely compete for ports.
+    pub fn port_ranges(mut self, http: (u16, u16), raft: (u16, u16), postgres: (u16, u16)) -> Self {
+        self.port_ranges = Some([http, raft, postgres]);
+        self
+    }
+
+    /// Uses an existing data directory, e.g. one a previous control left,
+    /// instead of a fresh temporary one. It outlives the control.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// An environment variable of the daemon, e.g. `RUST_LOG` or a
+    /// `ROUSE_<SECTION>__<KEY>` override.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Writes the config, starts `rouse-control --config <file> serve` and
+    /// waits until `/healthz` answers.
+    pub async fn start(self) -> Result<Control> {
+        let bin = control_bin()?;
+        let dir = temp_dir("rouse-control-")?;
+        // Absolute: control runs from its temporary directory, not ours.
+        let data_dir = match &self.data_dir {
+            Some(data_dir) => std::path::absolute(data_dir)?,
+            None => dir.path().join("data"),
+        };
+        let api_addr = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
+        let config = dir.path().join("control.yaml");
+        std::fs::write(&config, self.config_yaml(&data_dir, api_addr))
+            .with_context(|| format!("cannot write {}", config.display()))?;
+        let launch = Launch {
+            bin,
+            config,
+            log: dir.path().join("control.log"),
+            env: self.env,
+        };
+        let mut process = launch.spawn()?;
+        wait_healthy(&mut process, api_addr).await?;
+        Ok(Control {
+            process,
+            launch,
+            api_addr,
+            data_dir,
+            dir,
+        })
+    }
+
+    fn config_yaml(&self, data_dir: &Path, api_addr: SocketAddr) -> String {
+        let [(http_start, http_end), (raft_start, raft_end), (pg_start, pg_end)] = self
+            .port_ranges
+            .unwrap_or_else(|| [window(20_000), window(30_000), window(40_000)]);
+        // JSON strings are valid YAML and quote whatever a path holds.
+        let quote = |s: &str| serde_json::Value::from(s).to_string();
+        let data_dir = quote(&data_dir.to_string_lossy());
+        let hibernation_timeout = quote(&self.hibernation_timeout);
+        let replication_factor = self.replication_factor;
+        let max_databases = self.max_databases;
+        // The default libp2p port 4001 would be shared by parallel tests.
+        let p2p_port = free_port(LOCALHOST);
+        format!(
+            "node:
+  data_dir: {data_dir}
+  listen_addresses:
+    - /ip4/127.0.0.1/tcp/{p2p_port}
+database:
+  replication_factor: {replication_factor}
+  hibernation_timeout: {hibernation_timeout}
+  max_databases: {max_databases}
+  port_range_http_start: {http_start}
+  port_range_http_end: {http_end}
+  port_range_raft_start: {raft_start}
+  port_range_raft_end: {raft_end}
+  port_range_postgres_start: {pg_start}
+  port_range_postgres_end: {pg_end}
+control:
+  api_addr: {api_addr}
+"
+        )
+    }
+}
+
+/// A random window of [`WINDOW`] ports among the 10000 from `base`.
+fn window(base: u16) -> (u16, u16) {
+    let start = rand::random_range(base..=base + 10_000 - WINDOW);
+    (start, start + WINDOW - 1)
+}
+
+/// `$ROUSE_CONTROL_BIN`, else `rouse-control` of the cargo target directory
+/// the running executable was built in.
+pub fn control_bin() -> Result<PathBuf> {
+    let bin = match std::env::var_os("ROUSE_CONTROL_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => {
+            let exe = std::env::current_exe()?;
+            let mut dir = exe.parent().context("executable without a directory")?;
+            // Tests run from target/<profile>/deps, the benchmarks from
+            // target/<profile> itself.
+            if dir.ends_with("deps") {
+                dir = dir.parent().unwrap_or(dir);
+            }
+            dir.join("rouse-control")
+        }
+    };
+    ensure!(
+        bin.is_file(),
+        "{} does not exist: run `cargo build -p rouse-control` or set ROUSE_CONTROL_BIN",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// What it takes to start the same daemon again.
+struct Launch {
+    bin: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Launch {
+    fn spawn(&self) -> Result<ServerProcess> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .envs(self.env.iter().map(|(key, value)| (key, value)));
+        if let Some(dir) = self.config.parent() {
+            cmd.current_dir(dir);
+        }
+        ServerProcess::spawn("rouse-control", cmd, &self.log)
+    }
+}
+
+async fn wait_healthy(process: &mut ServerProcess, api_addr: SocketAddr) -> Result<()> {
+    let healthz = format!("http://{api_addr}/healthz");
+    process.wait_ready(START_TIMEOUT, || get_ok(&healthz)).await
+}
+
+/// A running `rouse-control`. Dropping it SIGKILLs the daemon, its process
+/// group and every process still running from its data directory.
+pub struct Control {
+    // Declared before `dir`, so that the daemon dies before its directory goes.
+    process: ServerProcess,
+    launch: Launch,
+    api_addr: SocketAddr,
+    data_dir: PathBuf,
+    dir: TempDir,
+}
+
+impl Control {
+    pub fn builder() -> ControlBuilder {
+        ControlBuilder::default()
+    }
+
+    pub fn client(&self) -> rouse_control_api::Client {
+        rouse_control_api::Client::new(&self.api_url())
+    }
+
+    /// `http://127.0.0.1:<port>`, the same across restarts.
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.api_addr)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone()
+    }
+
+    /// The temporary directory holding the config file and the log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The last `lines` lines of the daemon's log, over all its restarts.
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.process.log_tail(lines)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// SIGKILLs the daemon and its process group: a crash.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// SIGTERM to the daemon alone, which should stop its databases, then
+    /// waits up to 30 s for it to exit.
+    pub async fn stop(&mut self) -> Result<()> {
+        self.process.terminate(STOP_TIMEOUT).await
+    }
+
+    /// Stops the daemon (if still running) and starts it again with the same
+    /// config, data directory and API address.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop().await?;
+        // Replacing the process drops the old one: whatever is left of its
+        // group gets SIGKILLed.
+        self.process = self.launch.spawn()?;
+        wait_healthy(&mut self.process, self.api_addr).await
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.process.kill();
+        // Engines that control started in process groups of their own
+        // survive the killpg; they all run from the data directory.
+        for pid in pids_mentioning(&self.data_dir.to_string_lossy()) {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
