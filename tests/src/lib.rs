@@ -19,7 +19,7 @@ use anyhow::{ensure, Context, Result};
 use tempfile::TempDir;
 
 pub use control::{control_bin, Control, ControlBuilder};
-pub use postgres::Postgres;
+pub use postgres::{bin_dir as postgres_bin_dir, Postgres, RunAs};
 pub use process::{run, ServerProcess};
 pub use redis::Redis;
 pub use rqlite::{rqlite_execute, rqlite_query, Rqlited};

@@ -43,7 +43,7 @@ impl Postgres {
             let mut cmd = Command::new(bin.join(program));
             cmd.current_dir(dir.path());
             if let Some(user) = run_as {
-                cmd.uid(user.uid).gid(user.gid);
+                user.apply(&mut cmd);
             }
             cmd
         };
@@ -130,7 +130,9 @@ async fn connect(
 
 /// `$POSTGRES_BIN_DIR`, else the directory of `initdb` on PATH, else the
 /// newest `/usr/lib/postgresql/<version>/bin`.
-fn bin_dir() -> Result<PathBuf> {
+/// `$POSTGRES_BIN_DIR`, else the directory of `initdb` on PATH, else the
+/// newest `/usr/lib/postgresql/*/bin`.
+pub fn bin_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("POSTGRES_BIN_DIR") {
         return Ok(dir.into());
     }
@@ -162,14 +164,14 @@ fn bin_dir() -> Result<PathBuf> {
 
 /// The user PostgreSQL runs as, which it requires not to be root.
 #[derive(Clone, Copy)]
-struct RunAs {
+pub struct RunAs {
     uid: u32,
     gid: u32,
 }
 
 impl RunAs {
     /// `postgres` when we are root, nobody else.
-    fn when_root() -> Result<Option<RunAs>> {
+    pub fn when_root() -> Result<Option<RunAs>> {
         // SAFETY: geteuid(2) cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             return Ok(None);
@@ -190,6 +192,11 @@ impl RunAs {
             "running as root, but there is no user `postgres` to run PostgreSQL as"
         );
         Ok(user)
+    }
+
+    /// Makes `cmd` run as this user.
+    pub fn apply(self, cmd: &mut Command) {
+        cmd.uid(self.uid).gid(self.gid);
     }
 
     fn chown(self, path: &Path) -> Result<()> {

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test of rouse: installs what is missing (idempotent), checks
+# formatting and lints, builds the binaries the end-to-end tests start, and
+# runs unit and end-to-end tests against real rqlited, PostgreSQL and Redis.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./deploy/install-deps.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo build --workspace --bins
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+else
+  cargo test --workspace --no-fail-fast
+fi
