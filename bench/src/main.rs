@@ -7,7 +7,10 @@ mod wake;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "rouse-bench", about = "rouse benchmarks, side by side with the bare engines")]
+#[command(
+    name = "rouse-bench",
+    about = "rouse benchmarks, side by side with the bare engines"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,

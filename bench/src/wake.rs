@@ -24,9 +24,24 @@ struct Target {
 }
 
 const TARGETS: [Target; 3] = [
-    Target { db: "rq1", engine: Engine::Rqlite, replicas: 1, target_p50: Duration::from_millis(300) },
-    Target { db: "rq3", engine: Engine::Rqlite, replicas: 3, target_p50: Duration::from_millis(1000) },
-    Target { db: "pg", engine: Engine::Postgres, replicas: 1, target_p50: Duration::from_millis(250) },
+    Target {
+        db: "rq1",
+        engine: Engine::Rqlite,
+        replicas: 1,
+        target_p50: Duration::from_millis(300),
+    },
+    Target {
+        db: "rq3",
+        engine: Engine::Rqlite,
+        replicas: 3,
+        target_p50: Duration::from_millis(1000),
+    },
+    Target {
+        db: "pg",
+        engine: Engine::Postgres,
+        replicas: 1,
+        target_p50: Duration::from_millis(250),
+    },
 ];
 
 fn name(s: &str) -> Name {
@@ -47,7 +62,10 @@ pub async fn run(cycles: usize) -> Result<String> {
                 replication_factor: Some(t.replicas),
             })
             .await?;
-        let dir = control.data_dir().join(format!("{APP}_{}", t.db)).join(t.engine.as_str());
+        let dir = control
+            .data_dir()
+            .join(format!("{APP}_{}", t.db))
+            .join(t.engine.as_str());
         let (mut woken, mut bare) = (Vec::new(), Vec::new());
         for _ in 0..cycles {
             client.hibernate(&name(APP), &name(t.db), true).await?;
@@ -56,7 +74,10 @@ pub async fn run(cycles: usize) -> Result<String> {
             let after = client.wake(&name(APP), &name(t.db)).await?;
             woken.push(asked.elapsed());
             if after.ports != info.ports {
-                bail!("{} woke on other ports; the comparison would not be like for like", t.db);
+                bail!(
+                    "{} woke on other ports; the comparison would not be like for like",
+                    t.db
+                );
             }
         }
         let (p50, p99) = (percentile(&woken, 50.0), percentile(&woken, 99.0));
@@ -74,7 +95,15 @@ pub async fn run(cycles: usize) -> Result<String> {
     Ok(format!(
         "wake latency over {cycles} hibernate/wake cycles per engine\n\n{}",
         table(
-            &["engine × replicas", "rouse wake p50", "p99", "bare cold start p50", "p99", "control overhead p50", "target p50"],
+            &[
+                "engine × replicas",
+                "rouse wake p50",
+                "p99",
+                "bare cold start p50",
+                "p99",
+                "control overhead p50",
+                "target p50"
+            ],
             &rows
         )
     ))
@@ -96,7 +125,11 @@ async fn bare_start(info: &DatabaseInfo, dir: &Path) -> Result<Duration> {
                     .args(["-raft-election-timeout", "100ms", "-raft-timeout", "100ms"])
                     .args(["-raft-leader-lease-timeout", "100ms"])
                     .arg(dir.join(format!("node-{idx}")));
-                processes.push(ServerProcess::spawn("rqlited", cmd, &dir.join(format!("bare-{idx}.log")))?);
+                processes.push(ServerProcess::spawn(
+                    "rqlited",
+                    cmd,
+                    &dir.join(format!("bare-{idx}.log")),
+                )?);
             }
             let addrs: Vec<String> = info
                 .ports
@@ -116,16 +149,28 @@ async fn bare_start(info: &DatabaseInfo, dir: &Path) -> Result<Duration> {
             .await?;
         }
         Engine::Postgres => {
-            let backend = info.backend.clone().context("postgres database without backend credentials")?;
+            let backend = info
+                .backend
+                .clone()
+                .context("postgres database without backend credentials")?;
             let port = info.ports[0];
             let mut cmd = Command::new(postgres_bin_dir()?.join("postgres"));
-            cmd.arg("-D")
-                .arg(dir.join("node-0"))
-                .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="]);
+            cmd.arg("-D").arg(dir.join("node-0")).args([
+                "-p",
+                &port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+            ]);
             if let Some(user) = RunAs::when_root()? {
                 user.apply(&mut cmd);
             }
-            processes.push(ServerProcess::spawn("postgres", cmd, &dir.join("bare.log"))?);
+            processes.push(ServerProcess::spawn(
+                "postgres",
+                cmd,
+                &dir.join("bare.log"),
+            )?);
             poll(|| async {
                 let (client, conn) = tokio_postgres::Config::new()
                     .host("127.0.0.1")
@@ -159,7 +204,9 @@ where
     loop {
         match probe().await {
             Ok(()) => return Ok(()),
-            Err(e) if Instant::now() > deadline => return Err(e.context("bare engine never answered")),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context("bare engine never answered"))
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(15)).await,
         }
     }

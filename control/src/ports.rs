@@ -97,7 +97,11 @@ mod tests {
         let busy = TcpListener::bind((LO, 0)).unwrap();
         let busy_port = busy.local_addr().unwrap().port();
         let got = ports
-            .allocate(busy_port..=busy_port.saturating_add(1), LO, Some(busy_port))
+            .allocate(
+                busy_port..=busy_port.saturating_add(50),
+                LO,
+                Some(busy_port),
+            )
             .unwrap();
         assert_ne!(got, busy_port);
     }
