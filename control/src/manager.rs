@@ -824,23 +824,22 @@ impl Manager {
         let records = self.store.databases(None).await?;
         let known: std::collections::HashSet<String> =
             records.iter().map(|r| r.key.internal()).collect();
-        if !remove_orphans {
-            warn!("metadata store is new: no data directory is treated as an orphan");
-        }
-        let entries = std::fs::read_dir(&self.config.node.data_dir)
-            .ok()
-            .filter(|_| remove_orphans);
-        if let Some(entries) = entries {
+        if let Ok(entries) = std::fs::read_dir(&self.config.node.data_dir) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if DbKey::from_internal(&name).is_some()
-                    && !known.contains(&name)
-                    && entry.path().is_dir()
+                if DbKey::from_internal(&name).is_none()
+                    || known.contains(&name)
+                    || !entry.path().is_dir()
                 {
-                    warn!(dir = %entry.path().display(), "removing orphaned data directory: no database in metadata");
-                    if let Err(e) = std::fs::remove_dir_all(entry.path()) {
-                        error!(dir = %entry.path().display(), error = %e, "could not remove orphaned directory");
-                    }
+                    continue;
+                }
+                if !remove_orphans {
+                    warn!(dir = %entry.path().display(), "metadata store is new: keeping a data directory it does not know");
+                    continue;
+                }
+                warn!(dir = %entry.path().display(), "removing orphaned data directory: no database in metadata");
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    error!(dir = %entry.path().display(), error = %e, "could not remove orphaned directory");
                 }
             }
         }

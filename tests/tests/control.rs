@@ -839,29 +839,30 @@ async fn the_command_line_drives_the_daemon() {
         .start()
         .await
         .unwrap();
-    let (ok, out, _) = control_cli(&control, &["app", "create", "cli"]).unwrap();
-    assert!(ok && out.contains("\"cli\""), "{out}");
-    let (ok, out, _) = control_cli(&control, &["key", "create", "cli"]).unwrap();
-    assert!(ok && out.contains("ak_"), "{out}");
-    let (ok, out, err) = control_cli(&control, &["db", "create", "cli", "notes"]).unwrap();
-    assert!(ok && out.contains("\"active\""), "{out}{err}");
-    let (ok, out, _) = control_cli(&control, &["db", "hibernate", "cli", "notes"]).unwrap();
-    assert!(ok && out.contains("\"hibernating\""), "{out}");
-    let (ok, out, _) = control_cli(&control, &["db", "list"]).unwrap();
-    assert!(
-        ok && out
-            .lines()
-            .any(|l| l.starts_with("cli ") && l.contains("hibernating")),
-        "{out}"
-    );
-    let (ok, out, _) = control_cli(&control, &["db", "wake", "cli", "notes"]).unwrap();
-    assert!(ok && out.contains("\"active\""), "{out}");
-    let (ok, _, err) = control_cli(&control, &["db", "status", "cli", "missing"]).unwrap();
-    assert!(!ok && err.contains("does not exist"), "{err}");
-    let (ok, _, err) = control_cli(&control, &["db", "create", "cli", "Bad_Name"]).unwrap();
-    assert!(!ok && err.contains("Bad_Name"), "{err}");
-    let (ok, out, _) = control_cli(&control, &["db", "drop", "cli", "notes"]).unwrap();
-    assert!(ok, "{out}");
+    // (arguments, succeeds, what stdout or stderr shows)
+    let steps: [(&[&str], bool, &str); 9] = [
+        (&["app", "create", "cli"], true, "\"cli\""),
+        (&["key", "create", "cli"], true, "ak_"),
+        (&["db", "create", "cli", "notes"], true, "\"active\""),
+        (
+            &["db", "hibernate", "cli", "notes"],
+            true,
+            "\"hibernating\"",
+        ),
+        (&["db", "list"], true, "hibernating"),
+        (&["db", "wake", "cli", "notes"], true, "\"active\""),
+        (&["db", "status", "cli", "missing"], false, "does not exist"),
+        (&["db", "create", "cli", "Bad_Name"], false, "Bad_Name"),
+        (&["db", "drop", "cli", "notes"], true, "cli_notes"),
+    ];
+    for (args, succeeds, shows) in steps {
+        let (ok, out, err) = control_cli(&control, args).unwrap();
+        assert_eq!(ok, succeeds, "{args:?}: {out}{err}");
+        assert!(
+            out.contains(shows) || err.contains(shows),
+            "{args:?}: {out}{err}"
+        );
+    }
     assert!(!control.data_dir().join("cli_notes").exists());
 }
 
