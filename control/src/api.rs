@@ -11,13 +11,11 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use rouse_control_api::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;
-use tracing::{debug, warn};
 
 use crate::error::ControlError;
 use crate::manager::Manager;
@@ -34,38 +32,20 @@ pub async fn serve(
     manager: Arc<Manager>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let manager = manager.clone();
-        let service = hyper::service::service_fn(move |req| {
+    rouse_control_api::server::serve_http(
+        listener,
+        Duration::from_secs(10),
+        Duration::from_secs(5),
+        shutdown,
+        move |_peer| {
             let manager = manager.clone();
-            async move { Ok::<_, Infallible>(handle(&manager, req).await) }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+            hyper::service::service_fn(move |req| {
+                let manager = manager.clone();
+                async move { Ok::<_, Infallible>(handle(&manager, req).await) }
+            })
+        },
+    )
+    .await
 }
 
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
@@ -153,9 +133,11 @@ async fn route(
             S::OK,
             &serde_json::json!({"status": "ok", "node_id": m.node_id()}),
         ),
-        (&Method::GET, ["metrics"]) => {
-            full(S::OK, "text/plain; version=0.0.4", crate::metrics::render())
-        }
+        (&Method::GET, ["metrics"]) => full(
+            S::OK,
+            "text/plain; version=0.0.4",
+            rouse_control_api::telemetry::render_metrics(),
+        ),
         (_, ["api", "v1", rest @ ..]) => match (method, rest) {
             (&Method::POST, ["apps"]) => {
                 let body: CreateApp = read_json(req).await?;
@@ -188,7 +170,10 @@ async fn route(
             }
             (&Method::POST, ["databases"]) => {
                 let body: CreateDatabase = read_json(req).await?;
-                reply(S::CREATED, m.create(&body).await)
+                reply(
+                    S::CREATED,
+                    detached(m, move |m| async move { m.create(&body).await }).await,
+                )
             }
             (&Method::GET, ["databases"]) => {
                 let app = query_param(&req, "app").map(name).transpose()?;
@@ -203,20 +188,25 @@ async fn route(
                 reply(S::OK, m.status(&db_key(app, db)?).await)
             }
             (&Method::POST, ["databases", app, db, "wake"]) => {
-                reply(S::OK, m.wake(&db_key(app, db)?).await)
-            }
-            (&Method::POST, ["databases", app, db, "hibernate"]) => {
-                let force = matches!(query_param(&req, "force"), Some("" | "true" | "1"));
-                reply(S::OK, m.hibernate(&db_key(app, db)?, force).await)
-            }
-            (&Method::DELETE, ["databases", app, db]) => {
                 let key = db_key(app, db)?;
                 reply(
                     S::OK,
-                    m.drop_database(&key)
-                        .await
-                        .map(|_| serde_json::json!({"dropped": key.internal()})),
+                    detached(m, move |m| async move { m.wake(&key).await }).await,
                 )
+            }
+            (&Method::POST, ["databases", app, db, "hibernate"]) => {
+                let force = matches!(query_param(&req, "force"), Some("" | "true" | "1"));
+                let key = db_key(app, db)?;
+                reply(
+                    S::OK,
+                    detached(m, move |m| async move { m.hibernate(&key, force).await }).await,
+                )
+            }
+            (&Method::DELETE, ["databases", app, db]) => {
+                let key = db_key(app, db)?;
+                let dropped = serde_json::json!({"dropped": key.internal()});
+                let result = detached(m, move |m| async move { m.drop_database(&key).await }).await;
+                reply(S::OK, result.map(|_| dropped))
             }
             (&Method::POST, ["activity"]) => {
                 let body: ActivityReport = read_json(req).await?;
@@ -236,6 +226,21 @@ async fn route(
             _ => return Err(not_routed(method, path)),
         },
         _ => return Err(not_routed(method, path)),
+    })
+}
+
+/// Runs a lifecycle operation in a task of its own: a caller that hangs up
+/// must not cancel a start or stop halfway.
+async fn detached<T, F, Fut>(m: &Arc<Manager>, op: F) -> Result<T, ControlError>
+where
+    T: Send + 'static,
+    F: FnOnce(Arc<Manager>) -> Fut,
+    Fut: Future<Output = Result<T, ControlError>> + Send + 'static,
+{
+    tokio::spawn(op(m.clone())).await.unwrap_or_else(|e| {
+        Err(ControlError::Internal(format!(
+            "lifecycle task failed: {e}"
+        )))
     })
 }
 

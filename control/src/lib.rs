@@ -8,7 +8,6 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod manager;
-pub mod metrics;
 pub mod ports;
 pub mod process;
 pub mod rqlite;
@@ -36,7 +35,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    metrics::install();
+    rouse_control_api::telemetry::metrics();
     std::fs::create_dir_all(&config.node.data_dir)?;
     let node_id = system::node_id(&config.node.data_dir)?;
     let engines = EngineEnv::from_config(&config.control)?;

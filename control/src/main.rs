@@ -1,9 +1,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use rouse_control::cli;
 use rouse_control_api::config::Config;
+use rouse_control_api::telemetry::{init_logs, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -18,16 +19,11 @@ struct Args {
     /// Control API to talk to (default: control.api_addr of the config).
     #[arg(long, global = true, env = "ROUSE_CONTROL_URL")]
     url: Option<String>,
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
-    log_format: LogFormat,
+    /// Log as human-readable lines or as JSON objects.
+    #[arg(long, global = true, default_value = "human", value_parser = ["human", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -38,43 +34,14 @@ enum Command {
     Client(cli::Command),
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// Servers with thousands of connections need more than the default 1024.
-fn raise_open_file_limit() {
-    // SAFETY: plain getrlimit/setrlimit on a local struct.
-    unsafe {
-        let mut lim = std::mem::zeroed::<libc::rlimit>();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    init_logs(args.log_format);
+    init_logs(if args.log_format == "json" {
+        LogFormat::Json
+    } else {
+        LogFormat::Human
+    });
     let config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -84,7 +51,7 @@ async fn main() -> ExitCode {
     };
     match args.command {
         Command::Serve => {
-            raise_open_file_limit();
+            rouse_control_api::server::raise_open_file_limit();
             let listener = match tokio::net::TcpListener::bind(config.control.api_addr).await {
                 Ok(l) => l,
                 Err(e) => {
@@ -95,7 +62,13 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rouse_control::run(config, listener, shutdown_signal()).await {
+            match rouse_control::run(
+                config,
+                listener,
+                rouse_control_api::server::shutdown_signal(),
+            )
+            .await
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("rouse-control: {e:#}");

@@ -1,11 +1,174 @@
-//! rouse's data plane. This crate currently validates the proxy's share of
-//! the configuration; the listeners follow.
+//! rouse's data plane. It routes each request by app namespace to that
+//! app's database, holds it while the database wakes, and serves it.
+//!
+//! - [`route`]: which database a request is for
+//! - [`auth`]: which app a credential belongs to
+//! - [`wake`]: where a database runs, and waking it
+//! - [`http`]: the gateway API and the rqlite API
+//! - [`activity`]: what control is told about use
 
+pub mod activity;
+pub mod auth;
+pub mod error;
+pub mod http;
+pub mod route;
+pub mod wake;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::{Response, StatusCode};
 use rouse_control_api::config::{Config, ConfigError};
+use rouse_control_api::{Client, DbKey};
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::activity::Activity;
+use crate::auth::Authenticator;
+use crate::http::upstream::Upstream;
+use crate::http::Proxy;
+use crate::wake::Routes;
 
 /// Loads and checks a configuration file as the proxy would at start, and
 /// returns the proxy section as the proxy would use it.
 pub fn check_config(path: Option<&std::path::Path>) -> Result<serde_json::Value, ConfigError> {
     let config = Config::load(path)?;
     Ok(serde_json::json!({ "proxy": config.proxy, "redis": config.redis }))
+}
+
+/// The proxy's listening sockets, bound before it runs (tests bind port 0).
+pub struct Listeners {
+    pub http: TcpListener,
+    pub stats: TcpListener,
+    /// Static listeners, each bound to one database.
+    pub bound: Vec<(TcpListener, DbKey)>,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+        let p = &config.proxy;
+        let mut bound = Vec::new();
+        for s in &p.static_listeners {
+            bound.push((
+                TcpListener::bind(s.addr).await?,
+                DbKey::new(s.app.clone(), s.database.clone()),
+            ));
+        }
+        Ok(Listeners {
+            http: TcpListener::bind(p.http_addr).await?,
+            stats: TcpListener::bind(p.stats_addr).await?,
+            bound,
+        })
+    }
+}
+
+/// Runs the proxy until `shutdown` resolves; requests in flight then get a
+/// few seconds to finish.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    rouse_control_api::telemetry::metrics();
+    let p = config.proxy.clone();
+    let control = Client::new(&p.control_url);
+    let auth = Arc::new(Authenticator::new(control.clone(), &p.auth)?);
+    let routes = Routes::new(
+        control.clone(),
+        p.wake_timeout,
+        p.max_waiting as usize,
+        p.auto_create,
+    );
+    let activity = Arc::new(Activity::default());
+    let proxy_id = format!("{}-{}", hostname(), std::process::id());
+    let tasks = [
+        tokio::spawn(routes.clone().follow_events(auth.clone())),
+        tokio::spawn(activity.clone().report_forever(
+            control.clone(),
+            proxy_id.clone(),
+            p.activity_interval,
+        )),
+    ];
+    let proxy = Arc::new(Proxy {
+        config: p.clone(),
+        control,
+        auth,
+        routes,
+        upstream: Upstream::default(),
+        activity,
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    info!(proxy_id = %proxy_id, http = %listeners.http.local_addr()?, stats = %listeners.stats.local_addr()?, "rouse-proxy ready");
+    let mut servers = Vec::new();
+    let data_planes = std::iter::once((listeners.http, None)).chain(
+        listeners
+            .bound
+            .into_iter()
+            .map(|(l, k)| (l, Some(Arc::new(k)))),
+    );
+    for (listener, bound) in data_planes {
+        let proxy = proxy.clone();
+        servers.push(tokio::spawn(rouse_control_api::server::serve_http(
+            listener,
+            p.header_read_timeout,
+            Duration::from_secs(10),
+            stopped(),
+            move |_peer| {
+                let (proxy, bound) = (proxy.clone(), bound.clone());
+                hyper::service::service_fn(move |req| {
+                    http::handle(proxy.clone(), bound.clone(), req)
+                })
+            },
+        )));
+    }
+    servers.push(tokio::spawn(rouse_control_api::server::serve_http(
+        listeners.stats,
+        p.header_read_timeout,
+        Duration::from_secs(1),
+        stopped(),
+        |_peer| hyper::service::service_fn(stats),
+    )));
+    shutdown.await;
+    info!("shutting down: draining requests");
+    let _ = stop_tx.send(true);
+    for s in servers {
+        let _ = s.await;
+    }
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+/// The stats address: `/metrics` (Prometheus) and `/healthz`.
+async fn stats(
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<Response<http::Body>, Infallible> {
+    let (status, body) = match req.uri().path() {
+        "/metrics" => (
+            StatusCode::OK,
+            rouse_control_api::telemetry::render_metrics(),
+        ),
+        "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+    };
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    Ok(resp)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "proxy".into())
 }

@@ -2,6 +2,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use rouse_control_api::config::Config;
+use rouse_control_api::telemetry::{init_logs, LogFormat};
 
 #[derive(Parser)]
 #[command(name = "rouse-proxy", version, about = "rouse data plane")]
@@ -9,17 +11,23 @@ struct Cli {
     /// Configuration file (default: the embedded configs/local.yaml).
     #[arg(long, global = true, env = "ROUSE_CONFIG")]
     config: Option<PathBuf>,
+    /// Log as human-readable lines or as JSON objects.
+    #[arg(long, global = true, default_value = "human", value_parser = ["human", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the proxy.
+    Serve,
     /// Validate a configuration file and print the effective proxy settings.
     CheckConfig,
 }
 
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig => match rouse_proxy::check_config(cli.config.as_deref()) {
@@ -35,5 +43,40 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Serve => {
+            init_logs(if cli.log_format == "json" {
+                LogFormat::Json
+            } else {
+                LogFormat::Human
+            });
+            let config = match Config::load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("rouse-proxy: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            rouse_control_api::server::raise_open_file_limit();
+            let listeners = match rouse_proxy::Listeners::bind(&config).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("rouse-proxy: cannot listen: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rouse_proxy::run(
+                config,
+                listeners,
+                rouse_control_api::server::shutdown_signal(),
+            )
+            .await
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("rouse-proxy: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

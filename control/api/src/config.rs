@@ -160,6 +160,40 @@ pub struct ProxyConfig {
     #[serde(with = "crate::duration")]
     pub wake_timeout: Duration,
     pub max_waiting: u32,
+    /// Credentials other than API keys.
+    pub auth: AuthConfig,
+    /// Listeners bound to one database each, for clients that only know
+    /// `host:port` (sidecar mode).
+    pub static_listeners: Vec<StaticListener>,
+    /// Request bodies above this get 413.
+    pub max_body_bytes: usize,
+    /// A client must send its request head within this time.
+    #[serde(with = "crate::duration")]
+    pub header_read_timeout: Duration,
+    /// How often activity and open requests are reported to control.
+    #[serde(with = "crate::duration")]
+    pub activity_interval: Duration,
+    /// Create a database on first access through the proxy.
+    pub auto_create: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 shared secret for JWTs.
+    pub jwt_hs256_secret: Option<String>,
+    /// PEM file with the RS256 public key for JWTs.
+    pub jwt_rs256_public_key_file: Option<PathBuf>,
+    /// JWKS file (`{"keys":[...]}`) with RS256 keys, chosen by `kid`.
+    pub jwt_jwks_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticListener {
+    pub addr: SocketAddr,
+    pub app: crate::Name,
+    pub database: crate::Name,
 }
 
 impl Default for ProxyConfig {
@@ -175,6 +209,12 @@ impl Default for ProxyConfig {
             base_domain: None,
             wake_timeout: Duration::from_secs(30),
             max_waiting: 10_000,
+            auth: AuthConfig::default(),
+            static_listeners: Vec::new(),
+            max_body_bytes: 16 << 20,
+            header_read_timeout: Duration::from_secs(10),
+            activity_interval: Duration::from_secs(2),
+            auto_create: true,
         }
     }
 }

@@ -7,6 +7,8 @@ pub mod client;
 pub mod config;
 pub mod duration;
 pub mod name;
+pub mod server;
+pub mod telemetry;
 pub mod types;
 
 pub use client::{Client, ClientError};

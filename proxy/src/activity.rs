@@ -1,0 +1,106 @@
+//! Per-database activity, reported to control every `activity_interval`:
+//! last request, requests in flight (open sessions, which control never
+//! hibernates under) and the number of requests since the last report.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rouse_control_api::{ActivityReport, Client, DatabaseActivity, DbKey};
+use tracing::debug;
+
+#[derive(Default)]
+struct Counters {
+    last_activity: u64,
+    open: u64,
+    requests: u64,
+    /// `open` as last reported: a drop to zero must be reported too.
+    reported_open: u64,
+}
+
+#[derive(Default)]
+pub struct Activity {
+    dbs: Mutex<HashMap<DbKey, Counters>>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A request in flight; it ends when dropped.
+pub struct InFlight {
+    activity: Arc<Activity>,
+    key: DbKey,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut dbs = self.activity.dbs.lock().expect("activity poisoned");
+        if let Some(c) = dbs.get_mut(&self.key) {
+            c.open = c.open.saturating_sub(1);
+            c.last_activity = now_ms();
+        }
+    }
+}
+
+impl Activity {
+    pub fn begin(self: &Arc<Self>, key: &DbKey) -> InFlight {
+        let mut dbs = self.dbs.lock().expect("activity poisoned");
+        let c = dbs.entry(key.clone()).or_default();
+        c.open += 1;
+        c.requests += 1;
+        c.last_activity = now_ms();
+        InFlight {
+            activity: self.clone(),
+            key: key.clone(),
+        }
+    }
+
+    /// What happened since the last call; idle databases are dropped.
+    fn take_report(&self) -> Vec<DatabaseActivity> {
+        let mut dbs = self.dbs.lock().expect("activity poisoned");
+        let out = dbs
+            .iter_mut()
+            .filter(|(_, c)| c.requests > 0 || c.open > 0 || c.reported_open != c.open)
+            .map(|(k, c)| {
+                let requests = std::mem::take(&mut c.requests);
+                c.reported_open = c.open;
+                DatabaseActivity {
+                    app: k.app.clone(),
+                    name: k.db.clone(),
+                    last_activity: c.last_activity,
+                    open_sessions: c.open,
+                    requests,
+                }
+            })
+            .collect();
+        dbs.retain(|_, c| c.open > 0);
+        out
+    }
+
+    pub async fn report_forever(
+        self: Arc<Self>,
+        control: Client,
+        proxy_id: String,
+        every: Duration,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let databases = self.take_report();
+            if databases.is_empty() {
+                continue;
+            }
+            let report = ActivityReport {
+                proxy_id: proxy_id.clone(),
+                databases,
+            };
+            if let Err(e) = control.report_activity(&report).await {
+                debug!(error = %e, "activity report failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! Errors of the data plane. Each knows what the client may see (status,
+//! code, message) and its kind, which is also the `outcome` label of
+//! `rouse_requests_total`.
+
+use std::time::Duration;
+
+use hyper::StatusCode;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    #[error("missing or invalid credentials")]
+    Unauthorized,
+    /// Unknown database, or another app's: the same answer for both.
+    #[error("database not found")]
+    NotFound,
+    #[error("no route for {0}")]
+    NoRoute(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("request body over {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("database {db} did not wake within {waited:?}")]
+    WakeTimeout { db: String, waited: Duration },
+    #[error("too many requests waiting for database {0} to wake")]
+    QueueFull(String),
+    /// A statement the database refused.
+    #[error("{0}")]
+    Sql(String),
+    #[error("database {0} did not answer in time")]
+    UpstreamTimeout(String),
+    #[error("database {db} unavailable: {reason}")]
+    Backend { db: String, reason: String },
+    #[error("control unavailable: {0}")]
+    Control(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::NotFound | ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_) | ProxyError::Sql(_) => StatusCode::BAD_REQUEST,
+            ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Backend { .. } | ProxyError::Control(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::Unauthorized => "unauthorized",
+            ProxyError::NotFound => "not_found",
+            ProxyError::NoRoute(_) => "no_route",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::PayloadTooLarge(_) => "body_too_large",
+            ProxyError::WakeTimeout { .. } => "wake_timeout",
+            ProxyError::QueueFull(_) => "wake_queue_full",
+            ProxyError::Sql(_) => "sql_error",
+            ProxyError::UpstreamTimeout(_) => "timeout",
+            ProxyError::Backend { .. } => "backend_unavailable",
+            ProxyError::Control(_) => "control_unavailable",
+        }
+    }
+
+    /// `user`, `auth`, `wake_timeout`, `backend`: the outcome label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::Unauthorized => "auth",
+            ProxyError::NotFound
+            | ProxyError::NoRoute(_)
+            | ProxyError::BadRequest(_)
+            | ProxyError::PayloadTooLarge(_)
+            | ProxyError::Sql(_) => "user",
+            ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => "wake_timeout",
+            ProxyError::UpstreamTimeout(_)
+            | ProxyError::Backend { .. }
+            | ProxyError::Control(_) => "backend",
+        }
+    }
+
+    /// Seconds a client should wait before retrying, where that helps.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => Some(1),
+            ProxyError::Backend { .. } | ProxyError::Control(_) => Some(1),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = ProxyError> = std::result::Result<T, E>;

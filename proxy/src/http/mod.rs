@@ -1,0 +1,236 @@
+//! The HTTP front (port 8080 and static listeners): credentials, routing,
+//! then the gateway API or the rqlite API.
+
+pub mod gateway;
+pub mod rqlite;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE, HOST, RETRY_AFTER, WWW_AUTHENTICATE};
+use hyper::{Request, Response, StatusCode};
+use rouse_control_api::config::ProxyConfig;
+use rouse_control_api::{Client, DbKey, Name};
+use serde::Serialize;
+
+use crate::activity::Activity;
+use crate::auth::{self, Authenticator};
+use crate::error::{ProxyError, Result};
+use crate::route::{self, Route, RouteError, RouteInput};
+use crate::wake::{Routes, Target};
+use upstream::{Upstream, UpstreamError};
+
+pub type Body = Full<Bytes>;
+
+/// Everything a request needs, shared by all listeners.
+pub struct Proxy {
+    pub config: ProxyConfig,
+    pub control: Client,
+    pub auth: Arc<Authenticator>,
+    pub routes: Arc<Routes>,
+    pub upstream: Upstream,
+    pub activity: Arc<Activity>,
+}
+
+/// How one request was served, for metrics.
+struct Served {
+    db: Option<DbKey>,
+    outcome: &'static str,
+}
+
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    bound: Option<Arc<DbKey>>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    metrics::gauge!("rouse_client_connections", "protocol" => "http").increment(1.0);
+    let mut served = Served {
+        db: None,
+        outcome: "ok",
+    };
+    let resp = match dispatch(&proxy, bound.as_deref(), req, &mut served).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            served.outcome = e.kind();
+            error_response(&e)
+        }
+    };
+    metrics::gauge!("rouse_client_connections", "protocol" => "http").decrement(1.0);
+    let (app, db) = served
+        .db
+        .as_ref()
+        .map(|k| (k.app.to_string(), k.db.to_string()))
+        .unwrap_or_default();
+    metrics::counter!("rouse_requests_total", "app" => app, "db" => db, "protocol" => "http", "outcome" => served.outcome)
+        .increment(1);
+    metrics::histogram!("rouse_request_duration_seconds", "protocol" => "http", "outcome" => served.outcome)
+        .record(started.elapsed().as_secs_f64());
+    Ok(resp)
+}
+
+async fn dispatch(
+    proxy: &Arc<Proxy>,
+    bound: Option<&DbKey>,
+    req: Request<Incoming>,
+    served: &mut Served,
+) -> Result<Response<Body>> {
+    let presented = auth::presented(req.headers());
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string);
+    let path = req.uri().path().to_string();
+    let route = route::route(&RouteInput {
+        path: &path,
+        host: host.as_deref(),
+        basic_user: presented.as_ref().and_then(|p| p.basic_user.as_deref()),
+        bound,
+        base_domain: proxy.config.base_domain.as_deref(),
+    });
+    let route = match route {
+        Ok(r) => r,
+        Err(RouteError::Unknown) => return Err(ProxyError::NoRoute(path)),
+        Err(RouteError::NoDatabase) => {
+            return Err(ProxyError::NoRoute(format!(
+                "{path}: name the database with /<app>/<db>{path}, Host <db>.<app>.<base_domain> or basic-auth user <db>.<app>"
+            )))
+        }
+    };
+    // Credentials first: nothing about databases is told to strangers.
+    let presented = presented.ok_or(ProxyError::Unauthorized)?;
+    let app = proxy.auth.app_of(&presented.credential).await?;
+    match route {
+        Route::Gateway(op) => gateway::handle(proxy, &app, &op, req, served).await,
+        Route::Rqlite { key, path, prefix } => {
+            // Another app's database answers exactly like a missing one.
+            if key.app != app {
+                return Err(ProxyError::NotFound);
+            }
+            served.db = Some(key.clone());
+            rqlite::handle(proxy, &key, &path, &prefix, host.as_deref(), req).await
+        }
+    }
+}
+
+/// The request body, at most `max_body_bytes`.
+pub async fn read_body(proxy: &Proxy, req: Request<Incoming>) -> Result<Bytes> {
+    let limit = proxy.config.max_body_bytes;
+    Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                ProxyError::PayloadTooLarge(limit)
+            } else {
+                ProxyError::BadRequest(format!("unreadable request body: {e}"))
+            }
+        })
+}
+
+impl Proxy {
+    /// Sends to the database, waking it first when needed; a stale route
+    /// (nothing accepts connections) is dropped and resolved once more.
+    pub async fn send(
+        &self,
+        key: &DbKey,
+        method: &hyper::Method,
+        path_and_query: &str,
+        content_type: Option<&HeaderValue>,
+        body: Bytes,
+        timeout: std::time::Duration,
+    ) -> Result<upstream::Reply> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut retried = false;
+        loop {
+            let target = self.target(key).await?;
+            match self
+                .upstream
+                .send(
+                    &target.endpoints,
+                    method,
+                    path_and_query,
+                    content_type,
+                    body.clone(),
+                    deadline,
+                )
+                .await
+            {
+                Ok(reply) => return Ok(reply),
+                Err(UpstreamError::Unreachable(reason)) => {
+                    self.routes.invalidate(key);
+                    if retried {
+                        return Err(ProxyError::Backend {
+                            db: key.db.to_string(),
+                            reason,
+                        });
+                    }
+                    retried = true;
+                }
+                Err(UpstreamError::Timeout) => {
+                    return Err(ProxyError::UpstreamTimeout(key.db.to_string()))
+                }
+                Err(UpstreamError::Failed(reason)) => {
+                    return Err(ProxyError::Backend {
+                        db: key.db.to_string(),
+                        reason,
+                    })
+                }
+            }
+        }
+    }
+
+    async fn target(&self, key: &DbKey) -> Result<Target> {
+        let target = self.routes.target(key).await?;
+        if target.engine != rouse_control_api::Engine::Rqlite {
+            return Err(ProxyError::BadRequest(format!(
+                "database {} is a PostgreSQL database: connect to the Postgres port",
+                key.db
+            )));
+        }
+        Ok(target)
+    }
+}
+
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let body = serde_json::to_vec(value).expect("responses serialise");
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+pub fn error_response(e: &ProxyError) -> Response<Body> {
+    let mut resp = json(
+        e.status(),
+        &serde_json::json!({"error": e.to_string(), "code": e.code()}),
+    );
+    if matches!(e, ProxyError::Unauthorized) {
+        resp.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"rouse\", Bearer realm=\"rouse\""),
+        );
+    }
+    if let Some(secs) = e.retry_after() {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
+}
+
+/// The app a gateway request acts for: always the credential's.
+pub fn database_key(app: &Name, database: &str) -> Result<DbKey> {
+    let db = Name::new(database)
+        .map_err(|e| ProxyError::BadRequest(format!("invalid database name: {e}")))?;
+    Ok(DbKey::new(app.clone(), db))
+}

@@ -1,0 +1,133 @@
+//! The leg to rqlite: a pooled HTTP/1.1 client that tries the leader first,
+//! moves on to the other replicas when one refuses connections (a follower
+//! forwards to the leader), follows a follower's redirect to the leader
+//! itself (re-sending the body), and retries while the cluster elects.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderValue, CONTENT_TYPE, LOCATION};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use rouse_control_api::Endpoint;
+use tokio::time::Instant;
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+}
+
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// No replica accepted a connection: the route is stale.
+    Unreachable(String),
+    Timeout,
+    Failed(String),
+}
+
+pub struct Upstream {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// Redirects followed inside the proxy before giving up.
+const MAX_HOPS: usize = 3;
+/// Pause between tries while the cluster has no leader.
+const ELECTION_RETRY: Duration = Duration::from_millis(50);
+
+impl Default for Upstream {
+    fn default() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(512)
+            .build(connector);
+        Upstream { client }
+    }
+}
+
+impl Upstream {
+    /// Sends one request to the database, by the rules above, until `deadline`.
+    pub async fn send(
+        &self,
+        endpoints: &[Endpoint],
+        method: &Method,
+        path_and_query: &str,
+        content_type: Option<&HeaderValue>,
+        body: Bytes,
+        deadline: Instant,
+    ) -> Result<Reply, UpstreamError> {
+        let known: Vec<String> = endpoints.iter().map(Endpoint::addr).collect();
+        let mut next = 0usize;
+        let mut redirected: Option<String> = None;
+        let mut hops = 0;
+        let mut refused = 0;
+        loop {
+            let addr = match redirected.take() {
+                Some(a) => a,
+                None => known[next % known.len()].clone(),
+            };
+            let mut req = Request::builder()
+                .method(method.clone())
+                .uri(format!("http://{addr}{path_and_query}"));
+            if let Some(ct) = content_type {
+                req = req.header(CONTENT_TYPE, ct.clone());
+            }
+            let req = req
+                .body(Full::new(body.clone()))
+                .map_err(|e| UpstreamError::Failed(e.to_string()))?;
+            let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+                Err(_) => return Err(UpstreamError::Timeout),
+                Ok(Err(e)) if e.is_connect() => {
+                    refused += 1;
+                    next += 1;
+                    if refused >= known.len() {
+                        return Err(UpstreamError::Unreachable(e.to_string()));
+                    }
+                    continue;
+                }
+                Ok(Err(e)) => return Err(UpstreamError::Failed(e.to_string())),
+                Ok(Ok(resp)) => resp,
+            };
+            refused = 0;
+            let status = resp.status();
+            if status.is_redirection() && hops < MAX_HOPS {
+                let target = resp
+                    .headers()
+                    .get(LOCATION)
+                    .and_then(|l| l.to_str().ok())
+                    .and_then(|l| l.parse::<hyper::Uri>().ok())
+                    .and_then(|u| u.authority().map(|a| a.to_string()));
+                // Only ever towards a replica of this database.
+                if let Some(a) = target.filter(|a| known.contains(a)) {
+                    hops += 1;
+                    redirected = Some(a);
+                    continue;
+                }
+            }
+            let content_type = resp.headers().get(CONTENT_TYPE).cloned();
+            let body = match tokio::time::timeout_at(deadline, resp.into_body().collect()).await {
+                Err(_) => return Err(UpstreamError::Timeout),
+                Ok(Err(e)) => return Err(UpstreamError::Failed(e.to_string())),
+                Ok(Ok(b)) => b.to_bytes(),
+            };
+            // No leader (an election in progress): try again shortly.
+            if status == StatusCode::SERVICE_UNAVAILABLE
+                && Instant::now() + ELECTION_RETRY < deadline
+            {
+                tokio::time::sleep(ELECTION_RETRY).await;
+                next += 1;
+                continue;
+            }
+            return Ok(Reply {
+                status,
+                content_type,
+                body,
+            });
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Where each database runs, and waking it when it does not. Endpoints are
+//! cached until a control event or a failed connect says otherwise. A
+//! request for a database that is not running triggers one wake per
+//! database (all waiters share it), waits at most `wake_timeout`, and at
+//! most `max_waiting` requests wait per database.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use rouse_control_api::{
+    Client, ClientError, CreateDatabase, DatabaseStatus, DbKey, Endpoint, Engine, Event,
+};
+use tracing::{debug, info, warn};
+
+use crate::auth::Authenticator;
+use crate::error::{ProxyError, Result};
+
+/// A database's running replicas, leader first.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub engine: Engine,
+    pub endpoints: Arc<Vec<Endpoint>>,
+}
+
+type WakeFuture = Shared<BoxFuture<'static, Result<Target>>>;
+type Cache = Arc<Mutex<HashMap<DbKey, Target>>>;
+
+pub struct Routes {
+    control: Client,
+    cache: Cache,
+    wakes: Arc<Mutex<HashMap<DbKey, WakeFuture>>>,
+    waiting: Mutex<HashMap<DbKey, Arc<AtomicUsize>>>,
+    wake_timeout: Duration,
+    max_waiting: usize,
+    auto_create: bool,
+}
+
+/// Decrements a database's waiting count when a waiter leaves.
+struct Waiter {
+    key: DbKey,
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let now = self.count.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::gauge!("rouse_waiting_requests", "db" => self.key.internal()).set(now as f64);
+    }
+}
+
+impl Routes {
+    pub fn new(
+        control: Client,
+        wake_timeout: Duration,
+        max_waiting: usize,
+        auto_create: bool,
+    ) -> Arc<Routes> {
+        Arc::new(Routes {
+            control,
+            cache: Arc::default(),
+            wakes: Arc::default(),
+            waiting: Mutex::new(HashMap::new()),
+            wake_timeout,
+            max_waiting,
+            auto_create,
+        })
+    }
+
+    /// The database's endpoints, waking (or creating) it when needed.
+    pub async fn target(&self, key: &DbKey) -> Result<Target> {
+        if let Some(t) = self.cache.lock().expect("route cache poisoned").get(key) {
+            return Ok(t.clone());
+        }
+        let count = self
+            .waiting
+            .lock()
+            .expect("waiting poisoned")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let now = count.fetch_add(1, Ordering::Relaxed) + 1;
+        let _waiter = Waiter {
+            key: key.clone(),
+            count,
+        };
+        metrics::gauge!("rouse_waiting_requests", "db" => key.internal()).set(now as f64);
+        if now > self.max_waiting {
+            return Err(ProxyError::QueueFull(key.db.to_string()));
+        }
+        let started = Instant::now();
+        let wake = self.wake_future(key);
+        let result = tokio::time::timeout(self.wake_timeout, wake).await;
+        metrics::histogram!("rouse_wake_duration_seconds", "engine" => "any", "phase" => "wait")
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(result) => result,
+            Err(_) => Err(ProxyError::WakeTimeout {
+                db: key.db.to_string(),
+                waited: self.wake_timeout,
+            }),
+        }
+    }
+
+    fn wake_future(&self, key: &DbKey) -> WakeFuture {
+        let mut wakes = self.wakes.lock().expect("wakes poisoned");
+        if let Some(f) = wakes.get(key) {
+            return f.clone();
+        }
+        let control = self.control.clone();
+        let auto_create = self.auto_create;
+        let (cache, all_wakes) = (self.cache.clone(), self.wakes.clone());
+        let k = key.clone();
+        // The wake files its own result: every waiter shares it, and the
+        // next request after a failure tries again.
+        let fut = async move {
+            let result = resolve(&control, &k, auto_create).await;
+            if let Ok(t) = &result {
+                cache
+                    .lock()
+                    .expect("route cache poisoned")
+                    .insert(k.clone(), t.clone());
+            }
+            all_wakes.lock().expect("wakes poisoned").remove(&k);
+            result
+        }
+        .boxed()
+        .shared();
+        wakes.insert(key.clone(), fut.clone());
+        // Driven by a task of its own, so waiters that give up do not cancel it.
+        tokio::spawn(fut.clone());
+        fut
+    }
+
+    /// Forgets a database's endpoints (a failed connect: it may have been
+    /// hibernated or moved).
+    pub fn invalidate(&self, key: &DbKey) {
+        self.cache.lock().expect("route cache poisoned").remove(key);
+    }
+
+    pub fn clear(&self) {
+        self.cache.lock().expect("route cache poisoned").clear();
+    }
+
+    fn apply(&self, event: &Event, auth: &Authenticator) {
+        match event {
+            Event::Status {
+                app, name, status, ..
+            } => {
+                if *status != DatabaseStatus::Active {
+                    self.invalidate(&DbKey::new(app.clone(), name.clone()));
+                }
+            }
+            Event::Leader {
+                app,
+                name,
+                endpoints,
+            } => {
+                let key = DbKey::new(app.clone(), name.clone());
+                let mut cache = self.cache.lock().expect("route cache poisoned");
+                if let Some(t) = cache.get_mut(&key) {
+                    t.endpoints = Arc::new(endpoints.clone());
+                }
+            }
+            Event::Dropped { app, name } => self.invalidate(&DbKey::new(app.clone(), name.clone())),
+            Event::KeyRevoked { id, .. } => auth.revoke(id),
+            Event::UserChanged { .. } => {}
+        }
+    }
+
+    /// Follows control's `/events` for the life of the proxy; after a
+    /// reconnect (events may have been missed) every cache starts empty.
+    pub async fn follow_events(self: Arc<Self>, auth: Arc<Authenticator>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.control.events().await {
+                Ok(mut resp) if resp.status().is_success() => {
+                    self.clear();
+                    auth.forget_all();
+                    backoff = Duration::from_millis(100);
+                    let mut buf = String::new();
+                    while let Ok(Some(chunk)) = resp.chunk().await {
+                        buf.push_str(&String::from_utf8_lossy(&chunk));
+                        while let Some(end) = buf.find("\n\n") {
+                            let frame: String = buf.drain(..end + 2).collect();
+                            self.on_frame(&frame, &auth);
+                        }
+                    }
+                    warn!("control event stream ended; reconnecting");
+                }
+                Ok(resp) => warn!(status = %resp.status(), "control refused the event stream"),
+                Err(e) => debug!(error = %e, "control event stream unavailable"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn on_frame(&self, frame: &str, auth: &Authenticator) {
+        let mut kind = "";
+        let mut data = String::new();
+        for line in frame.lines() {
+            if let Some(k) = line.strip_prefix("event: ") {
+                kind = k;
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                data.push_str(d);
+            }
+        }
+        if kind == "resync" {
+            self.clear();
+            auth.forget_all();
+            return;
+        }
+        if let Ok(event) = serde_json::from_str::<Event>(&data) {
+            self.apply(&event, auth);
+        }
+    }
+}
+
+fn target_of(info: &rouse_control_api::DatabaseInfo) -> Target {
+    Target {
+        engine: info.engine,
+        endpoints: Arc::new(info.endpoints.clone()),
+    }
+}
+
+/// Asks control for the database, waking or creating it as needed.
+async fn resolve(control: &Client, key: &DbKey, auto_create: bool) -> Result<Target> {
+    let backend = |e: ClientError| match e {
+        ClientError::Api { status: 404, .. } => ProxyError::NotFound,
+        ClientError::Api { message, .. } => ProxyError::Backend {
+            db: key.db.to_string(),
+            reason: message,
+        },
+        other => ProxyError::Control(other.to_string()),
+    };
+    let info = match control.database(&key.app, &key.db).await {
+        Ok(info) => info,
+        Err(ClientError::Api { status: 404, .. }) if auto_create => {
+            let req = CreateDatabase {
+                app: key.app.clone(),
+                name: key.db.clone(),
+                engine: Engine::Rqlite,
+                replication_factor: None,
+            };
+            match control.create_database(&req).await {
+                Ok(info) => {
+                    info!(database = %key, "created on first access");
+                    info
+                }
+                // Another proxy created it meanwhile.
+                Err(ClientError::Api { status: 409, .. }) => {
+                    control.wake(&key.app, &key.db).await.map_err(backend)?
+                }
+                Err(e) => return Err(backend(e)),
+            }
+        }
+        Err(e) => return Err(backend(e)),
+    };
+    if info.status == DatabaseStatus::Active && !info.endpoints.is_empty() {
+        return Ok(target_of(&info));
+    }
+    let started = Instant::now();
+    let info = control.wake(&key.app, &key.db).await.map_err(backend)?;
+    info!(database = %key, waited_ms = started.elapsed().as_millis() as u64, "woke database for waiting requests");
+    Ok(target_of(&info))
+}
