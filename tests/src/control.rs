@@ -159,7 +159,13 @@ fn window(base: u16) -> (u16, u16) {
 /// `$ROUSE_CONTROL_BIN`, else `rouse-control` of the cargo target directory
 /// the running executable was built in.
 pub fn control_bin() -> Result<PathBuf> {
-    let bin = match std::env::var_os("ROUSE_CONTROL_BIN") {
+    workspace_bin("ROUSE_CONTROL_BIN", "rouse-control")
+}
+
+/// `$<var>`, else binary `name` of the cargo target directory the running
+/// executable was built in.
+pub(crate) fn workspace_bin(var: &str, name: &str) -> Result<PathBuf> {
+    let bin = match std::env::var_os(var) {
         Some(bin) => PathBuf::from(bin),
         None => {
             let exe = std::env::current_exe()?;
@@ -169,12 +175,12 @@ pub fn control_bin() -> Result<PathBuf> {
             if dir.ends_with("deps") {
                 dir = dir.parent().unwrap_or(dir);
             }
-            dir.join("rouse-control")
+            dir.join(name)
         }
     };
     ensure!(
         bin.is_file(),
-        "{} does not exist: run `cargo build -p rouse-control` or set ROUSE_CONTROL_BIN",
+        "{} does not exist: run `cargo build --workspace --bins` or set {var}",
         bin.display()
     );
     Ok(bin)

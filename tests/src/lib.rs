@@ -6,6 +6,7 @@
 mod control;
 mod postgres;
 mod process;
+mod proxy;
 mod redis;
 mod rqlite;
 
@@ -21,6 +22,7 @@ use tempfile::TempDir;
 pub use control::{control_bin, Control, ControlBuilder};
 pub use postgres::{bin_dir as postgres_bin_dir, Postgres, RunAs};
 pub use process::{run, ServerProcess};
+pub use proxy::{Proxy, ProxyBuilder};
 pub use redis::Redis;
 pub use rqlite::{rqlite_execute, rqlite_query, Rqlited};
 

@@ -165,7 +165,7 @@ pub(super) async fn handle(
                     "schema must be a CREATE TABLE statement".into(),
                 ));
             }
-            let r = run(
+            run(
                 proxy,
                 app,
                 &c.database,
@@ -175,7 +175,8 @@ pub(super) async fn handle(
                 QUERY_TIMEOUT,
             )
             .await?;
-            ok(json!({"rows_affected": r["rows_affected"].as_u64().unwrap_or(0)}))
+            // DDL changes no rows (SQLite would report the previous statement's count).
+            ok(json!({"rows_affected": 0}))
         }
         (&Method::POST, "drop-table") => {
             let d: DropTable = body_json(proxy, req).await?;
@@ -194,7 +195,7 @@ pub(super) async fn handle(
                 )));
             }
             let sql = format!("DROP TABLE \"{}\"", d.table_name);
-            let r = run(
+            run(
                 proxy,
                 app,
                 &d.database,
@@ -204,7 +205,8 @@ pub(super) async fn handle(
                 QUERY_TIMEOUT,
             )
             .await?;
-            ok(json!({"rows_affected": r["rows_affected"].as_u64().unwrap_or(0)}))
+            // DDL changes no rows (SQLite would report the previous statement's count).
+            ok(json!({"rows_affected": 0}))
         }
         (&Method::GET, "list") => {
             let list = proxy

@@ -37,6 +37,13 @@ const MAX_HOPS: usize = 3;
 /// Pause between tries while the cluster has no leader.
 const ELECTION_RETRY: Duration = Duration::from_millis(50);
 
+/// rqlite answers 503, or 500 "leader not found", while its cluster elects
+/// a leader: worth another try shortly.
+fn electing(status: StatusCode, body: &[u8]) -> bool {
+    status == StatusCode::SERVICE_UNAVAILABLE
+        || (status == StatusCode::INTERNAL_SERVER_ERROR && body.starts_with(b"leader not found"))
+}
+
 impl Default for Upstream {
     fn default() -> Self {
         let mut connector = HttpConnector::new();
@@ -115,10 +122,7 @@ impl Upstream {
                 Ok(Err(e)) => return Err(UpstreamError::Failed(e.to_string())),
                 Ok(Ok(b)) => b.to_bytes(),
             };
-            // No leader (an election in progress): try again shortly.
-            if status == StatusCode::SERVICE_UNAVAILABLE
-                && Instant::now() + ELECTION_RETRY < deadline
-            {
+            if electing(status, &body) && Instant::now() + ELECTION_RETRY < deadline {
                 tokio::time::sleep(ELECTION_RETRY).await;
                 next += 1;
                 continue;
