@@ -22,7 +22,7 @@ pub struct Reply {
 
 #[derive(Debug)]
 pub enum UpstreamError {
-    /// No replica accepted a connection: the route is stale.
+    /// No replica answered: the route is stale.
     Unreachable(String),
     Timeout,
     Failed(String),
@@ -89,7 +89,9 @@ impl Upstream {
                 .map_err(|e| UpstreamError::Failed(e.to_string()))?;
             let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
                 Err(_) => return Err(UpstreamError::Timeout),
-                Ok(Err(e)) if e.is_connect() => {
+                // Refused, or a pooled connection to a replica that died: no
+                // answer came, so the next replica gets the request.
+                Ok(Err(e)) => {
                     refused += 1;
                     next += 1;
                     if refused >= known.len() {
@@ -97,7 +99,6 @@ impl Upstream {
                     }
                     continue;
                 }
-                Ok(Err(e)) => return Err(UpstreamError::Failed(e.to_string())),
                 Ok(Ok(resp)) => resp,
             };
             refused = 0;
