@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Starts the local rouse stack on configs/local.yaml (data in ./data) and
-# prints how to connect. Ctrl-C stops it; the data stays for the next start.
+# Starts the local rouse stack (control + proxy) on configs/local.yaml, data
+# in ./data, and prints how to connect. Ctrl-C stops it; the data stays.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,32 +8,47 @@ cd "$(dirname "$0")/.."
 cargo build --workspace --bins --quiet
 bin=./target/debug
 config=configs/local.yaml
-api=$(sed -n 's/^  api_addr: *//p' "$config" | head -n 1)
+setting() { sed -n "s/^  $1: *//p" "$config" | head -n 1; }
+api=$(setting api_addr)
+http=$(setting http_addr)
 
-"$bin/rouse-control" --config "$config" serve &
-control=$!
-trap 'kill -TERM $control 2>/dev/null || true; wait $control 2>/dev/null || true' EXIT INT TERM
+pids=()
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT INT TERM
+wait_for() { # url pid name
+  for _ in $(seq 1 150); do
+    curl -fsS "$1" >/dev/null 2>&1 && return 0
+    kill -0 "$2" 2>/dev/null || { echo "$3 did not start; see the log above" >&2; exit 1; }
+    sleep 0.2
+  done
+  echo "$3 did not answer at $1" >&2; exit 1
+}
 
-for _ in $(seq 1 150); do
-  curl -fsS "http://$api/healthz" >/dev/null 2>&1 && break
-  kill -0 $control 2>/dev/null || { echo "rouse-control did not start; see the log above" >&2; exit 1; }
-  sleep 0.2
-done
+"$bin/rouse-control" --config "$config" serve & pids+=($!)
+wait_for "http://$api/healthz" "${pids[0]}" rouse-control
+"$bin/rouse-proxy" --config "$config" serve & pids+=($!)
+wait_for "http://$(setting stats_addr)/healthz" "${pids[1]}" rouse-proxy
+
+ctl="$bin/rouse-control --config $config"
+$ctl app create demo >/dev/null 2>&1 || true
+key=$($ctl key create demo | sed -n 's/.*"key": "\(.*\)".*/\1/p')
 
 cat <<MSG
 
-rouse is running: control API http://$api, data in ./data, config $config.
+rouse is running: proxy http://$http, control http://$api, data in ./data.
+App "demo" has a new API key: $key
 
-  $bin/rouse-control app create myapp             # an app (tenant)
-  $bin/rouse-control key create myapp             # its API key, shown once
-  $bin/rouse-control user create myapp alice --password secret
-  $bin/rouse-control db create myapp users        # rqlite; --engine postgres for PostgreSQL
-  $bin/rouse-control db list                      # status and leader address
-  $bin/rouse-control db hibernate myapp users     # or wait for the idle timeout
-  $bin/rouse-control db wake myapp users
+  # the gateway API (the database is created on first use)
+  curl -H "X-API-Key: $key" -d '{"database":"notes","sql":"CREATE TABLE notes (body TEXT)"}' http://$http/v1/database/exec
+  curl -H "X-API-Key: $key" -d '{"database":"notes","sql":"INSERT INTO notes VALUES (?)","args":["hello"]}' http://$http/v1/database/exec
+  curl -H "X-API-Key: $key" -d '{"database":"notes","sql":"SELECT * FROM notes"}' http://$http/v1/database/query
+  # rqlite's own API, routed by path prefix
+  curl -H "X-API-Key: $key" -d '["SELECT * FROM notes"]' http://$http/demo/notes/db/query
 
-rqlite clients connect to the leader address \`db list\` shows; PostgreSQL
-clients to postgres://alice:secret@<address>/users. Metrics: http://$api/metrics
+  $bin/rouse-control db list                     # status of every database
+  $bin/rouse-control db hibernate demo notes     # the next request wakes it
+  $bin/rouse-control db create demo pg --engine postgres
+
+Metrics: http://$(setting stats_addr)/metrics (proxy), http://$api/metrics (control).
 Ctrl-C stops rouse and every database it runs.
 MSG
-wait $control
+wait

@@ -1,6 +1,7 @@
 //! `rouse-bench`: side-by-side measurements of rouse against the bare
 //! engines (and, for the data plane, HAProxy and PgBouncer), in one run.
 
+mod http;
 mod stats;
 mod wake;
 
@@ -25,12 +26,27 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         cycles: usize,
     },
+    /// rqlite HTTP throughput and p99 through rouse, HAProxy and bare
+    /// rqlited (wrk), and 500 requests arriving at a hibernated database.
+    Http {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Wake { cycles } => println!("{}", wake::run(cycles).await?),
+        Command::Http {
+            rounds,
+            seconds,
+            connections,
+        } => println!("{}", http::run(rounds, seconds, connections).await?),
     }
     Ok(())
 }

@@ -44,7 +44,7 @@ const TARGETS: [Target; 3] = [
     },
 ];
 
-fn name(s: &str) -> Name {
+pub(crate) fn name(s: &str) -> Name {
     Name::new(s).expect("benchmark names are valid")
 }
 
@@ -111,7 +111,7 @@ pub async fn run(cycles: usize) -> Result<String> {
 
 /// Starts the hibernated database's engine by hand exactly as control
 /// would, times it to its first answer, and stops it again.
-async fn bare_start(info: &DatabaseInfo, dir: &Path) -> Result<Duration> {
+pub(crate) async fn bare_start(info: &DatabaseInfo, dir: &Path) -> Result<Duration> {
     let t0 = Instant::now();
     let mut processes = Vec::new();
     match info.engine {

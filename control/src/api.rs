@@ -34,6 +34,7 @@ pub async fn serve(
 ) {
     rouse_control_api::server::serve_http(
         listener,
+        "control",
         Duration::from_secs(10),
         Duration::from_secs(5),
         shutdown,

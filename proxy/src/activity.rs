@@ -49,7 +49,11 @@ impl Drop for InFlight {
 impl Activity {
     pub fn begin(self: &Arc<Self>, key: &DbKey) -> InFlight {
         let mut dbs = self.dbs.lock().expect("activity poisoned");
-        let c = dbs.entry(key.clone()).or_default();
+        // No key clone on the hot path once the database is known.
+        let c = match dbs.get_mut(key) {
+            Some(c) => c,
+            None => dbs.entry(key.clone()).or_default(),
+        };
         c.open += 1;
         c.requests += 1;
         c.last_activity = now_ms();

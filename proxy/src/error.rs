@@ -19,6 +19,8 @@ pub enum ProxyError {
     BadRequest(String),
     #[error("request body over {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("request body not received within {0:?}")]
+    SlowBody(Duration),
     #[error("database {db} did not wake within {waited:?}")]
     WakeTimeout { db: String, waited: Duration },
     #[error("too many requests waiting for database {0} to wake")]
@@ -41,6 +43,7 @@ impl ProxyError {
             ProxyError::NotFound | ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) | ProxyError::Sql(_) => StatusCode::BAD_REQUEST,
             ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -56,6 +59,7 @@ impl ProxyError {
             ProxyError::NoRoute(_) => "no_route",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::PayloadTooLarge(_) => "body_too_large",
+            ProxyError::SlowBody(_) => "request_timeout",
             ProxyError::WakeTimeout { .. } => "wake_timeout",
             ProxyError::QueueFull(_) => "wake_queue_full",
             ProxyError::Sql(_) => "sql_error",
@@ -73,6 +77,7 @@ impl ProxyError {
             | ProxyError::NoRoute(_)
             | ProxyError::BadRequest(_)
             | ProxyError::PayloadTooLarge(_)
+            | ProxyError::SlowBody(_)
             | ProxyError::Sql(_) => "user",
             ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => "wake_timeout",
             ProxyError::UpstreamTimeout(_)

@@ -99,6 +99,7 @@ pub async fn run(
         routes,
         upstream: Upstream::default(),
         activity,
+        metrics: Default::default(),
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -120,6 +121,7 @@ pub async fn run(
         let proxy = proxy.clone();
         servers.push(tokio::spawn(rouse_control_api::server::serve_http(
             listener,
+            "http",
             p.header_read_timeout,
             Duration::from_secs(10),
             stopped(),
@@ -133,6 +135,7 @@ pub async fn run(
     }
     servers.push(tokio::spawn(rouse_control_api::server::serve_http(
         listeners.stats,
+        "stats",
         p.header_read_timeout,
         Duration::from_secs(1),
         stopped(),

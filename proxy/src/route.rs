@@ -193,7 +193,7 @@ mod tests {
         );
         assert_eq!(
             route(&input("/Shop/users/db/query")),
-            Err(RouteError::NoDatabase)
+            Err(RouteError::Unknown)
         );
         let foreign = RouteInput {
             host: Some("users.shop.other.example"),

@@ -641,6 +641,7 @@ async fn bad_input_gets_clear_errors_and_harms_nothing_else() {
         p.auth("jwt_hs256_secret", SECRET)
             .set("max_body_bytes", "65536")
             .set("header_read_timeout", "1s")
+            .set("body_read_timeout", "1s")
     })
     .await;
     let url = s.proxy.url();
@@ -770,6 +771,19 @@ async fn bad_input_gets_clear_errors_and_harms_nothing_else() {
     let mut buf = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf)).await;
     assert!(closed.is_ok(), "a stalled client is not kept forever");
+    // One that sends its head but stalls in its body gets 408.
+    let mut slow = tokio::net::TcpStream::connect(s.proxy.http_addr())
+        .await
+        .unwrap();
+    let head = format!("POST /v1/database/query HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 100\r\n\r\n{{", s.key);
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf)).await;
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
 
     let metrics = s.proxy.metrics().await.unwrap();
     assert!(
@@ -920,4 +934,85 @@ async fn activity_keeps_a_database_awake_and_idleness_hibernates_it() {
         nodes["nodes"][0]["api_addr"],
         format!("{}/{APP}/busy", s.proxy.url())
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rs256_tokens_are_checked_against_the_configured_public_key() {
+    let keys = tempfile::tempdir().unwrap();
+    let private = keys.path().join("private.pem");
+    let public = keys.path().join("public.pem");
+    let other = keys.path().join("other.pem");
+    for (args, what) in [
+        (
+            vec!["genrsa", "-out", private.to_str().unwrap(), "2048"],
+            "key",
+        ),
+        (
+            vec![
+                "rsa",
+                "-in",
+                private.to_str().unwrap(),
+                "-pubout",
+                "-out",
+                public.to_str().unwrap(),
+            ],
+            "public key",
+        ),
+        (
+            vec!["genrsa", "-out", other.to_str().unwrap(), "2048"],
+            "other key",
+        ),
+    ] {
+        let out = Command::new("openssl").args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let s = Stack::start("0", |p| {
+        p.auth("jwt_rs256_public_key_file", public.to_str().unwrap())
+    })
+    .await;
+    s.gateway(
+        "exec",
+        json!({"database": "main", "sql": "CREATE TABLE t (x)"}),
+    )
+    .await;
+    let sign = |key: &std::path::Path| {
+        let pem = std::fs::read(key).unwrap();
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+            &json!({"namespace": APP, "exp": now() + 600}),
+            &jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap(),
+        )
+        .unwrap()
+    };
+    for (token, want) in [
+        (sign(&private), StatusCode::OK),
+        (sign(&other), StatusCode::UNAUTHORIZED),
+    ] {
+        let resp = s
+            .http
+            .post(format!("{}/{APP}/main/db/query", s.proxy.url()))
+            .bearer_auth(token)
+            .json(&json!(["SELECT count(*) FROM t"]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), want);
+    }
+    // An HS256 token is refused when no HS256 secret is configured.
+    let resp = s
+        .http
+        .post(format!("{}/{APP}/main/db/query", s.proxy.url()))
+        .bearer_auth(jwt_hs256(
+            "guess",
+            json!({"namespace": APP, "exp": now() + 600}),
+        ))
+        .json(&json!(["SELECT 1"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 }

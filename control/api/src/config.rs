@@ -170,6 +170,9 @@ pub struct ProxyConfig {
     /// A client must send its request head within this time.
     #[serde(with = "crate::duration")]
     pub header_read_timeout: Duration,
+    /// ... and its request body within this time.
+    #[serde(with = "crate::duration")]
+    pub body_read_timeout: Duration,
     /// How often activity and open requests are reported to control.
     #[serde(with = "crate::duration")]
     pub activity_interval: Duration,
@@ -213,6 +216,7 @@ impl Default for ProxyConfig {
             static_listeners: Vec::new(),
             max_body_bytes: 16 << 20,
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
             activity_interval: Duration::from_secs(2),
             auto_create: true,
         }

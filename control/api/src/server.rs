@@ -26,9 +26,11 @@ pub async fn shutdown_signal() {
 
 /// Serves HTTP/1.1 on an already-bound listener until `shutdown` resolves;
 /// open connections then get `drain` to finish. `service` makes the
-/// service of one connection from the peer's address.
+/// service of one connection from the peer's address. Open connections are
+/// the gauge `rouse_client_connections{protocol}`.
 pub async fn serve_http<F, S, B>(
     listener: tokio::net::TcpListener,
+    protocol: &'static str,
     header_read_timeout: std::time::Duration,
     drain: std::time::Duration,
     shutdown: impl std::future::Future<Output = ()>,
@@ -67,10 +69,13 @@ pub async fn serve_http<F, S, B>(
             .header_read_timeout(header_read_timeout)
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service(peer));
         let conn = graceful.watch(conn);
+        let open = metrics::gauge!("rouse_client_connections", "protocol" => protocol);
+        open.increment(1.0);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            open.decrement(1.0);
         });
     }
     drop(listener);

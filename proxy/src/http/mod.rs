@@ -35,6 +35,7 @@ pub struct Proxy {
     pub routes: Arc<Routes>,
     pub upstream: Upstream,
     pub activity: Arc<Activity>,
+    pub metrics: RequestMetrics,
 }
 
 /// How one request was served, for metrics.
@@ -49,7 +50,6 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    metrics::gauge!("rouse_client_connections", "protocol" => "http").increment(1.0);
     let mut served = Served {
         db: None,
         outcome: "ok",
@@ -61,17 +61,46 @@ pub async fn handle(
             error_response(&e)
         }
     };
-    metrics::gauge!("rouse_client_connections", "protocol" => "http").decrement(1.0);
-    let (app, db) = served
-        .db
-        .as_ref()
-        .map(|k| (k.app.to_string(), k.db.to_string()))
-        .unwrap_or_default();
-    metrics::counter!("rouse_requests_total", "app" => app, "db" => db, "protocol" => "http", "outcome" => served.outcome)
-        .increment(1);
-    metrics::histogram!("rouse_request_duration_seconds", "protocol" => "http", "outcome" => served.outcome)
-        .record(started.elapsed().as_secs_f64());
+    proxy
+        .metrics
+        .record(served.db, served.outcome, started.elapsed());
     Ok(resp)
+}
+
+/// Per-request metrics with their handles kept, so that a request costs a
+/// map lookup rather than a registry lookup with fresh label strings.
+type MetricHandles = std::collections::HashMap<
+    (Option<DbKey>, &'static str),
+    (metrics::Counter, metrics::Histogram),
+>;
+
+#[derive(Default)]
+pub struct RequestMetrics {
+    handles: std::sync::RwLock<MetricHandles>,
+}
+
+impl RequestMetrics {
+    fn record(&self, db: Option<DbKey>, outcome: &'static str, took: std::time::Duration) {
+        let key = (db, outcome);
+        if let Some((count, duration)) = self.handles.read().expect("metrics poisoned").get(&key) {
+            count.increment(1);
+            duration.record(took.as_secs_f64());
+            return;
+        }
+        let (app, db) = key
+            .0
+            .as_ref()
+            .map(|k| (k.app.to_string(), k.db.to_string()))
+            .unwrap_or_default();
+        let count = metrics::counter!("rouse_requests_total", "app" => app, "db" => db, "protocol" => "http", "outcome" => outcome);
+        let duration = metrics::histogram!("rouse_request_duration_seconds", "protocol" => "http", "outcome" => outcome);
+        count.increment(1);
+        duration.record(took.as_secs_f64());
+        self.handles
+            .write()
+            .expect("metrics poisoned")
+            .insert(key, (count, duration));
+    }
 }
 
 async fn dispatch(
@@ -119,22 +148,22 @@ async fn dispatch(
     }
 }
 
-/// The request body, at most `max_body_bytes`.
+/// The request body, at most `max_body_bytes`, within `body_read_timeout`.
 pub async fn read_body(proxy: &Proxy, req: Request<Incoming>) -> Result<Bytes> {
     let limit = proxy.config.max_body_bytes;
-    Limited::new(req.into_body(), limit)
-        .collect()
+    let within = proxy.config.body_read_timeout;
+    let collected = tokio::time::timeout(within, Limited::new(req.into_body(), limit).collect())
         .await
-        .map(|b| b.to_bytes())
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ProxyError::PayloadTooLarge(limit)
-            } else {
-                ProxyError::BadRequest(format!("unreadable request body: {e}"))
-            }
-        })
+        .map_err(|_| ProxyError::SlowBody(within))?;
+    collected.map(|b| b.to_bytes()).map_err(|e| {
+        if e.downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some()
+        {
+            ProxyError::PayloadTooLarge(limit)
+        } else {
+            ProxyError::BadRequest(format!("unreadable request body: {e}"))
+        }
+    })
 }
 
 impl Proxy {

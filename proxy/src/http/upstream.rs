@@ -68,7 +68,9 @@ impl Upstream {
         body: Bytes,
         deadline: Instant,
     ) -> Result<Reply, UpstreamError> {
-        let known: Vec<String> = endpoints.iter().map(Endpoint::addr).collect();
+        if endpoints.is_empty() {
+            return Err(UpstreamError::Unreachable("no endpoints".into()));
+        }
         let mut next = 0usize;
         let mut redirected: Option<String> = None;
         let mut hops = 0;
@@ -76,7 +78,7 @@ impl Upstream {
         loop {
             let addr = match redirected.take() {
                 Some(a) => a,
-                None => known[next % known.len()].clone(),
+                None => endpoints[next % endpoints.len()].addr(),
             };
             let mut req = Request::builder()
                 .method(method.clone())
@@ -94,7 +96,7 @@ impl Upstream {
                 Ok(Err(e)) => {
                     refused += 1;
                     next += 1;
-                    if refused >= known.len() {
+                    if refused >= endpoints.len() {
                         return Err(UpstreamError::Unreachable(e.to_string()));
                     }
                     continue;
@@ -111,7 +113,7 @@ impl Upstream {
                     .and_then(|l| l.parse::<hyper::Uri>().ok())
                     .and_then(|u| u.authority().map(|a| a.to_string()));
                 // Only ever towards a replica of this database.
-                if let Some(a) = target.filter(|a| known.contains(a)) {
+                if let Some(a) = target.filter(|a| endpoints.iter().any(|e| e.addr() == *a)) {
                     hops += 1;
                     redirected = Some(a);
                     continue;

@@ -1,0 +1,273 @@
+//! HTTP data plane: wrk on rqlite's `/db/query` and `/db/execute` against
+//! the bare rqlited, HAProxy (`mode http`) and rouse, interleaved round by
+//! round; then 500 requests to a hibernated database through rouse, beside
+//! the bare engine's cold start.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rouse_control_api::{CreateDatabase, Engine};
+use rouse_tests::{free_port, rqlite_execute, Control, Proxy, ServerProcess};
+
+use crate::stats::{ms, percentile, table};
+use crate::wake::{bare_start, name};
+
+const APP: &str = "bench";
+const DB: &str = "http";
+
+struct Load {
+    label: &'static str,
+    path: &'static str,
+    body: &'static str,
+}
+
+const LOADS: [Load; 2] = [
+    Load {
+        label: "/db/query (point read)",
+        path: "/db/query",
+        body: r#"[["SELECT v FROM kv WHERE k = ?", 7]]"#,
+    },
+    Load {
+        label: "/db/execute (insert)",
+        path: "/db/execute",
+        body: r#"[["INSERT INTO kv (k, v) VALUES (abs(random()) % 1000000, 'x')"]]"#,
+    },
+];
+
+struct WrkResult {
+    rps: f64,
+    p99: Duration,
+}
+
+pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<String> {
+    let control = Control::builder().hibernation_timeout("0").start().await?;
+    let client = control.client();
+    client.create_app(&name(APP)).await?;
+    let key = client.create_key(&name(APP)).await?.key;
+    let info = client
+        .create_database(&CreateDatabase {
+            app: name(APP),
+            name: name(DB),
+            engine: Engine::Rqlite,
+            replication_factor: Some(1),
+        })
+        .await?;
+    let engine = info.endpoints[0].addr();
+    rqlite_execute(&engine, "CREATE TABLE kv (k INTEGER, v TEXT)").await?;
+    rqlite_execute(&engine, "INSERT INTO kv VALUES (7, 'seven')").await?;
+    let proxy = Proxy::builder(&control).start().await?;
+    let dir = tempfile::tempdir()?;
+    let haproxy_port = free_port("127.0.0.1".parse()?);
+    let _haproxy = start_haproxy(dir.path(), haproxy_port, &engine).await?;
+
+    // Base URLs, routing prefix included: bare rqlited, HAProxy, rouse.
+    let sides = [
+        format!("http://{engine}"),
+        format!("http://127.0.0.1:{haproxy_port}"),
+        format!("{}/{APP}/{DB}", proxy.url()),
+    ];
+    let mut rows = Vec::new();
+    for load in &LOADS {
+        let script = dir.path().join("post.lua");
+        std::fs::write(
+            &script,
+            format!(
+                "wrk.method = \"POST\"\nwrk.body = [=[{}]=]\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"ApiKey {key}\"\n",
+                load.body
+            ),
+        )?;
+        let mut results: Vec<Vec<WrkResult>> = sides.iter().map(|_| Vec::new()).collect();
+        for _ in 0..rounds {
+            for (i, side) in sides.iter().enumerate() {
+                results[i].push(wrk(
+                    &script,
+                    &format!("{side}{}", load.path),
+                    seconds,
+                    connections,
+                )?);
+            }
+        }
+        let median = |rs: &[WrkResult]| {
+            let mut rps: Vec<f64> = rs.iter().map(|r| r.rps).collect();
+            rps.sort_by(|a, b| a.total_cmp(b));
+            let p99s: Vec<Duration> = rs.iter().map(|r| r.p99).collect();
+            (rps[rps.len() / 2], percentile(&p99s, 50.0))
+        };
+        let [(bare, bare99), (ha, ha99), (rouse, rouse99)] = [
+            median(&results[0]),
+            median(&results[1]),
+            median(&results[2]),
+        ];
+        rows.push(vec![
+            load.label.to_string(),
+            format!("{bare:.0}"),
+            format!("{ha:.0}"),
+            format!("{rouse:.0}"),
+            format!("{:.2}×", rouse / ha),
+            format!("{:.2}×", rouse / bare),
+            format!("{} / {} / {}", ms_f(bare99), ms_f(ha99), ms_f(rouse99)),
+        ]);
+    }
+    let throughput = table(
+        &[
+            "load",
+            "bare req/s",
+            "HAProxy req/s",
+            "rouse req/s",
+            "rouse ÷ HAProxy",
+            "rouse ÷ bare",
+            "p99 bare / HAProxy / rouse",
+        ],
+        &rows,
+    );
+
+    // The herd: 500 requests arrive at a hibernated database at once.
+    client.hibernate(&name(APP), &name(DB), true).await?;
+    let bare_wake = bare_start(
+        &control.client().database(&name(APP), &name(DB)).await?,
+        &control.data_dir().join(format!("{APP}_{DB}/rqlite")),
+    )
+    .await?;
+    client.hibernate(&name(APP), &name(DB), true).await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(600)
+        .build()?;
+    let started = Instant::now();
+    let url = format!("{}/{APP}/{DB}/db/query", proxy.url());
+    let requests = (0..500).map(|_| {
+        let (http, url, key) = (http.clone(), url.clone(), key.clone());
+        async move {
+            let resp = http
+                .post(url)
+                .header("x-api-key", key)
+                .body(r#"["SELECT v FROM kv WHERE k = 7"]"#)
+                .send()
+                .await?;
+            anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
+            resp.bytes().await?;
+            Ok::<_, anyhow::Error>(started.elapsed())
+        }
+    });
+    let mut done: Vec<Duration> = futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?;
+    done.sort();
+    let herd = table(
+        &[
+            "500 requests to a hibernated database",
+            "first answer",
+            "last answer",
+            "bare rqlited cold start",
+        ],
+        &[vec![
+            "through rouse".into(),
+            ms(done[0]),
+            ms(done[done.len() - 1]),
+            ms(bare_wake),
+        ]],
+    );
+    Ok(format!(
+        "rqlite HTTP through rouse, HAProxy and bare: wrk, {connections} connections, {seconds} s × {rounds} interleaved rounds (medians)\n\n{throughput}\n{herd}"
+    ))
+}
+
+fn ms_f(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn start_haproxy(dir: &Path, port: u16, backend: &str) -> Result<ServerProcess> {
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n\
+             frontend rqlite\n  bind 127.0.0.1:{port}\n  default_backend engine\n\
+             backend engine\n  http-reuse always\n  server e1 {backend}\n"
+        ),
+    )?;
+    let mut cmd = Command::new("haproxy");
+    cmd.arg("-db").arg("-f").arg(&cfg);
+    let mut process = ServerProcess::spawn("haproxy", cmd, &dir.join("haproxy.log"))?;
+    let url = format!("http://127.0.0.1:{port}/status");
+    process
+        .wait_ready(Duration::from_secs(10), || async {
+            reqwest::get(&url).await?.error_for_status()?;
+            Ok(())
+        })
+        .await?;
+    Ok(process)
+}
+
+fn wrk(script: &Path, url: &str, seconds: u64, connections: usize) -> Result<WrkResult> {
+    let out = Command::new("wrk")
+        .args([
+            "-t",
+            "2",
+            "-c",
+            &connections.to_string(),
+            "-d",
+            &format!("{seconds}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(script)
+        .arg(url)
+        .output()
+        .context("cannot run wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.contains("Non-2xx") {
+        bail!(
+            "wrk against {url} failed:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no Requests/sec in wrk output")?;
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .and_then(|v| parse_wrk_duration(v.trim()))
+        .context("no 99% latency in wrk output")?;
+    Ok(WrkResult { rps, p99 })
+}
+
+/// wrk prints `850.00us`, `1.23ms`, `2.00s`.
+fn parse_wrk_duration(s: &str) -> Option<Duration> {
+    let (num, scale) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>()
+        .ok()
+        .map(|v| Duration::from_secs_f64(v * scale))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_durations() {
+        assert_eq!(
+            parse_wrk_duration("850.00us"),
+            Some(Duration::from_micros(850))
+        );
+        assert_eq!(
+            parse_wrk_duration("1.50ms"),
+            Some(Duration::from_micros(1500))
+        );
+        assert_eq!(parse_wrk_duration("2.00s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_wrk_duration("fast"), None);
+    }
+}
