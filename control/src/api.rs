@@ -142,7 +142,7 @@ async fn route(
         (_, ["api", "v1", rest @ ..]) => match (method, rest) {
             (&Method::POST, ["apps"]) => {
                 let body: CreateApp = read_json(req).await?;
-                reply(S::CREATED, m.create_app(&body.name).await)
+                reply(S::CREATED, m.create_app(&body).await)
             }
             (&Method::POST, ["apps", app, "keys"]) => {
                 reply(S::CREATED, m.create_key(&name(app)?).await)
@@ -170,10 +170,15 @@ async fn route(
                 reply(S::OK, m.user(&name(app)?, user).await)
             }
             (&Method::POST, ["databases"]) => {
+                let first_access = query_param(&req, "on_first_access") == Some("true");
                 let body: CreateDatabase = read_json(req).await?;
                 reply(
                     S::CREATED,
-                    detached(m, move |m| async move { m.create(&body).await }).await,
+                    detached(
+                        m,
+                        move |m| async move { m.create(&body, first_access).await },
+                    )
+                    .await,
                 )
             }
             (&Method::GET, ["databases"]) => {

@@ -1,7 +1,9 @@
 //! The operator's command line: the same binary talks to a running daemon.
 
 use clap::Subcommand;
-use rouse_control_api::{Client, ClientError, CreateDatabase, DatabaseInfo, Engine, Name};
+use rouse_control_api::{
+    Client, ClientError, CreateApp, CreateDatabase, DatabaseInfo, Engine, Name,
+};
 use serde::Serialize;
 
 #[derive(Subcommand, Debug)]
@@ -32,7 +34,12 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum AppCmd {
-    Create { name: Name },
+    Create {
+        name: Name,
+        /// Proxies must not create databases when a client first uses them.
+        #[arg(long)]
+        no_create_on_first_access: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,8 +137,19 @@ fn print_table(dbs: &[DatabaseInfo]) {
 pub async fn run(client: &Client, cmd: Command) -> Result<(), ClientError> {
     match cmd {
         Command::App {
-            cmd: AppCmd::Create { name },
-        } => print(&client.create_app(&name).await?),
+            cmd:
+                AppCmd::Create {
+                    name,
+                    no_create_on_first_access,
+                },
+        } => print(
+            &client
+                .create_app_with(&CreateApp {
+                    name,
+                    create_on_first_access: !no_create_on_first_access,
+                })
+                .await?,
+        ),
         Command::Key { cmd } => match cmd {
             KeyCmd::Create { app } => print(&client.create_key(&app).await?),
             KeyCmd::List { app } => print(&client.list_keys(&app).await?),

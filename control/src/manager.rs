@@ -32,6 +32,11 @@ pub fn now_ms() -> u64 {
 
 const REPLICATION_TARGET: &str = "replication_target";
 
+/// The setting that turns off creation on first access for one app.
+fn first_access_setting(app: &Name) -> String {
+    format!("app.{app}.create_on_first_access")
+}
+
 /// The running processes of one database.
 struct Running {
     processes: Vec<Supervised>,
@@ -231,7 +236,8 @@ impl Manager {
 
     // ---- apps, keys, users -------------------------------------------------
 
-    pub async fn create_app(&self, app: &Name) -> Result<AppInfo> {
+    pub async fn create_app(&self, req: &CreateApp) -> Result<AppInfo> {
+        let app = &req.name;
         let _guard = self.creating.lock().await;
         if self.store.app_exists(app).await? {
             return Err(ControlError::AlreadyExists(format!(
@@ -240,10 +246,16 @@ impl Manager {
         }
         let now = now_ms();
         self.store.insert_app(app, now).await?;
-        info!(app = %app, "app created");
+        if !req.create_on_first_access {
+            self.store
+                .set_setting(&first_access_setting(app), "false")
+                .await?;
+        }
+        info!(app = %app, create_on_first_access = req.create_on_first_access, "app created");
         Ok(AppInfo {
             name: app.clone(),
             created_at: now,
+            create_on_first_access: req.create_on_first_access,
         })
     }
 
@@ -352,8 +364,23 @@ impl Manager {
         })
     }
 
-    pub async fn create(&self, req: &CreateDatabase) -> Result<DatabaseInfo> {
+    /// Creates a database; `first_access` when a proxy creates it because a
+    /// client used it, which the app's policy may forbid.
+    pub async fn create(&self, req: &CreateDatabase, first_access: bool) -> Result<DatabaseInfo> {
         let key = DbKey::new(req.app.clone(), req.name.clone());
+        if first_access
+            && self
+                .store
+                .setting(&first_access_setting(&key.app))
+                .await?
+                .as_deref()
+                == Some("false")
+        {
+            return Err(ControlError::NotFound(format!(
+                "database {} of app {} does not exist, and the app does not create databases on first access",
+                key.db, key.app
+            )));
+        }
         let rf = match (req.engine, req.replication_factor) {
             (_, Some(0)) => return Err(ControlError::BadRequest("replication_factor must be at least 1".into())),
             (Engine::Postgres, Some(n)) if n > 1 => {

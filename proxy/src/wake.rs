@@ -245,7 +245,7 @@ async fn resolve(control: &Client, key: &DbKey, auto_create: bool) -> Result<Tar
                 engine: Engine::Rqlite,
                 replication_factor: None,
             };
-            match control.create_database(&req).await {
+            match control.create_database_on_first_access(&req).await {
                 Ok(info) => {
                     info!(database = %key, "created on first access");
                     info

@@ -1002,6 +1002,48 @@ async fn rs256_tokens_are_checked_against_the_configured_public_key() {
             .unwrap();
         assert_eq!(resp.status(), want);
     }
+    // The same key published in a JWKS, chosen by the token's `kid`.
+    let modulus = run(Command::new("openssl").args([
+        "rsa",
+        "-in",
+        private.to_str().unwrap(),
+        "-noout",
+        "-modulus",
+    ]));
+    let hex = modulus.trim().trim_start_matches("Modulus=");
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    let n = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes);
+    let jwks = keys.path().join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [{"kty": "RSA", "kid": "k1", "alg": "RS256", "use": "sig", "n": n, "e": "AQAB"}]}).to_string()).unwrap();
+    let jwks_proxy = Proxy::builder(&s.control)
+        .auth("jwt_jwks_file", jwks.to_str().unwrap())
+        .start()
+        .await
+        .unwrap();
+    let pem = std::fs::read(&private).unwrap();
+    for (kid, want) in [("k1", StatusCode::OK), ("k2", StatusCode::UNAUTHORIZED)] {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(kid.into());
+        let token = jsonwebtoken::encode(
+            &header,
+            &json!({"namespace": APP, "exp": now() + 600}),
+            &jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap(),
+        )
+        .unwrap();
+        let resp = s
+            .http
+            .post(format!("{}/{APP}/main/db/query", jwks_proxy.url()))
+            .bearer_auth(token)
+            .json(&json!(["SELECT count(*) FROM t"]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), want, "kid {kid}");
+    }
+
     // An HS256 token is refused when no HS256 secret is configured.
     let resp = s
         .http
@@ -1015,4 +1057,61 @@ async fn rs256_tokens_are_checked_against_the_configured_public_key() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_may_forbid_creating_databases_on_first_access() {
+    let s = Stack::start("0", |p| p).await;
+    let client = s.control.client();
+    client
+        .create_app_with(&CreateApp {
+            name: name("strict"),
+            create_on_first_access: false,
+        })
+        .await
+        .unwrap();
+    let key = client.create_key(&name("strict")).await.unwrap().key;
+    let resp = s
+        .http
+        .post(format!("{}/v1/database/exec", s.proxy.url()))
+        .bearer_auth(&key)
+        .json(&json!({"database": "adhoc", "sql": "CREATE TABLE t (x)"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let resp = s
+        .http
+        .post(format!("{}/strict/adhoc/db/query", s.proxy.url()))
+        .bearer_auth(&key)
+        .json(&json!(["SELECT 1"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert!(client
+        .list_databases(Some(&name("strict")))
+        .await
+        .unwrap()
+        .databases
+        .is_empty());
+    // An operator still creates them, and then they are served.
+    client
+        .create_database(&CreateDatabase {
+            app: name("strict"),
+            name: name("adhoc"),
+            engine: Engine::Rqlite,
+            replication_factor: Some(1),
+        })
+        .await
+        .unwrap();
+    let resp = s
+        .http
+        .post(format!("{}/strict/adhoc/db/query", s.proxy.url()))
+        .bearer_auth(&key)
+        .json(&json!(["SELECT 1"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
 }

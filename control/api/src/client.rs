@@ -115,7 +115,15 @@ impl Client {
     }
 
     pub async fn create_app(&self, name: &Name) -> Result<AppInfo, ClientError> {
-        self.post("/apps", &CreateApp { name: name.clone() }).await
+        self.create_app_with(&CreateApp {
+            name: name.clone(),
+            create_on_first_access: true,
+        })
+        .await
+    }
+
+    pub async fn create_app_with(&self, req: &CreateApp) -> Result<AppInfo, ClientError> {
+        self.post("/apps", req).await
     }
 
     pub async fn create_key(&self, app: &Name) -> Result<ApiKeyCreated, ClientError> {
@@ -165,6 +173,15 @@ impl Client {
 
     pub async fn create_database(&self, req: &CreateDatabase) -> Result<DatabaseInfo, ClientError> {
         self.post("/databases", req).await
+    }
+
+    /// A create on a client's first access to the database: refused as
+    /// `not_found` when the app's policy forbids it.
+    pub async fn create_database_on_first_access(
+        &self,
+        req: &CreateDatabase,
+    ) -> Result<DatabaseInfo, ClientError> {
+        self.post("/databases?on_first_access=true", req).await
     }
 
     pub async fn list_databases(&self, app: Option<&Name>) -> Result<DatabaseList, ClientError> {

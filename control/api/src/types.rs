@@ -83,12 +83,21 @@ impl std::str::FromStr for DatabaseStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateApp {
     pub name: Name,
+    /// Whether proxies may create a database on its first access (default).
+    #[serde(default = "yes")]
+    pub create_on_first_access: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AppInfo {
     pub name: Name,
     pub created_at: u64,
+    #[serde(default = "yes")]
+    pub create_on_first_access: bool,
 }
 
 /// Returned once when a key is issued; only its hash is kept.
