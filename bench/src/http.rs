@@ -123,19 +123,21 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Stri
         &rows,
     );
 
-    // The herd: 500 requests arrive at a hibernated database at once.
-    client.hibernate(&name(APP), &name(DB), true).await?;
-    let bare_wake = bare_start(
-        &control.client().database(&name(APP), &name(DB)).await?,
-        &control.data_dir().join(format!("{APP}_{DB}/rqlite")),
-    )
-    .await?;
-    client.hibernate(&name(APP), &name(DB), true).await?;
+    // The herd: 500 requests arrive at once at a small hibernated database.
+    const HERD: &str = "herd";
+    let herd_db = client
+        .create_database(&CreateDatabase { app: name(APP), name: name(HERD), engine: Engine::Rqlite, replication_factor: Some(1) })
+        .await?;
+    rqlite_execute(&herd_db.endpoints[0].addr(), "CREATE TABLE kv (k INTEGER, v TEXT)").await?;
+    rqlite_execute(&herd_db.endpoints[0].addr(), "INSERT INTO kv VALUES (7, 'seven')").await?;
+    client.hibernate(&name(APP), &name(HERD), true).await?;
+    let herd_dir = control.data_dir().join(format!("{APP}_{HERD}/rqlite"));
+    let bare_wake = bare_start(&client.database(&name(APP), &name(HERD)).await?, &herd_dir).await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(600)
         .build()?;
     let started = Instant::now();
-    let url = format!("{}/{APP}/{DB}/db/query", proxy.url());
+    let url = format!("{}/{APP}/{HERD}/db/query", proxy.url());
     let requests = (0..500).map(|_| {
         let (http, url, key) = (http.clone(), url.clone(), key.clone());
         async move {
