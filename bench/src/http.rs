@@ -126,10 +126,23 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Stri
     // The herd: 500 requests arrive at once at a small hibernated database.
     const HERD: &str = "herd";
     let herd_db = client
-        .create_database(&CreateDatabase { app: name(APP), name: name(HERD), engine: Engine::Rqlite, replication_factor: Some(1) })
+        .create_database(&CreateDatabase {
+            app: name(APP),
+            name: name(HERD),
+            engine: Engine::Rqlite,
+            replication_factor: Some(1),
+        })
         .await?;
-    rqlite_execute(&herd_db.endpoints[0].addr(), "CREATE TABLE kv (k INTEGER, v TEXT)").await?;
-    rqlite_execute(&herd_db.endpoints[0].addr(), "INSERT INTO kv VALUES (7, 'seven')").await?;
+    rqlite_execute(
+        &herd_db.endpoints[0].addr(),
+        "CREATE TABLE kv (k INTEGER, v TEXT)",
+    )
+    .await?;
+    rqlite_execute(
+        &herd_db.endpoints[0].addr(),
+        "INSERT INTO kv VALUES (7, 'seven')",
+    )
+    .await?;
     client.hibernate(&name(APP), &name(HERD), true).await?;
     let herd_dir = control.data_dir().join(format!("{APP}_{HERD}/rqlite"));
     let bare_wake = bare_start(&client.database(&name(APP), &name(HERD)).await?, &herd_dir).await?;

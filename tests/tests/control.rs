@@ -557,33 +557,19 @@ async fn bad_input_gets_clear_errors_and_leaves_nothing_behind() {
     );
 
     // Impossible replication.
-    assert_eq!(
-        api_error(
+    for (db, engine, rf, want) in [
+        ("r0", Engine::Rqlite, 0, (400, "bad_request")),
+        ("r9", Engine::Rqlite, 9, (503, "insufficient_nodes")),
+        ("pg3", Engine::Postgres, 3, (400, "bad_request")),
+    ] {
+        let got = api_error(
             client
-                .create_database(&create_req("r0", Engine::Rqlite, Some(0)))
-                .await
+                .create_database(&create_req(db, engine, Some(rf)))
+                .await,
         )
-        .await,
-        (400, "bad_request".into())
-    );
-    assert_eq!(
-        api_error(
-            client
-                .create_database(&create_req("r9", Engine::Rqlite, Some(9)))
-                .await
-        )
-        .await,
-        (503, "insufficient_nodes".into())
-    );
-    assert_eq!(
-        api_error(
-            client
-                .create_database(&create_req("pg3", Engine::Postgres, Some(3)))
-                .await
-        )
-        .await,
-        (400, "bad_request".into())
-    );
+        .await;
+        assert_eq!(got, (want.0, want.1.to_string()), "{db}");
+    }
 
     // Open sessions block a hibernation unless forced.
     report_sessions(&client, "main", 2).await;
