@@ -39,6 +39,16 @@ pub fn check_config(path: Option<&std::path::Path>) -> Result<serde_json::Value,
     Ok(serde_json::json!({ "proxy": config.proxy, "redis": config.redis }))
 }
 
+/// Threads serving clients: `proxy.worker_threads`, or by default half the
+/// cores (at least one), since a sidecar shares its machine with the app and
+/// the database, and fewer threads mean fewer cross-thread wake-ups.
+pub fn worker_threads(config: &rouse_control_api::config::ProxyConfig) -> usize {
+    match config.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+        n => n,
+    }
+}
+
 /// The proxy's listening sockets, bound before it runs (tests bind port 0).
 pub struct Listeners {
     pub http: TcpListener,

@@ -31,8 +31,7 @@ enum Command {
     CheckConfig,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig => match rouse_proxy::check_config(cli.config.as_deref()) {
@@ -62,26 +61,41 @@ async fn main() -> ExitCode {
                 }
             };
             rouse_control_api::server::raise_open_file_limit();
-            let listeners = match rouse_proxy::Listeners::bind(&config).await {
-                Ok(l) => l,
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(rouse_proxy::worker_threads(&config.proxy))
+                .enable_all()
+                .build();
+            let runtime = match runtime {
+                Ok(r) => r,
                 Err(e) => {
-                    eprintln!("rouse-proxy: cannot listen: {e}");
+                    eprintln!("rouse-proxy: cannot start: {e}");
                     return ExitCode::FAILURE;
                 }
             };
-            match rouse_proxy::run(
-                config,
-                listeners,
-                rouse_control_api::server::shutdown_signal(),
-            )
-            .await
-            {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("rouse-proxy: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            runtime.block_on(serve(config))
+        }
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let listeners = match rouse_proxy::Listeners::bind(&config).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("rouse-proxy: cannot listen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rouse_proxy::run(
+        config,
+        listeners,
+        rouse_control_api::server::shutdown_signal(),
+    )
+    .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rouse-proxy: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

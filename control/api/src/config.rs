@@ -178,6 +178,8 @@ pub struct ProxyConfig {
     pub activity_interval: Duration,
     /// Create a database on first access through the proxy.
     pub auto_create: bool,
+    /// Threads serving clients; 0 means half the cores, at least one.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -219,6 +221,7 @@ impl Default for ProxyConfig {
             body_read_timeout: Duration::from_secs(30),
             activity_interval: Duration::from_secs(2),
             auto_create: true,
+            worker_threads: 0,
         }
     }
 }
