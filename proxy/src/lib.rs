@@ -11,6 +11,7 @@ pub mod activity;
 pub mod auth;
 pub mod error;
 pub mod http;
+pub mod pg;
 pub mod route;
 pub mod wake;
 
@@ -52,6 +53,7 @@ pub fn worker_threads(config: &rouse_control_api::config::ProxyConfig) -> usize 
 /// The proxy's listening sockets, bound before it runs (tests bind port 0).
 pub struct Listeners {
     pub http: TcpListener,
+    pub postgres: TcpListener,
     pub stats: TcpListener,
     /// Static listeners, each bound to one database.
     pub bound: Vec<(TcpListener, DbKey)>,
@@ -69,6 +71,7 @@ impl Listeners {
         }
         Ok(Listeners {
             http: TcpListener::bind(p.http_addr).await?,
+            postgres: TcpListener::bind(p.postgres_addr).await?,
             stats: TcpListener::bind(p.stats_addr).await?,
             bound,
         })
@@ -102,6 +105,12 @@ pub async fn run(
             p.activity_interval,
         )),
     ];
+    let pg = pg::PgFront::new(
+        control.clone(),
+        routes.clone(),
+        activity.clone(),
+        p.header_read_timeout + p.wake_timeout,
+    );
     let proxy = Arc::new(Proxy {
         config: p.clone(),
         control,
@@ -119,8 +128,8 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    info!(proxy_id = %proxy_id, http = %listeners.http.local_addr()?, stats = %listeners.stats.local_addr()?, "rouse-proxy ready");
-    let mut servers = Vec::new();
+    info!(proxy_id = %proxy_id, http = %listeners.http.local_addr()?, postgres = %listeners.postgres.local_addr()?, stats = %listeners.stats.local_addr()?, "rouse-proxy ready");
+    let mut servers = vec![tokio::spawn(pg.serve(listeners.postgres, stopped()))];
     let data_planes = std::iter::once((listeners.http, None)).chain(
         listeners
             .bound

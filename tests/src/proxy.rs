@@ -46,13 +46,14 @@ impl ProxyBuilder {
         let dir = temp_dir("rouse-proxy-")?;
         let http = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
         let stats = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
+        let postgres = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
         let statics: Vec<SocketAddr> = self
             .statics
             .iter()
             .map(|_| SocketAddr::new(LOCALHOST, free_port(LOCALHOST)))
             .collect();
         let mut yaml = format!(
-            "proxy:\n  control_url: {}\n  http_addr: {http}\n  stats_addr: {stats}\n  base_domain: localhost\n",
+            "proxy:\n  control_url: {}\n  http_addr: {http}\n  postgres_addr: {postgres}\n  stats_addr: {stats}\n  base_domain: localhost\n",
             serde_json::Value::from(self.control_url.as_str())
         );
         for line in &self.lines {
@@ -90,6 +91,7 @@ impl ProxyBuilder {
         Ok(Proxy {
             process,
             http,
+            postgres,
             stats,
             statics,
             dir,
@@ -101,6 +103,7 @@ impl ProxyBuilder {
 pub struct Proxy {
     process: ServerProcess,
     http: SocketAddr,
+    postgres: SocketAddr,
     stats: SocketAddr,
     statics: Vec<SocketAddr>,
     dir: TempDir,
@@ -118,6 +121,11 @@ impl Proxy {
 
     pub fn http_addr(&self) -> SocketAddr {
         self.http
+    }
+
+    /// The PostgreSQL front.
+    pub fn postgres_addr(&self) -> SocketAddr {
+        self.postgres
     }
 
     /// `http://127.0.0.1:<port>`

@@ -1,0 +1,546 @@
+//! The PostgreSQL front (`DATABASE_URL` at the proxy): startup, routing by
+//! `user.app` or `options=-c rouse.app=<app>`, SCRAM-SHA-256 done by the
+//! proxy, then the wake (the client waits inside its connect), then the
+//! backend connection as the same role and a byte-for-byte session.
+
+pub mod frame;
+pub mod messages;
+pub mod scram;
+pub mod startup;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rouse_control_api::{Client, ClientError, DbKey, Engine, Name};
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::activity::Activity;
+use crate::error::ProxyError;
+use crate::wake::Routes;
+use frame::{read_frame, typed, FrameError, MAX_AUTH_MESSAGE, MAX_STARTUP};
+use scram::{ClientExchange, ScramError, ServerExchange, Verifier};
+use startup::Startup;
+
+/// What a client sees when its connection fails: a SQLSTATE and a message.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("{0}")]
+    Protocol(String),
+    #[error("password authentication failed for user \"{0}\"")]
+    Password(String),
+    #[error("{0}")]
+    Authorization(String),
+    #[error("database \"{0}\" does not exist")]
+    UnknownDatabase(String),
+    #[error("the database system is starting up: database \"{0}\" is waking, try again")]
+    Waking(String),
+    #[error("{0}")]
+    Backend(String),
+    #[error("{0}")]
+    Closed(String),
+}
+
+impl PgError {
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            PgError::Protocol(_) | PgError::Closed(_) => "08P01",
+            PgError::Password(_) => "28P01",
+            PgError::Authorization(_) => "28000",
+            PgError::UnknownDatabase(_) => "3D000",
+            PgError::Waking(_) => "57P03",
+            PgError::Backend(_) => "08006",
+        }
+    }
+
+    /// The outcome label of `rouse_requests_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PgError::Protocol(_) | PgError::UnknownDatabase(_) | PgError::Closed(_) => "user",
+            PgError::Password(_) | PgError::Authorization(_) => "auth",
+            PgError::Waking(_) => "wake_timeout",
+            PgError::Backend(_) => "backend",
+        }
+    }
+}
+
+impl From<FrameError> for PgError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Closed | FrameError::Io(_) => PgError::Closed(e.to_string()),
+            FrameError::BadLength(..) => PgError::Protocol(format!("invalid message: {e}")),
+        }
+    }
+}
+
+/// A session's cancel key as the client knows it, and where it really goes.
+type CancelTarget = (SocketAddr, i32, i32);
+
+pub struct PgFront {
+    pub control: Client,
+    pub routes: Arc<Routes>,
+    pub activity: Arc<Activity>,
+    verifiers: moka::future::Cache<(Name, String), Option<Arc<Verifier>>>,
+    cancels: Mutex<HashMap<(i32, i32), CancelTarget>>,
+    startup_timeout: Duration,
+}
+
+impl PgFront {
+    pub fn new(
+        control: Client,
+        routes: Arc<Routes>,
+        activity: Arc<Activity>,
+        startup_timeout: Duration,
+    ) -> Arc<PgFront> {
+        Arc::new(PgFront {
+            control,
+            routes,
+            activity,
+            verifiers: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(30))
+                .build(),
+            cancels: Mutex::new(HashMap::new()),
+            startup_timeout,
+        })
+    }
+
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        loop {
+            let (socket, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut stop => return,
+            };
+            let _ = socket.set_nodelay(true);
+            let front = self.clone();
+            tokio::spawn(async move {
+                let open = metrics::gauge!("rouse_client_connections", "protocol" => "postgres");
+                open.increment(1.0);
+                front.session(socket, peer).await;
+                open.decrement(1.0);
+            });
+        }
+    }
+
+    async fn session(&self, mut client: TcpStream, peer: SocketAddr) {
+        let mut buf = BytesMut::with_capacity(1024);
+        let started =
+            tokio::time::timeout(self.startup_timeout, self.start(&mut client, &mut buf)).await;
+        let (key, backend, backend_buf, cancel) = match started {
+            Ok(Ok(Some(s))) => s,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "postgres connection refused");
+                metrics::counter!("rouse_requests_total", "app" => "", "db" => "", "protocol" => "postgres", "outcome" => e.kind()).increment(1);
+                let _ = client
+                    .write_all(&messages::fatal(e.sqlstate(), &e.to_string()))
+                    .await;
+                return;
+            }
+            Err(_) => {
+                let e = PgError::Protocol("startup not completed in time".into());
+                let _ = client
+                    .write_all(&messages::fatal(e.sqlstate(), &e.to_string()))
+                    .await;
+                return;
+            }
+        };
+        metrics::counter!("rouse_requests_total", "app" => key.app.to_string(), "db" => key.db.to_string(), "protocol" => "postgres", "outcome" => "ok").increment(1);
+        let _in_session = self.activity.begin(&key);
+        let mut backend = backend;
+        // Whatever either side sent early goes first, then bytes flow as they are.
+        let relay = async {
+            if !backend_buf.is_empty() {
+                client.write_all(&backend_buf).await?;
+            }
+            if !buf.is_empty() {
+                backend.write_all(&buf).await?;
+            }
+            tokio::io::copy_bidirectional(&mut client, &mut backend).await
+        };
+        if let Err(e) = relay.await {
+            debug!(database = %key, error = %e, "postgres session ended");
+        }
+        self.cancels
+            .lock()
+            .expect("cancels poisoned")
+            .remove(&cancel);
+    }
+
+    /// Startup, authentication, wake and backend login. `None` when the
+    /// connection was a cancel request.
+    async fn start(
+        &self,
+        client: &mut TcpStream,
+        buf: &mut BytesMut,
+    ) -> Result<Option<(DbKey, TcpStream, BytesMut, (i32, i32))>, PgError> {
+        let params = loop {
+            let frame = read_frame(client, buf, false, MAX_STARTUP).await?;
+            match startup::parse(frame).map_err(|e| PgError::Protocol(e.to_string()))? {
+                // TLS and GSS encryption are declined; libpq then goes on in plain text.
+                Startup::SslRequest | Startup::GssEncRequest => {
+                    client.write_all(b"N").await.map_err(closed)?
+                }
+                Startup::Cancel { pid, secret } => {
+                    self.cancel(pid, secret).await;
+                    return Ok(None);
+                }
+                Startup::Startup(params) => break params,
+            }
+        };
+        let (role, app, params) = route(params)?;
+        let database = params
+            .get("database")
+            .cloned()
+            .unwrap_or_else(|| role.clone());
+        let db = Name::new(&database).map_err(|_| PgError::UnknownDatabase(database.clone()))?;
+        let key = DbKey::new(app.clone(), db);
+
+        let verifier = self.verifier(&app, &role).await?;
+        let client_key = authenticate(client, buf, &verifier, &role).await?;
+
+        let target = self.routes.target(&key).await.map_err(|e| match e {
+            ProxyError::NotFound => PgError::UnknownDatabase(database.clone()),
+            ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => {
+                PgError::Waking(database.clone())
+            }
+            other => PgError::Backend(other.to_string()),
+        })?;
+        if target.engine != Engine::Postgres {
+            return Err(PgError::UnknownDatabase(database));
+        }
+        let endpoint = target
+            .endpoints
+            .first()
+            .ok_or_else(|| PgError::Backend("no endpoint".into()))?;
+        let addr: SocketAddr = endpoint
+            .addr()
+            .parse()
+            .map_err(|_| PgError::Backend(format!("bad endpoint {}", endpoint.addr())))?;
+        let mut backend = match TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                // A stale route: the database was hibernated or moved.
+                self.routes.invalidate(&key);
+                return Err(PgError::Backend(format!(
+                    "cannot reach database \"{database}\": {e}"
+                )));
+            }
+        };
+        let _ = backend.set_nodelay(true);
+        let mut backend_buf = BytesMut::with_capacity(1024);
+        let mut startup_params: Vec<(&str, &str)> = vec![("user", &role), ("database", &database)];
+        startup_params.extend(
+            params
+                .iter()
+                .filter(|(k, _)| *k != "user" && *k != "database")
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        backend
+            .write_all(&messages::startup(&startup_params))
+            .await
+            .map_err(backend_err)?;
+        backend_login(&mut backend, &mut backend_buf, &verifier, &client_key).await?;
+
+        // Relay the backend's greeting up to ReadyForQuery, with our own cancel key.
+        let mut out = BufWriter::new(&mut *client);
+        out.write_all(&messages::auth_ok()).await.map_err(closed)?;
+        let mut cancel = (0, 0);
+        loop {
+            let frame = read_frame(&mut backend, &mut backend_buf, true, MAX_STARTUP * 10)
+                .await
+                .map_err(|e| PgError::Backend(e.to_string()))?;
+            match frame[0] {
+                b'K' => {
+                    let (_, mut body) = typed(frame);
+                    use bytes::Buf;
+                    let (pid, secret) = (body.get_i32(), body.get_i32());
+                    let ours = (rand::random::<i32>(), rand::random::<i32>());
+                    self.cancels
+                        .lock()
+                        .expect("cancels poisoned")
+                        .insert(ours, (addr, pid, secret));
+                    cancel = ours;
+                    out.write_all(&messages::backend_key_data(ours.0, ours.1))
+                        .await
+                        .map_err(closed)?;
+                }
+                b'Z' => {
+                    out.write_all(&frame).await.map_err(closed)?;
+                    break;
+                }
+                b'E' => {
+                    out.write_all(&frame).await.map_err(closed)?;
+                    out.flush().await.map_err(closed)?;
+                    return Err(PgError::Closed("backend refused the session".into()));
+                }
+                _ => out.write_all(&frame).await.map_err(closed)?,
+            }
+        }
+        out.flush().await.map_err(closed)?;
+        info!(database = %key, role = %role, "postgres session started");
+        Ok(Some((key, backend, backend_buf, cancel)))
+    }
+
+    async fn verifier(&self, app: &Name, role: &str) -> Result<Arc<Verifier>, PgError> {
+        let control = self.control.clone();
+        let (a, r) = (app.clone(), role.to_string());
+        let found = self
+            .verifiers
+            .try_get_with((app.clone(), role.to_string()), async move {
+                match control.get_user(&a, &r).await {
+                    Ok(u) => Ok(Verifier::parse(&u.scram_verifier).map(Arc::new)),
+                    Err(ClientError::Api { status: 404, .. }) => Ok(None),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .await
+            .map_err(|e| PgError::Backend(format!("control unavailable: {e}")))?;
+        // Unknown users fail exactly like a wrong password.
+        Ok(found.unwrap_or_else(|| Arc::new(Verifier::impossible())))
+    }
+
+    /// Forwards a client's CancelRequest to the backend that holds its session.
+    async fn cancel(&self, pid: i32, secret: i32) {
+        let target = self
+            .cancels
+            .lock()
+            .expect("cancels poisoned")
+            .get(&(pid, secret))
+            .copied();
+        if let Some((addr, bpid, bsecret)) = target {
+            if let Ok(mut s) = TcpStream::connect(addr).await {
+                let _ = s.write_all(&messages::cancel_request(bpid, bsecret)).await;
+                let _ = s.shutdown().await;
+                info!(backend = %addr, "query cancelled");
+            }
+        }
+    }
+}
+
+fn closed(e: std::io::Error) -> PgError {
+    PgError::Closed(e.to_string())
+}
+
+fn backend_err(e: std::io::Error) -> PgError {
+    PgError::Backend(e.to_string())
+}
+
+/// Role, app and the parameters to pass on: the app from `user.app`, else
+/// from `options=-c rouse.app=<app>` (which is then removed).
+fn route(
+    mut params: BTreeMap<String, String>,
+) -> Result<(String, Name, BTreeMap<String, String>), PgError> {
+    let user = params
+        .get("user")
+        .cloned()
+        .ok_or_else(|| PgError::Authorization("no user name given".into()))?;
+    if let Some((role, app)) = user.rsplit_once('.') {
+        let app = Name::new(app)
+            .map_err(|_| PgError::Authorization(format!("invalid app in user name \"{user}\"")))?;
+        return Ok((role.to_string(), app, params));
+    }
+    let mut app = None;
+    if let Some(options) = params.get("options").cloned() {
+        let mut kept = Vec::new();
+        let mut words = options.split_whitespace().peekable();
+        while let Some(w) = words.next() {
+            let setting = match w {
+                "-c" => words.next().unwrap_or_default().to_string(),
+                other => match other.strip_prefix("-c") {
+                    Some(s) if !s.is_empty() => s.to_string(),
+                    _ => {
+                        kept.push(other.to_string());
+                        continue;
+                    }
+                },
+            };
+            match setting.strip_prefix("rouse.app=") {
+                Some(a) => app = Some(a.to_string()),
+                None => kept.push(format!("-c {setting}")),
+            }
+        }
+        if kept.is_empty() {
+            params.remove("options");
+        } else {
+            params.insert("options".into(), kept.join(" "));
+        }
+    }
+    let app = app.ok_or_else(|| {
+        PgError::Authorization(format!(
+            "cannot tell the app of user \"{user}\": connect as <user>.<app> or with options=-c rouse.app=<app>"
+        ))
+    })?;
+    let app =
+        Name::new(&app).map_err(|_| PgError::Authorization(format!("invalid app \"{app}\"")))?;
+    Ok((user, app, params))
+}
+
+/// SCRAM-SHA-256 with the client; the proven ClientKey on success.
+async fn authenticate(
+    client: &mut TcpStream,
+    buf: &mut BytesMut,
+    verifier: &Verifier,
+    role: &str,
+) -> Result<[u8; 32], PgError> {
+    let wrong = || PgError::Password(role.to_string());
+    client
+        .write_all(&messages::auth_sasl())
+        .await
+        .map_err(closed)?;
+    let (tag, body) = typed(read_frame(client, buf, true, MAX_AUTH_MESSAGE).await?);
+    if tag != b'p' {
+        return Err(PgError::Protocol("expected a SASLInitialResponse".into()));
+    }
+    let (mechanism, first) = messages::parse_sasl_initial(body)
+        .ok_or_else(|| PgError::Protocol("malformed SASLInitialResponse".into()))?;
+    if mechanism != scram::MECHANISM {
+        return Err(PgError::Protocol(format!(
+            "unsupported SASL mechanism {mechanism}"
+        )));
+    }
+    let (exchange, server_first) =
+        ServerExchange::start(verifier, &first).map_err(|e| match e {
+            ScramError::ChannelBinding => PgError::Protocol(
+                "channel binding is not supported: use channel_binding=disable or prefer".into(),
+            ),
+            _ => PgError::Protocol(e.to_string()),
+        })?;
+    client
+        .write_all(&messages::auth_sasl_continue(&server_first))
+        .await
+        .map_err(closed)?;
+    let (tag, body) = typed(read_frame(client, buf, true, MAX_AUTH_MESSAGE).await?);
+    if tag != b'p' {
+        return Err(PgError::Protocol("expected a SASLResponse".into()));
+    }
+    let last = String::from_utf8(body.to_vec()).map_err(|_| wrong())?;
+    let (client_key, server_final) = exchange.finish(verifier, &last).map_err(|_| wrong())?;
+    client
+        .write_all(&messages::auth_sasl_final(&server_final))
+        .await
+        .map_err(closed)?;
+    Ok(client_key)
+}
+
+/// Logs in to the backend as the client's role with the proven ClientKey.
+async fn backend_login(
+    backend: &mut TcpStream,
+    buf: &mut BytesMut,
+    verifier: &Verifier,
+    client_key: &[u8; 32],
+) -> Result<(), PgError> {
+    let (mut exchange, first) = ClientExchange::start();
+    loop {
+        let frame = read_frame(backend, buf, true, MAX_STARTUP)
+            .await
+            .map_err(|e| PgError::Backend(e.to_string()))?;
+        let (tag, body) = typed(frame.clone());
+        if tag == b'E' {
+            return Err(PgError::Backend(format!(
+                "database refused the login: {}",
+                error_text(&frame)
+            )));
+        }
+        if tag != b'R' {
+            return Err(PgError::Backend(format!(
+                "unexpected message {:?} during login",
+                tag as char
+            )));
+        }
+        let (code, data) = messages::parse_auth(body)
+            .ok_or_else(|| PgError::Backend("malformed authentication message".into()))?;
+        match code {
+            0 => return Ok(()),
+            10 => backend
+                .write_all(&messages::sasl_initial_response(&first))
+                .await
+                .map_err(backend_err)?,
+            11 => {
+                let server_first = String::from_utf8_lossy(&data);
+                let last = exchange
+                    .respond(verifier, client_key, &server_first)
+                    .map_err(|e| PgError::Backend(e.to_string()))?;
+                backend
+                    .write_all(&messages::sasl_response(&last))
+                    .await
+                    .map_err(backend_err)?;
+            }
+            12 => exchange
+                .verify(&String::from_utf8_lossy(&data))
+                .map_err(|e| PgError::Backend(e.to_string()))?,
+            other => {
+                return Err(PgError::Backend(format!(
+                    "the database asks for authentication method {other}, expected SCRAM-SHA-256"
+                )))
+            }
+        }
+    }
+}
+
+/// The `M` field of an ErrorResponse frame.
+fn error_text(frame: &[u8]) -> String {
+    frame
+        .get(5..)
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .find_map(|f| f.strip_prefix(b"M"))
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn app_from_user_suffix_or_options() {
+        let (role, app, _) = route(params(&[("user", "alice.shop")])).unwrap();
+        assert_eq!((role.as_str(), app.as_str()), ("alice", "shop"));
+        let (role, app, rest) = route(params(&[
+            ("user", "alice"),
+            ("options", "-c rouse.app=shop -c search_path=x"),
+        ]))
+        .unwrap();
+        assert_eq!((role.as_str(), app.as_str()), ("alice", "shop"));
+        assert_eq!(rest["options"], "-c search_path=x");
+        let (_, _, rest) = route(params(&[
+            ("user", "alice"),
+            ("options", "-crouse.app=shop"),
+        ]))
+        .unwrap();
+        assert!(!rest.contains_key("options"));
+        assert!(matches!(
+            route(params(&[("user", "alice")])),
+            Err(PgError::Authorization(_))
+        ));
+        assert!(matches!(
+            route(params(&[("user", "alice.Bad_App")])),
+            Err(PgError::Authorization(_))
+        ));
+        assert!(matches!(route(params(&[])), Err(PgError::Authorization(_))));
+    }
+}
