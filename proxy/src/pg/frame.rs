@@ -84,7 +84,7 @@ mod tests {
         #[test]
         fn never_panics_and_respects_the_limit(bytes in proptest::collection::vec(any::<u8>(), 0..16), typed in any::<bool>()) {
             if let Ok(Some(n)) = frame_len(&bytes, typed, 1000) {
-                prop_assert!(n <= 1001 && n >= 4);
+                prop_assert!((4..=1001).contains(&n));
             }
         }
     }
