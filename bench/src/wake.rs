@@ -162,6 +162,9 @@ pub(crate) async fn bare_start(info: &DatabaseInfo, dir: &Path) -> Result<Durati
                 "listen_addresses=127.0.0.1",
                 "-c",
                 "unix_socket_directories=",
+                // control's default, so that both start the same instance
+                "-c",
+                "max_connections=300",
             ]);
             if let Some(user) = RunAs::when_root()? {
                 user.apply(&mut cmd);

@@ -126,6 +126,8 @@ pub struct ControlConfig {
     /// Time between SIGTERM and SIGKILL when stopping an engine.
     #[serde(with = "crate::duration")]
     pub stop_grace: Duration,
+    /// PostgreSQL `max_connections` of each managed instance.
+    pub postgres_max_connections: u32,
 }
 
 impl Default for ControlConfig {
@@ -142,6 +144,7 @@ impl Default for ControlConfig {
             raft_heartbeat_timeout: Duration::from_millis(100),
             start_timeout: Duration::from_secs(30),
             stop_grace: Duration::from_secs(10),
+            postgres_max_connections: 300,
         }
     }
 }

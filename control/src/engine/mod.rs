@@ -24,6 +24,7 @@ pub struct EngineEnv {
     pub raft_election_timeout: Duration,
     pub raft_heartbeat_timeout: Duration,
     pub start_timeout: Duration,
+    pub postgres_max_connections: u32,
 }
 
 /// One database's processes on this node, as one start sees them.
@@ -80,6 +81,7 @@ impl EngineEnv {
             raft_election_timeout: c.raft_election_timeout,
             raft_heartbeat_timeout: c.raft_heartbeat_timeout,
             start_timeout: c.start_timeout,
+            postgres_max_connections: c.postgres_max_connections,
         })
     }
 
@@ -111,7 +113,7 @@ impl EngineEnv {
             },
             Engine::Postgres => ProcessSpec {
                 program: self.postgres_bin()?.join("postgres"),
-                args: postgres::args(inst, r),
+                args: postgres::args(inst, r, self.postgres_max_connections),
                 log: inst.log_file(r),
                 pid_file: inst.pid_file(r),
                 user: self.postgres_user,

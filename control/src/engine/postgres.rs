@@ -93,7 +93,7 @@ pub(super) async fn prepare(env: &EngineEnv, inst: &Instance<'_>) -> Result<()> 
     Ok(())
 }
 
-pub(super) fn args(inst: &Instance<'_>, r: &ReplicaRecord) -> Vec<OsString> {
+pub(super) fn args(inst: &Instance<'_>, r: &ReplicaRecord, max_connections: u32) -> Vec<OsString> {
     vec![
         "-D".into(),
         inst.replica_dir(r).into(),
@@ -104,6 +104,8 @@ pub(super) fn args(inst: &Instance<'_>, r: &ReplicaRecord) -> Vec<OsString> {
         // TCP only: no socket files in shared directories.
         "-c".into(),
         "unix_socket_directories=".into(),
+        "-c".into(),
+        format!("max_connections={max_connections}").into(),
     ]
 }
 

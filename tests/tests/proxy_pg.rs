@@ -1,0 +1,304 @@
+//! `rouse-proxy`'s PostgreSQL front against real control, real PostgreSQL
+//! and real clients (psql, psycopg, tokio-postgres).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rouse_control_api::*;
+use rouse_tests::{Control, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::error::SqlState;
+
+const APP: &str = "shop";
+
+fn name(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+struct Stack {
+    control: Control,
+    proxy: Proxy,
+}
+
+impl Stack {
+    async fn start(
+        proxy: impl FnOnce(rouse_tests::ProxyBuilder) -> rouse_tests::ProxyBuilder,
+    ) -> Stack {
+        let control = Control::builder()
+            .hibernation_timeout("0")
+            .start()
+            .await
+            .unwrap();
+        let client = control.client();
+        client.create_app(&name(APP)).await.unwrap();
+        client
+            .create_user(&name(APP), "alice", "wonderland")
+            .await
+            .unwrap();
+        let proxy = proxy(Proxy::builder(&control)).start().await.unwrap();
+        Stack { control, proxy }
+    }
+
+    async fn create(&self, db: &str) {
+        let req = CreateDatabase {
+            app: name(APP),
+            name: name(db),
+            engine: Engine::Postgres,
+            replication_factor: None,
+        };
+        self.control.client().create_database(&req).await.unwrap();
+    }
+
+    fn url(&self, user: &str, password: &str, db: &str) -> String {
+        format!(
+            "postgres://{user}:{password}@{}/{db}",
+            self.proxy.postgres_addr()
+        )
+    }
+
+    async fn connect(
+        &self,
+        user: &str,
+        password: &str,
+        db: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, conn) = tokio_postgres::connect(
+            &format!("{}?sslmode=disable", self.url(user, password, db)),
+            tokio_postgres::NoTls,
+        )
+        .await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    async fn starts(&self) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.control.api_url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    r#"rouse_wake_duration_seconds_count{engine="postgres",phase="start"}"#,
+                )
+                .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?}: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordinary_clients_connect_and_a_hibernated_database_wakes_on_connect() {
+    let s = Stack::start(|p| p).await;
+    s.create("users").await;
+    s.control
+        .client()
+        .hibernate(&name(APP), &name("users"), true)
+        .await
+        .unwrap();
+
+    // psql with the app in the user name; the first connect wakes the database.
+    for sslmode in ["disable", "prefer"] {
+        let url = format!(
+            "{}?sslmode={sslmode}",
+            s.url("alice.shop", "wonderland", "users")
+        );
+        run(Command::new("psql").args([
+            &url,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "CREATE TABLE IF NOT EXISTS notes (body text)",
+            "-c",
+            "INSERT INTO notes VALUES ('psql')",
+        ]));
+    }
+    // psycopg, with the app in options.
+    let script = format!(
+        "import psycopg\n\
+         with psycopg.connect('{}', options='-c rouse.app={APP}') as c:\n\
+         \x20   c.execute(\"INSERT INTO notes VALUES ('psycopg')\")\n\
+         \x20   print(c.execute('SELECT count(*) FROM notes').fetchone()[0])\n",
+        s.url("alice", "wonderland", "users")
+    );
+    assert!(run(Command::new("python3").args(["-c", &script]))
+        .trim()
+        .ends_with('3'));
+    // tokio-postgres, with extended-protocol statements and parameters.
+    let c = s
+        .connect("alice.shop", "wonderland", "users")
+        .await
+        .unwrap();
+    let rows = c
+        .query(
+            "SELECT body FROM notes WHERE body <> $1 ORDER BY body",
+            &[&"psql"],
+        )
+        .await
+        .unwrap();
+    let bodies: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(bodies, vec!["psycopg"]);
+    let who: (String, String) = {
+        let r = c
+            .query_one("SELECT current_user::text, session_user::text", &[])
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        who.1, "alice",
+        "the backend session belongs to the client's own role"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_connects_to_a_hibernated_database_wake_it_once() {
+    let s = Stack::start(|p| p).await;
+    s.create("herd").await;
+    s.control
+        .client()
+        .hibernate(&name(APP), &name("herd"), true)
+        .await
+        .unwrap();
+    let before = s.starts().await;
+    let connects = (0..200).map(|_| async {
+        let c = s.connect("alice.shop", "wonderland", "herd").await?;
+        c.query_one("SELECT 1", &[])
+            .await
+            .map(|r| r.get::<_, i32>(0))
+    });
+    let results = futures::future::join_all(connects).await;
+    for r in &results {
+        assert_eq!(r.as_ref().map_err(|e| format!("{e:?}")), Ok(&1));
+    }
+    assert_eq!(s.starts().await - before, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_query_is_cancelled_with_the_clients_cancel_key() {
+    let s = Stack::start(|p| p).await;
+    s.create("slow").await;
+    let c = s.connect("alice.shop", "wonderland", "slow").await.unwrap();
+    let token = c.cancel_token();
+    let started = Instant::now();
+    let sleeper = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = sleeper.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_connections_get_postgres_errors_and_harm_nobody() {
+    let s = Stack::start(|p| p.set("header_read_timeout", "1s").set("wake_timeout", "2s")).await;
+    s.create("main").await;
+    s.control.client().create_app(&name("rival")).await.unwrap();
+    s.control
+        .client()
+        .create_user(&name("rival"), "mallory", "secret")
+        .await
+        .unwrap();
+    s.control
+        .client()
+        .create_database(&CreateDatabase {
+            app: name("rival"),
+            name: name("vault"),
+            engine: Engine::Postgres,
+            replication_factor: None,
+        })
+        .await
+        .unwrap();
+
+    let code = |r: Result<tokio_postgres::Client, tokio_postgres::Error>| {
+        r.err().and_then(|e| e.code().cloned())
+    };
+    assert_eq!(
+        code(s.connect("alice.shop", "nope", "main").await),
+        Some(SqlState::INVALID_PASSWORD)
+    );
+    assert_eq!(
+        code(s.connect("nobody.shop", "x", "main").await),
+        Some(SqlState::INVALID_PASSWORD)
+    );
+    assert_eq!(
+        code(s.connect("alice.ghost", "wonderland", "main").await),
+        Some(SqlState::INVALID_PASSWORD)
+    );
+    assert_eq!(
+        code(s.connect("alice.shop", "wonderland", "missing").await),
+        Some(SqlState::INVALID_CATALOG_NAME)
+    );
+    assert_eq!(
+        code(s.connect("alice", "wonderland", "main").await),
+        Some(SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+    );
+    // Another app's database is not there for this app, whoever asks.
+    assert_eq!(
+        code(s.connect("alice.shop", "wonderland", "vault").await),
+        Some(SqlState::INVALID_CATALOG_NAME)
+    );
+    assert_eq!(
+        code(s.connect("mallory.shop", "secret", "vault").await),
+        Some(SqlState::INVALID_PASSWORD)
+    );
+    assert!(s.connect("mallory.rival", "secret", "vault").await.is_ok());
+
+    // Malformed, oversized and stalled startups: an error, and the others go on.
+    let pg_addr = s.proxy.postgres_addr();
+    let raw = |bytes: Vec<u8>| async move {
+        let mut sock = tokio::net::TcpStream::connect(pg_addr).await.unwrap();
+        sock.write_all(&bytes).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let garbage = raw(vec![0, 0, 0, 12, 1, 2, 3, 4, 5, 6, 7, 8]).await;
+    assert!(
+        garbage.contains("08P01") && garbage.contains("unsupported protocol"),
+        "{garbage}"
+    );
+    let oversized = raw(vec![0, 16, 0, 0, 0, 3, 0, 0]).await;
+    assert!(oversized.contains("08P01"), "{oversized}");
+    let mut stalled = tokio::net::TcpStream::connect(s.proxy.postgres_addr())
+        .await
+        .unwrap();
+    stalled
+        .write_all(&[0, 0, 0, 40, 0, 3, 0, 0, b'u'])
+        .await
+        .unwrap();
+    let c = s.connect("alice.shop", "wonderland", "main").await.unwrap();
+    assert_eq!(
+        c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
+    let mut out = Vec::new();
+    let done = tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut out)).await;
+    assert!(done.is_ok(), "a stalled handshake is cut off");
+
+    // A wake that does not finish in time is 57P03, not a bare disconnect.
+    let slow = Stack::start(|p| p.set("wake_timeout", "1ms")).await;
+    slow.create("sleepy").await;
+    slow.control
+        .client()
+        .hibernate(&name(APP), &name("sleepy"), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        code(slow.connect("alice.shop", "wonderland", "sleepy").await),
+        Some(SqlState::CANNOT_CONNECT_NOW)
+    );
+}
