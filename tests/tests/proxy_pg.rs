@@ -302,3 +302,71 @@ async fn bad_connections_get_postgres_errors_and_harm_nobody() {
         Some(SqlState::CANNOT_CONNECT_NOW)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_offered_and_the_server_name_can_name_the_app() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=rouse-test",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert));
+    let tls = format!(
+        "{{cert_file: {}, key_file: {}}}",
+        cert.display(),
+        key.display()
+    );
+    let s = Stack::start(|p| p.set("tls", &tls)).await;
+    s.create("secure").await;
+    s.control
+        .client()
+        .hibernate(&name(APP), &name("secure"), true)
+        .await
+        .unwrap();
+
+    let url = format!(
+        "{}?sslmode=require",
+        s.url("alice.shop", "wonderland", "secure")
+    );
+    let out = run(Command::new("psql").args([&url, "-At", "-c", "SELECT 'encrypted'"]));
+    assert!(out.contains("encrypted"), "{out}");
+    let script = format!(
+        "import psycopg\n\
+         with psycopg.connect('{url}') as c:\n\
+         \x20   print(c.pgconn.ssl_in_use, c.execute('SELECT 40 + 2').fetchone()[0])\n"
+    );
+    assert_eq!(
+        run(Command::new("python3").args(["-c", &script])).trim(),
+        "True 42"
+    );
+
+    // The app from the TLS server name <db>.<app>.<base_domain>.
+    let port = s.proxy.postgres_addr().port();
+    let conninfo = format!("host=secure.{APP}.localhost hostaddr=127.0.0.1 port={port} user=alice password=wonderland dbname=secure sslmode=require");
+    let out = run(Command::new("psql").args([&conninfo, "-At", "-c", "SELECT current_database()"]));
+    assert_eq!(out.trim(), "secure");
+    // Without TLS there is no server name, and so no app.
+    let plain = format!(
+        "host=127.0.0.1 port={port} user=alice password=wonderland dbname=secure sslmode=disable"
+    );
+    let out = Command::new("psql")
+        .args([&plain, "-c", "SELECT 1"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("cannot tell the app")
+    );
+}

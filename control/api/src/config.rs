@@ -165,6 +165,8 @@ pub struct ProxyConfig {
     pub max_waiting: u32,
     /// Credentials other than API keys.
     pub auth: AuthConfig,
+    /// TLS for the PostgreSQL front (SSLRequest answered `S`); absent: `N`.
+    pub tls: Option<TlsConfig>,
     /// Listeners bound to one database each, for clients that only know
     /// `host:port` (sidecar mode).
     pub static_listeners: Vec<StaticListener>,
@@ -198,6 +200,15 @@ pub struct AuthConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StaticListener {
     pub addr: SocketAddr,
     pub app: crate::Name,
@@ -218,6 +229,7 @@ impl Default for ProxyConfig {
             wake_timeout: Duration::from_secs(30),
             max_waiting: 10_000,
             auth: AuthConfig::default(),
+            tls: None,
             static_listeners: Vec::new(),
             max_body_bytes: 16 << 20,
             header_read_timeout: Duration::from_secs(10),

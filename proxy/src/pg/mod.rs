@@ -3,6 +3,7 @@
 //! proxy, then the wake (the client waits inside its connect), then the
 //! backend connection as the same role and a byte-for-byte session.
 
+pub mod conn;
 pub mod frame;
 pub mod messages;
 pub mod scram;
@@ -17,11 +18,13 @@ use bytes::BytesMut;
 use rouse_control_api::{Client, ClientError, DbKey, Engine, Name};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::activity::Activity;
 use crate::error::ProxyError;
 use crate::wake::Routes;
+use conn::Conn;
 use frame::{read_frame, typed, FrameError, MAX_AUTH_MESSAGE, MAX_STARTUP};
 use scram::{ClientExchange, ScramError, ServerExchange, Verifier};
 use startup::Startup;
@@ -87,6 +90,8 @@ pub struct PgFront {
     verifiers: moka::future::Cache<(Name, String), Option<Arc<Verifier>>>,
     cancels: Mutex<HashMap<(i32, i32), CancelTarget>>,
     startup_timeout: Duration,
+    tls: Option<TlsAcceptor>,
+    base_domain: Option<String>,
 }
 
 impl PgFront {
@@ -95,6 +100,8 @@ impl PgFront {
         routes: Arc<Routes>,
         activity: Arc<Activity>,
         startup_timeout: Duration,
+        tls: Option<TlsAcceptor>,
+        base_domain: Option<String>,
     ) -> Arc<PgFront> {
         Arc::new(PgFront {
             control,
@@ -106,6 +113,8 @@ impl PgFront {
                 .build(),
             cancels: Mutex::new(HashMap::new()),
             startup_timeout,
+            tls,
+            base_domain,
         })
     }
 
@@ -138,8 +147,9 @@ impl PgFront {
         }
     }
 
-    async fn session(&self, mut client: TcpStream, peer: SocketAddr) {
+    async fn session(&self, tcp: TcpStream, peer: SocketAddr) {
         let mut buf = BytesMut::with_capacity(1024);
+        let mut client = Conn::Plain(tcp);
         let started =
             tokio::time::timeout(self.startup_timeout, self.start(&mut client, &mut buf)).await;
         let (key, backend, backend_buf, cancel) = match started {
@@ -151,6 +161,7 @@ impl PgFront {
                 let _ = client
                     .write_all(&messages::fatal(e.sqlstate(), &e.to_string()))
                     .await;
+                let _ = client.flush().await;
                 return;
             }
             Err(_) => {
@@ -158,6 +169,7 @@ impl PgFront {
                 let _ = client
                     .write_all(&messages::fatal(e.sqlstate(), &e.to_string()))
                     .await;
+                let _ = client.flush().await;
                 return;
             }
         };
@@ -187,16 +199,32 @@ impl PgFront {
     /// connection was a cancel request.
     async fn start(
         &self,
-        client: &mut TcpStream,
+        client: &mut Conn,
         buf: &mut BytesMut,
     ) -> Result<Option<(DbKey, TcpStream, BytesMut, (i32, i32))>, PgError> {
         let params = loop {
             let frame = read_frame(client, buf, false, MAX_STARTUP).await?;
             match startup::parse(frame).map_err(|e| PgError::Protocol(e.to_string()))? {
-                // TLS and GSS encryption are declined; libpq then goes on in plain text.
-                Startup::SslRequest | Startup::GssEncRequest => {
-                    client.write_all(b"N").await.map_err(closed)?
-                }
+                Startup::SslRequest => match (&self.tls, &*client) {
+                    (Some(tls), Conn::Plain(_)) => {
+                        // Bytes sent before the answer would bypass TLS: refuse them.
+                        if !buf.is_empty() {
+                            return Err(PgError::Protocol(
+                                "data received before the TLS handshake".into(),
+                            ));
+                        }
+                        client.write_all(b"S").await.map_err(closed)?;
+                        let Conn::Plain(tcp) = std::mem::replace(client, Conn::Upgrading) else {
+                            unreachable!("matched Conn::Plain above")
+                        };
+                        *client = Conn::Tls(Box::new(tls.accept(tcp).await.map_err(|e| {
+                            PgError::Protocol(format!("TLS handshake failed: {e}"))
+                        })?));
+                    }
+                    _ => client.write_all(b"N").await.map_err(closed)?,
+                },
+                // GSS encryption is declined; libpq then goes on.
+                Startup::GssEncRequest => client.write_all(b"N").await.map_err(closed)?,
                 Startup::Cancel { pid, secret } => {
                     self.cancel(pid, secret).await;
                     return Ok(None);
@@ -204,7 +232,10 @@ impl PgFront {
                 Startup::Startup(params) => break params,
             }
         };
-        let (role, app, params) = route(params)?;
+        let sni_app = client
+            .sni()
+            .and_then(|sni| sni_app(sni, self.base_domain.as_deref()));
+        let (role, app, params) = route(params, sni_app)?;
         let database = params
             .get("database")
             .cloned()
@@ -342,10 +373,19 @@ fn backend_err(e: std::io::Error) -> PgError {
     PgError::Backend(e.to_string())
 }
 
+/// The app named by a TLS server name `<db>.<app>.<base_domain>`.
+fn sni_app(sni: &str, base_domain: Option<&str>) -> Option<Name> {
+    let sub = sni.strip_suffix(base_domain?)?.strip_suffix('.')?;
+    let (_db, app) = sub.split_once('.')?;
+    Name::new(app).ok()
+}
+
 /// Role, app and the parameters to pass on: the app from `user.app`, else
-/// from `options=-c rouse.app=<app>` (which is then removed).
+/// from the TLS server name, else from `options=-c rouse.app=<app>` (which
+/// is then removed).
 fn route(
     mut params: BTreeMap<String, String>,
+    sni_app: Option<Name>,
 ) -> Result<(String, Name, BTreeMap<String, String>), PgError> {
     let user = params
         .get("user")
@@ -356,7 +396,7 @@ fn route(
             .map_err(|_| PgError::Authorization(format!("invalid app in user name \"{user}\"")))?;
         return Ok((role.to_string(), app, params));
     }
-    let mut app = None;
+    let mut app = sni_app.map(|a| a.to_string());
     if let Some(options) = params.get("options").cloned() {
         let mut kept = Vec::new();
         let mut words = options.split_whitespace().peekable();
@@ -372,7 +412,7 @@ fn route(
                 },
             };
             match setting.strip_prefix("rouse.app=") {
-                Some(a) => app = Some(a.to_string()),
+                Some(a) => app = app.or(Some(a.to_string())),
                 None => kept.push(format!("-c {setting}")),
             }
         }
@@ -394,7 +434,7 @@ fn route(
 
 /// SCRAM-SHA-256 with the client; the proven ClientKey on success.
 async fn authenticate(
-    client: &mut TcpStream,
+    client: &mut Conn,
     buf: &mut BytesMut,
     verifier: &Verifier,
     role: &str,
@@ -509,6 +549,25 @@ fn error_text(frame: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    fn route_of(
+        p: BTreeMap<String, String>,
+    ) -> Result<(String, Name, BTreeMap<String, String>), PgError> {
+        route(p, None)
+    }
+
+    #[test]
+    fn app_from_the_tls_server_name() {
+        assert_eq!(
+            sni_app("users.shop.db.example", Some("db.example")),
+            Some(Name::new("shop").unwrap())
+        );
+        assert_eq!(sni_app("users.shop.other", Some("db.example")), None);
+        assert_eq!(sni_app("shop.db.example", Some("db.example")), None);
+        let (role, app, _) =
+            route(params(&[("user", "alice")]), sni_app("u.shop.x", Some("x"))).unwrap();
+        assert_eq!((role.as_str(), app.as_str()), ("alice", "shop"));
+    }
+
     fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
@@ -518,29 +577,32 @@ mod tests {
 
     #[test]
     fn app_from_user_suffix_or_options() {
-        let (role, app, _) = route(params(&[("user", "alice.shop")])).unwrap();
+        let (role, app, _) = route_of(params(&[("user", "alice.shop")])).unwrap();
         assert_eq!((role.as_str(), app.as_str()), ("alice", "shop"));
-        let (role, app, rest) = route(params(&[
+        let (role, app, rest) = route_of(params(&[
             ("user", "alice"),
             ("options", "-c rouse.app=shop -c search_path=x"),
         ]))
         .unwrap();
         assert_eq!((role.as_str(), app.as_str()), ("alice", "shop"));
         assert_eq!(rest["options"], "-c search_path=x");
-        let (_, _, rest) = route(params(&[
+        let (_, _, rest) = route_of(params(&[
             ("user", "alice"),
             ("options", "-crouse.app=shop"),
         ]))
         .unwrap();
         assert!(!rest.contains_key("options"));
         assert!(matches!(
-            route(params(&[("user", "alice")])),
+            route_of(params(&[("user", "alice")])),
             Err(PgError::Authorization(_))
         ));
         assert!(matches!(
-            route(params(&[("user", "alice.Bad_App")])),
+            route_of(params(&[("user", "alice.Bad_App")])),
             Err(PgError::Authorization(_))
         ));
-        assert!(matches!(route(params(&[])), Err(PgError::Authorization(_))));
+        assert!(matches!(
+            route_of(params(&[])),
+            Err(PgError::Authorization(_))
+        ));
     }
 }
