@@ -44,9 +44,13 @@ App "demo" has a new API key: $key
   # rqlite's own API, routed by path prefix
   curl -H "X-API-Key: $key" -d '["SELECT * FROM notes"]' http://$http/demo/notes/db/query
 
+  # PostgreSQL through the proxy (the database wakes on connect)
+  $bin/rouse-control user create demo alice --password secret
+  $bin/rouse-control db create demo pg --engine postgres
+  psql "postgres://alice.demo:secret@$(setting postgres_addr)/pg"
+
   $bin/rouse-control db list                     # status of every database
   $bin/rouse-control db hibernate demo notes     # the next request wakes it
-  $bin/rouse-control db create demo pg --engine postgres
 
 Metrics: http://$(setting stats_addr)/metrics (proxy), http://$api/metrics (control).
 Ctrl-C stops rouse and every database it runs.
