@@ -116,6 +116,7 @@ pub async fn run(
         p.header_read_timeout + p.wake_timeout,
         tls,
         p.base_domain.clone(),
+        p.max_client_connections,
     );
     let proxy = Arc::new(Proxy {
         config: p.clone(),

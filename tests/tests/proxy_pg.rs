@@ -289,6 +289,32 @@ async fn bad_connections_get_postgres_errors_and_harm_nobody() {
     let done = tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut out)).await;
     assert!(done.is_ok(), "a stalled handshake is cut off");
 
+    // Past max_client_connections: 53300, and room again once one leaves.
+    let small = Stack::start(|p| p.set("max_client_connections", "2")).await;
+    small.create("tiny").await;
+    let first = small
+        .connect("alice.shop", "wonderland", "tiny")
+        .await
+        .unwrap();
+    let second = small
+        .connect("alice.shop", "wonderland", "tiny")
+        .await
+        .unwrap();
+    assert_eq!(
+        code(small.connect("alice.shop", "wonderland", "tiny").await),
+        Some(SqlState::TOO_MANY_CONNECTIONS)
+    );
+    drop((first, second));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while small
+        .connect("alice.shop", "wonderland", "tiny")
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "slots not given back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // A wake that does not finish in time is 57P03, not a bare disconnect.
     let slow = Stack::start(|p| p.set("wake_timeout", "1ms")).await;
     slow.create("sleepy").await;

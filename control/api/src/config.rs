@@ -185,6 +185,8 @@ pub struct ProxyConfig {
     pub auto_create: bool,
     /// Threads serving clients; 0 means half the cores, at least one.
     pub worker_threads: usize,
+    /// PostgreSQL client connections beyond this get `53300`.
+    pub max_client_connections: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -237,6 +239,7 @@ impl Default for ProxyConfig {
             activity_interval: Duration::from_secs(2),
             auto_create: true,
             worker_threads: 0,
+            max_client_connections: 10_000,
         }
     }
 }

@@ -46,6 +46,8 @@ pub enum PgError {
     Backend(String),
     #[error("{0}")]
     Closed(String),
+    #[error("sorry, too many clients already")]
+    TooManyClients,
 }
 
 impl PgError {
@@ -57,6 +59,7 @@ impl PgError {
             PgError::UnknownDatabase(_) => "3D000",
             PgError::Waking(_) => "57P03",
             PgError::Backend(_) => "08006",
+            PgError::TooManyClients => "53300",
         }
     }
 
@@ -67,6 +70,7 @@ impl PgError {
             PgError::Password(_) | PgError::Authorization(_) => "auth",
             PgError::Waking(_) => "wake_timeout",
             PgError::Backend(_) => "backend",
+            PgError::TooManyClients => "rate_limit",
         }
     }
 }
@@ -78,6 +82,17 @@ impl From<FrameError> for PgError {
             FrameError::BadLength(..) => PgError::Protocol(format!("invalid message: {e}")),
         }
     }
+}
+
+/// A session that passed startup: its database, backend connection (with
+/// what the backend sent beyond ReadyForQuery), the client's cancel key and
+/// its slot among `max_client_connections`.
+struct Started {
+    key: DbKey,
+    backend: TcpStream,
+    backend_buf: BytesMut,
+    cancel: (i32, i32),
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// A session's cancel key as the client knows it, and where it really goes.
@@ -92,6 +107,8 @@ pub struct PgFront {
     startup_timeout: Duration,
     tls: Option<TlsAcceptor>,
     base_domain: Option<String>,
+    /// One permit per client session.
+    sessions: Arc<tokio::sync::Semaphore>,
 }
 
 impl PgFront {
@@ -102,6 +119,7 @@ impl PgFront {
         startup_timeout: Duration,
         tls: Option<TlsAcceptor>,
         base_domain: Option<String>,
+        max_sessions: usize,
     ) -> Arc<PgFront> {
         Arc::new(PgFront {
             control,
@@ -115,6 +133,7 @@ impl PgFront {
             startup_timeout,
             tls,
             base_domain,
+            sessions: Arc::new(tokio::sync::Semaphore::new(max_sessions)),
         })
     }
 
@@ -152,7 +171,13 @@ impl PgFront {
         let mut client = Conn::Plain(tcp);
         let started =
             tokio::time::timeout(self.startup_timeout, self.start(&mut client, &mut buf)).await;
-        let (key, backend, backend_buf, cancel) = match started {
+        let Started {
+            key,
+            backend,
+            backend_buf,
+            cancel,
+            _permit,
+        } = match started {
             Ok(Ok(Some(s))) => s,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
@@ -201,7 +226,7 @@ impl PgFront {
         &self,
         client: &mut Conn,
         buf: &mut BytesMut,
-    ) -> Result<Option<(DbKey, TcpStream, BytesMut, (i32, i32))>, PgError> {
+    ) -> Result<Option<Started>, PgError> {
         let params = loop {
             let frame = read_frame(client, buf, false, MAX_STARTUP).await?;
             match startup::parse(frame).map_err(|e| PgError::Protocol(e.to_string()))? {
@@ -232,6 +257,12 @@ impl PgFront {
                 Startup::Startup(params) => break params,
             }
         };
+        // Over the limit: refused after the startup packet, as PostgreSQL does.
+        let permit = self
+            .sessions
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| PgError::TooManyClients)?;
         let sni_app = client
             .sni()
             .and_then(|sni| sni_app(sni, self.base_domain.as_deref()));
@@ -326,7 +357,13 @@ impl PgFront {
         }
         out.flush().await.map_err(closed)?;
         info!(database = %key, role = %role, "postgres session started");
-        Ok(Some((key, backend, backend_buf, cancel)))
+        Ok(Some(Started {
+            key,
+            backend,
+            backend_buf,
+            cancel,
+            _permit: permit,
+        }))
     }
 
     async fn verifier(&self, app: &Name, role: &str) -> Result<Arc<Verifier>, PgError> {
