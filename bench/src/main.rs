@@ -2,6 +2,7 @@
 //! engines (and, for the data plane, HAProxy and PgBouncer), in one run.
 
 mod http;
+mod pg;
 mod stats;
 mod wake;
 
@@ -26,6 +27,14 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         cycles: usize,
     },
+    /// pgbench through rouse, HAProxy (mode tcp) and PgBouncer, beside the
+    /// bare server.
+    Pg {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// rqlite HTTP throughput and p99 through rouse, HAProxy and bare
     /// rqlited (wrk), and 500 requests arriving at a hibernated database.
     Http {
@@ -42,6 +51,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Wake { cycles } => println!("{}", wake::run(cycles).await?),
+        Command::Pg { rounds, seconds } => println!("{}", pg::run(rounds, seconds).await?),
         Command::Http {
             rounds,
             seconds,

@@ -199,6 +199,15 @@ impl RunAs {
         cmd.uid(self.uid).gid(self.gid);
     }
 
+    /// Gives `path` and what is directly in it to this user.
+    pub fn chown_path(self, path: &Path) -> Result<()> {
+        self.chown(path)?;
+        for entry in std::fs::read_dir(path)? {
+            self.chown(&entry?.path())?;
+        }
+        Ok(())
+    }
+
     fn chown(self, path: &Path) -> Result<()> {
         std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid))
             .with_context(|| format!("cannot chown {} to postgres", path.display()))
