@@ -208,6 +208,11 @@ async fn route(
                     detached(m, move |m| async move { m.hibernate(&key, force).await }).await,
                 )
             }
+            (&Method::POST, ["databases", app, db, "pool_mode"]) => {
+                let key = db_key(app, db)?;
+                let body: SetPoolMode = read_json(req).await?;
+                reply(S::OK, m.set_pool_mode(&key, body.pool_mode).await)
+            }
             (&Method::DELETE, ["databases", app, db]) => {
                 let key = db_key(app, db)?;
                 let dropped = serde_json::json!({"dropped": key.internal()});

@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 use rouse_control_api::{
-    Client, ClientError, CreateApp, CreateDatabase, DatabaseInfo, Engine, Name,
+    Client, ClientError, CreateApp, CreateDatabase, DatabaseInfo, Engine, Name, PoolMode,
 };
 use serde::Serialize;
 
@@ -102,6 +102,12 @@ pub enum DbCmd {
         app: Name,
         name: Name,
     },
+    /// How proxies pool PostgreSQL connections: session or transaction.
+    PoolMode {
+        app: Name,
+        name: Name,
+        mode: PoolMode,
+    },
 }
 
 fn print<T: Serialize>(v: &T) {
@@ -188,6 +194,9 @@ pub async fn run(client: &Client, cmd: Command) -> Result<(), ClientError> {
                 print(&client.hibernate(&app, &name, force).await?)
             }
             DbCmd::Drop { app, name } => print(&client.drop_database(&app, &name).await?),
+            DbCmd::PoolMode { app, name, mode } => {
+                print(&client.set_pool_mode(&app, &name, mode).await?)
+            }
         },
         Command::Nodes => print(&client.nodes().await?),
     }

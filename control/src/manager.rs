@@ -33,6 +33,10 @@ pub fn now_ms() -> u64 {
 const REPLICATION_TARGET: &str = "replication_target";
 
 /// The setting that turns off creation on first access for one app.
+fn pool_mode_setting(key: &DbKey) -> String {
+    format!("db.{key}.pool_mode")
+}
+
 fn first_access_setting(app: &Name) -> String {
     format!("app.{app}.create_on_first_access")
 }
@@ -65,6 +69,8 @@ pub struct Manager {
     events: broadcast::Sender<Event>,
     pub activity: ActivityTracker,
     slots: Mutex<HashMap<DbKey, Arc<Slot>>>,
+    /// Pool modes other than the default, as stored in `_system`.
+    pool_modes: Mutex<HashMap<DbKey, PoolMode>>,
     /// Serialises the capacity check and insert of creates.
     creating: tokio::sync::Mutex<()>,
     me: Weak<Manager>,
@@ -88,6 +94,7 @@ impl Manager {
             events,
             activity: ActivityTracker::default(),
             slots: Mutex::new(HashMap::new()),
+            pool_modes: Mutex::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
             me: me.clone(),
         })
@@ -201,6 +208,13 @@ impl Manager {
                 .max(rec.last_activity),
             last_wake_ms: rec.last_wake_ms,
             open_sessions: self.activity.open_sessions(&rec.key),
+            pool_mode: self
+                .pool_modes
+                .lock()
+                .expect("pool modes poisoned")
+                .get(&rec.key)
+                .copied()
+                .unwrap_or_default(),
             backend: (rec.engine == Engine::Postgres).then(|| BackendCredentials {
                 user: engine::postgres::ADMIN_USER.into(),
                 password: rec.secret.clone(),
@@ -801,6 +815,37 @@ impl Manager {
         self.status(key).await
     }
 
+    pub async fn set_pool_mode(&self, key: &DbKey, mode: PoolMode) -> Result<DatabaseInfo> {
+        let rec = self.record(key).await?;
+        if rec.engine != Engine::Postgres {
+            return Err(ControlError::BadRequest(format!(
+                "database {} is not a PostgreSQL database",
+                key.db
+            )));
+        }
+        let text = match mode {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+        };
+        self.store
+            .set_setting(&pool_mode_setting(key), text)
+            .await?;
+        self.pool_modes
+            .lock()
+            .expect("pool modes poisoned")
+            .insert(key.clone(), mode);
+        info!(database = %key, pool_mode = text, "pool mode set");
+        let info = self.info(&rec);
+        // Proxies re-read the database on this event.
+        self.publish(Event::Status {
+            app: key.app.clone(),
+            name: key.db.clone(),
+            status: info.status,
+            reason: None,
+        });
+        Ok(info)
+    }
+
     pub async fn drop_database(&self, key: &DbKey) -> Result<()> {
         let slot = self.slot(key);
         let mut running = slot.running.lock().await;
@@ -867,6 +912,16 @@ impl Manager {
                 warn!(dir = %entry.path().display(), "removing orphaned data directory: no database in metadata");
                 if let Err(e) = std::fs::remove_dir_all(entry.path()) {
                     error!(dir = %entry.path().display(), error = %e, "could not remove orphaned directory");
+                }
+            }
+        }
+        for rec in &records {
+            if let Some(mode) = self.store.setting(&pool_mode_setting(&rec.key)).await? {
+                if let Ok(mode) = mode.parse::<PoolMode>() {
+                    self.pool_modes
+                        .lock()
+                        .expect("pool modes poisoned")
+                        .insert(rec.key.clone(), mode);
                 }
             }
         }

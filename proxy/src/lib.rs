@@ -105,19 +105,7 @@ pub async fn run(
             p.activity_interval,
         )),
     ];
-    let tls = match &p.tls {
-        Some(t) => Some(pg::conn::acceptor(&t.cert_file, &t.key_file)?),
-        None => None,
-    };
-    let pg = pg::PgFront::new(
-        control.clone(),
-        routes.clone(),
-        activity.clone(),
-        p.header_read_timeout + p.wake_timeout,
-        tls,
-        p.base_domain.clone(),
-        p.max_client_connections,
-    );
+    let pg = pg::PgFront::new(control.clone(), routes.clone(), activity.clone(), &p)?;
     let proxy = Arc::new(Proxy {
         config: p.clone(),
         control,

@@ -23,6 +23,7 @@ use crate::error::{ProxyError, Result};
 pub struct Target {
     pub engine: Engine,
     pub endpoints: Arc<Vec<Endpoint>>,
+    pub pool_mode: rouse_control_api::PoolMode,
 }
 
 type WakeFuture = Shared<BoxFuture<'static, Result<Target>>>;
@@ -146,12 +147,9 @@ impl Routes {
 
     fn apply(&self, event: &Event, auth: &Authenticator) {
         match event {
-            Event::Status {
-                app, name, status, ..
-            } => {
-                if *status != DatabaseStatus::Active {
-                    self.invalidate(&DbKey::new(app.clone(), name.clone()));
-                }
+            // Any change of status or settings: read the database afresh.
+            Event::Status { app, name, .. } => {
+                self.invalidate(&DbKey::new(app.clone(), name.clone()))
             }
             Event::Leader {
                 app,
@@ -223,6 +221,7 @@ fn target_of(info: &rouse_control_api::DatabaseInfo) -> Target {
     Target {
         engine: info.engine,
         endpoints: Arc::new(info.endpoints.clone()),
+        pool_mode: info.pool_mode,
     }
 }
 

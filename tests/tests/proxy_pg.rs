@@ -396,3 +396,75 @@ async fn tls_is_offered_and_the_server_name_can_name_the_app() {
             && String::from_utf8_lossy(&out.stderr).contains("cannot tell the app")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_pooling_shares_few_backends_and_keeps_prepared_statements() {
+    let s = Stack::start(|p| p.set("pool_size", "4")).await;
+    s.create("pooled").await;
+    let info = s
+        .control
+        .client()
+        .set_pool_mode(&name(APP), &name("pooled"), PoolMode::Transaction)
+        .await
+        .unwrap();
+    assert_eq!(info.pool_mode, PoolMode::Transaction);
+
+    // pgbench with protocol-level prepared statements, 8 clients over 4
+    // backends. One client per pgbench thread: pgbench prepares statements
+    // with a blocking call, which would stall a thread's other clients while
+    // they hold every backend.
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=alice.shop dbname=pooled sslmode=disable",
+        s.proxy.postgres_addr().port()
+    );
+    let pgbench = rouse_tests::postgres_bin_dir().unwrap().join("pgbench");
+    run(Command::new(&pgbench)
+        .args(["-i", "-s", "1", "-q", &conninfo])
+        .env("PGPASSWORD", "wonderland"));
+    let out = run(Command::new(&pgbench)
+        .args([
+            "-M", "prepared", "-c", "8", "-j", "8", "-T", "3", "-n", &conninfo,
+        ])
+        .env("PGPASSWORD", "wonderland"));
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    let c = s
+        .connect("alice.shop", "wonderland", "pooled")
+        .await
+        .unwrap();
+    let row = c
+        .query_one(
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts) = (SELECT sum(delta) FROM pgbench_history), \
+             (SELECT count(*) FROM pg_stat_activity WHERE usename = 'alice')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(
+        row.get::<_, bool>(0),
+        "every transaction applied exactly once"
+    );
+    assert!(
+        row.get::<_, i64>(1) <= 4,
+        "{} backend connections for 8 clients",
+        row.get::<_, i64>(1)
+    );
+
+    // Two clients whose statements share names (tokio-postgres calls them s0, s1, ...)
+    // keep getting their own statements on whichever backend serves them.
+    let a = s
+        .connect("alice.shop", "wonderland", "pooled")
+        .await
+        .unwrap();
+    let b = s
+        .connect("alice.shop", "wonderland", "pooled")
+        .await
+        .unwrap();
+    let plus = a.prepare("SELECT $1::int + 1").await.unwrap();
+    let times = b.prepare("SELECT $1::int * 10").await.unwrap();
+    for i in 0..50i32 {
+        let args: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&i];
+        let (x, y) = tokio::join!(a.query_one(&plus, &args), b.query_one(&times, &args));
+        assert_eq!(x.unwrap().get::<_, i32>(0), i + 1);
+        assert_eq!(y.unwrap().get::<_, i32>(0), i * 10);
+    }
+}

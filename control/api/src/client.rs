@@ -217,6 +217,19 @@ impl Client {
         .await
     }
 
+    pub async fn set_pool_mode(
+        &self,
+        app: &Name,
+        db: &Name,
+        pool_mode: PoolMode,
+    ) -> Result<DatabaseInfo, ClientError> {
+        self.post(
+            &format!("/databases/{app}/{db}/pool_mode"),
+            &SetPoolMode { pool_mode },
+        )
+        .await
+    }
+
     pub async fn drop_database(
         &self,
         app: &Name,

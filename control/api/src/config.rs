@@ -187,6 +187,8 @@ pub struct ProxyConfig {
     pub worker_threads: usize,
     /// PostgreSQL client connections beyond this get `53300`.
     pub max_client_connections: usize,
+    /// Backend connections per database and role in transaction pooling.
+    pub pool_size: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -240,6 +242,7 @@ impl Default for ProxyConfig {
             auto_create: true,
             worker_threads: 0,
             max_client_connections: 10_000,
+            pool_size: 20,
         }
     }
 }

@@ -197,6 +197,37 @@ pub struct DatabaseInfo {
     pub open_sessions: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<BackendCredentials>,
+    /// How the proxy pools PostgreSQL connections to this database.
+    #[serde(default)]
+    pub pool_mode: PoolMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A backend connection per client session.
+    #[default]
+    Session,
+    /// A backend connection per transaction, shared between clients.
+    Transaction,
+}
+
+impl std::str::FromStr for PoolMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "session" => Ok(PoolMode::Session),
+            "transaction" => Ok(PoolMode::Transaction),
+            other => Err(format!(
+                "unknown pool mode {other:?}: expected session or transaction"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetPoolMode {
+    pub pool_mode: PoolMode,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

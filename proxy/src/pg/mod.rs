@@ -6,6 +6,7 @@
 pub mod conn;
 pub mod frame;
 pub mod messages;
+pub mod pool;
 pub mod scram;
 pub mod startup;
 
@@ -14,8 +15,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::BufMut;
 use bytes::BytesMut;
-use rouse_control_api::{Client, ClientError, DbKey, Engine, Name};
+use rouse_control_api::{Client, ClientError, DbKey, Engine, Name, PoolMode};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -84,26 +86,45 @@ impl From<FrameError> for PgError {
     }
 }
 
-/// A session that passed startup: its database, backend connection (with
-/// what the backend sent beyond ReadyForQuery), the client's cancel key and
-/// its slot among `max_client_connections`.
+/// A session that passed startup: its database, how it reaches the
+/// backend, the client's cancel key and its slot among
+/// `max_client_connections`.
 struct Started {
     key: DbKey,
-    backend: TcpStream,
-    backend_buf: BytesMut,
+    mode: Mode,
     cancel: (i32, i32),
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// A session's cancel key as the client knows it, and where it really goes.
-type CancelTarget = (SocketAddr, i32, i32);
+enum Mode {
+    /// A backend connection of its own for the whole session.
+    Session(BackendSession),
+    /// Backend connections lent per transaction.
+    Transaction(Arc<pool::Pool>),
+}
+
+/// A logged-in backend connection.
+pub struct BackendSession {
+    pub stream: TcpStream,
+    /// What the backend sent beyond ReadyForQuery.
+    pub buf: BytesMut,
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+    /// ParameterStatus and notices of the login.
+    pub greeting: Vec<BytesMut>,
+    /// The login's ReadyForQuery.
+    pub ready: BytesMut,
+}
 
 pub struct PgFront {
     pub control: Client,
     pub routes: Arc<Routes>,
     pub activity: Arc<Activity>,
     verifiers: moka::future::Cache<(Name, String), Option<Arc<Verifier>>>,
-    cancels: Mutex<HashMap<(i32, i32), CancelTarget>>,
+    cancels: Mutex<HashMap<(i32, i32), pool::CancelSlot>>,
+    pools: Mutex<HashMap<(DbKey, String), Arc<pool::Pool>>>,
+    pool_size: usize,
     startup_timeout: Duration,
     tls: Option<TlsAcceptor>,
     base_domain: Option<String>,
@@ -112,16 +133,18 @@ pub struct PgFront {
 }
 
 impl PgFront {
+    /// The front as `proxy.*` configures it (TLS, limits, pool size).
     pub fn new(
         control: Client,
         routes: Arc<Routes>,
         activity: Arc<Activity>,
-        startup_timeout: Duration,
-        tls: Option<TlsAcceptor>,
-        base_domain: Option<String>,
-        max_sessions: usize,
-    ) -> Arc<PgFront> {
-        Arc::new(PgFront {
+        config: &rouse_control_api::config::ProxyConfig,
+    ) -> anyhow::Result<Arc<PgFront>> {
+        let tls = match &config.tls {
+            Some(t) => Some(conn::acceptor(&t.cert_file, &t.key_file)?),
+            None => None,
+        };
+        Ok(Arc::new(PgFront {
             control,
             routes,
             activity,
@@ -130,11 +153,14 @@ impl PgFront {
                 .time_to_live(Duration::from_secs(30))
                 .build(),
             cancels: Mutex::new(HashMap::new()),
-            startup_timeout,
+            pools: Mutex::new(HashMap::new()),
+            pool_size: config.pool_size,
+            // The startup includes the wake.
+            startup_timeout: config.header_read_timeout + config.wake_timeout,
             tls,
-            base_domain,
-            sessions: Arc::new(tokio::sync::Semaphore::new(max_sessions)),
-        })
+            base_domain: config.base_domain.clone(),
+            sessions: Arc::new(tokio::sync::Semaphore::new(config.max_client_connections)),
+        }))
     }
 
     pub async fn serve(
@@ -173,8 +199,7 @@ impl PgFront {
             tokio::time::timeout(self.startup_timeout, self.start(&mut client, &mut buf)).await;
         let Started {
             key,
-            backend,
-            backend_buf,
+            mode,
             cancel,
             _permit,
         } = match started {
@@ -200,19 +225,50 @@ impl PgFront {
         };
         metrics::counter!("rouse_requests_total", "app" => key.app.to_string(), "db" => key.db.to_string(), "protocol" => "postgres", "outcome" => "ok").increment(1);
         let _in_session = self.activity.begin(&key);
-        let mut backend = backend;
-        // Whatever either side sent early goes first, then bytes flow as they are.
-        let relay = async {
-            if !backend_buf.is_empty() {
-                client.write_all(&backend_buf).await?;
+        match mode {
+            Mode::Session(mut backend) => {
+                // Whatever either side sent early goes first, then bytes flow as they are.
+                let relay = async {
+                    if !backend.buf.is_empty() {
+                        client.write_all(&backend.buf).await?;
+                    }
+                    if !buf.is_empty() {
+                        backend.stream.write_all(&buf).await?;
+                    }
+                    tokio::io::copy_bidirectional(&mut client, &mut backend.stream).await
+                };
+                if let Err(e) = relay.await {
+                    debug!(database = %key, error = %e, "postgres session ended");
+                }
             }
-            if !buf.is_empty() {
-                backend.write_all(&buf).await?;
+            Mode::Transaction(pool) => {
+                let slot = self
+                    .cancels
+                    .lock()
+                    .expect("cancels poisoned")
+                    .get(&cancel)
+                    .cloned()
+                    .unwrap_or_default();
+                let routes = self.routes.clone();
+                let target = key.clone();
+                let addr =
+                    move || -> futures::future::BoxFuture<'static, Result<SocketAddr, PgError>> {
+                        let (routes, key) = (routes.clone(), target.clone());
+                        Box::pin(async move {
+                            let t = routes
+                                .target(&key)
+                                .await
+                                .map_err(|e| PgError::Backend(e.to_string()))?;
+                            endpoint_addr(&t)
+                        })
+                    };
+                if let Err(e) = pool::relay(&mut client, &mut buf, &pool, addr, &slot).await {
+                    debug!(database = %key, error = %e, "pooled postgres session ended");
+                    let _ = client
+                        .write_all(&messages::fatal(e.sqlstate(), &e.to_string()))
+                        .await;
+                }
             }
-            tokio::io::copy_bidirectional(&mut client, &mut backend).await
-        };
-        if let Err(e) = relay.await {
-            debug!(database = %key, error = %e, "postgres session ended");
         }
         self.cancels
             .lock()
@@ -287,83 +343,88 @@ impl PgFront {
         if target.engine != Engine::Postgres {
             return Err(PgError::UnknownDatabase(database));
         }
-        let endpoint = target
-            .endpoints
-            .first()
-            .ok_or_else(|| PgError::Backend("no endpoint".into()))?;
-        let addr: SocketAddr = endpoint
-            .addr()
-            .parse()
-            .map_err(|_| PgError::Backend(format!("bad endpoint {}", endpoint.addr())))?;
-        let mut backend = match TcpStream::connect(addr).await {
-            Ok(s) => s,
-            Err(e) => {
-                // A stale route: the database was hibernated or moved.
-                self.routes.invalidate(&key);
-                return Err(PgError::Backend(format!(
-                    "cannot reach database \"{database}\": {e}"
-                )));
+        let addr = endpoint_addr(&target)?;
+        let slot: pool::CancelSlot = Arc::new(Mutex::new(None));
+        let ours = (rand::random::<i32>(), rand::random::<i32>());
+        let (mode, greeting, ready) = match target.pool_mode {
+            PoolMode::Session => {
+                let passed: Vec<(&str, &str)> = params
+                    .iter()
+                    .filter(|(k, _)| *k != "user" && *k != "database")
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let session =
+                    connect_backend(addr, &role, &database, &passed, &verifier, &client_key)
+                        .await
+                        .inspect_err(|_| self.routes.invalidate(&key))?;
+                *slot.lock().expect("cancel poisoned") = Some((addr, session.pid, session.secret));
+                let (greeting, ready) = (session.greeting.clone(), session.ready.clone());
+                (Mode::Session(session), greeting, ready)
+            }
+            PoolMode::Transaction => {
+                let pool = self.pool(&key, &role, &database, &verifier, client_key);
+                // A first login checks the route and fills the pool's greeting.
+                let b = pool
+                    .checkout(addr)
+                    .await
+                    .inspect_err(|_| self.routes.invalidate(&key))?;
+                pool.checkin(b);
+                let greeting = pool.greeting();
+                (
+                    Mode::Transaction(pool),
+                    greeting,
+                    messages::message(b'Z', |b| b.put_u8(b'I')),
+                )
             }
         };
-        let _ = backend.set_nodelay(true);
-        let mut backend_buf = BytesMut::with_capacity(1024);
-        let mut startup_params: Vec<(&str, &str)> = vec![("user", &role), ("database", &database)];
-        startup_params.extend(
-            params
-                .iter()
-                .filter(|(k, _)| *k != "user" && *k != "database")
-                .map(|(k, v)| (k.as_str(), v.as_str())),
-        );
-        backend
-            .write_all(&messages::startup(&startup_params))
-            .await
-            .map_err(backend_err)?;
-        backend_login(&mut backend, &mut backend_buf, &verifier, &client_key).await?;
-
-        // Relay the backend's greeting up to ReadyForQuery, with our own cancel key.
+        self.cancels
+            .lock()
+            .expect("cancels poisoned")
+            .insert(ours, slot);
         let mut out = BufWriter::new(&mut *client);
         out.write_all(&messages::auth_ok()).await.map_err(closed)?;
-        let mut cancel = (0, 0);
-        loop {
-            let frame = read_frame(&mut backend, &mut backend_buf, true, MAX_STARTUP * 10)
-                .await
-                .map_err(|e| PgError::Backend(e.to_string()))?;
-            match frame[0] {
-                b'K' => {
-                    let (_, mut body) = typed(frame);
-                    use bytes::Buf;
-                    let (pid, secret) = (body.get_i32(), body.get_i32());
-                    let ours = (rand::random::<i32>(), rand::random::<i32>());
-                    self.cancels
-                        .lock()
-                        .expect("cancels poisoned")
-                        .insert(ours, (addr, pid, secret));
-                    cancel = ours;
-                    out.write_all(&messages::backend_key_data(ours.0, ours.1))
-                        .await
-                        .map_err(closed)?;
-                }
-                b'Z' => {
-                    out.write_all(&frame).await.map_err(closed)?;
-                    break;
-                }
-                b'E' => {
-                    out.write_all(&frame).await.map_err(closed)?;
-                    out.flush().await.map_err(closed)?;
-                    return Err(PgError::Closed("backend refused the session".into()));
-                }
-                _ => out.write_all(&frame).await.map_err(closed)?,
-            }
+        for frame in &greeting {
+            out.write_all(frame).await.map_err(closed)?;
         }
+        out.write_all(&messages::backend_key_data(ours.0, ours.1))
+            .await
+            .map_err(closed)?;
+        out.write_all(&ready).await.map_err(closed)?;
         out.flush().await.map_err(closed)?;
-        info!(database = %key, role = %role, "postgres session started");
+        info!(database = %key, role = %role, pool_mode = ?target.pool_mode, "postgres session started");
         Ok(Some(Started {
             key,
-            backend,
-            backend_buf,
-            cancel,
+            mode,
+            cancel: ours,
             _permit: permit,
         }))
+    }
+
+    fn pool(
+        &self,
+        key: &DbKey,
+        role: &str,
+        database: &str,
+        verifier: &Arc<Verifier>,
+        client_key: [u8; 32],
+    ) -> Arc<pool::Pool> {
+        let mut pools = self.pools.lock().expect("pools poisoned");
+        let id = (key.clone(), role.to_string());
+        if let Some(p) = pools.get(&id) {
+            if p.renew(verifier, client_key) {
+                return p.clone();
+            }
+        }
+        // New, or the role's password changed: a fresh pool.
+        let p = Arc::new(pool::Pool::new(
+            role,
+            database,
+            verifier.clone(),
+            client_key,
+            self.pool_size,
+        ));
+        pools.insert(id, p.clone());
+        p
     }
 
     async fn verifier(&self, app: &Name, role: &str) -> Result<Arc<Verifier>, PgError> {
@@ -386,18 +447,85 @@ impl PgFront {
 
     /// Forwards a client's CancelRequest to the backend that holds its session.
     async fn cancel(&self, pid: i32, secret: i32) {
-        let target = self
+        let slot = self
             .cancels
             .lock()
             .expect("cancels poisoned")
             .get(&(pid, secret))
-            .copied();
+            .cloned();
+        let target = slot.and_then(|s| *s.lock().expect("cancel poisoned"));
         if let Some((addr, bpid, bsecret)) = target {
             if let Ok(mut s) = TcpStream::connect(addr).await {
                 let _ = s.write_all(&messages::cancel_request(bpid, bsecret)).await;
                 let _ = s.shutdown().await;
                 info!(backend = %addr, "query cancelled");
             }
+        }
+    }
+}
+
+fn endpoint_addr(target: &crate::wake::Target) -> Result<SocketAddr, PgError> {
+    let endpoint = target
+        .endpoints
+        .first()
+        .ok_or_else(|| PgError::Backend("no endpoint".into()))?;
+    endpoint
+        .addr()
+        .parse()
+        .map_err(|_| PgError::Backend(format!("bad endpoint {}", endpoint.addr())))
+}
+
+/// Connects and logs in to the backend as `role`, with the key a client
+/// proved, and reads its greeting up to ReadyForQuery.
+pub async fn connect_backend(
+    addr: SocketAddr,
+    role: &str,
+    database: &str,
+    params: &[(&str, &str)],
+    verifier: &Verifier,
+    client_key: &[u8; 32],
+) -> Result<BackendSession, PgError> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| PgError::Backend(format!("cannot reach database \"{database}\": {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut startup = vec![("user", role), ("database", database)];
+    startup.extend_from_slice(params);
+    stream
+        .write_all(&messages::startup(&startup))
+        .await
+        .map_err(backend_err)?;
+    backend_login(&mut stream, &mut buf, verifier, client_key).await?;
+    let (mut pid, mut secret, mut greeting) = (0, 0, Vec::new());
+    loop {
+        let frame = read_frame(&mut stream, &mut buf, true, MAX_STARTUP * 10)
+            .await
+            .map_err(|e| PgError::Backend(e.to_string()))?;
+        match frame[0] {
+            b'K' => {
+                let (_, mut body) = typed(frame);
+                use bytes::Buf;
+                (pid, secret) = (body.get_i32(), body.get_i32());
+            }
+            b'Z' => {
+                return Ok(BackendSession {
+                    stream,
+                    buf,
+                    addr,
+                    pid,
+                    secret,
+                    greeting,
+                    ready: frame,
+                })
+            }
+            b'E' => {
+                return Err(PgError::Backend(format!(
+                    "database refused the session: {}",
+                    error_text(&frame)
+                )))
+            }
+            _ => greeting.push(frame),
         }
     }
 }

@@ -1,0 +1,301 @@
+//! Transaction pooling: backend connections per (database, role), lent to a
+//! client from the first message of a transaction until ReadyForQuery says
+//! idle. Named prepared statements keep working: the proxy remembers each
+//! client's Parse and, when a statement is used on a backend that does not
+//! have it (or has another statement by that name), prepares it there first
+//! and hides the extra ParseComplete/CloseComplete from the client.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::conn::Conn;
+use super::frame::{read_frame, FrameError};
+use super::messages;
+use super::scram::Verifier;
+use super::{connect_backend, BackendSession, PgError};
+
+/// Largest message relayed in transaction mode (PostgreSQL's own limit is 1 GB).
+const MAX_MESSAGE: usize = 256 << 20;
+/// How long a client waits for a free backend connection.
+const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One backend connection of a pool.
+pub struct Backend {
+    session: BackendSession,
+    /// Named statements prepared on it: name -> the Parse body that made it.
+    prepared: HashMap<String, Bytes>,
+    _permit: OwnedSemaphorePermit,
+}
+
+pub struct Pool {
+    role: String,
+    database: String,
+    verifier: Arc<Verifier>,
+    /// A key proven by a client of this role: what logs new backends in.
+    client_key: Mutex<[u8; 32]>,
+    /// Idle connections keep their permit: permits bound all connections.
+    idle: Mutex<Vec<Backend>>,
+    permits: Arc<Semaphore>,
+    returned: tokio::sync::Notify,
+    /// ParameterStatus messages of the first backend, sent to each client.
+    greeting: Mutex<Vec<BytesMut>>,
+}
+
+impl Pool {
+    pub fn new(
+        role: &str,
+        database: &str,
+        verifier: Arc<Verifier>,
+        client_key: [u8; 32],
+        size: usize,
+    ) -> Pool {
+        Pool {
+            role: role.to_string(),
+            database: database.to_string(),
+            verifier,
+            client_key: Mutex::new(client_key),
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(size)),
+            returned: tokio::sync::Notify::new(),
+            greeting: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Accepts a newly proven key (the password may have changed).
+    pub fn renew(&self, verifier: &Verifier, client_key: [u8; 32]) -> bool {
+        if *verifier != *self.verifier {
+            return false;
+        }
+        *self.client_key.lock().expect("pool poisoned") = client_key;
+        true
+    }
+
+    pub fn greeting(&self) -> Vec<BytesMut> {
+        self.greeting.lock().expect("pool poisoned").clone()
+    }
+
+    /// An idle connection to `addr`, else a new one while the pool has
+    /// room, else the next one returned.
+    pub async fn checkout(&self, addr: SocketAddr) -> Result<Backend, PgError> {
+        let deadline = tokio::time::Instant::now() + CHECKOUT_TIMEOUT;
+        loop {
+            let returned = self.returned.notified();
+            loop {
+                let Some(b) = self.idle.lock().expect("pool poisoned").pop() else {
+                    break;
+                };
+                // Connections to where the database used to run are dropped.
+                if b.session.addr == addr {
+                    return Ok(b);
+                }
+            }
+            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+                return self.connect(addr, permit).await;
+            }
+            if tokio::time::timeout_at(deadline, returned).await.is_err() {
+                return Err(PgError::TooManyClients);
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Backend, PgError> {
+        let key = *self.client_key.lock().expect("pool poisoned");
+        let session =
+            connect_backend(addr, &self.role, &self.database, &[], &self.verifier, &key).await?;
+        {
+            let mut greeting = self.greeting.lock().expect("pool poisoned");
+            if greeting.is_empty() {
+                *greeting = session.greeting.clone();
+            }
+        }
+        Ok(Backend {
+            session,
+            prepared: HashMap::new(),
+            _permit: permit,
+        })
+    }
+
+    pub fn checkin(&self, b: Backend) {
+        self.idle.lock().expect("pool poisoned").push(b);
+        self.returned.notify_one();
+    }
+}
+
+/// Where a cancel for this client goes right now.
+pub type CancelSlot = Arc<Mutex<Option<(SocketAddr, i32, i32)>>>;
+
+/// A response the client must not see, because the proxy caused it.
+struct Hidden {
+    /// The batch (count of Syncs/Queries before it) it belongs to.
+    batch: u64,
+    hide: bool,
+}
+
+/// Relays one client in transaction mode until it leaves.
+pub async fn relay(
+    client: &mut Conn,
+    cbuf: &mut BytesMut,
+    pool: &Pool,
+    addr: impl Fn() -> futures::future::BoxFuture<'static, Result<SocketAddr, PgError>>,
+    cancel: &CancelSlot,
+) -> Result<(), PgError> {
+    let mut statements: HashMap<String, BytesMut> = HashMap::new();
+    let mut backend: Option<Backend> = None;
+    let mut responses: VecDeque<Hidden> = VecDeque::new();
+    let (mut batches_sent, mut batches_done) = (0u64, 0u64);
+    loop {
+        let Some(b) = backend.as_mut() else {
+            let frame = match read_frame(client, cbuf, true, MAX_MESSAGE).await {
+                Ok(f) => f,
+                Err(FrameError::Closed) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            if frame[0] == b'X' {
+                return Ok(());
+            }
+            let b = pool.checkout(addr().await?).await?;
+            *cancel.lock().expect("cancel poisoned") =
+                Some((b.session.addr, b.session.pid, b.session.secret));
+            let b = backend.insert(b);
+            forward(frame, b, &mut statements, &mut responses, &mut batches_sent).await?;
+            continue;
+        };
+        tokio::select! {
+            frame = read_frame(client, cbuf, true, MAX_MESSAGE) => {
+                let frame = match frame {
+                    Ok(f) if f[0] != b'X' => f,
+                    // The client left mid-transaction: its backend cannot be reused.
+                    _ => return Ok(()),
+                };
+                forward(frame, b, &mut statements, &mut responses, &mut batches_sent).await?;
+            }
+            frame = read_frame(&mut b.session.stream, &mut b.session.buf, true, MAX_MESSAGE) => {
+                let frame = frame.map_err(|e| PgError::Backend(e.to_string()))?;
+                match frame[0] {
+                    b'1' | b'3' => {
+                        let hide = responses.pop_front().is_some_and(|r| r.hide);
+                        if !hide {
+                            client.write_all(&frame).await.map_err(super::closed)?;
+                        }
+                    }
+                    b'E' => {
+                        // What was prepared in this batch may not have been.
+                        b.prepared.clear();
+                        client.write_all(&frame).await.map_err(super::closed)?;
+                    }
+                    b'Z' => {
+                        batches_done += 1;
+                        // Responses of messages skipped after an error never come.
+                        while responses.front().is_some_and(|r| r.batch < batches_done) {
+                            responses.pop_front();
+                        }
+                        let in_transaction = frame.get(5).is_some_and(|s| *s != b'I');
+                        client.write_all(&frame).await.map_err(super::closed)?;
+                        client.flush().await.map_err(super::closed)?;
+                        if batches_done == batches_sent && !in_transaction {
+                            *cancel.lock().expect("cancel poisoned") = None;
+                            if let Some(b) = backend.take() {
+                                pool.checkin(b);
+                            }
+                        }
+                    }
+                    _ => client.write_all(&frame).await.map_err(super::closed)?,
+                }
+            }
+        }
+    }
+}
+
+/// A C string at the start of `body`, and the rest.
+fn cstr(body: &[u8]) -> Option<(&str, &[u8])> {
+    let nul = body.iter().position(|b| *b == 0)?;
+    Some((std::str::from_utf8(&body[..nul]).ok()?, &body[nul + 1..]))
+}
+
+fn close_statement(name: &str) -> BytesMut {
+    messages::message(b'C', |b| {
+        b.put_u8(b'S');
+        b.put_slice(name.as_bytes());
+        b.put_u8(0);
+    })
+}
+
+/// Sends a client message to the backend, preparing statements it uses first.
+async fn forward(
+    frame: BytesMut,
+    b: &mut Backend,
+    statements: &mut HashMap<String, BytesMut>,
+    responses: &mut VecDeque<Hidden>,
+    batches_sent: &mut u64,
+) -> Result<(), PgError> {
+    let body = &frame[5..];
+    let batch = *batches_sent;
+    let mut out = BytesMut::new();
+    // Makes statement `name` exist on this backend as the client prepared it.
+    let mut ensure = |name: &str, out: &mut BytesMut, responses: &mut VecDeque<Hidden>| {
+        let Some(parse) = statements.get(name) else {
+            return;
+        };
+        let body = Bytes::copy_from_slice(&parse[5..]);
+        if b.prepared.get(name) != Some(&body) {
+            out.extend_from_slice(&close_statement(name));
+            out.extend_from_slice(parse);
+            responses.push_back(Hidden { batch, hide: true });
+            responses.push_back(Hidden { batch, hide: true });
+            b.prepared.insert(name.to_string(), body);
+        }
+    };
+    match frame[0] {
+        b'P' => {
+            let name = cstr(body).map(|(n, _)| n.to_string()).unwrap_or_default();
+            if !name.is_empty() {
+                // Replacing a statement of the same name on this backend.
+                out.extend_from_slice(&close_statement(&name));
+                responses.push_back(Hidden { batch, hide: true });
+                b.prepared
+                    .insert(name.clone(), Bytes::copy_from_slice(body));
+                statements.insert(name, frame.clone());
+            }
+            responses.push_back(Hidden { batch, hide: false });
+        }
+        b'B' => {
+            if let Some((_portal, rest)) = cstr(body) {
+                if let Some((stmt, _)) = cstr(rest) {
+                    ensure(stmt, &mut out, responses);
+                }
+            }
+        }
+        b'D' if body.first() == Some(&b'S') => {
+            if let Some((stmt, _)) = cstr(&body[1..]) {
+                ensure(stmt, &mut out, responses);
+            }
+        }
+        b'C' => {
+            if body.first() == Some(&b'S') {
+                if let Some((stmt, _)) = cstr(&body[1..]) {
+                    statements.remove(stmt);
+                    b.prepared.remove(stmt);
+                }
+            }
+            responses.push_back(Hidden { batch, hide: false });
+        }
+        b'S' | b'Q' => *batches_sent += 1,
+        _ => {}
+    }
+    out.extend_from_slice(&frame);
+    b.session
+        .stream
+        .write_all(&out)
+        .await
+        .map_err(|e| PgError::Backend(e.to_string()))
+}
