@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use rouse_control_api::{CreateDatabase, Engine};
+use rouse_control_api::{CreateDatabase, Engine, PoolMode};
 use rouse_tests::{free_port, postgres_bin_dir, Control, Proxy, RunAs, ServerProcess};
 
 use crate::stats::table;
@@ -26,16 +26,25 @@ struct Side {
 struct Load {
     label: &'static str,
     args: &'static [&'static str],
+    /// rouse's pool mode, and PgBouncer's.
+    mode: PoolMode,
 }
 
-const LOADS: [Load; 2] = [
+const LOADS: [Load; 3] = [
     Load {
-        label: "-S (select-only), 16 clients",
+        label: "-S, 16 clients, session pooling",
         args: &["-S", "-c", "16", "-j", "2"],
+        mode: PoolMode::Session,
     },
     Load {
-        label: "-S -C (connect per transaction), 8 clients",
+        label: "-S, 16 clients, transaction pooling",
+        args: &["-S", "-c", "16", "-j", "2"],
+        mode: PoolMode::Transaction,
+    },
+    Load {
+        label: "-S -C (connect per transaction), 8 clients, transaction pooling",
         args: &["-S", "-C", "-c", "8", "-j", "2"],
+        mode: PoolMode::Transaction,
     },
 ];
 
@@ -75,32 +84,37 @@ pub async fn run(rounds: usize, seconds: u64) -> Result<String> {
 
     let haproxy_port = free_port("127.0.0.1".parse()?);
     let _haproxy = start_haproxy(dir.path(), haproxy_port, pg_port).await?;
-    let bouncer_port = free_port("127.0.0.1".parse()?);
-    let _bouncer = start_pgbouncer(dir.path(), bouncer_port, pg_port, &user.scram_verifier).await?;
-    let sides = [
-        Side {
-            label: "bare",
-            port: pg_port,
-            user: USER.into(),
-        },
-        Side {
-            label: "HAProxy",
-            port: haproxy_port,
-            user: USER.into(),
-        },
-        Side {
-            label: "PgBouncer",
-            port: bouncer_port,
-            user: USER.into(),
-        },
-        Side {
-            label: "rouse",
-            port: proxy.postgres_addr().port(),
-            user: format!("{USER}.{APP}"),
-        },
-    ];
+    // PgBouncer in each pooling mode, each in a directory of its own.
+    let mut bouncers = Vec::new();
+    for mode in ["session", "transaction"] {
+        let port = free_port("127.0.0.1".parse()?);
+        let bouncer_dir = dir.path().join(mode);
+        std::fs::create_dir(&bouncer_dir)?;
+        std::fs::set_permissions(
+            &bouncer_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
+        let process =
+            start_pgbouncer(&bouncer_dir, port, pg_port, &user.scram_verifier, mode).await?;
+        bouncers.push((port, process));
+    }
     let mut rows = Vec::new();
     for load in &LOADS {
+        client
+            .set_pool_mode(&name(APP), &name(DB), load.mode)
+            .await?;
+        let bouncer = bouncers[usize::from(load.mode == PoolMode::Transaction)].0;
+        let side = |label, port, user: String| Side { label, port, user };
+        let sides = [
+            side("bare", pg_port, USER.into()),
+            side("HAProxy", haproxy_port, USER.into()),
+            side("PgBouncer", bouncer, USER.into()),
+            side(
+                "rouse",
+                proxy.postgres_addr().port(),
+                format!("{USER}.{APP}"),
+            ),
+        ];
         let mut tps: Vec<Vec<f64>> = sides.iter().map(|_| Vec::new()).collect();
         for _ in 0..rounds {
             for (i, side) in sides.iter().enumerate() {
@@ -132,7 +146,7 @@ pub async fn run(rounds: usize, seconds: u64) -> Result<String> {
         "rouse ÷ HAProxy / ÷ PgBouncer",
     ];
     Ok(format!(
-        "PostgreSQL through rouse (session), HAProxy (mode tcp) and PgBouncer (session pooling), {seconds} s × {rounds} interleaved rounds (medians)\n\n{}",
+        "PostgreSQL through rouse, HAProxy (mode tcp) and PgBouncer (same pooling as rouse), {seconds} s × {rounds} interleaved rounds (medians)\n\n{}",
         table(&header, &rows)
     ))
 }
@@ -187,6 +201,7 @@ async fn start_pgbouncer(
     port: u16,
     backend: u16,
     verifier: &str,
+    pool_mode: &str,
 ) -> Result<ServerProcess> {
     let ini = dir.join("pgbouncer.ini");
     let users = dir.join("userlist.txt");
@@ -196,9 +211,9 @@ async fn start_pgbouncer(
         format!(
             "[databases]\n{DB} = host=127.0.0.1 port={backend} dbname={DB}\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = scram-sha-256\nauth_file = {}\n\
-             pool_mode = session\nmax_client_conn = 20000\ndefault_pool_size = 20\nunix_socket_dir =\nlogfile = {}\n",
+             pool_mode = {pool_mode}\nmax_client_conn = 20000\ndefault_pool_size = 20\nunix_socket_dir =\nlogfile = {}\n",
             users.display(),
-            dir.join("pgbouncer-own.log").display()
+            dir.join("pgbouncer-own.log").display(),
         ),
     )?;
     let mut cmd = Command::new("pgbouncer");
