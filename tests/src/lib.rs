@@ -64,6 +64,35 @@ pub fn pids_mentioning(needle: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Runs a command to completion and returns its stdout and stderr; panics
+/// with both when it fails (tests drive real clients such as psql with it).
+pub fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed: {text}");
+    text
+}
+
+/// The value of one series in the Prometheus text at `url` (0 when absent).
+pub async fn metric(url: &str, series: &str) -> f64 {
+    let text = http_client()
+        .get(url)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
 /// A temporary directory that others may traverse: PostgreSQL runs as user
 /// `postgres` when the tests run as root.
 fn temp_dir(prefix: &str) -> Result<TempDir> {

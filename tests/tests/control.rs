@@ -238,15 +238,7 @@ async fn postgres_hibernates_and_wakes_with_its_data() {
 }
 
 async fn metric(control: &Control, series: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", control.api_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
+    rouse_tests::metric(&format!("{}/metrics", control.api_url()), series).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use rouse_control_api::*;
-use rouse_tests::{pids_mentioning, Control, Proxy};
+use rouse_tests::{pids_mentioning, run_ok, Control, Proxy};
 use serde_json::{json, Value};
 
 const APP: &str = "shop";
@@ -75,15 +75,7 @@ impl Stack {
     }
 
     async fn control_metric(&self, series: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.control.api_url()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0.0)
+        rouse_tests::metric(&format!("{}/metrics", self.control.api_url()), series).await
     }
 }
 
@@ -214,17 +206,6 @@ async fn gateway_api_executes_queries_and_transacts() {
     assert_eq!(r["items"][0]["n"], 3);
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed: {text}");
-    text
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_rqlite_clients_work_through_every_kind_of_routing() {
     let s = Stack::start("0", |p| p.static_listener(APP, "sidecar")).await;
@@ -241,7 +222,7 @@ async fn real_rqlite_clients_work_through_every_kind_of_routing() {
          cur.execute('SELECT name FROM foo')\n\
          print(cur.fetchall())\n"
     );
-    assert!(run(Command::new("python3").args(["-c", &script])).contains("[('from python',)]"));
+    assert!(run_ok(Command::new("python3").args(["-c", &script])).contains("[('from python',)]"));
 
     // rqlite-js, routed by the path prefix.
     let script = format!(
@@ -256,9 +237,11 @@ async fn real_rqlite_clients_work_through_every_kind_of_routing() {
          }})().catch(e => {{ console.error(e); process.exit(1); }});\n"
     );
     let deps = std::env::var("ROUSE_DEPS_DIR").unwrap_or_else(|_| "/opt/rouse-deps".into());
-    let out = run(Command::new("node")
-        .args(["-e", &script])
-        .env("NODE_PATH", format!("{deps}/node_modules")));
+    let out = run_ok(
+        Command::new("node")
+            .args(["-e", &script])
+            .env("NODE_PATH", format!("{deps}/node_modules")),
+    );
     assert!(out.contains(r#"[{"name":"from node"}]"#), "{out}");
 
     // The rqlite shell, which knows only host:port: a static listener.
@@ -297,7 +280,7 @@ async fn real_rqlite_clients_work_through_every_kind_of_routing() {
     let auth = format!("Authorization: Bearer {key}");
     let resolve = format!("{host}:{port}:127.0.0.1");
     let curl = |path: &str, body: &str| {
-        run(Command::new("curl").args([
+        run_ok(Command::new("curl").args([
             "-sS",
             "--fail-with-body",
             "--resolve",
@@ -1003,7 +986,7 @@ async fn rs256_tokens_are_checked_against_the_configured_public_key() {
         assert_eq!(resp.status(), want);
     }
     // The same key published in a JWKS, chosen by the token's `kid`.
-    let modulus = run(Command::new("openssl").args([
+    let modulus = run_ok(Command::new("openssl").args([
         "rsa",
         "-in",
         private.to_str().unwrap(),

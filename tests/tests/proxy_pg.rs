@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rouse_control_api::*;
-use rouse_tests::{Control, Proxy};
+use rouse_tests::{run_ok, Control, Proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
 
@@ -72,32 +72,9 @@ impl Stack {
     }
 
     async fn starts(&self) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.control.api_url()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(
-                    r#"rouse_wake_duration_seconds_count{engine="postgres",phase="start"}"#,
-                )
-                .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0.0)
+        let series = r#"rouse_wake_duration_seconds_count{engine="postgres",phase="start"}"#;
+        rouse_tests::metric(&format!("{}/metrics", self.control.api_url()), series).await
     }
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?}: {text}");
-    text
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +93,7 @@ async fn ordinary_clients_connect_and_a_hibernated_database_wakes_on_connect() {
             "{}?sslmode={sslmode}",
             s.url("alice.shop", "wonderland", "users")
         );
-        run(Command::new("psql").args([
+        run_ok(Command::new("psql").args([
             &url,
             "-v",
             "ON_ERROR_STOP=1",
@@ -134,7 +111,7 @@ async fn ordinary_clients_connect_and_a_hibernated_database_wakes_on_connect() {
          \x20   print(c.execute('SELECT count(*) FROM notes').fetchone()[0])\n",
         s.url("alice", "wonderland", "users")
     );
-    assert!(run(Command::new("python3").args(["-c", &script]))
+    assert!(run_ok(Command::new("python3").args(["-c", &script]))
         .trim()
         .ends_with('3'));
     // tokio-postgres, with extended-protocol statements and parameters.
@@ -333,22 +310,24 @@ async fn bad_connections_get_postgres_errors_and_harm_nobody() {
 async fn tls_is_offered_and_the_server_name_can_name_the_app() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    run(Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=rouse-test",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert));
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=rouse-test",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
     let tls = format!(
         "{{cert_file: {}, key_file: {}}}",
         cert.display(),
@@ -366,7 +345,7 @@ async fn tls_is_offered_and_the_server_name_can_name_the_app() {
         "{}?sslmode=require",
         s.url("alice.shop", "wonderland", "secure")
     );
-    let out = run(Command::new("psql").args([&url, "-At", "-c", "SELECT 'encrypted'"]));
+    let out = run_ok(Command::new("psql").args([&url, "-At", "-c", "SELECT 'encrypted'"]));
     assert!(out.contains("encrypted"), "{out}");
     let script = format!(
         "import psycopg\n\
@@ -374,14 +353,15 @@ async fn tls_is_offered_and_the_server_name_can_name_the_app() {
          \x20   print(c.pgconn.ssl_in_use, c.execute('SELECT 40 + 2').fetchone()[0])\n"
     );
     assert_eq!(
-        run(Command::new("python3").args(["-c", &script])).trim(),
+        run_ok(Command::new("python3").args(["-c", &script])).trim(),
         "True 42"
     );
 
     // The app from the TLS server name <db>.<app>.<base_domain>.
     let port = s.proxy.postgres_addr().port();
     let conninfo = format!("host=secure.{APP}.localhost hostaddr=127.0.0.1 port={port} user=alice password=wonderland dbname=secure sslmode=require");
-    let out = run(Command::new("psql").args([&conninfo, "-At", "-c", "SELECT current_database()"]));
+    let out =
+        run_ok(Command::new("psql").args([&conninfo, "-At", "-c", "SELECT current_database()"]));
     assert_eq!(out.trim(), "secure");
     // Without TLS there is no server name, and so no app.
     let plain = format!(
@@ -418,14 +398,18 @@ async fn transaction_pooling_shares_few_backends_and_keeps_prepared_statements()
         s.proxy.postgres_addr().port()
     );
     let pgbench = rouse_tests::postgres_bin_dir().unwrap().join("pgbench");
-    run(Command::new(&pgbench)
-        .args(["-i", "-s", "1", "-q", &conninfo])
-        .env("PGPASSWORD", "wonderland"));
-    let out = run(Command::new(&pgbench)
-        .args([
-            "-M", "prepared", "-c", "8", "-j", "8", "-T", "3", "-n", &conninfo,
-        ])
-        .env("PGPASSWORD", "wonderland"));
+    run_ok(
+        Command::new(&pgbench)
+            .args(["-i", "-s", "1", "-q", &conninfo])
+            .env("PGPASSWORD", "wonderland"),
+    );
+    let out = run_ok(
+        Command::new(&pgbench)
+            .args([
+                "-M", "prepared", "-c", "8", "-j", "8", "-T", "3", "-n", &conninfo,
+            ])
+            .env("PGPASSWORD", "wonderland"),
+    );
     assert!(out.contains("number of failed transactions: 0"), "{out}");
     let c = s
         .connect("alice.shop", "wonderland", "pooled")
