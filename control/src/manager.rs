@@ -582,7 +582,7 @@ impl Manager {
         let mut processes = Vec::new();
         for r in &rec.replicas {
             let spec = self.engines.process(rec.engine, &inst, r)?;
-            match Supervised::start(spec.clone(), r.idx as usize, tx.clone()) {
+            match Supervised::start(spec.clone(), r.idx as usize, tx.clone()).await {
                 Ok(p) => {
                     info!(database = %label, pid = p.pid(), host = %r.host, port = r.port, raft_port = ?r.raft_port, "engine process started");
                     processes.push(p);

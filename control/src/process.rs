@@ -58,12 +58,12 @@ const HEALTHY_RUN: Duration = Duration::from_secs(10);
 impl Supervised {
     /// Spawns the process now (so a missing binary is an immediate error),
     /// then supervises it.
-    pub fn start(
+    pub async fn start(
         spec: ProcessSpec,
         replica: usize,
         events: mpsc::UnboundedSender<ProcessEvent>,
     ) -> std::io::Result<Supervised> {
-        let child = spawn(&spec)?;
+        let child = spawn(&spec).await?;
         let pid = Arc::new(AtomicU32::new(child.id().unwrap_or(0)));
         let (stop_tx, stop_rx) = oneshot::channel();
         tokio::spawn(supervise(
@@ -152,7 +152,7 @@ async fn supervise(
                         return;
                     }
                 }
-                match spawn(&spec) {
+                match spawn(&spec).await {
                     Ok(c) => {
                         child = c;
                         pid.store(child.id().unwrap_or(0), Ordering::Relaxed);
@@ -182,8 +182,8 @@ async fn terminate(child: &mut Child, stop_signal: i32, grace: Duration) {
     let _ = child.kill().await;
 }
 
-fn spawn(spec: &ProcessSpec) -> std::io::Result<Child> {
-    stop_survivor(&spec.pid_file, spec.stop_signal);
+async fn spawn(spec: &ProcessSpec) -> std::io::Result<Child> {
+    stop_survivor(&spec.pid_file, spec.stop_signal).await;
     let log = File::options().create(true).append(true).open(&spec.log)?;
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
@@ -217,7 +217,7 @@ fn spawn(spec: &ProcessSpec) -> std::io::Result<Child> {
 /// A process left from an earlier daemon (its pid file names a live process
 /// whose command line mentions the pid file's directory) is stopped first,
 /// so that it releases its ports and data directory.
-fn stop_survivor(pid_file: &Path, stop_signal: i32) {
+async fn stop_survivor(pid_file: &Path, stop_signal: i32) {
     let Some(pid) = std::fs::read_to_string(pid_file)
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
@@ -235,7 +235,7 @@ fn stop_survivor(pid_file: &Path, stop_signal: i32) {
     signal(pid, stop_signal);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     signal(pid, libc::SIGKILL);
 }

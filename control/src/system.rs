@@ -96,7 +96,7 @@ impl SystemDb {
         engines.prepare(Engine::Rqlite, &inst).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let spec = engines.process(Engine::Rqlite, &inst, &replicas[0])?;
-        let process = Supervised::start(spec, 0, tx).map_err(|e| {
+        let process = Supervised::start(spec, 0, tx).await.map_err(|e| {
             ControlError::Internal(format!("cannot start rqlited for _system: {e}"))
         })?;
         tokio::spawn(log_events(rx));
