@@ -35,6 +35,11 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Memory per idle PostgreSQL client, rouse beside PgBouncer.
+    PgIdle {
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+    },
     /// rqlite HTTP throughput and p99 through rouse, HAProxy and bare
     /// rqlited (wrk), and 500 requests arriving at a hibernated database.
     Http {
@@ -49,8 +54,11 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Thousands of client sockets, here and in the servers started from here.
+    rouse_control_api::server::raise_open_file_limit();
     match Args::parse().command {
         Command::Wake { cycles } => println!("{}", wake::run(cycles).await?),
+        Command::PgIdle { clients } => println!("{}", pg::idle(clients).await?),
         Command::Pg { rounds, seconds } => println!("{}", pg::run(rounds, seconds).await?),
         Command::Http {
             rounds,

@@ -151,6 +151,111 @@ pub async fn run(rounds: usize, seconds: u64) -> Result<String> {
     ))
 }
 
+/// Memory per idle client: `clients` connections opened (logged in, then
+/// idle) to rouse and to PgBouncer, both in transaction pooling, and the
+/// growth of each one's resident memory divided by `clients`.
+pub async fn idle(clients: usize) -> Result<String> {
+    let control = Control::builder().hibernation_timeout("0").start().await?;
+    let client = control.client();
+    client.create_app(&name(APP)).await?;
+    let user = client.create_user(&name(APP), USER, PASSWORD).await?;
+    let info = client
+        .create_database(&CreateDatabase {
+            app: name(APP),
+            name: name(DB),
+            engine: Engine::Postgres,
+            replication_factor: None,
+        })
+        .await?;
+    client
+        .set_pool_mode(&name(APP), &name(DB), PoolMode::Transaction)
+        .await?;
+    let proxy = Proxy::builder(&control)
+        .set("max_client_connections", "20000")
+        .start()
+        .await?;
+    let dir = tempfile::Builder::new()
+        .prefix("rouse-bench-idle-")
+        .tempdir()?;
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let bouncer_port = free_port("127.0.0.1".parse()?);
+    let bouncer = start_pgbouncer(
+        dir.path(),
+        bouncer_port,
+        info.endpoints[0].port,
+        &user.scram_verifier,
+        "transaction",
+    )
+    .await?;
+    let mut rows = Vec::new();
+    for (label, port, user, pid) in [
+        ("PgBouncer", bouncer_port, USER.to_string(), bouncer.pid()),
+        (
+            "rouse",
+            proxy.postgres_addr().port(),
+            format!("{USER}.{APP}"),
+            proxy.pid(),
+        ),
+    ] {
+        let before = rss_kib(pid)?;
+        let mut held = Vec::with_capacity(clients);
+        let url = format!("{} password={PASSWORD}", conninfo(port, &user));
+        for chunk in 0..clients.div_ceil(200) {
+            let n = (clients - chunk * 200).min(200);
+            let batch = futures::future::join_all(
+                (0..n).map(|_| tokio_postgres::connect(&url, tokio_postgres::NoTls)),
+            )
+            .await;
+            for c in batch {
+                let (c, conn) = c.with_context(|| format!("connect to {label}"))?;
+                tokio::spawn(conn);
+                held.push(c);
+            }
+        }
+        // One query on the last client proves the sessions are live.
+        held.last()
+            .context("no clients")?
+            .simple_query("SELECT 1")
+            .await?;
+        let after = rss_kib(pid)?;
+        rows.push(vec![
+            label.to_string(),
+            format!("{} MiB", before / 1024),
+            format!("{} MiB", after / 1024),
+            format!(
+                "{:.1} KiB",
+                (after.saturating_sub(before)) as f64 / clients as f64
+            ),
+        ]);
+        drop(held);
+    }
+    Ok(format!(
+        "{clients} idle PostgreSQL clients, transaction pooling\n\n{}",
+        table(
+            &[
+                "proxy",
+                "resident before",
+                "with the clients",
+                "per idle client"
+            ],
+            &rows
+        )
+    ))
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
 fn conninfo(port: u16, user: &str) -> String {
     format!("host=127.0.0.1 port={port} user={user} dbname={DB} sslmode=disable")
 }

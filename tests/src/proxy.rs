@@ -152,6 +152,10 @@ impl Proxy {
         self.dir.path()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         self.process.log_tail(lines)
     }

@@ -196,7 +196,10 @@ impl PgFront {
         let mut buf = BytesMut::with_capacity(1024);
         let mut client = Conn::Plain(tcp);
         let started =
-            tokio::time::timeout(self.startup_timeout, self.start(&mut client, &mut buf)).await;
+            // Boxed: the startup's large state is freed once it is done,
+            // instead of staying in every session's task.
+            tokio::time::timeout(self.startup_timeout, Box::pin(self.start(&mut client, &mut buf)))
+                .await;
         let Started {
             key,
             mode,

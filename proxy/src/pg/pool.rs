@@ -155,6 +155,10 @@ pub async fn relay(
     let (mut batches_sent, mut batches_done) = (0u64, 0u64);
     loop {
         let Some(b) = backend.as_mut() else {
+            // An idle client keeps no buffer.
+            if cbuf.is_empty() {
+                *cbuf = BytesMut::new();
+            }
             let frame = match read_frame(client, cbuf, true, MAX_MESSAGE).await {
                 Ok(f) => f,
                 Err(FrameError::Closed) => return Ok(()),
@@ -163,7 +167,8 @@ pub async fn relay(
             if frame[0] == b'X' {
                 return Ok(());
             }
-            let b = pool.checkout(addr().await?).await?;
+            // Boxed: a login's large state must not sit in every idle client.
+            let b = Box::pin(pool.checkout(addr().await?)).await?;
             *cancel.lock().expect("cancel poisoned") =
                 Some((b.session.addr, b.session.pid, b.session.secret));
             let b = backend.insert(b);
