@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use rouse_control_api::{CreateDatabase, Engine, PoolMode};
+use rouse_control_api::{CreateDatabase, DatabaseInfo, Engine, PoolMode, UserInfo};
 use rouse_tests::{free_port, postgres_bin_dir, Control, Proxy, RunAs, ServerProcess};
 
 use crate::stats::table;
@@ -48,7 +48,8 @@ const LOADS: [Load; 3] = [
     },
 ];
 
-pub async fn run(rounds: usize, seconds: u64) -> Result<String> {
+/// Control with app `bench`, its user and its PostgreSQL database.
+async fn setup() -> Result<(Control, UserInfo, DatabaseInfo)> {
     let control = Control::builder().hibernation_timeout("0").start().await?;
     let client = control.client();
     client.create_app(&name(APP)).await?;
@@ -61,6 +62,12 @@ pub async fn run(rounds: usize, seconds: u64) -> Result<String> {
             replication_factor: None,
         })
         .await?;
+    Ok((control, user, info))
+}
+
+pub async fn run(rounds: usize, seconds: u64) -> Result<String> {
+    let (control, user, info) = setup().await?;
+    let client = control.client();
     let pg_port = info.endpoints[0].port;
     let proxy = Proxy::builder(&control).start().await?;
     let dir = tempfile::Builder::new()
@@ -155,18 +162,8 @@ pub async fn run(rounds: usize, seconds: u64) -> Result<String> {
 /// idle) to rouse and to PgBouncer, both in transaction pooling, and the
 /// growth of each one's resident memory divided by `clients`.
 pub async fn idle(clients: usize) -> Result<String> {
-    let control = Control::builder().hibernation_timeout("0").start().await?;
+    let (control, user, info) = setup().await?;
     let client = control.client();
-    client.create_app(&name(APP)).await?;
-    let user = client.create_user(&name(APP), USER, PASSWORD).await?;
-    let info = client
-        .create_database(&CreateDatabase {
-            app: name(APP),
-            name: name(DB),
-            engine: Engine::Postgres,
-            replication_factor: None,
-        })
-        .await?;
     client
         .set_pool_mode(&name(APP), &name(DB), PoolMode::Transaction)
         .await?;
