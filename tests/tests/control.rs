@@ -166,7 +166,7 @@ async fn read_rows(info: &DatabaseInfo) -> Result<Vec<String>> {
 /// free), wake on the same ports, read the data back.
 async fn hibernate_and_wake(engine: Engine, rf: Option<u32>) {
     let control = Control::builder()
-        .hibernation_timeout("1s")
+        .hibernation_timeout("2s")
         .start()
         .await
         .unwrap();
@@ -212,7 +212,7 @@ async fn hibernate_and_wake(engine: Engine, rf: Option<u32>) {
     assert_eq!(read_rows(&woken).await.unwrap(), vec!["first".to_string()]);
 
     // An open session keeps it awake well past the idle timeout.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     let still = client.database(&name(APP), &name("orders")).await.unwrap();
     assert_eq!(
         still.status,

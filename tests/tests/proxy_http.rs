@@ -851,14 +851,14 @@ async fn waiting_is_bounded_by_time_and_queue_length() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activity_keeps_a_database_awake_and_idleness_hibernates_it() {
-    let s = Stack::start("2s", |p| p.set("activity_interval", "200ms")).await;
+    let s = Stack::start("3s", |p| p.set("activity_interval", "200ms")).await;
     s.gateway(
         "exec",
         json!({"database": "busy", "sql": "CREATE TABLE t (x)"}),
     )
     .await;
-    // Requests every 300 ms for 4 s: longer than the idle timeout.
-    let until = Instant::now() + Duration::from_secs(4);
+    // Requests every 300 ms for 6 s: twice the idle timeout.
+    let until = Instant::now() + Duration::from_secs(6);
     while Instant::now() < until {
         let (st, _) = s
             .gateway(
