@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use rouse_control::cli;
 use rouse_control_api::config::Config;
+use rouse_control_api::server::exit_code;
 use rouse_control_api::telemetry::{init_logs, LogFormat};
 
 #[derive(Parser)]
@@ -62,31 +63,18 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rouse_control::run(
-                config,
-                listener,
-                rouse_control_api::server::shutdown_signal(),
+            let shutdown = rouse_control_api::server::shutdown_signal();
+            exit_code(
+                "rouse-control",
+                rouse_control::run(config, listener, shutdown).await,
             )
-            .await
-            {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("rouse-control: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
         }
         Command::Client(cmd) => {
             let url = args
                 .url
                 .unwrap_or_else(|| format!("http://{}", config.control.api_addr));
-            match cli::run(&rouse_control_api::Client::new(&url), cmd).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("rouse-control: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            let client = rouse_control_api::Client::new(&url);
+            exit_code("rouse-control", cli::run(&client, cmd).await)
         }
     }
 }

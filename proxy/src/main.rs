@@ -85,17 +85,9 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rouse_proxy::run(
-        config,
-        listeners,
-        rouse_control_api::server::shutdown_signal(),
+    let shutdown = rouse_control_api::server::shutdown_signal();
+    rouse_control_api::server::exit_code(
+        "rouse-proxy",
+        rouse_proxy::run(config, listeners, shutdown).await,
     )
-    .await
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("rouse-proxy: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
 }

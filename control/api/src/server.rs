@@ -81,3 +81,18 @@ pub async fn serve_http<F, S, B>(
     drop(listener);
     let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
 }
+
+/// How a daemon's command ends: success, or its error on stderr (prefixed
+/// with the binary's name) and a failing exit code.
+pub fn exit_code<E: std::fmt::Display>(
+    binary: &str,
+    result: Result<(), E>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{binary}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
