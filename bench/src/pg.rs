@@ -60,6 +60,7 @@ async fn setup() -> Result<(Control, UserInfo, DatabaseInfo)> {
             name: name(DB),
             engine: Engine::Postgres,
             replication_factor: None,
+            patroni: None,
         })
         .await?;
     Ok((control, user, info))

@@ -60,6 +60,7 @@ pub async fn run(cycles: usize) -> Result<String> {
                 name: name(t.db),
                 engine: t.engine,
                 replication_factor: Some(t.replicas),
+                patroni: None,
             })
             .await?;
         let dir = control
@@ -115,6 +116,7 @@ pub(crate) async fn bare_start(info: &DatabaseInfo, dir: &Path) -> Result<Durati
     let t0 = Instant::now();
     let mut processes = Vec::new();
     match info.engine {
+        Engine::Patroni => bail!("a Patroni cluster neither hibernates nor wakes"),
         Engine::Rqlite => {
             for (idx, pair) in info.ports.chunks(2).enumerate() {
                 let host = format!("127.0.0.{}", idx + 1);

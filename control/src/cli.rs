@@ -182,6 +182,7 @@ pub async fn run(client: &Client, cmd: Command) -> Result<(), ClientError> {
                         name,
                         engine,
                         replication_factor: replicas,
+                        patroni: None,
                     })
                     .await?,
             ),

@@ -37,6 +37,11 @@ fn pool_mode_setting(key: &DbKey) -> String {
     format!("db.{key}.pool_mode")
 }
 
+/// The members' REST APIs and admin user of a registered Patroni cluster.
+fn patroni_setting(key: &DbKey) -> String {
+    format!("db.{key}.patroni")
+}
+
 fn first_access_setting(app: &Name) -> String {
     format!("app.{app}.create_on_first_access")
 }
@@ -71,6 +76,8 @@ pub struct Manager {
     slots: Mutex<HashMap<DbKey, Arc<Slot>>>,
     /// Pool modes other than the default, as stored in `_system`.
     pool_modes: Mutex<HashMap<DbKey, PoolMode>>,
+    /// Registered Patroni clusters, as stored in `_system`.
+    patroni: Mutex<HashMap<DbKey, engine::patroni::Registration>>,
     /// Serialises the capacity check and insert of creates.
     creating: tokio::sync::Mutex<()>,
     me: Weak<Manager>,
@@ -95,6 +102,7 @@ impl Manager {
             activity: ActivityTracker::default(),
             slots: Mutex::new(HashMap::new()),
             pool_modes: Mutex::new(HashMap::new()),
+            patroni: Mutex::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
             me: me.clone(),
         })
@@ -215,11 +223,24 @@ impl Manager {
                 .get(&rec.key)
                 .copied()
                 .unwrap_or_default(),
-            backend: (rec.engine == Engine::Postgres).then(|| BackendCredentials {
-                user: engine::postgres::ADMIN_USER.into(),
+            backend: match rec.engine {
+                Engine::Rqlite => None,
+                Engine::Postgres => Some(engine::postgres::ADMIN_USER.into()),
+                Engine::Patroni => self.patroni_registration(&rec.key).map(|r| r.admin_user),
+            }
+            .map(|user| BackendCredentials {
+                user,
                 password: rec.secret.clone(),
             }),
         }
+    }
+
+    fn patroni_registration(&self, key: &DbKey) -> Option<engine::patroni::Registration> {
+        self.patroni
+            .lock()
+            .expect("patroni poisoned")
+            .get(key)
+            .cloned()
     }
 
     async fn record(&self, key: &DbKey) -> Result<DatabaseRecord> {
@@ -334,13 +355,22 @@ impl Manager {
         // others when they next start.
         let users = self.store.users(app).await?;
         for rec in self.store.databases(Some(app)).await? {
-            if rec.engine != Engine::Postgres {
-                continue;
-            }
             let slot = self.slot(&rec.key);
             let running = slot.running.lock().await;
-            if running.is_some() {
-                engine::postgres::apply_users(&rec.replicas[0], &rec.secret, &users).await?;
+            if running.is_none() {
+                continue;
+            }
+            match rec.engine {
+                Engine::Rqlite => {}
+                Engine::Postgres => {
+                    engine::postgres::apply_users(&rec.replicas[0], &rec.secret, &users).await?
+                }
+                Engine::Patroni => {
+                    if let Some(reg) = self.patroni_registration(&rec.key) {
+                        engine::patroni::apply_users(&rec.replicas, &reg, &rec.secret, &users)
+                            .await?
+                    }
+                }
             }
         }
         info!(app = %app, user = name, "Postgres user saved");
@@ -395,7 +425,22 @@ impl Manager {
                 key.db, key.app
             )));
         }
+        let registration = match (req.engine, &req.patroni) {
+            (Engine::Patroni, Some(reg)) => Some(engine::patroni::accept(reg, &self.node_id)?),
+            (Engine::Patroni, None) => {
+                return Err(ControlError::BadRequest(
+                    "engine patroni registers an existing cluster: give `patroni` with its members and an admin login".into(),
+                ))
+            }
+            (_, Some(_)) => {
+                return Err(ControlError::BadRequest(
+                    "`patroni` belongs to engine patroni only".into(),
+                ))
+            }
+            (_, None) => None,
+        };
         let rf = match (req.engine, req.replication_factor) {
+            (Engine::Patroni, _) => registration.as_ref().map_or(1, |(r, _)| r.len() as u32),
             (_, Some(0)) => return Err(ControlError::BadRequest("replication_factor must be at least 1".into())),
             (Engine::Postgres, Some(n)) if n > 1 => {
                 return Err(ControlError::BadRequest(
@@ -407,7 +452,7 @@ impl Manager {
             (Engine::Rqlite, None) => self.default_replication().await?,
         };
         let hosts = &self.config.control.replica_hosts;
-        if rf as usize > hosts.len() {
+        if registration.is_none() && rf as usize > hosts.len() {
             return Err(ControlError::InsufficientNodes {
                 got: hosts.len() as u32,
                 need: rf,
@@ -430,7 +475,10 @@ impl Manager {
             if held >= max {
                 return Err(ControlError::MaxDatabases { held, max });
             }
-            let replicas = self.allocate(req.engine, rf, &[])?;
+            let replicas = match &registration {
+                Some((members, _)) => members.clone(),
+                None => self.allocate(req.engine, rf, &[])?,
+            };
             let now = now_ms();
             let rec = DatabaseRecord {
                 key: key.clone(),
@@ -441,9 +489,18 @@ impl Manager {
                 created_at: now,
                 last_activity: now,
                 last_wake_ms: None,
-                secret: secrets::new_password(),
+                secret: match &req.patroni {
+                    Some(reg) => reg.admin.password.clone(),
+                    None => secrets::new_password(),
+                },
                 replicas,
             };
+            if let Some((_, kept)) = &registration {
+                let json = serde_json::to_string(kept).expect("a registration serialises");
+                self.store
+                    .set_setting(&patroni_setting(&key), &json)
+                    .await?;
+            }
             if let Err(e) = self.store.insert_database(&rec).await {
                 self.release(&rec.replicas);
                 return Err(e);
@@ -496,6 +553,10 @@ impl Manager {
         rf: u32,
         previous: &[ReplicaRecord],
     ) -> Result<Vec<ReplicaRecord>> {
+        if engine == Engine::Patroni {
+            // The cluster's own addresses.
+            return Ok(previous.to_vec());
+        }
         let d = &self.config.database;
         let hosts = &self.config.control.replica_hosts;
         let mut out: Vec<ReplicaRecord> = Vec::new();
@@ -528,6 +589,7 @@ impl Manager {
                         )?,
                         None,
                     ),
+                    Engine::Patroni => unreachable!("a Patroni cluster keeps its own addresses"),
                 };
                 Ok(ReplicaRecord {
                     idx,
@@ -563,6 +625,9 @@ impl Manager {
         rec: &DatabaseRecord,
         raft_moved: bool,
     ) -> Result<(Running, Vec<Endpoint>)> {
+        if rec.engine == Engine::Patroni {
+            return self.attach_patroni(rec).await;
+        }
         let label = rec.key.internal();
         let inst = Instance {
             label: &label,
@@ -644,6 +709,32 @@ impl Manager {
                 Err(e)
             }
         }
+    }
+
+    /// A registered Patroni cluster "starts" when its leader takes the
+    /// app's users; nothing runs here.
+    async fn attach_patroni(&self, rec: &DatabaseRecord) -> Result<(Running, Vec<Endpoint>)> {
+        let stored = self
+            .store
+            .setting(&patroni_setting(&rec.key))
+            .await?
+            .ok_or_else(|| ControlError::Engine("the Patroni registration is missing".into()))?;
+        let reg: engine::patroni::Registration = serde_json::from_str(&stored)
+            .map_err(|e| ControlError::Engine(format!("unreadable Patroni registration: {e}")))?;
+        let users = self.store.users(&rec.key.app).await?;
+        engine::patroni::apply_users(&rec.replicas, &reg, &rec.secret, &users).await?;
+        let endpoints = engine::patroni::endpoints(&rec.replicas, &reg);
+        self.patroni
+            .lock()
+            .expect("patroni poisoned")
+            .insert(rec.key.clone(), reg);
+        Ok((
+            Running {
+                processes: Vec::new(),
+                ports: Vec::new(),
+            },
+            endpoints,
+        ))
     }
 
     async fn stop_all(&self, processes: Vec<Supervised>) {
@@ -787,6 +878,12 @@ impl Manager {
         let slot = self.slot(key);
         let mut running = slot.running.lock().await;
         let rec = self.record(key).await?;
+        if rec.engine == Engine::Patroni {
+            return Err(ControlError::BadRequest(format!(
+                "database {} is a registered Patroni cluster, which rouse does not hibernate",
+                key.db
+            )));
+        }
         let open = self.activity.open_sessions(key);
         if running.is_none() {
             return Ok(self.info(&rec));
@@ -817,7 +914,7 @@ impl Manager {
 
     pub async fn set_pool_mode(&self, key: &DbKey, mode: PoolMode) -> Result<DatabaseInfo> {
         let rec = self.record(key).await?;
-        if rec.engine != Engine::Postgres {
+        if rec.engine == Engine::Rqlite {
             return Err(ControlError::BadRequest(format!(
                 "database {} is not a PostgreSQL database",
                 key.db
@@ -855,6 +952,15 @@ impl Manager {
             self.ports.release(run.ports);
         }
         self.store.delete_database(key).await?;
+        if self
+            .patroni
+            .lock()
+            .expect("patroni poisoned")
+            .remove(key)
+            .is_some()
+        {
+            self.store.delete_setting(&patroni_setting(key)).await?;
+        }
         let dir = self.db_dir(key);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -978,8 +1084,13 @@ impl Manager {
                 let slots = self.slots.lock().expect("slots poisoned");
                 slots
                     .iter()
-                    .filter(|(_, s)| {
+                    .filter(|(k, s)| {
                         s.view.lock().expect("view poisoned").status == Some(DatabaseStatus::Active)
+                            && !self
+                                .patroni
+                                .lock()
+                                .expect("patroni poisoned")
+                                .contains_key(*k)
                     })
                     .map(|(k, _)| k.clone())
                     .collect()

@@ -347,6 +347,15 @@ impl Store {
         Ok(r.values.first().map(|row| text(&row[0])))
     }
 
+    pub async fn delete_setting(&self, key: &str) -> Result<()> {
+        self.db
+            .execute(vec![
+                Stmt::new("DELETE FROM settings WHERE key = ?").arg(key)
+            ])
+            .await?;
+        Ok(())
+    }
+
     pub async fn set_setting(&self, key: &str, value: &str) -> Result<()> {
         self.db
             .execute(vec![Stmt::new(

@@ -5,16 +5,22 @@
 //! - [`auth`]: which app a credential belongs to
 //! - [`wake`]: where a database runs, and waking it
 //! - [`http`]: the gateway API and the rqlite API
+//! - [`pg`]: the PostgreSQL front
+//! - [`patroni`]: following Patroni clusters; [`tcp`]: plain L4 listeners to them
 //! - [`activity`]: what control is told about use
 
 pub mod activity;
 pub mod auth;
 pub mod error;
 pub mod http;
+pub mod listen;
+pub mod patroni;
 pub mod pg;
 pub mod route;
+pub mod tcp;
 pub mod wake;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -22,7 +28,7 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::{Response, StatusCode};
-use rouse_control_api::config::{Config, ConfigError};
+use rouse_control_api::config::{Config, ConfigError, MemberRole};
 use rouse_control_api::{Client, DbKey};
 use tokio::net::TcpListener;
 use tracing::info;
@@ -31,6 +37,7 @@ use crate::activity::Activity;
 use crate::auth::Authenticator;
 use crate::http::upstream::Upstream;
 use crate::http::Proxy;
+use crate::patroni::{Cluster, PatroniError};
 use crate::wake::Routes;
 
 /// Loads and checks a configuration file as the proxy would at start, and
@@ -54,9 +61,12 @@ pub fn worker_threads(config: &rouse_control_api::config::ProxyConfig) -> usize 
 pub struct Listeners {
     pub http: TcpListener,
     pub postgres: TcpListener,
+    pub postgres_ro: TcpListener,
     pub stats: TcpListener,
     /// Static listeners, each bound to one database.
     pub bound: Vec<(TcpListener, DbKey)>,
+    /// Plain TCP listeners, as `proxy.tcp_listeners` lists them.
+    pub tcp: Vec<TcpListener>,
 }
 
 impl Listeners {
@@ -69,11 +79,17 @@ impl Listeners {
                 DbKey::new(s.app.clone(), s.database.clone()),
             ));
         }
+        let mut tcp = Vec::new();
+        for t in &p.tcp_listeners {
+            tcp.push(TcpListener::bind(t.addr).await?);
+        }
         Ok(Listeners {
             http: TcpListener::bind(p.http_addr).await?,
             postgres: TcpListener::bind(p.postgres_addr).await?,
+            postgres_ro: TcpListener::bind(p.postgres_ro_addr).await?,
             stats: TcpListener::bind(p.stats_addr).await?,
             bound,
+            tcp,
         })
     }
 }
@@ -123,8 +139,33 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    info!(proxy_id = %proxy_id, http = %listeners.http.local_addr()?, postgres = %listeners.postgres.local_addr()?, stats = %listeners.stats.local_addr()?, "rouse-proxy ready");
-    let mut servers = vec![tokio::spawn(pg.serve(listeners.postgres, stopped()))];
+    info!(proxy_id = %proxy_id, http = %listeners.http.local_addr()?, postgres = %listeners.postgres.local_addr()?, postgres_ro = %listeners.postgres_ro.local_addr()?, stats = %listeners.stats.local_addr()?, "rouse-proxy ready");
+    let mut servers = vec![
+        tokio::spawn(
+            pg.clone()
+                .serve(listeners.postgres, MemberRole::Primary, stopped()),
+        ),
+        tokio::spawn(pg.serve(listeners.postgres_ro, MemberRole::Replica, stopped())),
+    ];
+    let clusters = p
+        .patroni_clusters
+        .iter()
+        .map(|c| {
+            Ok((
+                c.name.clone(),
+                Cluster::start(&c.name, &c.members, &p.patroni)?,
+            ))
+        })
+        .collect::<Result<HashMap<_, _>, PatroniError>>()?;
+    for (listener, t) in listeners.tcp.into_iter().zip(&p.tcp_listeners) {
+        let cluster = clusters[&t.cluster].clone();
+        servers.push(tokio::spawn(tcp::serve(
+            listener,
+            cluster,
+            t.role,
+            stopped(),
+        )));
+    }
     let data_planes = std::iter::once((listeners.http, None)).chain(
         listeners
             .bound

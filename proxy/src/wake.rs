@@ -243,6 +243,7 @@ async fn resolve(control: &Client, key: &DbKey, auto_create: bool) -> Result<Tar
                 name: key.db.clone(),
                 engine: Engine::Rqlite,
                 replication_factor: None,
+                patroni: None,
             };
             match control.create_database_on_first_access(&req).await {
                 Ok(info) => {

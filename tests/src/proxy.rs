@@ -20,6 +20,8 @@ pub struct ProxyBuilder {
     lines: Vec<String>,
     auth: Vec<String>,
     statics: Vec<(String, String)>,
+    clusters: Vec<String>,
+    tcp: Vec<(String, String)>,
 }
 
 impl ProxyBuilder {
@@ -42,18 +44,34 @@ impl ProxyBuilder {
         self
     }
 
+    /// A Patroni cluster the proxy follows: (name, PostgreSQL address, REST API URL) per member.
+    pub fn patroni_cluster(mut self, name: &str, members: &[(String, SocketAddr, String)]) -> Self {
+        let members: Vec<serde_json::Value> = members
+            .iter()
+            .map(|(n, addr, api)| serde_json::json!({"name": n, "addr": addr.to_string(), "api": api}))
+            .collect();
+        self.clusters
+            .push(serde_json::json!({"name": name, "members": members}).to_string());
+        self
+    }
+
+    /// A plain TCP listener to a cluster's `primary` or `replica` members.
+    pub fn tcp_listener(mut self, cluster: &str, role: &str) -> Self {
+        self.tcp.push((cluster.into(), role.into()));
+        self
+    }
+
     pub async fn start(self) -> Result<Proxy> {
         let dir = temp_dir("rouse-proxy-")?;
         let http = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
         let stats = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
         let postgres = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
-        let statics: Vec<SocketAddr> = self
-            .statics
-            .iter()
-            .map(|_| SocketAddr::new(LOCALHOST, free_port(LOCALHOST)))
-            .collect();
+        let postgres_ro = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
+        let loopback = |_| SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
+        let statics: Vec<SocketAddr> = self.statics.iter().map(loopback).collect();
+        let tcp: Vec<SocketAddr> = self.tcp.iter().map(loopback).collect();
         let mut yaml = format!(
-            "proxy:\n  control_url: {}\n  http_addr: {http}\n  postgres_addr: {postgres}\n  stats_addr: {stats}\n  base_domain: localhost\n",
+            "proxy:\n  control_url: {}\n  http_addr: {http}\n  postgres_addr: {postgres}\n  postgres_ro_addr: {postgres_ro}\n  stats_addr: {stats}\n  base_domain: localhost\n",
             serde_json::Value::from(self.control_url.as_str())
         );
         for line in &self.lines {
@@ -75,6 +93,20 @@ impl ProxyBuilder {
                 ));
             }
         }
+        if !self.clusters.is_empty() {
+            yaml.push_str("  patroni_clusters:\n");
+            for c in &self.clusters {
+                yaml.push_str(&format!("    - {c}\n"));
+            }
+        }
+        if !tcp.is_empty() {
+            yaml.push_str("  tcp_listeners:\n");
+            for ((cluster, role), addr) in self.tcp.iter().zip(&tcp) {
+                yaml.push_str(&format!(
+                    "    - {{addr: {addr}, cluster: {cluster}, role: {role}}}\n"
+                ));
+            }
+        }
         let config = dir.path().join("proxy.yaml");
         std::fs::write(&config, yaml)
             .with_context(|| format!("cannot write {}", config.display()))?;
@@ -92,8 +124,10 @@ impl ProxyBuilder {
             process,
             http,
             postgres,
+            postgres_ro,
             stats,
             statics,
+            tcp,
             dir,
         })
     }
@@ -104,8 +138,10 @@ pub struct Proxy {
     process: ServerProcess,
     http: SocketAddr,
     postgres: SocketAddr,
+    postgres_ro: SocketAddr,
     stats: SocketAddr,
     statics: Vec<SocketAddr>,
+    tcp: Vec<SocketAddr>,
     dir: TempDir,
 }
 
@@ -116,6 +152,8 @@ impl Proxy {
             lines: Vec::new(),
             auth: Vec::new(),
             statics: Vec::new(),
+            clusters: Vec::new(),
+            tcp: Vec::new(),
         }
     }
 
@@ -126,6 +164,16 @@ impl Proxy {
     /// The PostgreSQL front.
     pub fn postgres_addr(&self) -> SocketAddr {
         self.postgres
+    }
+
+    /// The read-only PostgreSQL front.
+    pub fn postgres_ro_addr(&self) -> SocketAddr {
+        self.postgres_ro
+    }
+
+    /// Address of the `i`-th plain TCP listener.
+    pub fn tcp_addr(&self, i: usize) -> SocketAddr {
+        self.tcp[i]
     }
 
     /// `http://127.0.0.1:<port>`

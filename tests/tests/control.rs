@@ -21,6 +21,7 @@ fn create_req(db: &str, engine: Engine, rf: Option<u32>) -> CreateDatabase {
         name: name(db),
         engine,
         replication_factor: rf,
+        patroni: None,
     }
 }
 
@@ -141,6 +142,7 @@ async fn write_row(info: &DatabaseInfo, value: &str) -> Result<()> {
             ))
             .await?;
         }
+        Engine::Patroni => anyhow::bail!("control runs no Patroni cluster to write to"),
     }
     Ok(())
 }
@@ -159,6 +161,7 @@ async fn read_rows(info: &DatabaseInfo) -> Result<Vec<String>> {
             .iter()
             .map(|r| r.get(0))
             .collect(),
+        Engine::Patroni => anyhow::bail!("control runs no Patroni cluster to read from"),
     })
 }
 

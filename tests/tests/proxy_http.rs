@@ -358,6 +358,7 @@ async fn writes_survive_the_loss_of_the_leader_without_a_visible_redirect() {
             name: name("ha"),
             engine: Engine::Rqlite,
             replication_factor: Some(3),
+            patroni: None,
         })
         .await
         .unwrap();
@@ -444,6 +445,7 @@ async fn one_app_never_reaches_another_apps_databases() {
                 name: name(db),
                 engine: Engine::Rqlite,
                 replication_factor: Some(1),
+                patroni: None,
             })
             .await
             .unwrap();
@@ -785,6 +787,7 @@ async fn waiting_is_bounded_by_time_and_queue_length() {
             name: name("slow"),
             engine: Engine::Rqlite,
             replication_factor: Some(1),
+            patroni: None,
         })
         .await
         .unwrap();
@@ -823,6 +826,7 @@ async fn waiting_is_bounded_by_time_and_queue_length() {
             name: name("busy"),
             engine: Engine::Rqlite,
             replication_factor: Some(1),
+            patroni: None,
         })
         .await
         .unwrap();
@@ -1085,6 +1089,7 @@ async fn an_app_may_forbid_creating_databases_on_first_access() {
             name: name("adhoc"),
             engine: Engine::Rqlite,
             replication_factor: Some(1),
+            patroni: None,
         })
         .await
         .unwrap();

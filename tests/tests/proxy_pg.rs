@@ -45,6 +45,7 @@ impl Stack {
             name: name(db),
             engine: Engine::Postgres,
             replication_factor: None,
+            patroni: None,
         };
         self.control.client().create_database(&req).await.unwrap();
     }
@@ -196,6 +197,7 @@ async fn bad_connections_get_postgres_errors_and_harm_nobody() {
             name: name("vault"),
             engine: Engine::Postgres,
             replication_factor: None,
+            patroni: None,
         })
         .await
         .unwrap();

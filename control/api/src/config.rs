@@ -189,6 +189,73 @@ pub struct ProxyConfig {
     pub max_client_connections: usize,
     /// Backend connections per database and role in transaction pooling.
     pub pool_size: usize,
+    /// How Patroni members are checked; every cluster uses these.
+    pub patroni: PatroniChecks,
+    /// Patroni clusters the proxy follows by their members' REST API.
+    pub patroni_clusters: Vec<PatroniCluster>,
+    /// Plain L4 listeners to a cluster's leader or replicas, the drop-in
+    /// equivalent of an HAProxy `mode tcp` listen block.
+    pub tcp_listeners: Vec<TcpListenerConfig>,
+}
+
+/// Health checks of Patroni members (HAProxy's `inter`, `rise`, `fall`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PatroniChecks {
+    #[serde(with = "crate::duration")]
+    pub check_interval: Duration,
+    /// A check that has not answered within this time failed.
+    #[serde(with = "crate::duration")]
+    pub check_timeout: Duration,
+    /// Consecutive passed checks that mark a member up.
+    pub rise: u32,
+    /// Consecutive failed checks that mark a member down.
+    pub fall: u32,
+    /// Replicas lagging more than this many bytes fail `/replica?lag=`.
+    pub max_lag: Option<u64>,
+    /// How long a new connection waits for a leader during a failover.
+    #[serde(with = "crate::duration")]
+    pub failover_hold: Duration,
+}
+
+impl Default for PatroniChecks {
+    fn default() -> Self {
+        PatroniChecks {
+            check_interval: Duration::from_secs(1),
+            check_timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            max_lag: None,
+            failover_hold: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A Patroni cluster by its members.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatroniCluster {
+    pub name: String,
+    pub members: Vec<crate::PatroniMember>,
+}
+
+/// Which members of a cluster a plain TCP listener reaches.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberRole {
+    /// The leader (`GET /primary` answers 200).
+    Primary,
+    /// Healthy replicas, round-robin (`GET /replica` answers 200).
+    Replica,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpListenerConfig {
+    pub addr: SocketAddr,
+    /// A name among `patroni_clusters`.
+    pub cluster: String,
+    pub role: MemberRole,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -243,6 +310,9 @@ impl Default for ProxyConfig {
             worker_threads: 0,
             max_client_connections: 10_000,
             pool_size: 20,
+            patroni: PatroniChecks::default(),
+            patroni_clusters: Vec::new(),
+            tcp_listeners: Vec::new(),
         }
     }
 }
@@ -377,6 +447,38 @@ impl Config {
         }
         if self.control.replica_hosts.is_empty() {
             return Err("control.replica_hosts must name at least one address".into());
+        }
+        self.proxy.validate()
+    }
+}
+
+impl ProxyConfig {
+    fn validate(&self) -> Result<(), String> {
+        let checks = &self.patroni;
+        if checks.rise == 0 || checks.fall == 0 || checks.check_interval.is_zero() {
+            return Err("proxy.patroni: check_interval, rise and fall must be above zero".into());
+        }
+        for (i, c) in self.patroni_clusters.iter().enumerate() {
+            if c.members.is_empty() {
+                return Err(format!(
+                    "proxy.patroni_clusters[{i}] ({}) has no members",
+                    c.name
+                ));
+            }
+            if self.patroni_clusters[..i].iter().any(|o| o.name == c.name) {
+                return Err(format!(
+                    "proxy.patroni_clusters: cluster {} is named twice",
+                    c.name
+                ));
+            }
+        }
+        for l in &self.tcp_listeners {
+            if !self.patroni_clusters.iter().any(|c| c.name == l.cluster) {
+                return Err(format!(
+                    "proxy.tcp_listeners: {} names cluster {}, which is not among proxy.patroni_clusters",
+                    l.addr, l.cluster
+                ));
+            }
         }
         Ok(())
     }

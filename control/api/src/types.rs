@@ -1,5 +1,7 @@
 //! JSON shapes of the control API (`/api/v1/...`).
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
 
 use crate::name::Name;
@@ -16,6 +18,9 @@ pub struct ErrorBody {
 pub enum Engine {
     Rqlite,
     Postgres,
+    /// An existing Patroni cluster, registered by its members; control runs
+    /// nothing for it and the proxy follows its leader.
+    Patroni,
 }
 
 impl Engine {
@@ -23,6 +28,7 @@ impl Engine {
         match self {
             Engine::Rqlite => "rqlite",
             Engine::Postgres => "postgres",
+            Engine::Patroni => "patroni",
         }
     }
 }
@@ -33,8 +39,9 @@ impl std::str::FromStr for Engine {
         match s {
             "rqlite" => Ok(Engine::Rqlite),
             "postgres" => Ok(Engine::Postgres),
+            "patroni" => Ok(Engine::Patroni),
             other => Err(format!(
-                "unknown engine {other:?}: expected rqlite or postgres"
+                "unknown engine {other:?}: expected rqlite, postgres or patroni"
             )),
         }
     }
@@ -147,6 +154,29 @@ pub struct CreateDatabase {
     pub engine: Engine,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication_factor: Option<u32>,
+    /// Engine `patroni` only: the cluster to register.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patroni: Option<PatroniRegistration>,
+}
+
+/// An existing Patroni cluster: its members, and a superuser through which
+/// control creates the app's users as login roles on the leader.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PatroniRegistration {
+    pub members: Vec<PatroniMember>,
+    pub admin: BackendCredentials,
+}
+
+/// A member of a Patroni cluster: its PostgreSQL address and its REST API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PatroniMember {
+    pub name: String,
+    /// PostgreSQL `host:port`.
+    pub addr: SocketAddr,
+    /// Patroni REST API base URL, such as `http://10.0.0.5:8008`.
+    pub api: String,
 }
 
 /// One running replica's addresses.
@@ -159,12 +189,24 @@ pub struct Endpoint {
     /// rqlite Raft port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raft_port: Option<u16>,
+    /// Patroni REST API base URL of this member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
     pub leader: bool,
 }
 
 impl Endpoint {
     pub fn addr(&self) -> String {
         format!("{}:{}", self.host, self.port)
+    }
+
+    /// This endpoint as a member of a registered Patroni cluster.
+    pub fn patroni_member(&self) -> Option<PatroniMember> {
+        Some(PatroniMember {
+            name: self.node_id.clone(),
+            addr: self.addr().parse().ok()?,
+            api: self.api.clone()?,
+        })
     }
 }
 

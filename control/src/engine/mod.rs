@@ -2,6 +2,7 @@
 //! command line of each replica's process, and the check that the started
 //! database answers real queries.
 
+pub mod patroni;
 pub mod postgres;
 pub mod rqlite;
 
@@ -93,6 +94,7 @@ impl EngineEnv {
         match engine {
             Engine::Rqlite => rqlite::prepare(inst),
             Engine::Postgres => postgres::prepare(self, inst).await,
+            Engine::Patroni => Err(not_run_here()),
         }
     }
 
@@ -119,6 +121,7 @@ impl EngineEnv {
                 user: self.postgres_user,
                 stop_signal: libc::SIGINT,
             },
+            Engine::Patroni => return Err(not_run_here()),
         })
     }
 
@@ -128,6 +131,7 @@ impl EngineEnv {
         match engine {
             Engine::Rqlite => rqlite::wait_ready(inst, deadline).await,
             Engine::Postgres => postgres::wait_ready(inst, deadline).await,
+            Engine::Patroni => Err(not_run_here()),
         }
     }
 
@@ -142,6 +146,7 @@ impl EngineEnv {
         match engine {
             Engine::Rqlite => Ok(()),
             Engine::Postgres => postgres::after_start(inst, db_name, users).await,
+            Engine::Patroni => Err(not_run_here()),
         }
     }
 
@@ -161,8 +166,14 @@ pub fn has_data(engine: Engine, inst: &Instance<'_>) -> bool {
         match engine {
             Engine::Rqlite => dir.join("raft.db").exists(),
             Engine::Postgres => dir.join("PG_VERSION").exists(),
+            Engine::Patroni => true,
         }
     })
+}
+
+/// Patroni clusters run on their own; the manager never starts them.
+fn not_run_here() -> ControlError {
+    ControlError::Internal("control does not run the processes of a Patroni cluster".into())
 }
 
 fn find_on_path(program: &str) -> Option<PathBuf> {

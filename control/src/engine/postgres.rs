@@ -114,11 +114,21 @@ async fn connect(
     secret: &str,
     db: &str,
 ) -> std::result::Result<tokio_postgres::Client, String> {
+    connect_as(r, ADMIN_USER, secret, db).await
+}
+
+/// A session as `user` on the replica's instance.
+pub(super) async fn connect_as(
+    r: &ReplicaRecord,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> std::result::Result<tokio_postgres::Client, String> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&r.host)
         .port(r.port)
-        .user(ADMIN_USER)
-        .password(secret)
+        .user(user)
+        .password(password)
         .dbname(db)
         .connect_timeout(std::time::Duration::from_secs(2));
     let (client, conn) = cfg
@@ -153,6 +163,7 @@ pub(super) async fn wait_ready(
         host: r.host.clone(),
         port: r.port,
         raft_port: None,
+        api: None,
         leader: true,
     }])
 }
@@ -220,13 +231,17 @@ pub(super) async fn after_start(
             .await
             .map_err(|e| engine(e.to_string()))?;
     }
-    sync_users(&admin, users).await.map_err(engine)
+    sync_users(&admin, users, Some(OWNER_ROLE))
+        .await
+        .map_err(engine)
 }
 
-/// Makes the app's users login roles with their current verifiers.
-async fn sync_users(
+/// Makes the app's users login roles with their current verifiers, members
+/// of `owner` when given (so that what one creates, all may use).
+pub(super) async fn sync_users(
     admin: &tokio_postgres::Client,
     users: &[UserRecord],
+    owner: Option<&str>,
 ) -> std::result::Result<(), String> {
     for u in users {
         let role = quote_ident(&u.name);
@@ -236,13 +251,13 @@ async fn sync_users(
             .await
             .map_err(|e| e.to_string())?
             .is_some();
-        let sql = if known {
-            format!("ALTER ROLE {role} LOGIN PASSWORD {password}")
-        } else {
-            format!(
-                "CREATE ROLE {role} LOGIN PASSWORD {password} IN ROLE {OWNER_ROLE}; \
-                 ALTER ROLE {role} SET role = {OWNER_ROLE}"
-            )
+        let sql = match (known, owner) {
+            (true, _) => format!("ALTER ROLE {role} LOGIN PASSWORD {password}"),
+            (false, None) => format!("CREATE ROLE {role} LOGIN PASSWORD {password}"),
+            (false, Some(owner)) => format!(
+                "CREATE ROLE {role} LOGIN PASSWORD {password} IN ROLE {owner}; \
+                 ALTER ROLE {role} SET role = {owner}"
+            ),
         };
         admin.batch_execute(&sql).await.map_err(|e| e.to_string())?;
     }
@@ -254,7 +269,7 @@ pub async fn apply_users(r: &ReplicaRecord, secret: &str, users: &[UserRecord]) 
     let admin = connect(r, secret, "postgres")
         .await
         .map_err(ControlError::Engine)?;
-    sync_users(&admin, users)
+    sync_users(&admin, users, Some(OWNER_ROLE))
         .await
         .map_err(ControlError::Engine)
 }

@@ -113,6 +113,7 @@ pub fn endpoints(replicas: &[ReplicaRecord], leader: Option<usize>) -> Vec<Endpo
             host: r.host.clone(),
             port: r.port,
             raft_port: r.raft_port,
+            api: None,
             leader: Some(i) == leader,
         })
         .collect();

@@ -17,14 +17,17 @@ use std::time::Duration;
 
 use bytes::BufMut;
 use bytes::BytesMut;
+use rouse_control_api::config::{MemberRole, PatroniChecks};
 use rouse_control_api::{Client, ClientError, DbKey, Engine, Name, PoolMode};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::activity::Activity;
 use crate::error::ProxyError;
+use crate::listen::accept_forever;
+use crate::patroni::{Cluster, ConnectError, Pick};
 use crate::wake::Routes;
 use conn::Conn;
 use frame::{read_frame, typed, FrameError, MAX_AUTH_MESSAGE, MAX_STARTUP};
@@ -97,10 +100,40 @@ struct Started {
 }
 
 enum Mode {
-    /// A backend connection of its own for the whole session.
-    Session(BackendSession),
-    /// Backend connections lent per transaction.
-    Transaction(Arc<pool::Pool>),
+    /// A backend connection of its own for the whole session; on a Patroni
+    /// member, closed when the member loses its role.
+    Session(BackendSession, Option<(Arc<Cluster>, Pick)>),
+    /// Backend connections lent per transaction, to where `Upstream` says.
+    Transaction(Arc<pool::Pool>, Upstream),
+}
+
+/// Where a database's backend connections go.
+#[derive(Clone)]
+enum Upstream {
+    /// A database control runs: its (only) instance, as control reports it.
+    Managed(DbKey),
+    /// A Patroni cluster: its leader or a replica, by the health checks.
+    Cluster(Arc<Cluster>, MemberRole),
+}
+
+impl Upstream {
+    /// The address for a new backend connection.
+    async fn addr(&self, routes: &Routes) -> Result<SocketAddr, PgError> {
+        match self {
+            Upstream::Managed(key) => {
+                let t = routes
+                    .target(key)
+                    .await
+                    .map_err(|e| PgError::Backend(e.to_string()))?;
+                endpoint_addr(&t)
+            }
+            Upstream::Cluster(cluster, role) => cluster
+                .pick(*role)
+                .await
+                .map(|p| p.addr)
+                .map_err(|e| PgError::Backend(e.to_string())),
+        }
+    }
 }
 
 /// A logged-in backend connection.
@@ -123,7 +156,11 @@ pub struct PgFront {
     pub activity: Arc<Activity>,
     verifiers: moka::future::Cache<(Name, String), Option<Arc<Verifier>>>,
     cancels: Mutex<HashMap<(i32, i32), pool::CancelSlot>>,
-    pools: Mutex<HashMap<(DbKey, String), Arc<pool::Pool>>>,
+    /// By database, role and read-only port.
+    pools: Mutex<HashMap<(DbKey, String, bool), Arc<pool::Pool>>>,
+    /// Registered Patroni clusters being checked, by database.
+    clusters: Mutex<HashMap<DbKey, Arc<Cluster>>>,
+    checks: PatroniChecks,
     pool_size: usize,
     startup_timeout: Duration,
     tls: Option<TlsAcceptor>,
@@ -154,6 +191,8 @@ impl PgFront {
                 .build(),
             cancels: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
+            clusters: Mutex::new(HashMap::new()),
+            checks: config.patroni.clone(),
             pool_size: config.pool_size,
             // The startup includes the wake.
             startup_timeout: config.header_read_timeout + config.wake_timeout,
@@ -163,42 +202,28 @@ impl PgFront {
         }))
     }
 
+    /// Serves clients of the read-write port (`Primary`) or the read-only
+    /// port (`Replica`) until `stop` resolves.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
+        port: MemberRole,
         stop: impl std::future::Future<Output = ()>,
     ) {
-        tokio::pin!(stop);
-        loop {
-            let (socket, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(c) => c,
-                    Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = &mut stop => return,
-            };
-            let _ = socket.set_nodelay(true);
+        accept_forever(listener, "postgres", stop, move |socket, peer| {
             let front = self.clone();
-            tokio::spawn(async move {
-                let open = metrics::gauge!("rouse_client_connections", "protocol" => "postgres");
-                open.increment(1.0);
-                front.session(socket, peer).await;
-                open.decrement(1.0);
-            });
-        }
+            async move { front.session(socket, peer, port).await }
+        })
+        .await
     }
 
-    async fn session(&self, tcp: TcpStream, peer: SocketAddr) {
+    async fn session(&self, tcp: TcpStream, peer: SocketAddr, port: MemberRole) {
         let mut buf = BytesMut::with_capacity(1024);
         let mut client = Conn::Plain(tcp);
         let started =
             // Boxed: the startup's large state is freed once it is done,
             // instead of staying in every session's task.
-            tokio::time::timeout(self.startup_timeout, Box::pin(self.start(&mut client, &mut buf)))
+            tokio::time::timeout(self.startup_timeout, Box::pin(self.start(&mut client, &mut buf, port)))
                 .await;
         let Started {
             key,
@@ -229,7 +254,7 @@ impl PgFront {
         metrics::counter!("rouse_requests_total", "app" => key.app.to_string(), "db" => key.db.to_string(), "protocol" => "postgres", "outcome" => "ok").increment(1);
         let _in_session = self.activity.begin(&key);
         match mode {
-            Mode::Session(mut backend) => {
+            Mode::Session(mut backend, member) => {
                 // Whatever either side sent early goes first, then bytes flow as they are.
                 let relay = async {
                     if !backend.buf.is_empty() {
@@ -240,11 +265,25 @@ impl PgFront {
                     }
                     tokio::io::copy_bidirectional(&mut client, &mut backend.stream).await
                 };
-                if let Err(e) = relay.await {
-                    debug!(database = %key, error = %e, "postgres session ended");
+                let lost = async {
+                    match &member {
+                        Some((cluster, pick)) => cluster.lost(*pick).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    relayed = relay => if let Err(e) = relayed {
+                        debug!(database = %key, error = %e, "postgres session ended");
+                    },
+                    _ = lost => {
+                        info!(database = %key, "the member lost its role: session closed");
+                        let _ = client
+                            .write_all(&messages::fatal("57P01", "terminating connection: the database server changed role (failover)"))
+                            .await;
+                    }
                 }
             }
-            Mode::Transaction(pool) => {
+            Mode::Transaction(pool, upstream) => {
                 let slot = self
                     .cancels
                     .lock()
@@ -253,17 +292,10 @@ impl PgFront {
                     .cloned()
                     .unwrap_or_default();
                 let routes = self.routes.clone();
-                let target = key.clone();
                 let addr =
                     move || -> futures::future::BoxFuture<'static, Result<SocketAddr, PgError>> {
-                        let (routes, key) = (routes.clone(), target.clone());
-                        Box::pin(async move {
-                            let t = routes
-                                .target(&key)
-                                .await
-                                .map_err(|e| PgError::Backend(e.to_string()))?;
-                            endpoint_addr(&t)
-                        })
+                        let (routes, upstream) = (routes.clone(), upstream.clone());
+                        Box::pin(async move { upstream.addr(&routes).await })
                     };
                 if let Err(e) = pool::relay(&mut client, &mut buf, &pool, addr, &slot).await {
                     debug!(database = %key, error = %e, "pooled postgres session ended");
@@ -285,6 +317,7 @@ impl PgFront {
         &self,
         client: &mut Conn,
         buf: &mut BytesMut,
+        port: MemberRole,
     ) -> Result<Option<Started>, PgError> {
         let params = loop {
             let frame = read_frame(client, buf, false, MAX_STARTUP).await?;
@@ -343,38 +376,66 @@ impl PgFront {
             }
             other => PgError::Backend(other.to_string()),
         })?;
-        if target.engine != Engine::Postgres {
-            return Err(PgError::UnknownDatabase(database));
-        }
-        let addr = endpoint_addr(&target)?;
+        let upstream = match target.engine {
+            Engine::Rqlite => return Err(PgError::UnknownDatabase(database)),
+            Engine::Postgres => Upstream::Managed(key.clone()),
+            Engine::Patroni => Upstream::Cluster(self.cluster(&key, &target)?, port),
+        };
         let slot: pool::CancelSlot = Arc::new(Mutex::new(None));
         let ours = (rand::random::<i32>(), rand::random::<i32>());
         let (mode, greeting, ready) = match target.pool_mode {
             PoolMode::Session => {
-                let passed: Vec<(&str, &str)> = params
+                let mut passed: Vec<(&str, &str)> = params
                     .iter()
                     .filter(|(k, _)| *k != "user" && *k != "database")
                     .map(|(k, v)| (k.as_str(), v.as_str()))
                     .collect();
-                let session =
-                    connect_backend(addr, &role, &database, &passed, &verifier, &client_key)
+                let login =
+                    |addr| connect_backend(addr, &role, &database, &passed, &verifier, &client_key);
+                let (session, member) = match &upstream {
+                    Upstream::Managed(_) => {
+                        // One instance serves both ports; the read-only port keeps it so.
+                        if port == MemberRole::Replica {
+                            passed.push(("default_transaction_read_only", "on"));
+                        }
+                        let session = connect_backend(
+                            endpoint_addr(&target)?,
+                            &role,
+                            &database,
+                            &passed,
+                            &verifier,
+                            &client_key,
+                        )
                         .await
                         .inspect_err(|_| self.routes.invalidate(&key))?;
-                *slot.lock().expect("cancel poisoned") = Some((addr, session.pid, session.secret));
+                        (session, None)
+                    }
+                    Upstream::Cluster(cluster, role) => {
+                        let (session, pick) =
+                            cluster.connect(*role, login).await.map_err(|e| match e {
+                                ConnectError::NoMember(e) => PgError::Waking(e.to_string()),
+                                ConnectError::Member(e) => e,
+                            })?;
+                        (session, Some((cluster.clone(), pick)))
+                    }
+                };
+                *slot.lock().expect("cancel poisoned") =
+                    Some((session.addr, session.pid, session.secret));
                 let (greeting, ready) = (session.greeting.clone(), session.ready.clone());
-                (Mode::Session(session), greeting, ready)
+                (Mode::Session(session, member), greeting, ready)
             }
             PoolMode::Transaction => {
-                let pool = self.pool(&key, &role, &database, &verifier, client_key);
+                let read_only = port == MemberRole::Replica;
+                let pool = self.pool(&key, &role, &database, &verifier, client_key, read_only);
                 // A first login checks the route and fills the pool's greeting.
                 let b = pool
-                    .checkout(addr)
+                    .checkout(upstream.addr(&self.routes).await?)
                     .await
                     .inspect_err(|_| self.routes.invalidate(&key))?;
                 pool.checkin(b);
                 let greeting = pool.greeting();
                 (
-                    Mode::Transaction(pool),
+                    Mode::Transaction(pool, upstream),
                     greeting,
                     messages::message(b'Z', |b| b.put_u8(b'I')),
                 )
@@ -410,9 +471,10 @@ impl PgFront {
         database: &str,
         verifier: &Arc<Verifier>,
         client_key: [u8; 32],
+        read_only: bool,
     ) -> Arc<pool::Pool> {
         let mut pools = self.pools.lock().expect("pools poisoned");
-        let id = (key.clone(), role.to_string());
+        let id = (key.clone(), role.to_string(), read_only);
         if let Some(p) = pools.get(&id) {
             if p.renew(verifier, client_key) {
                 return p.clone();
@@ -425,9 +487,30 @@ impl PgFront {
             verifier.clone(),
             client_key,
             self.pool_size,
+            read_only,
         ));
         pools.insert(id, p.clone());
         p
+    }
+
+    /// The health-checked cluster of a registered Patroni database; a new
+    /// one when its members changed.
+    fn cluster(&self, key: &DbKey, target: &crate::wake::Target) -> Result<Arc<Cluster>, PgError> {
+        let members: Vec<_> = target
+            .endpoints
+            .iter()
+            .filter_map(|e| e.patroni_member())
+            .collect();
+        let mut clusters = self.clusters.lock().expect("clusters poisoned");
+        if let Some(c) = clusters.get(key) {
+            if c.members() == members {
+                return Ok(c.clone());
+            }
+        }
+        let cluster = Cluster::start(&key.internal(), &members, &self.checks)
+            .map_err(|e| PgError::Backend(e.to_string()))?;
+        clusters.insert(key.clone(), cluster.clone());
+        Ok(cluster)
     }
 
     async fn verifier(&self, app: &Name, role: &str) -> Result<Arc<Verifier>, PgError> {

@@ -36,6 +36,8 @@ pub struct Backend {
 pub struct Pool {
     role: String,
     database: String,
+    /// Backends of the read-only port: `default_transaction_read_only`.
+    read_only: bool,
     verifier: Arc<Verifier>,
     /// A key proven by a client of this role: what logs new backends in.
     client_key: Mutex<[u8; 32]>,
@@ -54,10 +56,12 @@ impl Pool {
         verifier: Arc<Verifier>,
         client_key: [u8; 32],
         size: usize,
+        read_only: bool,
     ) -> Pool {
         Pool {
             role: role.to_string(),
             database: database.to_string(),
+            read_only,
             verifier,
             client_key: Mutex::new(client_key),
             idle: Mutex::new(Vec::new()),
@@ -110,8 +114,20 @@ impl Pool {
         permit: OwnedSemaphorePermit,
     ) -> Result<Backend, PgError> {
         let key = *self.client_key.lock().expect("pool poisoned");
-        let session =
-            connect_backend(addr, &self.role, &self.database, &[], &self.verifier, &key).await?;
+        let params: &[(&str, &str)] = if self.read_only {
+            &[("default_transaction_read_only", "on")]
+        } else {
+            &[]
+        };
+        let session = connect_backend(
+            addr,
+            &self.role,
+            &self.database,
+            params,
+            &self.verifier,
+            &key,
+        )
+        .await?;
         {
             let mut greeting = self.greeting.lock().expect("pool poisoned");
             if greeting.is_empty() {

@@ -1,0 +1,117 @@
+//! Registered Patroni clusters. Control runs nothing for them: it checks
+//! that the admin credentials reach the leader, and makes the app's users
+//! login roles there (replicas learn them by streaming replication). The
+//! proxy follows the leader itself, by the members' REST API.
+
+use rouse_control_api::{Endpoint, PatroniRegistration};
+use serde::{Deserialize, Serialize};
+
+use super::postgres::{connect_as, sync_users};
+use crate::error::{ControlError, Result};
+use crate::store::{ReplicaRecord, UserRecord};
+
+/// What control keeps of a registration beyond the database record: the
+/// REST API of each member (in replica order) and the admin user; the
+/// admin's password is the record's secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Registration {
+    pub admin_user: String,
+    pub api: Vec<String>,
+}
+
+/// Checks a registration and splits it into replicas and what else is kept.
+pub fn accept(
+    reg: &PatroniRegistration,
+    node_id: &str,
+) -> Result<(Vec<ReplicaRecord>, Registration)> {
+    let bad = |m: String| Err(ControlError::BadRequest(m));
+    if reg.members.is_empty() {
+        return bad("a Patroni cluster needs at least one member".into());
+    }
+    for (i, m) in reg.members.iter().enumerate() {
+        if m.name.is_empty() || reg.members[..i].iter().any(|o| o.name == m.name) {
+            return bad(format!(
+                "member names must be unique and not empty: {:?}",
+                m.name
+            ));
+        }
+        if !m.api.starts_with("http://") {
+            return bad(format!(
+                "member {}: REST API {:?} must be an http:// URL",
+                m.name, m.api
+            ));
+        }
+    }
+    if reg.admin.user.is_empty() {
+        return bad("the admin user must not be empty".into());
+    }
+    let replicas = reg
+        .members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| ReplicaRecord {
+            idx: i as u32,
+            node_id: format!("{node_id}/{}", m.name),
+            host: m.addr.ip().to_string(),
+            port: m.addr.port(),
+            raft_port: None,
+        })
+        .collect();
+    let kept = Registration {
+        admin_user: reg.admin.user.clone(),
+        api: reg.members.iter().map(|m| m.api.clone()).collect(),
+    };
+    Ok((replicas, kept))
+}
+
+/// The members as endpoints; which one leads is the proxy's to find out.
+pub fn endpoints(replicas: &[ReplicaRecord], reg: &Registration) -> Vec<Endpoint> {
+    replicas
+        .iter()
+        .zip(&reg.api)
+        .map(|(r, api)| Endpoint {
+            node_id: r.node_id.clone(),
+            host: r.host.clone(),
+            port: r.port,
+            raft_port: None,
+            api: Some(api.clone()),
+            leader: false,
+        })
+        .collect()
+}
+
+/// Makes `users` login roles on the cluster's leader, which is the member
+/// that is not in recovery.
+pub async fn apply_users(
+    replicas: &[ReplicaRecord],
+    reg: &Registration,
+    password: &str,
+    users: &[UserRecord],
+) -> Result<()> {
+    let mut tried = Vec::new();
+    for r in replicas {
+        let admin = match connect_as(r, &reg.admin_user, password, "postgres").await {
+            Ok(a) => a,
+            Err(e) => {
+                tried.push(format!("{}:{}: {e}", r.host, r.port));
+                continue;
+            }
+        };
+        let in_recovery: bool = admin
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| ControlError::Engine(e.to_string()))?
+            .get(0);
+        if in_recovery {
+            tried.push(format!("{}:{}: a replica", r.host, r.port));
+            continue;
+        }
+        return sync_users(&admin, users, None)
+            .await
+            .map_err(ControlError::Engine);
+    }
+    Err(ControlError::Engine(format!(
+        "no leader of the Patroni cluster accepted the admin login: {}",
+        tried.join("; ")
+    )))
+}

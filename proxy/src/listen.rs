@@ -1,0 +1,44 @@
+//! The accept loop every TCP front shares: counts open client connections
+//! per protocol and stops accepting when told to.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::warn;
+
+/// Accepts until `stop` resolves, serving each connection on its own task.
+pub async fn accept_forever<F, Fut>(
+    listener: TcpListener,
+    protocol: &'static str,
+    stop: impl Future<Output = ()>,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::pin!(stop);
+    loop {
+        let (socket, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors, say: back off instead of spinning.
+                    warn!(error = %e, protocol, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => return,
+        };
+        let _ = socket.set_nodelay(true);
+        let session = serve(socket, peer);
+        tokio::spawn(async move {
+            let open = metrics::gauge!("rouse_client_connections", "protocol" => protocol);
+            open.increment(1.0);
+            session.await;
+            open.decrement(1.0);
+        });
+    }
+}

@@ -1,0 +1,53 @@
+//! Plain `tcp` listeners: bytes as they are (TLS included) to a Patroni
+//! cluster's leader or to its replicas, what an HAProxy `mode tcp` listen
+//! block with `option httpchk GET /primary` does. A connection made during
+//! a failover waits for the new leader; one whose member loses its role is
+//! closed.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use rouse_control_api::config::MemberRole;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::listen::accept_forever;
+use crate::patroni::Cluster;
+
+pub async fn serve(
+    listener: TcpListener,
+    cluster: Arc<Cluster>,
+    role: MemberRole,
+    stop: impl Future<Output = ()>,
+) {
+    accept_forever(listener, "tcp", stop, move |mut client, peer| {
+        let cluster = cluster.clone();
+        async move {
+            let outcome = |o: &'static str| {
+                metrics::counter!("rouse_requests_total", "app" => "", "db" => cluster.name().to_string(), "protocol" => "tcp", "outcome" => o)
+                    .increment(1)
+            };
+            let (mut backend, pick) = match cluster.connect(role, TcpStream::connect).await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(%peer, error = %e, "tcp connection dropped");
+                    outcome("backend");
+                    return;
+                }
+            };
+            outcome("ok");
+            let _ = backend.set_nodelay(true);
+            tokio::select! {
+                relayed = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
+                    debug!(%peer, result = ?relayed, "tcp session ended");
+                }
+                _ = cluster.lost(pick) => {
+                    info!(%peer, cluster = %cluster.name(), member = pick.member, "member lost its role: session closed");
+                    let _ = client.shutdown().await;
+                }
+            }
+        }
+    })
+    .await
+}
