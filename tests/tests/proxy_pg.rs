@@ -454,3 +454,65 @@ async fn transaction_pooling_shares_few_backends_and_keeps_prepared_statements()
         assert_eq!(y.unwrap().get::<_, i32>(0), i * 10);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_does_not_leak_to_the_next_pooled_client() {
+    // One backend connection: every client gets the same one in turn.
+    let s = Stack::start(|p| p.set("pool_size", "1")).await;
+    s.create("shared").await;
+    s.control
+        .client()
+        .set_pool_mode(&name(APP), &name("shared"), PoolMode::Transaction)
+        .await
+        .unwrap();
+    let a = s
+        .connect("alice.shop", "wonderland", "shared")
+        .await
+        .unwrap();
+    let backend_pid = |c: tokio_postgres::Client| async move {
+        c.query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0)
+    };
+    a.batch_execute(
+        "SET search_path TO nowhere; SET application_name = 'client-a'; \
+         CREATE TEMP TABLE scratch (x int); SELECT pg_advisory_lock(42)",
+    )
+    .await
+    .unwrap();
+    let pid = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get::<_, i32>(0);
+    drop(a);
+
+    let b = s
+        .connect("alice.shop", "wonderland", "shared")
+        .await
+        .unwrap();
+    let row = b
+        .query_one(
+            "SELECT pg_backend_pid(), current_setting('search_path'), current_setting('application_name'), \
+             (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'), to_regclass('pg_temp.scratch') IS NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), pid, "the same backend connection");
+    assert_eq!(row.get::<_, String>(1), "\"$user\", public");
+    assert_ne!(row.get::<_, String>(2), "client-a");
+    assert_eq!(
+        row.get::<_, i64>(3),
+        0,
+        "client A's advisory lock was released"
+    );
+    assert!(row.get::<_, bool>(4), "client A's temporary table is gone");
+    // The reset kept the connection: no new login.
+    let c = s
+        .connect("alice.shop", "wonderland", "shared")
+        .await
+        .unwrap();
+    assert_eq!(backend_pid(c).await, pid);
+}

@@ -576,6 +576,25 @@ mod tests {
     }
 
     #[test]
+    fn patroni_example_loads_and_listeners_must_name_a_cluster() {
+        let text = include_str!("../../../configs/patroni.yaml");
+        let c = Config::parse("patroni.yaml", text, no_env()).unwrap();
+        assert_eq!(c.proxy.patroni_clusters[0].members.len(), 3);
+        assert_eq!(c.proxy.tcp_listeners[1].role, MemberRole::Replica);
+        assert_eq!(c.proxy.patroni.fall, 3);
+
+        let stray = "proxy:\n  tcp_listeners:\n    - {addr: \"127.0.0.1:5000\", cluster: nope, role: primary}\n";
+        let err = Config::parse("c.yaml", stray, no_env()).unwrap_err();
+        assert!(err.to_string().contains("cluster nope"), "{err}");
+        let empty = "proxy:\n  patroni_clusters:\n    - {name: a, members: []}\n";
+        let err = Config::parse("c.yaml", empty, no_env()).unwrap_err();
+        assert!(err.to_string().contains("has no members"), "{err}");
+        let bad_role = "proxy:\n  patroni_clusters:\n    - {name: a, members: []}\n  tcp_listeners:\n    - {addr: \"127.0.0.1:5000\", cluster: a, role: leader}\n";
+        let err = Config::parse("c.yaml", bad_role, no_env()).unwrap_err();
+        assert!(err.to_string().contains("role"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_names_file_line_and_key() {
         let text = "node:\n  data_dir: /tmp/x\ndatabase:\n  replication_factor: 1\n  hibernate_after: 5s\n";
         let err = Config::parse("c.yaml", text, no_env()).unwrap_err();

@@ -3,6 +3,14 @@
 
 use bytes::{Buf, BufMut, BytesMut};
 
+/// A simple Query.
+pub fn query(sql: &str) -> BytesMut {
+    message(b'Q', |b| {
+        b.put_slice(sql.as_bytes());
+        b.put_u8(0);
+    })
+}
+
 /// Messages the proxy sends, each as one complete frame.
 pub fn message(tag: u8, body: impl FnOnce(&mut BytesMut)) -> BytesMut {
     let mut b = BytesMut::with_capacity(64);

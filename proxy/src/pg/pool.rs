@@ -30,7 +30,82 @@ pub struct Backend {
     session: BackendSession,
     /// Named statements prepared on it: name -> the Parse body that made it.
     prepared: HashMap<String, Bytes>,
+    /// The current lease left session state behind (a `SET`, a temporary
+    /// table, a session advisory lock...): reset before the next client.
+    dirty: bool,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Backend {
+    /// `DISCARD ALL`, its answers kept from the client: session settings,
+    /// temporary tables, advisory locks, prepared statements and cursors go.
+    async fn reset(&mut self) -> Result<(), PgError> {
+        let s = &mut self.session;
+        s.stream
+            .write_all(&messages::query("DISCARD ALL"))
+            .await
+            .map_err(|e| PgError::Backend(e.to_string()))?;
+        loop {
+            let frame = read_frame(&mut s.stream, &mut s.buf, true, MAX_MESSAGE)
+                .await
+                .map_err(|e| PgError::Backend(e.to_string()))?;
+            match frame[0] {
+                b'E' => return Err(PgError::Backend("DISCARD ALL failed".into())),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        self.prepared.clear();
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+/// Whether SQL a client sends may leave state in the session beyond its
+/// transaction. Errs on the side of a reset; the backend's ParameterStatus
+/// messages catch reported settings changed any other way.
+pub fn leaves_session_state(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    if lower.contains("pg_advisory_lock") || lower.contains("pg_try_advisory_lock") {
+        return true;
+    }
+    lower.split(';').any(|statement| {
+        let text = strip_comments(statement);
+        let mut words = text
+            .split(|c: char| c.is_whitespace() || c == '(')
+            .filter(|w| !w.is_empty());
+        match (words.next(), words.next(), words.next()) {
+            (Some("set"), Some("local" | "transaction" | "constraints"), _) => false,
+            (Some("set" | "reset" | "prepare" | "deallocate" | "listen" | "load"), ..) => true,
+            (Some("declare" | "discard"), ..) => true,
+            (Some("create"), Some("temp" | "temporary"), _) => true,
+            (Some("create"), Some("local" | "global"), Some("temp" | "temporary")) => true,
+            _ => false,
+        }
+    })
+}
+
+/// `sql` without `-- ...` and `/* ... */` comments (not nested).
+fn strip_comments(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut rest = sql;
+    while let Some(at) = [rest.find("--"), rest.find("/*")]
+        .into_iter()
+        .flatten()
+        .min()
+    {
+        out.push_str(&rest[..at]);
+        out.push(' ');
+        rest = if rest[at..].starts_with("--") {
+            rest[at..].find('\n').map_or("", |end| &rest[at + end..])
+        } else {
+            rest[at + 2..]
+                .find("*/")
+                .map_or("", |end| &rest[at + 2 + end + 2..])
+        };
+    }
+    out.push_str(rest);
+    out
 }
 
 pub struct Pool {
@@ -137,6 +212,7 @@ impl Pool {
         Ok(Backend {
             session,
             prepared: HashMap::new(),
+            dirty: false,
             _permit: permit,
         })
     }
@@ -214,6 +290,11 @@ pub async fn relay(
                         b.prepared.clear();
                         client.write_all(&frame).await.map_err(super::closed)?;
                     }
+                    b'S' => {
+                        // A reported setting changed: it must not reach the next client.
+                        b.dirty = true;
+                        client.write_all(&frame).await.map_err(super::closed)?;
+                    }
                     b'Z' => {
                         batches_done += 1;
                         // Responses of messages skipped after an error never come.
@@ -225,8 +306,11 @@ pub async fn relay(
                         client.flush().await.map_err(super::closed)?;
                         if batches_done == batches_sent && !in_transaction {
                             *cancel.lock().expect("cancel poisoned") = None;
-                            if let Some(b) = backend.take() {
-                                pool.checkin(b);
+                            if let Some(mut b) = backend.take() {
+                                // A backend that cannot be reset is closed, not reused.
+                                if !b.dirty || b.reset().await.is_ok() {
+                                    pool.checkin(b);
+                                }
                             }
                         }
                     }
@@ -278,6 +362,9 @@ async fn forward(
     };
     match frame[0] {
         b'P' => {
+            if let Some((_, rest)) = cstr(body) {
+                b.dirty |= cstr(rest).is_some_and(|(sql, _)| leaves_session_state(sql));
+            }
             let name = cstr(body).map(|(n, _)| n.to_string()).unwrap_or_default();
             if !name.is_empty() {
                 // Replacing a statement of the same name on this backend.
@@ -310,7 +397,11 @@ async fn forward(
             }
             responses.push_back(Hidden { batch, hide: false });
         }
-        b'S' | b'Q' => *batches_sent += 1,
+        b'Q' => {
+            b.dirty |= cstr(body).is_some_and(|(sql, _)| leaves_session_state(sql));
+            *batches_sent += 1
+        }
+        b'S' => *batches_sent += 1,
         _ => {}
     }
     out.extend_from_slice(&frame);
@@ -319,4 +410,40 @@ async fn forward(
         .write_all(&out)
         .await
         .map_err(|e| PgError::Backend(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::leaves_session_state;
+
+    #[test]
+    fn session_state_is_recognised() {
+        for sql in [
+            "SET search_path TO x",
+            "  set   application_name = 'a'",
+            "SET SESSION statement_timeout = 5",
+            "BEGIN; SET x.y = 1; COMMIT",
+            "/* hi */ RESET ALL",
+            "-- note\nPREPARE p AS SELECT 1",
+            "CREATE TEMP TABLE t (x int)",
+            "create local temporary table t (x int)",
+            "SELECT pg_advisory_lock(1)",
+            "select pg_try_advisory_lock(1)",
+            "LISTEN chan",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+        ] {
+            assert!(leaves_session_state(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT 1",
+            "SET LOCAL search_path TO x",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "INSERT INTO settings VALUES ('set')",
+            "SELECT pg_advisory_xact_lock(1)",
+            "CREATE TABLE temp (x int)",
+            "-- SET x = 1\nSELECT 1",
+        ] {
+            assert!(!leaves_session_state(sql), "{sql}");
+        }
+    }
 }
