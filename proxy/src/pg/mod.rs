@@ -102,7 +102,7 @@ struct Started {
 enum Mode {
     /// A backend connection of its own for the whole session; on a Patroni
     /// member, closed when the member loses its role.
-    Session(BackendSession, Option<(Arc<Cluster>, Pick)>),
+    Session(Box<BackendSession>, Option<(Arc<Cluster>, Pick)>),
     /// Backend connections lent per transaction, to where `Upstream` says.
     Transaction(Arc<pool::Pool>, Upstream),
 }
@@ -218,70 +218,58 @@ impl PgFront {
     }
 
     async fn session(&self, tcp: TcpStream, peer: SocketAddr, port: MemberRole) {
+        // Boxed: the startup's large state is freed once it is done, instead
+        // of staying in every session's task.
+        if let Some((client, buf, started)) = Box::pin(self.open(tcp, peer, port)).await {
+            self.relay(client, buf, started).await;
+        }
+    }
+
+    /// The startup, bounded in time; failures are answered here.
+    async fn open(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        port: MemberRole,
+    ) -> Option<(Conn, BytesMut, Started)> {
         let mut buf = BytesMut::with_capacity(1024);
         let mut client = Conn::Plain(tcp);
-        let started =
-            // Boxed: the startup's large state is freed once it is done,
-            // instead of staying in every session's task.
-            tokio::time::timeout(self.startup_timeout, Box::pin(self.start(&mut client, &mut buf, port)))
-                .await;
+        let started = tokio::time::timeout(
+            self.startup_timeout,
+            self.start(&mut client, &mut buf, port),
+        )
+        .await;
+        let e = match started {
+            Ok(Ok(Some(s))) => return Some((client, buf, s)),
+            Ok(Ok(None)) => return None,
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "postgres connection refused");
+                metrics::counter!("rouse_requests_total", "app" => "", "db" => "", "protocol" => "postgres", "outcome" => e.kind()).increment(1);
+                e
+            }
+            Err(_) => PgError::Protocol("startup not completed in time".into()),
+        };
+        let _ = client
+            .write_all(&messages::fatal(e.sqlstate(), &e.to_string()))
+            .await;
+        let _ = client.flush().await;
+        None
+    }
+
+    /// Relays a started session until it ends.
+    async fn relay(&self, mut client: Conn, mut buf: BytesMut, started: Started) {
         let Started {
             key,
             mode,
             cancel,
             _permit,
-        } = match started {
-            Ok(Ok(Some(s))) => s,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                debug!(%peer, error = %e, "postgres connection refused");
-                metrics::counter!("rouse_requests_total", "app" => "", "db" => "", "protocol" => "postgres", "outcome" => e.kind()).increment(1);
-                let _ = client
-                    .write_all(&messages::fatal(e.sqlstate(), &e.to_string()))
-                    .await;
-                let _ = client.flush().await;
-                return;
-            }
-            Err(_) => {
-                let e = PgError::Protocol("startup not completed in time".into());
-                let _ = client
-                    .write_all(&messages::fatal(e.sqlstate(), &e.to_string()))
-                    .await;
-                let _ = client.flush().await;
-                return;
-            }
-        };
+        } = started;
         metrics::counter!("rouse_requests_total", "app" => key.app.to_string(), "db" => key.db.to_string(), "protocol" => "postgres", "outcome" => "ok").increment(1);
         let _in_session = self.activity.begin(&key);
         match mode {
-            Mode::Session(mut backend, member) => {
-                // Whatever either side sent early goes first, then bytes flow as they are.
-                let relay = async {
-                    if !backend.buf.is_empty() {
-                        client.write_all(&backend.buf).await?;
-                    }
-                    if !buf.is_empty() {
-                        backend.stream.write_all(&buf).await?;
-                    }
-                    tokio::io::copy_bidirectional(&mut client, &mut backend.stream).await
-                };
-                let lost = async {
-                    match &member {
-                        Some((cluster, pick)) => cluster.lost(*pick).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    relayed = relay => if let Err(e) = relayed {
-                        debug!(database = %key, error = %e, "postgres session ended");
-                    },
-                    _ = lost => {
-                        info!(database = %key, "the member lost its role: session closed");
-                        let _ = client
-                            .write_all(&messages::fatal("57P01", "terminating connection: the database server changed role (failover)"))
-                            .await;
-                    }
-                }
+            // Boxed, so that the transaction-mode clients' tasks stay small.
+            Mode::Session(backend, member) => {
+                Box::pin(relay_session(&mut client, &buf, *backend, member, &key)).await
             }
             Mode::Transaction(pool, upstream) => {
                 let slot = self
@@ -422,7 +410,7 @@ impl PgFront {
                 *slot.lock().expect("cancel poisoned") =
                     Some((session.addr, session.pid, session.secret));
                 let (greeting, ready) = (session.greeting.clone(), session.ready.clone());
-                (Mode::Session(session, member), greeting, ready)
+                (Mode::Session(Box::new(session), member), greeting, ready)
             }
             PoolMode::Transaction => {
                 let read_only = port == MemberRole::Replica;
@@ -546,6 +534,47 @@ impl PgFront {
                 let _ = s.shutdown().await;
                 info!(backend = %addr, "query cancelled");
             }
+        }
+    }
+}
+
+/// Relays a session-mode client and its own backend connection byte for
+/// byte, until either side leaves or the backend's member loses its role.
+async fn relay_session(
+    client: &mut Conn,
+    early: &[u8],
+    mut backend: BackendSession,
+    member: Option<(Arc<Cluster>, Pick)>,
+    key: &DbKey,
+) {
+    // Whatever either side sent early goes first, then bytes flow as they are.
+    let relay = async {
+        if !backend.buf.is_empty() {
+            client.write_all(&backend.buf).await?;
+        }
+        if !early.is_empty() {
+            backend.stream.write_all(early).await?;
+        }
+        tokio::io::copy_bidirectional(client, &mut backend.stream).await
+    };
+    let lost = async {
+        match &member {
+            Some((cluster, pick)) => cluster.lost(*pick).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        relayed = relay => if let Err(e) = relayed {
+            debug!(database = %key, error = %e, "postgres session ended");
+        },
+        _ = lost => {
+            info!(database = %key, "the member lost its role: session closed");
+            let _ = client
+                .write_all(&messages::fatal(
+                    "57P01",
+                    "terminating connection: the database server changed role (failover)",
+                ))
+                .await;
         }
     }
 }

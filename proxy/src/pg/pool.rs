@@ -242,82 +242,118 @@ pub async fn relay(
     cancel: &CancelSlot,
 ) -> Result<(), PgError> {
     let mut statements: HashMap<String, BytesMut> = HashMap::new();
-    let mut backend: Option<Backend> = None;
-    let mut responses: VecDeque<Hidden> = VecDeque::new();
-    let (mut batches_sent, mut batches_done) = (0u64, 0u64);
     loop {
-        let Some(b) = backend.as_mut() else {
-            // An idle client keeps no buffer.
-            if cbuf.is_empty() {
-                *cbuf = BytesMut::new();
-            }
-            let frame = match read_frame(client, cbuf, true, MAX_MESSAGE).await {
-                Ok(f) => f,
-                Err(FrameError::Closed) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            };
-            if frame[0] == b'X' {
-                return Ok(());
-            }
-            // Boxed: a login's large state must not sit in every idle client.
-            let b = Box::pin(pool.checkout(addr().await?)).await?;
-            *cancel.lock().expect("cancel poisoned") =
-                Some((b.session.addr, b.session.pid, b.session.secret));
-            let b = backend.insert(b);
-            forward(frame, b, &mut statements, &mut responses, &mut batches_sent).await?;
-            continue;
+        // An idle client keeps no buffer.
+        if cbuf.is_empty() {
+            *cbuf = BytesMut::new();
+        }
+        let frame = match read_frame(client, cbuf, true, MAX_MESSAGE).await {
+            Ok(f) => f,
+            Err(FrameError::Closed) => return Ok(()),
+            Err(e) => return Err(e.into()),
         };
-        tokio::select! {
-            frame = read_frame(client, cbuf, true, MAX_MESSAGE) => {
-                let frame = match frame {
-                    Ok(f) if f[0] != b'X' => f,
-                    // The client left mid-transaction: its backend cannot be reused.
-                    _ => return Ok(()),
-                };
-                forward(frame, b, &mut statements, &mut responses, &mut batches_sent).await?;
-            }
-            frame = read_frame(&mut b.session.stream, &mut b.session.buf, true, MAX_MESSAGE) => {
-                let frame = frame.map_err(|e| PgError::Backend(e.to_string()))?;
-                match frame[0] {
-                    b'1' | b'3' => {
-                        let hide = responses.pop_front().is_some_and(|r| r.hide);
-                        if !hide {
-                            client.write_all(&frame).await.map_err(super::closed)?;
-                        }
-                    }
-                    b'E' => {
-                        // What was prepared in this batch may not have been.
-                        b.prepared.clear();
-                        client.write_all(&frame).await.map_err(super::closed)?;
-                    }
-                    b'S' => {
-                        // A reported setting changed: it must not reach the next client.
-                        b.dirty = true;
-                        client.write_all(&frame).await.map_err(super::closed)?;
-                    }
-                    b'Z' => {
-                        batches_done += 1;
-                        // Responses of messages skipped after an error never come.
-                        while responses.front().is_some_and(|r| r.batch < batches_done) {
-                            responses.pop_front();
-                        }
-                        let in_transaction = frame.get(5).is_some_and(|s| *s != b'I');
-                        client.write_all(&frame).await.map_err(super::closed)?;
-                        client.flush().await.map_err(super::closed)?;
-                        if batches_done == batches_sent && !in_transaction {
-                            *cancel.lock().expect("cancel poisoned") = None;
-                            if let Some(mut b) = backend.take() {
-                                // A backend that cannot be reset is closed, not reused.
-                                if !b.dirty || b.reset().await.is_ok() {
-                                    pool.checkin(b);
-                                }
+        if frame[0] == b'X' {
+            return Ok(());
+        }
+        // Boxed: a transaction's state lives on the heap while it runs, so
+        // an idle client holds only what is above.
+        let lease = Lease {
+            client: &mut *client,
+            cbuf: &mut *cbuf,
+            pool,
+            cancel,
+            statements: &mut statements,
+        };
+        if !Box::pin(lease.run(addr().await?, frame)).await? {
+            return Ok(());
+        }
+    }
+}
+
+/// One backend connection lent to a client, from the first message of a
+/// transaction until ReadyForQuery says idle.
+struct Lease<'a> {
+    client: &'a mut Conn,
+    cbuf: &'a mut BytesMut,
+    pool: &'a Pool,
+    cancel: &'a CancelSlot,
+    /// The client's named statements: name -> its Parse message.
+    statements: &'a mut HashMap<String, BytesMut>,
+}
+
+impl Lease<'_> {
+    /// Serves the transaction that `frame` opens; false when the client left.
+    async fn run(self, addr: SocketAddr, frame: BytesMut) -> Result<bool, PgError> {
+        let Lease {
+            client,
+            cbuf,
+            pool,
+            cancel,
+            statements,
+        } = self;
+        let mut leased = pool.checkout(addr).await?;
+        *cancel.lock().expect("cancel poisoned") = Some((
+            leased.session.addr,
+            leased.session.pid,
+            leased.session.secret,
+        ));
+        let b = &mut leased;
+        let mut responses: VecDeque<Hidden> = VecDeque::new();
+        let (mut batches_sent, mut batches_done) = (0u64, 0u64);
+        forward(frame, b, statements, &mut responses, &mut batches_sent).await?;
+        loop {
+            tokio::select! {
+                frame = read_frame(client, cbuf, true, MAX_MESSAGE) => {
+                    let frame = match frame {
+                        Ok(f) if f[0] != b'X' => f,
+                        // The client left mid-transaction: its backend cannot be reused.
+                        _ => return Ok(false),
+                    };
+                    forward(frame, b, statements, &mut responses, &mut batches_sent).await?;
+                }
+                frame = read_frame(&mut b.session.stream, &mut b.session.buf, true, MAX_MESSAGE) => {
+                    let frame = frame.map_err(|e| PgError::Backend(e.to_string()))?;
+                    match frame[0] {
+                        b'1' | b'3' => {
+                            let hide = responses.pop_front().is_some_and(|r| r.hide);
+                            if !hide {
+                                client.write_all(&frame).await.map_err(super::closed)?;
                             }
                         }
+                        b'E' => {
+                            // What was prepared in this batch may not have been.
+                            b.prepared.clear();
+                            client.write_all(&frame).await.map_err(super::closed)?;
+                        }
+                        b'S' => {
+                            // A reported setting changed: it must not reach the next client.
+                            b.dirty = true;
+                            client.write_all(&frame).await.map_err(super::closed)?;
+                        }
+                        b'Z' => {
+                            batches_done += 1;
+                            // Responses of messages skipped after an error never come.
+                            while responses.front().is_some_and(|r| r.batch < batches_done) {
+                                responses.pop_front();
+                            }
+                            let in_transaction = frame.get(5).is_some_and(|s| *s != b'I');
+                            client.write_all(&frame).await.map_err(super::closed)?;
+                            client.flush().await.map_err(super::closed)?;
+                            if batches_done == batches_sent && !in_transaction {
+                                *cancel.lock().expect("cancel poisoned") = None;
+                                break;
+                            }
+                        }
+                        _ => client.write_all(&frame).await.map_err(super::closed)?,
                     }
-                    _ => client.write_all(&frame).await.map_err(super::closed)?,
                 }
             }
         }
+        // A backend that cannot be reset is closed, not reused.
+        if !leased.dirty || leased.reset().await.is_ok() {
+            pool.checkin(leased);
+        }
+        Ok(true)
     }
 }
 
