@@ -5,6 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
@@ -33,12 +34,27 @@ pub async fn accept_forever<F, Fut>(
             _ = &mut stop => return,
         };
         let _ = socket.set_nodelay(true);
-        let session = serve(socket, peer);
-        tokio::spawn(async move {
-            let open = metrics::gauge!("rouse_client_connections", "protocol" => protocol);
-            open.increment(1.0);
-            session.await;
-            open.decrement(1.0);
-        });
+        let open = OpenConnection::new(protocol);
+        // A combinator, not an async block: awaiting a moved-in future
+        // from an async block would hold it twice in every task.
+        tokio::spawn(serve(socket, peer).map(move |()| drop(open)));
+    }
+}
+
+/// Counts one open client connection in `rouse_client_connections` for
+/// as long as it lives, also when its task is aborted.
+struct OpenConnection(metrics::Gauge);
+
+impl OpenConnection {
+    fn new(protocol: &'static str) -> OpenConnection {
+        let gauge = metrics::gauge!("rouse_client_connections", "protocol" => protocol);
+        gauge.increment(1.0);
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }

@@ -34,6 +34,15 @@ pub fn frame_len(buf: &[u8], typed: bool, limit: usize) -> Result<Option<usize>,
     Ok(Some(off + len))
 }
 
+/// Whether a whole frame is buffered (a bad length counts: reading it fails at once).
+pub fn has_frame(buf: &[u8], typed: bool, limit: usize) -> bool {
+    match frame_len(buf, typed, limit) {
+        Ok(Some(n)) => buf.len() >= n,
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
 /// Reads one whole frame into `buf` and splits it off (header included).
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,

@@ -89,6 +89,14 @@ impl From<FrameError> for PgError {
     }
 }
 
+/// A client connection that passed startup, kept on the heap while it lives.
+struct Opened {
+    client: Conn,
+    /// What the client sent beyond the startup.
+    buf: BytesMut,
+    started: Started,
+}
+
 /// A session that passed startup: its database, how it reaches the
 /// backend, the client's cancel key and its slot among
 /// `max_client_connections`.
@@ -211,18 +219,18 @@ impl PgFront {
         stop: impl std::future::Future<Output = ()>,
     ) {
         accept_forever(listener, "postgres", stop, move |socket, peer| {
-            let front = self.clone();
-            async move { front.session(socket, peer, port).await }
+            self.clone().session(socket, peer, port)
         })
         .await
     }
 
-    async fn session(&self, tcp: TcpStream, peer: SocketAddr, port: MemberRole) {
+    async fn session(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, port: MemberRole) {
         // Boxed: the startup's large state is freed once it is done, instead
         // of staying in every session's task.
-        if let Some((client, buf, started)) = Box::pin(self.open(tcp, peer, port)).await {
-            self.relay(client, buf, started).await;
-        }
+        let Some(opened) = Box::pin(self.open(tcp, peer, port)).await else {
+            return;
+        };
+        self.relay(opened).await;
     }
 
     /// The startup, bounded in time; failures are answered here.
@@ -231,7 +239,7 @@ impl PgFront {
         tcp: TcpStream,
         peer: SocketAddr,
         port: MemberRole,
-    ) -> Option<(Conn, BytesMut, Started)> {
+    ) -> Option<Box<Opened>> {
         let mut buf = BytesMut::with_capacity(1024);
         let mut client = Conn::Plain(tcp);
         let started = tokio::time::timeout(
@@ -240,7 +248,13 @@ impl PgFront {
         )
         .await;
         let e = match started {
-            Ok(Ok(Some(s))) => return Some((client, buf, s)),
+            Ok(Ok(Some(started))) => {
+                return Some(Box::new(Opened {
+                    client,
+                    buf,
+                    started,
+                }))
+            }
             Ok(Ok(None)) => return None,
             Ok(Err(e)) => {
                 debug!(%peer, error = %e, "postgres connection refused");
@@ -257,35 +271,37 @@ impl PgFront {
     }
 
     /// Relays a started session until it ends.
-    async fn relay(&self, mut client: Conn, mut buf: BytesMut, started: Started) {
-        let Started {
-            key,
-            mode,
-            cancel,
-            _permit,
-        } = started;
+    async fn relay(&self, mut opened: Box<Opened>) {
+        // Everything stays in `opened` on the heap and is borrowed from
+        // there, so that no copy of it sits in this future.
+        let Opened {
+            client,
+            buf,
+            started,
+        } = &mut *opened;
+        let key = &started.key;
         metrics::counter!("rouse_requests_total", "app" => key.app.to_string(), "db" => key.db.to_string(), "protocol" => "postgres", "outcome" => "ok").increment(1);
-        let _in_session = self.activity.begin(&key);
-        match mode {
+        let _in_session = self.activity.begin(key);
+        match &mut started.mode {
             // Boxed, so that the transaction-mode clients' tasks stay small.
             Mode::Session(backend, member) => {
-                Box::pin(relay_session(&mut client, &buf, *backend, member, &key)).await
+                Box::pin(relay_session(client, buf, backend, member.as_ref(), key)).await
             }
             Mode::Transaction(pool, upstream) => {
                 let slot = self
                     .cancels
                     .lock()
                     .expect("cancels poisoned")
-                    .get(&cancel)
+                    .get(&started.cancel)
                     .cloned()
                     .unwrap_or_default();
-                let routes = self.routes.clone();
+                let (routes, upstream) = (self.routes.clone(), upstream.clone());
                 let addr =
                     move || -> futures::future::BoxFuture<'static, Result<SocketAddr, PgError>> {
                         let (routes, upstream) = (routes.clone(), upstream.clone());
                         Box::pin(async move { upstream.addr(&routes).await })
                     };
-                if let Err(e) = pool::relay(&mut client, &mut buf, &pool, addr, &slot).await {
+                if let Err(e) = pool::relay(client, buf, pool, addr, &slot).await {
                     debug!(database = %key, error = %e, "pooled postgres session ended");
                     let _ = client
                         .write_all(&messages::fatal(e.sqlstate(), &e.to_string()))
@@ -296,7 +312,7 @@ impl PgFront {
         self.cancels
             .lock()
             .expect("cancels poisoned")
-            .remove(&cancel);
+            .remove(&started.cancel);
     }
 
     /// Startup, authentication, wake and backend login. `None` when the
@@ -543,8 +559,8 @@ impl PgFront {
 async fn relay_session(
     client: &mut Conn,
     early: &[u8],
-    mut backend: BackendSession,
-    member: Option<(Arc<Cluster>, Pick)>,
+    backend: &mut BackendSession,
+    member: Option<&(Arc<Cluster>, Pick)>,
     key: &DbKey,
 ) {
     // Whatever either side sent early goes first, then bytes flow as they are.
@@ -558,7 +574,7 @@ async fn relay_session(
         tokio::io::copy_bidirectional(client, &mut backend.stream).await
     };
     let lost = async {
-        match &member {
+        match member {
             Some((cluster, pick)) => cluster.lost(*pick).await,
             None => std::future::pending().await,
         }

@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::conn::Conn;
-use super::frame::{read_frame, FrameError};
+use super::frame::{has_frame, read_frame, FrameError};
 use super::messages;
 use super::scram::Verifier;
 use super::{connect_backend, BackendSession, PgError};
@@ -300,35 +300,60 @@ impl Lease<'_> {
         let b = &mut leased;
         let mut responses: VecDeque<Hidden> = VecDeque::new();
         let (mut batches_sent, mut batches_done) = (0u64, 0u64);
-        forward(frame, b, statements, &mut responses, &mut batches_sent).await?;
+        // Messages are gathered while more whole ones are buffered, then
+        // written at once: one write for a pipelined batch, not one each.
+        let (mut to_backend, mut to_client) = (BytesMut::new(), BytesMut::new());
+        let mut frame = Some(frame);
         loop {
+            if let Some(f) = frame.take() {
+                forward(
+                    f,
+                    b,
+                    statements,
+                    &mut responses,
+                    &mut batches_sent,
+                    &mut to_backend,
+                );
+                if has_frame(cbuf, true, MAX_MESSAGE) {
+                    frame = Some(read_frame(client, cbuf, true, MAX_MESSAGE).await?);
+                    if frame.as_ref().is_some_and(|f| f[0] == b'X') {
+                        return Ok(false);
+                    }
+                    continue;
+                }
+                b.session
+                    .stream
+                    .write_all(&to_backend)
+                    .await
+                    .map_err(|e| PgError::Backend(e.to_string()))?;
+                to_backend.clear();
+            }
             tokio::select! {
-                frame = read_frame(client, cbuf, true, MAX_MESSAGE) => {
-                    let frame = match frame {
-                        Ok(f) if f[0] != b'X' => f,
+                read = read_frame(client, cbuf, true, MAX_MESSAGE) => {
+                    match read {
+                        Ok(f) if f[0] != b'X' => frame = Some(f),
                         // The client left mid-transaction: its backend cannot be reused.
                         _ => return Ok(false),
                     };
-                    forward(frame, b, statements, &mut responses, &mut batches_sent).await?;
                 }
-                frame = read_frame(&mut b.session.stream, &mut b.session.buf, true, MAX_MESSAGE) => {
-                    let frame = frame.map_err(|e| PgError::Backend(e.to_string()))?;
+                read = read_frame(&mut b.session.stream, &mut b.session.buf, true, MAX_MESSAGE) => {
+                    let frame = read.map_err(|e| PgError::Backend(e.to_string()))?;
                     match frame[0] {
                         b'1' | b'3' => {
                             let hide = responses.pop_front().is_some_and(|r| r.hide);
                             if !hide {
-                                client.write_all(&frame).await.map_err(super::closed)?;
+                                to_client.extend_from_slice(&frame);
                             }
                         }
                         b'E' => {
                             // What was prepared in this batch may not have been.
                             b.prepared.clear();
-                            client.write_all(&frame).await.map_err(super::closed)?;
+                            to_client.extend_from_slice(&frame);
                         }
                         b'S' => {
                             // A reported setting changed: it must not reach the next client.
                             b.dirty = true;
-                            client.write_all(&frame).await.map_err(super::closed)?;
+                            to_client.extend_from_slice(&frame);
                         }
                         b'Z' => {
                             batches_done += 1;
@@ -337,14 +362,18 @@ impl Lease<'_> {
                                 responses.pop_front();
                             }
                             let in_transaction = frame.get(5).is_some_and(|s| *s != b'I');
-                            client.write_all(&frame).await.map_err(super::closed)?;
-                            client.flush().await.map_err(super::closed)?;
+                            to_client.extend_from_slice(&frame);
                             if batches_done == batches_sent && !in_transaction {
                                 *cancel.lock().expect("cancel poisoned") = None;
+                                send(client, &to_client).await?;
                                 break;
                             }
                         }
-                        _ => client.write_all(&frame).await.map_err(super::closed)?,
+                        _ => to_client.extend_from_slice(&frame),
+                    }
+                    if !has_frame(&b.session.buf, true, MAX_MESSAGE) {
+                        send(client, &to_client).await?;
+                        to_client.clear();
                     }
                 }
             }
@@ -371,17 +400,24 @@ fn close_statement(name: &str) -> BytesMut {
     })
 }
 
-/// Sends a client message to the backend, preparing statements it uses first.
-async fn forward(
+/// Writes what was gathered for the client, through TLS when there is TLS.
+async fn send(client: &mut Conn, gathered: &[u8]) -> Result<(), PgError> {
+    client.write_all(gathered).await.map_err(super::closed)?;
+    client.flush().await.map_err(super::closed)
+}
+
+/// Adds a client message for the backend to `out`, preparing the statements
+/// it uses first.
+fn forward(
     frame: BytesMut,
     b: &mut Backend,
     statements: &mut HashMap<String, BytesMut>,
     responses: &mut VecDeque<Hidden>,
     batches_sent: &mut u64,
-) -> Result<(), PgError> {
+    out: &mut BytesMut,
+) {
     let body = &frame[5..];
     let batch = *batches_sent;
-    let mut out = BytesMut::new();
     // Makes statement `name` exist on this backend as the client prepared it.
     let mut ensure = |name: &str, out: &mut BytesMut, responses: &mut VecDeque<Hidden>| {
         let Some(parse) = statements.get(name) else {
@@ -415,13 +451,13 @@ async fn forward(
         b'B' => {
             if let Some((_portal, rest)) = cstr(body) {
                 if let Some((stmt, _)) = cstr(rest) {
-                    ensure(stmt, &mut out, responses);
+                    ensure(stmt, out, responses);
                 }
             }
         }
         b'D' if body.first() == Some(&b'S') => {
             if let Some((stmt, _)) = cstr(&body[1..]) {
-                ensure(stmt, &mut out, responses);
+                ensure(stmt, out, responses);
             }
         }
         b'C' => {
@@ -441,11 +477,6 @@ async fn forward(
         _ => {}
     }
     out.extend_from_slice(&frame);
-    b.session
-        .stream
-        .write_all(&out)
-        .await
-        .map_err(|e| PgError::Backend(e.to_string()))
 }
 
 #[cfg(test)]
