@@ -2,7 +2,8 @@
 
 use clap::Subcommand;
 use rouse_control_api::{
-    Client, ClientError, CreateApp, CreateDatabase, DatabaseInfo, Engine, Name, PoolMode,
+    BackendCredentials, Client, ClientError, CreateApp, CreateDatabase, DatabaseInfo, Engine, Name,
+    PatroniMember, PatroniRegistration, PoolMode,
 };
 use serde::Serialize;
 
@@ -70,6 +71,21 @@ pub enum UserCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum DbCmd {
+    /// Register an existing Patroni cluster as database NAME of APP (the
+    /// database of that name inside the cluster).
+    RegisterPatroni {
+        app: Name,
+        name: Name,
+        /// A member as NAME=HOST:PORT,REST_API_URL, e.g.
+        /// pg1=10.0.0.1:5432,http://10.0.0.1:8008; once per member.
+        #[arg(long = "member", required = true, value_parser = parse_member)]
+        members: Vec<PatroniMember>,
+        /// A superuser through which the app's users become roles.
+        #[arg(long, default_value = "postgres")]
+        admin_user: String,
+        #[arg(long, env = "ROUSE_ADMIN_PASSWORD", hide_env_values = true)]
+        admin_password: String,
+    },
     Create {
         app: Name,
         name: Name,
@@ -186,6 +202,29 @@ pub async fn run(client: &Client, cmd: Command) -> Result<(), ClientError> {
                     })
                     .await?,
             ),
+            DbCmd::RegisterPatroni {
+                app,
+                name,
+                members,
+                admin_user,
+                admin_password,
+            } => print(
+                &client
+                    .create_database(&CreateDatabase {
+                        app,
+                        name,
+                        engine: Engine::Patroni,
+                        replication_factor: None,
+                        patroni: Some(PatroniRegistration {
+                            members,
+                            admin: BackendCredentials {
+                                user: admin_user,
+                                password: admin_password,
+                            },
+                        }),
+                    })
+                    .await?,
+            ),
             DbCmd::List { app } => {
                 print_table(&client.list_databases(app.as_ref()).await?.databases)
             }
@@ -202,4 +241,21 @@ pub async fn run(client: &Client, cmd: Command) -> Result<(), ClientError> {
         Command::Nodes => print(&client.nodes().await?),
     }
     Ok(())
+}
+
+/// `NAME=HOST:PORT,REST_API_URL`
+fn parse_member(s: &str) -> Result<PatroniMember, String> {
+    let (name, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=HOST:PORT,REST_API_URL"))?;
+    let (addr, api) = rest
+        .split_once(',')
+        .ok_or_else(|| format!("{s:?}: expected NAME=HOST:PORT,REST_API_URL"))?;
+    Ok(PatroniMember {
+        name: name.to_string(),
+        addr: addr
+            .parse()
+            .map_err(|e| format!("{s:?}: bad address {addr:?}: {e}"))?,
+        api: api.to_string(),
+    })
 }

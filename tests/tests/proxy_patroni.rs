@@ -105,27 +105,23 @@ async fn patroni_failover_under_load_through_both_fronts() {
     api.create_user(&name(APP), "alice", "wonderland")
         .await
         .unwrap();
-    let members: Vec<PatroniMember> = cluster
-        .members()
-        .into_iter()
-        .map(|(n, addr, api)| PatroniMember { name: n, addr, api })
-        .collect();
-    let registered = api
-        .create_database(&CreateDatabase {
-            app: name(APP),
-            name: name(DB),
-            engine: Engine::Patroni,
-            replication_factor: None,
-            patroni: Some(PatroniRegistration {
-                members: members.clone(),
-                admin: BackendCredentials {
-                    user: "postgres".into(),
-                    password: cluster.superuser_password().into(),
-                },
-            }),
-        })
-        .await
-        .unwrap();
+    // The operator's way: the CLI.
+    let mut register = Command::new(rouse_tests::control_bin().unwrap());
+    register
+        .args([
+            "--url",
+            &control.api_url(),
+            "db",
+            "register-patroni",
+            APP,
+            DB,
+        ])
+        .env("ROUSE_ADMIN_PASSWORD", cluster.superuser_password());
+    for (n, addr, api) in cluster.members() {
+        register.arg("--member").arg(format!("{n}={addr},{api}"));
+    }
+    let out = rouse_tests::run_ok(&mut register);
+    let registered: DatabaseInfo = serde_json::from_str(&out).unwrap();
     assert_eq!(registered.status, DatabaseStatus::Active);
     // The app's user owns the database, as an operator would set it up.
     admin
