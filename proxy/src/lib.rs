@@ -7,6 +7,7 @@
 //! - [`http`]: the gateway API and the rqlite API
 //! - [`pg`]: the PostgreSQL front
 //! - [`patroni`]: following Patroni clusters; [`tcp`]: plain L4 listeners to them
+//! - [`redis_front`]: `REDIS_URL` at the proxy, always to the current master
 //! - [`activity`]: what control is told about use
 
 pub mod activity;
@@ -16,6 +17,7 @@ pub mod http;
 pub mod listen;
 pub mod patroni;
 pub mod pg;
+pub mod redis_front;
 pub mod route;
 pub mod tcp;
 pub mod wake;
@@ -67,6 +69,8 @@ pub struct Listeners {
     pub bound: Vec<(TcpListener, DbKey)>,
     /// Plain TCP listeners, as `proxy.tcp_listeners` lists them.
     pub tcp: Vec<TcpListener>,
+    /// The Redis front, when `proxy.redis_backend` is set.
+    pub redis: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -90,6 +94,10 @@ impl Listeners {
             stats: TcpListener::bind(p.stats_addr).await?,
             bound,
             tcp,
+            redis: match &p.redis_backend {
+                Some(_) => Some(TcpListener::bind(p.redis_addr).await?),
+                None => None,
+            },
         })
     }
 }
@@ -157,6 +165,13 @@ pub async fn run(
             ))
         })
         .collect::<Result<HashMap<_, _>, PatroniError>>()?;
+    if let (Some(listener), Some(backend)) = (listeners.redis, &p.redis_backend) {
+        servers.push(tokio::spawn(redis_front::serve(
+            listener,
+            backend.clone(),
+            stopped(),
+        )));
+    }
     for (listener, t) in listeners.tcp.into_iter().zip(&p.tcp_listeners) {
         let cluster = clusters[&t.cluster].clone();
         servers.push(tokio::spawn(tcp::serve(

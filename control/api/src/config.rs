@@ -196,6 +196,41 @@ pub struct ProxyConfig {
     /// Plain L4 listeners to a cluster's leader or replicas, the drop-in
     /// equivalent of an HAProxy `mode tcp` listen block.
     pub tcp_listeners: Vec<TcpListenerConfig>,
+    /// The Redis servers behind `redis_addr`; absent: no Redis front.
+    pub redis_backend: Option<RedisBackend>,
+}
+
+/// Where the Redis front finds the current master: through Sentinel, or by
+/// asking each of a static list of servers for its role.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisBackend {
+    /// Sentinels (`host:port`) to ask `SENTINEL get-master-addr-by-name`.
+    #[serde(default)]
+    pub sentinels: Vec<String>,
+    /// The master's name among the sentinels.
+    #[serde(default)]
+    pub master_name: Option<String>,
+    /// Without sentinels: the servers (`host:port`) whose `ROLE` decides.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// AUTH towards the Redis servers (the proxy's own checks).
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// AUTH towards the sentinels.
+    #[serde(default)]
+    pub sentinel_password: Option<String>,
+    /// TLS towards the Redis servers, verified against this PEM CA file.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    #[serde(default = "default_redis_check_interval", with = "crate::duration")]
+    pub check_interval: Duration,
+}
+
+fn default_redis_check_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// Health checks of Patroni members (HAProxy's `inter`, `rise`, `fall`).
@@ -313,6 +348,7 @@ impl Default for ProxyConfig {
             patroni: PatroniChecks::default(),
             patroni_clusters: Vec::new(),
             tcp_listeners: Vec::new(),
+            redis_backend: None,
         }
     }
 }
@@ -470,6 +506,16 @@ impl ProxyConfig {
                     "proxy.patroni_clusters: cluster {} is named twice",
                     c.name
                 ));
+            }
+        }
+        if let Some(r) = &self.redis_backend {
+            match (r.sentinels.is_empty(), r.servers.is_empty(), &r.master_name) {
+                (false, true, Some(_)) | (true, false, None) => {}
+                _ => {
+                    return Err(
+                        "proxy.redis_backend: give either sentinels and master_name, or servers".into(),
+                    )
+                }
             }
         }
         for l in &self.tcp_listeners {
