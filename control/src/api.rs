@@ -194,6 +194,8 @@ async fn route(
                 reply(S::OK, m.status(&db_key(app, db)?).await)
             }
             (&Method::POST, ["databases", app, db, "wake"]) => {
+                // How many wakes reach control: proxies coordinate to send one.
+                metrics::counter!("rouse_wake_requests_total").increment(1);
                 let key = db_key(app, db)?;
                 reply(
                     S::OK,

@@ -1,6 +1,8 @@
-//! Credentials: API keys (verified by control, cached in-process) and JWTs
-//! (HS256 secret, RS256 public key or JWKS, verified locally). Either names
-//! exactly one app.
+//! Credentials: API keys (verified by control) and JWTs (HS256 secret,
+//! RS256 public key or JWKS, verified locally). Either names exactly one
+//! app. A validated credential is cached in-process and in Redis, so that
+//! a fleet of proxies validates it once; revocations reach every proxy
+//! through Redis.
 
 use std::time::Duration;
 
@@ -8,16 +10,27 @@ use base64::Engine as _;
 use hyper::header::{HeaderMap, AUTHORIZATION};
 use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
 use rouse_control_api::config::AuthConfig;
+use std::sync::Arc;
+
+use redis::AsyncCommands;
 use rouse_control_api::{Client, ClientError, Name};
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{ProxyError, Result};
+use crate::shared::{digest, Revocation, Shared};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credential {
     ApiKey(String),
     Jwt(String),
+}
+
+impl Credential {
+    /// A name for the credential that does not reveal it: for rate limits.
+    pub fn id(&self) -> String {
+        let (Credential::ApiKey(s) | Credential::Jwt(s)) = self;
+        digest(s.as_bytes())[..16].to_string()
+    }
 }
 
 /// A credential and, for basic auth, the user name (`<db>.<app>` routes).
@@ -60,22 +73,47 @@ fn plain(credential: Credential) -> Presented {
     }
 }
 
-#[derive(Clone)]
-struct KeyOwner {
+/// A validated credential, as cached in-process and in Redis
+/// (`rouse:sess:<sha256(credential)>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Session {
     app: Name,
-    id: String,
+    /// The API key's id, by which a revocation finds its sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_id: Option<String>,
+    /// A token's `exp` (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exp: Option<u64>,
+}
+
+impl Session {
+    /// Seconds it may be cached: API keys live until revoked, tokens until
+    /// they expire.
+    fn ttl(&self) -> u64 {
+        match self.exp {
+            Some(exp) => exp.saturating_sub(now_secs()).min(SESSION_TTL.as_secs()),
+            None => SESSION_TTL.as_secs(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
 struct Claims {
     namespace: Option<String>,
     app: Option<String>,
+    exp: Option<u64>,
 }
+
+/// How long a validated credential is trusted without asking again.
+const SESSION_TTL: Duration = Duration::from_secs(300);
 
 pub struct Authenticator {
     control: Client,
-    /// sha256(key) -> owner. Revocations arrive as control events.
-    keys: moka::future::Cache<String, KeyOwner>,
+    shared: Arc<Shared>,
+    /// sha256(credential) -> session, in front of Redis.
+    sessions: moka::future::Cache<String, Session>,
+    /// sha256 of revoked tokens still within their lifetime.
+    revoked: moka::future::Cache<String, ()>,
     hs256: Option<DecodingKey>,
     rs256: Option<DecodingKey>,
     jwks: Option<JwkSet>,
@@ -84,8 +122,30 @@ pub struct Authenticator {
 /// Clock skew tolerated on `exp` and `nbf`.
 const JWT_LEEWAY_SECS: u64 = 60;
 
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn session_key(hash: &str) -> String {
+    format!("rouse:sess:{hash}")
+}
+
+fn key_sessions_key(id: &str) -> String {
+    format!("rouse:keysess:{id}")
+}
+
+fn revoked_key(hash: &str) -> String {
+    format!("rouse:revoked:{hash}")
+}
+
 impl Authenticator {
-    pub fn new(control: Client, config: &AuthConfig) -> anyhow::Result<Authenticator> {
+    pub fn new(
+        control: Client,
+        shared: Arc<Shared>,
+        config: &AuthConfig,
+    ) -> anyhow::Result<Authenticator> {
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
         };
@@ -99,10 +159,15 @@ impl Authenticator {
         };
         Ok(Authenticator {
             control,
-            keys: moka::future::Cache::builder()
+            shared,
+            sessions: moka::future::Cache::builder()
                 .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(300))
+                .time_to_live(SESSION_TTL)
                 .support_invalidation_closures()
+                .build(),
+            revoked: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(24 * 3600))
                 .build(),
             hs256: config
                 .jwt_hs256_secret
@@ -113,55 +178,188 @@ impl Authenticator {
         })
     }
 
-    /// The app a credential belongs to.
+    /// The app a credential belongs to: from this proxy's cache, else from
+    /// Redis (another proxy validated it), else validated here.
     pub async fn app_of(&self, credential: &Credential) -> Result<Name> {
-        match credential {
-            Credential::ApiKey(key) => self.key_owner(key).await,
-            Credential::Jwt(token) => self.jwt_app(token),
-        }
-    }
-
-    async fn key_owner(&self, key: &str) -> Result<Name> {
-        if !key.starts_with("ak_") || key.len() > 128 {
+        let secret = match credential {
+            Credential::ApiKey(key) if !key.starts_with("ak_") || key.len() > 128 => {
+                return Err(ProxyError::Unauthorized)
+            }
+            Credential::ApiKey(s) | Credential::Jwt(s) => s,
+        };
+        let hash = digest(secret.as_bytes());
+        if self.revoked.contains_key(&hash) {
             return Err(ProxyError::Unauthorized);
         }
-        let hash = hex::encode(Sha256::digest(key.as_bytes()));
-        let control = self.control.clone();
-        let key = key.to_string();
-        let owner = self
-            .keys
-            .try_get_with(hash, async move {
-                match control.verify_key(&key).await {
-                    Ok(o) => Ok(KeyOwner {
+        let session = self
+            .sessions
+            .try_get_with(hash.clone(), self.validate(credential, &hash))
+            .await
+            .map_err(|e| (*e).clone())?;
+        if session
+            .exp
+            .is_some_and(|exp| exp + JWT_LEEWAY_SECS < now_secs())
+        {
+            self.sessions.invalidate(&hash).await;
+            return Err(ProxyError::Unauthorized);
+        }
+        Ok(session.app)
+    }
+
+    async fn validate(&self, credential: &Credential, hash: &str) -> Result<Session> {
+        let stored = self
+            .shared
+            .call("session", |mut c| {
+                let key = session_key(hash);
+                async move { c.get::<_, Option<String>>(key).await }
+            })
+            .await?
+            .flatten()
+            .and_then(|json| serde_json::from_str::<Session>(&json).ok());
+        if let Some(session) = stored {
+            metrics::counter!("rouse_auth_validations_total", "source" => "redis").increment(1);
+            return Ok(session);
+        }
+        let session = match credential {
+            Credential::ApiKey(key) => {
+                metrics::counter!("rouse_auth_validations_total", "source" => "control")
+                    .increment(1);
+                match self.control.verify_key(key).await {
+                    Ok(o) => Session {
                         app: o.app,
-                        id: o.id,
-                    }),
-                    Err(ClientError::Api { status: 404, .. }) => Err(ProxyError::Unauthorized),
-                    Err(e) => Err(ProxyError::Control(e.to_string())),
+                        key_id: Some(o.id),
+                        exp: None,
+                    },
+                    Err(ClientError::Api { status: 404, .. }) => {
+                        return Err(ProxyError::Unauthorized)
+                    }
+                    Err(e) => return Err(ProxyError::Control(e.to_string())),
+                }
+            }
+            Credential::Jwt(token) => {
+                metrics::counter!("rouse_auth_validations_total", "source" => "token").increment(1);
+                let session = self.jwt_session(token)?;
+                // Revoked before this proxy heard of it.
+                let revoked = self
+                    .shared
+                    .call("session", |mut c| {
+                        let key = revoked_key(hash);
+                        async move { c.exists::<_, bool>(key).await }
+                    })
+                    .await?;
+                if revoked == Some(true) {
+                    self.revoked.insert(hash.to_string(), ()).await;
+                    return Err(ProxyError::Unauthorized);
+                }
+                session
+            }
+        };
+        let json = serde_json::to_string(&session).expect("a session serialises");
+        let (ttl, key_id) = (session.ttl(), session.key_id.clone());
+        self.shared
+            .call("session", |mut c| {
+                let key = session_key(hash);
+                let hash = hash.to_string();
+                async move {
+                    let mut pipe = redis::pipe();
+                    pipe.set_ex(&key, json, ttl).ignore();
+                    if let Some(id) = key_id {
+                        let index = key_sessions_key(&id);
+                        pipe.sadd(&index, hash)
+                            .ignore()
+                            .expire(&index, SESSION_TTL.as_secs() as i64)
+                            .ignore();
+                    }
+                    pipe.query_async::<()>(&mut c).await
                 }
             })
-            .await
-            .map_err(|e| match &*e {
-                ProxyError::Unauthorized => ProxyError::Unauthorized,
-                other => ProxyError::Control(other.to_string()),
-            })?;
-        Ok(owner.app)
+            .await?;
+        Ok(session)
     }
 
-    /// Forgets a revoked key at once.
-    pub fn revoke(&self, key_id: &str) {
-        let id = key_id.to_string();
+    /// Forgets an API key's sessions here and in Redis, and tells every
+    /// proxy (control announced the deletion).
+    pub async fn revoke_key(&self, key_id: &str) {
+        self.forget(&Revocation::Key(key_id.to_string()));
+        let index = key_sessions_key(key_id);
         let _ = self
-            .keys
-            .invalidate_entries_if(move |_, owner| owner.id == id);
+            .shared
+            .call("revocation", |mut c| async move {
+                let hashes: Vec<String> = c.smembers(&index).await?;
+                let mut pipe = redis::pipe();
+                for h in &hashes {
+                    pipe.del(session_key(h)).ignore();
+                }
+                pipe.del(&index).ignore();
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await;
+        let _ = self
+            .shared
+            .publish(&Revocation::Key(key_id.to_string()))
+            .await;
     }
 
-    /// Forgets every cached key (after missed control events).
+    /// Revokes a token until it expires (logout), on every proxy.
+    pub async fn revoke_token(&self, token: &str) -> Result<()> {
+        let session = self.jwt_session(token)?;
+        let hash = digest(token.as_bytes());
+        self.revoked.insert(hash.clone(), ()).await;
+        self.sessions.invalidate(&hash).await;
+        let ttl = session.ttl().max(1);
+        self.shared
+            .call("revocation", |mut c| {
+                let hash = hash.clone();
+                async move {
+                    redis::pipe()
+                        .set_ex(revoked_key(&hash), 1, ttl)
+                        .ignore()
+                        .del(session_key(&hash))
+                        .ignore()
+                        .query_async::<()>(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        self.shared.publish(&Revocation::Token(hash)).await?;
+        Ok(())
+    }
+
+    /// Applies a revocation to this proxy's cache.
+    pub fn forget(&self, revocation: &Revocation) {
+        match revocation {
+            Revocation::Key(id) => {
+                let id = id.clone();
+                let _ = self
+                    .sessions
+                    .invalidate_entries_if(move |_, s| s.key_id.as_deref() == Some(&id));
+            }
+            Revocation::Token(hash) => {
+                let (sessions, revoked) = (self.sessions.clone(), self.revoked.clone());
+                let hash = hash.clone();
+                tokio::spawn(async move {
+                    revoked.insert(hash.clone(), ()).await;
+                    sessions.invalidate(&hash).await
+                });
+            }
+        }
+    }
+
+    /// Forgets every cached credential (after missed control events).
     pub fn forget_all(&self) {
-        self.keys.invalidate_all();
+        self.sessions.invalidate_all();
     }
 
-    fn jwt_app(&self, token: &str) -> Result<Name> {
+    fn jwt_session(&self, token: &str) -> Result<Session> {
+        let (app, exp) = self.jwt_app(token)?;
+        Ok(Session {
+            app,
+            key_id: None,
+            exp,
+        })
+    }
+
+    fn jwt_app(&self, token: &str) -> Result<(Name, Option<u64>)> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| ProxyError::Unauthorized)?;
         let key = match header.alg {
             Algorithm::HS256 => self.hs256.clone(),
@@ -180,12 +378,14 @@ impl Authenticator {
         validation.validate_aud = false;
         let data = jsonwebtoken::decode::<Claims>(token, &key, &validation)
             .map_err(|_| ProxyError::Unauthorized)?;
+        let exp = data.claims.exp;
         let app = data
             .claims
             .namespace
             .or(data.claims.app)
             .ok_or(ProxyError::Unauthorized)?;
-        Name::new(&app).map_err(|_| ProxyError::Unauthorized)
+        let app = Name::new(&app).map_err(|_| ProxyError::Unauthorized)?;
+        Ok((app, exp))
     }
 }
 

@@ -34,6 +34,17 @@ pub enum ProxyError {
     Backend { db: String, reason: String },
     #[error("control unavailable: {0}")]
     Control(String),
+    #[error("rate limit exceeded: retry in {0:?}")]
+    RateLimited(Duration),
+    /// Redis is down and `redis.fail_open` is off.
+    #[error("shared state unavailable")]
+    SharedState,
+}
+
+impl From<crate::shared::Unavailable> for ProxyError {
+    fn from(_: crate::shared::Unavailable) -> Self {
+        ProxyError::SharedState
+    }
 }
 
 impl ProxyError {
@@ -49,6 +60,8 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Backend { .. } | ProxyError::Control(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::SharedState => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -66,10 +79,12 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => "timeout",
             ProxyError::Backend { .. } => "backend_unavailable",
             ProxyError::Control(_) => "control_unavailable",
+            ProxyError::RateLimited(_) => "rate_limited",
+            ProxyError::SharedState => "shared_state_unavailable",
         }
     }
 
-    /// `user`, `auth`, `wake_timeout`, `backend`: the outcome label.
+    /// `user`, `auth`, `wake_timeout`, `backend`, `rate_limit`: the outcome label.
     pub fn kind(&self) -> &'static str {
         match self {
             ProxyError::Unauthorized => "auth",
@@ -82,7 +97,9 @@ impl ProxyError {
             ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => "wake_timeout",
             ProxyError::UpstreamTimeout(_)
             | ProxyError::Backend { .. }
-            | ProxyError::Control(_) => "backend",
+            | ProxyError::Control(_)
+            | ProxyError::SharedState => "backend",
+            ProxyError::RateLimited(_) => "rate_limit",
         }
     }
 
@@ -90,7 +107,10 @@ impl ProxyError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => Some(1),
-            ProxyError::Backend { .. } | ProxyError::Control(_) => Some(1),
+            ProxyError::Backend { .. } | ProxyError::Control(_) | ProxyError::SharedState => {
+                Some(1)
+            }
+            ProxyError::RateLimited(wait) => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
             _ => None,
         }
     }

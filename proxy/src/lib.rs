@@ -8,6 +8,7 @@
 //! - [`pg`]: the PostgreSQL front
 //! - [`patroni`]: following Patroni clusters; [`tcp`]: plain L4 listeners to them
 //! - [`redis_front`]: `REDIS_URL` at the proxy, always to the current master
+//! - [`shared`]: sessions, limits, wakes and cache shared through Redis
 //! - [`activity`]: what control is told about use
 
 pub mod activity;
@@ -19,6 +20,7 @@ pub mod patroni;
 pub mod pg;
 pub mod redis_front;
 pub mod route;
+pub mod shared;
 pub mod tcp;
 pub mod wake;
 
@@ -40,6 +42,9 @@ use crate::auth::Authenticator;
 use crate::http::upstream::Upstream;
 use crate::http::Proxy;
 use crate::patroni::{Cluster, PatroniError};
+use crate::shared::cache::ResponseCache;
+use crate::shared::ratelimit::RateLimits;
+use crate::shared::Shared;
 use crate::wake::Routes;
 
 /// Loads and checks a configuration file as the proxy would at start, and
@@ -112,16 +117,28 @@ pub async fn run(
     rouse_control_api::telemetry::metrics();
     let p = config.proxy.clone();
     let control = Client::new(&p.control_url);
-    let auth = Arc::new(Authenticator::new(control.clone(), &p.auth)?);
+    let shared = Arc::new(Shared::new(&config.redis)?);
+    let auth = Arc::new(Authenticator::new(
+        control.clone(),
+        shared.clone(),
+        &p.auth,
+    )?);
+    let proxy_id = format!("{}-{}", hostname(), std::process::id());
     let routes = Routes::new(
         control.clone(),
+        shared.clone(),
+        proxy_id.clone(),
         p.wake_timeout,
         p.max_waiting as usize,
         p.auto_create,
     );
     let activity = Arc::new(Activity::default());
-    let proxy_id = format!("{}-{}", hostname(), std::process::id());
+    let revocations = {
+        let (shared, auth) = (shared.clone(), auth.clone());
+        async move { shared.follow_revocations(|r| auth.forget(&r)).await }
+    };
     let tasks = [
+        tokio::spawn(revocations),
         tokio::spawn(routes.clone().follow_events(auth.clone())),
         tokio::spawn(activity.clone().report_forever(
             control.clone(),
@@ -129,11 +146,25 @@ pub async fn run(
             p.activity_interval,
         )),
     ];
-    let pg = pg::PgFront::new(control.clone(), routes.clone(), activity.clone(), &p)?;
+    let limits = Arc::new(RateLimits::new(
+        p.rate_limits.http.clone(),
+        p.rate_limits.postgres.clone(),
+    ));
+    let pg = pg::PgFront::new(
+        control.clone(),
+        routes.clone(),
+        activity.clone(),
+        shared.clone(),
+        limits.clone(),
+        &p,
+    )?;
     let proxy = Arc::new(Proxy {
         config: p.clone(),
         control,
         auth,
+        shared: shared.clone(),
+        limits: limits.clone(),
+        cache: ResponseCache::new(&p.response_cache),
         routes,
         upstream: Upstream::default(),
         activity,

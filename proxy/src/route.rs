@@ -19,6 +19,8 @@ const RQLITE_PATHS: [&str; 6] = [
 pub enum Route {
     /// `/v1/database/<op>`
     Gateway(String),
+    /// `/v1/auth/revoke`: the presented token is revoked (logout).
+    RevokeToken,
     /// rqlite API on `key`; `path` without any routing prefix.
     Rqlite {
         key: DbKey,
@@ -49,6 +51,9 @@ fn is_rqlite_path(path: &str) -> bool {
 
 pub fn route(input: &RouteInput<'_>) -> Result<Route, RouteError> {
     let path = input.path;
+    if path == "/v1/auth/revoke" {
+        return Ok(Route::RevokeToken);
+    }
     if let Some(op) = path.strip_prefix("/v1/database/") {
         return Ok(Route::Gateway(op.to_string()));
     }

@@ -9,14 +9,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::{self, BoxFuture, FutureExt};
 use rouse_control_api::{
-    Client, ClientError, CreateDatabase, DatabaseStatus, DbKey, Endpoint, Engine, Event,
+    Client, ClientError, CreateDatabase, DatabaseInfo, DatabaseStatus, DbKey, Endpoint, Engine,
+    Event,
 };
 use tracing::{debug, info, warn};
 
 use crate::auth::Authenticator;
 use crate::error::{ProxyError, Result};
+use crate::shared::Shared;
+use redis::AsyncCommands;
 
 /// A database's running replicas, leader first.
 #[derive(Debug, Clone)]
@@ -26,11 +29,15 @@ pub struct Target {
     pub pool_mode: rouse_control_api::PoolMode,
 }
 
-type WakeFuture = Shared<BoxFuture<'static, Result<Target>>>;
+type WakeFuture = future::Shared<BoxFuture<'static, Result<Target>>>;
 type Cache = Arc<Mutex<HashMap<DbKey, Target>>>;
 
 pub struct Routes {
     control: Client,
+    /// One wake per database across proxies, when Redis is there.
+    shared: Arc<Shared>,
+    /// This proxy's name in wake locks.
+    proxy_id: String,
     cache: Cache,
     wakes: Arc<Mutex<HashMap<DbKey, WakeFuture>>>,
     waiting: Mutex<HashMap<DbKey, Arc<AtomicUsize>>>,
@@ -55,12 +62,16 @@ impl Drop for Waiter {
 impl Routes {
     pub fn new(
         control: Client,
+        shared: Arc<Shared>,
+        proxy_id: String,
         wake_timeout: Duration,
         max_waiting: usize,
         auto_create: bool,
     ) -> Arc<Routes> {
         Arc::new(Routes {
             control,
+            shared,
+            proxy_id,
             cache: Arc::default(),
             wakes: Arc::default(),
             waiting: Mutex::new(HashMap::new()),
@@ -110,14 +121,18 @@ impl Routes {
         if let Some(f) = wakes.get(key) {
             return f.clone();
         }
-        let control = self.control.clone();
+        let waker = Waker {
+            control: self.control.clone(),
+            shared: self.shared.clone(),
+            proxy_id: self.proxy_id.clone(),
+        };
         let auto_create = self.auto_create;
         let (cache, all_wakes) = (self.cache.clone(), self.wakes.clone());
         let k = key.clone();
         // The wake files its own result: every waiter shares it, and the
         // next request after a failure tries again.
         let fut = async move {
-            let result = resolve(&control, &k, auto_create).await;
+            let result = resolve(&waker, &k, auto_create).await;
             if let Ok(t) = &result {
                 cache
                     .lock()
@@ -145,7 +160,7 @@ impl Routes {
         self.cache.lock().expect("route cache poisoned").clear();
     }
 
-    fn apply(&self, event: &Event, auth: &Authenticator) {
+    fn apply(&self, event: &Event, auth: &Arc<Authenticator>) {
         match event {
             // Any change of status or settings: read the database afresh.
             Event::Status { app, name, .. } => {
@@ -163,7 +178,10 @@ impl Routes {
                 }
             }
             Event::Dropped { app, name } => self.invalidate(&DbKey::new(app.clone(), name.clone())),
-            Event::KeyRevoked { id, .. } => auth.revoke(id),
+            Event::KeyRevoked { id, .. } => {
+                let (auth, id) = (auth.clone(), id.clone());
+                tokio::spawn(async move { auth.revoke_key(&id).await });
+            }
             Event::UserChanged { .. } => {}
         }
     }
@@ -196,7 +214,7 @@ impl Routes {
         }
     }
 
-    fn on_frame(&self, frame: &str, auth: &Authenticator) {
+    fn on_frame(&self, frame: &str, auth: &Arc<Authenticator>) {
         let mut kind = "";
         let mut data = String::new();
         for line in frame.lines() {
@@ -225,8 +243,92 @@ fn target_of(info: &rouse_control_api::DatabaseInfo) -> Target {
     }
 }
 
+/// What a wake needs: control, and Redis to agree with other proxies on
+/// which of them asks control.
+struct Waker {
+    control: Client,
+    shared: Arc<Shared>,
+    proxy_id: String,
+}
+
+/// How long a wake lock holds if its proxy dies mid-wake.
+const WAKE_LEASE: Duration = Duration::from_secs(30);
+/// How often a proxy waiting on another's wake looks at the database.
+const WAKE_POLL: Duration = Duration::from_millis(50);
+
+impl Waker {
+    /// Wakes the database with one call to control across all proxies: the
+    /// proxy that takes `rouse:wake:<db>` calls control; the others watch
+    /// the database until it is active (or the lock goes without it,
+    /// and they try to take it). Without Redis, each proxy calls control,
+    /// which is idempotent.
+    async fn wake(&self, key: &DbKey) -> std::result::Result<DatabaseInfo, ClientError> {
+        let lock = format!("rouse:wake:{}", key.internal());
+        loop {
+            let taken = self
+                .shared
+                .call("wake_lock", |mut c| {
+                    let (lock, me) = (lock.clone(), self.proxy_id.clone());
+                    async move {
+                        let set: Option<String> = redis::cmd("SET")
+                            .arg(&lock)
+                            .arg(&me)
+                            .arg("NX")
+                            .arg("PX")
+                            .arg(WAKE_LEASE.as_millis() as u64)
+                            .query_async(&mut c)
+                            .await?;
+                        Ok(set.is_some())
+                    }
+                })
+                .await
+                .ok()
+                .flatten();
+            match taken {
+                None => return self.control.wake(&key.app, &key.db).await,
+                Some(true) => {
+                    let woke = self.control.wake(&key.app, &key.db).await;
+                    let _ = self
+                        .shared
+                        .call("wake_lock", |mut c| {
+                            let lock = lock.clone();
+                            async move { c.del::<_, ()>(lock).await }
+                        })
+                        .await;
+                    return woke;
+                }
+                Some(false) => {
+                    debug!(database = %key, "another proxy is waking the database");
+                    loop {
+                        tokio::time::sleep(WAKE_POLL).await;
+                        let info = self.control.database(&key.app, &key.db).await?;
+                        if info.status == DatabaseStatus::Active && !info.endpoints.is_empty() {
+                            return Ok(info);
+                        }
+                        let held = self
+                            .shared
+                            .call("wake_lock", |mut c| {
+                                let lock = lock.clone();
+                                async move { c.exists::<_, bool>(lock).await }
+                            })
+                            .await
+                            .ok()
+                            .flatten();
+                        // The lock went (the wake failed or its proxy died)
+                        // or Redis did: take over.
+                        if held != Some(true) {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Asks control for the database, waking or creating it as needed.
-async fn resolve(control: &Client, key: &DbKey, auto_create: bool) -> Result<Target> {
+async fn resolve(waker: &Waker, key: &DbKey, auto_create: bool) -> Result<Target> {
+    let control = &waker.control;
     let backend = |e: ClientError| match e {
         ClientError::Api { status: 404, .. } => ProxyError::NotFound,
         ClientError::Api { message, .. } => ProxyError::Backend {
@@ -252,7 +354,7 @@ async fn resolve(control: &Client, key: &DbKey, auto_create: bool) -> Result<Tar
                 }
                 // Another proxy created it meanwhile.
                 Err(ClientError::Api { status: 409, .. }) => {
-                    control.wake(&key.app, &key.db).await.map_err(backend)?
+                    waker.wake(key).await.map_err(backend)?
                 }
                 Err(e) => return Err(backend(e)),
             }
@@ -263,7 +365,7 @@ async fn resolve(control: &Client, key: &DbKey, auto_create: bool) -> Result<Tar
         return Ok(target_of(&info));
     }
     let started = Instant::now();
-    let info = control.wake(&key.app, &key.db).await.map_err(backend)?;
+    let info = waker.wake(key).await.map_err(backend)?;
     info!(database = %key, waited_ms = started.elapsed().as_millis() as u64, "woke database for waiting requests");
     Ok(target_of(&info))
 }

@@ -198,6 +198,45 @@ pub struct ProxyConfig {
     pub tcp_listeners: Vec<TcpListenerConfig>,
     /// The Redis servers behind `redis_addr`; absent: no Redis front.
     pub redis_backend: Option<RedisBackend>,
+    /// Requests per second per app and per credential, by protocol.
+    pub rate_limits: RateLimitsConfig,
+    /// Databases whose rqlite reads (`level=none|weak`) are cached.
+    pub response_cache: Vec<CachedDatabase>,
+    /// Where other proxies reach this one's PostgreSQL port to forward a
+    /// cancel request; the listener's address when unset.
+    pub advertise_postgres_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitsConfig {
+    pub http: ProtocolLimits,
+    /// New PostgreSQL connections.
+    pub postgres: ProtocolLimits,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProtocolLimits {
+    pub per_app: Option<Limit>,
+    pub per_credential: Option<Limit>,
+}
+
+/// `rate` per second on average, up to `burst` at once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    pub rate: f64,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CachedDatabase {
+    pub app: crate::Name,
+    pub database: crate::Name,
+    #[serde(with = "crate::duration")]
+    pub ttl: Duration,
 }
 
 /// Where the Redis front finds the current master: through Sentinel, or by
@@ -349,15 +388,34 @@ impl Default for ProxyConfig {
             patroni_clusters: Vec::new(),
             tcp_listeners: Vec::new(),
             redis_backend: None,
+            rate_limits: RateLimitsConfig::default(),
+            response_cache: Vec::new(),
+            advertise_postgres_addr: None,
         }
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// Shared state; absent means in-process only.
     pub url: Option<String>,
+    /// When Redis does not answer: go on with in-process sessions and
+    /// limits (true), or refuse what needs Redis (false).
+    pub fail_open: bool,
+    /// A Redis call that has not answered within this time failed.
+    #[serde(with = "crate::duration")]
+    pub timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            fail_open: true,
+            timeout: Duration::from_millis(250),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -508,12 +566,28 @@ impl ProxyConfig {
                 ));
             }
         }
+        for (what, limits) in [
+            ("http", &self.rate_limits.http),
+            ("postgres", &self.rate_limits.postgres),
+        ] {
+            for limit in [&limits.per_app, &limits.per_credential]
+                .into_iter()
+                .flatten()
+            {
+                if !(limit.rate > 0.0 && limit.rate.is_finite()) || limit.burst == 0 {
+                    return Err(format!(
+                        "proxy.rate_limits.{what}: rate must be above zero and burst at least 1"
+                    ));
+                }
+            }
+        }
         if let Some(r) = &self.redis_backend {
             match (r.sentinels.is_empty(), r.servers.is_empty(), &r.master_name) {
                 (false, true, Some(_)) | (true, false, None) => {}
                 _ => {
                     return Err(
-                        "proxy.redis_backend: give either sentinels and master_name, or servers".into(),
+                        "proxy.redis_backend: give either sentinels and master_name, or servers"
+                            .into(),
                     )
                 }
             }

@@ -19,9 +19,12 @@ use rouse_control_api::{Client, DbKey, Name};
 use serde::Serialize;
 
 use crate::activity::Activity;
-use crate::auth::{self, Authenticator};
+use crate::auth::{self, Authenticator, Credential};
 use crate::error::{ProxyError, Result};
 use crate::route::{self, Route, RouteError, RouteInput};
+use crate::shared::cache::{self, ResponseCache};
+use crate::shared::ratelimit::{Protocol, RateLimits};
+use crate::shared::Shared;
 use crate::wake::{Routes, Target};
 use upstream::{Upstream, UpstreamError};
 
@@ -32,6 +35,9 @@ pub struct Proxy {
     pub config: ProxyConfig,
     pub control: Client,
     pub auth: Arc<Authenticator>,
+    pub shared: Arc<Shared>,
+    pub limits: Arc<RateLimits>,
+    pub cache: ResponseCache,
     pub routes: Arc<Routes>,
     pub upstream: Upstream,
     pub activity: Arc<Activity>,
@@ -135,8 +141,26 @@ async fn dispatch(
     // Credentials first: nothing about databases is told to strangers.
     let presented = presented.ok_or(ProxyError::Unauthorized)?;
     let app = proxy.auth.app_of(&presented.credential).await?;
+    proxy
+        .limits
+        .check(&proxy.shared, Protocol::Http, &app, || {
+            presented.credential.id()
+        })
+        .await?;
     match route {
         Route::Gateway(op) => gateway::handle(proxy, &app, &op, req, served).await,
+        Route::RevokeToken => match (&presented.credential, req.method()) {
+            (Credential::Jwt(token), &hyper::Method::POST) => {
+                proxy.auth.revoke_token(token).await?;
+                Ok(json(StatusCode::OK, &serde_json::json!({"revoked": true})))
+            }
+            (Credential::Jwt(_), _) => {
+                Err(ProxyError::BadRequest("revoke a token with POST".into()))
+            }
+            (Credential::ApiKey(_), _) => Err(ProxyError::BadRequest(
+                "API keys are revoked through control: DELETE /api/v1/apps/<app>/keys/<id>".into(),
+            )),
+        },
         Route::Rqlite { key, path, prefix } => {
             // Another app's database answers exactly like a missing one.
             if key.app != app {
@@ -179,6 +203,16 @@ impl Proxy {
         timeout: std::time::Duration,
     ) -> Result<upstream::Reply> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut slot = match self
+            .cache
+            .lookup(&self.shared, key, method, path_and_query, &body)
+            .await
+        {
+            // Served without waking or touching the database.
+            Some(Ok(cached)) => return Ok(cached),
+            Some(Err(slot)) => Some(slot),
+            None => None,
+        };
         let mut retried = false;
         loop {
             let target = self.target(key).await?;
@@ -194,7 +228,15 @@ impl Proxy {
                 )
                 .await
             {
-                Ok(reply) => return Ok(reply),
+                Ok(reply) => {
+                    if let Some(slot) = slot.take() {
+                        self.cache.store(&self.shared, key, slot, &reply).await;
+                    }
+                    if cache::is_write(path_and_query) {
+                        self.cache.invalidate(&self.shared, key).await;
+                    }
+                    return Ok(reply);
+                }
                 Err(UpstreamError::Unreachable(reason)) => {
                     self.routes.invalidate(key);
                     if retried {

@@ -28,9 +28,12 @@ use crate::activity::Activity;
 use crate::error::ProxyError;
 use crate::listen::accept_forever;
 use crate::patroni::{Cluster, ConnectError, Pick};
+use crate::shared::ratelimit::{Protocol, RateLimits};
+use crate::shared::Shared;
 use crate::wake::Routes;
 use conn::Conn;
 use frame::{read_frame, typed, FrameError, MAX_AUTH_MESSAGE, MAX_STARTUP};
+use redis::AsyncCommands;
 use scram::{ClientExchange, ScramError, ServerExchange, Verifier};
 use startup::Startup;
 
@@ -53,6 +56,8 @@ pub enum PgError {
     Closed(String),
     #[error("sorry, too many clients already")]
     TooManyClients,
+    #[error("too many new connections for this app: retry in {0:?}")]
+    RateLimited(Duration),
 }
 
 impl PgError {
@@ -64,7 +69,7 @@ impl PgError {
             PgError::UnknownDatabase(_) => "3D000",
             PgError::Waking(_) => "57P03",
             PgError::Backend(_) => "08006",
-            PgError::TooManyClients => "53300",
+            PgError::TooManyClients | PgError::RateLimited(_) => "53300",
         }
     }
 
@@ -75,7 +80,7 @@ impl PgError {
             PgError::Password(_) | PgError::Authorization(_) => "auth",
             PgError::Waking(_) => "wake_timeout",
             PgError::Backend(_) => "backend",
-            PgError::TooManyClients => "rate_limit",
+            PgError::TooManyClients | PgError::RateLimited(_) => "rate_limit",
         }
     }
 }
@@ -169,6 +174,11 @@ pub struct PgFront {
     /// Registered Patroni clusters being checked, by database.
     clusters: Mutex<HashMap<DbKey, Arc<Cluster>>>,
     checks: PatroniChecks,
+    shared: Arc<Shared>,
+    limits: Arc<RateLimits>,
+    /// Where other proxies forward cancel requests for this one's sessions.
+    advertised: std::sync::OnceLock<SocketAddr>,
+    advertise_config: Option<SocketAddr>,
     pool_size: usize,
     startup_timeout: Duration,
     tls: Option<TlsAcceptor>,
@@ -183,6 +193,8 @@ impl PgFront {
         control: Client,
         routes: Arc<Routes>,
         activity: Arc<Activity>,
+        shared: Arc<Shared>,
+        limits: Arc<RateLimits>,
         config: &rouse_control_api::config::ProxyConfig,
     ) -> anyhow::Result<Arc<PgFront>> {
         let tls = match &config.tls {
@@ -201,6 +213,10 @@ impl PgFront {
             pools: Mutex::new(HashMap::new()),
             clusters: Mutex::new(HashMap::new()),
             checks: config.patroni.clone(),
+            shared,
+            limits,
+            advertised: std::sync::OnceLock::new(),
+            advertise_config: config.advertise_postgres_addr,
             pool_size: config.pool_size,
             // The startup includes the wake.
             startup_timeout: config.header_read_timeout + config.wake_timeout,
@@ -218,6 +234,11 @@ impl PgFront {
         port: MemberRole,
         stop: impl std::future::Future<Output = ()>,
     ) {
+        if port == MemberRole::Primary {
+            if let Some(addr) = self.advertise_config.or(listener.local_addr().ok()) {
+                let _ = self.advertised.set(addr);
+            }
+        }
         accept_forever(listener, "postgres", stop, move |socket, peer| {
             self.clone().session(socket, peer, port)
         })
@@ -313,6 +334,32 @@ impl PgFront {
             .lock()
             .expect("cancels poisoned")
             .remove(&started.cancel);
+        if self.shared.enabled() {
+            let key = cancel_key(started.cancel);
+            let _ = self
+                .shared
+                .call(
+                    "cancel_key",
+                    |mut c| async move { c.del::<_, ()>(key).await },
+                )
+                .await;
+        }
+    }
+
+    /// Files a session's cancel key in Redis, so that a cancel request
+    /// arriving at any proxy is forwarded here.
+    async fn share_cancel_key(&self, cancel: (i32, i32)) {
+        let Some(addr) = self.advertised.get().map(|a| a.to_string()) else {
+            return;
+        };
+        let key = cancel_key(cancel);
+        let _ = self
+            .shared
+            .call("cancel_key", |mut c| async move {
+                c.set_ex::<_, _, ()>(key, addr, CANCEL_KEY_TTL.as_secs())
+                    .await
+            })
+            .await;
     }
 
     /// Startup, authentication, wake and backend login. `None` when the
@@ -372,6 +419,13 @@ impl PgFront {
 
         let verifier = self.verifier(&app, &role).await?;
         let client_key = authenticate(client, buf, &verifier, &role).await?;
+        self.limits
+            .check(&self.shared, Protocol::Postgres, &app, || role.clone())
+            .await
+            .map_err(|e| match e {
+                ProxyError::RateLimited(wait) => PgError::RateLimited(wait),
+                other => PgError::Backend(other.to_string()),
+            })?;
 
         let target = self.routes.target(&key).await.map_err(|e| match e {
             ProxyError::NotFound => PgError::UnknownDatabase(database.clone()),
@@ -449,6 +503,7 @@ impl PgFront {
             .lock()
             .expect("cancels poisoned")
             .insert(ours, slot);
+        self.share_cancel_key(ours).await;
         let mut out = BufWriter::new(&mut *client);
         out.write_all(&messages::auth_ok()).await.map_err(closed)?;
         for frame in &greeting {
@@ -543,13 +598,40 @@ impl PgFront {
             .expect("cancels poisoned")
             .get(&(pid, secret))
             .cloned();
-        let target = slot.and_then(|s| *s.lock().expect("cancel poisoned"));
+        let Some(slot) = slot else {
+            return self.forward_cancel(pid, secret).await;
+        };
+        let target = *slot.lock().expect("cancel poisoned");
         if let Some((addr, bpid, bsecret)) = target {
             if let Ok(mut s) = TcpStream::connect(addr).await {
                 let _ = s.write_all(&messages::cancel_request(bpid, bsecret)).await;
                 let _ = s.shutdown().await;
                 info!(backend = %addr, "query cancelled");
             }
+        }
+    }
+
+    /// A cancel key this proxy did not hand out: the proxy that did, as
+    /// Redis knows it, gets the request.
+    async fn forward_cancel(&self, pid: i32, secret: i32) {
+        let key = cancel_key((pid, secret));
+        let owner: Option<String> = self
+            .shared
+            .call("cancel_key", |mut c| async move { c.get(key).await })
+            .await
+            .ok()
+            .flatten()
+            .flatten();
+        let Some(owner) = owner.and_then(|o| o.parse::<SocketAddr>().ok()) else {
+            return;
+        };
+        if Some(&owner) == self.advertised.get() {
+            return;
+        }
+        if let Ok(mut s) = TcpStream::connect(owner).await {
+            let _ = s.write_all(&messages::cancel_request(pid, secret)).await;
+            let _ = s.shutdown().await;
+            info!(proxy = %owner, "cancel request forwarded to the proxy that holds the session");
         }
     }
 }
@@ -593,6 +675,13 @@ async fn relay_session(
                 .await;
         }
     }
+}
+
+/// How long a cancel key stays in Redis should its session's end go unnoticed.
+const CANCEL_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+fn cancel_key((pid, secret): (i32, i32)) -> String {
+    format!("rouse:cancel:{pid}:{secret}")
 }
 
 fn endpoint_addr(target: &crate::wake::Target) -> Result<SocketAddr, PgError> {

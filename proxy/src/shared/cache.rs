@@ -1,0 +1,219 @@
+//! The response cache of rqlite reads, opt-in per database
+//! (`proxy.response_cache`). Reads at `level=none|weak` are kept in Redis
+//! by method, path, parameters and body, for the database's TTL. Every
+//! database has a generation (`rouse:cachegen:<db>`) that is part of each
+//! entry's key; a write through any proxy bumps it, so that no proxy finds
+//! an entry written before it. Without Redis nothing is cached.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::header::HeaderValue;
+use hyper::StatusCode;
+use redis::AsyncCommands;
+use rouse_control_api::config::CachedDatabase;
+use rouse_control_api::DbKey;
+
+use super::{digest, Shared};
+use crate::http::upstream::Reply;
+
+/// The generation and, under it, the entry: one round trip.
+const LOOKUP: &str = r#"
+local generation = redis.call('GET', KEYS[1]) or '0'
+return {generation, redis.call('GET', ARGV[1] .. generation .. ':' .. ARGV[2])}
+"#;
+
+pub struct ResponseCache {
+    ttls: HashMap<DbKey, Duration>,
+    lookup: redis::Script,
+}
+
+/// A read that may be cached: where its answer is filed.
+pub struct Cacheable {
+    generation: String,
+    fingerprint: String,
+    ttl: Duration,
+}
+
+fn generation_key(key: &DbKey) -> String {
+    format!("rouse:cachegen:{}", key.internal())
+}
+
+fn entry_prefix(key: &DbKey) -> String {
+    format!("rouse:cache:{}:", key.internal())
+}
+
+impl ResponseCache {
+    pub fn new(databases: &[CachedDatabase]) -> ResponseCache {
+        ResponseCache {
+            ttls: databases
+                .iter()
+                .map(|c| (DbKey::new(c.app.clone(), c.database.clone()), c.ttl))
+                .collect(),
+            lookup: redis::Script::new(LOOKUP),
+        }
+    }
+
+    /// Whether this database's requests concern the cache at all.
+    pub fn covers(&self, key: &DbKey) -> bool {
+        self.ttls.contains_key(key)
+    }
+
+    /// The cached answer to a read, or where to file its answer. `None`
+    /// when the request is no cacheable read or Redis does not answer.
+    pub async fn lookup(
+        &self,
+        shared: &Shared,
+        key: &DbKey,
+        method: &hyper::Method,
+        path_and_query: &str,
+        body: &[u8],
+    ) -> Option<Result<Reply, Cacheable>> {
+        let ttl = *self.ttls.get(key)?;
+        if !is_cacheable_read(path_and_query) {
+            return None;
+        }
+        let mut request = Vec::with_capacity(path_and_query.len() + body.len() + 8);
+        request.extend_from_slice(method.as_str().as_bytes());
+        request.push(b' ');
+        request.extend_from_slice(path_and_query.as_bytes());
+        request.push(b'\n');
+        request.extend_from_slice(body);
+        let fingerprint = digest(&request);
+        let mut invocation = self.lookup.prepare_invoke();
+        invocation
+            .key(generation_key(key))
+            .arg(entry_prefix(key))
+            .arg(&fingerprint);
+        let (generation, entry): (String, Option<Vec<u8>>) = shared
+            .call("cache", |mut c| async move {
+                invocation.invoke_async(&mut c).await
+            })
+            .await
+            .ok()
+            .flatten()?;
+        match entry.and_then(|e| decode(&e)) {
+            Some(reply) => {
+                metrics::counter!("rouse_cache_total", "db" => key.internal(), "result" => "hit")
+                    .increment(1);
+                Some(Ok(reply))
+            }
+            None => {
+                metrics::counter!("rouse_cache_total", "db" => key.internal(), "result" => "miss")
+                    .increment(1);
+                Some(Err(Cacheable {
+                    generation,
+                    fingerprint,
+                    ttl,
+                }))
+            }
+        }
+    }
+
+    /// Files a successful answer under the generation its lookup saw: if a
+    /// write came in between, the entry is never found.
+    pub async fn store(&self, shared: &Shared, key: &DbKey, slot: Cacheable, reply: &Reply) {
+        if reply.status != StatusCode::OK {
+            return;
+        }
+        let entry_key = format!(
+            "{}{}:{}",
+            entry_prefix(key),
+            slot.generation,
+            slot.fingerprint
+        );
+        let value = encode(reply);
+        let ttl_ms = slot.ttl.as_millis().max(1) as u64;
+        let _ = shared
+            .call("cache", |mut c| async move {
+                c.pset_ex::<_, _, ()>(entry_key, value, ttl_ms).await
+            })
+            .await;
+    }
+
+    /// After a write: every proxy's entries of this database are stale.
+    pub async fn invalidate(&self, shared: &Shared, key: &DbKey) {
+        if !self.covers(key) {
+            return;
+        }
+        let generation = generation_key(key);
+        let _ = shared
+            .call("cache", |mut c| async move {
+                c.incr::<_, _, ()>(generation, 1).await
+            })
+            .await;
+    }
+}
+
+/// `/db/query` at read consistency `none` or `weak` (rqlite's default).
+fn is_cacheable_read(path_and_query: &str) -> bool {
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
+    path == "/db/query"
+        && query
+            .split('&')
+            .filter_map(|p| p.strip_prefix("level="))
+            .all(|level| level == "none" || level == "weak")
+}
+
+/// Whether a request to rqlite may change data.
+pub fn is_write(path_and_query: &str) -> bool {
+    let path = path_and_query.split('?').next().unwrap_or_default();
+    path == "/db/execute" || path == "/db/request"
+}
+
+/// `content-type` NUL body.
+fn encode(reply: &Reply) -> Vec<u8> {
+    let ct = reply
+        .content_type
+        .as_ref()
+        .map(|v| v.as_bytes())
+        .unwrap_or(b"application/json");
+    let mut out = Vec::with_capacity(ct.len() + 1 + reply.body.len());
+    out.extend_from_slice(ct);
+    out.push(0);
+    out.extend_from_slice(&reply.body);
+    out
+}
+
+fn decode(entry: &[u8]) -> Option<Reply> {
+    let nul = entry.iter().position(|b| *b == 0)?;
+    Some(Reply {
+        status: StatusCode::OK,
+        content_type: HeaderValue::from_bytes(&entry[..nul]).ok(),
+        body: Bytes::copy_from_slice(&entry[nul + 1..]),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_reads_are_cached() {
+        assert!(is_cacheable_read("/db/query"));
+        assert!(is_cacheable_read("/db/query?level=none&q=SELECT+1"));
+        assert!(is_cacheable_read("/db/query?pretty&level=weak"));
+        assert!(!is_cacheable_read("/db/query?level=strong"));
+        assert!(!is_cacheable_read("/db/query?level=linearizable"));
+        assert!(!is_cacheable_read("/db/execute"));
+        assert!(is_write("/db/execute?transaction"));
+        assert!(is_write("/db/request"));
+        assert!(!is_write("/db/query"));
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let reply = Reply {
+            status: StatusCode::OK,
+            content_type: Some(HeaderValue::from_static("application/json")),
+            body: Bytes::from_static(b"{\"results\":[]}\0tail"),
+        };
+        let back = decode(&encode(&reply)).unwrap();
+        assert_eq!(back.body, reply.body);
+        assert_eq!(back.content_type, reply.content_type);
+        assert!(decode(b"no separator").is_none());
+    }
+}

@@ -1,0 +1,233 @@
+//! What a fleet of proxies shares through Redis (`redis.url`): validated
+//! credentials and their revocation, rate limits, one wake per database,
+//! cancel keys and the response cache. When Redis does not answer, a proxy
+//! goes on with in-process state as `redis.fail_open` allows, counts each
+//! fallback in `rouse_redis_fallback_total`, and tries Redis again a moment
+//! later.
+
+pub mod cache;
+pub mod ratelimit;
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use rouse_control_api::config::RedisConfig;
+use tokio::sync::OnceCell;
+use tracing::{info, warn};
+
+/// Channel on which revocations reach every proxy.
+pub const REVOCATIONS: &str = "rouse:revocations";
+/// How long Redis is left alone after it failed a call.
+const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// Redis was needed, failed, and the policy (`fail_open: false`) forbids
+/// going on without it.
+#[derive(Debug, thiserror::Error)]
+#[error("shared state (Redis) is unavailable")]
+pub struct Unavailable;
+
+/// A revocation as published on [`REVOCATIONS`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revocation {
+    /// Every session of an API key, by key id.
+    Key(String),
+    /// One token, by its sha256.
+    Token(String),
+}
+
+impl Revocation {
+    fn encode(&self) -> String {
+        match self {
+            Revocation::Key(id) => format!("key:{id}"),
+            Revocation::Token(hash) => format!("token:{hash}"),
+        }
+    }
+
+    fn decode(text: &str) -> Option<Revocation> {
+        match text.split_once(':')? {
+            ("key", id) => Some(Revocation::Key(id.into())),
+            ("token", hash) => Some(Revocation::Token(hash.into())),
+            _ => None,
+        }
+    }
+}
+
+pub struct Shared {
+    redis: Option<Redis>,
+    fail_open: bool,
+}
+
+struct Redis {
+    client: redis::Client,
+    /// Set once the first connection succeeds; reconnects by itself after.
+    conn: OnceCell<ConnectionManager>,
+    timeout: Duration,
+    /// Until when calls skip Redis after a failure.
+    paused_until: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    /// In-process state only.
+    pub fn local() -> Shared {
+        Shared {
+            redis: None,
+            fail_open: true,
+        }
+    }
+
+    /// Shared state at `redis.url`; the connection is made in the background,
+    /// so a proxy starts (and serves, if the policy allows) without Redis.
+    pub fn new(config: &RedisConfig) -> anyhow::Result<Shared> {
+        let Some(url) = &config.url else {
+            return Ok(Shared::local());
+        };
+        let client = redis::Client::open(url.as_str())
+            .map_err(|e| anyhow::anyhow!("redis.url {url:?}: {e}"))?;
+        Ok(Shared {
+            redis: Some(Redis {
+                client,
+                conn: OnceCell::new(),
+                timeout: config.timeout,
+                paused_until: Mutex::new(None),
+            }),
+            fail_open: config.fail_open,
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    /// Runs `call` on Redis. `Ok(None)`: no Redis configured, or it failed
+    /// and the proxy may go on with its own state (counted as a fallback
+    /// under `what`).
+    pub async fn call<T, F, Fut>(
+        &self,
+        what: &'static str,
+        call: F,
+    ) -> Result<Option<T>, Unavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let Some(r) = &self.redis else {
+            return Ok(None);
+        };
+        let paused = r
+            .paused_until
+            .lock()
+            .expect("pause poisoned")
+            .is_some_and(|until| Instant::now() < until);
+        let result = match (paused, r.connection().await) {
+            (false, Some(conn)) => match tokio::time::timeout(r.timeout, call(conn)).await {
+                Ok(Ok(v)) => return Ok(Some(v)),
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("no answer within {:?}", r.timeout)),
+            },
+            _ => None,
+        };
+        if let Some(error) = result {
+            let mut paused = r.paused_until.lock().expect("pause poisoned");
+            if paused.is_none_or(|until| Instant::now() >= until) {
+                warn!(%error, "Redis failed; using in-process state for a moment");
+            }
+            *paused = Some(Instant::now() + PAUSE_AFTER_FAILURE);
+        }
+        metrics::counter!("rouse_redis_fallback_total", "what" => what).increment(1);
+        if self.fail_open {
+            Ok(None)
+        } else {
+            Err(Unavailable)
+        }
+    }
+
+    /// Publishes a revocation to every proxy (this one included).
+    pub async fn publish(&self, revocation: &Revocation) -> Result<(), Unavailable> {
+        let message = revocation.encode();
+        self.call("revocation", |mut c| async move {
+            c.publish::<_, _, ()>(REVOCATIONS, message).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Hands every revocation published by any proxy to `apply`, for the
+    /// life of the proxy (resubscribing after Redis comes back).
+    pub async fn follow_revocations(&self, apply: impl Fn(Revocation)) {
+        let Some(r) = &self.redis else {
+            return std::future::pending().await;
+        };
+        loop {
+            match r.client.get_async_pubsub().await {
+                Ok(mut pubsub) => match pubsub.subscribe(REVOCATIONS).await {
+                    Ok(()) => {
+                        info!("following revocations through Redis");
+                        let mut messages = pubsub.on_message();
+                        while let Some(msg) = messages.next().await {
+                            let text: String = msg.get_payload().unwrap_or_default();
+                            if let Some(rev) = Revocation::decode(&text) {
+                                apply(rev);
+                            }
+                        }
+                        warn!("Redis revocation channel closed; resubscribing");
+                    }
+                    Err(e) => warn!(error = %e, "cannot subscribe to revocations"),
+                },
+                Err(e) => tracing::debug!(error = %e, "Redis unavailable for revocations"),
+            }
+            tokio::time::sleep(PAUSE_AFTER_FAILURE).await;
+        }
+    }
+}
+
+impl Redis {
+    /// The connection, made now if it never was (a failure is retried on
+    /// a later call).
+    async fn connection(&self) -> Option<ConnectionManager> {
+        if let Some(c) = self.conn.get() {
+            return Some(c.clone());
+        }
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let made = tokio::time::timeout(
+            self.timeout * 4,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await;
+        match made {
+            Ok(Ok(c)) => Some(self.conn.get_or_init(|| async { c }).await.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// sha256 of a credential or statement, hex: what Redis keys carry instead
+/// of secrets.
+pub fn digest(text: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocations_round_trip() {
+        for r in [
+            Revocation::Key("k_1".into()),
+            Revocation::Token("ab12".into()),
+        ] {
+            assert_eq!(Revocation::decode(&r.encode()), Some(r));
+        }
+        assert_eq!(Revocation::decode("nonsense"), None);
+        assert_eq!(Revocation::decode("user:x"), None);
+    }
+}

@@ -1,0 +1,405 @@
+//! Several proxies sharing state through a real Redis: one validation per
+//! credential, revocations everywhere within a second, rate limits across
+//! proxies, one wake per database, cancel keys, the response cache, and
+//! going on when Redis dies.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use rouse_control_api::*;
+use rouse_tests::{metric, Control, Proxy, ProxyBuilder, Redis};
+use serde_json::{json, Value};
+
+const APP: &str = "shop";
+
+fn name(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+/// Control, one Redis, and proxies that share it.
+struct Fleet {
+    control: Control,
+    redis: Redis,
+    proxies: Vec<Proxy>,
+    key: String,
+    http: reqwest::Client,
+}
+
+impl Fleet {
+    async fn start(proxies: usize, configure: impl Fn(ProxyBuilder) -> ProxyBuilder) -> Fleet {
+        let redis = Redis::start().await.unwrap();
+        let control = Control::builder()
+            .hibernation_timeout("0")
+            .start()
+            .await
+            .unwrap();
+        let api = control.client();
+        api.create_app(&name(APP)).await.unwrap();
+        api.create_user(&name(APP), "alice", "wonderland")
+            .await
+            .unwrap();
+        let key = api.create_key(&name(APP)).await.unwrap().key;
+        let url = format!("redis://{}", redis.addr());
+        let mut started = Vec::new();
+        for _ in 0..proxies {
+            let builder = configure(Proxy::builder(&control).redis_url(&url, &[]));
+            started.push(builder.start().await.unwrap());
+        }
+        Fleet {
+            control,
+            redis,
+            proxies: started,
+            key,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(600)
+                .build()
+                .unwrap(),
+        }
+    }
+
+    async fn create(&self, db: &str, engine: Engine) {
+        self.control
+            .client()
+            .create_database(&CreateDatabase {
+                app: name(APP),
+                name: name(db),
+                engine,
+                replication_factor: Some(1),
+                patroni: None,
+            })
+            .await
+            .unwrap();
+    }
+
+    /// An rqlite API call through proxy `i` with `credential` as bearer.
+    async fn rqlite(
+        &self,
+        i: usize,
+        credential: &str,
+        db: &str,
+        path: &str,
+        body: Value,
+    ) -> reqwest::Response {
+        self.http
+            .post(format!("{}/{APP}/{db}{path}", self.proxies[i].url()))
+            .bearer_auth(credential)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn proxy_metric(&self, i: usize, series: &str) -> f64 {
+        let url = format!("http://{}/metrics", self.proxies[i].stats_addr());
+        metric(&url, series).await
+    }
+
+    async fn wakes(&self) -> f64 {
+        metric(
+            &format!("{}/metrics", self.control.api_url()),
+            "rouse_wake_requests_total",
+        )
+        .await
+    }
+}
+
+/// Polls `check` until it holds, failing after `within`; how long it took.
+async fn within<F, Fut>(within: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_credential_is_validated_once_and_revoked_everywhere_within_a_second() {
+    let secret = "fleet-secret";
+    let f = Fleet::start(2, |p| p.auth("jwt_hs256_secret", secret)).await;
+    f.create("notes", Engine::Rqlite).await;
+    let read = json!(["SELECT 1"]);
+
+    // The key: proxy 0 asks control, proxy 1 finds it in Redis.
+    for i in 0..2 {
+        let resp = f
+            .rqlite(i, &f.key, "notes", "/db/query", read.clone())
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let control = r#"rouse_auth_validations_total{source="control"}"#;
+    let redis = r#"rouse_auth_validations_total{source="redis"}"#;
+    assert_eq!(f.proxy_metric(0, control).await, 1.0);
+    assert_eq!(f.proxy_metric(1, control).await, 0.0, "validated twice");
+    assert_eq!(f.proxy_metric(1, redis).await, 1.0);
+
+    // Deleting the key stops it on both proxies within a second.
+    let keys = f.control.client().list_keys(&name(APP)).await.unwrap();
+    let id = keys[0].id.clone();
+    let revoked = Instant::now();
+    f.control
+        .client()
+        .delete_key(&name(APP), &id)
+        .await
+        .unwrap();
+    for i in 0..2 {
+        let left = Duration::from_secs(1).saturating_sub(revoked.elapsed());
+        within(left, "key revoked", || {
+            let (f, read) = (&f, read.clone());
+            async move {
+                f.rqlite(i, &f.key, "notes", "/db/query", read)
+                    .await
+                    .status()
+                    == StatusCode::UNAUTHORIZED
+            }
+        })
+        .await;
+    }
+
+    // A token: used on both, logged out on proxy 0, refused by proxy 1 too.
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"namespace": APP, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    for i in 0..2 {
+        let resp = f
+            .rqlite(i, &token, "notes", "/db/query", read.clone())
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let resp = f
+        .http
+        .post(format!("{}/v1/auth/revoke", f.proxies[0].url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let took = within(Duration::from_secs(1), "token revoked", || {
+        let (f, token, read) = (&f, &token, read.clone());
+        async move {
+            f.rqlite(1, token, "notes", "/db/query", read)
+                .await
+                .status()
+                == StatusCode::UNAUTHORIZED
+        }
+    })
+    .await;
+    println!("token revocation reached the other proxy in {took:?}");
+    // A proxy started after the logout refuses the token as well.
+    let late = Proxy::builder(&f.control)
+        .redis_url(&format!("redis://{}", f.redis.addr()), &[])
+        .auth("jwt_hs256_secret", secret)
+        .start()
+        .await
+        .unwrap();
+    let resp = f
+        .http
+        .post(format!("{}/{APP}/notes/db/query", late.url()))
+        .bearer_auth(&token)
+        .json(&read)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limit_holds_across_two_proxies() {
+    const RATE: f64 = 40.0;
+    const SECONDS: f64 = 5.0;
+    let f = Fleet::start(2, |p| {
+        p.set(
+            "rate_limits",
+            &format!("{{http: {{per_app: {{rate: {RATE}, burst: 1}}}}}}"),
+        )
+    })
+    .await;
+    f.create("busy", Engine::Rqlite).await;
+    let admitted = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + Duration::from_secs_f64(SECONDS);
+    let f = Arc::new(f);
+    let mut load = Vec::new();
+    for worker in 0..16 {
+        let (f, admitted, refused) = (f.clone(), admitted.clone(), refused.clone());
+        load.push(tokio::spawn(async move {
+            while Instant::now() < end {
+                let resp = f
+                    .rqlite(worker % 2, &f.key, "busy", "/db/query", json!(["SELECT 1"]))
+                    .await;
+                match resp.status() {
+                    StatusCode::OK => admitted.fetch_add(1, Ordering::Relaxed),
+                    StatusCode::TOO_MANY_REQUESTS => {
+                        assert!(resp.headers().contains_key("retry-after"));
+                        refused.fetch_add(1, Ordering::Relaxed)
+                    }
+                    other => panic!("unexpected {other}"),
+                };
+            }
+        }));
+    }
+    for l in load {
+        l.await.unwrap();
+    }
+    let (admitted, refused) = (
+        admitted.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+    );
+    let expected = RATE * SECONDS;
+    println!("admitted {admitted}, refused {refused}, limit {expected}");
+    assert!(refused > admitted, "the load did not exceed the limit");
+    assert!(
+        (admitted as f64 - expected).abs() <= expected * 0.05,
+        "admitted {admitted} for a limit of {expected}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_proxies_wake_a_database_with_one_call_to_control() {
+    let f = Fleet::start(2, |p| p).await;
+    f.create("sleepy", Engine::Rqlite).await;
+    f.control
+        .client()
+        .hibernate(&name(APP), &name("sleepy"), true)
+        .await
+        .unwrap();
+    let before = f.wakes().await;
+    let f = Arc::new(f);
+    let mut herd = Vec::new();
+    for i in 0..500 {
+        let f = f.clone();
+        herd.push(tokio::spawn(async move {
+            f.rqlite(i % 2, &f.key, "sleepy", "/db/query", json!(["SELECT 1"]))
+                .await
+                .status()
+        }));
+    }
+    for h in herd {
+        assert_eq!(h.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(
+        f.wakes().await - before,
+        1.0,
+        "wake calls that reached control"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_sent_to_the_other_proxy_cancels_the_query() {
+    let f = Fleet::start(2, |p| p).await;
+    f.create("slow", Engine::Postgres).await;
+    let url = format!(
+        "postgres://alice.{APP}:wonderland@{}/slow?sslmode=disable",
+        f.proxies[0].postgres_addr()
+    );
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let cancel = client.cancel_token();
+    let started = Instant::now();
+    let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other = tokio::net::TcpStream::connect(f.proxies[1].postgres_addr())
+        .await
+        .unwrap();
+    cancel
+        .cancel_query_raw(other, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let err = query.await.unwrap().unwrap_err();
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().clone()),
+        Some(tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cached_reads_skip_rqlite_and_a_write_anywhere_invalidates_them() {
+    let f = Fleet::start(2, |p| {
+        p.set(
+            "response_cache",
+            &format!("[{{app: {APP}, database: cached, ttl: 60s}}]"),
+        )
+    })
+    .await;
+    f.create("cached", Engine::Rqlite).await;
+    let write = |v: &str| json!([["INSERT INTO t VALUES (?)", v]]);
+    let resp = f
+        .rqlite(
+            1,
+            &f.key,
+            "cached",
+            "/db/execute",
+            json!(["CREATE TABLE t (v TEXT)"]),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    f.rqlite(1, &f.key, "cached", "/db/execute", write("one"))
+        .await;
+    let read = || async {
+        let resp = f
+            .rqlite(
+                0,
+                &f.key,
+                "cached",
+                "/db/query?level=none",
+                json!(["SELECT v FROM t"]),
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.json::<Value>().await.unwrap()["results"][0]["values"].clone()
+    };
+    assert_eq!(read().await, json!([["one"]]));
+    assert_eq!(read().await, json!([["one"]]));
+    let hits = r#"rouse_cache_total{db="shop_cached",result="hit"}"#;
+    assert_eq!(f.proxy_metric(0, hits).await, 1.0);
+
+    // With rqlite stopped, the cached read is still served, and nothing wakes.
+    let api = f.control.client();
+    api.hibernate(&name(APP), &name("cached"), true)
+        .await
+        .unwrap();
+    let wakes = f.wakes().await;
+    assert_eq!(read().await, json!([["one"]]));
+    let status = api.database(&name(APP), &name("cached")).await.unwrap();
+    assert_eq!(status.status, DatabaseStatus::Hibernating);
+    assert_eq!(f.wakes().await, wakes);
+
+    // A write through the other proxy: the next read is fresh.
+    let resp = f
+        .rqlite(1, &f.key, "cached", "/db/execute", write("two"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(read().await, json!([["one"], ["two"]]));
+    // A strong read is never cached.
+    for _ in 0..2 {
+        let resp = f
+            .rqlite(
+                0,
+                &f.key,
+                "cached",
+                "/db/query?level=strong",
+                json!(["SELECT count(*) FROM t"]),
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    assert_eq!(f.proxy_metric(0, hits).await, 2.0);
+}
