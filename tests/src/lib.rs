@@ -10,6 +10,7 @@ mod process;
 mod proxy;
 mod redis;
 mod rqlite;
+mod sentinel;
 
 use std::fs::Permissions;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
@@ -25,8 +26,9 @@ pub use patroni::{Etcd, PatroniCluster, PatroniMember};
 pub use postgres::{bin_dir as postgres_bin_dir, Postgres, RunAs};
 pub use process::{run, ServerProcess};
 pub use proxy::{Proxy, ProxyBuilder};
-pub use redis::Redis;
+pub use redis::{redis_cli, Redis, RedisBuilder, TlsFiles};
 pub use rqlite::{rqlite_execute, rqlite_query, Rqlited};
+pub use sentinel::{Sentinel, SentinelBuilder};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 

@@ -21,7 +21,10 @@ pub struct ProxyBuilder {
     auth: Vec<String>,
     statics: Vec<(String, String)>,
     clusters: Vec<String>,
+    /// Top-level sections after `proxy:`, as YAML text.
+    sections: Vec<String>,
     tcp: Vec<(String, String)>,
+    redis_backend: Option<String>,
 }
 
 impl ProxyBuilder {
@@ -55,9 +58,27 @@ impl ProxyBuilder {
         self
     }
 
+    /// Shared state in the Redis at `url` (`redis:` section), with more
+    /// `redis.*` keys as YAML lines such as `fail_open: false`.
+    pub fn redis_url(mut self, url: &str, more: &[&str]) -> Self {
+        let mut section = format!("redis:\n  url: {}\n", serde_json::Value::from(url));
+        for line in more {
+            section.push_str(&format!("  {line}\n"));
+        }
+        self.sections.push(section);
+        self
+    }
+
     /// A plain TCP listener to a cluster's `primary` or `replica` members.
     pub fn tcp_listener(mut self, cluster: &str, role: &str) -> Self {
         self.tcp.push((cluster.into(), role.into()));
+        self
+    }
+
+    /// The Redis front, to the backend this YAML value describes, e.g.
+    /// `{sentinels: [127.0.0.1:26379], master_name: mymaster}`.
+    pub fn redis_backend(mut self, yaml_value: &str) -> Self {
+        self.redis_backend = Some(yaml_value.into());
         self
     }
 
@@ -70,6 +91,10 @@ impl ProxyBuilder {
         let loopback = |_| SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
         let statics: Vec<SocketAddr> = self.statics.iter().map(loopback).collect();
         let tcp: Vec<SocketAddr> = self.tcp.iter().map(loopback).collect();
+        let redis = self
+            .redis_backend
+            .as_ref()
+            .map(|_| SocketAddr::new(LOCALHOST, free_port(LOCALHOST)));
         let mut yaml = format!(
             "proxy:\n  control_url: {}\n  http_addr: {http}\n  postgres_addr: {postgres}\n  postgres_ro_addr: {postgres_ro}\n  stats_addr: {stats}\n  base_domain: localhost\n",
             serde_json::Value::from(self.control_url.as_str())
@@ -77,6 +102,11 @@ impl ProxyBuilder {
         for line in &self.lines {
             yaml.push_str(line);
             yaml.push('\n');
+        }
+        if let (Some(backend), Some(addr)) = (&self.redis_backend, redis) {
+            yaml.push_str(&format!(
+                "  redis_addr: {addr}\n  redis_backend: {backend}\n"
+            ));
         }
         if !self.auth.is_empty() {
             yaml.push_str("  auth:\n");
@@ -107,6 +137,9 @@ impl ProxyBuilder {
                 ));
             }
         }
+        for section in &self.sections {
+            yaml.push_str(section);
+        }
         let config = dir.path().join("proxy.yaml");
         std::fs::write(&config, yaml)
             .with_context(|| format!("cannot write {}", config.display()))?;
@@ -128,6 +161,7 @@ impl ProxyBuilder {
             stats,
             statics,
             tcp,
+            redis,
             dir,
         })
     }
@@ -142,6 +176,7 @@ pub struct Proxy {
     stats: SocketAddr,
     statics: Vec<SocketAddr>,
     tcp: Vec<SocketAddr>,
+    redis: Option<SocketAddr>,
     dir: TempDir,
 }
 
@@ -153,7 +188,9 @@ impl Proxy {
             auth: Vec::new(),
             statics: Vec::new(),
             clusters: Vec::new(),
+            sections: Vec::new(),
             tcp: Vec::new(),
+            redis_backend: None,
         }
     }
 
@@ -176,6 +213,11 @@ impl Proxy {
         self.tcp[i]
     }
 
+    /// The Redis front; panics unless the builder set a Redis backend.
+    pub fn redis_addr(&self) -> SocketAddr {
+        self.redis.expect("the proxy has no redis_backend")
+    }
+
     /// `http://127.0.0.1:<port>`
     pub fn url(&self) -> String {
         format!("http://{}", self.http)
@@ -184,6 +226,11 @@ impl Proxy {
     /// Address of the `i`-th static listener.
     pub fn static_addr(&self, i: usize) -> SocketAddr {
         self.statics[i]
+    }
+
+    /// The stats address (`/metrics`, `/healthz`).
+    pub fn stats_addr(&self) -> SocketAddr {
+        self.stats
     }
 
     /// The Prometheus text at the stats address.
