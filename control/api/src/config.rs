@@ -696,6 +696,21 @@ mod tests {
     }
 
     #[test]
+    fn sidecar_example_loads() {
+        let text = include_str!("../../../configs/sidecar.yaml");
+        let c = Config::parse("sidecar.yaml", text, no_env()).unwrap();
+        assert_eq!(c.proxy.response_cache[0].ttl, Duration::from_secs(5));
+        assert_eq!(
+            c.proxy.rate_limits.postgres.per_app.as_ref().unwrap().burst,
+            20
+        );
+        assert!(c.redis.fail_open);
+        let bad = "proxy:\n  rate_limits:\n    http: {per_app: {rate: 0, burst: 1}}\n";
+        let err = Config::parse("c.yaml", bad, no_env()).unwrap_err();
+        assert!(err.to_string().contains("rate must be above zero"), "{err}");
+    }
+
+    #[test]
     fn patroni_example_loads_and_listeners_must_name_a_cluster() {
         let text = include_str!("../../../configs/patroni.yaml");
         let c = Config::parse("patroni.yaml", text, no_env()).unwrap();
