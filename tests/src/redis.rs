@@ -23,7 +23,7 @@ pub struct TlsFiles {
 }
 
 /// Settings of a [`Redis`]; by default a plain master with no password.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct RedisBuilder {
     replica_of: Option<SocketAddr>,
     password: Option<String>,
@@ -54,11 +54,36 @@ impl RedisBuilder {
     pub async fn start(self) -> Result<Redis> {
         let dir = temp_dir("rouse-redis-")?;
         let addr = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
+        let tls_addr = self
+            .tls
+            .as_ref()
+            .map(|_| SocketAddr::new(LOCALHOST, free_port(LOCALHOST)));
+        let process = self.spawn(dir.path(), addr, tls_addr).await?;
+        let redis = Redis {
+            process,
+            addr,
+            tls_addr,
+            settings: self,
+            dir,
+        };
+        if redis.settings.replica_of.is_some() {
+            redis.wait_in_sync().await?;
+        }
+        Ok(redis)
+    }
+
+    /// Runs the server on `addr` and waits until it answers PING.
+    async fn spawn(
+        &self,
+        dir: &Path,
+        addr: SocketAddr,
+        tls_addr: Option<SocketAddr>,
+    ) -> Result<ServerProcess> {
         let mut cmd = Command::new(binary("REDIS_SERVER", "redis-server"));
-        cmd.current_dir(dir.path())
+        cmd.current_dir(dir)
             .args(["--port", &addr.port().to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir.path());
+            .arg(dir);
         if let Some(password) = &self.password {
             cmd.args(["--requirepass", password, "--masterauth", password]);
         }
@@ -69,8 +94,7 @@ impl RedisBuilder {
                 &master.port().to_string(),
             ]);
         }
-        let tls_addr = self.tls.as_ref().map(|files| {
-            let tls_addr = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
+        if let (Some(files), Some(tls_addr)) = (&self.tls, tls_addr) {
             cmd.args(["--tls-port", &tls_addr.port().to_string()])
                 .arg("--tls-cert-file")
                 .arg(&files.cert)
@@ -79,24 +103,13 @@ impl RedisBuilder {
                 .arg("--tls-ca-cert-file")
                 .arg(&files.ca)
                 .args(["--tls-auth-clients", "no"]);
-            tls_addr
-        });
-        let mut process = ServerProcess::spawn("redis-server", cmd, &dir.path().join("redis.log"))?;
-        let password = self.password;
+        }
+        let mut process = ServerProcess::spawn("redis-server", cmd, &dir.join("redis.log"))?;
+        let password = self.password.clone();
         process
             .wait_ready(START_TIMEOUT, || ping(addr, password.as_deref()))
             .await?;
-        let redis = Redis {
-            process,
-            addr,
-            tls_addr,
-            password,
-            dir,
-        };
-        if self.replica_of.is_some() {
-            redis.wait_in_sync().await?;
-        }
-        Ok(redis)
+        Ok(process)
     }
 }
 
@@ -105,7 +118,7 @@ pub struct Redis {
     process: ServerProcess,
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
-    password: Option<String>,
+    settings: RedisBuilder,
     dir: TempDir,
 }
 
@@ -130,7 +143,7 @@ impl Redis {
 
     /// Runs one command with `redis-cli` (authenticated) and returns its output.
     pub async fn cli(&self, args: &[&str]) -> Result<String> {
-        redis_cli(self.addr, self.password.as_deref(), args).await
+        redis_cli(self.addr, self.settings.password.as_deref(), args).await
     }
 
     /// `master` or `slave`, from `ROLE`.
@@ -156,6 +169,21 @@ impl Redis {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// SIGKILLs the server: its clients see their connections drop.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts the server again on the same port, empty.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.process.kill();
+        self.process = self
+            .settings
+            .spawn(self.dir.path(), self.addr, self.tls_addr)
+            .await?;
+        Ok(())
     }
 
     /// The temporary directory holding the log.

@@ -403,3 +403,96 @@ async fn cached_reads_skip_rqlite_and_a_write_anywhere_invalidates_them() {
     }
     assert_eq!(f.proxy_metric(0, hits).await, 2.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_go_on_while_redis_is_down_and_redis_is_used_again_when_back() {
+    // A generous limit, so that every request asks Redis (and none is refused).
+    let f = Fleet::start(2, |p| {
+        p.set(
+            "rate_limits",
+            "{http: {per_app: {rate: 100000, burst: 100000}}}",
+        )
+    })
+    .await;
+    f.create("steady", Engine::Rqlite).await;
+    let fallbacks = r#"rouse_redis_fallback_total{what="rate_limit"}"#;
+    let warm_up: Vec<_> = (0..50)
+        .map(|i| f.rqlite(i % 2, &f.key, "steady", "/db/query", json!(["SELECT 1"])))
+        .collect();
+    for resp in futures::future::join_all(warm_up).await {
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    assert_eq!(f.proxy_metric(0, fallbacks).await, 0.0);
+
+    // Redis dies mid-load: the policy is fail-open, so nothing fails.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let served = Arc::new(AtomicU64::new(0));
+    let f = Arc::new(tokio::sync::RwLock::new(f));
+    let mut load = Vec::new();
+    for worker in 0..8 {
+        let (f, stop, failed, served) = (f.clone(), stop.clone(), failed.clone(), served.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let f = f.read().await;
+                let resp = f
+                    .rqlite(
+                        worker % 2,
+                        &f.key,
+                        "steady",
+                        "/db/query",
+                        json!(["SELECT 1"]),
+                    )
+                    .await;
+                if resp.status() == StatusCode::OK {
+                    served.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.write().await.redis.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = served.load(Ordering::Relaxed);
+    {
+        let f = f.read().await;
+        assert!(
+            f.proxy_metric(0, fallbacks).await > 0.0,
+            "no fallback counted"
+        );
+    }
+    // Redis comes back (empty): the proxies use it again by themselves.
+    f.write().await.redis.restart().await.unwrap();
+    let back = Instant::now();
+    {
+        let f = f.read().await;
+        within(
+            Duration::from_secs(10),
+            "rate limits in Redis again",
+            || async {
+                f.redis
+                    .cli(&["KEYS", "rouse:rl:*"])
+                    .await
+                    .unwrap()
+                    .contains("rouse:rl:")
+            },
+        )
+        .await;
+    }
+    println!("Redis used again {:?} after it came back", back.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    assert!(
+        served.load(Ordering::Relaxed) > during,
+        "no request served after Redis came back"
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed while Redis was down"
+    );
+}
