@@ -12,7 +12,7 @@ DEPS_DIR="${ROUSE_DEPS_DIR:-/opt/rouse-deps}"
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 
-debian_packages=(postgresql redis-server redis-sentinel haproxy pgbouncer wrk cmake curl patroni etcd-server)
+debian_packages=(postgresql redis-server redis-sentinel haproxy pgbouncer wrk cmake curl systemd patroni etcd-server)
 missing=()
 for pkg in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
