@@ -3,6 +3,8 @@
 
 mod http;
 mod pg;
+mod redis;
+mod sessions;
 mod stats;
 mod wake;
 
@@ -50,6 +52,21 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         connections: usize,
     },
+    /// redis-benchmark GET/SET, pipelined and not, through rouse's Redis
+    /// front and HAProxy (mode tcp), beside the bare server; then what a
+    /// credential check costs when cached, shared through Redis, or not.
+    Redis {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Requests per unpipelined run (pipelined runs make 10 times as many).
+        #[arg(long, default_value_t = 300_000)]
+        requests: usize,
+        #[arg(long, default_value_t = 50)]
+        clients: usize,
+        /// API keys checked per case in the credential-check part.
+        #[arg(long, default_value_t = 500)]
+        keys: usize,
+    },
 }
 
 #[tokio::main]
@@ -65,6 +82,15 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             connections,
         } => println!("{}", http::run(rounds, seconds, connections).await?),
+        Command::Redis {
+            rounds,
+            requests,
+            clients,
+            keys,
+        } => {
+            println!("{}", redis::run(rounds, requests, clients).await?);
+            println!("{}", sessions::run(keys).await?);
+        }
     }
     Ok(())
 }

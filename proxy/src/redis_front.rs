@@ -42,6 +42,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Rounds in a row without an answering master before the known one is
 /// given up (one slow answer from a busy master must not cut its clients).
 const FALL: u32 = 3;
+/// A zero `check_interval` must not make the checks spin.
+const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The master of the moment. A new `epoch` for each change, so that a
 /// session notices a switch away and back to the same address.
@@ -131,7 +133,8 @@ async fn resolve_forever(front: Weak<Front>) {
             f.ask_sentinels(&mut resolver).await
         };
         f.apply(round, &mut resolver);
-        let (interval, now) = (f.backend.check_interval, f.resolve_now.clone());
+        let interval = f.backend.check_interval.max(MIN_CHECK_INTERVAL);
+        let now = f.resolve_now.clone();
         drop(f);
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -204,7 +207,7 @@ impl Front {
         let current = self.master.borrow().clone();
         let current_addr = current.as_ref().map(|m| &*m.addr);
         let Some(addr) = round.master else {
-            resolver.failures += 1;
+            resolver.failures = resolver.failures.saturating_add(1);
             let demoted = current_addr.is_some_and(|a| round.not_master.iter().any(|n| n == a));
             if demoted || resolver.failures == FALL {
                 let errors: Vec<String> = round.errors.iter().map(|e| e.to_string()).collect();
@@ -218,7 +221,7 @@ impl Front {
         resolver.failures = 0;
         if current_addr != Some(addr.as_str()) {
             resolver.epoch += 1;
-            info!(master = %addr, previous = ?current_addr, "Redis master changed");
+            info!(master = %addr, previous = ?current_addr, "Redis master changed: sessions on the previous one close");
             self.publish(Some(Master {
                 addr: addr.into(),
                 epoch: resolver.epoch,
@@ -256,7 +259,8 @@ impl Front {
                 debug!(%peer, result = ?relayed, "Redis session ended");
             }
             _ = self.replaced(master.epoch) => {
-                info!(%peer, master = %master.addr, "Redis master changed: session closed");
+                // One line per session would flood the log at a failover.
+                debug!(%peer, master = %master.addr, "Redis master changed: session closed");
                 let _ = client.shutdown().await;
             }
         }

@@ -146,12 +146,6 @@ impl Redis {
         redis_cli(self.addr, self.settings.password.as_deref(), args).await
     }
 
-    /// `master` or `slave`, from `ROLE`.
-    pub async fn role(&self) -> Result<String> {
-        let out = self.cli(&["ROLE"]).await?;
-        Ok(out.lines().next().unwrap_or_default().to_string())
-    }
-
     /// Waits until this replica's link to its master is up.
     pub async fn wait_in_sync(&self) -> Result<()> {
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;

@@ -1,5 +1,5 @@
-//! Redis Sentinel processes watching one master, with timeouts short enough
-//! for tests (down after 1 s, failover timeout 3 s). Each has its own
+//! Redis Sentinel processes watching one master, quorum 2, with timeouts
+//! short enough for tests (down after 1 s, failover timeout 3 s). Each has its own
 //! config file, which it rewrites as it learns about the deployment.
 
 use std::net::SocketAddr;
@@ -18,7 +18,6 @@ use crate::{binary, free_port, temp_dir, LOCALHOST, START_TIMEOUT};
 pub struct SentinelBuilder {
     name: String,
     master: SocketAddr,
-    quorum: u32,
     auth_pass: Option<String>,
     requirepass: Option<String>,
 }
@@ -37,12 +36,6 @@ impl SentinelBuilder {
         self
     }
 
-    /// Sentinels that must agree the master is down (default 2).
-    pub fn quorum(mut self, quorum: u32) -> Self {
-        self.quorum = quorum;
-        self
-    }
-
     /// Starts `$REDIS_SENTINEL` (else `redis-sentinel`) and waits until it answers PING.
     pub async fn start(self) -> Result<Sentinel> {
         let dir = temp_dir("rouse-sentinel-")?;
@@ -50,7 +43,7 @@ impl SentinelBuilder {
         let name = &self.name;
         let mut conf = format!(
             "port {}\nbind 127.0.0.1\ndir {}\n\
-             sentinel monitor {name} {} {} {}\n\
+             sentinel monitor {name} {} {} 2\n\
              sentinel down-after-milliseconds {name} 1000\n\
              sentinel failover-timeout {name} 3000\n\
              sentinel parallel-syncs {name} 1\n",
@@ -58,7 +51,6 @@ impl SentinelBuilder {
             dir.path().display(),
             self.master.ip(),
             self.master.port(),
-            self.quorum,
         );
         if let Some(password) = &self.auth_pass {
             conf.push_str(&format!("sentinel auth-pass {name} {password}\n"));
@@ -104,7 +96,6 @@ impl Sentinel {
         SentinelBuilder {
             name: name.into(),
             master,
-            quorum: 2,
             auth_pass: None,
             requirepass: None,
         }

@@ -191,7 +191,6 @@ async fn sentinel_failover_moves_clients_to_the_new_master() {
                 && l.contains("outcome=\"ok\"")),
         "{metrics}"
     );
-    eprintln!("PROXYLOG\n{}", proxy.log_tail(60));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

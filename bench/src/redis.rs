@@ -1,0 +1,183 @@
+//! Redis data plane: redis-benchmark GET and SET, with and without
+//! pipelining, against the bare redis-server, HAProxy (`mode tcp` with the
+//! usual `role:master` check) and rouse's Redis front (static list),
+//! interleaved round by round.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rouse_tests::{free_port, Control, Proxy, Redis, ServerProcess};
+
+use crate::stats::table;
+
+struct Load {
+    label: &'static str,
+    args: &'static [&'static str],
+    /// Requests per run, as a multiple of `--requests`: pipelining is
+    /// that much faster, and a run should last a few seconds either way.
+    scale: usize,
+}
+
+const LOADS: [Load; 2] = [
+    Load {
+        label: "no pipelining",
+        args: &[],
+        scale: 1,
+    },
+    Load {
+        label: "-P 16",
+        args: &["-P", "16"],
+        scale: 10,
+    },
+];
+
+/// redis-benchmark's tests, SET first so that GET finds the key.
+const TESTS: [&str; 2] = ["SET", "GET"];
+
+pub async fn run(rounds: usize, requests: usize, clients: usize) -> Result<String> {
+    let redis = Redis::start().await?;
+    let control = Control::builder().hibernation_timeout("0").start().await?;
+    let proxy = Proxy::builder(&control)
+        .redis_backend(&format!("{{servers: [{}]}}", redis.addr()))
+        .start()
+        .await?;
+    let dir = tempfile::Builder::new()
+        .prefix("rouse-bench-redis-")
+        .tempdir()?;
+    let haproxy = SocketAddr::new("127.0.0.1".parse()?, free_port("127.0.0.1".parse()?));
+    let haproxy_process = start_haproxy(dir.path(), haproxy, redis.addr()).await?;
+    // Label, address, and the proxy's pid for its CPU time.
+    let sides = [
+        ("bare", redis.addr(), None),
+        ("HAProxy", haproxy, Some(haproxy_process.pid())),
+        ("rouse", proxy.redis_addr(), Some(proxy.pid())),
+    ];
+    let mut rows = Vec::new();
+    for load in &LOADS {
+        let n = requests * load.scale;
+        for test in TESTS {
+            // Per side, one figure per round: rps, and the proxy's CPU
+            // time per request.
+            let mut rps = vec![Vec::new(); sides.len()];
+            let mut cpu = vec![Vec::new(); sides.len()];
+            for _ in 0..rounds {
+                for (i, (label, addr, pid)) in sides.iter().enumerate() {
+                    let before = pid.map(cpu_time).transpose()?;
+                    rps[i].push(
+                        redis_benchmark(*addr, test, load, n, clients)
+                            .with_context(|| format!("redis-benchmark via {label}"))?,
+                    );
+                    if let (Some(pid), Some(before)) = (pid, before) {
+                        let used = cpu_time(*pid)? - before;
+                        cpu[i].push(used.as_secs_f64() * 1e6 / n as f64);
+                    }
+                }
+            }
+            let rps: Vec<f64> = rps.iter_mut().map(|r| median(r)).collect();
+            let cpu: Vec<f64> = cpu.iter_mut().map(|c| median(c)).collect();
+            let mut row = vec![format!("{test}, {clients} clients, {}", load.label)];
+            row.extend(rps.iter().map(|r| format!("{r:.0}")));
+            row.push(format!("{:.2}×", rps[2] / rps[1]));
+            row.push(format!("{:.2}×", rps[2] / rps[0]));
+            row.push(format!("{:.2} / {:.2}", cpu[1], cpu[2]));
+            rows.push(row);
+        }
+    }
+    let header = [
+        "redis-benchmark",
+        "bare rps",
+        "HAProxy rps",
+        "rouse rps",
+        "rouse ÷ HAProxy",
+        "rouse ÷ bare",
+        "proxy CPU µs per request, HAProxy / rouse",
+    ];
+    Ok(format!(
+        "Redis through rouse and HAProxy (mode tcp), beside the bare server; {requests} requests (×10 pipelined) × {rounds} interleaved rounds (medians)\n\n{}",
+        table(&header, &rows)
+    ))
+}
+
+/// CPU time (user and system, all threads) a process has used so far.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which may hold spaces: utime and
+    // stime are the 12th and 13th, in USER_HZ ticks (100 on Linux).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("no command name in /proc/PID/stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .context("short /proc/PID/stat")
+    };
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
+/// The median; 0 for none (the bare side has no proxy CPU).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// Requests per second of one of redis-benchmark's tests.
+fn redis_benchmark(
+    addr: SocketAddr,
+    test: &str,
+    load: &Load,
+    requests: usize,
+    clients: usize,
+) -> Result<f64> {
+    let out = Command::new("redis-benchmark")
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(["-t", &test.to_lowercase(), "--csv"])
+        .args(["-n", &requests.to_string(), "-c", &clients.to_string()])
+        .args(load.args)
+        .output()
+        .context("cannot run redis-benchmark")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    text.lines()
+        .find_map(|l| {
+            let mut fields = l.split(',').map(|f| f.trim_matches('"'));
+            (fields.next()? == test).then(|| fields.next()?.parse().ok())?
+        })
+        .with_context(|| format!("no {test} in redis-benchmark output: {text}"))
+}
+
+/// HAProxy as it usually fronts Redis: `mode tcp`, the server checked
+/// for `role:master`.
+async fn start_haproxy(dir: &Path, addr: SocketAddr, backend: SocketAddr) -> Result<ServerProcess> {
+    let cfg = dir.join("haproxy-redis.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             listen redis\n  bind {addr}\n  option tcp-check\n\
+             \x20 tcp-check send PING\\r\\n\n  tcp-check expect string +PONG\n\
+             \x20 tcp-check send info\\ replication\\r\\n\n  tcp-check expect string role:master\n\
+             \x20 tcp-check send QUIT\\r\\n\n  tcp-check expect string +OK\n\
+             \x20 server r1 {backend} check inter 1s\n"
+        ),
+    )?;
+    let mut cmd = Command::new("haproxy");
+    cmd.arg("-db").arg("-f").arg(&cfg);
+    let mut process = ServerProcess::spawn("haproxy", cmd, &dir.join("haproxy-redis.log"))?;
+    process
+        .wait_ready(Duration::from_secs(10), || async {
+            let out = rouse_tests::redis_cli(addr, None, &["PING"]).await?;
+            anyhow::ensure!(out == "PONG", "PING via HAProxy answered {out:?}");
+            Ok(())
+        })
+        .await?;
+    Ok(process)
+}
