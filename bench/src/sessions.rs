@@ -25,7 +25,10 @@ async fn requests(http: &reqwest::Client, proxy: &Proxy, keys: &[String]) -> Res
         let status = http.post(&url).bearer_auth(key).send().await?.status();
         out.push(t0.elapsed());
         // Past the check, the unknown operation is refused with 404.
-        ensure!(status == reqwest::StatusCode::NOT_FOUND, "check failed: {status}");
+        ensure!(
+            status == reqwest::StatusCode::NOT_FOUND,
+            "check failed: {status}"
+        );
     }
     Ok(out)
 }
@@ -41,8 +44,14 @@ pub async fn run(keys: usize) -> Result<String> {
         issued.push(api.create_key(&app).await?.key);
     }
     let url = format!("redis://{}", redis.addr());
-    let first = Proxy::builder(&control).redis_url(&url, &[]).start().await?;
-    let second = Proxy::builder(&control).redis_url(&url, &[]).start().await?;
+    let first = Proxy::builder(&control)
+        .redis_url(&url, &[])
+        .start()
+        .await?;
+    let second = Proxy::builder(&control)
+        .redis_url(&url, &[])
+        .start()
+        .await?;
     let http = reqwest::Client::new();
     // The first proxy validates every key with control and files it in Redis;
     // the second then finds each in Redis; asked again, in its own cache.
