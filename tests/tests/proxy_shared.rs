@@ -496,3 +496,37 @@ async fn requests_go_on_while_redis_is_down_and_redis_is_used_again_when_back() 
         "requests failed while Redis was down"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_connect_over_the_limit_gets_53300() {
+    let f = Fleet::start(2, |p| {
+        p.set(
+            "rate_limits",
+            "{postgres: {per_app: {rate: 0.2, burst: 1}}}",
+        )
+    })
+    .await;
+    f.create("limited", Engine::Postgres).await;
+    let url = |i: usize| {
+        format!(
+            "postgres://alice.{APP}:wonderland@{}/limited?sslmode=disable",
+            f.proxies[i].postgres_addr()
+        )
+    };
+    let (first, conn) = tokio_postgres::connect(&url(0), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // The limit is the app's across proxies: the other proxy refuses too.
+    let err = tokio_postgres::connect(&url(1), tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("a second connection within the limit's interval");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().clone()),
+        Some(tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+        "{err}"
+    );
+    // The session that was admitted is unaffected.
+    first.simple_query("SELECT 1").await.unwrap();
+}
