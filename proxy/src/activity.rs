@@ -14,6 +14,8 @@ struct Counters {
     last_activity: u64,
     open: u64,
     requests: u64,
+    /// Requests since the proxy started (the stats page's rates).
+    total: u64,
     /// `open` as last reported: a drop to zero must be reported too.
     reported_open: u64,
 }
@@ -23,7 +25,7 @@ pub struct Activity {
     dbs: Mutex<HashMap<DbKey, Counters>>,
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -56,6 +58,7 @@ impl Activity {
         };
         c.open += 1;
         c.requests += 1;
+        c.total += 1;
         c.last_activity = now_ms();
         InFlight {
             activity: self.clone(),
@@ -81,8 +84,15 @@ impl Activity {
                 }
             })
             .collect();
-        dbs.retain(|_, c| c.open > 0);
         out
+    }
+
+    /// Per database: requests since start, and requests in flight.
+    pub fn totals(&self) -> HashMap<DbKey, (u64, u64)> {
+        let dbs = self.dbs.lock().expect("activity poisoned");
+        dbs.iter()
+            .map(|(k, c)| (k.clone(), (c.total, c.open)))
+            .collect()
     }
 
     pub async fn report_forever(

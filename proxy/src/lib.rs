@@ -21,17 +21,15 @@ pub mod pg;
 pub mod redis_front;
 pub mod route;
 pub mod shared;
+pub mod stats;
 pub mod tcp;
 pub mod wake;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::{Response, StatusCode};
 use rouse_control_api::config::{Config, ConfigError, MemberRole};
 use rouse_control_api::{Client, DbKey};
 use tokio::net::TcpListener;
@@ -45,6 +43,7 @@ use crate::patroni::{Cluster, PatroniError};
 use crate::shared::cache::ResponseCache;
 use crate::shared::ratelimit::RateLimits;
 use crate::shared::Shared;
+use crate::stats::Stats;
 use crate::wake::Routes;
 
 /// Loads and checks a configuration file as the proxy would at start, and
@@ -179,6 +178,13 @@ pub async fn run(
         }
     };
     info!(proxy_id = %proxy_id, http = %listeners.http.local_addr()?, postgres = %listeners.postgres.local_addr()?, postgres_ro = %listeners.postgres_ro.local_addr()?, stats = %listeners.stats.local_addr()?, "rouse-proxy ready");
+    let stats = Arc::new(Stats {
+        control: proxy.control.clone(),
+        routes: proxy.routes.clone(),
+        activity: proxy.activity.clone(),
+        proxy_id: proxy_id.clone(),
+        started: std::time::Instant::now(),
+    });
     let mut servers = vec![
         tokio::spawn(
             pg.clone()
@@ -240,7 +246,10 @@ pub async fn run(
         p.header_read_timeout,
         Duration::from_secs(1),
         stopped(),
-        |_peer| hyper::service::service_fn(stats),
+        move |_peer| {
+            let stats = stats.clone();
+            hyper::service::service_fn(move |req| stats.clone().handle(req))
+        },
     )));
     shutdown.await;
     info!("shutting down: draining requests");
@@ -252,23 +261,6 @@ pub async fn run(
         t.abort();
     }
     Ok(())
-}
-
-/// The stats address: `/metrics` (Prometheus) and `/healthz`.
-async fn stats(
-    req: hyper::Request<hyper::body::Incoming>,
-) -> Result<Response<http::Body>, Infallible> {
-    let (status, body) = match req.uri().path() {
-        "/metrics" => (
-            StatusCode::OK,
-            rouse_control_api::telemetry::render_metrics(),
-        ),
-        "/healthz" => (StatusCode::OK, "ok\n".to_string()),
-        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
-    };
-    let mut resp = Response::new(Full::new(body.into()));
-    *resp.status_mut() = status;
-    Ok(resp)
 }
 
 fn hostname() -> String {

@@ -308,8 +308,7 @@ impl Cluster {
                 ("replica", m.replica, changed_replica),
             ] {
                 if changed {
-                    metrics::gauge!("rouse_backend_up", "cluster" => self.name.clone(), "member" => name.clone(), "role" => role)
-                        .set(if health.is_up() { 1.0 } else { 0.0 });
+                    crate::stats::backend_state(&self.name, &name, role, health.is_up());
                 }
             }
             let view = view_of(&members);

@@ -78,7 +78,7 @@ pub async fn serve(listener: TcpListener, backend: RedisBackend, stop: impl Futu
         }
     };
     for server in &backend.servers {
-        up_gauge(server).set(0.0);
+        master_state(server, false);
     }
     let front = Arc::new(Front {
         checker: Checker::new(
@@ -99,8 +99,9 @@ pub async fn serve(listener: TcpListener, backend: RedisBackend, stop: impl Futu
     .await
 }
 
-fn up_gauge(member: &str) -> metrics::Gauge {
-    metrics::gauge!("rouse_backend_up", "cluster" => "redis", "member" => member.to_string(), "role" => "master")
+/// Whether `member` is the master, in metrics and on the stats page.
+fn master_state(member: &str, up: bool) {
+    crate::stats::backend_state("redis", member, "master", up);
 }
 
 /// What one round of checks learned.
@@ -231,10 +232,10 @@ impl Front {
 
     fn publish(&self, master: Option<Master>) {
         if let Some(new) = &master {
-            up_gauge(&new.addr).set(1.0);
+            master_state(&new.addr, true);
         }
         if let Some(old) = self.master.send_replace(master) {
-            up_gauge(&old.addr).set(0.0);
+            master_state(&old.addr, false);
         }
     }
 

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use crate::auth::Authenticator;
 use crate::error::{ProxyError, Result};
 use crate::shared::Shared;
+use crate::stats::WakeHistory;
 use redis::AsyncCommands;
 
 /// A database's running replicas, leader first.
@@ -44,6 +45,7 @@ pub struct Routes {
     wake_timeout: Duration,
     max_waiting: usize,
     auto_create: bool,
+    wakes_seen: Arc<WakeHistory>,
 }
 
 /// Decrements a database's waiting count when a waiter leaves.
@@ -78,6 +80,7 @@ impl Routes {
             wake_timeout,
             max_waiting,
             auto_create,
+            wakes_seen: Arc::default(),
         })
     }
 
@@ -125,6 +128,7 @@ impl Routes {
             control: self.control.clone(),
             shared: self.shared.clone(),
             proxy_id: self.proxy_id.clone(),
+            seen: self.wakes_seen.clone(),
         };
         let auto_create = self.auto_create;
         let (cache, all_wakes) = (self.cache.clone(), self.wakes.clone());
@@ -158,6 +162,20 @@ impl Routes {
 
     pub fn clear(&self) {
         self.cache.lock().expect("route cache poisoned").clear();
+    }
+
+    /// Requests waiting for a wake, per database.
+    pub fn waiting_counts(&self) -> HashMap<DbKey, usize> {
+        let waiting = self.waiting.lock().expect("waiting poisoned");
+        waiting
+            .iter()
+            .map(|(k, n)| (k.clone(), n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// The wakes this proxy waited for, oldest first.
+    pub fn wake_history(&self) -> Vec<crate::stats::Wake> {
+        self.wakes_seen.all()
     }
 
     fn apply(&self, event: &Event, auth: &Arc<Authenticator>) {
@@ -249,6 +267,8 @@ struct Waker {
     control: Client,
     shared: Arc<Shared>,
     proxy_id: String,
+    /// Where each wake's duration is kept for the stats page.
+    seen: Arc<WakeHistory>,
 }
 
 /// How long a wake lock holds if its proxy dies mid-wake.
@@ -263,6 +283,13 @@ impl Waker {
     /// and they try to take it). Without Redis, each proxy calls control,
     /// which is idempotent.
     async fn wake(&self, key: &DbKey) -> std::result::Result<DatabaseInfo, ClientError> {
+        let started = Instant::now();
+        let woke = self.wake_once(key).await;
+        self.seen.record(key, started.elapsed(), woke.is_ok());
+        woke
+    }
+
+    async fn wake_once(&self, key: &DbKey) -> std::result::Result<DatabaseInfo, ClientError> {
         let lock = format!("rouse:wake:{}", key.internal());
         loop {
             let taken = self
