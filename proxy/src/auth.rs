@@ -114,9 +114,40 @@ pub struct Authenticator {
     sessions: moka::future::Cache<String, Session>,
     /// sha256 of revoked tokens still within their lifetime.
     revoked: moka::future::Cache<String, ()>,
+    /// Replaced as a whole on reload.
+    keys: std::sync::RwLock<Arc<JwtKeys>>,
+}
+
+/// What JWTs are verified with.
+pub struct JwtKeys {
     hs256: Option<DecodingKey>,
     rs256: Option<DecodingKey>,
     jwks: Option<JwkSet>,
+}
+
+impl JwtKeys {
+    /// The keys `config` names; a file that cannot be read is an error.
+    pub fn load(config: &AuthConfig) -> anyhow::Result<JwtKeys> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+        };
+        let rs256 = match &config.jwt_rs256_public_key_file {
+            Some(p) => Some(DecodingKey::from_rsa_pem(&read(p)?)?),
+            None => None,
+        };
+        let jwks = match &config.jwt_jwks_file {
+            Some(p) => Some(serde_json::from_slice(&read(p)?)?),
+            None => None,
+        };
+        Ok(JwtKeys {
+            hs256: config
+                .jwt_hs256_secret
+                .as_ref()
+                .map(|s| DecodingKey::from_secret(s.as_bytes())),
+            rs256,
+            jwks,
+        })
+    }
 }
 
 /// Clock skew tolerated on `exp` and `nbf`.
@@ -146,17 +177,6 @@ impl Authenticator {
         shared: Arc<Shared>,
         config: &AuthConfig,
     ) -> anyhow::Result<Authenticator> {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
-        };
-        let rs256 = match &config.jwt_rs256_public_key_file {
-            Some(p) => Some(DecodingKey::from_rsa_pem(&read(p)?)?),
-            None => None,
-        };
-        let jwks = match &config.jwt_jwks_file {
-            Some(p) => Some(serde_json::from_slice(&read(p)?)?),
-            None => None,
-        };
         Ok(Authenticator {
             control,
             shared,
@@ -169,13 +189,15 @@ impl Authenticator {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(24 * 3600))
                 .build(),
-            hs256: config
-                .jwt_hs256_secret
-                .as_ref()
-                .map(|s| DecodingKey::from_secret(s.as_bytes())),
-            rs256,
-            jwks,
+            keys: std::sync::RwLock::new(Arc::new(JwtKeys::load(config)?)),
         })
+    }
+
+    /// New JWT keys (a reload): what was validated with the old ones is
+    /// validated again.
+    pub fn set_keys(&self, keys: JwtKeys) {
+        *self.keys.write().expect("keys poisoned") = Arc::new(keys);
+        self.forget_all();
     }
 
     /// The app a credential belongs to: from this proxy's cache, else from
@@ -361,13 +383,14 @@ impl Authenticator {
 
     fn jwt_app(&self, token: &str) -> Result<(Name, Option<u64>)> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| ProxyError::Unauthorized)?;
+        let keys = self.keys.read().expect("keys poisoned").clone();
         let key = match header.alg {
-            Algorithm::HS256 => self.hs256.clone(),
-            Algorithm::RS256 => match (&self.jwks, &header.kid) {
+            Algorithm::HS256 => keys.hs256.clone(),
+            Algorithm::RS256 => match (&keys.jwks, &header.kid) {
                 (Some(set), Some(kid)) => set
                     .find(kid)
                     .and_then(|jwk| DecodingKey::from_jwk(jwk).ok()),
-                _ => self.rs256.clone(),
+                _ => keys.rs256.clone(),
             },
             _ => None,
         }

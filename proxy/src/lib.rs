@@ -19,6 +19,7 @@ pub mod listen;
 pub mod patroni;
 pub mod pg;
 pub mod redis_front;
+pub mod reload;
 pub mod route;
 pub mod shared;
 pub mod stats;
@@ -33,13 +34,15 @@ use std::time::Duration;
 use rouse_control_api::config::{Config, ConfigError, MemberRole};
 use rouse_control_api::{Client, DbKey};
 use tokio::net::TcpListener;
-use tracing::info;
+use tokio::sync::watch;
+use tracing::{error, info};
 
 use crate::activity::Activity;
 use crate::auth::Authenticator;
 use crate::http::upstream::Upstream;
 use crate::http::Proxy;
 use crate::patroni::{Cluster, PatroniError};
+use crate::reload::Reloader;
 use crate::shared::cache::ResponseCache;
 use crate::shared::ratelimit::RateLimits;
 use crate::shared::Shared;
@@ -107,11 +110,13 @@ impl Listeners {
 }
 
 /// Runs the proxy until `shutdown` resolves; requests in flight then get a
-/// few seconds to finish.
+/// few seconds to finish. Each configuration from `reloads` is applied in
+/// place (see [`reload`]).
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    mut reloads: tokio::sync::mpsc::UnboundedReceiver<Config>,
 ) -> anyhow::Result<()> {
     rouse_control_api::telemetry::metrics();
     let p = config.proxy.clone();
@@ -160,7 +165,7 @@ pub async fn run(
     let proxy = Arc::new(Proxy {
         config: p.clone(),
         control,
-        auth,
+        auth: auth.clone(),
         shared: shared.clone(),
         limits: limits.clone(),
         cache: ResponseCache::new(&p.response_cache),
@@ -196,10 +201,8 @@ pub async fn run(
         .patroni_clusters
         .iter()
         .map(|c| {
-            Ok((
-                c.name.clone(),
-                Cluster::start(&c.name, &c.members, &p.patroni)?,
-            ))
+            let cluster = Cluster::start(&c.name, &c.members, &p.patroni)?;
+            Ok((c.name.clone(), watch::Sender::new(cluster)))
         })
         .collect::<Result<HashMap<_, _>, PatroniError>>()?;
     if let (Some(listener), Some(backend)) = (listeners.redis, &p.redis_backend) {
@@ -210,7 +213,7 @@ pub async fn run(
         )));
     }
     for (listener, t) in listeners.tcp.into_iter().zip(&p.tcp_listeners) {
-        let cluster = clusters[&t.cluster].clone();
+        let cluster = clusters[&t.cluster].subscribe();
         servers.push(tokio::spawn(tcp::serve(
             listener,
             cluster,
@@ -218,6 +221,23 @@ pub async fn run(
             stopped(),
         )));
     }
+    let reloader = Reloader::new(config.clone(), auth.clone(), proxy.clone(), clusters);
+    let reloading = tokio::spawn(async move {
+        while let Some(new) = reloads.recv().await {
+            match reloader.apply(new) {
+                Ok(()) => {
+                    info!("configuration reloaded");
+                    metrics::counter!("rouse_config_reloads_total", "result" => "applied")
+                        .increment(1);
+                }
+                Err(e) => {
+                    error!(error = %e, "new configuration refused; the running one stays");
+                    metrics::counter!("rouse_config_reloads_total", "result" => "refused")
+                        .increment(1);
+                }
+            }
+        }
+    });
     let data_planes = std::iter::once((listeners.http, None)).chain(
         listeners
             .bound
@@ -260,6 +280,7 @@ pub async fn run(
     for t in tasks {
         t.abort();
     }
+    reloading.abort();
     Ok(())
 }
 

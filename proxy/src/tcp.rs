@@ -10,19 +10,22 @@ use std::sync::Arc;
 use rouse_control_api::config::MemberRole;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::listen::accept_forever;
 use crate::patroni::Cluster;
 
+/// Serves `listener`; each connection goes to the cluster `cluster` holds
+/// when it arrives (a reload may replace it).
 pub async fn serve(
     listener: TcpListener,
-    cluster: Arc<Cluster>,
+    cluster: watch::Receiver<Arc<Cluster>>,
     role: MemberRole,
     stop: impl Future<Output = ()>,
 ) {
     accept_forever(listener, "tcp", stop, move |mut client, peer| {
-        let cluster = cluster.clone();
+        let cluster = cluster.borrow().clone();
         async move {
             let outcome = |o: &'static str| {
                 metrics::counter!("rouse_requests_total", "app" => "", "db" => cluster.name().to_string(), "protocol" => "tcp", "outcome" => o)

@@ -42,8 +42,8 @@ pub struct Routes {
     cache: Cache,
     wakes: Arc<Mutex<HashMap<DbKey, WakeFuture>>>,
     waiting: Mutex<HashMap<DbKey, Arc<AtomicUsize>>>,
-    wake_timeout: Duration,
-    max_waiting: usize,
+    /// `wake_timeout` and `max_waiting`, replaced together on reload.
+    bounds: Mutex<(Duration, usize)>,
     auto_create: bool,
     wakes_seen: Arc<WakeHistory>,
 }
@@ -77,8 +77,7 @@ impl Routes {
             cache: Arc::default(),
             wakes: Arc::default(),
             waiting: Mutex::new(HashMap::new()),
-            wake_timeout,
-            max_waiting,
+            bounds: Mutex::new((wake_timeout, max_waiting)),
             auto_create,
             wakes_seen: Arc::default(),
         })
@@ -102,19 +101,20 @@ impl Routes {
             count,
         };
         metrics::gauge!("rouse_waiting_requests", "db" => key.internal()).set(now as f64);
-        if now > self.max_waiting {
+        let (wake_timeout, max_waiting) = *self.bounds.lock().expect("bounds poisoned");
+        if now > max_waiting {
             return Err(ProxyError::QueueFull(key.db.to_string()));
         }
         let started = Instant::now();
         let wake = self.wake_future(key);
-        let result = tokio::time::timeout(self.wake_timeout, wake).await;
+        let result = tokio::time::timeout(wake_timeout, wake).await;
         metrics::histogram!("rouse_wake_duration_seconds", "engine" => "any", "phase" => "wait")
             .record(started.elapsed().as_secs_f64());
         match result {
             Ok(result) => result,
             Err(_) => Err(ProxyError::WakeTimeout {
                 db: key.db.to_string(),
-                waited: self.wake_timeout,
+                waited: wake_timeout,
             }),
         }
     }
@@ -162,6 +162,11 @@ impl Routes {
 
     pub fn clear(&self) {
         self.cache.lock().expect("route cache poisoned").clear();
+    }
+
+    /// New wait bounds (a reload); waiting requests keep theirs.
+    pub fn set_bounds(&self, wake_timeout: Duration, max_waiting: usize) {
+        *self.bounds.lock().expect("bounds poisoned") = (wake_timeout, max_waiting);
     }
 
     /// Requests waiting for a wake, per database.

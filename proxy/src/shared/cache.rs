@@ -25,7 +25,8 @@ return {generation, redis.call('GET', ARGV[1] .. generation .. ':' .. ARGV[2])}
 "#;
 
 pub struct ResponseCache {
-    ttls: HashMap<DbKey, Duration>,
+    /// Replaced as a whole on reload.
+    ttls: std::sync::RwLock<HashMap<DbKey, Duration>>,
     lookup: redis::Script,
 }
 
@@ -47,17 +48,19 @@ fn entry_prefix(key: &DbKey) -> String {
 impl ResponseCache {
     pub fn new(databases: &[CachedDatabase]) -> ResponseCache {
         ResponseCache {
-            ttls: databases
-                .iter()
-                .map(|c| (DbKey::new(c.app.clone(), c.database.clone()), c.ttl))
-                .collect(),
+            ttls: std::sync::RwLock::new(ttls_of(databases)),
             lookup: redis::Script::new(LOOKUP),
         }
     }
 
+    /// New cached databases and TTLs (a reload).
+    pub fn set(&self, databases: &[CachedDatabase]) {
+        *self.ttls.write().expect("ttls poisoned") = ttls_of(databases);
+    }
+
     /// Whether this database's requests concern the cache at all.
     pub fn covers(&self, key: &DbKey) -> bool {
-        self.ttls.contains_key(key)
+        self.ttls.read().expect("ttls poisoned").contains_key(key)
     }
 
     /// The cached answer to a read, or where to file its answer. `None`
@@ -70,7 +73,7 @@ impl ResponseCache {
         path_and_query: &str,
         body: &[u8],
     ) -> Option<Result<Reply, Cacheable>> {
-        let ttl = *self.ttls.get(key)?;
+        let ttl = *self.ttls.read().expect("ttls poisoned").get(key)?;
         if !is_cacheable_read(path_and_query) {
             return None;
         }
@@ -144,6 +147,13 @@ impl ResponseCache {
             })
             .await;
     }
+}
+
+fn ttls_of(databases: &[CachedDatabase]) -> HashMap<DbKey, Duration> {
+    databases
+        .iter()
+        .map(|c| (DbKey::new(c.app.clone(), c.database.clone()), c.ttl))
+        .collect()
 }
 
 /// `/db/query` at read consistency `none` or `weak` (rqlite's default).

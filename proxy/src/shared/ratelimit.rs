@@ -54,8 +54,8 @@ impl Protocol {
 }
 
 pub struct RateLimits {
-    http: ProtocolLimits,
-    postgres: ProtocolLimits,
+    /// HTTP and PostgreSQL limits, replaced as a whole on reload.
+    limits: std::sync::RwLock<std::sync::Arc<(ProtocolLimits, ProtocolLimits)>>,
     script: redis::Script,
     /// The fallback: theoretical arrival times, in ms since `epoch`.
     local: Mutex<HashMap<String, f64>>,
@@ -65,8 +65,7 @@ pub struct RateLimits {
 impl RateLimits {
     pub fn new(http: ProtocolLimits, postgres: ProtocolLimits) -> RateLimits {
         RateLimits {
-            http,
-            postgres,
+            limits: std::sync::RwLock::new(std::sync::Arc::new((http, postgres))),
             script: redis::Script::new(GCRA),
             local: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
@@ -83,9 +82,10 @@ impl RateLimits {
         app: &Name,
         credential: impl FnOnce() -> String,
     ) -> Result<(), ProxyError> {
+        let both = self.limits.read().expect("limits poisoned").clone();
         let limits = match protocol {
-            Protocol::Http => &self.http,
-            Protocol::Postgres => &self.postgres,
+            Protocol::Http => &both.0,
+            Protocol::Postgres => &both.1,
         };
         let p = protocol.as_str();
         let keys: Vec<(String, &Limit)> = [
@@ -124,6 +124,11 @@ impl RateLimits {
         metrics::counter!("rouse_rate_limited_total", "app" => app.to_string(), "protocol" => p)
             .increment(1);
         Err(ProxyError::RateLimited(Duration::from_millis(wait_ms)))
+    }
+
+    /// New limits (a reload); what was admitted so far still counts.
+    pub fn set(&self, http: ProtocolLimits, postgres: ProtocolLimits) {
+        *self.limits.write().expect("limits poisoned") = std::sync::Arc::new((http, postgres));
     }
 
     /// The same algorithm on this proxy's own state.

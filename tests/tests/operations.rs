@@ -1,0 +1,153 @@
+//! Operating the proxy: configuration reloads (SIGHUP) under load from wrk
+//! and pgbench drop nothing, a bad configuration is refused while the
+//! running one stays, and a reloaded limit takes effect.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rouse_control_api::*;
+use rouse_tests::{metric, postgres_bin_dir, run_ok, Control, Proxy};
+
+const APP: &str = "shop";
+
+fn name(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+fn hangup(proxy: &Proxy) {
+    // SAFETY: kill(2) with a pid we started; no memory is involved.
+    let rc = unsafe { libc::kill(proxy.pid() as libc::pid_t, libc::SIGHUP) };
+    assert_eq!(rc, 0, "cannot signal the proxy");
+}
+
+/// The proxy's config file with `extra` lines added under `proxy:`.
+fn rewrite(config: &PathBuf, original: &str, extra: &str) {
+    let text = original.replacen("proxy:\n", &format!("proxy:\n{extra}"), 1);
+    std::fs::write(config, text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_drop_nothing_and_a_bad_config_is_refused() {
+    let control = Control::builder()
+        .hibernation_timeout("0")
+        .start()
+        .await
+        .unwrap();
+    let api = control.client();
+    api.create_app(&name(APP)).await.unwrap();
+    api.create_user(&name(APP), "alice", "wonderland")
+        .await
+        .unwrap();
+    let key = api.create_key(&name(APP)).await.unwrap().key;
+    for (db, engine) in [("live", Engine::Rqlite), ("orders", Engine::Postgres)] {
+        api.create_database(&CreateDatabase {
+            app: name(APP),
+            name: name(db),
+            engine,
+            replication_factor: Some(1),
+            patroni: None,
+        })
+        .await
+        .unwrap();
+    }
+    let proxy = Proxy::builder(&control).start().await.unwrap();
+    let config = proxy.dir().join("proxy.yaml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let reloads = |result: &str| {
+        let url = format!("http://{}/metrics", proxy.stats_addr());
+        let series = format!("rouse_config_reloads_total{{result=\"{result}\"}}");
+        async move { metric(&url, &series).await }
+    };
+
+    // Load: wrk on the rqlite API, pgbench on the PostgreSQL port.
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=alice.{APP} dbname=orders sslmode=disable",
+        proxy.postgres_addr().port()
+    );
+    let pgbench = postgres_bin_dir().unwrap().join("pgbench");
+    run_ok(
+        Command::new(&pgbench)
+            .args(["-i", "-s", "1", "-q", &conninfo])
+            .env("PGPASSWORD", "wonderland"),
+    );
+    let bench = Command::new(&pgbench)
+        .args(["-S", "-c", "4", "-j", "2", "-T", "8", "-n", &conninfo])
+        .env("PGPASSWORD", "wonderland")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let wrk = Command::new("wrk")
+        .args(["-t", "2", "-c", "16", "-d", "8s"])
+        .args(["-H", &format!("Authorization: Bearer {key}")])
+        .arg(format!("{}/{APP}/live/db/query?q=SELECT%201", proxy.url()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Reloads during the load, each changing something that applies at once.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..5 {
+        rewrite(
+            &config,
+            &original,
+            &format!("  wake_timeout: {}s\n", 20 + i),
+        );
+        hangup(&proxy);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    // A configuration with a mistake is refused; the proxy goes on.
+    std::fs::write(&config, format!("{original}  wake_timeuot: 5s\n")).unwrap();
+    hangup(&proxy);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let wrk = wrk.wait_with_output().unwrap();
+    let wrk_out = String::from_utf8_lossy(&wrk.stdout);
+    assert!(wrk.status.success(), "{wrk_out}");
+    assert!(wrk_out.contains("Requests/sec"), "{wrk_out}");
+    assert!(
+        !wrk_out.contains("Non-2xx") && !wrk_out.contains("Socket errors"),
+        "HTTP requests failed during reloads:\n{wrk_out}"
+    );
+    let bench = bench.wait_with_output().unwrap();
+    let bench_out = String::from_utf8_lossy(&bench.stdout);
+    assert!(
+        bench.status.success(),
+        "{bench_out}{}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    assert!(
+        bench_out.contains("number of failed transactions: 0"),
+        "{bench_out}"
+    );
+    assert_eq!(reloads("applied").await, 5.0);
+    assert_eq!(reloads("refused").await, 1.0);
+
+    // A limit added by a reload holds at once.
+    rewrite(
+        &config,
+        &original,
+        "  rate_limits: {http: {per_app: {rate: 0.5, burst: 1}}}\n",
+    );
+    hangup(&proxy);
+    let http = reqwest::Client::new();
+    let mut limited = false;
+    for _ in 0..50 {
+        let status = http
+            .post(format!("{}/{APP}/live/db/query", proxy.url()))
+            .bearer_auth(&key)
+            .json(&serde_json::json!(["SELECT 1"]))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            limited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(limited, "the reloaded rate limit never applied");
+}
