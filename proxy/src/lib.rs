@@ -24,10 +24,13 @@ pub mod route;
 pub mod shared;
 pub mod stats;
 pub mod tcp;
+pub mod upgrade;
 pub mod wake;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +50,7 @@ use crate::shared::cache::ResponseCache;
 use crate::shared::ratelimit::RateLimits;
 use crate::shared::Shared;
 use crate::stats::Stats;
+use crate::upgrade::Inherited;
 use crate::wake::Routes;
 
 /// Loads and checks a configuration file as the proxy would at start, and
@@ -81,31 +85,61 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+    /// Binds what `config` names; a socket in `inherited` (taken over from
+    /// the process being upgraded) is used instead of a new one.
+    pub async fn bind(config: &Config, inherited: &mut Inherited) -> std::io::Result<Listeners> {
         let p = &config.proxy;
+        let mut take = |name: String, addr: SocketAddr| match inherited.remove(&name) {
+            Some(l) => TcpListener::from_std(l),
+            None => std::net::TcpListener::bind(addr).and_then(|l| {
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)
+            }),
+        };
         let mut bound = Vec::new();
         for s in &p.static_listeners {
             bound.push((
-                TcpListener::bind(s.addr).await?,
+                take(format!("static:{}", s.addr), s.addr)?,
                 DbKey::new(s.app.clone(), s.database.clone()),
             ));
         }
         let mut tcp = Vec::new();
         for t in &p.tcp_listeners {
-            tcp.push(TcpListener::bind(t.addr).await?);
+            tcp.push(take(format!("tcp:{}", t.addr), t.addr)?);
         }
         Ok(Listeners {
-            http: TcpListener::bind(p.http_addr).await?,
-            postgres: TcpListener::bind(p.postgres_addr).await?,
-            postgres_ro: TcpListener::bind(p.postgres_ro_addr).await?,
-            stats: TcpListener::bind(p.stats_addr).await?,
+            http: take("http".into(), p.http_addr)?,
+            postgres: take("postgres".into(), p.postgres_addr)?,
+            postgres_ro: take("postgres_ro".into(), p.postgres_ro_addr)?,
+            stats: take("stats".into(), p.stats_addr)?,
             bound,
             tcp,
             redis: match &p.redis_backend {
-                Some(_) => Some(TcpListener::bind(p.redis_addr).await?),
+                Some(_) => Some(take("redis".into(), p.redis_addr)?),
                 None => None,
             },
         })
+    }
+
+    /// Every socket with the name `bind` knows it by, for an upgrade.
+    fn sockets(&self, config: &Config) -> Vec<(String, RawFd)> {
+        let p = &config.proxy;
+        let mut out = vec![
+            ("http".to_string(), self.http.as_raw_fd()),
+            ("postgres".to_string(), self.postgres.as_raw_fd()),
+            ("postgres_ro".to_string(), self.postgres_ro.as_raw_fd()),
+            ("stats".to_string(), self.stats.as_raw_fd()),
+        ];
+        for ((l, _), s) in self.bound.iter().zip(&p.static_listeners) {
+            out.push((format!("static:{}", s.addr), l.as_raw_fd()));
+        }
+        for (l, t) in self.tcp.iter().zip(&p.tcp_listeners) {
+            out.push((format!("tcp:{}", t.addr), l.as_raw_fd()));
+        }
+        if let Some(l) = &self.redis {
+            out.push(("redis".to_string(), l.as_raw_fd()));
+        }
+        out
     }
 }
 
@@ -120,6 +154,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     rouse_control_api::telemetry::metrics();
     let p = config.proxy.clone();
+    let sockets = listeners.sockets(&config);
     let control = Client::new(&p.control_url);
     let shared = Arc::new(Shared::new(&config.redis)?);
     let auth = Arc::new(Authenticator::new(
@@ -250,7 +285,7 @@ pub async fn run(
             listener,
             "http",
             p.header_read_timeout,
-            Duration::from_secs(10),
+            p.drain_grace,
             stopped(),
             move |_peer| {
                 let (proxy, bound) = (proxy.clone(), bound.clone());
@@ -271,11 +306,37 @@ pub async fn run(
             hyper::service::service_fn(move |req| stats.clone().handle(req))
         },
     )));
-    shutdown.await;
-    info!("shutting down: draining requests");
+    let upgraded = async {
+        match &p.upgrade_socket {
+            Some(path) => {
+                if let Err(e) = upgrade::offer(path.clone(), sockets).await {
+                    error!(error = %e, socket = %path.display(), "no graceful upgrade");
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown => info!("shutting down: draining"),
+        _ = upgraded => info!("upgraded: draining"),
+    }
     let _ = stop_tx.send(true);
     for s in servers {
         let _ = s.await;
+    }
+    // Sessions (PostgreSQL, Redis, tcp) go on until they end or the grace does.
+    let drained = tokio::time::timeout(p.drain_grace, async {
+        while listen::open_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        info!(
+            open = listen::open_connections(),
+            "drain grace over: closing the remaining sessions"
+        );
     }
     for t in tasks {
         t.abort();

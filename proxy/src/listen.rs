@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -41,6 +42,13 @@ pub async fn accept_forever<F, Fut>(
     }
 }
 
+/// Client connections open on every front: what a shutdown drains.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+pub fn open_connections() -> usize {
+    OPEN.load(Ordering::Relaxed)
+}
+
 /// Counts one open client connection in `rouse_client_connections` for
 /// as long as it lives, also when its task is aborted.
 struct OpenConnection(metrics::Gauge);
@@ -49,6 +57,7 @@ impl OpenConnection {
     fn new(protocol: &'static str) -> OpenConnection {
         let gauge = metrics::gauge!("rouse_client_connections", "protocol" => protocol);
         gauge.increment(1.0);
+        OPEN.fetch_add(1, Ordering::Relaxed);
         OpenConnection(gauge)
     }
 }
@@ -56,5 +65,6 @@ impl OpenConnection {
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.decrement(1.0);
+        OPEN.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -26,7 +26,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy.
-    Serve,
+    Serve {
+        /// Take over the listening sockets of the proxy running with the same
+        /// `proxy.upgrade_socket` (graceful upgrade), which then drains.
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Validate a configuration file and print the effective proxy settings.
     CheckConfig,
 }
@@ -47,7 +52,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Serve => {
+        Command::Serve { upgrade } => {
             init_logs(if cli.log_format == "json" {
                 LogFormat::Json
             } else {
@@ -72,19 +77,43 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            runtime.block_on(serve(config, cli.config))
+            runtime.block_on(serve(config, cli.config, upgrade))
         }
     }
 }
 
-async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
-    let listeners = match rouse_proxy::Listeners::bind(&config).await {
+async fn serve(config: Config, path: Option<PathBuf>, upgrade: bool) -> ExitCode {
+    let (mut inherited, handover) = match (upgrade, &config.proxy.upgrade_socket) {
+        (false, _) => (Default::default(), None),
+        (true, None) => {
+            eprintln!("rouse-proxy: --upgrade needs proxy.upgrade_socket");
+            return ExitCode::from(2);
+        }
+        (true, Some(socket)) => match rouse_proxy::upgrade::take(socket) {
+            Ok((inherited, handover)) => (inherited, Some(handover)),
+            Err(e) => {
+                eprintln!(
+                    "rouse-proxy: cannot take over from {}: {e}",
+                    socket.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let listeners = match rouse_proxy::Listeners::bind(&config, &mut inherited).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("rouse-proxy: cannot listen: {e}");
             return ExitCode::FAILURE;
         }
     };
+    // Our own servers accept on the sockets from here on: the old process may go.
+    if let Some(handover) = handover {
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            handover.serving();
+        });
+    }
     let shutdown = rouse_control_api::server::shutdown_signal();
     let (reload_tx, reloads) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(reload_on_sighup(path, reload_tx));

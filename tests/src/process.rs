@@ -50,6 +50,11 @@ impl ServerProcess {
         self.child.id()
     }
 
+    /// Whether the process has exited (it is reaped if so).
+    pub fn has_exited(&mut self) -> bool {
+        self.killed || matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// The last `lines` lines of the process's output.
     pub fn log_tail(&self, lines: usize) -> String {
         tail(&self.log, lines)

@@ -96,8 +96,9 @@ impl ProxyBuilder {
             .as_ref()
             .map(|_| SocketAddr::new(LOCALHOST, free_port(LOCALHOST)));
         let mut yaml = format!(
-            "proxy:\n  control_url: {}\n  http_addr: {http}\n  postgres_addr: {postgres}\n  postgres_ro_addr: {postgres_ro}\n  stats_addr: {stats}\n  base_domain: localhost\n",
-            serde_json::Value::from(self.control_url.as_str())
+            "proxy:\n  control_url: {}\n  http_addr: {http}\n  postgres_addr: {postgres}\n  postgres_ro_addr: {postgres_ro}\n  stats_addr: {stats}\n  base_domain: localhost\n  upgrade_socket: {}\n",
+            serde_json::Value::from(self.control_url.as_str()),
+            serde_json::Value::from(dir.path().join("upgrade.sock").to_string_lossy().as_ref())
         );
         for line in &self.lines {
             yaml.push_str(line);
@@ -155,6 +156,7 @@ impl ProxyBuilder {
             .await?;
         Ok(Proxy {
             process,
+            replaced: Vec::new(),
             http,
             postgres,
             postgres_ro,
@@ -170,6 +172,8 @@ impl ProxyBuilder {
 /// A running `rouse-proxy`; dropping it kills it.
 pub struct Proxy {
     process: ServerProcess,
+    /// Processes replaced by an upgrade, draining.
+    replaced: Vec<ServerProcess>,
     http: SocketAddr,
     postgres: SocketAddr,
     postgres_ro: SocketAddr,
@@ -249,6 +253,30 @@ impl Proxy {
 
     pub fn pid(&self) -> u32 {
         self.process.pid()
+    }
+
+    /// Starts `rouse-proxy serve --upgrade` on the same configuration: the
+    /// new process takes over the listening sockets and the current one
+    /// drains (see [`Proxy::replaced_exited`]).
+    pub fn upgrade(&mut self) -> Result<()> {
+        let mut cmd = Command::new(workspace_bin("ROUSE_PROXY_BIN", "rouse-proxy")?);
+        cmd.arg("--config")
+            .arg(self.dir.path().join("proxy.yaml"))
+            .args(["serve", "--upgrade"])
+            .current_dir(self.dir.path());
+        let log = self
+            .dir
+            .path()
+            .join(format!("proxy-{}.log", self.replaced.len() + 1));
+        let new = ServerProcess::spawn("rouse-proxy", cmd, &log)?;
+        self.replaced
+            .push(std::mem::replace(&mut self.process, new));
+        Ok(())
+    }
+
+    /// Whether every process replaced by an upgrade has exited.
+    pub fn replaced_exited(&mut self) -> bool {
+        self.replaced.iter_mut().all(ServerProcess::has_exited)
     }
 
     pub fn log_tail(&self, lines: usize) -> String {

@@ -151,3 +151,144 @@ async fn reloads_under_load_drop_nothing_and_a_bad_config_is_refused() {
     }
     assert!(limited, "the reloaded rate limit never applied");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_under_load_refuses_no_connection_and_drains_sessions() {
+    let control = Control::builder()
+        .hibernation_timeout("0")
+        .start()
+        .await
+        .unwrap();
+    let api = control.client();
+    api.create_app(&name(APP)).await.unwrap();
+    api.create_user(&name(APP), "alice", "wonderland")
+        .await
+        .unwrap();
+    let key = api.create_key(&name(APP)).await.unwrap().key;
+    for (db, engine) in [("live", Engine::Rqlite), ("orders", Engine::Postgres)] {
+        api.create_database(&CreateDatabase {
+            app: name(APP),
+            name: name(db),
+            engine,
+            replication_factor: Some(1),
+            patroni: None,
+        })
+        .await
+        .unwrap();
+    }
+    let mut proxy = Proxy::builder(&control)
+        .set("drain_grace", "3s")
+        .start()
+        .await
+        .unwrap();
+    let old_pid = proxy.pid();
+    let pg_url = format!(
+        "postgres://alice.{APP}:wonderland@{}/orders?sslmode=disable",
+        proxy.postgres_addr()
+    );
+    let connect = |url: String| async move {
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok::<_, tokio_postgres::Error>(c)
+    };
+    // A long session, opened before the upgrade.
+    let long = connect(pg_url.clone()).await.unwrap();
+
+    // New connections all through the upgrade: HTTP without keep-alive, and
+    // PostgreSQL connects.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut load = Vec::new();
+    for worker in 0..4 {
+        let (stop, failures, served) = (stop.clone(), failures.clone(), served.clone());
+        let (url, key, pg_url) = (
+            format!("{}/{APP}/live/db/query", proxy.url()),
+            key.clone(),
+            pg_url.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let outcome = if worker % 2 == 0 {
+                    match http
+                        .post(&url)
+                        .bearer_auth(&key)
+                        .json(&serde_json::json!(["SELECT 1"]))
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status().is_success() => Ok(()),
+                        Ok(r) => Err(format!("HTTP {}", r.status())),
+                        Err(e) => Err(format!("HTTP: {e}")),
+                    }
+                } else {
+                    match connect(pg_url.clone()).await {
+                        Ok(c) => c
+                            .simple_query("SELECT 1")
+                            .await
+                            .map(drop)
+                            .map_err(|e| format!("query: {e}")),
+                        Err(e) => Err(format!("connect: {e}")),
+                    }
+                };
+                match outcome {
+                    Ok(()) => {
+                        served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => failures.lock().unwrap().push(e),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.upgrade().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The old process still serves its open session while it drains.
+    long.simple_query("SELECT 1").await.unwrap();
+    assert!(
+        !proxy.replaced_exited(),
+        "the old process did not wait for its session"
+    );
+    // New connections land on the new process.
+    let stats: serde_json::Value =
+        reqwest::get(format!("http://{}/stats.json", proxy.stats_addr()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert!(
+        stats["proxy"]["id"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("-{}", proxy.pid())),
+        "{stats}"
+    );
+    // After the grace the old process is gone, and its session with it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !proxy.replaced_exited() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old process never exited"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(long.simple_query("SELECT 1").await.is_err());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} connections failed across the upgrade (old pid {old_pid}): {:?}",
+        failures.len(),
+        served.load(std::sync::atomic::Ordering::Relaxed),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(served.load(std::sync::atomic::Ordering::Relaxed) > 20);
+}

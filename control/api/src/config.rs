@@ -205,6 +205,12 @@ pub struct ProxyConfig {
     /// Where other proxies reach this one's PostgreSQL port to forward a
     /// cancel request; the listener's address when unset.
     pub advertise_postgres_addr: Option<SocketAddr>,
+    /// Unix socket through which a new binary (`serve --upgrade`) takes over
+    /// the listening sockets; absent: no graceful upgrade.
+    pub upgrade_socket: Option<PathBuf>,
+    /// After a shutdown or an upgrade began, how long open sessions may go on.
+    #[serde(with = "crate::duration")]
+    pub drain_grace: Duration,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -391,6 +397,8 @@ impl Default for ProxyConfig {
             rate_limits: RateLimitsConfig::default(),
             response_cache: Vec::new(),
             advertise_postgres_addr: None,
+            upgrade_socket: None,
+            drain_grace: Duration::from_secs(30),
         }
     }
 }
