@@ -3,6 +3,7 @@
 //! round; then 500 requests to a hibernated database through rouse, beside
 //! the bare engine's cold start.
 
+use std::fmt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -19,6 +20,8 @@ const DB: &str = "http";
 
 struct Load {
     label: &'static str,
+    /// For the charts.
+    short: &'static str,
     path: &'static str,
     body: &'static str,
 }
@@ -26,11 +29,13 @@ struct Load {
 const LOADS: [Load; 2] = [
     Load {
         label: "/db/query (point read)",
+        short: "HTTP point read",
         path: "/db/query",
         body: r#"[["SELECT v FROM kv WHERE k = ?", 7]]"#,
     },
     Load {
         label: "/db/execute (insert)",
+        short: "HTTP insert",
         path: "/db/execute",
         body: r#"[["INSERT INTO kv (k, v) VALUES (abs(random()) % 1000000, 'x')"]]"#,
     },
@@ -41,7 +46,90 @@ struct WrkResult {
     p99: Duration,
 }
 
-pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<String> {
+/// Medians of one load: bare rqlited, HAProxy, rouse.
+pub struct HttpRow {
+    pub label: &'static str,
+    pub short: &'static str,
+    pub bare_rps: f64,
+    pub haproxy_rps: f64,
+    pub rouse_rps: f64,
+    pub bare_p99: Duration,
+    pub haproxy_p99: Duration,
+    pub rouse_p99: Duration,
+}
+
+/// 500 requests arriving at once at a hibernated database.
+pub struct Herd {
+    pub first: Duration,
+    pub last: Duration,
+    pub bare_cold_start: Duration,
+}
+
+pub struct HttpResults {
+    pub rounds: usize,
+    pub seconds: u64,
+    pub connections: usize,
+    pub rows: Vec<HttpRow>,
+    pub herd: Herd,
+}
+
+impl fmt::Display for HttpResults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.label.to_string(),
+                    format!("{:.0}", r.bare_rps),
+                    format!("{:.0}", r.haproxy_rps),
+                    format!("{:.0}", r.rouse_rps),
+                    format!("{:.2}×", r.rouse_rps / r.haproxy_rps),
+                    format!("{:.2}×", r.rouse_rps / r.bare_rps),
+                    format!(
+                        "{} / {} / {}",
+                        ms_f(r.bare_p99),
+                        ms_f(r.haproxy_p99),
+                        ms_f(r.rouse_p99)
+                    ),
+                ]
+            })
+            .collect();
+        let throughput = table(
+            &[
+                "load",
+                "bare req/s",
+                "HAProxy req/s",
+                "rouse req/s",
+                "rouse ÷ HAProxy",
+                "rouse ÷ bare",
+                "p99 bare / HAProxy / rouse",
+            ],
+            &rows,
+        );
+        let herd = table(
+            &[
+                "500 requests to a hibernated database",
+                "first answer",
+                "last answer",
+                "bare rqlited cold start",
+            ],
+            &[vec![
+                "through rouse".into(),
+                ms(self.herd.first),
+                ms(self.herd.last),
+                ms(self.herd.bare_cold_start),
+            ]],
+        );
+        let (connections, seconds, rounds) = (self.connections, self.seconds, self.rounds);
+        write!(
+            f,
+            "rqlite HTTP through rouse, HAProxy and bare: wrk, {connections} connections, {seconds} s × {rounds} interleaved rounds (medians)\n\n{throughput}\n{herd}"
+        )
+    }
+}
+
+pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<HttpResults> {
     let control = Control::builder().hibernation_timeout("0").start().await?;
     let client = control.client();
     client.create_app(&name(APP)).await?;
@@ -101,28 +189,17 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Stri
             median(&results[1]),
             median(&results[2]),
         ];
-        rows.push(vec![
-            load.label.to_string(),
-            format!("{bare:.0}"),
-            format!("{ha:.0}"),
-            format!("{rouse:.0}"),
-            format!("{:.2}×", rouse / ha),
-            format!("{:.2}×", rouse / bare),
-            format!("{} / {} / {}", ms_f(bare99), ms_f(ha99), ms_f(rouse99)),
-        ]);
+        rows.push(HttpRow {
+            label: load.label,
+            short: load.short,
+            bare_rps: bare,
+            haproxy_rps: ha,
+            rouse_rps: rouse,
+            bare_p99: bare99,
+            haproxy_p99: ha99,
+            rouse_p99: rouse99,
+        });
     }
-    let throughput = table(
-        &[
-            "load",
-            "bare req/s",
-            "HAProxy req/s",
-            "rouse req/s",
-            "rouse ÷ HAProxy",
-            "rouse ÷ bare",
-            "p99 bare / HAProxy / rouse",
-        ],
-        &rows,
-    );
 
     // The herd: 500 requests arrive at once at a small hibernated database.
     const HERD: &str = "herd";
@@ -172,23 +249,17 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Stri
         .into_iter()
         .collect::<Result<_>>()?;
     done.sort();
-    let herd = table(
-        &[
-            "500 requests to a hibernated database",
-            "first answer",
-            "last answer",
-            "bare rqlited cold start",
-        ],
-        &[vec![
-            "through rouse".into(),
-            ms(done[0]),
-            ms(done[done.len() - 1]),
-            ms(bare_wake),
-        ]],
-    );
-    Ok(format!(
-        "rqlite HTTP through rouse, HAProxy and bare: wrk, {connections} connections, {seconds} s × {rounds} interleaved rounds (medians)\n\n{throughput}\n{herd}"
-    ))
+    Ok(HttpResults {
+        rounds,
+        seconds,
+        connections,
+        rows,
+        herd: Herd {
+            first: done[0],
+            last: done[done.len() - 1],
+            bare_cold_start: bare_wake,
+        },
+    })
 }
 
 fn ms_f(d: Duration) -> String {

@@ -1,12 +1,16 @@
 //! `rouse-bench`: side-by-side measurements of rouse against the bare
 //! engines (and, for the data plane, HAProxy and PgBouncer), in one run.
 
+mod chart;
 mod http;
 mod pg;
 mod redis;
+mod report;
 mod sessions;
 mod stats;
 mod wake;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +26,16 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Every comparison below in one run (about eleven minutes on two cores),
+    /// written as one Markdown report with PNG charts.
+    All {
+        /// Small sizes everywhere: a smoke run of a couple of minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Directory for README.md and the charts.
+        #[arg(long, default_value = "bench/report")]
+        out: PathBuf,
+    },
     /// Wake latency (API call to active) per engine, beside the bare
     /// engine's own cold start on the same data, interleaved.
     Wake {
@@ -74,6 +88,15 @@ async fn main() -> anyhow::Result<()> {
     // Thousands of client sockets, here and in the servers started from here.
     rouse_control_api::server::raise_open_file_limit();
     match Args::parse().command {
+        Command::All { quick, out } => {
+            let sizes = if quick {
+                report::Sizes::QUICK
+            } else {
+                report::Sizes::FULL
+            };
+            report::all(&sizes, quick, &out).await?;
+            println!("{}", out.join("README.md").display());
+        }
         Command::Wake { cycles } => println!("{}", wake::run(cycles).await?),
         Command::PgIdle { clients } => println!("{}", pg::idle(clients).await?),
         Command::Pg { rounds, seconds } => println!("{}", pg::run(rounds, seconds).await?),

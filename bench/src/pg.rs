@@ -1,6 +1,7 @@
 //! PostgreSQL data plane: pgbench through rouse, HAProxy (`mode tcp`) and
 //! PgBouncer, beside the bare server, interleaved round by round.
 
+use std::fmt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -25,6 +26,8 @@ struct Side {
 
 struct Load {
     label: &'static str,
+    /// For the charts.
+    short: &'static str,
     args: &'static [&'static str],
     /// rouse's pool mode, and PgBouncer's.
     mode: PoolMode,
@@ -33,16 +36,19 @@ struct Load {
 const LOADS: [Load; 3] = [
     Load {
         label: "-S, 16 clients, session pooling",
+        short: "pgbench -S session",
         args: &["-S", "-c", "16", "-j", "2"],
         mode: PoolMode::Session,
     },
     Load {
         label: "-S, 16 clients, transaction pooling",
+        short: "pgbench -S transaction",
         args: &["-S", "-c", "16", "-j", "2"],
         mode: PoolMode::Transaction,
     },
     Load {
         label: "-S -C (connect per transaction), 8 clients, transaction pooling",
+        short: "pgbench -S -C transaction",
         args: &["-S", "-C", "-c", "8", "-j", "2"],
         mode: PoolMode::Transaction,
     },
@@ -66,7 +72,111 @@ async fn setup() -> Result<(Control, UserInfo, DatabaseInfo)> {
     Ok((control, user, info))
 }
 
-pub async fn run(rounds: usize, seconds: u64) -> Result<String> {
+/// Median tps of one pgbench load on each side.
+pub struct PgRow {
+    pub label: &'static str,
+    pub short: &'static str,
+    pub bare: f64,
+    pub haproxy: f64,
+    pub pgbouncer: f64,
+    pub rouse: f64,
+}
+
+pub struct PgResults {
+    pub rounds: usize,
+    pub seconds: u64,
+    pub rows: Vec<PgRow>,
+}
+
+impl fmt::Display for PgResults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                let mut row = vec![r.label.to_string()];
+                row.extend(
+                    [r.bare, r.haproxy, r.pgbouncer, r.rouse]
+                        .iter()
+                        .map(|t| format!("{t:.0}")),
+                );
+                row.push(format!(
+                    "{:.2}× / {:.2}×",
+                    r.rouse / r.haproxy,
+                    r.rouse / r.pgbouncer
+                ));
+                row
+            })
+            .collect();
+        let header = [
+            "pgbench",
+            "bare tps",
+            "HAProxy tps",
+            "PgBouncer tps",
+            "rouse tps",
+            "rouse ÷ HAProxy / ÷ PgBouncer",
+        ];
+        write!(
+            f,
+            "PostgreSQL through rouse, HAProxy (mode tcp) and PgBouncer (same pooling as rouse), {} s × {} interleaved rounds (medians)\n\n{}",
+            self.seconds,
+            self.rounds,
+            table(&header, &rows)
+        )
+    }
+}
+
+/// Resident memory of one proxy before and with the idle clients.
+pub struct IdleRow {
+    pub label: &'static str,
+    pub before_kib: u64,
+    pub after_kib: u64,
+}
+
+pub struct IdleResults {
+    pub clients: usize,
+    pub rows: Vec<IdleRow>,
+}
+
+impl IdleResults {
+    /// Growth of the resident memory per idle client, in KiB.
+    pub fn per_client_kib(&self, row: &IdleRow) -> f64 {
+        row.after_kib.saturating_sub(row.before_kib) as f64 / self.clients as f64
+    }
+}
+
+impl fmt::Display for IdleResults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.label.to_string(),
+                    format!("{} MiB", r.before_kib / 1024),
+                    format!("{} MiB", r.after_kib / 1024),
+                    format!("{:.1} KiB", self.per_client_kib(r)),
+                ]
+            })
+            .collect();
+        write!(
+            f,
+            "{} idle PostgreSQL clients, transaction pooling\n\n{}",
+            self.clients,
+            table(
+                &[
+                    "proxy",
+                    "resident before",
+                    "with the clients",
+                    "per idle client"
+                ],
+                &rows
+            )
+        )
+    }
+}
+
+pub async fn run(rounds: usize, seconds: u64) -> Result<PgResults> {
     let (control, user, info) = setup().await?;
     let client = control.client();
     let pg_port = info.endpoints[0].port;
@@ -136,33 +246,26 @@ pub async fn run(rounds: usize, seconds: u64) -> Result<String> {
                 v[v.len() / 2]
             })
             .collect();
-        let mut row = vec![load.label.to_string()];
-        row.extend(medians.iter().map(|t| format!("{t:.0}")));
-        row.push(format!(
-            "{:.2}× / {:.2}×",
-            medians[3] / medians[1],
-            medians[3] / medians[2]
-        ));
-        rows.push(row);
+        rows.push(PgRow {
+            label: load.label,
+            short: load.short,
+            bare: medians[0],
+            haproxy: medians[1],
+            pgbouncer: medians[2],
+            rouse: medians[3],
+        });
     }
-    let header = [
-        "pgbench",
-        "bare tps",
-        "HAProxy tps",
-        "PgBouncer tps",
-        "rouse tps",
-        "rouse ÷ HAProxy / ÷ PgBouncer",
-    ];
-    Ok(format!(
-        "PostgreSQL through rouse, HAProxy (mode tcp) and PgBouncer (same pooling as rouse), {seconds} s × {rounds} interleaved rounds (medians)\n\n{}",
-        table(&header, &rows)
-    ))
+    Ok(PgResults {
+        rounds,
+        seconds,
+        rows,
+    })
 }
 
 /// Memory per idle client: `clients` connections opened (logged in, then
 /// idle) to rouse and to PgBouncer, both in transaction pooling, and the
 /// growth of each one's resident memory divided by `clients`.
-pub async fn idle(clients: usize) -> Result<String> {
+pub async fn idle(clients: usize) -> Result<IdleResults> {
     let (control, user, info) = setup().await?;
     let client = control.client();
     client
@@ -219,29 +322,14 @@ pub async fn idle(clients: usize) -> Result<String> {
             .simple_query("SELECT 1")
             .await?;
         let after = rss_kib(pid)?;
-        rows.push(vec![
-            label.to_string(),
-            format!("{} MiB", before / 1024),
-            format!("{} MiB", after / 1024),
-            format!(
-                "{:.1} KiB",
-                (after.saturating_sub(before)) as f64 / clients as f64
-            ),
-        ]);
+        rows.push(IdleRow {
+            label,
+            before_kib: before,
+            after_kib: after,
+        });
         drop(held);
     }
-    Ok(format!(
-        "{clients} idle PostgreSQL clients, transaction pooling\n\n{}",
-        table(
-            &[
-                "proxy",
-                "resident before",
-                "with the clients",
-                "per idle client"
-            ],
-            &rows
-        )
-    ))
+    Ok(IdleResults { clients, rows })
 }
 
 /// Resident memory of a process, in KiB.

@@ -3,6 +3,7 @@
 //! usual `role:master` check) and rouse's Redis front (static list),
 //! interleaved round by round.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
@@ -15,6 +16,8 @@ use crate::stats::table;
 
 struct Load {
     label: &'static str,
+    /// For the charts.
+    short: &'static str,
     args: &'static [&'static str],
     /// Requests per run, as a multiple of `--requests`: pipelining is
     /// that much faster, and a run should last a few seconds either way.
@@ -24,11 +27,13 @@ struct Load {
 const LOADS: [Load; 2] = [
     Load {
         label: "no pipelining",
+        short: "",
         args: &[],
         scale: 1,
     },
     Load {
         label: "-P 16",
+        short: "-P 16",
         args: &["-P", "16"],
         scale: 10,
     },
@@ -37,7 +42,62 @@ const LOADS: [Load; 2] = [
 /// redis-benchmark's tests, SET first so that GET finds the key.
 const TESTS: [&str; 2] = ["SET", "GET"];
 
-pub async fn run(rounds: usize, requests: usize, clients: usize) -> Result<String> {
+/// Median requests per second of one test and load on each side, and the
+/// proxies' median CPU time per request.
+pub struct RedisRow {
+    pub label: String,
+    pub short: String,
+    pub bare: f64,
+    pub haproxy: f64,
+    pub rouse: f64,
+    pub haproxy_cpu_us: f64,
+    pub rouse_cpu_us: f64,
+}
+
+pub struct RedisResults {
+    pub rounds: usize,
+    pub requests: usize,
+    pub rows: Vec<RedisRow>,
+}
+
+impl fmt::Display for RedisResults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                let mut row = vec![r.label.clone()];
+                row.extend(
+                    [r.bare, r.haproxy, r.rouse]
+                        .iter()
+                        .map(|r| format!("{r:.0}")),
+                );
+                row.push(format!("{:.2}×", r.rouse / r.haproxy));
+                row.push(format!("{:.2}×", r.rouse / r.bare));
+                row.push(format!("{:.2} / {:.2}", r.haproxy_cpu_us, r.rouse_cpu_us));
+                row
+            })
+            .collect();
+        let header = [
+            "redis-benchmark",
+            "bare rps",
+            "HAProxy rps",
+            "rouse rps",
+            "rouse ÷ HAProxy",
+            "rouse ÷ bare",
+            "proxy CPU µs per request, HAProxy / rouse",
+        ];
+        write!(
+            f,
+            "Redis through rouse and HAProxy (mode tcp), beside the bare server; {} requests (×10 pipelined) × {} interleaved rounds (medians)\n\n{}",
+            self.requests,
+            self.rounds,
+            table(&header, &rows)
+        )
+    }
+}
+
+pub async fn run(rounds: usize, requests: usize, clients: usize) -> Result<RedisResults> {
     let redis = Redis::start().await?;
     let control = Control::builder().hibernation_timeout("0").start().await?;
     let proxy = Proxy::builder(&control)
@@ -78,27 +138,24 @@ pub async fn run(rounds: usize, requests: usize, clients: usize) -> Result<Strin
             }
             let rps: Vec<f64> = rps.iter_mut().map(|r| median(r)).collect();
             let cpu: Vec<f64> = cpu.iter_mut().map(|c| median(c)).collect();
-            let mut row = vec![format!("{test}, {clients} clients, {}", load.label)];
-            row.extend(rps.iter().map(|r| format!("{r:.0}")));
-            row.push(format!("{:.2}×", rps[2] / rps[1]));
-            row.push(format!("{:.2}×", rps[2] / rps[0]));
-            row.push(format!("{:.2} / {:.2}", cpu[1], cpu[2]));
-            rows.push(row);
+            rows.push(RedisRow {
+                label: format!("{test}, {clients} clients, {}", load.label),
+                short: format!("Redis {test} {}", load.short)
+                    .trim_end()
+                    .to_string(),
+                bare: rps[0],
+                haproxy: rps[1],
+                rouse: rps[2],
+                haproxy_cpu_us: cpu[1],
+                rouse_cpu_us: cpu[2],
+            });
         }
     }
-    let header = [
-        "redis-benchmark",
-        "bare rps",
-        "HAProxy rps",
-        "rouse rps",
-        "rouse ÷ HAProxy",
-        "rouse ÷ bare",
-        "proxy CPU µs per request, HAProxy / rouse",
-    ];
-    Ok(format!(
-        "Redis through rouse and HAProxy (mode tcp), beside the bare server; {requests} requests (×10 pipelined) × {rounds} interleaved rounds (medians)\n\n{}",
-        table(&header, &rows)
-    ))
+    Ok(RedisResults {
+        rounds,
+        requests,
+        rows,
+    })
 }
 
 /// CPU time (user and system, all threads) a process has used so far.

@@ -4,6 +4,7 @@
 //! case, one it has) and ends right after the check (an unknown gateway
 //! operation), so the latency is the check plus the proxy's fixed cost.
 
+use std::fmt;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
@@ -33,7 +34,45 @@ async fn requests(http: &reqwest::Client, proxy: &Proxy, keys: &[String]) -> Res
     Ok(out)
 }
 
-pub async fn run(keys: usize) -> Result<String> {
+/// Request latency with the credential found in one place.
+pub struct SessionRow {
+    pub label: &'static str,
+    pub p50: Duration,
+    pub p99: Duration,
+}
+
+impl SessionRow {
+    fn new(label: &'static str, samples: &[Duration]) -> Self {
+        SessionRow {
+            label,
+            p50: percentile(samples, 50.0),
+            p99: percentile(samples, 99.0),
+        }
+    }
+}
+
+pub struct SessionResults {
+    pub keys: usize,
+    pub rows: Vec<SessionRow>,
+}
+
+impl fmt::Display for SessionResults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| vec![r.label.to_string(), us(r.p50), us(r.p99)])
+            .collect();
+        write!(
+            f,
+            "Credential check, {} API keys, one request each (request latency)\n\n{}",
+            self.keys,
+            table(&["credential found", "p50", "p99"], &rows)
+        )
+    }
+}
+
+pub async fn run(keys: usize) -> Result<SessionResults> {
     let redis = Redis::start().await?;
     let control = Control::builder().start().await?;
     let api = control.client();
@@ -58,22 +97,12 @@ pub async fn run(keys: usize) -> Result<String> {
     let by_control = requests(&http, &first, &issued).await?;
     let by_redis = requests(&http, &second, &issued).await?;
     let cached = requests(&http, &second, &issued).await?;
-    let rows: Vec<Vec<String>> = [
-        ("in the proxy's cache", &cached),
-        ("in Redis (validated by another proxy)", &by_redis),
-        ("validated by control", &by_control),
-    ]
-    .into_iter()
-    .map(|(label, samples)| {
-        vec![
-            label.to_string(),
-            us(percentile(samples, 50.0)),
-            us(percentile(samples, 99.0)),
-        ]
+    Ok(SessionResults {
+        keys,
+        rows: vec![
+            SessionRow::new("in the proxy's cache", &cached),
+            SessionRow::new("in Redis (validated by another proxy)", &by_redis),
+            SessionRow::new("validated by control", &by_control),
+        ],
     })
-    .collect();
-    Ok(format!(
-        "Credential check, {keys} API keys, one request each (request latency)\n\n{}",
-        table(&["credential found", "p50", "p99"], &rows)
-    ))
 }

@@ -3,6 +3,7 @@
 //! ports and flags, timed until it answers the same first query. The two
 //! alternate within every cycle, so machine noise hits both alike.
 
+use std::fmt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -48,7 +49,60 @@ pub(crate) fn name(s: &str) -> Name {
     Name::new(s).expect("benchmark names are valid")
 }
 
-pub async fn run(cycles: usize) -> Result<String> {
+/// Wake and bare cold-start latencies of one engine and replica count.
+pub struct WakeRow {
+    /// `rqlite ×3`
+    pub label: String,
+    pub rouse_p50: Duration,
+    pub rouse_p99: Duration,
+    pub bare_p50: Duration,
+    pub bare_p99: Duration,
+    pub target_p50: Duration,
+}
+
+pub struct WakeResults {
+    pub cycles: usize,
+    pub rows: Vec<WakeRow>,
+}
+
+impl fmt::Display for WakeResults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.label.clone(),
+                    ms(r.rouse_p50),
+                    ms(r.rouse_p99),
+                    ms(r.bare_p50),
+                    ms(r.bare_p99),
+                    ms(r.rouse_p50.saturating_sub(r.bare_p50)),
+                    format!("≤ {}", ms(r.target_p50)),
+                ]
+            })
+            .collect();
+        write!(
+            f,
+            "wake latency over {} hibernate/wake cycles per engine\n\n{}",
+            self.cycles,
+            table(
+                &[
+                    "engine × replicas",
+                    "rouse wake p50",
+                    "p99",
+                    "bare cold start p50",
+                    "p99",
+                    "control overhead p50",
+                    "target p50"
+                ],
+                &rows
+            )
+        )
+    }
+}
+
+pub async fn run(cycles: usize) -> Result<WakeResults> {
     let control = Control::builder().hibernation_timeout("0").start().await?;
     let client = control.client();
     client.create_app(&name(APP)).await?;
@@ -81,33 +135,16 @@ pub async fn run(cycles: usize) -> Result<String> {
                 );
             }
         }
-        let (p50, p99) = (percentile(&woken, 50.0), percentile(&woken, 99.0));
-        let (b50, b99) = (percentile(&bare, 50.0), percentile(&bare, 99.0));
-        rows.push(vec![
-            format!("{} ×{}", t.engine.as_str(), t.replicas),
-            ms(p50),
-            ms(p99),
-            ms(b50),
-            ms(b99),
-            ms(p50.saturating_sub(b50)),
-            format!("≤ {}", ms(t.target_p50)),
-        ]);
+        rows.push(WakeRow {
+            label: format!("{} ×{}", t.engine.as_str(), t.replicas),
+            rouse_p50: percentile(&woken, 50.0),
+            rouse_p99: percentile(&woken, 99.0),
+            bare_p50: percentile(&bare, 50.0),
+            bare_p99: percentile(&bare, 99.0),
+            target_p50: t.target_p50,
+        });
     }
-    Ok(format!(
-        "wake latency over {cycles} hibernate/wake cycles per engine\n\n{}",
-        table(
-            &[
-                "engine × replicas",
-                "rouse wake p50",
-                "p99",
-                "bare cold start p50",
-                "p99",
-                "control overhead p50",
-                "target p50"
-            ],
-            &rows
-        )
-    ))
+    Ok(WakeResults { cycles, rows })
 }
 
 /// Starts the hibernated database's engine by hand exactly as control
