@@ -52,6 +52,7 @@ App "demo" has a new API key: $key
   $bin/rouse-control db list                     # status of every database
   $bin/rouse-control db hibernate demo notes     # the next request wakes it
 
+Stats page: http://$(setting stats_addr)/ (open it in a browser)
 Metrics: http://$(setting stats_addr)/metrics (proxy), http://$api/metrics (control).
 Ctrl-C stops rouse and every database it runs.
 MSG
