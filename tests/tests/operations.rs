@@ -27,8 +27,9 @@ fn rewrite(config: &PathBuf, original: &str, extra: &str) {
     std::fs::write(config, text).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reloads_under_load_drop_nothing_and_a_bad_config_is_refused() {
+/// Control with app `shop`, its user alice, an API key, an rqlite database
+/// `live` and a PostgreSQL database `orders`.
+async fn stack() -> (Control, String) {
     let control = Control::builder()
         .hibernation_timeout("0")
         .start()
@@ -51,6 +52,12 @@ async fn reloads_under_load_drop_nothing_and_a_bad_config_is_refused() {
         .await
         .unwrap();
     }
+    (control, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_drop_nothing_and_a_bad_config_is_refused() {
+    let (control, key) = stack().await;
     let proxy = Proxy::builder(&control).start().await.unwrap();
     let config = proxy.dir().join("proxy.yaml");
     let original = std::fs::read_to_string(&config).unwrap();
@@ -154,28 +161,7 @@ async fn reloads_under_load_drop_nothing_and_a_bad_config_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upgrade_under_load_refuses_no_connection_and_drains_sessions() {
-    let control = Control::builder()
-        .hibernation_timeout("0")
-        .start()
-        .await
-        .unwrap();
-    let api = control.client();
-    api.create_app(&name(APP)).await.unwrap();
-    api.create_user(&name(APP), "alice", "wonderland")
-        .await
-        .unwrap();
-    let key = api.create_key(&name(APP)).await.unwrap().key;
-    for (db, engine) in [("live", Engine::Rqlite), ("orders", Engine::Postgres)] {
-        api.create_database(&CreateDatabase {
-            app: name(APP),
-            name: name(db),
-            engine,
-            replication_factor: Some(1),
-            patroni: None,
-        })
-        .await
-        .unwrap();
-    }
+    let (control, key) = stack().await;
     let mut proxy = Proxy::builder(&control)
         .set("drain_grace", "3s")
         .start()

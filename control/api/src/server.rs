@@ -79,6 +79,9 @@ pub async fn serve_http<F, S, B>(
         });
     }
     drop(listener);
+    // A connection accepted just now may have its request on the way: give it
+    // time to be read, so that it is answered rather than closed as idle.
+    tokio::time::sleep(drain.min(std::time::Duration::from_millis(300))).await;
     let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
 }
 
