@@ -8,6 +8,7 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod manager;
+pub mod peers;
 pub mod ports;
 pub mod process;
 pub mod rqlite;
@@ -24,6 +25,7 @@ use tracing::info;
 
 use crate::engine::EngineEnv;
 use crate::manager::Manager;
+use crate::peers::Peers;
 use crate::ports::PortAllocator;
 use crate::system::SystemDb;
 
@@ -43,6 +45,9 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         ports.hold(addr.port());
     }
+    // Before the metadata store: a bad address or a taken port refuses the
+    // start without leaving rqlited behind.
+    let (peers, swarm) = Peers::start(&config)?;
     let system = SystemDb::start(&config, &node_id, &engines, &ports).await?;
     let grace = config.control.stop_grace;
     let manager = Manager::new(
@@ -51,13 +56,23 @@ pub async fn run(
         system.store.clone(),
         engines,
         ports,
+        peers.clone(),
     );
     manager.adopt(!system.fresh).await?;
+    let heartbeat = peers.spawn_heartbeat({
+        let manager = manager.clone();
+        move || {
+            let manager = manager.clone();
+            async move { manager.local_node().await }
+        }
+    });
     let reaper = tokio::spawn(manager.clone().run_idle_reaper());
     info!(node_id = %node_id, api_addr = %listener.local_addr()?, "rouse-control ready");
     api::serve(listener, manager.clone(), shutdown).await;
     info!("shutting down: stopping engines");
     reaper.abort();
+    heartbeat.abort();
+    swarm.abort();
     manager.shutdown().await;
     system.stop(grace).await;
     Ok(())

@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use crate::activity::ActivityTracker;
 use crate::engine::{self, EngineEnv, Instance};
 use crate::error::{ControlError, Result};
+use crate::peers::Peers;
 use crate::ports::PortAllocator;
 use crate::process::{log_tail, ProcessEvent, Supervised};
 use crate::secrets;
@@ -71,6 +72,7 @@ pub struct Manager {
     store: Store,
     engines: EngineEnv,
     ports: Arc<PortAllocator>,
+    peers: Peers,
     events: broadcast::Sender<Event>,
     pub activity: ActivityTracker,
     slots: Mutex<HashMap<DbKey, Arc<Slot>>>,
@@ -90,6 +92,7 @@ impl Manager {
         store: Store,
         engines: EngineEnv,
         ports: Arc<PortAllocator>,
+        peers: Peers,
     ) -> Arc<Manager> {
         let (events, _) = broadcast::channel(4096);
         Arc::new_cyclic(|me| Manager {
@@ -98,6 +101,7 @@ impl Manager {
             store,
             engines,
             ports,
+            peers,
             events,
             activity: ActivityTracker::default(),
             slots: Mutex::new(HashMap::new()),
@@ -1169,22 +1173,31 @@ impl Manager {
         })
     }
 
+    /// This node, then every peer heard from (healthy or not).
     pub async fn nodes(&self) -> Result<NodeList> {
+        let local = self.local_node().await?;
+        Ok(NodeList {
+            nodes: self.peers.nodes(local),
+        })
+    }
+
+    /// This node's capacity and load, as `/nodes` and the heartbeats say it.
+    pub async fn local_node(&self) -> Result<NodeInfo> {
         let recs = self.store.databases(None).await?;
         let active = recs
             .iter()
             .filter(|r| self.info(r).status == DatabaseStatus::Active)
             .count() as u32;
-        Ok(NodeList {
-            nodes: vec![NodeInfo {
-                node_id: self.node_id.clone(),
-                api_addr: self.config.control.api_addr.to_string(),
-                healthy: true,
-                max_databases: self.config.database.max_databases,
-                databases: recs.len() as u32,
-                active_databases: active,
-                last_seen: now_ms(),
-            }],
+        Ok(NodeInfo {
+            node_id: self.node_id.clone(),
+            api_addr: self.config.control.api_addr.to_string(),
+            healthy: true,
+            max_databases: self.config.database.max_databases,
+            databases: recs.len() as u32,
+            active_databases: active,
+            last_seen: now_ms(),
+            peer_id: String::new(),
+            addresses: Vec::new(),
         })
     }
 }

@@ -1,6 +1,6 @@
 //! The real `rouse-control` daemon, configured through a YAML file.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -30,6 +30,11 @@ pub struct ControlBuilder {
     port_ranges: Option<[(u16, u16); 3]>,
     data_dir: Option<PathBuf>,
     env: Vec<(String, String)>,
+    /// Loopback address of the libp2p listener.
+    p2p_host: IpAddr,
+    bootstrap_peers: Vec<String>,
+    health_check_interval: Option<String>,
+    discovery_interval: Option<String>,
 }
 
 impl Default for ControlBuilder {
@@ -41,6 +46,10 @@ impl Default for ControlBuilder {
             port_ranges: None,
             data_dir: None,
             env: Vec::new(),
+            p2p_host: LOCALHOST,
+            bootstrap_peers: Vec::new(),
+            health_check_interval: None,
+            discovery_interval: None,
         }
     }
 }
@@ -82,6 +91,27 @@ impl ControlBuilder {
     /// `ROUSE_<SECTION>__<KEY>` override.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// The address the libp2p listener binds (on a free port), e.g.
+    /// 127.0.0.2, so that several nodes on one host have distinct hosts.
+    pub fn p2p_host(mut self, host: IpAddr) -> Self {
+        self.p2p_host = host;
+        self
+    }
+
+    /// `discovery.bootstrap_peers`: multiaddrs, with or without `/p2p/<peer id>`.
+    pub fn bootstrap_peers<S: Into<String>>(mut self, peers: impl IntoIterator<Item = S>) -> Self {
+        self.bootstrap_peers = peers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// `discovery.health_check_interval` and `discovery.discovery_interval`,
+    /// as the config file spells durations (`"200ms"`).
+    pub fn discovery_intervals(mut self, health_check: &str, discovery: &str) -> Self {
+        self.health_check_interval = Some(health_check.into());
+        self.discovery_interval = Some(discovery.into());
         self
     }
 
@@ -127,12 +157,29 @@ impl ControlBuilder {
         let replication_factor = self.replication_factor;
         let max_databases = self.max_databases;
         // The default libp2p port 4001 would be shared by parallel tests.
-        let p2p_port = free_port(LOCALHOST);
+        let p2p_host = self.p2p_host;
+        let p2p_port = free_port(p2p_host);
+        let mut discovery = String::new();
+        if !self.bootstrap_peers.is_empty() {
+            discovery.push_str("  bootstrap_peers:\n");
+            for peer in &self.bootstrap_peers {
+                discovery.push_str(&format!("    - {}\n", quote(peer)));
+            }
+        }
+        if let Some(interval) = &self.health_check_interval {
+            discovery.push_str(&format!("  health_check_interval: {}\n", quote(interval)));
+        }
+        if let Some(interval) = &self.discovery_interval {
+            discovery.push_str(&format!("  discovery_interval: {}\n", quote(interval)));
+        }
+        if !discovery.is_empty() {
+            discovery.insert_str(0, "discovery:\n");
+        }
         format!(
             "node:
   data_dir: {data_dir}
   listen_addresses:
-    - /ip4/127.0.0.1/tcp/{p2p_port}
+    - /ip4/{p2p_host}/tcp/{p2p_port}
 database:
   replication_factor: {replication_factor}
   hibernation_timeout: {hibernation_timeout}
@@ -145,7 +192,7 @@ database:
   port_range_postgres_end: {pg_end}
 control:
   api_addr: {api_addr}
-"
+{discovery}"
         )
     }
 }

@@ -364,6 +364,12 @@ pub struct NodeInfo {
     pub databases: u32,
     pub active_databases: u32,
     pub last_seen: u64,
+    /// libp2p peer id; empty from daemons that predate peer-to-peer.
+    #[serde(default)]
+    pub peer_id: String,
+    /// libp2p listen multiaddrs, usable as `discovery.bootstrap_peers`.
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
