@@ -278,6 +278,11 @@ struct Waker {
 
 /// How long a wake lock holds if its proxy dies mid-wake.
 const WAKE_LEASE: Duration = Duration::from_secs(30);
+/// Deletes a lock if its value is still ours.
+const RELEASE_LOCK: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
 /// How often a proxy waiting on another's wake looks at the database.
 const WAKE_POLL: Duration = Duration::from_millis(50);
 
@@ -320,11 +325,14 @@ impl Waker {
                 None => return self.control.wake(&key.app, &key.db).await,
                 Some(true) => {
                     let woke = self.control.wake(&key.app, &key.db).await;
+                    // Only our own lock: a slow wake may have outlived its lease.
+                    let script = redis::Script::new(RELEASE_LOCK);
+                    let mut release = script.prepare_invoke();
+                    release.key(&lock).arg(&self.proxy_id);
                     let _ = self
                         .shared
-                        .call("wake_lock", |mut c| {
-                            let lock = lock.clone();
-                            async move { c.del::<_, ()>(lock).await }
+                        .call("wake_lock", |mut c| async move {
+                            release.invoke_async::<i64>(&mut c).await
                         })
                         .await;
                     return woke;
