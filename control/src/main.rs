@@ -64,6 +64,7 @@ async fn main() -> ExitCode {
                 }
             };
             let shutdown = rouse_control_api::server::shutdown_signal();
+            tokio::spawn(ignore_hangups());
             exit_code(
                 "rouse-control",
                 rouse_control::run(config, listener, shutdown).await,
@@ -76,5 +77,17 @@ async fn main() -> ExitCode {
             let client = rouse_control_api::Client::new(&url);
             exit_code("rouse-control", cli::run(&client, cmd).await)
         }
+    }
+}
+
+/// A SIGHUP (a `reload` meant for the proxy, a closed terminal) would end
+/// the daemon and every database with it: it is logged and ignored.
+async fn ignore_hangups() {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        tracing::warn!("SIGHUP ignored: rouse-control does not reload its configuration; restart it to apply changes");
     }
 }

@@ -304,6 +304,11 @@ impl Control {
     }
 
     /// SIGKILLs the daemon and its process group: a crash.
+    /// Whether the daemon has exited.
+    pub fn has_exited(&mut self) -> bool {
+        self.process.has_exited()
+    }
+
     pub fn kill(&mut self) {
         self.process.kill();
     }

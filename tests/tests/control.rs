@@ -879,3 +879,31 @@ fn a_bad_config_is_refused_with_file_line_and_key() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("ROUSE_DATABASE__HIBERNATION_TIMEOUT"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hangup_leaves_the_daemon_and_its_databases_running() {
+    let mut control = Control::builder()
+        .hibernation_timeout("0")
+        .start()
+        .await
+        .unwrap();
+    let client = with_app(&control).await;
+    let info = client
+        .create_database(&create_req("steady", Engine::Rqlite, Some(1)))
+        .await
+        .unwrap();
+    write_row(&info, "still here").await.unwrap();
+    // SAFETY: kill(2) on the daemon this test started.
+    assert_eq!(
+        unsafe { libc::kill(control.pid() as libc::pid_t, libc::SIGHUP) },
+        0
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!control.has_exited(), "SIGHUP ended the daemon");
+    let status = client.database(&name(APP), &name("steady")).await.unwrap();
+    assert_eq!(status.status, DatabaseStatus::Active);
+    assert_eq!(
+        read_rows(&status).await.unwrap(),
+        vec!["still here".to_string()]
+    );
+}
