@@ -23,6 +23,7 @@ pub mod reload;
 pub mod route;
 pub mod shared;
 pub mod stats;
+pub mod stream;
 pub mod tcp;
 pub mod upgrade;
 pub mod wake;

@@ -385,9 +385,11 @@ impl PgFront {
                         let Conn::Plain(tcp) = std::mem::replace(client, Conn::Upgrading) else {
                             unreachable!("matched Conn::Plain above")
                         };
-                        *client = Conn::Tls(Box::new(tls.accept(tcp).await.map_err(|e| {
-                            PgError::Protocol(format!("TLS handshake failed: {e}"))
-                        })?));
+                        let tls = tls
+                            .accept(tcp)
+                            .await
+                            .map_err(|e| PgError::Protocol(format!("TLS handshake failed: {e}")))?;
+                        *client = Conn::Tls(Box::new(tls.into()));
                     }
                     _ => client.write_all(b"N").await.map_err(closed)?,
                 },
