@@ -5,9 +5,12 @@
 use hyper::StatusCode;
 use rouse_control_api::NameError;
 
-#[derive(Debug, thiserror::Error)]
+/// Serialisable so that a peer's refusal reaches the caller as it was made
+/// (see [`ControlError::portable`]).
+#[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ControlError {
     #[error("{0}")]
+    #[serde(skip)]
     InvalidName(#[from] NameError),
     #[error("{0}")]
     BadRequest(String),
@@ -24,8 +27,11 @@ pub enum ControlError {
     MaxDatabases { held: u32, max: u32 },
     #[error("no free port in range {start}-{end}")]
     PortsExhausted { start: u16, end: u16 },
-    #[error("insufficient nodes: got {got}, need {need}")]
+    #[error("insufficient nodes for one replica each: got {got}, need {need}")]
     InsufficientNodes { got: u32, need: u32 },
+    /// Another node, needed for this, cannot be reached or does not answer.
+    #[error("{0}")]
+    Peer(String),
     /// The engine did not start or did not answer its first query.
     #[error("{0}")]
     Engine(String),
@@ -45,7 +51,8 @@ impl ControlError {
             ControlError::MaxDatabases { .. }
             | ControlError::PortsExhausted { .. }
             | ControlError::InsufficientNodes { .. }
-            | ControlError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ControlError::Store(_)
+            | ControlError::Peer(_) => StatusCode::SERVICE_UNAVAILABLE,
             ControlError::Engine(_) => StatusCode::BAD_GATEWAY,
             ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -64,6 +71,7 @@ impl ControlError {
             ControlError::InsufficientNodes { .. } => "insufficient_nodes",
             ControlError::Engine(_) => "engine_failed",
             ControlError::Store(_) => "store_unavailable",
+            ControlError::Peer(_) => "peer_unavailable",
             ControlError::Internal(_) => "internal",
         }
     }
@@ -81,8 +89,18 @@ impl ControlError {
             ControlError::MaxDatabases { .. }
             | ControlError::PortsExhausted { .. }
             | ControlError::InsufficientNodes { .. } => "capacity",
-            ControlError::Engine(_) | ControlError::Store(_) => "backend",
+            ControlError::Engine(_) | ControlError::Store(_) | ControlError::Peer(_) => "backend",
             ControlError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl ControlError {
+    /// The same error in a form that crosses to another node.
+    pub fn portable(self) -> ControlError {
+        match self {
+            ControlError::InvalidName(e) => ControlError::BadRequest(e.to_string()),
+            other => other,
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod activity;
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod engine;
 pub mod error;
 pub mod manager;
@@ -47,8 +48,8 @@ pub async fn run(
     }
     // Before the metadata store: a bad address or a taken port refuses the
     // start without leaving rqlited behind.
-    let (peers, swarm) = Peers::start(&config)?;
-    let system = SystemDb::start(&config, &node_id, &engines, &ports).await?;
+    let (peers, swarm, inbound) = Peers::start(&config, &node_id)?;
+    let system = SystemDb::start(&config, &node_id, &engines, &ports, &peers).await?;
     let grace = config.control.stop_grace;
     let manager = Manager::new(
         config,
@@ -58,20 +59,16 @@ pub async fn run(
         ports,
         peers.clone(),
     );
+    let serving_peers = tokio::spawn(manager.clone().serve_peers(inbound));
     manager.adopt(!system.fresh).await?;
-    let heartbeat = peers.spawn_heartbeat({
-        let manager = manager.clone();
-        move || {
-            let manager = manager.clone();
-            async move { manager.local_node().await }
-        }
-    });
+    let upkeep = tokio::spawn(manager.clone().run_upkeep());
     let reaper = tokio::spawn(manager.clone().run_idle_reaper());
     info!(node_id = %node_id, api_addr = %listener.local_addr()?, "rouse-control ready");
     api::serve(listener, manager.clone(), shutdown).await;
     info!("shutting down: stopping engines");
     reaper.abort();
-    heartbeat.abort();
+    upkeep.abort();
+    serving_peers.abort();
     swarm.abort();
     manager.shutdown().await;
     system.stop(grace).await;

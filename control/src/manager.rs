@@ -1,11 +1,15 @@
-//! The lifecycle of every database on this node: create, wake, hibernate,
-//! drop, crash handling and, at start, re-adoption and orphan removal.
+//! The lifecycle of databases: create, wake, hibernate, drop, crash
+//! handling, replacing replicas of dead nodes and, at start, re-adoption and
+//! orphan removal.
 //!
-//! Each database has a slot whose async lock serialises its lifecycle
-//! operations, which is what coalesces concurrent wakes: the first caller
-//! starts the engine, the others find it running when they get the lock.
+//! Decisions are made on the coordinator (see [`crate::cluster`]); every
+//! other node forwards them there. The work on replicas is done by the node
+//! that holds them. Each database has a slot with two async locks: one
+//! serialises decisions about it, which is what coalesces concurrent wakes
+//! (the first caller starts the engine, the others find it running when they
+//! get the lock); the other guards this node's processes of it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -13,14 +17,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rouse_control_api::config::Config;
 use rouse_control_api::*;
 use tokio::sync::{broadcast, mpsc};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::activity::ActivityTracker;
+use crate::cluster::{self, LocalStart, Membership, NodeRequest, NodeResponse};
 use crate::engine::{self, EngineEnv, Instance};
 use crate::error::{ControlError, Result};
-use crate::peers::Peers;
+use crate::peers::{Inbound, Peers, ACTIVITY_TOPIC, EVENTS_TOPIC};
 use crate::ports::PortAllocator;
 use crate::process::{log_tail, ProcessEvent, Supervised};
+use crate::rqlite::RqliteClient;
 use crate::secrets;
 use crate::store::{DatabaseRecord, ReplicaRecord, Store, UserRecord};
 
@@ -43,6 +49,15 @@ fn patroni_setting(key: &DbKey) -> String {
     format!("db.{key}.patroni")
 }
 
+/// Where the replicas of a database are, for logs and the decision log.
+fn placement(replicas: &[ReplicaRecord]) -> String {
+    replicas
+        .iter()
+        .map(|r| format!("{}@{}", engine::rqlite::node_id(r), r.node_id))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn first_access_setting(app: &Name) -> String {
     format!("app.{app}.create_on_first_access")
 }
@@ -55,6 +70,9 @@ struct Running {
 
 #[derive(Default)]
 struct Slot {
+    /// Held by a decision about the database (on the coordinator).
+    deciding: tokio::sync::Mutex<()>,
+    /// This node's processes of the database.
     running: tokio::sync::Mutex<Option<Running>>,
     /// Readable while a lifecycle operation holds `running`.
     view: Mutex<SlotView>,
@@ -82,6 +100,7 @@ pub struct Manager {
     patroni: Mutex<HashMap<DbKey, engine::patroni::Registration>>,
     /// Serialises the capacity check and insert of creates.
     creating: tokio::sync::Mutex<()>,
+    started: Instant,
     me: Weak<Manager>,
 }
 
@@ -108,6 +127,7 @@ impl Manager {
             pool_modes: Mutex::new(HashMap::new()),
             patroni: Mutex::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
+            started: Instant::now(),
             me: me.clone(),
         })
     }
@@ -128,8 +148,32 @@ impl Manager {
         self.events.subscribe()
     }
 
+    /// Announces an event to this node's subscribers and, over gossipsub,
+    /// to every other node's.
     pub fn publish(&self, event: Event) {
+        self.peers.gossip(
+            EVENTS_TOPIC,
+            serde_json::to_vec(&event).expect("events serialise"),
+        );
         let _ = self.events.send(event);
+    }
+
+    fn membership(&self) -> Membership {
+        Membership::new(
+            &self.peers,
+            &self.node_id,
+            self.config.database.max_databases,
+            self.started,
+            !self.config.discovery.bootstrap_peers.is_empty(),
+        )
+    }
+
+    /// Whether the database runs, as the last decision about it says.
+    fn is_up(&self, key: &DbKey, rec: &DatabaseRecord) -> bool {
+        let view = self.slot(key).view.lock().expect("view poisoned").status;
+        view.map_or(rec.status == DatabaseStatus::Active, |s| {
+            s == DatabaseStatus::Active
+        })
     }
 
     fn slot(&self, key: &DbKey) -> Arc<Slot> {
@@ -360,8 +404,8 @@ impl Manager {
         let users = self.store.users(app).await?;
         for rec in self.store.databases(Some(app)).await? {
             let slot = self.slot(&rec.key);
-            let running = slot.running.lock().await;
-            if running.is_none() {
+            let _deciding = slot.deciding.lock().await;
+            if !self.is_up(&rec.key, &rec) {
                 continue;
             }
             match rec.engine {
@@ -415,6 +459,108 @@ impl Manager {
     /// Creates a database; `first_access` when a proxy creates it because a
     /// client used it, which the app's policy may forbid.
     pub async fn create(&self, req: &CreateDatabase, first_access: bool) -> Result<DatabaseInfo> {
+        self.decide(NodeRequest::Create {
+            request: req.clone(),
+            first_access,
+        })
+        .await
+    }
+
+    /// Starts a database that is not running (idempotent; concurrent calls
+    /// share one start). Returns once it answers queries.
+    pub async fn wake(&self, key: &DbKey) -> Result<DatabaseInfo> {
+        self.decide(NodeRequest::Wake { key: key.clone() }).await
+    }
+
+    /// Stops a running database, keeping its data. Refused while proxies
+    /// report open sessions, unless `force`.
+    pub async fn hibernate(&self, key: &DbKey, force: bool) -> Result<DatabaseInfo> {
+        self.decide(NodeRequest::Hibernate {
+            key: key.clone(),
+            force,
+        })
+        .await
+    }
+
+    pub async fn drop_database(&self, key: &DbKey) -> Result<()> {
+        self.decide(NodeRequest::Drop { key: key.clone() })
+            .await
+            .map(|_| ())
+    }
+
+    /// Makes a decision here when this node coordinates, else on the
+    /// coordinator. The answer also updates this node's view.
+    async fn decide(&self, request: NodeRequest) -> Result<DatabaseInfo> {
+        let answer = match self.membership().coordinator() {
+            None => Box::pin(self.handle(request)).await?,
+            Some(peer) => self.ask(peer, request).await?,
+        };
+        match answer {
+            NodeResponse::Info(info) => {
+                let key = DbKey::new(info.app.clone(), info.name.clone());
+                self.set_view(&key, info.status, info.endpoints.clone());
+                Ok(*info)
+            }
+            NodeResponse::Done => Err(ControlError::NotFound("database dropped".into())),
+            other => Err(ControlError::Internal(format!(
+                "unexpected answer from the coordinator: {other:?}"
+            ))),
+        }
+    }
+
+    async fn ask(&self, peer: libp2p::PeerId, request: NodeRequest) -> Result<NodeResponse> {
+        match self.peers.request(peer, request).await {
+            Ok(NodeResponse::Failed(e)) => Err(e),
+            Ok(answer) => Ok(answer),
+            Err(e) => Err(ControlError::Peer(e.to_string())),
+        }
+    }
+
+    /// Runs `request` on node `node_id`: here, or there over libp2p.
+    async fn on_node(&self, node_id: &str, request: NodeRequest) -> Result<NodeResponse> {
+        if node_id == self.node_id {
+            return Box::pin(self.handle(request)).await;
+        }
+        let peer = self
+            .membership()
+            .peer_of(node_id)
+            .ok_or_else(|| ControlError::Peer(format!("node {node_id} is not known here")))?;
+        self.ask(peer, request).await
+    }
+
+    /// Answers a request, from a peer or from this node itself.
+    pub async fn handle(&self, request: NodeRequest) -> Result<NodeResponse> {
+        let info = |i: DatabaseInfo| NodeResponse::Info(Box::new(i));
+        match request {
+            NodeRequest::Create {
+                request,
+                first_access,
+            } => self.create_here(&request, first_access).await.map(info),
+            NodeRequest::Wake { key } => self.wake_here(&key).await.map(info),
+            NodeRequest::Hibernate { key, force } => {
+                self.hibernate_here(&key, force).await.map(info)
+            }
+            NodeRequest::Drop { key } => self.drop_here(&key).await.map(|_| NodeResponse::Done),
+            NodeRequest::Allocate {
+                key: _,
+                engine,
+                idx,
+                previous,
+            } => self
+                .allocate_local(engine, idx, previous.as_ref())
+                .map(NodeResponse::Replica),
+            NodeRequest::Start { key, start } => self
+                .start_local(&key, start)
+                .await
+                .map(|_| NodeResponse::Done),
+            NodeRequest::Stop { key, remove_data } => {
+                self.stop_local(&key, remove_data).await;
+                Ok(NodeResponse::Done)
+            }
+        }
+    }
+
+    async fn create_here(&self, req: &CreateDatabase, first_access: bool) -> Result<DatabaseInfo> {
         let key = DbKey::new(req.app.clone(), req.name.clone());
         if first_access
             && self
@@ -455,8 +601,9 @@ impl Manager {
             (Engine::Rqlite, Some(n)) => n,
             (Engine::Rqlite, None) => self.default_replication().await?,
         };
+        let membership = self.membership();
         let hosts = &self.config.control.replica_hosts;
-        if registration.is_none() && rf as usize > hosts.len() {
+        if registration.is_none() && !membership.clustered() && rf as usize > hosts.len() {
             return Err(ControlError::InsufficientNodes {
                 got: hosts.len() as u32,
                 need: rf,
@@ -465,7 +612,7 @@ impl Manager {
         self.require_app(&key.app).await?;
 
         let slot = self.slot(&key);
-        let mut running = slot.running.lock().await;
+        let _deciding = slot.deciding.lock().await;
         let rec = {
             let _creating = self.creating.lock().await;
             if self.store.database(&key).await?.is_some() {
@@ -474,14 +621,38 @@ impl Manager {
                     key.db, key.app
                 )));
             }
-            let held = self.store.databases(None).await?.len() as u32;
-            let max = self.config.database.max_databases;
-            if held >= max {
-                return Err(ControlError::MaxDatabases { held, max });
-            }
+            let all = self.store.databases(None).await?;
             let replicas = match &registration {
                 Some((members, _)) => members.clone(),
-                None => self.allocate(req.engine, rf, &[])?,
+                None if membership.clustered() => {
+                    let placed = membership.place(rf, &cluster::load(&all), &HashSet::new())?;
+                    let mut out = Vec::new();
+                    for (idx, node) in placed.iter().enumerate() {
+                        out.push(
+                            self.allocate_on(&node.node_id, &key, req.engine, idx as u32, None)
+                                .await?,
+                        );
+                    }
+                    out
+                }
+                None => {
+                    let held = all.len() as u32;
+                    let max = self.config.database.max_databases;
+                    if held >= max {
+                        return Err(ControlError::MaxDatabases { held, max });
+                    }
+                    let mut out = Vec::new();
+                    for idx in 0..rf {
+                        match self.allocate_local(req.engine, idx, None) {
+                            Ok(r) => out.push(r),
+                            Err(e) => {
+                                self.release(&out);
+                                return Err(e);
+                            }
+                        }
+                    }
+                    out
+                }
             };
             let now = now_ms();
             let rec = DatabaseRecord {
@@ -509,6 +680,10 @@ impl Manager {
                 self.release(&rec.replicas);
                 return Err(e);
             }
+            if membership.clustered() {
+                self.record_decision(&rec.key, "place", &placement(&rec.replicas))
+                    .await;
+            }
             rec
         };
         self.set_view(&key, DatabaseStatus::Initializing, Vec::new());
@@ -518,11 +693,14 @@ impl Manager {
             status: DatabaseStatus::Initializing,
             reason: None,
         });
-        info!(database = %key, engine = rec.engine.as_str(), replicas = rf, "creating database");
+        info!(database = %key, engine = rec.engine.as_str(), replicas = rf, placement = %placement(&rec.replicas), "creating database");
 
-        match self.start(&rec).await {
-            Ok((run, endpoints)) => {
-                *running = Some(run);
+        let start = LocalStart {
+            bootstrap: true,
+            raft_moved: false,
+        };
+        match self.start_everywhere(&rec, start).await {
+            Ok(endpoints) => {
                 self.activity.touch(&key, now_ms());
                 self.transition(&key, DatabaseStatus::Active, None, endpoints.clone())
                     .await?;
@@ -537,7 +715,7 @@ impl Manager {
             Err(e) => {
                 // Nothing half-made stays behind.
                 error!(database = %key, error = %e, "create failed; removing what was made");
-                self.release(&rec.replicas);
+                self.stop_everywhere(&rec, true).await;
                 let _ = std::fs::remove_dir_all(self.db_dir(&key));
                 self.store.delete_database(&key).await?;
                 self.forget(&key);
@@ -550,110 +728,308 @@ impl Manager {
         }
     }
 
-    /// Ports for `rf` replicas, each preferring its previous ports.
-    fn allocate(
+    /// Notes a coordinator's decision in `_system` (a failure is logged:
+    /// the decision itself is already recorded in the replicas table).
+    async fn record_decision(&self, key: &DbKey, kind: &str, detail: &str) {
+        let by = self.peers.peer_id().to_string();
+        if let Err(e) = self
+            .store
+            .insert_decision(now_ms(), &by, kind, key, detail)
+            .await
+        {
+            warn!(database = %key, kind, error = %e, "could not log a decision");
+        }
+    }
+
+    /// Ports for replica `idx` of a database on node `node_id`.
+    async fn allocate_on(
+        &self,
+        node_id: &str,
+        key: &DbKey,
+        engine: Engine,
+        idx: u32,
+        previous: Option<&ReplicaRecord>,
+    ) -> Result<ReplicaRecord> {
+        let request = NodeRequest::Allocate {
+            key: key.clone(),
+            engine,
+            idx,
+            previous: previous.cloned(),
+        };
+        match self.on_node(node_id, request).await? {
+            NodeResponse::Replica(r) => Ok(r),
+            other => Err(ControlError::Internal(format!(
+                "unexpected answer to a port request: {other:?}"
+            ))),
+        }
+    }
+
+    /// Ports on this node for replica `idx`, preferring `previous`'s.
+    fn allocate_local(
         &self,
         engine: Engine,
-        rf: u32,
-        previous: &[ReplicaRecord],
-    ) -> Result<Vec<ReplicaRecord>> {
+        idx: u32,
+        previous: Option<&ReplicaRecord>,
+    ) -> Result<ReplicaRecord> {
         if engine == Engine::Patroni {
-            // The cluster's own addresses.
-            return Ok(previous.to_vec());
+            return Err(ControlError::Internal(
+                "a Patroni cluster keeps its own addresses".into(),
+            ));
         }
         let d = &self.config.database;
         let hosts = &self.config.control.replica_hosts;
-        let mut out: Vec<ReplicaRecord> = Vec::new();
-        for idx in 0..rf {
-            let host = hosts[idx as usize % hosts.len()];
-            let prev = previous.iter().find(|r| r.idx == idx);
-            let result = (|| -> Result<ReplicaRecord> {
-                let (port, raft_port) = match engine {
-                    Engine::Rqlite => {
-                        let http = self.ports.allocate(
-                            d.port_range_http_start..=d.port_range_http_end,
-                            host,
-                            prev.map(|p| p.port),
-                        )?;
-                        let raft = self
-                            .ports
-                            .allocate(
-                                d.port_range_raft_start..=d.port_range_raft_end,
-                                host,
-                                prev.and_then(|p| p.raft_port),
-                            )
-                            .inspect_err(|_| self.ports.release([http]))?;
-                        (http, Some(raft))
-                    }
-                    Engine::Postgres => (
-                        self.ports.allocate(
-                            d.port_range_postgres_start..=d.port_range_postgres_end,
-                            host,
-                            prev.map(|p| p.port),
-                        )?,
-                        None,
-                    ),
-                    Engine::Patroni => unreachable!("a Patroni cluster keeps its own addresses"),
-                };
-                Ok(ReplicaRecord {
-                    idx,
-                    node_id: self.node_id.clone(),
-                    host: host.to_string(),
-                    port,
-                    raft_port,
-                })
-            })();
-            match result {
-                Ok(r) => out.push(r),
+        let host = hosts[idx as usize % hosts.len()];
+        let (port, raft_port) = match engine {
+            Engine::Rqlite => {
+                let http = self.ports.allocate(
+                    d.port_range_http_start..=d.port_range_http_end,
+                    host,
+                    previous.map(|p| p.port),
+                )?;
+                let raft = self
+                    .ports
+                    .allocate(
+                        d.port_range_raft_start..=d.port_range_raft_end,
+                        host,
+                        previous.and_then(|p| p.raft_port),
+                    )
+                    .inspect_err(|_| self.ports.release([http]))?;
+                (http, Some(raft))
+            }
+            _ => (
+                self.ports.allocate(
+                    d.port_range_postgres_start..=d.port_range_postgres_end,
+                    host,
+                    previous.map(|p| p.port),
+                )?,
+                None,
+            ),
+        };
+        Ok(ReplicaRecord {
+            idx,
+            node_id: self.node_id.clone(),
+            host: host.to_string(),
+            port,
+            raft_port,
+        })
+    }
+
+    fn release(&self, replicas: &[ReplicaRecord]) {
+        self.ports.release(
+            replicas
+                .iter()
+                .filter(|r| r.node_id == self.node_id)
+                .flat_map(ReplicaRecord::ports),
+        );
+    }
+
+    /// Ports for a wake: each live holder allocates again, preferring the
+    /// previous ones; a move is recorded. Returns the record to start and
+    /// whether Raft addresses moved.
+    async fn reallocate(&self, rec: &DatabaseRecord) -> Result<(DatabaseRecord, bool)> {
+        if rec.engine == Engine::Patroni {
+            return Ok((rec.clone(), false));
+        }
+        let membership = self.membership();
+        let mut replicas = Vec::with_capacity(rec.replicas.len());
+        for r in &rec.replicas {
+            if !membership.is_live(&r.node_id) {
+                replicas.push(r.clone());
+                continue;
+            }
+            match self
+                .allocate_on(&r.node_id, &rec.key, rec.engine, r.idx, Some(r))
+                .await
+            {
+                Ok(new) => replicas.push(new),
                 Err(e) => {
-                    self.release(&out);
+                    self.release(&replicas);
                     return Err(e);
                 }
             }
         }
-        Ok(out)
+        let raft_moved = replicas
+            .iter()
+            .zip(&rec.replicas)
+            .any(|(a, b)| a.raft_port != b.raft_port || a.host != b.host);
+        if replicas != rec.replicas {
+            info!(database = %rec.key, "previous ports taken; waking on new ones");
+            if let Err(e) = self.store.set_replicas(&rec.key, &replicas).await {
+                self.release(&replicas);
+                return Err(e);
+            }
+        }
+        Ok((
+            DatabaseRecord {
+                replicas,
+                ..rec.clone()
+            },
+            raft_moved,
+        ))
     }
 
-    fn release(&self, replicas: &[ReplicaRecord]) {
-        self.ports
-            .release(replicas.iter().flat_map(ReplicaRecord::ports));
-    }
-
-    /// Starts the engine on the record's replicas and waits until it answers.
-    async fn start(&self, rec: &DatabaseRecord) -> Result<(Running, Vec<Endpoint>)> {
-        self.start_moved(rec, false).await
-    }
-
-    async fn start_moved(
+    /// Has every live holder start its replicas, then waits until the
+    /// database answers (leader first in the endpoints). Holders that are
+    /// down are left out while the others still make a quorum.
+    async fn start_everywhere(
         &self,
         rec: &DatabaseRecord,
-        raft_moved: bool,
-    ) -> Result<(Running, Vec<Endpoint>)> {
+        start: LocalStart,
+    ) -> Result<Vec<Endpoint>> {
         if rec.engine == Engine::Patroni {
             return self.attach_patroni(rec).await;
         }
+        let membership = self.membership();
+        let live: Vec<ReplicaRecord> = rec
+            .replicas
+            .iter()
+            .filter(|r| membership.is_live(&r.node_id))
+            .cloned()
+            .collect();
+        if live.len() * 2 <= rec.replicas.len() {
+            let down: Vec<&str> = rec
+                .replicas
+                .iter()
+                .filter(|r| !membership.is_live(&r.node_id))
+                .map(|r| r.node_id.as_str())
+                .collect();
+            return Err(ControlError::Peer(format!(
+                "database {}: {} of {} replicas are on nodes that are down ({}): no quorum",
+                rec.key,
+                down.len(),
+                rec.replicas.len(),
+                down.join(", ")
+            )));
+        }
+        let t0 = Instant::now();
+        let started = futures::future::join_all(cluster::holders(&live).into_iter().map(|node| {
+            let request = NodeRequest::Start {
+                key: rec.key.clone(),
+                start,
+            };
+            async move { self.on_node(&node, request).await }
+        }))
+        .await;
+        if let Some(Err(e)) = started.into_iter().find(Result::is_err) {
+            self.stop_everywhere(rec, false).await;
+            return Err(e);
+        }
+        let spawned = t0.elapsed();
         let label = rec.key.internal();
         let inst = Instance {
             label: &label,
             dir: self.db_dir(&rec.key).join(rec.engine.as_str()),
-            replicas: &rec.replicas,
+            replicas: &live,
+            node_id: &self.node_id,
             secret: &rec.secret,
             first_start: false,
-            raft_moved,
+            raft_moved: false,
+            join: Vec::new(),
+            non_voter: false,
+            raft_id: None,
         };
+        let ready = async {
+            let endpoints = self.engines.wait_ready(rec.engine, &inst).await?;
+            if rec.engine == Engine::Postgres {
+                let users = self.store.users(&rec.key.app).await?;
+                self.engines
+                    .after_start(rec.engine, &inst, rec.key.db.as_str(), &users)
+                    .await?;
+            }
+            Ok(endpoints)
+        }
+        .await;
+        match ready {
+            Ok(endpoints) => {
+                let answered = t0.elapsed();
+                let engine = rec.engine.as_str();
+                metrics::histogram!("rouse_wake_duration_seconds", "engine" => engine, "phase" => "start")
+                    .record(spawned.as_secs_f64());
+                metrics::histogram!("rouse_wake_duration_seconds", "engine" => engine, "phase" => "first_answer")
+                    .record((answered - spawned).as_secs_f64());
+                Ok(endpoints)
+            }
+            Err(e) => {
+                self.stop_everywhere(rec, false).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Has every live holder stop its replicas (and remove their data).
+    async fn stop_everywhere(&self, rec: &DatabaseRecord, remove_data: bool) {
+        if rec.engine == Engine::Patroni {
+            return;
+        }
+        let membership = self.membership();
+        let holders: Vec<String> = cluster::holders(&rec.replicas)
+            .into_iter()
+            .filter(|n| membership.is_live(n))
+            .collect();
+        futures::future::join_all(holders.into_iter().map(|node| {
+            let request = NodeRequest::Stop {
+                key: rec.key.clone(),
+                remove_data,
+            };
+            async move {
+                if let Err(e) = self.on_node(&node, request).await {
+                    warn!(database = %rec.key, node_id = %node, error = %e, "could not stop a replica");
+                }
+            }
+        }))
+        .await;
+    }
+
+    /// Starts this node's replicas of a database (idempotent) and waits
+    /// until they answer. A replica without data bootstraps the cluster with
+    /// the others (`start.bootstrap`) or joins the running one.
+    async fn start_local(&self, key: &DbKey, start: LocalStart) -> Result<()> {
+        let slot = self.slot(key);
+        let mut running = slot.running.lock().await;
+        if running.is_some() {
+            return Ok(());
+        }
+        let rec = self.record(key).await?;
+        let label = key.internal();
+        let join = if start.bootstrap || rec.engine != Engine::Rqlite {
+            Vec::new()
+        } else {
+            rec.replicas
+                .iter()
+                .filter(|r| r.node_id != self.node_id)
+                .map(engine::rqlite::raft_addr)
+                .collect()
+        };
+        let inst = Instance {
+            label: &label,
+            dir: self.db_dir(key).join(rec.engine.as_str()),
+            replicas: &rec.replicas,
+            node_id: &self.node_id,
+            secret: &rec.secret,
+            first_start: false,
+            raft_moved: start.raft_moved,
+            join,
+            non_voter: false,
+            raft_id: None,
+        };
+        if inst.local().next().is_none() {
+            return Err(ControlError::Internal(format!(
+                "node {} holds no replica of {key}",
+                self.node_id
+            )));
+        }
         let inst = Instance {
             first_start: !engine::has_data(rec.engine, &inst),
             ..inst
         };
-        let t0 = Instant::now();
         self.engines.prepare(rec.engine, &inst).await?;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut processes = Vec::new();
-        for r in &rec.replicas {
+        for r in inst.local() {
             let spec = self.engines.process(rec.engine, &inst, r)?;
             match Supervised::start(spec.clone(), r.idx as usize, tx.clone()).await {
                 Ok(p) => {
-                    info!(database = %label, pid = p.pid(), host = %r.host, port = r.port, raft_port = ?r.raft_port, "engine process started");
+                    info!(database = %label, pid = p.pid(), host = %r.host, port = r.port, raft_port = ?r.raft_port, joining = inst.first_start && !inst.join.is_empty(), "engine process started");
                     processes.push(p);
                 }
                 Err(e) => {
@@ -665,11 +1041,10 @@ impl Manager {
                 }
             }
         }
-        let spawned = t0.elapsed();
         // A process that exits during the start is a failed start, not
         // something to retry quietly until the timeout.
-        let ready = tokio::select! {
-            ready = self.engines.wait_ready(rec.engine, &inst) => ready,
+        let alive = tokio::select! {
+            alive = self.engines.wait_alive(rec.engine, &inst) => alive,
             Some(ev) = rx.recv() => Err(ControlError::Engine(match ev {
                 ProcessEvent::GaveUp { reason, .. } => reason,
                 ProcessEvent::Restarting { replica, status, .. } => {
@@ -679,66 +1054,59 @@ impl Manager {
                 ProcessEvent::Restarted { replica } => format!("replica {replica} restarted during start"),
             })),
         };
-        let users = match (&ready, rec.engine) {
-            (Ok(_), Engine::Postgres) => self.store.users(&rec.key.app).await,
-            _ => Ok(Vec::new()),
-        };
-        let ready = match (ready, users) {
-            (Ok(endpoints), Ok(users)) => self
-                .engines
-                .after_start(rec.engine, &inst, rec.key.db.as_str(), &users)
-                .await
-                .map(|_| endpoints),
-            (Err(e), _) | (_, Err(e)) => Err(e),
-        };
-        match ready {
-            Ok(endpoints) => {
-                let answered = t0.elapsed();
-                let engine = rec.engine.as_str();
-                metrics::histogram!("rouse_wake_duration_seconds", "engine" => engine, "phase" => "start")
-                    .record(spawned.as_secs_f64());
-                metrics::histogram!("rouse_wake_duration_seconds", "engine" => engine, "phase" => "first_answer")
-                    .record((answered - spawned).as_secs_f64());
-                self.forward_process_events(rec.key.clone(), rx);
-                Ok((
-                    Running {
-                        processes,
-                        ports: rec.replicas.iter().flat_map(ReplicaRecord::ports).collect(),
-                    },
-                    endpoints,
-                ))
-            }
-            Err(e) => {
-                self.stop_all(processes).await;
-                Err(e)
+        let ports: Vec<u16> = inst.local().flat_map(ReplicaRecord::ports).collect();
+        if let Err(e) = alive {
+            self.stop_all(processes).await;
+            self.ports.release(ports);
+            return Err(e);
+        }
+        self.forward_process_events(key.clone(), rx);
+        *running = Some(Running { processes, ports });
+        Ok(())
+    }
+
+    /// Stops this node's replicas of a database; with `remove_data`, its
+    /// data directory here goes too.
+    async fn stop_local(&self, key: &DbKey, remove_data: bool) {
+        let slot = self.slot(key);
+        let mut running = slot.running.lock().await;
+        if let Some(run) = running.take() {
+            self.stop_all(run.processes).await;
+            self.ports.release(run.ports);
+        }
+        if remove_data {
+            let dir = self.db_dir(key);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(database = %key, dir = %dir.display(), error = %e, "could not remove data directory");
+                }
             }
         }
     }
 
     /// A registered Patroni cluster "starts" when its leader takes the
     /// app's users; nothing runs here.
-    async fn attach_patroni(&self, rec: &DatabaseRecord) -> Result<(Running, Vec<Endpoint>)> {
+    async fn attach_patroni(&self, rec: &DatabaseRecord) -> Result<Vec<Endpoint>> {
+        let reg = self.load_patroni(&rec.key).await?;
+        let users = self.store.users(&rec.key.app).await?;
+        engine::patroni::apply_users(&rec.replicas, &reg, &rec.secret, &users).await?;
+        Ok(engine::patroni::endpoints(&rec.replicas, &reg))
+    }
+
+    /// The stored registration of a Patroni cluster, also kept in memory.
+    async fn load_patroni(&self, key: &DbKey) -> Result<engine::patroni::Registration> {
         let stored = self
             .store
-            .setting(&patroni_setting(&rec.key))
+            .setting(&patroni_setting(key))
             .await?
             .ok_or_else(|| ControlError::Engine("the Patroni registration is missing".into()))?;
         let reg: engine::patroni::Registration = serde_json::from_str(&stored)
             .map_err(|e| ControlError::Engine(format!("unreadable Patroni registration: {e}")))?;
-        let users = self.store.users(&rec.key.app).await?;
-        engine::patroni::apply_users(&rec.replicas, &reg, &rec.secret, &users).await?;
-        let endpoints = engine::patroni::endpoints(&rec.replicas, &reg);
         self.patroni
             .lock()
             .expect("patroni poisoned")
-            .insert(rec.key.clone(), reg);
-        Ok((
-            Running {
-                processes: Vec::new(),
-                ports: Vec::new(),
-            },
-            endpoints,
-        ))
+            .insert(key.clone(), reg.clone());
+        Ok(reg)
     }
 
     async fn stop_all(&self, processes: Vec<Supervised>) {
@@ -772,46 +1140,57 @@ impl Manager {
                     return;
                 };
                 if rec.engine == Engine::Rqlite {
-                    // The leader may have moved; proxies re-resolve on the event.
-                    let deadline = tokio::time::Instant::now() + self.engines.start_timeout;
-                    while tokio::time::Instant::now() < deadline {
-                        if let Some(leader) = engine::rqlite::current_leader(&rec.replicas).await {
-                            let endpoints = engine::rqlite::endpoints(&rec.replicas, Some(leader));
-                            self.set_view(key, DatabaseStatus::Active, endpoints.clone());
-                            self.publish(Event::Leader {
-                                app: key.app.clone(),
-                                name: key.db.clone(),
-                                endpoints,
-                            });
-                            return;
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+                    self.announce_leader(&rec).await;
                 }
             }
             ProcessEvent::GaveUp { replica, reason } => {
-                error!(database = %key, replica, reason = %reason, "engine keeps failing; marking the database failed");
+                error!(database = %key, replica, reason = %reason, "engine keeps failing here");
                 let slot = self.slot(key);
                 let mut running = slot.running.lock().await;
                 if let Some(run) = running.take() {
                     self.ports.release(run.ports.iter().copied());
                     self.stop_all(run.processes).await;
                 }
-                let _ = self
-                    .transition(key, DatabaseStatus::Failed, Some(&reason), Vec::new())
-                    .await;
+                drop(running);
+                // Replicas on other nodes may still hold a quorum: only a
+                // database that runs here alone has failed.
+                let alone = self
+                    .record(key)
+                    .await
+                    .is_ok_and(|rec| rec.replicas.iter().all(|r| r.node_id == self.node_id));
+                if alone {
+                    let _ = self
+                        .transition(key, DatabaseStatus::Failed, Some(&reason), Vec::new())
+                        .await;
+                }
             }
         }
     }
 
-    /// Starts a database that is not running (idempotent; concurrent calls
-    /// share one start). Returns once it answers queries.
-    pub async fn wake(&self, key: &DbKey) -> Result<DatabaseInfo> {
+    /// Finds the rqlite leader (it may have moved) and tells the proxies.
+    async fn announce_leader(&self, rec: &DatabaseRecord) {
+        let deadline = tokio::time::Instant::now() + self.engines.start_timeout;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(leader) = engine::rqlite::current_leader(&rec.replicas).await {
+                let endpoints = engine::rqlite::endpoints(&rec.replicas, Some(leader));
+                self.set_view(&rec.key, DatabaseStatus::Active, endpoints.clone());
+                self.publish(Event::Leader {
+                    app: rec.key.app.clone(),
+                    name: rec.key.db.clone(),
+                    endpoints,
+                });
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wake_here(&self, key: &DbKey) -> Result<DatabaseInfo> {
         let asked = Instant::now();
         let slot = self.slot(key);
-        let mut running = slot.running.lock().await;
+        let _deciding = slot.deciding.lock().await;
         let rec = self.record(key).await?;
-        if running.is_some() {
+        if self.is_up(key, &rec) {
             return Ok(self.info(&rec));
         }
         let waited = asked.elapsed();
@@ -819,25 +1198,13 @@ impl Manager {
             .await?;
         info!(database = %key, "waking database");
         let result = async {
-            let replicas = self.allocate(rec.engine, rec.replication_factor, &rec.replicas)?;
-            let moved = replicas != rec.replicas;
-            let raft_moved = replicas
-                .iter()
-                .zip(&rec.replicas)
-                .any(|(a, b)| a.raft_port != b.raft_port || a.host != b.host);
-            if moved {
-                info!(database = %key, "previous ports taken; waking on new ones");
-                if let Err(e) = self.store.set_replicas(key, &replicas).await {
-                    self.release(&replicas);
-                    return Err(e);
-                }
-            }
-            let rec = DatabaseRecord {
-                replicas,
-                ..rec.clone()
+            let (rec, raft_moved) = self.reallocate(&rec).await?;
+            let start = LocalStart {
+                bootstrap: false,
+                raft_moved,
             };
-            match self.start_moved(&rec, raft_moved).await {
-                Ok(started) => Ok((rec, started)),
+            match self.start_everywhere(&rec, start).await {
+                Ok(endpoints) => Ok((rec, endpoints)),
                 Err(e) => {
                     self.release(&rec.replicas);
                     Err(e)
@@ -846,8 +1213,7 @@ impl Manager {
         }
         .await;
         match result {
-            Ok((rec, (run, endpoints))) => {
-                *running = Some(run);
+            Ok((rec, endpoints)) => {
                 let took = asked.elapsed();
                 let now = now_ms();
                 self.activity.touch(key, now);
@@ -864,6 +1230,10 @@ impl Manager {
                     endpoints,
                 });
                 info!(database = %key, wake_ms = took.as_millis() as u64, "database woke up");
+                // Replicas left behind on dead nodes get their replacements now.
+                if let Err(e) = self.replace_dead(&rec).await {
+                    warn!(database = %key, error = %e, "could not replace replicas of dead nodes");
+                }
                 self.status(key).await
             }
             Err(e) => {
@@ -876,11 +1246,9 @@ impl Manager {
         }
     }
 
-    /// Stops a running database, keeping its data. Refused while proxies
-    /// report open sessions, unless `force`.
-    pub async fn hibernate(&self, key: &DbKey, force: bool) -> Result<DatabaseInfo> {
+    async fn hibernate_here(&self, key: &DbKey, force: bool) -> Result<DatabaseInfo> {
         let slot = self.slot(key);
-        let mut running = slot.running.lock().await;
+        let _deciding = slot.deciding.lock().await;
         let rec = self.record(key).await?;
         if rec.engine == Engine::Patroni {
             return Err(ControlError::BadRequest(format!(
@@ -888,32 +1256,136 @@ impl Manager {
                 key.db
             )));
         }
-        let open = self.activity.open_sessions(key);
-        if running.is_none() {
+        if !self.is_up(key, &rec) {
             return Ok(self.info(&rec));
         }
+        let open = self.activity.open_sessions(key);
         if open > 0 && !force {
             return Err(ControlError::InUse(format!(
                 "database {} of app {} has {open} open sessions; use force to hibernate anyway",
                 key.db, key.app
             )));
         }
-        if let Some(run) = running.take() {
-            self.stop_all(run.processes).await;
-            self.ports.release(run.ports);
-        }
-        let idle = now_ms().saturating_sub(
-            self.activity
-                .last_activity(key)
-                .unwrap_or(rec.last_activity),
-        );
-        self.store
-            .set_activity(key, self.activity.last_activity(key).unwrap_or(0), None)
-            .await?;
+        let last = self
+            .activity
+            .last_activity(key)
+            .unwrap_or(0)
+            .max(rec.last_activity);
+        self.store.set_activity(key, last, None).await?;
+        // Recorded first, so that no holder starts its replica again meanwhile.
         self.transition(key, DatabaseStatus::Hibernating, None, Vec::new())
             .await?;
+        self.stop_everywhere(&rec, false).await;
+        let idle = now_ms().saturating_sub(last);
         info!(database = %key, idle_time = ?Duration::from_millis(idle), "database hibernated");
         self.status(key).await
+    }
+
+    /// Gives each replica of `rec` that sits on a dead node a replacement on
+    /// a live node with capacity. The new placement is recorded in `_system`
+    /// first; then the dead member leaves the Raft configuration and the new
+    /// replica joins and syncs. Run with the database's decision lock held,
+    /// on a running database.
+    async fn replace_dead(&self, rec: &DatabaseRecord) -> Result<()> {
+        let membership = self.membership();
+        let dead: Vec<ReplicaRecord> = rec
+            .replicas
+            .iter()
+            .filter(|r| !membership.is_live(&r.node_id))
+            .cloned()
+            .collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        if rec.engine != Engine::Rqlite {
+            warn!(database = %rec.key, "the node holding this database is down; its engine keeps one copy, so it waits for that node");
+            return Ok(());
+        }
+        let mut load = cluster::load(&self.store.databases(None).await?);
+        let mut replicas = rec.replicas.clone();
+        for gone in dead {
+            let holding: HashSet<String> = replicas.iter().map(|r| r.node_id.clone()).collect();
+            let target = match membership.place(1, &load, &holding) {
+                Ok(mut m) => m.remove(0),
+                Err(e) => {
+                    warn!(database = %rec.key, dead_node = %gone.node_id, error = %e, "no node can take a replacement replica");
+                    metrics::counter!("rouse_replica_replacements_total", "result" => "no_capacity").increment(1);
+                    continue;
+                }
+            };
+            let idx = replicas.iter().map(|r| r.idx).max().unwrap_or(0) + 1;
+            let new = self
+                .allocate_on(&target.node_id, &rec.key, rec.engine, idx, None)
+                .await?;
+            replicas.retain(|r| r.idx != gone.idx);
+            replicas.push(new.clone());
+            // The decision first: a node that cannot record it (cut off from
+            // the `_system` quorum) does not act on it.
+            self.store.set_replicas(&rec.key, &replicas).await?;
+            let detail = format!(
+                "{} on {} replaced by {} on {}",
+                engine::rqlite::node_id(&gone),
+                gone.node_id,
+                engine::rqlite::node_id(&new),
+                new.node_id
+            );
+            self.record_decision(&rec.key, "replace", &detail).await;
+            *load.entry(new.node_id.clone()).or_default() += 1;
+            info!(database = %rec.key, dead_node = %gone.node_id, new_node = %new.node_id, "replacing a replica of a dead node");
+            // The live members keep a quorum without the dead one.
+            let mut removed = false;
+            for r in replicas.iter().filter(|r| r.idx != new.idx) {
+                let client = RqliteClient::new(&format!("{}:{}", r.host, r.port));
+                match client.remove_node(&engine::rqlite::node_id(&gone)).await {
+                    Ok(()) => {
+                        removed = true;
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(database = %rec.key, via = %client.addr(), error = %e, "could not remove the dead member yet")
+                    }
+                }
+            }
+            if !removed {
+                return Err(ControlError::Engine(format!(
+                    "{}: no live member removed the dead one",
+                    rec.key
+                )));
+            }
+            let start = LocalStart {
+                bootstrap: false,
+                raft_moved: false,
+            };
+            self.on_node(
+                &new.node_id,
+                NodeRequest::Start {
+                    key: rec.key.clone(),
+                    start,
+                },
+            )
+            .await?;
+            let client = RqliteClient::new(&format!("{}:{}", new.host, new.port));
+            engine::poll_until(
+                tokio::time::Instant::now() + self.engines.start_timeout,
+                "replacement replica",
+                || async {
+                    if client.ready().await {
+                        Ok(())
+                    } else {
+                        Err(format!("{} has not joined yet", client.addr()))
+                    }
+                },
+            )
+            .await?;
+            metrics::counter!("rouse_replica_replacements_total", "result" => "done").increment(1);
+            info!(database = %rec.key, new_node = %new.node_id, "replacement replica joined");
+        }
+        let rec = DatabaseRecord {
+            replicas,
+            ..rec.clone()
+        };
+        self.announce_leader(&rec).await;
+        Ok(())
     }
 
     pub async fn set_pool_mode(&self, key: &DbKey, mode: PoolMode) -> Result<DatabaseInfo> {
@@ -947,15 +1419,13 @@ impl Manager {
         Ok(info)
     }
 
-    pub async fn drop_database(&self, key: &DbKey) -> Result<()> {
+    async fn drop_here(&self, key: &DbKey) -> Result<()> {
         let slot = self.slot(key);
-        let mut running = slot.running.lock().await;
-        self.record(key).await?;
-        if let Some(run) = running.take() {
-            self.stop_all(run.processes).await;
-            self.ports.release(run.ports);
-        }
+        let _deciding = slot.deciding.lock().await;
+        let rec = self.record(key).await?;
+        // Deleted first, so that no holder starts its replica again meanwhile.
         self.store.delete_database(key).await?;
+        self.stop_everywhere(&rec, true).await;
         if self
             .patroni
             .lock()
@@ -965,12 +1435,7 @@ impl Manager {
         {
             self.store.delete_setting(&patroni_setting(key)).await?;
         }
-        let dir = self.db_dir(key);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(database = %key, dir = %dir.display(), error = %e, "could not remove data directory");
-            }
-        }
+        self.stop_local(key, true).await;
         self.forget(key);
         self.publish(Event::Dropped {
             app: key.app.clone(),
@@ -986,8 +1451,18 @@ impl Manager {
         self.update_status_gauges();
     }
 
+    /// Applies a proxy's activity report and shares it with the other
+    /// nodes, so that the coordinator sees every proxy.
     pub async fn report_activity(&self, report: &ActivityReport) -> Result<usize> {
-        let known: std::collections::HashSet<DbKey> = self
+        self.peers.gossip(
+            ACTIVITY_TOPIC,
+            serde_json::to_vec(report).expect("reports serialise"),
+        );
+        self.apply_activity(report).await
+    }
+
+    async fn apply_activity(&self, report: &ActivityReport) -> Result<usize> {
+        let known: HashSet<DbKey> = self
             .store
             .databases(None)
             .await?
@@ -997,6 +1472,70 @@ impl Manager {
         Ok(self.activity.report(report, |k| known.contains(k)))
     }
 
+    // ---- peers --------------------------------------------------------------
+
+    /// Answers peers' requests and applies their gossip until the swarm stops.
+    pub async fn serve_peers(self: Arc<Self>, mut inbound: mpsc::UnboundedReceiver<Inbound>) {
+        while let Some(message) = inbound.recv().await {
+            match message {
+                Inbound::Request {
+                    from,
+                    request,
+                    reply,
+                } => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let answer = NodeResponse::from_result(me.handle(request).await, |r| r);
+                        if reply.send(answer).is_err() {
+                            debug!(peer_id = %from, "a request ended before its answer");
+                        }
+                    });
+                }
+                Inbound::Gossip { topic, data } => self.on_gossip(&topic, &data).await,
+            }
+        }
+    }
+
+    async fn on_gossip(&self, topic: &str, data: &[u8]) {
+        match topic {
+            EVENTS_TOPIC => {
+                let Ok(event) = serde_json::from_slice::<Event>(data) else {
+                    warn!(topic, "unreadable event from a peer");
+                    return;
+                };
+                match &event {
+                    Event::Status {
+                        app, name, status, ..
+                    } => self.set_view(&DbKey::new(app.clone(), name.clone()), *status, Vec::new()),
+                    Event::Leader {
+                        app,
+                        name,
+                        endpoints,
+                    } => self.set_view(
+                        &DbKey::new(app.clone(), name.clone()),
+                        DatabaseStatus::Active,
+                        endpoints.clone(),
+                    ),
+                    Event::Dropped { app, name } => {
+                        self.forget(&DbKey::new(app.clone(), name.clone()))
+                    }
+                    Event::KeyRevoked { .. } | Event::UserChanged { .. } => {}
+                }
+                // This node's proxies learn it too; it is not gossiped again.
+                let _ = self.events.send(event);
+            }
+            ACTIVITY_TOPIC => match serde_json::from_slice::<ActivityReport>(data) {
+                Ok(report) => {
+                    if let Err(e) = self.apply_activity(&report).await {
+                        debug!(error = %e, "activity from a peer not applied");
+                    }
+                }
+                Err(e) => warn!(topic, error = %e, "unreadable activity from a peer"),
+            },
+            _ => {}
+        }
+    }
+
     // ---- background work ----------------------------------------------------
 
     /// At start: remove orphaned data directories (unless the metadata store
@@ -1004,13 +1543,17 @@ impl Manager {
     /// aborts this, so nothing is removed then.
     pub async fn adopt(&self, remove_orphans: bool) -> Result<()> {
         let records = self.store.databases(None).await?;
-        let known: std::collections::HashSet<String> =
-            records.iter().map(|r| r.key.internal()).collect();
+        let mine: HashSet<String> = records
+            .iter()
+            .filter(|r| r.replicas.iter().any(|p| p.node_id == self.node_id))
+            .map(|r| r.key.internal())
+            .collect();
+        let known: HashSet<String> = records.iter().map(|r| r.key.internal()).collect();
         if let Ok(entries) = std::fs::read_dir(&self.config.node.data_dir) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if DbKey::from_internal(&name).is_none()
-                    || known.contains(&name)
+                    || mine.contains(&name)
                     || !entry.path().is_dir()
                 {
                     continue;
@@ -1019,7 +1562,11 @@ impl Manager {
                     warn!(dir = %entry.path().display(), "metadata store is new: keeping a data directory it does not know");
                     continue;
                 }
-                warn!(dir = %entry.path().display(), "removing orphaned data directory: no database in metadata");
+                if known.contains(&name) {
+                    warn!(dir = %entry.path().display(), "removing a stale replica: its database lives on other nodes now");
+                } else {
+                    warn!(dir = %entry.path().display(), "removing orphaned data directory: no database in metadata");
+                }
                 if let Err(e) = std::fs::remove_dir_all(entry.path()) {
                     error!(dir = %entry.path().display(), error = %e, "could not remove orphaned directory");
                 }
@@ -1034,46 +1581,62 @@ impl Manager {
                         .insert(rec.key.clone(), mode);
                 }
             }
+            if rec.engine == Engine::Patroni {
+                if let Err(e) = self.load_patroni(&rec.key).await {
+                    warn!(database = %rec.key, error = %e, "Patroni registration not loaded");
+                }
+            }
         }
-        let mut to_start = Vec::new();
+        let mut to_wake = Vec::new();
+        let mut to_rejoin = Vec::new();
         for rec in &records {
             let should_run = matches!(
                 rec.status,
                 DatabaseStatus::Active | DatabaseStatus::Waking | DatabaseStatus::Initializing
             );
-            // Until its restart is done, a database that should run is waking.
-            let shown = if should_run {
-                DatabaseStatus::Waking
+            if !should_run || !mine.contains(&rec.key.internal()) {
+                continue;
+            }
+            if rec.replicas.iter().all(|r| r.node_id == self.node_id) {
+                // Until its restart is done, a database that should run is waking.
+                self.set_view(&rec.key, DatabaseStatus::Waking, Vec::new());
+                to_wake.push(rec.key.clone());
             } else {
-                rec.status
-            };
-            self.set_view(&rec.key, shown, Vec::new());
-            if should_run {
-                to_start.push(rec.key.clone());
+                // Spread over nodes: this node's replicas rejoin their cluster.
+                to_rejoin.push(rec.key.clone());
             }
         }
         info!(
             databases = records.len(),
-            starting = to_start.len(),
+            starting = to_wake.len() + to_rejoin.len(),
             "adopting databases"
         );
         let limit = Arc::new(tokio::sync::Semaphore::new(4));
-        for key in to_start {
+        for (key, rejoin) in to_wake
+            .into_iter()
+            .map(|k| (k, false))
+            .chain(to_rejoin.into_iter().map(|k| (k, true)))
+        {
             let me = self.me.clone();
             let limit = limit.clone();
             tokio::spawn(async move {
                 let _permit = limit.acquire().await;
-                if let Some(m) = me.upgrade() {
-                    if let Err(e) = m.wake(&key).await {
-                        error!(database = %key, error = %e, "could not restart database");
-                    }
+                let Some(m) = me.upgrade() else { return };
+                let result = if rejoin {
+                    m.start_local(&key, LocalStart::default()).await
+                } else {
+                    m.wake_here(&key).await.map(|_| ())
+                };
+                if let Err(e) = result {
+                    error!(database = %key, error = %e, "could not restart database");
                 }
             });
         }
         Ok(())
     }
 
-    /// Hibernates databases idle for `hibernation_timeout` with no open session.
+    /// On the coordinator: hibernates databases idle for
+    /// `hibernation_timeout` with no open session on any node's proxies.
     pub async fn run_idle_reaper(self: Arc<Self>) {
         let timeout = self.config.database.hibernation_timeout;
         if timeout.is_zero() {
@@ -1083,29 +1646,137 @@ impl Manager {
         let mut interval = tokio::time::interval(tick);
         loop {
             interval.tick().await;
-            let now = now_ms();
-            let candidates: Vec<DbKey> = {
-                let slots = self.slots.lock().expect("slots poisoned");
-                slots
-                    .iter()
-                    .filter(|(k, s)| {
-                        s.view.lock().expect("view poisoned").status == Some(DatabaseStatus::Active)
-                            && !self
-                                .patroni
-                                .lock()
-                                .expect("patroni poisoned")
-                                .contains_key(*k)
-                    })
-                    .map(|(k, _)| k.clone())
-                    .collect()
+            if self.membership().coordinator().is_some() {
+                continue;
+            }
+            let Ok(records) = self.store.databases(None).await else {
+                continue;
             };
-            for key in candidates {
-                let idle = now.saturating_sub(self.activity.last_activity(&key).unwrap_or(now));
-                if idle >= timeout.as_millis() as u64 && self.activity.open_sessions(&key) == 0 {
-                    info!(database = %key, idle_time = ?Duration::from_millis(idle), "database is idle");
-                    if let Err(e) = self.hibernate(&key, false).await {
+            let now = now_ms();
+            for rec in records {
+                if rec.engine == Engine::Patroni || !self.is_up(&rec.key, &rec) {
+                    continue;
+                }
+                let key = &rec.key;
+                let last = self
+                    .activity
+                    .last_activity(key)
+                    .unwrap_or(0)
+                    .max(rec.last_activity);
+                let idle = now.saturating_sub(last);
+                if idle >= timeout.as_millis() as u64 && self.activity.open_sessions(key) == 0 {
+                    info!(database = %key, idle_time = ?Duration::from_millis(idle), "database is idle on every node");
+                    if let Err(e) = self.hibernate_here(key, false).await {
                         warn!(database = %key, error = %e, "idle hibernation skipped");
                     }
+                }
+            }
+        }
+    }
+
+    /// Every health check interval: tells the peers this node's load, keeps
+    /// this node's replicas as `_system` says (starts missing ones, stops
+    /// and removes replaced ones) and, on the coordinator, replaces the
+    /// replicas of dead nodes. Nothing happens while `_system` cannot be
+    /// read (a node cut off from its quorum changes nothing).
+    pub async fn run_upkeep(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.peers.health_check_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Ok(records) = self.store.databases(None).await else {
+                continue;
+            };
+            let mine: Vec<&DatabaseRecord> = records
+                .iter()
+                .filter(|r| r.replicas.iter().any(|p| p.node_id == self.node_id))
+                .collect();
+            let active = mine
+                .iter()
+                .filter(|r| self.info(r).status == DatabaseStatus::Active)
+                .count();
+            self.peers.set_load(mine.len() as u32, active as u32);
+            self.keep_local_replicas(&records).await;
+            let membership = self.membership();
+            if !membership.clustered() || membership.coordinator().is_some() {
+                continue;
+            }
+            for rec in &records {
+                if rec.engine != Engine::Rqlite
+                    || rec.replicas.iter().all(|r| membership.is_live(&r.node_id))
+                {
+                    continue;
+                }
+                let slot = self.slot(&rec.key);
+                let _deciding = slot.deciding.lock().await;
+                let Ok(rec) = self.record(&rec.key).await else {
+                    continue;
+                };
+                // Hibernating databases get their replacements at their next wake.
+                if !self.is_up(&rec.key, &rec) {
+                    continue;
+                }
+                if let Err(e) = self.replace_dead(&rec).await {
+                    warn!(database = %rec.key, error = %e, "replacing replicas of a dead node failed; retrying");
+                }
+            }
+        }
+    }
+
+    /// Makes this node's processes match `_system`: replicas of databases
+    /// spread over nodes that should run are started (a replica without
+    /// data joins its cluster), replicas that were replaced or whose
+    /// database hibernated or went are stopped, replaced ones removed.
+    async fn keep_local_replicas(&self, records: &[DatabaseRecord]) {
+        let by_key: HashMap<&DbKey, &DatabaseRecord> =
+            records.iter().map(|r| (&r.key, r)).collect();
+        let slots: Vec<(DbKey, Arc<Slot>)> = self
+            .slots
+            .lock()
+            .expect("slots poisoned")
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        for (key, slot) in slots {
+            // Skip databases in the middle of a start or stop.
+            let Ok(running) = slot.running.try_lock() else {
+                continue;
+            };
+            if running.is_none() {
+                continue;
+            }
+            drop(running);
+            match by_key.get(&key) {
+                None => {
+                    warn!(database = %key, "stopping a replica of a database that no longer exists");
+                    self.stop_local(&key, true).await;
+                }
+                Some(rec) if !rec.replicas.iter().any(|r| r.node_id == self.node_id) => {
+                    warn!(database = %key, "stopping and removing a replica that was replaced while this node was away");
+                    self.stop_local(&key, true).await;
+                }
+                Some(rec) if rec.status == DatabaseStatus::Hibernating => {
+                    info!(database = %key, "stopping a replica of a database that hibernated");
+                    self.stop_local(&key, false).await;
+                }
+                Some(_) => {}
+            }
+        }
+        for rec in records {
+            let spread = rec.replicas.iter().any(|r| r.node_id != self.node_id);
+            let here = rec.replicas.iter().any(|r| r.node_id == self.node_id);
+            if !spread || !here || rec.status != DatabaseStatus::Active {
+                continue;
+            }
+            let slot = self.slot(&rec.key);
+            let idle = slot
+                .running
+                .try_lock()
+                .map(|r| r.is_none())
+                .unwrap_or(false);
+            if idle {
+                if let Err(e) = self.start_local(&rec.key, LocalStart::default()).await {
+                    warn!(database = %rec.key, error = %e, "could not start this node's replica");
                 }
             }
         }
@@ -1138,7 +1809,15 @@ impl Manager {
                 "min_ha_nodes must be at least 1".into(),
             ));
         }
-        let hosts = self.config.control.replica_hosts.len() as u32;
+        let membership = self.membership();
+        let nodes = membership.live().len() as u32;
+        // One node spreads replicas over its replica hosts; several nodes
+        // put each on its own node.
+        let hosts = if membership.clustered() {
+            nodes
+        } else {
+            self.config.control.replica_hosts.len() as u32
+        };
         if req.min_ha_nodes > hosts {
             return Err(ControlError::InsufficientNodes {
                 got: hosts,
@@ -1149,22 +1828,27 @@ impl Manager {
             .set_setting(REPLICATION_TARGET, &req.min_ha_nodes.to_string())
             .await?;
         let current = self.store.databases(None).await?.len() as u32;
-        let capacity = self.config.database.max_databases;
+        let capacity: u32 = membership.live().iter().map(|m| m.max_databases).sum();
         let mut notes = vec![format!(
             "new rqlite databases get {} replicas unless they ask otherwise",
             req.min_ha_nodes
         )];
-        let fits = req.target_db_count <= capacity;
+        // Across nodes each replica takes a place on its node.
+        let fits = if membership.clustered() {
+            req.target_db_count.saturating_mul(req.min_ha_nodes) <= capacity
+        } else {
+            req.target_db_count <= capacity
+        };
         if !fits {
             notes.push(format!(
-                "{} databases exceed this node's max_databases of {capacity}: add nodes or raise the limit",
+                "{} databases exceed the live nodes' max_databases of {capacity} in all: add nodes or raise the limit",
                 req.target_db_count
             ));
         }
         Ok(ScalePlan {
             target_db_count: req.target_db_count,
             replication_factor: req.min_ha_nodes,
-            nodes: 1,
+            nodes,
             capacity,
             current_databases: current,
             replicas_needed: req.target_db_count.saturating_mul(req.min_ha_nodes),
@@ -1175,29 +1859,27 @@ impl Manager {
 
     /// This node, then every peer heard from (healthy or not).
     pub async fn nodes(&self) -> Result<NodeList> {
-        let local = self.local_node().await?;
+        let local = self.local_node();
         Ok(NodeList {
             nodes: self.peers.nodes(local),
         })
     }
 
-    /// This node's capacity and load, as `/nodes` and the heartbeats say it.
-    pub async fn local_node(&self) -> Result<NodeInfo> {
-        let recs = self.store.databases(None).await?;
-        let active = recs
-            .iter()
-            .filter(|r| self.info(r).status == DatabaseStatus::Active)
-            .count() as u32;
-        Ok(NodeInfo {
+    /// This node's capacity and load as its heartbeats say them (kept
+    /// current by the upkeep loop), so that `/nodes` answers even while
+    /// `_system` has no leader.
+    fn local_node(&self) -> NodeInfo {
+        let beat = self.peers.local();
+        NodeInfo {
             node_id: self.node_id.clone(),
             api_addr: self.config.control.api_addr.to_string(),
             healthy: true,
             max_databases: self.config.database.max_databases,
-            databases: recs.len() as u32,
-            active_databases: active,
+            databases: beat.databases,
+            active_databases: beat.active_databases,
             last_seen: now_ms(),
             peer_id: String::new(),
             addresses: Vec::new(),
-        })
+        }
     }
 }

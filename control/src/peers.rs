@@ -15,20 +15,21 @@
 //! that a restarted node is the same peer to the others.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, noise, tcp, yamux, Multiaddr, PeerId, Swarm, SwarmBuilder};
+use libp2p::{identify, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder};
 use rouse_control_api::config::Config;
 use rouse_control_api::types::NodeInfo;
 use serde::{Deserialize, Serialize};
@@ -37,8 +38,21 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
+use crate::cluster::{NodeRequest, NodeResponse};
+
 /// The gossipsub topic of the heartbeats.
 pub const HEALTH_TOPIC: &str = "rouse/health";
+
+/// Status changes, leader changes and the like, as control's `/events`
+/// carries them, so that proxies on every node learn them.
+pub const EVENTS_TOPIC: &str = "rouse/events";
+
+/// What proxies report about their databases, so that the coordinator sees
+/// the activity of every node before it hibernates anything.
+pub const ACTIVITY_TOPIC: &str = "rouse/activity";
+
+/// Node-to-node requests (lifecycle decisions, work on replicas).
+const RPC_PROTOCOL: &str = "/rouse/node/1";
 
 /// Health checks a peer may miss before it counts as unhealthy.
 pub const MISSED_CHECKS: u32 = 3;
@@ -71,6 +85,8 @@ pub enum PeersError {
     Listen { addr: Multiaddr, message: String },
     #[error("cannot publish on {topic}: {message}")]
     Publish { topic: String, message: String },
+    #[error("request to peer {peer} failed: {message}")]
+    Request { peer: PeerId, message: String },
     #[error("the peer-to-peer task has stopped")]
     Stopped,
 }
@@ -87,6 +103,40 @@ pub struct Heartbeat {
     /// The sender's listen addresses, so that receivers can dial it directly.
     #[serde(default)]
     pub addresses: Vec<String>,
+    /// Where the sender runs replicas (its first `control.replica_hosts`).
+    #[serde(default)]
+    pub replica_host: String,
+    /// The sender's member of the `_system` cluster, once it runs one.
+    #[serde(default)]
+    pub system: Option<SystemMember>,
+}
+
+/// A node's member of the `_system` rqlite cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemMember {
+    pub raft_addr: String,
+    pub voter: bool,
+}
+
+/// A peer as this node sees it now.
+#[derive(Debug, Clone)]
+pub struct PeerView {
+    pub peer_id: PeerId,
+    pub healthy: bool,
+    pub heartbeat: Heartbeat,
+}
+
+/// What peers send this node: requests to answer and gossip to apply.
+pub enum Inbound {
+    Request {
+        from: PeerId,
+        request: NodeRequest,
+        reply: oneshot::Sender<NodeResponse>,
+    },
+    Gossip {
+        topic: String,
+        data: Vec<u8>,
+    },
 }
 
 /// A peer as the last heartbeat described it.
@@ -109,6 +159,8 @@ struct Shared {
     peer_id: PeerId,
     health_check_interval: Duration,
     view: Mutex<View>,
+    /// What this node's heartbeats say; kept current by its manager.
+    local: Mutex<Heartbeat>,
 }
 
 impl Shared {
@@ -128,7 +180,21 @@ enum Command {
         data: Vec<u8>,
         reply: oneshot::Sender<Result<(), PeersError>>,
     },
+    Request {
+        peer: PeerId,
+        request: NodeRequest,
+        reply: oneshot::Sender<Result<NodeResponse, PeersError>>,
+    },
 }
+
+/// A reply the manager is still working on, and where it goes.
+type PendingReply = futures::future::BoxFuture<
+    'static,
+    (
+        Result<NodeResponse, oneshot::error::RecvError>,
+        ResponseChannel<NodeResponse>,
+    ),
+>;
 
 /// Handle on the peer-to-peer task; cheap to clone.
 #[derive(Clone)]
@@ -140,8 +206,12 @@ pub struct Peers {
 impl Peers {
     /// Loads (or makes) the node's key, listens on `node.listen_addresses`
     /// and spawns the swarm task. Fails on a bad address or a port in use,
-    /// so that a misconfigured node is refused at start.
-    pub fn start(config: &Config) -> Result<(Peers, JoinHandle<()>), PeersError> {
+    /// so that a misconfigured node is refused at start. Requests and gossip
+    /// from peers arrive on the returned receiver.
+    pub fn start(
+        config: &Config,
+        node_id: &str,
+    ) -> Result<(Peers, JoinHandle<()>, mpsc::UnboundedReceiver<Inbound>), PeersError> {
         let key = load_or_create_key(&config.node.data_dir)?;
         let peer_id = key.public().to_peer_id();
         let listen = config
@@ -162,8 +232,10 @@ impl Peers {
             // Not built in: bootstrap peers are the supported discovery.
             warn!("discovery.mdns is not supported by this build; use discovery.bootstrap_peers");
         }
+        // A request may wait for an engine to start (create, wake).
+        let request_timeout = config.control.start_timeout * 2 + Duration::from_secs(10);
 
-        let mut swarm = build_swarm(key, health)?;
+        let mut swarm = build_swarm(key, health, request_timeout)?;
         for addr in listen {
             swarm
                 .listen_on(addr.clone())
@@ -172,31 +244,56 @@ impl Peers {
                     message: e.to_string(),
                 })?;
         }
-        swarm
-            .behaviour_mut()
-            .gossipsub
-            .subscribe(&IdentTopic::new(HEALTH_TOPIC))
-            .map_err(|e| PeersError::Setup(format!("cannot subscribe to {HEALTH_TOPIC}: {e}")))?;
+        for topic in [HEALTH_TOPIC, EVENTS_TOPIC, ACTIVITY_TOPIC] {
+            swarm
+                .behaviour_mut()
+                .gossipsub
+                .subscribe(&IdentTopic::new(topic))
+                .map_err(|e| PeersError::Setup(format!("cannot subscribe to {topic}: {e}")))?;
+        }
 
         let shared = Arc::new(Shared {
             peer_id,
             health_check_interval: health,
             view: Mutex::new(View::default()),
+            local: Mutex::new(Heartbeat {
+                node_id: node_id.to_string(),
+                peer_id: peer_id.to_string(),
+                api_addr: config.control.api_addr.to_string(),
+                max_databases: config.database.max_databases,
+                databases: 0,
+                active_databases: 0,
+                addresses: Vec::new(),
+                replica_host: config.control.replica_hosts[0].to_string(),
+                system: None,
+            }),
         });
         let (commands, rx) = mpsc::unbounded_channel();
+        let (inbound, inbound_rx) = mpsc::unbounded_channel();
         let task = SwarmTask {
             swarm,
             shared: shared.clone(),
             bootstrap,
             commands: rx,
             discovery_interval: discovery,
+            inbound,
+            requests: HashMap::new(),
+            replies: FuturesUnordered::new(),
         };
         info!(peer_id = %peer_id, "peer-to-peer ready");
-        Ok((Peers { shared, commands }, tokio::spawn(task.run())))
+        Ok((
+            Peers { shared, commands },
+            tokio::spawn(task.run()),
+            inbound_rx,
+        ))
     }
 
     pub fn peer_id(&self) -> PeerId {
         self.shared.peer_id
+    }
+
+    pub fn health_check_interval(&self) -> Duration {
+        self.shared.health_check_interval
     }
 
     /// The addresses this node listens on, as the swarm reports them
@@ -210,6 +307,49 @@ impl Peers {
             .collect()
     }
 
+    /// Updates what this node's heartbeats say about its load.
+    pub fn set_load(&self, databases: u32, active_databases: u32) {
+        let mut local = self.shared.local.lock().unwrap_or_else(|e| e.into_inner());
+        local.databases = databases;
+        local.active_databases = active_databases;
+    }
+
+    /// Announces this node's `_system` member in its heartbeats.
+    pub fn set_system(&self, member: SystemMember) {
+        self.shared
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .system = Some(member);
+    }
+
+    /// What this node's heartbeats say now.
+    pub fn local(&self) -> Heartbeat {
+        let mut beat = self
+            .shared
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        beat.addresses = self.listen_addresses();
+        beat
+    }
+
+    /// Every peer heard from, healthy or not.
+    pub fn peers(&self) -> Vec<PeerView> {
+        let limit = self.shared.unhealthy_after();
+        self.shared
+            .lock()
+            .peers
+            .iter()
+            .map(|(peer_id, k)| PeerView {
+                peer_id: *peer_id,
+                healthy: k.received.elapsed() <= limit,
+                heartbeat: k.heartbeat.clone(),
+            })
+            .collect()
+    }
+
     /// Publishes `data` on gossipsub `topic`. Peers receive it only if they
     /// subscribe to the topic.
     pub async fn publish(&self, topic: &str, data: Vec<u8>) -> Result<(), PeersError> {
@@ -218,6 +358,33 @@ impl Peers {
             .send(Command::Publish {
                 topic: topic.to_string(),
                 data,
+                reply,
+            })
+            .map_err(|_| PeersError::Stopped)?;
+        rx.await.map_err(|_| PeersError::Stopped)?
+    }
+
+    /// Publishes without waiting; a node without peers drops it.
+    pub fn gossip(&self, topic: &str, data: Vec<u8>) {
+        let (reply, _) = oneshot::channel();
+        let _ = self.commands.send(Command::Publish {
+            topic: topic.to_string(),
+            data,
+            reply,
+        });
+    }
+
+    /// Sends `request` to `peer` and waits for its answer.
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        request: NodeRequest,
+    ) -> Result<NodeResponse, PeersError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Request {
+                peer,
+                request,
                 reply,
             })
             .map_err(|_| PeersError::Stopped)?;
@@ -251,50 +418,6 @@ impl Peers {
         nodes.extend(peers);
         nodes
     }
-
-    /// Publishes a heartbeat every health check interval, describing this
-    /// node as `local` says. A failing `local` (e.g. the metadata store
-    /// briefly away) repeats the last good description rather than going
-    /// silent: the heartbeat says the daemon lives.
-    pub fn spawn_heartbeat<F, Fut, E>(&self, local: F) -> JoinHandle<()>
-    where
-        F: Fn() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<NodeInfo, E>> + Send,
-        E: std::fmt::Display,
-    {
-        let peers = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(peers.shared.health_check_interval);
-            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            let mut last: Option<NodeInfo> = None;
-            loop {
-                tick.tick().await;
-                match local().await {
-                    Ok(info) => last = Some(info),
-                    Err(e) => {
-                        warn!(error = %e, "cannot describe this node; repeating the last heartbeat")
-                    }
-                }
-                let Some(info) = &last else { continue };
-                let beat = Heartbeat {
-                    node_id: info.node_id.clone(),
-                    peer_id: peers.shared.peer_id.to_string(),
-                    api_addr: info.api_addr.clone(),
-                    max_databases: info.max_databases,
-                    databases: info.databases,
-                    active_databases: info.active_databases,
-                    addresses: peers.listen_addresses(),
-                };
-                let data = serde_json::to_vec(&beat).expect("plain struct serialises");
-                match peers.publish(HEALTH_TOPIC, data).await {
-                    Ok(()) => {}
-                    Err(PeersError::Stopped) => return,
-                    // Alone (no peers yet) is normal for a single node.
-                    Err(e) => debug!(error = %e, "heartbeat not sent"),
-                }
-            }
-        })
-    }
 }
 
 /// Intervals below this would flood the network for nothing.
@@ -304,9 +427,14 @@ const MIN_INTERVAL: Duration = Duration::from_millis(50);
 struct Behaviour {
     identify: identify::Behaviour,
     gossipsub: gossipsub::Behaviour,
+    rpc: request_response::json::Behaviour<NodeRequest, NodeResponse>,
 }
 
-fn build_swarm(key: Keypair, health: Duration) -> Result<Swarm<Behaviour>, PeersError> {
+fn build_swarm(
+    key: Keypair,
+    health: Duration,
+    request_timeout: Duration,
+) -> Result<Swarm<Behaviour>, PeersError> {
     let setup = |e: &dyn std::fmt::Display| PeersError::Setup(e.to_string());
     let gossip_config = gossipsub::ConfigBuilder::default()
         // The mesh is repaired on this beat: no slower than health checks,
@@ -326,6 +454,10 @@ fn build_swarm(key: Keypair, health: Duration) -> Result<Swarm<Behaviour>, Peers
             gossip_config,
         )
         .map_err(|e| setup(&e))?,
+        rpc: request_response::json::Behaviour::new(
+            [(StreamProtocol::new(RPC_PROTOCOL), ProtocolSupport::Full)],
+            request_response::Config::default().with_request_timeout(request_timeout),
+        ),
     };
     // Heartbeats keep connections busy; the timeout only closes connections
     // to peers that stopped talking altogether.
@@ -392,6 +524,10 @@ struct SwarmTask {
     bootstrap: Vec<Bootstrap>,
     commands: mpsc::UnboundedReceiver<Command>,
     discovery_interval: Duration,
+    inbound: mpsc::UnboundedSender<Inbound>,
+    /// Outbound requests waiting for their answer.
+    requests: HashMap<OutboundRequestId, oneshot::Sender<Result<NodeResponse, PeersError>>>,
+    replies: FuturesUnordered<PendingReply>,
 }
 
 impl SwarmTask {
@@ -408,9 +544,47 @@ impl SwarmTask {
                     None => break,
                 },
                 _ = redial.tick() => self.redial(),
-                _ = sweep.tick() => self.sweep(),
+                _ = sweep.tick() => {
+                    self.sweep();
+                    self.heartbeat();
+                }
+                Some((answer, channel)) = self.replies.next(), if !self.replies.is_empty() => {
+                    let answer = answer.unwrap_or_else(|_| NodeResponse::Failed(
+                        crate::error::ControlError::Internal("the request was dropped".into()),
+                    ));
+                    if self.swarm.behaviour_mut().rpc.send_response(channel, answer).is_err() {
+                        debug!("a peer left before its answer was ready");
+                    }
+                }
                 event = self.swarm.select_next_some() => self.event(event),
             }
+        }
+    }
+
+    /// Tells the peers this node lives, and what it holds.
+    fn heartbeat(&mut self) {
+        let mut beat = self
+            .shared
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        beat.addresses = self
+            .shared
+            .lock()
+            .listen
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        let data = serde_json::to_vec(&beat).expect("plain struct serialises");
+        // Alone (no peers yet) is normal for a single node.
+        if let Err(e) = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(IdentTopic::new(HEALTH_TOPIC), data)
+        {
+            debug!(error = %e, "heartbeat not sent");
         }
     }
 
@@ -429,6 +603,71 @@ impl SwarmTask {
                     });
                 let _ = reply.send(result);
             }
+            Command::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, request);
+                self.requests.insert(id, reply);
+            }
+        }
+    }
+
+    fn rpc(&mut self, event: request_response::Event<NodeRequest, NodeResponse>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let (reply, answer) = oneshot::channel();
+                if self
+                    .inbound
+                    .send(Inbound::Request {
+                        from: peer,
+                        request,
+                        reply,
+                    })
+                    .is_ok()
+                {
+                    self.replies
+                        .push(Box::pin(async move { (answer.await, channel) }));
+                }
+            }
+            Event::Message {
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.requests.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.requests.remove(&request_id) {
+                    let _ = reply.send(Err(PeersError::Request {
+                        peer,
+                        message: error.to_string(),
+                    }));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                debug!(peer_id = %peer, error = %error, "answer to a peer failed")
+            }
+            Event::ResponseSent { .. } => {}
         }
     }
 
@@ -579,6 +818,7 @@ impl SwarmTask {
                 message,
                 ..
             })) => self.message(message),
+            SwarmEvent::Behaviour(BehaviourEvent::Rpc(event)) => self.rpc(event),
             // Identify's own cache keeps the addresses peers announce for
             // re-dials; here it only tells strangers apart.
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
@@ -593,13 +833,24 @@ impl SwarmTask {
     }
 
     fn message(&mut self, message: gossipsub::Message) {
-        if message.topic != IdentTopic::new(HEALTH_TOPIC).hash() {
-            debug!(topic = %message.topic, "message on a topic nobody reads here");
-            return;
-        }
         // Strict validation guarantees a signed source.
         let Some(source) = message.source else { return };
         if source == self.shared.peer_id {
+            return;
+        }
+        if message.topic != IdentTopic::new(HEALTH_TOPIC).hash() {
+            let topic = [EVENTS_TOPIC, ACTIVITY_TOPIC]
+                .into_iter()
+                .find(|t| message.topic == IdentTopic::new(*t).hash());
+            match topic {
+                Some(topic) => {
+                    let _ = self.inbound.send(Inbound::Gossip {
+                        topic: topic.to_string(),
+                        data: message.data,
+                    });
+                }
+                None => debug!(topic = %message.topic, "message on a topic nobody reads here"),
+            }
             return;
         }
         let heartbeat: Heartbeat = match serde_json::from_slice(&message.data) {

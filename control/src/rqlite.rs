@@ -148,6 +148,41 @@ impl RqliteClient {
         )
     }
 
+    /// The node answers HTTP at all (it may not know a leader yet).
+    pub async fn alive(&self) -> bool {
+        let url = format!("http://{}/status", self.addr);
+        matches!(
+            self.http.get(url).timeout(Duration::from_secs(1)).send().await,
+            Ok(r) if r.status().is_success()
+        )
+    }
+
+    /// Removes the member `id` from the Raft configuration (rqlite forwards
+    /// this to the leader). A member that is already gone is no error.
+    pub async fn remove_node(&self, id: &str) -> Result<(), RqliteError> {
+        let url = format!("http://{}/remove", self.addr);
+        let transport = |source| RqliteError::Transport {
+            addr: self.addr.clone(),
+            source,
+        };
+        let resp = self
+            .http
+            .delete(url)
+            .json(&serde_json::json!({ "id": id }))
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = resp.status().as_u16();
+        if status == 200 || status == 404 {
+            return Ok(());
+        }
+        Err(RqliteError::Http {
+            addr: self.addr.clone(),
+            status,
+            body: resp.text().await.unwrap_or_default(),
+        })
+    }
+
     /// The node id of the current leader, as this node sees it.
     pub async fn leader_id(&self) -> Option<String> {
         let url = format!("http://{}/status", self.addr);

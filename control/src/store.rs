@@ -8,17 +8,18 @@ use serde_json::Value;
 use crate::error::{ControlError, Result};
 use crate::rqlite::{RqliteClient, RqliteError, Stmt};
 
-const SCHEMA: [&str; 6] = [
+const SCHEMA: [&str; 7] = [
     "CREATE TABLE IF NOT EXISTS apps (name TEXT PRIMARY KEY, created_at INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, app TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, created_at INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS pg_users (app TEXT NOT NULL, name TEXT NOT NULL, verifier TEXT NOT NULL, PRIMARY KEY (app, name))",
     "CREATE TABLE IF NOT EXISTS databases (app TEXT NOT NULL, name TEXT NOT NULL, engine TEXT NOT NULL, replication_factor INTEGER NOT NULL, status TEXT NOT NULL, reason TEXT, created_at INTEGER NOT NULL, last_activity INTEGER NOT NULL, last_wake_ms INTEGER, secret TEXT NOT NULL, PRIMARY KEY (app, name))",
     "CREATE TABLE IF NOT EXISTS replicas (app TEXT NOT NULL, db TEXT NOT NULL, idx INTEGER NOT NULL, node_id TEXT NOT NULL, host TEXT NOT NULL, port INTEGER NOT NULL, raft_port INTEGER, PRIMARY KEY (app, db, idx))",
     "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS decisions (at INTEGER NOT NULL, coordinator TEXT NOT NULL, kind TEXT NOT NULL, app TEXT NOT NULL, db TEXT NOT NULL, detail TEXT NOT NULL)",
 ];
 
 /// Where one replica of a database runs (or ran, while hibernating).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaRecord {
     pub idx: u32,
     /// The control node that holds this replica.
@@ -337,6 +338,46 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// Logs a coordinator's decision (placement, replacement).
+    pub async fn insert_decision(
+        &self,
+        at: u64,
+        coordinator: &str,
+        kind: &str,
+        key: &DbKey,
+        detail: &str,
+    ) -> Result<()> {
+        self.db
+            .execute(vec![Stmt::new(
+                "INSERT INTO decisions (at, coordinator, kind, app, db, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .arg(at)
+            .arg(coordinator)
+            .arg(kind)
+            .arg(key.app.as_str())
+            .arg(key.db.as_str())
+            .arg(detail)])
+            .await?;
+        Ok(())
+    }
+
+    /// The decisions about one database, oldest first:
+    /// `(at, coordinator, kind, detail)`.
+    pub async fn decisions(&self, key: &DbKey) -> Result<Vec<(u64, String, String, String)>> {
+        let r = self
+            .db
+            .query(
+                Stmt::new("SELECT at, coordinator, kind, detail FROM decisions WHERE app = ? AND db = ? ORDER BY at")
+                    .arg(key.app.as_str())
+                    .arg(key.db.as_str()),
+            )
+            .await?;
+        Ok(r.values
+            .iter()
+            .map(|row| (int(&row[0]), text(&row[1]), text(&row[2]), text(&row[3])))
+            .collect())
     }
 
     pub async fn setting(&self, key: &str) -> Result<Option<String>> {

@@ -11,6 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::engine::{self, EngineEnv, Instance};
 use crate::error::{ControlError, Result};
+use crate::peers::{Peers, SystemMember};
 use crate::ports::PortAllocator;
 use crate::process::{ProcessEvent, Supervised};
 use crate::rqlite::RqliteClient;
@@ -23,7 +24,28 @@ struct SavedAddr {
     host: String,
     http_port: u16,
     raft_port: u16,
+    /// The member id in `_system`'s Raft cluster (stores made before
+    /// several nodes were supported use `node-0`).
+    #[serde(default = "first_member_id")]
+    raft_id: String,
+    /// Joined another node's `_system` (as a voter or not).
+    #[serde(default)]
+    joined: bool,
+    #[serde(default = "yes")]
+    voter: bool,
 }
+
+fn first_member_id() -> String {
+    "node-0".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Voting members of `_system`: later nodes join as non-voters, reading and
+/// writing through the voters.
+const SYSTEM_VOTERS: usize = 3;
 
 pub struct SystemDb {
     process: Supervised,
@@ -34,11 +56,15 @@ pub struct SystemDb {
 }
 
 impl SystemDb {
+    /// Starts this node's `_system` member: again with its data, or new.
+    /// A new node with bootstrap peers joins the `_system` of its peers
+    /// (a voter while there are fewer than three); one without founds it.
     pub async fn start(
         config: &Config,
         node_id: &str,
         engines: &EngineEnv,
         ports: &Arc<PortAllocator>,
+        peers: &Peers,
     ) -> Result<SystemDb> {
         let root = config.node.data_dir.join("_system");
         std::fs::create_dir_all(&root).map_err(|e| {
@@ -60,38 +86,67 @@ impl SystemDb {
             host,
             saved.as_ref().map(|s| s.raft_port),
         )?;
+        let replicas = [ReplicaRecord {
+            idx: 0,
+            node_id: node_id.to_string(),
+            host: host.to_string(),
+            port: http,
+            raft_port: Some(raft),
+        }];
+        let probe = Instance {
+            label: "_system",
+            dir: root.join("rqlite"),
+            replicas: &replicas,
+            node_id,
+            secret: "",
+            first_start: false,
+            raft_moved: false,
+            join: Vec::new(),
+            non_voter: false,
+            raft_id: None,
+        };
+        let has_data = engine::has_data(Engine::Rqlite, &probe);
+        let (join, voter) = match &saved {
+            Some(s) if has_data => (Vec::new(), s.voter),
+            _ if config.discovery.bootstrap_peers.is_empty() => (Vec::new(), true),
+            _ => find_system(peers).await,
+        };
         let now = SavedAddr {
             host: host.to_string(),
             http_port: http,
             raft_port: raft,
+            raft_id: match &saved {
+                Some(s) if has_data => s.raft_id.clone(),
+                _ => node_id.to_string(),
+            },
+            joined: !join.is_empty() || saved.as_ref().is_some_and(|s| s.joined && has_data),
+            voter,
         };
         let raft_moved = saved
             .as_ref()
             .is_some_and(|s| s.raft_port != raft || s.host != now.host);
+        if raft_moved && has_data && (now.joined || !config.discovery.bootstrap_peers.is_empty()) {
+            // Rewriting the Raft configuration of a shared `_system` to this
+            // one member would split it.
+            return Err(ControlError::Internal(format!(
+                "_system's Raft address {}:{} is taken; free it: this node's member of the shared metadata store cannot move",
+                saved.as_ref().map_or("?", |s| s.host.as_str()),
+                saved.as_ref().map_or(0, |s| s.raft_port)
+            )));
+        }
         if saved.as_ref() != Some(&now) {
             write_atomic(
                 &addr_file,
                 &serde_json::to_vec(&now).expect("plain struct serialises"),
             )?;
         }
-        let replicas = [ReplicaRecord {
-            idx: 0,
-            node_id: node_id.to_string(),
-            host: now.host.clone(),
-            port: http,
-            raft_port: Some(raft),
-        }];
         let inst = Instance {
-            label: "_system",
-            dir: root.join("rqlite"),
-            replicas: &replicas,
-            secret: "",
-            first_start: false,
+            first_start: !has_data,
             raft_moved,
-        };
-        let inst = Instance {
-            first_start: !engine::has_data(Engine::Rqlite, &inst),
-            ..inst
+            join,
+            non_voter: !voter,
+            raft_id: Some(&now.raft_id),
+            ..probe
         };
         engines.prepare(Engine::Rqlite, &inst).await?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -100,12 +155,30 @@ impl SystemDb {
             ControlError::Internal(format!("cannot start rqlited for _system: {e}"))
         })?;
         tokio::spawn(log_events(rx));
-        engines.wait_ready(Engine::Rqlite, &inst).await?;
-        let store = Store::open(RqliteClient::new(&format!("{}:{http}", now.host))).await?;
+        let client = RqliteClient::new(&format!("{}:{http}", now.host));
+        engine::poll_until(
+            tokio::time::Instant::now() + engines.start_timeout,
+            "_system",
+            || async {
+                if client.ready().await {
+                    Ok(())
+                } else {
+                    Err("no leader yet".to_string())
+                }
+            },
+        )
+        .await?;
+        let store = Store::open(client).await?;
+        peers.set_system(SystemMember {
+            raft_addr: format!("{}:{raft}", now.host),
+            voter,
+        });
         info!(
             database = "_system",
             http_port = http,
             raft_port = raft,
+            joined = now.joined,
+            voter,
             "metadata store ready"
         );
         Ok(SystemDb {
@@ -117,6 +190,48 @@ impl SystemDb {
 
     pub async fn stop(self, grace: std::time::Duration) {
         self.process.stop(grace).await;
+    }
+}
+
+/// Waits for peers and picks the `_system` to join: the Raft addresses of
+/// the members peers announce, and whether to vote. When no peer runs one
+/// yet, the node with the lowest peer id among those heard founds it and
+/// the others join.
+async fn find_system(peers: &Peers) -> (Vec<String>, bool) {
+    let settle = peers.health_check_interval() * 3;
+    let started = std::time::Instant::now();
+    let mut told = std::time::Instant::now();
+    loop {
+        let heard: Vec<_> = peers.peers().into_iter().filter(|p| p.healthy).collect();
+        let members: Vec<&SystemMember> = heard
+            .iter()
+            .filter_map(|p| p.heartbeat.system.as_ref())
+            .collect();
+        if !members.is_empty() {
+            let voters = members.iter().filter(|m| m.voter).count();
+            let join = members.iter().map(|m| m.raft_addr.clone()).collect();
+            info!(
+                members = members.len(),
+                voter = voters < SYSTEM_VOTERS,
+                "joining the peers' _system"
+            );
+            return (join, voters < SYSTEM_VOTERS);
+        }
+        if !heard.is_empty()
+            && started.elapsed() > settle
+            && heard.iter().all(|p| p.peer_id > peers.peer_id())
+        {
+            info!("no peer runs _system yet and this node has the lowest peer id: founding it");
+            return (Vec::new(), true);
+        }
+        if told.elapsed() > std::time::Duration::from_secs(10) {
+            warn!(
+                peers = heard.len(),
+                "waiting for a peer's _system to join (check discovery.bootstrap_peers)"
+            );
+            told = std::time::Instant::now();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

@@ -30,8 +30,9 @@ pub struct ControlBuilder {
     port_ranges: Option<[(u16, u16); 3]>,
     data_dir: Option<PathBuf>,
     env: Vec<(String, String)>,
-    /// Loopback address of the libp2p listener.
-    p2p_host: IpAddr,
+    /// The node's own loopback address (API, libp2p, replicas); unset, the
+    /// API and libp2p use 127.0.0.1 and replicas 127.0.0.1-3.
+    host: Option<IpAddr>,
     bootstrap_peers: Vec<String>,
     health_check_interval: Option<String>,
     discovery_interval: Option<String>,
@@ -46,7 +47,7 @@ impl Default for ControlBuilder {
             port_ranges: None,
             data_dir: None,
             env: Vec::new(),
-            p2p_host: LOCALHOST,
+            host: None,
             bootstrap_peers: Vec::new(),
             health_check_interval: None,
             discovery_interval: None,
@@ -94,10 +95,11 @@ impl ControlBuilder {
         self
     }
 
-    /// The address the libp2p listener binds (on a free port), e.g.
-    /// 127.0.0.2, so that several nodes on one host have distinct hosts.
-    pub fn p2p_host(mut self, host: IpAddr) -> Self {
-        self.p2p_host = host;
+    /// The node's address, e.g. 127.0.0.2, so that several nodes on one
+    /// machine are distinct hosts: the API and libp2p listen there (on free
+    /// ports) and it is the node's only replica host.
+    pub fn host(mut self, host: IpAddr) -> Self {
+        self.host = Some(host);
         self
     }
 
@@ -125,7 +127,8 @@ impl ControlBuilder {
             Some(data_dir) => std::path::absolute(data_dir)?,
             None => dir.path().join("data"),
         };
-        let api_addr = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
+        let host = self.host.unwrap_or(LOCALHOST);
+        let api_addr = SocketAddr::new(host, free_port(host));
         let config = dir.path().join("control.yaml");
         std::fs::write(&config, self.config_yaml(&data_dir, api_addr))
             .with_context(|| format!("cannot write {}", config.display()))?;
@@ -157,8 +160,12 @@ impl ControlBuilder {
         let replication_factor = self.replication_factor;
         let max_databases = self.max_databases;
         // The default libp2p port 4001 would be shared by parallel tests.
-        let p2p_host = self.p2p_host;
+        let p2p_host = self.host.unwrap_or(LOCALHOST);
         let p2p_port = free_port(p2p_host);
+        let replica_hosts = match self.host {
+            Some(host) => format!("  replica_hosts: [\"{host}\"]\n"),
+            None => String::new(),
+        };
         let mut discovery = String::new();
         if !self.bootstrap_peers.is_empty() {
             discovery.push_str("  bootstrap_peers:\n");
@@ -192,7 +199,7 @@ database:
   port_range_postgres_end: {pg_end}
 control:
   api_addr: {api_addr}
-{discovery}"
+{replica_hosts}{discovery}"
         )
     }
 }
@@ -303,12 +310,12 @@ impl Control {
         self.process.pid()
     }
 
-    /// SIGKILLs the daemon and its process group: a crash.
     /// Whether the daemon has exited.
     pub fn has_exited(&mut self) -> bool {
         self.process.has_exited()
     }
 
+    /// SIGKILLs the daemon and its process group: a crash.
     pub fn kill(&mut self) {
         self.process.kill();
     }

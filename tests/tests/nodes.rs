@@ -28,7 +28,7 @@ fn host(last: u8) -> IpAddr {
 
 fn node(host_last: u8) -> rouse_tests::ControlBuilder {
     Control::builder()
-        .p2p_host(host(host_last))
+        .host(host(host_last))
         .discovery_intervals(HEALTH_CHECK_CONFIG, DISCOVERY_CONFIG)
 }
 

@@ -34,16 +34,31 @@ pub struct Instance<'a> {
     pub label: &'a str,
     /// `<data_dir>/<app>_<db>/<engine>/`
     pub dir: PathBuf,
+    /// Every replica of the database, on whichever node.
     pub replicas: &'a [ReplicaRecord],
+    /// This node: its replicas are the ones started here.
+    pub node_id: &'a str,
     /// The engine's superuser password (Postgres).
     pub secret: &'a str,
-    /// No data yet: initialise (initdb, bootstrap the Raft cluster).
+    /// No data here yet: initialise (initdb, bootstrap or join the Raft cluster).
     pub first_start: bool,
     /// The Raft addresses differ from the last run's.
     pub raft_moved: bool,
+    /// Raft addresses of a running cluster that a replica without data
+    /// joins, instead of bootstrapping a new one with the others.
+    pub join: Vec<String>,
+    /// Join as a non-voting member (rqlite read-only node).
+    pub non_voter: bool,
+    /// The Raft member id, when it is not `node-<idx>` (`_system`).
+    pub raft_id: Option<&'a str>,
 }
 
 impl Instance<'_> {
+    /// The replicas this node runs.
+    pub fn local(&self) -> impl Iterator<Item = &ReplicaRecord> {
+        self.replicas.iter().filter(|r| r.node_id == self.node_id)
+    }
+
     pub fn replica_dir(&self, r: &ReplicaRecord) -> PathBuf {
         self.dir.join(format!("node-{}", r.idx))
     }
@@ -135,6 +150,17 @@ impl EngineEnv {
         }
     }
 
+    /// Waits until this node's replicas answer at all; the database as a
+    /// whole may still wait for its other replicas (a Raft quorum).
+    pub async fn wait_alive(&self, engine: Engine, inst: &Instance<'_>) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.start_timeout;
+        match engine {
+            Engine::Rqlite => rqlite::wait_alive(inst, deadline).await,
+            Engine::Postgres => postgres::wait_ready(inst, deadline).await.map(|_| ()),
+            Engine::Patroni => Err(not_run_here()),
+        }
+    }
+
     /// Work on a started database: its Postgres database and the app's roles.
     pub async fn after_start(
         &self,
@@ -161,7 +187,7 @@ impl EngineEnv {
 
 /// Whether the replicas already hold data from an earlier start.
 pub fn has_data(engine: Engine, inst: &Instance<'_>) -> bool {
-    inst.replicas.iter().all(|r| {
+    inst.local().all(|r| {
         let dir = inst.replica_dir(r);
         match engine {
             Engine::Rqlite => dir.join("raft.db").exists(),

@@ -25,7 +25,7 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> ControlError + '_ {
 
 pub(super) async fn prepare(env: &EngineEnv, inst: &Instance<'_>) -> Result<()> {
     let bin = env.postgres_bin()?.to_path_buf();
-    for r in inst.replicas {
+    for r in inst.local() {
         let dir = inst.replica_dir(r);
         if !inst.first_start && dir.join("PG_VERSION").exists() {
             continue;

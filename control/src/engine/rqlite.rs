@@ -10,16 +10,17 @@ use crate::error::{ControlError, Result};
 use crate::rqlite::{RqliteClient, Stmt};
 use crate::store::ReplicaRecord;
 
-fn node_id(r: &ReplicaRecord) -> String {
+/// A replica's member id in its Raft cluster.
+pub fn node_id(r: &ReplicaRecord) -> String {
     format!("node-{}", r.idx)
 }
 
-fn raft_addr(r: &ReplicaRecord) -> String {
+pub fn raft_addr(r: &ReplicaRecord) -> String {
     format!("{}:{}", r.host, r.raft_port.unwrap_or_default())
 }
 
 pub(super) fn prepare(inst: &Instance<'_>) -> Result<()> {
-    for r in inst.replicas {
+    for r in inst.local() {
         let dir = inst.replica_dir(r);
         std::fs::create_dir_all(&dir)
             .map_err(|e| ControlError::Internal(format!("cannot create {}: {e}", dir.display())))?;
@@ -46,7 +47,9 @@ pub(super) fn args(env: &EngineEnv, inst: &Instance<'_>, r: &ReplicaRecord) -> V
     let ms = |d: std::time::Duration| format!("{}ms", d.as_millis().max(1));
     let mut args: Vec<OsString> = vec![
         "-node-id".into(),
-        node_id(r).into(),
+        inst.raft_id
+            .map_or_else(|| node_id(r), str::to_string)
+            .into(),
         "-http-addr".into(),
         format!("{}:{}", r.host, r.port).into(),
         "-raft-addr".into(),
@@ -59,7 +62,12 @@ pub(super) fn args(env: &EngineEnv, inst: &Instance<'_>, r: &ReplicaRecord) -> V
         "-raft-leader-lease-timeout".into(),
         ms(env.raft_heartbeat_timeout).into(),
     ];
-    if inst.first_start && inst.replicas.len() > 1 {
+    if inst.first_start && !inst.join.is_empty() {
+        args.extend(["-join".into(), inst.join.join(",").into()]);
+        if inst.non_voter {
+            args.push("-raft-non-voter".into());
+        }
+    } else if inst.first_start && inst.replicas.len() > 1 {
         let members: Vec<String> = inst.replicas.iter().map(raft_addr).collect();
         args.extend([
             "-bootstrap-expect".into(),
@@ -101,6 +109,21 @@ pub(super) async fn wait_ready(
     })
     .await?;
     Ok(endpoints(inst.replicas, Some(leader)))
+}
+
+pub(super) async fn wait_alive(inst: &Instance<'_>, deadline: tokio::time::Instant) -> Result<()> {
+    for r in inst.local() {
+        let client = RqliteClient::new(&format!("{}:{}", r.host, r.port));
+        poll_until(deadline, inst.label, || async {
+            if client.alive().await {
+                Ok(())
+            } else {
+                Err(format!("{} does not answer yet", client.addr()))
+            }
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 /// Endpoints of the replicas, the leader first.

@@ -1,0 +1,229 @@
+//! Several nodes: who decides (the coordinator, lowest live peer id), where
+//! replicas go (distinct nodes with capacity), and what nodes ask of each
+//! other over libp2p.
+//!
+//! Lifecycle decisions (create, wake, hibernate, drop, replacing a dead
+//! node's replicas) are made by the coordinator, which records them in
+//! `_system` before acting. Work on replicas is done by the node that holds
+//! them, at the coordinator's request. A single node is its own coordinator
+//! and the holder of every replica, through the same code.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use rouse_control_api::{CreateDatabase, DatabaseInfo, DbKey, Engine};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ControlError, Result};
+use crate::peers::{PeerView, Peers, MISSED_CHECKS};
+use crate::store::{DatabaseRecord, ReplicaRecord};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum NodeRequest {
+    // Decisions, sent to the coordinator.
+    Create {
+        request: CreateDatabase,
+        first_access: bool,
+    },
+    Wake {
+        key: DbKey,
+    },
+    Hibernate {
+        key: DbKey,
+        force: bool,
+    },
+    Drop {
+        key: DbKey,
+    },
+    // Work on the receiving node's replicas, sent by the coordinator.
+    /// Ports for replica `idx`, preferring `previous`'s.
+    Allocate {
+        key: DbKey,
+        engine: Engine,
+        idx: u32,
+        previous: Option<ReplicaRecord>,
+    },
+    /// Start this node's replicas of the database as `_system` records them.
+    Start {
+        key: DbKey,
+        start: LocalStart,
+    },
+    /// Stop this node's replicas, and remove their data if asked.
+    Stop {
+        key: DbKey,
+        remove_data: bool,
+    },
+}
+
+/// How a holder starts its replicas.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct LocalStart {
+    /// A new database: replicas without data bootstrap a cluster together.
+    /// Otherwise a replica without data joins the running cluster.
+    pub bootstrap: bool,
+    /// The Raft addresses changed since the last run.
+    pub raft_moved: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum NodeResponse {
+    Info(Box<DatabaseInfo>),
+    Replica(ReplicaRecord),
+    Done,
+    Failed(ControlError),
+}
+
+impl NodeResponse {
+    pub fn from_result<T>(result: Result<T>, ok: impl FnOnce(T) -> NodeResponse) -> NodeResponse {
+        match result {
+            Ok(v) => ok(v),
+            Err(e) => NodeResponse::Failed(e.portable()),
+        }
+    }
+}
+
+/// A node that can take replicas.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub node_id: String,
+    /// `None`: this node.
+    pub peer: Option<PeerId>,
+    pub max_databases: u32,
+}
+
+/// This node's view of the cluster, taken once per decision.
+pub struct Membership {
+    me: String,
+    my_peer: PeerId,
+    my_max: u32,
+    peers: Vec<PeerView>,
+    /// Peers may be unknown for a while after this node starts: only a
+    /// node seen unhealthy, or unheard of for long, counts as down.
+    settled: bool,
+    clustered: bool,
+}
+
+impl Membership {
+    pub fn new(
+        peers: &Peers,
+        me: &str,
+        max_databases: u32,
+        started: Instant,
+        has_bootstrap: bool,
+    ) -> Membership {
+        let views = peers.peers();
+        let settle = peers.health_check_interval() * (MISSED_CHECKS * 2);
+        Membership {
+            me: me.to_string(),
+            my_peer: peers.peer_id(),
+            my_max: max_databases,
+            clustered: has_bootstrap || !views.is_empty(),
+            peers: views,
+            settled: started.elapsed() > settle.max(Duration::from_secs(1)),
+        }
+    }
+
+    /// Whether this node has (or is meant to have) peers: replicas then go
+    /// to distinct nodes instead of this node's replica hosts.
+    pub fn clustered(&self) -> bool {
+        self.clustered
+    }
+
+    /// The node that decides now: `None` for this node.
+    pub fn coordinator(&self) -> Option<PeerId> {
+        let lowest = self
+            .peers
+            .iter()
+            .filter(|p| p.healthy)
+            .map(|p| p.peer_id)
+            .min()?;
+        (lowest < self.my_peer).then_some(lowest)
+    }
+
+    pub fn peer_of(&self, node_id: &str) -> Option<PeerId> {
+        self.peers
+            .iter()
+            .find(|p| p.heartbeat.node_id == node_id)
+            .map(|p| p.peer_id)
+    }
+
+    /// Whether `node_id` is up as far as this node can tell.
+    pub fn is_live(&self, node_id: &str) -> bool {
+        if node_id == self.me {
+            return true;
+        }
+        match self.peers.iter().find(|p| p.heartbeat.node_id == node_id) {
+            Some(p) => p.healthy,
+            None => !self.settled,
+        }
+    }
+
+    /// Nodes that can take a replica now: this one and every healthy peer.
+    pub fn live(&self) -> Vec<Member> {
+        let mut out = vec![Member {
+            node_id: self.me.clone(),
+            peer: None,
+            max_databases: self.my_max,
+        }];
+        out.extend(self.peers.iter().filter(|p| p.healthy).map(|p| Member {
+            node_id: p.heartbeat.node_id.clone(),
+            peer: Some(p.peer_id),
+            max_databases: p.heartbeat.max_databases,
+        }));
+        out
+    }
+
+    /// `count` distinct live nodes with room for one more database, the
+    /// least loaded first (ties by node id, so every coordinator agrees),
+    /// skipping `exclude`. `load` counts the databases each node holds.
+    pub fn place(
+        &self,
+        count: u32,
+        load: &HashMap<String, u32>,
+        exclude: &HashSet<String>,
+    ) -> Result<Vec<Member>> {
+        let mut fit: Vec<Member> = self
+            .live()
+            .into_iter()
+            .filter(|m| !exclude.contains(&m.node_id))
+            .filter(|m| load.get(&m.node_id).copied().unwrap_or(0) < m.max_databases)
+            .collect();
+        if (fit.len() as u32) < count {
+            return Err(ControlError::InsufficientNodes {
+                got: fit.len() as u32,
+                need: count,
+            });
+        }
+        fit.sort_by(|a, b| {
+            let la = load.get(&a.node_id).copied().unwrap_or(0);
+            let lb = load.get(&b.node_id).copied().unwrap_or(0);
+            la.cmp(&lb).then_with(|| a.node_id.cmp(&b.node_id))
+        });
+        fit.truncate(count as usize);
+        Ok(fit)
+    }
+}
+
+/// How many databases each node holds a replica of.
+pub fn load(records: &[DatabaseRecord]) -> HashMap<String, u32> {
+    let mut out: HashMap<String, u32> = HashMap::new();
+    for rec in records {
+        let holders: HashSet<&str> = rec.replicas.iter().map(|r| r.node_id.as_str()).collect();
+        for h in holders {
+            *out.entry(h.to_string()).or_default() += 1;
+        }
+    }
+    out
+}
+
+/// The distinct nodes holding `replicas`, in replica order.
+pub fn holders(replicas: &[ReplicaRecord]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in replicas {
+        if !out.contains(&r.node_id) {
+            out.push(r.node_id.clone());
+        }
+    }
+    out
+}

@@ -1,0 +1,579 @@
+//! Several nodes, each a real `rouse-control` on its own loopback address
+//! (127.0.0.1-4) running real rqlited replicas: replicas on distinct nodes,
+//! a fourth node taking new databases, proxies reaching any node's
+//! databases, coordinated hibernation and wake, and a node killed under
+//! write load.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rouse_control_api::*;
+use rouse_tests::{Control, ControlBuilder, Proxy};
+use serde_json::{json, Value};
+
+const APP: &str = "shop";
+
+fn name(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+fn host(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+/// Nodes on 127.0.0.1, .2, ...; the first founds the cluster, the others
+/// bootstrap from it.
+struct Cluster {
+    nodes: Vec<Control>,
+    bootstrap: String,
+    configure: fn(ControlBuilder) -> ControlBuilder,
+}
+
+impl Cluster {
+    async fn start(
+        count: usize,
+        configure: fn(ControlBuilder) -> ControlBuilder,
+    ) -> Result<Cluster> {
+        let first = configure(node(1)).start().await?;
+        let me = first.client().nodes().await?.nodes.remove(0);
+        let addr = me
+            .addresses
+            .iter()
+            .find(|a| a.starts_with("/ip4/127.0.0.1/"))
+            .context("first node listens on 127.0.0.1")?;
+        let mut cluster = Cluster {
+            bootstrap: format!("{addr}/p2p/{}", me.peer_id),
+            nodes: vec![first],
+            configure,
+        };
+        let rest =
+            futures::future::join_all((2..=count as u8).map(|i| cluster.builder(i).start())).await;
+        for node in rest {
+            cluster.nodes.push(node?);
+        }
+        cluster.wait_healthy().await?;
+        Ok(cluster)
+    }
+
+    fn builder(&self, i: u8) -> ControlBuilder {
+        (self.configure)(node(i)).bootstrap_peers([self.bootstrap.clone()])
+    }
+
+    /// One more node, on the next address.
+    async fn add(&mut self) -> Result<()> {
+        let next = self.builder(self.nodes.len() as u8 + 1).start().await?;
+        self.nodes.push(next);
+        self.wait_healthy().await
+    }
+
+    /// Until every running node lists every node as healthy.
+    async fn wait_healthy(&mut self) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let mut ok = true;
+            for n in &self.nodes {
+                let list = n.client().nodes().await?.nodes;
+                ok &= list.len() == self.nodes.len() && list.iter().all(|n| n.healthy);
+            }
+            if ok {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("nodes not all healthy within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn node_id(&self, i: usize) -> Result<String> {
+        Ok(self.nodes[i]
+            .client()
+            .nodes()
+            .await?
+            .nodes
+            .remove(0)
+            .node_id)
+    }
+}
+
+fn node(i: u8) -> ControlBuilder {
+    Control::builder()
+        .host(host(i))
+        .hibernation_timeout("0")
+        .discovery_intervals("200ms", "500ms")
+}
+
+fn rqlite_db(db: &str, replicas: u32) -> CreateDatabase {
+    CreateDatabase {
+        app: name(APP),
+        name: name(db),
+        engine: Engine::Rqlite,
+        replication_factor: Some(replicas),
+        patroni: None,
+    }
+}
+
+fn holders(info: &DatabaseInfo) -> BTreeSet<String> {
+    info.endpoints.iter().map(|e| e.node_id.clone()).collect()
+}
+
+/// An rqlite API call straight to one replica.
+async fn replica_call(e: &Endpoint, path: &str, body: Value) -> Result<Value> {
+    let url = format!("http://{}:{}{path}", e.host, e.port);
+    let resp = reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await?;
+    Ok(resp.error_for_status()?.json().await?)
+}
+
+/// The Raft members the replica at `e` knows: id → (voter, reachable).
+async fn raft_members(e: &Endpoint) -> Result<Vec<(String, bool, bool)>> {
+    let url = format!("http://{}:{}/nodes?nonvoters&ver=2", e.host, e.port);
+    let v: Value = reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let list = v["nodes"].as_array().context("nodes list")?;
+    Ok(list
+        .iter()
+        .map(|n| {
+            (
+                n["id"].as_str().unwrap_or_default().to_string(),
+                n["voter"].as_bool().unwrap_or(false),
+                n["reachable"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect())
+}
+
+/// Whether something accepts connections on the replica's HTTP port.
+async fn listening(e: &Endpoint) -> bool {
+    tokio::net::TcpStream::connect((e.host.as_str(), e.port))
+        .await
+        .is_ok()
+}
+
+async fn through_proxy(
+    proxy: &Proxy,
+    key: &str,
+    db: &str,
+    path: &str,
+    body: Value,
+) -> Result<(u16, Value)> {
+    let url = format!("{}/{APP}/{db}{path}", proxy.url());
+    let resp = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(key)
+        .json(&body)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().await.unwrap_or(Value::Null)))
+}
+
+fn no_errors(v: &Value) -> bool {
+    v["results"]
+        .as_array()
+        .is_some_and(|r| r.iter().all(|r| r.get("error").is_none()))
+}
+
+async fn setup_app(control: &Control) -> Result<String> {
+    let api = control.client();
+    api.create_app(&name(APP)).await?;
+    Ok(api.create_key(&name(APP)).await?.key)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_go_to_distinct_nodes_and_a_new_node_takes_new_databases() -> Result<()> {
+    let mut cluster = Cluster::start(3, |b| b).await?;
+    let key = setup_app(&cluster.nodes[0]).await?;
+    let ids: BTreeSet<String> = [
+        cluster.node_id(0).await?,
+        cluster.node_id(1).await?,
+        cluster.node_id(2).await?,
+    ]
+    .into();
+
+    // Created through the second node, whoever coordinates.
+    let api = cluster.nodes[1].client();
+    let orders = api.create_database(&rqlite_db("orders", 3)).await?;
+    assert_eq!(orders.status, DatabaseStatus::Active, "{orders:?}");
+    assert_eq!(holders(&orders), ids, "one replica per node: {orders:?}");
+    let hosts: BTreeSet<&str> = orders.endpoints.iter().map(|e| e.host.as_str()).collect();
+    assert_eq!(hosts, ["127.0.0.1", "127.0.0.2", "127.0.0.3"].into());
+
+    // One Raft cluster across the nodes: written on the leader, read on
+    // every replica.
+    let leader = orders
+        .endpoints
+        .iter()
+        .find(|e| e.leader)
+        .context("a leader")?;
+    replica_call(
+        leader,
+        "/db/execute",
+        json!([
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
+            "INSERT INTO t (v) VALUES ('a')"
+        ]),
+    )
+    .await?;
+    for e in &orders.endpoints {
+        let start = Instant::now();
+        loop {
+            let r = replica_call(e, "/db/query?level=none", json!(["SELECT v FROM t"])).await?;
+            if r["results"][0]["values"] == json!([["a"]]) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "replica {e:?} never saw the row: {r}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Every node tells the same placement.
+    for n in &cluster.nodes {
+        let seen = n.client().database(&name(APP), &name("orders")).await?;
+        assert_eq!(seen.ports.len(), 6, "{seen:?}");
+        let mut ports = seen.ports.clone();
+        ports.sort_unstable();
+        let mut want = orders.ports.clone();
+        want.sort_unstable();
+        assert_eq!(ports, want);
+    }
+
+    // More replicas than nodes: a clear refusal, nothing made.
+    let err = api
+        .create_database(&rqlite_db("wide", 4))
+        .await
+        .expect_err("4 replicas on 3 nodes");
+    assert_eq!(err.code(), Some("insufficient_nodes"), "{err}");
+    assert!(err.to_string().contains("got 3, need 4"), "{err}");
+    assert!(api.database(&name(APP), &name("wide")).await.is_err());
+
+    // A fourth node joins: it reads and writes the shared metadata (its
+    // key works on the first node) and, the least loaded, takes new
+    // databases.
+    cluster.add().await?;
+    let fourth = cluster.node_id(3).await?;
+    let api4 = cluster.nodes[3].client();
+    let key4 = api4.create_key(&name(APP)).await?.key;
+    assert_eq!(
+        cluster.nodes[0].client().verify_key(&key4).await?.app,
+        name(APP)
+    );
+    let invoices = api4.create_database(&rqlite_db("invoices", 3)).await?;
+    assert!(holders(&invoices).contains(&fourth), "{invoices:?}");
+    assert_eq!(holders(&invoices).len(), 3);
+    let single = cluster.nodes[0]
+        .client()
+        .create_database(&rqlite_db("single", 1))
+        .await?;
+    assert_eq!(holders(&single), [fourth.clone()].into(), "{single:?}");
+
+    // A proxy beside the fourth node reaches a database the first three hold.
+    let proxy = Proxy::builder(&cluster.nodes[3]).start().await?;
+    let (status, body) = through_proxy(
+        &proxy,
+        &key,
+        "orders",
+        "/db/query",
+        json!(["SELECT v FROM t"]),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["values"], json!([["a"]]), "{body}");
+    let (status, body) = through_proxy(
+        &proxy,
+        &key,
+        "orders",
+        "/db/execute",
+        json!(["INSERT INTO t (v) VALUES ('b')"]),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(no_errors(&body), "{body}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hibernation_waits_for_every_node_and_a_wake_anywhere_starts_every_replica() -> Result<()> {
+    let cluster = Cluster::start(3, |b| b.hibernation_timeout("3s")).await?;
+    let key = setup_app(&cluster.nodes[0]).await?;
+    let info = cluster.nodes[0]
+        .client()
+        .create_database(&rqlite_db("events", 3))
+        .await?;
+    let replicas = info.endpoints.clone();
+    assert_eq!(replicas.len(), 3);
+    let proxies = [
+        Proxy::builder(&cluster.nodes[1])
+            .set("activity_interval", "\"300ms\"")
+            .start()
+            .await?,
+        Proxy::builder(&cluster.nodes[2])
+            .set("activity_interval", "\"300ms\"")
+            .start()
+            .await?,
+    ];
+    let (status, body) = through_proxy(
+        &proxies[0],
+        &key,
+        "events",
+        "/db/execute",
+        json!([
+            "CREATE TABLE e (id INTEGER PRIMARY KEY)",
+            "INSERT INTO e (id) VALUES (7)"
+        ]),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+
+    // Traffic through the third node's proxy alone, for twice the timeout:
+    // whoever coordinates must not hibernate the database meanwhile.
+    let busy = Instant::now();
+    while busy.elapsed() < Duration::from_secs(7) {
+        let (status, body) = through_proxy(
+            &proxies[1],
+            &key,
+            "events",
+            "/db/query",
+            json!(["SELECT id FROM e"]),
+        )
+        .await?;
+        assert_eq!(status, 200, "{body}");
+        for n in &cluster.nodes {
+            let seen = n.client().database(&name(APP), &name("events")).await?;
+            assert_eq!(
+                seen.status,
+                DatabaseStatus::Active,
+                "hibernated while a proxy on another node used it"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Idle everywhere: it hibernates, and every replica on every node stops.
+    let idle = Instant::now();
+    loop {
+        let mut all = true;
+        for n in &cluster.nodes {
+            all &= n
+                .client()
+                .database(&name(APP), &name("events"))
+                .await?
+                .status
+                == DatabaseStatus::Hibernating;
+        }
+        for e in &replicas {
+            all &= !listening(e).await;
+        }
+        if all {
+            break;
+        }
+        assert!(
+            idle.elapsed() < Duration::from_secs(20),
+            "not hibernated on every node within 20 s of idling"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("hibernated {:?} after the last request", idle.elapsed());
+
+    // A request through the second node's proxy wakes it: every replica
+    // runs again on its node, with the data.
+    let woke = Instant::now();
+    let (status, body) = through_proxy(
+        &proxies[0],
+        &key,
+        "events",
+        "/db/query",
+        json!(["SELECT id FROM e"]),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["values"], json!([[7]]), "{body}");
+    eprintln!("woken through another node in {:?}", woke.elapsed());
+    let info = cluster.nodes[2]
+        .client()
+        .database(&name(APP), &name("events"))
+        .await?;
+    assert_eq!(info.status, DatabaseStatus::Active);
+    for e in &info.endpoints {
+        assert!(listening(e).await, "replica {e:?} not started");
+    }
+    assert_eq!(holders(&info).len(), 3, "{info:?}");
+    let members = raft_members(&info.endpoints[0]).await?;
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert!(
+        members
+            .iter()
+            .all(|(_, voter, reachable)| *voter && *reachable),
+        "{members:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_node_is_replaced_and_no_acknowledged_write_is_lost() -> Result<()> {
+    let mut cluster = Cluster::start(4, |b| b).await?;
+    let key = setup_app(&cluster.nodes[0]).await?;
+    let info = cluster.nodes[0]
+        .client()
+        .create_database(&rqlite_db("ledger", 3))
+        .await?;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(cluster.node_id(i).await?);
+    }
+    // The node without a replica hosts the proxy; the leader's node dies.
+    let spare = ids
+        .iter()
+        .position(|id| !holders(&info).contains(id))
+        .context("a spare node")?;
+    let leader = info
+        .endpoints
+        .iter()
+        .find(|e| e.leader)
+        .context("leader")?
+        .clone();
+    let victim = ids
+        .iter()
+        .position(|id| *id == leader.node_id)
+        .context("leader's node")?;
+    let proxy = Proxy::builder(&cluster.nodes[spare]).start().await?;
+    let (status, body) = through_proxy(
+        &proxy,
+        &key,
+        "ledger",
+        "/db/execute",
+        json!(["CREATE TABLE l (id INTEGER PRIMARY KEY)"]),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+
+    // A writer: every id it saw acknowledged must survive.
+    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop, key, url) = (acked.clone(), stop.clone(), key.clone(), proxy.url());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut id = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                id += 1;
+                let sent = http
+                    .post(format!("{url}/{APP}/ledger/db/execute"))
+                    .bearer_auth(&key)
+                    .json(&json!([["INSERT INTO l (id) VALUES (?)", id]]))
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await;
+                if let Ok(resp) = sent {
+                    if resp.status() == 200 {
+                        if let Ok(body) = resp.json::<Value>().await {
+                            if no_errors(&body) {
+                                acked.lock().unwrap().push(id);
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = acked.lock().unwrap().len();
+    assert!(before > 10, "writes flow before the kill: {before}");
+
+    let killed = Instant::now();
+    cluster.nodes[victim].kill();
+    let watcher = cluster.nodes[spare].client();
+    let replaced = loop {
+        let info = watcher.database(&name(APP), &name("ledger")).await?;
+        let now = holders(&info);
+        if now.len() == 3 && !now.contains(&ids[victim]) {
+            if let Some(l) = info.endpoints.iter().find(|e| e.leader) {
+                if let Ok(members) = raft_members(l).await {
+                    let ok = members.len() == 3
+                        && members
+                            .iter()
+                            .all(|(_, voter, reachable)| *voter && *reachable);
+                    if ok {
+                        break killed.elapsed();
+                    }
+                }
+            }
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "not back to 3 replicas within 60 s: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("back to 3 replicas, the dead member removed, {replaced:?} after the kill");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await?;
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > before, "writes resumed after the kill");
+
+    let (status, body) = through_proxy(
+        &proxy,
+        &key,
+        "ledger",
+        "/db/query?level=strong",
+        json!(["SELECT id FROM l"]),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    let stored: BTreeSet<u64> = body["results"][0]["values"]
+        .as_array()
+        .context("rows")?
+        .iter()
+        .filter_map(|r| r[0].as_u64())
+        .collect();
+    let lost: Vec<u64> = acked
+        .iter()
+        .filter(|id| !stored.contains(id))
+        .copied()
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost: {lost:?}",
+        lost.len()
+    );
+    eprintln!("{} acknowledged writes, none lost", acked.len());
+
+    // The dead node comes back: its old replica stays down and is removed.
+    let stale_dir = cluster.nodes[victim]
+        .data_dir()
+        .join(format!("{APP}_ledger"));
+    assert!(stale_dir.exists());
+    cluster.nodes[victim].restart().await?;
+    cluster.wait_healthy().await?;
+    let back = Instant::now();
+    while stale_dir.exists() || listening(&leader).await {
+        assert!(
+            back.elapsed() < Duration::from_secs(20),
+            "the returning node revived or kept its stale replica"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let info = watcher.database(&name(APP), &name("ledger")).await?;
+    assert!(!holders(&info).contains(&ids[victim]), "{info:?}");
+    let members = raft_members(&info.endpoints[0]).await?;
+    assert_eq!(members.len(), 3, "{members:?}");
+    Ok(())
+}
