@@ -74,6 +74,9 @@ struct Slot {
     deciding: tokio::sync::Mutex<()>,
     /// This node's processes of the database.
     running: tokio::sync::Mutex<Option<Running>>,
+    /// Stopped on request (a hibernation under way): the upkeep loop must
+    /// not start it again before the decision is recorded.
+    held_down: std::sync::atomic::AtomicBool,
     /// Readable while a lifecycle operation holds `running`.
     view: Mutex<SlotView>,
 }
@@ -459,7 +462,7 @@ impl Manager {
     /// Creates a database; `first_access` when a proxy creates it because a
     /// client used it, which the app's policy may forbid.
     pub async fn create(&self, req: &CreateDatabase, first_access: bool) -> Result<DatabaseInfo> {
-        self.decide(NodeRequest::Create {
+        self.decide_info(NodeRequest::Create {
             request: req.clone(),
             first_access,
         })
@@ -469,13 +472,14 @@ impl Manager {
     /// Starts a database that is not running (idempotent; concurrent calls
     /// share one start). Returns once it answers queries.
     pub async fn wake(&self, key: &DbKey) -> Result<DatabaseInfo> {
-        self.decide(NodeRequest::Wake { key: key.clone() }).await
+        self.decide_info(NodeRequest::Wake { key: key.clone() })
+            .await
     }
 
     /// Stops a running database, keeping its data. Refused while proxies
     /// report open sessions, unless `force`.
     pub async fn hibernate(&self, key: &DbKey, force: bool) -> Result<DatabaseInfo> {
-        self.decide(NodeRequest::Hibernate {
+        self.decide_info(NodeRequest::Hibernate {
             key: key.clone(),
             force,
         })
@@ -489,19 +493,23 @@ impl Manager {
     }
 
     /// Makes a decision here when this node coordinates, else on the
-    /// coordinator. The answer also updates this node's view.
-    async fn decide(&self, request: NodeRequest) -> Result<DatabaseInfo> {
+    /// coordinator. An answer about a database also updates this node's view.
+    async fn decide(&self, request: NodeRequest) -> Result<NodeResponse> {
         let answer = match self.membership().coordinator() {
             None => Box::pin(self.handle(request)).await?,
             Some(peer) => self.ask(peer, request).await?,
         };
-        match answer {
-            NodeResponse::Info(info) => {
-                let key = DbKey::new(info.app.clone(), info.name.clone());
-                self.set_view(&key, info.status, info.endpoints.clone());
-                Ok(*info)
-            }
-            NodeResponse::Done => Err(ControlError::NotFound("database dropped".into())),
+        if let NodeResponse::Info(info) = &answer {
+            let key = DbKey::new(info.app.clone(), info.name.clone());
+            self.set_view(&key, info.status, info.endpoints.clone());
+        }
+        Ok(answer)
+    }
+
+    /// Makes a decision that answers with the database's status.
+    async fn decide_info(&self, request: NodeRequest) -> Result<DatabaseInfo> {
+        match self.decide(request).await? {
+            NodeResponse::Info(info) => Ok(*info),
             other => Err(ControlError::Internal(format!(
                 "unexpected answer from the coordinator: {other:?}"
             ))),
@@ -986,6 +994,8 @@ impl Manager {
     async fn start_local(&self, key: &DbKey, start: LocalStart) -> Result<()> {
         let slot = self.slot(key);
         let mut running = slot.running.lock().await;
+        slot.held_down
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         if running.is_some() {
             return Ok(());
         }
@@ -1070,6 +1080,8 @@ impl Manager {
     async fn stop_local(&self, key: &DbKey, remove_data: bool) {
         let slot = self.slot(key);
         let mut running = slot.running.lock().await;
+        slot.held_down
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(run) = running.take() {
             self.stop_all(run.processes).await;
             self.ports.release(run.ports);
@@ -1266,16 +1278,15 @@ impl Manager {
                 key.db, key.app
             )));
         }
+        self.stop_everywhere(&rec, false).await;
         let last = self
             .activity
             .last_activity(key)
             .unwrap_or(0)
             .max(rec.last_activity);
         self.store.set_activity(key, last, None).await?;
-        // Recorded first, so that no holder starts its replica again meanwhile.
         self.transition(key, DatabaseStatus::Hibernating, None, Vec::new())
             .await?;
-        self.stop_everywhere(&rec, false).await;
         let idle = now_ms().saturating_sub(last);
         info!(database = %key, idle_time = ?Duration::from_millis(idle), "database hibernated");
         self.status(key).await
@@ -1684,6 +1695,11 @@ impl Manager {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let peers = self.peers.peers();
+            let healthy = peers.iter().filter(|p| p.healthy).count();
+            metrics::gauge!("rouse_peers", "health" => "healthy").set(healthy as f64);
+            metrics::gauge!("rouse_peers", "health" => "unhealthy")
+                .set((peers.len() - healthy) as f64);
             let Ok(records) = self.store.databases(None).await else {
                 continue;
             };
@@ -1769,11 +1785,12 @@ impl Manager {
                 continue;
             }
             let slot = self.slot(&rec.key);
-            let idle = slot
-                .running
-                .try_lock()
-                .map(|r| r.is_none())
-                .unwrap_or(false);
+            let idle = !slot.held_down.load(std::sync::atomic::Ordering::Relaxed)
+                && slot
+                    .running
+                    .try_lock()
+                    .map(|r| r.is_none())
+                    .unwrap_or(false);
             if idle {
                 if let Err(e) = self.start_local(&rec.key, LocalStart::default()).await {
                     warn!(database = %rec.key, error = %e, "could not start this node's replica");
@@ -1860,9 +1877,16 @@ impl Manager {
     /// This node, then every peer heard from (healthy or not).
     pub async fn nodes(&self) -> Result<NodeList> {
         let local = self.local_node();
-        Ok(NodeList {
-            nodes: self.peers.nodes(local),
-        })
+        let nodes = self.peers.nodes(local);
+        let coordinator = match self.membership().coordinator() {
+            None => self.node_id.clone(),
+            Some(peer) => nodes
+                .iter()
+                .find(|n| n.peer_id == peer.to_string())
+                .map(|n| n.node_id.clone())
+                .unwrap_or_default(),
+        };
+        Ok(NodeList { nodes, coordinator })
     }
 
     /// This node's capacity and load as its heartbeats say them (kept

@@ -7,6 +7,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
+/// How long a statement waits for a leader to be elected.
+const ELECTION_WAIT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RqliteError {
     #[error("rqlite at {addr} unreachable: {source}")]
@@ -92,7 +95,23 @@ impl RqliteClient {
         &self.addr
     }
 
+    /// Posts, retrying while the cluster has no leader (503: an election
+    /// after a member died), for up to [`ELECTION_WAIT`].
     async fn post(&self, path: &str, body: Value) -> Result<Vec<StmtResult>, RqliteError> {
+        let deadline = tokio::time::Instant::now() + ELECTION_WAIT;
+        loop {
+            match self.post_once(path, &body).await {
+                Err(RqliteError::Http { status: 503, .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn post_once(&self, path: &str, body: &Value) -> Result<Vec<StmtResult>, RqliteError> {
         let url = format!("http://{}{}", self.addr, path);
         let transport = |source| RqliteError::Transport {
             addr: self.addr.clone(),
@@ -101,7 +120,7 @@ impl RqliteClient {
         let resp = self
             .http
             .post(url)
-            .json(&body)
+            .json(body)
             .send()
             .await
             .map_err(transport)?;

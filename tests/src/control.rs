@@ -36,6 +36,8 @@ pub struct ControlBuilder {
     bootstrap_peers: Vec<String>,
     health_check_interval: Option<String>,
     discovery_interval: Option<String>,
+    /// Runs inside this network namespace (see [`crate::Network`]).
+    netns: Option<String>,
 }
 
 impl Default for ControlBuilder {
@@ -51,6 +53,7 @@ impl Default for ControlBuilder {
             bootstrap_peers: Vec::new(),
             health_check_interval: None,
             discovery_interval: None,
+            netns: None,
         }
     }
 }
@@ -109,6 +112,15 @@ impl ControlBuilder {
         self
     }
 
+    /// Runs the daemon (and so its engines) inside network namespace `name`
+    /// on `host`, its address there. Every port is free in a namespace of
+    /// its own, so the API listens on 8001 and libp2p on 4001.
+    pub fn netns(mut self, name: &str, host: IpAddr) -> Self {
+        self.netns = Some(name.into());
+        self.host = Some(host);
+        self
+    }
+
     /// `discovery.health_check_interval` and `discovery.discovery_interval`,
     /// as the config file spells durations (`"200ms"`).
     pub fn discovery_intervals(mut self, health_check: &str, discovery: &str) -> Self {
@@ -128,7 +140,7 @@ impl ControlBuilder {
             None => dir.path().join("data"),
         };
         let host = self.host.unwrap_or(LOCALHOST);
-        let api_addr = SocketAddr::new(host, free_port(host));
+        let api_addr = SocketAddr::new(host, self.port(host, 8001));
         let config = dir.path().join("control.yaml");
         std::fs::write(&config, self.config_yaml(&data_dir, api_addr))
             .with_context(|| format!("cannot write {}", config.display()))?;
@@ -137,6 +149,7 @@ impl ControlBuilder {
             config,
             log: dir.path().join("control.log"),
             env: self.env,
+            netns: self.netns,
         };
         let mut process = launch.spawn()?;
         wait_healthy(&mut process, api_addr).await?;
@@ -147,6 +160,14 @@ impl ControlBuilder {
             data_dir,
             dir,
         })
+    }
+
+    /// A free port on `host`; `fixed` in a namespace of the daemon's own.
+    fn port(&self, host: IpAddr, fixed: u16) -> u16 {
+        match self.netns {
+            Some(_) => fixed,
+            None => free_port(host),
+        }
     }
 
     fn config_yaml(&self, data_dir: &Path, api_addr: SocketAddr) -> String {
@@ -161,7 +182,7 @@ impl ControlBuilder {
         let max_databases = self.max_databases;
         // The default libp2p port 4001 would be shared by parallel tests.
         let p2p_host = self.host.unwrap_or(LOCALHOST);
-        let p2p_port = free_port(p2p_host);
+        let p2p_port = self.port(p2p_host, 4001);
         let replica_hosts = match self.host {
             Some(host) => format!("  replica_hosts: [\"{host}\"]\n"),
             None => String::new(),
@@ -246,11 +267,20 @@ struct Launch {
     config: PathBuf,
     log: PathBuf,
     env: Vec<(String, String)>,
+    netns: Option<String>,
 }
 
 impl Launch {
     fn spawn(&self) -> Result<ServerProcess> {
-        let mut cmd = Command::new(&self.bin);
+        // `ip netns exec` execs the daemon itself: the pid is the daemon's.
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(&self.bin);
+                cmd
+            }
+            None => Command::new(&self.bin),
+        };
         cmd.arg("--config")
             .arg(&self.config)
             .arg("serve")

@@ -4,6 +4,7 @@
 //! and removes its directory, also when the test panics.
 
 mod control;
+mod netns;
 mod patroni;
 mod postgres;
 mod process;
@@ -22,6 +23,7 @@ use anyhow::{ensure, Context, Result};
 use tempfile::TempDir;
 
 pub use control::{control_bin, Control, ControlBuilder};
+pub use netns::Network;
 pub use patroni::{Etcd, PatroniCluster, PatroniMember};
 pub use postgres::{bin_dir as postgres_bin_dir, Postgres, RunAs};
 pub use process::{run, ServerProcess};

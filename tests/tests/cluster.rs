@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rouse_control_api::*;
-use rouse_tests::{Control, ControlBuilder, Proxy};
+use rouse_tests::{Control, ControlBuilder, Network, Proxy};
 use serde_json::{json, Value};
 
 const APP: &str = "shop";
@@ -25,12 +25,12 @@ fn host(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
 }
 
-/// Nodes on 127.0.0.1, .2, ...; the first founds the cluster, the others
-/// bootstrap from it.
+/// Nodes made by `node(i)` (by default on 127.0.0.<i>); the first founds
+/// the cluster, the others bootstrap from it.
 struct Cluster {
     nodes: Vec<Control>,
     bootstrap: String,
-    configure: fn(ControlBuilder) -> ControlBuilder,
+    node: Box<dyn Fn(u8) -> ControlBuilder>,
 }
 
 impl Cluster {
@@ -38,17 +38,23 @@ impl Cluster {
         count: usize,
         configure: fn(ControlBuilder) -> ControlBuilder,
     ) -> Result<Cluster> {
-        let first = configure(node(1)).start().await?;
+        Cluster::start_with(count, move |i| configure(node(i))).await
+    }
+
+    async fn start_with(
+        count: usize,
+        node: impl Fn(u8) -> ControlBuilder + 'static,
+    ) -> Result<Cluster> {
+        let first = node(1).start().await?;
         let me = first.client().nodes().await?.nodes.remove(0);
         let addr = me
             .addresses
-            .iter()
-            .find(|a| a.starts_with("/ip4/127.0.0.1/"))
-            .context("first node listens on 127.0.0.1")?;
+            .first()
+            .context("first node's libp2p address")?;
         let mut cluster = Cluster {
             bootstrap: format!("{addr}/p2p/{}", me.peer_id),
             nodes: vec![first],
-            configure,
+            node: Box::new(node),
         };
         let rest =
             futures::future::join_all((2..=count as u8).map(|i| cluster.builder(i).start())).await;
@@ -60,7 +66,7 @@ impl Cluster {
     }
 
     fn builder(&self, i: u8) -> ControlBuilder {
-        (self.configure)(node(i)).bootstrap_peers([self.bootstrap.clone()])
+        (self.node)(i).bootstrap_peers([self.bootstrap.clone()])
     }
 
     /// One more node, on the next address.
@@ -87,6 +93,17 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Index of the node that coordinates, as the first node sees it.
+    async fn coordinator(&self) -> Result<usize> {
+        let id = self.nodes[0].client().nodes().await?.coordinator;
+        for i in 0..self.nodes.len() {
+            if self.node_id(i).await? == id {
+                return Ok(i);
+            }
+        }
+        bail!("coordinator {id:?} is none of the nodes")
     }
 
     async fn node_id(&self, i: usize) -> Result<String> {
@@ -274,14 +291,15 @@ async fn replicas_go_to_distinct_nodes_and_a_new_node_takes_new_databases() -> R
         cluster.nodes[0].client().verify_key(&key4).await?.app,
         name(APP)
     );
-    let invoices = api4.create_database(&rqlite_db("invoices", 3)).await?;
-    assert!(holders(&invoices).contains(&fourth), "{invoices:?}");
-    assert_eq!(holders(&invoices).len(), 3);
+    // The least loaded node takes the next database.
     let single = cluster.nodes[0]
         .client()
         .create_database(&rqlite_db("single", 1))
         .await?;
     assert_eq!(holders(&single), [fourth.clone()].into(), "{single:?}");
+    // Now that every node holds one, three replicas go to three of the four.
+    let invoices = api4.create_database(&rqlite_db("invoices", 3)).await?;
+    assert_eq!(holders(&invoices).len(), 3, "{invoices:?}");
 
     // A proxy beside the fourth node reaches a database the first three hold.
     let proxy = Proxy::builder(&cluster.nodes[3]).start().await?;
@@ -318,12 +336,16 @@ async fn hibernation_waits_for_every_node_and_a_wake_anywhere_starts_every_repli
         .await?;
     let replicas = info.endpoints.clone();
     assert_eq!(replicas.len(), 3);
+    // Proxies beside the two nodes that do not decide: their activity has
+    // to reach the coordinator.
+    let coordinator = cluster.coordinator().await?;
+    let others: Vec<usize> = (0..3).filter(|i| *i != coordinator).collect();
     let proxies = [
-        Proxy::builder(&cluster.nodes[1])
+        Proxy::builder(&cluster.nodes[others[0]])
             .set("activity_interval", "\"300ms\"")
             .start()
             .await?,
-        Proxy::builder(&cluster.nodes[2])
+        Proxy::builder(&cluster.nodes[others[1]])
             .set("activity_interval", "\"300ms\"")
             .start()
             .await?,
@@ -341,8 +363,8 @@ async fn hibernation_waits_for_every_node_and_a_wake_anywhere_starts_every_repli
     .await?;
     assert_eq!(status, 200, "{body}");
 
-    // Traffic through the third node's proxy alone, for twice the timeout:
-    // whoever coordinates must not hibernate the database meanwhile.
+    // Traffic through one proxy alone, for twice the timeout: the
+    // coordinator must not hibernate the database meanwhile.
     let busy = Instant::now();
     while busy.elapsed() < Duration::from_secs(7) {
         let (status, body) = through_proxy(
@@ -391,8 +413,8 @@ async fn hibernation_waits_for_every_node_and_a_wake_anywhere_starts_every_repli
     }
     eprintln!("hibernated {:?} after the last request", idle.elapsed());
 
-    // A request through the second node's proxy wakes it: every replica
-    // runs again on its node, with the data.
+    // A request through the other proxy wakes it: every replica runs again
+    // on its node, with the data.
     let woke = Instant::now();
     let (status, body) = through_proxy(
         &proxies[0],
@@ -437,21 +459,33 @@ async fn a_dead_node_is_replaced_and_no_acknowledged_write_is_lost() -> Result<(
     for i in 0..4 {
         ids.push(cluster.node_id(i).await?);
     }
-    // The node without a replica hosts the proxy; the leader's node dies.
+    // The node without a replica hosts the proxy. The coordinator dies if
+    // it holds a replica (a new one has to take over), else the leader's node.
     let spare = ids
         .iter()
         .position(|id| !holders(&info).contains(id))
         .context("a spare node")?;
-    let leader = info
+    let coordinator = cluster.coordinator().await?;
+    let leader = info.endpoints.iter().find(|e| e.leader).context("leader")?;
+    let victim = if coordinator != spare {
+        coordinator
+    } else {
+        ids.iter()
+            .position(|id| *id == leader.node_id)
+            .context("leader's node")?
+    };
+    let stale = info
         .endpoints
         .iter()
-        .find(|e| e.leader)
-        .context("leader")?
+        .find(|e| e.node_id == ids[victim])
+        .context("victim's replica")?
         .clone();
-    let victim = ids
-        .iter()
-        .position(|id| *id == leader.node_id)
-        .context("leader's node")?;
+    eprintln!(
+        "killing node {} (coordinator: {}, leader: {})",
+        victim + 1,
+        victim == coordinator,
+        stale.leader
+    );
     let proxy = Proxy::builder(&cluster.nodes[spare]).start().await?;
     let (status, body) = through_proxy(
         &proxy,
@@ -501,7 +535,15 @@ async fn a_dead_node_is_replaced_and_no_acknowledged_write_is_lost() -> Result<(
     cluster.nodes[victim].kill();
     let watcher = cluster.nodes[spare].client();
     let replaced = loop {
-        let info = watcher.database(&name(APP), &name("ledger")).await?;
+        // Control may answer 503 for a moment while `_system` elects.
+        let Ok(info) = watcher.database(&name(APP), &name("ledger")).await else {
+            assert!(
+                killed.elapsed() < Duration::from_secs(60),
+                "control unavailable for 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         let now = holders(&info);
         if now.len() == 3 && !now.contains(&ids[victim]) {
             if let Some(l) = info.endpoints.iter().find(|e| e.leader) {
@@ -564,7 +606,7 @@ async fn a_dead_node_is_replaced_and_no_acknowledged_write_is_lost() -> Result<(
     cluster.nodes[victim].restart().await?;
     cluster.wait_healthy().await?;
     let back = Instant::now();
-    while stale_dir.exists() || listening(&leader).await {
+    while stale_dir.exists() || listening(&stale).await {
         assert!(
             back.elapsed() < Duration::from_secs(20),
             "the returning node revived or kept its stale replica"
@@ -575,5 +617,202 @@ async fn a_dead_node_is_replaced_and_no_acknowledged_write_is_lost() -> Result<(
     assert!(!holders(&info).contains(&ids[victim]), "{info:?}");
     let members = raft_members(&info.endpoints[0]).await?;
     assert_eq!(members.len(), 3, "{members:?}");
+    Ok(())
+}
+
+/// `store.raft.state` of the replica at `e` ("Leader", "Follower", ...),
+/// asked from inside host `i`'s namespace, which sees it also while cut off.
+fn raft_state_from(net: &Network, i: usize, e: &Endpoint) -> Option<String> {
+    let out = net
+        .command(i, "curl")
+        .args([
+            "-s",
+            "-m",
+            "1",
+            &format!("http://{}:{}/status", e.host, e.port),
+        ])
+        .output()
+        .ok()?;
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["store"]["raft"]["state"].as_str().map(str::to_string)
+}
+
+/// A write sent straight to the replica at `e` from inside host `i`:
+/// whether rqlite acknowledged it.
+fn acknowledged_from(net: &Network, i: usize, e: &Endpoint, sql: &str) -> bool {
+    let body = serde_json::to_string(&json!([sql])).unwrap();
+    let Ok(out) = net
+        .command(i, "curl")
+        .args([
+            "-s",
+            "-m",
+            "3",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &body,
+        ])
+        .arg(format!("http://{}:{}/db/execute", e.host, e.port))
+        .output()
+    else {
+        return false;
+    };
+    serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|v| no_errors(&v))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_node_makes_no_second_leader_and_loses_no_write() -> Result<()> {
+    let net = Arc::new(Network::create(3)?);
+    let hosts = net.clone();
+    let cluster = Cluster::start_with(3, move |i| {
+        let h = i as usize - 1;
+        Control::builder()
+            .netns(hosts.netns(h), hosts.addr(h))
+            .hibernation_timeout("0")
+            .discovery_intervals("200ms", "500ms")
+    })
+    .await?;
+    let key = setup_app(&cluster.nodes[0]).await?;
+    let info = cluster.nodes[0]
+        .client()
+        .create_database(&rqlite_db("accounts", 3))
+        .await?;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(cluster.node_id(i).await?);
+    }
+    // The leader's node is cut off; the proxy follows another node.
+    let leader = info
+        .endpoints
+        .iter()
+        .find(|e| e.leader)
+        .context("leader")?
+        .clone();
+    let victim = ids
+        .iter()
+        .position(|id| *id == leader.node_id)
+        .context("leader's node")?;
+    let proxy = Proxy::builder(&cluster.nodes[(victim + 1) % 3])
+        .start()
+        .await?;
+    let (status, body) = through_proxy(
+        &proxy,
+        &key,
+        "accounts",
+        "/db/execute",
+        json!(["CREATE TABLE a (id INTEGER PRIMARY KEY)"]),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+
+    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop, key, url) = (acked.clone(), stop.clone(), key.clone(), proxy.url());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut id = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                id += 1;
+                let sent = http
+                    .post(format!("{url}/{APP}/accounts/db/execute"))
+                    .bearer_auth(&key)
+                    .json(&json!([["INSERT INTO a (id) VALUES (?)", id]]))
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await;
+                if let Ok(resp) = sent {
+                    if resp.status() == 200 {
+                        if let Ok(body) = resp.json::<Value>().await {
+                            if no_errors(&body) {
+                                acked.lock().unwrap().push(id);
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    net.cut(victim)?;
+    let cut = Instant::now();
+    // Raft lets a cut-off leader believe in itself for at most its lease;
+    // after that, never two leaders, and the cut-off side takes no write.
+    let settle = Duration::from_secs(2);
+    let mut leaders_seen = BTreeSet::new();
+    let mut refused = 0;
+    while cut.elapsed() < Duration::from_secs(8) {
+        let mut leaders = Vec::new();
+        for e in &info.endpoints {
+            let from = ids.iter().position(|id| *id == e.node_id).unwrap();
+            if raft_state_from(&net, from, e).as_deref() == Some("Leader") {
+                leaders.push(e.node_id.clone());
+            }
+        }
+        if cut.elapsed() > settle {
+            assert!(leaders.len() <= 1, "two leaders at once: {leaders:?}");
+            assert!(
+                !leaders.contains(&ids[victim]),
+                "the cut-off node still leads"
+            );
+            let sql = format!("INSERT INTO a (id) VALUES ({})", 1_000_000 + refused);
+            assert!(
+                !acknowledged_from(&net, victim, &leader, &sql),
+                "the cut-off replica acknowledged a write"
+            );
+            refused += 1;
+        }
+        leaders_seen.extend(leaders);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(refused > 3, "the cut-off side was tried");
+    let during = acked.lock().unwrap().len();
+    net.join(victim)?;
+
+    // Joined again: writes go on, and every replica ends with every
+    // acknowledged write under one leader.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await?;
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > during,
+        "writes went on after the partition healed"
+    );
+    let want: BTreeSet<u64> = acked.iter().copied().collect();
+    let start = Instant::now();
+    loop {
+        let mut complete = true;
+        let mut leaders = 0;
+        for e in &info.endpoints {
+            let r = replica_call(
+                e,
+                "/db/query?level=none",
+                json!(["SELECT id FROM a WHERE id < 1000000"]),
+            )
+            .await?;
+            let got: BTreeSet<u64> = r["results"][0]["values"]
+                .as_array()
+                .map(|rows| rows.iter().filter_map(|row| row[0].as_u64()).collect())
+                .unwrap_or_default();
+            complete &= want.is_subset(&got);
+            let from = ids.iter().position(|id| *id == e.node_id).unwrap();
+            leaders += usize::from(raft_state_from(&net, from, e).as_deref() == Some("Leader"));
+        }
+        if complete && leaders == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "replicas did not converge on every acknowledged write under one leader"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "{} acknowledged writes on every replica; leaders seen: {leaders_seen:?}",
+        acked.len()
+    );
     Ok(())
 }

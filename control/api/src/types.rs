@@ -375,4 +375,8 @@ pub struct NodeInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeList {
     pub nodes: Vec<NodeInfo>,
+    /// Node id of the node that makes lifecycle decisions (the lowest live
+    /// peer id), as the answering node sees it.
+    #[serde(default)]
+    pub coordinator: String,
 }
