@@ -2,6 +2,7 @@
 //! engines (and, for the data plane, HAProxy and PgBouncer), in one run.
 
 mod chart;
+mod cluster;
 mod http;
 mod pg;
 mod redis;
@@ -66,6 +67,15 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         connections: usize,
     },
+    /// Create and wake times of a 3-replica database spread over 3 nodes,
+    /// and recovery to 3 replicas after a node holding one is killed.
+    Cluster {
+        #[arg(long, default_value_t = 20)]
+        cycles: usize,
+        /// Node kills (each followed by the node's return).
+        #[arg(long, default_value_t = 3)]
+        kills: usize,
+    },
     /// redis-benchmark GET/SET, pipelined and not, through rouse's Redis
     /// front and HAProxy (mode tcp), beside the bare server; then what a
     /// credential check costs when cached, shared through Redis, or not.
@@ -98,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", out.join("README.md").display());
         }
         Command::Wake { cycles } => println!("{}", wake::run(cycles).await?),
+        Command::Cluster { cycles, kills } => println!("{}", cluster::run(cycles, kills).await?),
         Command::PgIdle { clients } => println!("{}", pg::idle(clients).await?),
         Command::Pg { rounds, seconds } => println!("{}", pg::run(rounds, seconds).await?),
         Command::Http {

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use crate::chart::{
     BarChart, Series, BLUE_BAR, GREY_BAR, LIGHT_BLUE_BAR, LIGHT_GREY_BAR, ORANGE_BAR,
 };
+use crate::cluster::ClusterResults;
 use crate::http::HttpResults;
 use crate::pg::{IdleResults, PgResults};
 use crate::redis::RedisResults;
@@ -31,6 +32,8 @@ pub struct Sizes {
     pub redis_requests: usize,
     pub redis_clients: usize,
     pub keys: usize,
+    pub cluster_cycles: usize,
+    pub cluster_kills: usize,
 }
 
 impl Sizes {
@@ -48,6 +51,8 @@ impl Sizes {
         redis_requests: 300_000,
         redis_clients: 50,
         keys: 500,
+        cluster_cycles: 20,
+        cluster_kills: 3,
     };
 
     /// A smoke run of a couple of minutes: every part runs, the figures are
@@ -64,6 +69,8 @@ impl Sizes {
         redis_requests: 50_000,
         redis_clients: 50,
         keys: 200,
+        cluster_cycles: 5,
+        cluster_kills: 1,
     };
 }
 
@@ -73,7 +80,8 @@ impl Display for Sizes {
             f,
             "wake: {} hibernate/wake cycles per engine; HTTP: wrk, {} × {} s, {} connections; \
              pgbench: {} × {} s; {} idle PostgreSQL clients; redis-benchmark: {} × {} requests, \
-             {} clients; credential checks: {} API keys",
+             {} clients; credential checks: {} API keys; several nodes: {} creates and wakes, \
+             {} node kills",
             self.wake_cycles,
             self.http_rounds,
             self.http_seconds,
@@ -85,6 +93,8 @@ impl Display for Sizes {
             self.redis_requests,
             self.redis_clients,
             self.keys,
+            self.cluster_cycles,
+            self.cluster_kills,
         )
     }
 }
@@ -99,6 +109,7 @@ struct Results {
     idle: Option<IdleResults>,
     redis: Option<RedisResults>,
     sessions: Option<SessionResults>,
+    cluster: Option<ClusterResults>,
     failed: Vec<(&'static str, String)>,
 }
 
@@ -163,6 +174,12 @@ pub async fn all(sizes: &Sizes, quick: bool, out: &Path) -> Result<()> {
         .await;
     r.sessions = r
         .step("credential checks", crate::sessions::run(sizes.keys))
+        .await;
+    r.cluster = r
+        .step(
+            "cluster",
+            crate::cluster::run(sizes.cluster_cycles, sizes.cluster_kills),
+        )
         .await;
 
     let charts = draw_charts(&r, out)?;
@@ -307,8 +324,8 @@ fn markdown(r: &Results, sizes: &Sizes, quick: bool, charts: &[&str]) -> String 
         );
     }
     md.push_str(
-        "Each part also runs alone (`rouse-bench wake`, `http`, `pg`, `pg-idle`, `redis`) and \
-         prints the same tables.\n",
+        "Each part also runs alone (`rouse-bench wake`, `http`, `pg`, `pg-idle`, `redis`, \
+         `cluster`) and prints the same tables.\n",
     );
     let chart = |md: &mut String, file: &str, alt: &str| {
         if charts.contains(&file) {
@@ -375,6 +392,13 @@ fn markdown(r: &Results, sizes: &Sizes, quick: bool, charts: &[&str]) -> String 
         &mut md,
         "credential checks",
         r.sessions.as_ref().map(|x| x as &dyn Display),
+    );
+
+    md.push_str("\n## Several nodes\n");
+    section(
+        &mut md,
+        "cluster",
+        r.cluster.as_ref().map(|x| x as &dyn Display),
     );
     md
 }
@@ -468,6 +492,7 @@ mod tests {
                 }],
             }),
             sessions: None,
+            cluster: None,
             failed: vec![("credential checks", "Redis would not start".into())],
         }
     }

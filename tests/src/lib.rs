@@ -3,6 +3,7 @@
 //! directory of its own. Dropping a server SIGKILLs its whole process group
 //! and removes its directory, also when the test panics.
 
+mod cluster;
 mod control;
 mod netns;
 mod patroni;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use tempfile::TempDir;
 
+pub use cluster::Cluster;
 pub use control::{control_bin, Control, ControlBuilder};
 pub use netns::Network;
 pub use patroni::{Etcd, PatroniCluster, PatroniMember};

@@ -5,14 +5,13 @@
 //! write load.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use rouse_control_api::*;
-use rouse_tests::{Control, ControlBuilder, Network, Proxy};
+use rouse_tests::{Cluster, Control, ControlBuilder, Network, Proxy};
 use serde_json::{json, Value};
 
 const APP: &str = "shop";
@@ -21,106 +20,9 @@ fn name(s: &str) -> Name {
     Name::new(s).unwrap()
 }
 
-fn host(last: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
-}
-
-/// Nodes made by `node(i)` (by default on 127.0.0.<i>); the first founds
-/// the cluster, the others bootstrap from it.
-struct Cluster {
-    nodes: Vec<Control>,
-    bootstrap: String,
-    node: Box<dyn Fn(u8) -> ControlBuilder>,
-}
-
-impl Cluster {
-    async fn start(
-        count: usize,
-        configure: fn(ControlBuilder) -> ControlBuilder,
-    ) -> Result<Cluster> {
-        Cluster::start_with(count, move |i| configure(node(i))).await
-    }
-
-    async fn start_with(
-        count: usize,
-        node: impl Fn(u8) -> ControlBuilder + 'static,
-    ) -> Result<Cluster> {
-        let first = node(1).start().await?;
-        let me = first.client().nodes().await?.nodes.remove(0);
-        let addr = me
-            .addresses
-            .first()
-            .context("first node's libp2p address")?;
-        let mut cluster = Cluster {
-            bootstrap: format!("{addr}/p2p/{}", me.peer_id),
-            nodes: vec![first],
-            node: Box::new(node),
-        };
-        let rest =
-            futures::future::join_all((2..=count as u8).map(|i| cluster.builder(i).start())).await;
-        for node in rest {
-            cluster.nodes.push(node?);
-        }
-        cluster.wait_healthy().await?;
-        Ok(cluster)
-    }
-
-    fn builder(&self, i: u8) -> ControlBuilder {
-        (self.node)(i).bootstrap_peers([self.bootstrap.clone()])
-    }
-
-    /// One more node, on the next address.
-    async fn add(&mut self) -> Result<()> {
-        let next = self.builder(self.nodes.len() as u8 + 1).start().await?;
-        self.nodes.push(next);
-        self.wait_healthy().await
-    }
-
-    /// Until every running node lists every node as healthy.
-    async fn wait_healthy(&mut self) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            let mut ok = true;
-            for n in &self.nodes {
-                let list = n.client().nodes().await?.nodes;
-                ok &= list.len() == self.nodes.len() && list.iter().all(|n| n.healthy);
-            }
-            if ok {
-                return Ok(());
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                bail!("nodes not all healthy within 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Index of the node that coordinates, as the first node sees it.
-    async fn coordinator(&self) -> Result<usize> {
-        let id = self.nodes[0].client().nodes().await?.coordinator;
-        for i in 0..self.nodes.len() {
-            if self.node_id(i).await? == id {
-                return Ok(i);
-            }
-        }
-        bail!("coordinator {id:?} is none of the nodes")
-    }
-
-    async fn node_id(&self, i: usize) -> Result<String> {
-        Ok(self.nodes[i]
-            .client()
-            .nodes()
-            .await?
-            .nodes
-            .remove(0)
-            .node_id)
-    }
-}
-
-fn node(i: u8) -> ControlBuilder {
-    Control::builder()
-        .host(host(i))
-        .hibernation_timeout("0")
+/// Checks every 200 ms: a dead node is noticed in about 0.6 s.
+fn fast(b: ControlBuilder) -> ControlBuilder {
+    b.hibernation_timeout("0")
         .discovery_intervals("200ms", "500ms")
 }
 
@@ -213,7 +115,7 @@ async fn setup_app(control: &Control) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replicas_go_to_distinct_nodes_and_a_new_node_takes_new_databases() -> Result<()> {
-    let mut cluster = Cluster::start(3, |b| b).await?;
+    let mut cluster = Cluster::loopback(3, fast).await?;
     let key = setup_app(&cluster.nodes[0]).await?;
     let ids: BTreeSet<String> = [
         cluster.node_id(0).await?,
@@ -328,7 +230,7 @@ async fn replicas_go_to_distinct_nodes_and_a_new_node_takes_new_databases() -> R
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hibernation_waits_for_every_node_and_a_wake_anywhere_starts_every_replica() -> Result<()> {
-    let cluster = Cluster::start(3, |b| b.hibernation_timeout("3s")).await?;
+    let cluster = Cluster::loopback(3, |b| fast(b).hibernation_timeout("3s")).await?;
     let key = setup_app(&cluster.nodes[0]).await?;
     let info = cluster.nodes[0]
         .client()
@@ -449,7 +351,7 @@ async fn hibernation_waits_for_every_node_and_a_wake_anywhere_starts_every_repli
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_node_is_replaced_and_no_acknowledged_write_is_lost() -> Result<()> {
-    let mut cluster = Cluster::start(4, |b| b).await?;
+    let mut cluster = Cluster::loopback(4, fast).await?;
     let key = setup_app(&cluster.nodes[0]).await?;
     let info = cluster.nodes[0]
         .client()
@@ -664,7 +566,7 @@ fn acknowledged_from(net: &Network, i: usize, e: &Endpoint, sql: &str) -> bool {
 async fn a_partitioned_node_makes_no_second_leader_and_loses_no_write() -> Result<()> {
     let net = Arc::new(Network::create(3)?);
     let hosts = net.clone();
-    let cluster = Cluster::start_with(3, move |i| {
+    let cluster = Cluster::start(3, move |i| {
         let h = i as usize - 1;
         Control::builder()
             .netns(hosts.netns(h), hosts.addr(h))
