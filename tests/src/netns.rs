@@ -33,17 +33,23 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 impl Network {
-    /// `count` hosts on a fresh bridge with a subnet of 10.0.0.0/8 chosen
-    /// from this process's id, so that parallel test processes differ.
+    /// `count` hosts on a fresh bridge with a /24 of 198.18.0.0/15 (the
+    /// range set aside for network tests) chosen from this process's id,
+    /// so that parallel test processes differ.
     pub fn create(count: usize) -> Result<Network> {
-        let id = std::process::id() % 10_000;
-        let prefix = [10, 100 + (id / 256 % 100) as u8, (id % 256) as u8];
+        let id = std::process::id() % 512;
+        let prefix = [198, 18 + (id / 256) as u8, (id % 256) as u8];
         let mut net = Network {
             bridge: format!("rb{id}"),
             prefix,
             hosts: Vec::new(),
             links: Vec::new(),
         };
+        // Left over by a killed run with the same id.
+        let _ = ip(&["link", "del", &net.bridge]);
+        for i in 0..count {
+            let _ = ip(&["netns", "del", &format!("rn{id}h{i}")]);
+        }
         ip(&["link", "add", &net.bridge, "type", "bridge"])?;
         ip(&[
             "addr",

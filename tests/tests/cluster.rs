@@ -107,6 +107,58 @@ fn no_errors(v: &Value) -> bool {
         .is_some_and(|r| r.iter().all(|r| r.get("error").is_none()))
 }
 
+/// Inserts ids 1, 2, ... into `table` of `db` through a proxy, one request
+/// at a time, and keeps the ids rqlite acknowledged.
+struct Writer {
+    acked: Arc<Mutex<Vec<u64>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(proxy: &Proxy, key: &str, db: &str, table: &str) -> Writer {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let url = format!("{}/{APP}/{db}/db/execute", proxy.url());
+        let sql = format!("INSERT INTO {table} (id) VALUES (?)");
+        let (key, done, acks) = (key.to_string(), stop.clone(), acked.clone());
+        let task = tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut id = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                id += 1;
+                let sent = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&json!([[sql, id]]))
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await;
+                if let Ok(resp) = sent {
+                    if resp.status() == 200
+                        && resp.json::<Value>().await.is_ok_and(|b| no_errors(&b))
+                    {
+                        acks.lock().unwrap().push(id);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        Writer { acked, stop, task }
+    }
+
+    fn acked(&self) -> Vec<u64> {
+        self.acked.lock().unwrap().clone()
+    }
+
+    /// Stops writing; every id acknowledged.
+    async fn stop(self) -> Result<Vec<u64>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await?;
+        Ok(self.acked.lock().unwrap().clone())
+    }
+}
+
 async fn setup_app(control: &Control) -> Result<String> {
     let api = control.client();
     api.create_app(&name(APP)).await?;
@@ -399,38 +451,10 @@ async fn a_dead_node_is_replaced_and_no_acknowledged_write_is_lost() -> Result<(
     .await?;
     assert_eq!(status, 200, "{body}");
 
-    // A writer: every id it saw acknowledged must survive.
-    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (acked, stop, key, url) = (acked.clone(), stop.clone(), key.clone(), proxy.url());
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let mut id = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                id += 1;
-                let sent = http
-                    .post(format!("{url}/{APP}/ledger/db/execute"))
-                    .bearer_auth(&key)
-                    .json(&json!([["INSERT INTO l (id) VALUES (?)", id]]))
-                    .timeout(Duration::from_secs(5))
-                    .send()
-                    .await;
-                if let Ok(resp) = sent {
-                    if resp.status() == 200 {
-                        if let Ok(body) = resp.json::<Value>().await {
-                            if no_errors(&body) {
-                                acked.lock().unwrap().push(id);
-                            }
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
+    // Every id the writer saw acknowledged must survive.
+    let writer = Writer::start(&proxy, &key, "ledger", "l");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = acked.lock().unwrap().len();
+    let before = writer.acked().len();
     assert!(before > 10, "writes flow before the kill: {before}");
 
     let killed = Instant::now();
@@ -468,9 +492,7 @@ async fn a_dead_node_is_replaced_and_no_acknowledged_write_is_lost() -> Result<(
     };
     eprintln!("back to 3 replicas, the dead member removed, {replaced:?} after the kill");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await?;
-    let acked = acked.lock().unwrap().clone();
+    let acked = writer.stop().await?;
     assert!(acked.len() > before, "writes resumed after the kill");
 
     let (status, body) = through_proxy(
@@ -607,35 +629,7 @@ async fn a_partitioned_node_makes_no_second_leader_and_loses_no_write() -> Resul
     .await?;
     assert_eq!(status, 200, "{body}");
 
-    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (acked, stop, key, url) = (acked.clone(), stop.clone(), key.clone(), proxy.url());
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let mut id = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                id += 1;
-                let sent = http
-                    .post(format!("{url}/{APP}/accounts/db/execute"))
-                    .bearer_auth(&key)
-                    .json(&json!([["INSERT INTO a (id) VALUES (?)", id]]))
-                    .timeout(Duration::from_secs(5))
-                    .send()
-                    .await;
-                if let Ok(resp) = sent {
-                    if resp.status() == 200 {
-                        if let Ok(body) = resp.json::<Value>().await {
-                            if no_errors(&body) {
-                                acked.lock().unwrap().push(id);
-                            }
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
+    let writer = Writer::start(&proxy, &key, "accounts", "a");
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     net.cut(victim)?;
@@ -670,15 +664,13 @@ async fn a_partitioned_node_makes_no_second_leader_and_loses_no_write() -> Resul
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(refused > 3, "the cut-off side was tried");
-    let during = acked.lock().unwrap().len();
+    let during = writer.acked().len();
     net.join(victim)?;
 
     // Joined again: writes go on, and every replica ends with every
     // acknowledged write under one leader.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await?;
-    let acked = acked.lock().unwrap().clone();
+    let acked = writer.stop().await?;
     assert!(
         acked.len() > during,
         "writes went on after the partition healed"

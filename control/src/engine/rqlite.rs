@@ -43,6 +43,10 @@ pub(super) fn prepare(inst: &Instance<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Joins are retried this often, for up to a minute.
+const JOIN_INTERVAL: &str = "100ms";
+const JOIN_ATTEMPTS: &str = "600";
+
 pub(super) fn args(env: &EngineEnv, inst: &Instance<'_>, r: &ReplicaRecord) -> Vec<OsString> {
     let ms = |d: std::time::Duration| format!("{}ms", d.as_millis().max(1));
     let mut args: Vec<OsString> = vec![
@@ -62,19 +66,34 @@ pub(super) fn args(env: &EngineEnv, inst: &Instance<'_>, r: &ReplicaRecord) -> V
         "-raft-leader-lease-timeout".into(),
         ms(env.raft_heartbeat_timeout).into(),
     ];
-    if inst.first_start && !inst.join.is_empty() {
-        args.extend(["-join".into(), inst.join.join(",").into()]);
+    // A new cluster: the first replica bootstraps alone and the others join
+    // it. (`-bootstrap-expect` waits about 2 s more whenever one replica
+    // starts a moment after another notified it.) A replica without data
+    // in a running cluster joins through the given members.
+    let first = inst.replicas.iter().map(|p| p.idx).min() == Some(r.idx);
+    let join: Vec<String> = match (&inst.join[..], first) {
+        ([], true) => Vec::new(),
+        ([], false) => inst
+            .replicas
+            .iter()
+            .filter(|p| p.idx != r.idx)
+            .take(1)
+            .map(raft_addr)
+            .collect(),
+        (given, _) => given.to_vec(),
+    };
+    if inst.first_start && !join.is_empty() {
+        args.extend([
+            "-join".into(),
+            join.join(",").into(),
+            "-join-interval".into(),
+            JOIN_INTERVAL.into(),
+            "-join-attempts".into(),
+            JOIN_ATTEMPTS.into(),
+        ]);
         if inst.non_voter {
             args.push("-raft-non-voter".into());
         }
-    } else if inst.first_start && inst.replicas.len() > 1 {
-        let members: Vec<String> = inst.replicas.iter().map(raft_addr).collect();
-        args.extend([
-            "-bootstrap-expect".into(),
-            inst.replicas.len().to_string().into(),
-            "-join".into(),
-            members.join(",").into(),
-        ]);
     }
     args.push(inst.replica_dir(r).into());
     args
@@ -102,6 +121,16 @@ pub(super) async fn wait_ready(
                     .query(Stmt::new("SELECT 1"))
                     .await
                     .map_err(|e| e.to_string())?;
+                // Every replica is in the cluster: a new one has joined.
+                let members = clients[idx].members().await.unwrap_or_default();
+                if let Some(missing) = inst
+                    .replicas
+                    .iter()
+                    .map(node_id)
+                    .find(|id| !members.contains(id))
+                {
+                    return Err(format!("{missing} has not joined yet"));
+                }
                 return Ok(idx);
             }
         }
