@@ -1,4 +1,4 @@
-//! Hosts in network namespaces of their own, on one bridge, for tests of
+//! Hosts in network namespaces of their own, on one switch, for tests of
 //! what crosses a network: a host can be cut off (its link taken down) and
 //! joined again. Needs root (CAP_NET_ADMIN) and `ip` from iproute2.
 //! Dropping the network removes the namespaces and the bridge.
@@ -9,13 +9,14 @@ use std::process::Command;
 use anyhow::{ensure, Context, Result};
 
 pub struct Network {
-    /// `rb<id>`, in the test's own namespace, addressed `<prefix>.254`.
-    bridge: String,
+    /// The namespace holding the bridge (`br0`) that joins the hosts: a
+    /// namespace of its own has no firewall rules to drop bridged traffic.
+    switch: String,
+    /// The test's link into the switch, addressed `<prefix>.254`.
+    uplink: String,
     prefix: [u8; 3],
     /// Namespace names, host `i` at `<prefix>.<i + 1>`.
     hosts: Vec<String>,
-    /// The bridge side of each host's veth pair: down = cut off.
-    links: Vec<String>,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -39,42 +40,59 @@ impl Network {
     pub fn create(count: usize) -> Result<Network> {
         let id = std::process::id() % 512;
         let prefix = [198, 18 + (id / 256) as u8, (id % 256) as u8];
-        let mut net = Network {
-            bridge: format!("rb{id}"),
+        let net = Network {
+            switch: format!("rn{id}sw"),
+            uplink: format!("rv{id}up"),
             prefix,
-            hosts: Vec::new(),
-            links: Vec::new(),
+            hosts: (0..count).map(|i| format!("rn{id}h{i}")).collect(),
         };
         // Left over by a killed run with the same id.
-        let _ = ip(&["link", "del", &net.bridge]);
-        for i in 0..count {
-            let _ = ip(&["netns", "del", &format!("rn{id}h{i}")]);
-        }
-        ip(&["link", "add", &net.bridge, "type", "bridge"])?;
+        net.remove();
+        let sw = net.switch.as_str();
+        ip(&["netns", "add", sw])?;
+        ip(&["-n", sw, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", sw, "link", "set", "br0", "up"])?;
+        ip(&[
+            "link",
+            "add",
+            &net.uplink,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "gw",
+            "netns",
+            sw,
+        ])?;
+        ip(&["-n", sw, "link", "set", "gw", "master", "br0", "up"])?;
         ip(&[
             "addr",
             "add",
             &format!("{}/24", net.gateway()),
             "dev",
-            &net.bridge,
+            &net.uplink,
         ])?;
-        ip(&["link", "set", &net.bridge, "up"])?;
-        for i in 0..count {
-            let ns = format!("rn{id}h{i}");
-            let link = format!("rv{id}h{i}");
-            ip(&["netns", "add", &ns])?;
-            net.hosts.push(ns.clone());
+        ip(&["link", "set", &net.uplink, "up"])?;
+        for (i, ns) in net.hosts.iter().enumerate() {
+            let port = format!("h{i}");
+            ip(&["netns", "add", ns])?;
             ip(&[
-                "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                "-n", sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns,
             ])?;
-            net.links.push(link.clone());
-            ip(&["link", "set", &link, "master", &net.bridge, "up"])?;
+            ip(&["-n", sw, "link", "set", &port, "master", "br0", "up"])?;
             let addr = format!("{}/24", net.addr(i));
-            ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         Ok(net)
+    }
+
+    fn remove(&self) {
+        for ns in self.hosts.iter().chain([&self.switch]) {
+            let _ = ip(&["netns", "del", ns]);
+        }
+        let _ = ip(&["link", "del", &self.uplink]);
     }
 
     /// The test's own address on the bridge.
@@ -96,12 +114,12 @@ impl Network {
 
     /// Cuts host `i` off from every other host and from the test.
     pub fn cut(&self, i: usize) -> Result<()> {
-        ip(&["link", "set", &self.links[i], "down"])
+        ip(&["-n", &self.switch, "link", "set", &format!("h{i}"), "down"])
     }
 
     /// Connects host `i` again.
     pub fn join(&self, i: usize) -> Result<()> {
-        ip(&["link", "set", &self.links[i], "up"])
+        ip(&["-n", &self.switch, "link", "set", &format!("h{i}"), "up"])
     }
 
     /// `program` to run inside host `i`'s namespace.
@@ -114,9 +132,6 @@ impl Network {
 
 impl Drop for Network {
     fn drop(&mut self) {
-        for ns in &self.hosts {
-            let _ = ip(&["netns", "del", ns]);
-        }
-        let _ = ip(&["link", "del", &self.bridge]);
+        self.remove();
     }
 }
