@@ -1374,26 +1374,29 @@ impl Manager {
             self.record_decision(&rec.key, "replace", &detail).await;
             *load.entry(new.node_id.clone()).or_default() += 1;
             info!(database = %rec.key, dead_node = %gone.node_id, new_node = %new.node_id, "replacing a replica of a dead node");
-            // The live members keep a quorum without the dead one.
-            let mut removed = false;
-            for r in replicas.iter().filter(|r| r.idx != new.idx) {
-                let client = RqliteClient::new(&format!("{}:{}", r.host, r.port));
-                match client.remove_node(&engine::rqlite::node_id(&gone)).await {
-                    Ok(()) => {
-                        removed = true;
-                        break;
+            // The live members keep a quorum without the dead one. They may
+            // still be electing a leader when the dead node held it.
+            let survivors: Vec<RqliteClient> = replicas
+                .iter()
+                .filter(|r| r.idx != new.idx)
+                .map(|r| RqliteClient::new(&format!("{}:{}", r.host, r.port)))
+                .collect();
+            let dead_member = engine::rqlite::node_id(&gone);
+            engine::poll_until(
+                tokio::time::Instant::now() + self.engines.start_timeout,
+                "removing the dead member",
+                || async {
+                    let mut last = String::from("no live member");
+                    for client in &survivors {
+                        match client.remove_node(&dead_member).await {
+                            Ok(()) => return Ok(()),
+                            Err(e) => last = e.to_string(),
+                        }
                     }
-                    Err(e) => {
-                        warn!(database = %rec.key, via = %client.addr(), error = %e, "could not remove the dead member yet")
-                    }
-                }
-            }
-            if !removed {
-                return Err(ControlError::Engine(format!(
-                    "{}: no live member removed the dead one",
-                    rec.key
-                )));
-            }
+                    Err(last)
+                },
+            )
+            .await?;
             let start = LocalStart {
                 bootstrap: false,
                 raft_moved: false,

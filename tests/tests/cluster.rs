@@ -515,6 +515,39 @@ async fn a_dead_node_is_replaced_and_no_acknowledged_write_is_lost() -> Result<(
         .filter(|id| !stored.contains(id))
         .copied()
         .collect();
+    if !lost.is_empty() {
+        // What each replica holds, and the proxy's view, to tell where it went.
+        let info = watcher.database(&name(APP), &name("ledger")).await?;
+        for e in &info.endpoints {
+            let r = replica_call(
+                e,
+                "/db/query?level=none",
+                json!(["SELECT count(*), max(id) FROM l"]),
+            )
+            .await;
+            eprintln!("replica {e:?}: {r:?}");
+        }
+        eprintln!("proxy log:\n{}", proxy.log_tail(40));
+        for n in &cluster.nodes {
+            let dir = n.data_dir().join(format!("{APP}_ledger/rqlite"));
+            for f in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if f.path().extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(f.path()).unwrap_or_default();
+                    let keep: Vec<&str> = text
+                        .lines()
+                        .filter(|l| {
+                            l.contains("[raft]") || l.contains("[store]") || l.contains("leader")
+                        })
+                        .collect();
+                    eprintln!(
+                        "---- {}\n{}",
+                        f.path().display(),
+                        keep[keep.len().saturating_sub(40)..].join("\n")
+                    );
+                }
+            }
+        }
+    }
     assert!(
         lost.is_empty(),
         "{} acknowledged writes lost: {lost:?}",
