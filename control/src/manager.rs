@@ -260,10 +260,19 @@ impl Manager {
             .map(|s| s.view.lock().expect("view poisoned").clone())
             .unwrap_or_default();
         let status = view.status.unwrap_or(rec.status);
-        let endpoints = if status == DatabaseStatus::Active {
-            view.endpoints
-        } else {
-            Vec::new()
+        let endpoints = match status {
+            DatabaseStatus::Active if !view.endpoints.is_empty() => view.endpoints,
+            // Started by another node (or before this one ran): where the
+            // replicas are, leader unknown (rqlite followers forward).
+            DatabaseStatus::Active => match rec.engine {
+                Engine::Rqlite => engine::endpoints(&rec.replicas, None),
+                Engine::Postgres => engine::endpoints(&rec.replicas, Some(0)),
+                Engine::Patroni => self
+                    .patroni_registration(&rec.key)
+                    .map(|reg| engine::patroni::endpoints(&rec.replicas, &reg))
+                    .unwrap_or_default(),
+            },
+            _ => Vec::new(),
         };
         DatabaseInfo {
             app: rec.key.app.clone(),
@@ -1210,7 +1219,7 @@ impl Manager {
         let deadline = tokio::time::Instant::now() + self.engines.start_timeout;
         while tokio::time::Instant::now() < deadline {
             if let Some(leader) = engine::rqlite::current_leader(&rec.replicas).await {
-                let endpoints = engine::rqlite::endpoints(&rec.replicas, Some(leader));
+                let endpoints = engine::endpoints(&rec.replicas, Some(leader));
                 self.set_view(&rec.key, DatabaseStatus::Active, endpoints.clone());
                 self.publish(Event::Leader {
                     app: rec.key.app.clone(),

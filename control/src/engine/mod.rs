@@ -185,6 +185,24 @@ impl EngineEnv {
     }
 }
 
+/// Endpoints of the replicas, the leader first.
+pub fn endpoints(replicas: &[ReplicaRecord], leader: Option<usize>) -> Vec<Endpoint> {
+    let mut out: Vec<Endpoint> = replicas
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Endpoint {
+            node_id: r.node_id.clone(),
+            host: r.host.clone(),
+            port: r.port,
+            raft_port: r.raft_port,
+            api: None,
+            leader: Some(i) == leader,
+        })
+        .collect();
+    out.sort_by_key(|e| !e.leader);
+    out
+}
+
 /// Whether the replicas already hold data from an earlier start.
 pub fn has_data(engine: Engine, inst: &Instance<'_>) -> bool {
     inst.local().all(|r| {

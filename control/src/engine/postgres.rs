@@ -158,14 +158,7 @@ pub(super) async fn wait_ready(
         Ok(())
     })
     .await?;
-    Ok(vec![Endpoint {
-        node_id: r.node_id.clone(),
-        host: r.host.clone(),
-        port: r.port,
-        raft_port: None,
-        api: None,
-        leader: true,
-    }])
+    Ok(super::endpoints(std::slice::from_ref(r), Some(0)))
 }
 
 fn quote_ident(name: &str) -> String {

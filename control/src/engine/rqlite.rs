@@ -137,7 +137,7 @@ pub(super) async fn wait_ready(
         Err("no leader yet".to_string())
     })
     .await?;
-    Ok(endpoints(inst.replicas, Some(leader)))
+    Ok(super::endpoints(inst.replicas, Some(leader)))
 }
 
 pub(super) async fn wait_alive(inst: &Instance<'_>, deadline: tokio::time::Instant) -> Result<()> {
@@ -153,24 +153,6 @@ pub(super) async fn wait_alive(inst: &Instance<'_>, deadline: tokio::time::Insta
         .await?;
     }
     Ok(())
-}
-
-/// Endpoints of the replicas, the leader first.
-pub fn endpoints(replicas: &[ReplicaRecord], leader: Option<usize>) -> Vec<Endpoint> {
-    let mut out: Vec<Endpoint> = replicas
-        .iter()
-        .enumerate()
-        .map(|(i, r)| Endpoint {
-            node_id: r.node_id.clone(),
-            host: r.host.clone(),
-            port: r.port,
-            raft_port: r.raft_port,
-            api: None,
-            leader: Some(i) == leader,
-        })
-        .collect();
-    out.sort_by_key(|e| !e.leader);
-    out
 }
 
 /// The current leader's index, asked of the replicas in turn.
