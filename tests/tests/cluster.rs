@@ -101,6 +101,13 @@ async fn through_proxy(
     Ok((status, resp.json().await.unwrap_or(Value::Null)))
 }
 
+/// An rqlite execute answer with one result that inserted one row.
+fn inserted_one(v: &Value) -> bool {
+    v["results"]
+        .as_array()
+        .is_some_and(|r| r.len() == 1 && r[0].get("error").is_none() && r[0]["rows_affected"] == 1)
+}
+
 fn no_errors(v: &Value) -> bool {
     v["results"]
         .as_array()
@@ -134,9 +141,10 @@ impl Writer {
                     .timeout(Duration::from_secs(5))
                     .send()
                     .await;
+                // Acknowledged: one result, one row inserted.
                 if let Ok(resp) = sent {
                     if resp.status() == 200
-                        && resp.json::<Value>().await.is_ok_and(|b| no_errors(&b))
+                        && resp.json::<Value>().await.is_ok_and(|b| inserted_one(&b))
                     {
                         acks.lock().unwrap().push(id);
                     }
