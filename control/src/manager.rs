@@ -1115,6 +1115,17 @@ impl Manager {
     async fn stop_local(&self, key: &DbKey, remove_data: bool) {
         let slot = self.slot(key);
         let mut running = slot.running.lock().await;
+        self.stop_held(key, &slot, &mut running, remove_data).await;
+    }
+
+    /// [`Self::stop_local`] with the slot's process lock already held.
+    async fn stop_held(
+        &self,
+        key: &DbKey,
+        slot: &Slot,
+        running: &mut Option<Running>,
+        remove_data: bool,
+    ) {
         slot.held_down
             .store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(run) = running.take() {
@@ -1813,27 +1824,21 @@ impl Manager {
         let slots = self.all_slots();
         for (key, slot) in slots {
             // Skip databases in the middle of a start or stop.
-            let Ok(running) = slot.running.try_lock() else {
+            let Ok(mut running) = slot.running.try_lock() else {
                 continue;
             };
-            if running.is_none() {
+            if running.is_none() || self.needs_stop(by_key.get(&key).copied()).is_none() {
                 continue;
             }
-            drop(running);
-            match by_key.get(&key) {
-                None => {
-                    warn!(database = %key, "stopping a replica of a database that no longer exists");
-                    self.stop_local(&key, true).await;
-                }
-                Some(rec) if !rec.replicas.iter().any(|r| r.node_id == self.node_id) => {
-                    warn!(database = %key, "stopping and removing a replica that was replaced while this node was away");
-                    self.stop_local(&key, true).await;
-                }
-                Some(rec) if rec.status == DatabaseStatus::Hibernating => {
-                    info!(database = %key, "stopping a replica of a database that hibernated");
-                    self.stop_local(&key, false).await;
-                }
-                Some(_) => {}
+            // The snapshot may be older than a start that just happened (a
+            // wake, a replacement): decide on the record as it is now, while
+            // no start can run here.
+            let Ok(fresh) = self.store.database(&key).await else {
+                continue;
+            };
+            if let Some((why, remove_data)) = self.needs_stop(fresh.as_ref()) {
+                warn!(database = %key, "{why}");
+                self.stop_held(&key, &slot, &mut running, remove_data).await;
             }
         }
         for rec in records {
@@ -1854,6 +1859,25 @@ impl Manager {
                     warn!(database = %rec.key, error = %e, "could not start this node's replica");
                 }
             }
+        }
+    }
+
+    /// Why this node's running replica of a database (as `rec` says it is
+    /// now) must stop, and whether its data goes too.
+    fn needs_stop(&self, rec: Option<&DatabaseRecord>) -> Option<(&'static str, bool)> {
+        match rec {
+            None => Some((
+                "stopping a replica of a database that no longer exists",
+                true,
+            )),
+            Some(rec) if !rec.replicas.iter().any(|r| r.node_id == self.node_id) => Some((
+                "stopping and removing a replica that was replaced while this node was away",
+                true,
+            )),
+            Some(rec) if rec.status == DatabaseStatus::Hibernating => {
+                Some(("stopping a replica of a database that hibernated", false))
+            }
+            Some(_) => None,
         }
     }
 
