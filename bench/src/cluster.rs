@@ -117,10 +117,7 @@ pub async fn run(cycles: usize, kills: usize) -> Result<ClusterResults> {
     let mut recovery = Vec::new();
     for _ in 0..kills {
         let info = api.database(&name(APP), &w).await?;
-        let mut ids = Vec::new();
-        for i in 0..cluster.nodes.len() {
-            ids.push(cluster.node_id(i).await?);
-        }
+        let ids = cluster.node_ids().await?;
         // Not the first node: it answers the polls below.
         let victim = (1..ids.len())
             .find(|i| holders(&info).contains(&ids[*i]))

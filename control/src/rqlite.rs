@@ -204,17 +204,7 @@ impl RqliteClient {
 
     /// The ids of the cluster's members, voting or not, as this node knows them.
     pub async fn members(&self) -> Option<Vec<String>> {
-        let url = format!("http://{}/nodes?nonvoters&ver=2", self.addr);
-        let nodes: Value = self
-            .http
-            .get(url)
-            .timeout(Duration::from_secs(1))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let nodes = self.get_json("/nodes?nonvoters&ver=2").await?;
         Some(
             nodes["nodes"]
                 .as_array()?
@@ -224,19 +214,22 @@ impl RqliteClient {
         )
     }
 
-    /// The node id of the current leader, as this node sees it.
-    pub async fn leader_id(&self) -> Option<String> {
-        let url = format!("http://{}/status", self.addr);
-        let status: Value = self
-            .http
-            .get(url)
+    /// A status endpoint's JSON, or `None` when the node does not answer.
+    async fn get_json(&self, path: &str) -> Option<Value> {
+        self.http
+            .get(format!("http://{}{path}", self.addr))
             .timeout(Duration::from_secs(1))
             .send()
             .await
             .ok()?
             .json()
             .await
-            .ok()?;
+            .ok()
+    }
+
+    /// The node id of the current leader, as this node sees it.
+    pub async fn leader_id(&self) -> Option<String> {
+        let status = self.get_json("/status").await?;
         status["store"]["leader"]["node_id"]
             .as_str()
             .filter(|s| !s.is_empty())

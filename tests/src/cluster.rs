@@ -89,12 +89,19 @@ impl Cluster {
     /// Index of the node that coordinates, as the first node sees it.
     pub async fn coordinator(&self) -> Result<usize> {
         let id = self.nodes[0].client().nodes().await?.coordinator;
-        for i in 0..self.nodes.len() {
-            if self.node_id(i).await? == id {
-                return Ok(i);
-            }
+        match self.node_ids().await?.iter().position(|n| *n == id) {
+            Some(i) => Ok(i),
+            None => bail!("coordinator {id:?} is none of the nodes"),
         }
-        bail!("coordinator {id:?} is none of the nodes")
+    }
+
+    /// Every node's id, in order.
+    pub async fn node_ids(&self) -> Result<Vec<String>> {
+        let mut ids = Vec::new();
+        for i in 0..self.nodes.len() {
+            ids.push(self.node_id(i).await?);
+        }
+        Ok(ids)
     }
 
     /// Node `i`'s id (index from 0).

@@ -114,7 +114,7 @@ fn no_errors(v: &Value) -> bool {
         .is_some_and(|r| r.iter().all(|r| r.get("error").is_none()))
 }
 
-/// Inserts ids 1, 2, ... into `table` of `db` through a proxy, one request
+/// Inserts ids 1, 2, ... into a new `table` of `db` through a proxy, one request
 /// at a time, and keeps the ids rqlite acknowledged.
 struct Writer {
     acked: Arc<Mutex<Vec<u64>>>,
@@ -123,7 +123,11 @@ struct Writer {
 }
 
 impl Writer {
-    fn start(proxy: &Proxy, key: &str, db: &str, table: &str) -> Writer {
+    /// Creates `table`, then starts writing.
+    async fn start(proxy: &Proxy, key: &str, db: &str, table: &str) -> Result<Writer> {
+        let create = format!("CREATE TABLE {table} (id INTEGER PRIMARY KEY)");
+        let (status, body) = through_proxy(proxy, key, db, "/db/execute", json!([create])).await?;
+        anyhow::ensure!(status == 200 && no_errors(&body), "{body}");
         let acked = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let url = format!("{}/{APP}/{db}/db/execute", proxy.url());
@@ -152,7 +156,7 @@ impl Writer {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });
-        Writer { acked, stop, task }
+        Ok(Writer { acked, stop, task })
     }
 
     fn acked(&self) -> Vec<u64> {
@@ -417,10 +421,7 @@ async fn a_dead_node_is_replaced_and_no_acknowledged_write_is_lost() -> Result<(
         .client()
         .create_database(&rqlite_db("ledger", 3))
         .await?;
-    let mut ids = Vec::new();
-    for i in 0..4 {
-        ids.push(cluster.node_id(i).await?);
-    }
+    let ids = cluster.node_ids().await?;
     // The node without a replica hosts the proxy. The coordinator dies if
     // it holds a replica (a new one has to take over), else the leader's node.
     let spare = ids
@@ -449,18 +450,9 @@ async fn a_dead_node_is_replaced_and_no_acknowledged_write_is_lost() -> Result<(
         stale.leader
     );
     let proxy = Proxy::builder(&cluster.nodes[spare]).start().await?;
-    let (status, body) = through_proxy(
-        &proxy,
-        &key,
-        "ledger",
-        "/db/execute",
-        json!(["CREATE TABLE l (id INTEGER PRIMARY KEY)"]),
-    )
-    .await?;
-    assert_eq!(status, 200, "{body}");
 
     // Every id the writer saw acknowledged must survive.
-    let writer = Writer::start(&proxy, &key, "ledger", "l");
+    let writer = Writer::start(&proxy, &key, "ledger", "l").await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = writer.acked().len();
     assert!(before > 10, "writes flow before the kill: {before}");
@@ -642,10 +634,7 @@ async fn a_partitioned_node_makes_no_second_leader_and_loses_no_write() -> Resul
         .client()
         .create_database(&rqlite_db("accounts", 3))
         .await?;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        ids.push(cluster.node_id(i).await?);
-    }
+    let ids = cluster.node_ids().await?;
     // The leader's node is cut off; the proxy follows another node.
     let leader = info
         .endpoints
@@ -660,17 +649,8 @@ async fn a_partitioned_node_makes_no_second_leader_and_loses_no_write() -> Resul
     let proxy = Proxy::builder(&cluster.nodes[(victim + 1) % 3])
         .start()
         .await?;
-    let (status, body) = through_proxy(
-        &proxy,
-        &key,
-        "accounts",
-        "/db/execute",
-        json!(["CREATE TABLE a (id INTEGER PRIMARY KEY)"]),
-    )
-    .await?;
-    assert_eq!(status, 200, "{body}");
 
-    let writer = Writer::start(&proxy, &key, "accounts", "a");
+    let writer = Writer::start(&proxy, &key, "accounts", "a").await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     net.cut(victim)?;
