@@ -1524,14 +1524,6 @@ impl Manager {
     /// Applies a proxy's activity report and shares it with the other
     /// nodes, so that the coordinator sees every proxy.
     pub async fn report_activity(&self, report: &ActivityReport) -> Result<usize> {
-        self.peers.gossip(
-            ACTIVITY_TOPIC,
-            serde_json::to_vec(report).expect("reports serialise"),
-        );
-        self.apply_activity(report).await
-    }
-
-    async fn apply_activity(&self, report: &ActivityReport) -> Result<usize> {
         let known: HashSet<DbKey> = self
             .store
             .databases(None)
@@ -1539,7 +1531,21 @@ impl Manager {
             .into_iter()
             .map(|r| r.key)
             .collect();
-        Ok(self.activity.report(report, |k| known.contains(k)))
+        // Checked here once; the other nodes take what is passed on as it is.
+        let known_only = ActivityReport {
+            proxy_id: report.proxy_id.clone(),
+            databases: report
+                .databases
+                .iter()
+                .filter(|d| known.contains(&DbKey::new(d.app.clone(), d.name.clone())))
+                .cloned()
+                .collect(),
+        };
+        self.peers.gossip(
+            ACTIVITY_TOPIC,
+            serde_json::to_vec(&known_only).expect("reports serialise"),
+        );
+        Ok(self.activity.report(&known_only, |_| true))
     }
 
     // ---- peers --------------------------------------------------------------
@@ -1612,9 +1618,7 @@ impl Manager {
             },
             ACTIVITY_TOPIC => match serde_json::from_slice::<ActivityReport>(data) {
                 Ok(report) => {
-                    if let Err(e) = self.apply_activity(&report).await {
-                        debug!(error = %e, "activity from a peer not applied");
-                    }
+                    self.activity.report(&report, |_| true);
                 }
                 Err(e) => warn!(topic, error = %e, "unreadable activity from a peer"),
             },

@@ -182,7 +182,13 @@ impl ControlBuilder {
         let max_databases = self.max_databases;
         // The default libp2p port 4001 would be shared by parallel tests.
         let p2p_host = self.host.unwrap_or(LOCALHOST);
-        let p2p_port = self.port(p2p_host, 4001);
+        // A single node binds whatever port is free when it starts (no race
+        // with other tests between choosing and binding); a node of a
+        // cluster keeps one port across restarts, for its peers to dial.
+        let p2p_port = match self.host {
+            Some(_) => self.port(p2p_host, 4001),
+            None => 0,
+        };
         let replica_hosts = match self.host {
             Some(host) => format!("  replica_hosts: [\"{host}\"]\n"),
             None => String::new(),

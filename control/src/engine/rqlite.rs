@@ -15,6 +15,12 @@ pub fn node_id(r: &ReplicaRecord) -> String {
     format!("node-{}", r.idx)
 }
 
+/// The Raft member id a replica runs with: the instance's own (`_system`,
+/// one replica) or `node-<idx>`.
+fn member_id(inst: &Instance<'_>, r: &ReplicaRecord) -> String {
+    inst.raft_id.map_or_else(|| node_id(r), str::to_string)
+}
+
 pub fn raft_addr(r: &ReplicaRecord) -> String {
     format!("{}:{}", r.host, r.raft_port.unwrap_or_default())
 }
@@ -30,7 +36,7 @@ pub(super) fn prepare(inst: &Instance<'_>) -> Result<()> {
             let peers: Vec<_> = inst
                 .replicas
                 .iter()
-                .map(|p| json!({"id": node_id(p), "address": raft_addr(p), "non_voter": false}))
+                .map(|p| json!({"id": member_id(inst, p), "address": raft_addr(p), "non_voter": false}))
                 .collect();
             let raft_dir = dir.join("raft");
             std::fs::create_dir_all(&raft_dir)
@@ -51,9 +57,7 @@ pub(super) fn args(env: &EngineEnv, inst: &Instance<'_>, r: &ReplicaRecord) -> V
     let ms = |d: std::time::Duration| format!("{}ms", d.as_millis().max(1));
     let mut args: Vec<OsString> = vec![
         "-node-id".into(),
-        inst.raft_id
-            .map_or_else(|| node_id(r), str::to_string)
-            .into(),
+        member_id(inst, r).into(),
         "-http-addr".into(),
         format!("{}:{}", r.host, r.port).into(),
         "-raft-addr".into(),
