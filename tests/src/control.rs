@@ -76,9 +76,10 @@ impl ControlBuilder {
     }
 
     /// Inclusive `(start, end)` ranges of the engines' ports. By default each
-    /// control gets random 200-port windows in 20000-29999 (http),
-    /// 30000-39999 (raft) and 40000-49999 (postgres), so that tests running
-    /// in parallel rarely compete for ports.
+    /// control gets random 200-port windows in 11000-17999 (http),
+    /// 18000-24999 (raft) and 25000-31999 (postgres), so that tests running
+    /// in parallel rarely compete for ports, and never with the ports the
+    /// harness and the OS pick from the ephemeral range (32768 and up).
     pub fn port_ranges(mut self, http: (u16, u16), raft: (u16, u16), postgres: (u16, u16)) -> Self {
         self.port_ranges = Some([http, raft, postgres]);
         self
@@ -173,7 +174,7 @@ impl ControlBuilder {
     fn config_yaml(&self, data_dir: &Path, api_addr: SocketAddr) -> String {
         let [(http_start, http_end), (raft_start, raft_end), (pg_start, pg_end)] = self
             .port_ranges
-            .unwrap_or_else(|| [window(20_000), window(30_000), window(40_000)]);
+            .unwrap_or_else(|| [window(11_000), window(18_000), window(25_000)]);
         // JSON strings are valid YAML and quote whatever a path holds.
         let quote = |s: &str| serde_json::Value::from(s).to_string();
         let data_dir = quote(&data_dir.to_string_lossy());
@@ -231,9 +232,9 @@ control:
     }
 }
 
-/// A random window of [`WINDOW`] ports among the 10000 from `base`.
+/// A random window of [`WINDOW`] ports among the 7000 from `base`.
 fn window(base: u16) -> (u16, u16) {
-    let start = rand::random_range(base..=base + 10_000 - WINDOW);
+    let start = rand::random_range(base..=base + 7_000 - WINDOW);
     (start, start + WINDOW - 1)
 }
 
