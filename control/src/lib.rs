@@ -13,6 +13,7 @@ pub mod peers;
 pub mod ports;
 pub mod process;
 pub mod rqlite;
+pub mod sandbox;
 pub mod secrets;
 pub mod store;
 pub mod system;
@@ -41,7 +42,7 @@ pub async fn run(
     rouse_control_api::telemetry::metrics();
     std::fs::create_dir_all(&config.node.data_dir)?;
     let node_id = system::node_id(&config.node.data_dir)?;
-    let engines = EngineEnv::from_config(&config.control)?;
+    let engines = EngineEnv::from_config(&config.control, &config.node.data_dir)?;
     let ports = Arc::new(PortAllocator::default());
     if let Ok(addr) = listener.local_addr() {
         ports.hold(addr.port());

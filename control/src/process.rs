@@ -28,6 +28,8 @@ pub struct ProcessSpec {
     /// Graceful stop signal: SIGTERM for rqlited, SIGINT (fast shutdown) for
     /// PostgreSQL.
     pub stop_signal: i32,
+    /// Confines the process to its data directory, which is also its TMPDIR.
+    pub sandbox: Option<Arc<crate::sandbox::Sandbox>>,
 }
 
 /// Reported to the owner when a supervised process exits on its own.
@@ -196,13 +198,21 @@ async fn spawn(spec: &ProcessSpec) -> std::io::Result<Child> {
     if let Some((uid, gid)) = spec.user {
         cmd.uid(uid).gid(gid);
     }
+    if let Some(sandbox) = &spec.sandbox {
+        cmd.env("TMPDIR", sandbox.dir());
+    }
     let death_signal = spec.stop_signal;
-    // SAFETY: prctl is async-signal-safe; it runs in the child after the uid
-    // change (which would otherwise clear the setting) and before exec.
+    let sandbox = spec.sandbox.clone();
+    // SAFETY: prctl and the sandbox's entry are plain syscalls; they run in
+    // the child after the uid change (which would otherwise clear the
+    // death signal) and before exec.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal as libc::c_ulong) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(sandbox) = &sandbox {
+                sandbox.enter()?;
             }
             Ok(())
         });

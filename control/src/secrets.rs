@@ -30,26 +30,7 @@ pub fn scram_verifier(password: &str) -> String {
     postgres_protocol::password::scram_sha_256(password.as_bytes())
 }
 
-/// Postgres login names: like app names but `_` is allowed and `.` is not,
-/// because the proxy splits `user.app` at the last dot.
-pub fn validate_user_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if ok && !name.starts_with("pg_") && name != "rouse_admin" && name != "rouse_owner" {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid user name {name:?}: expected [a-z_][a-z0-9_-]{{0,62}}, not pg_* or a reserved name"
-        ))
-    }
-}
+pub use rouse_control_api::name::validate_user_name;
 
 #[cfg(test)]
 mod tests {

@@ -28,6 +28,9 @@ pub enum ProxyError {
     /// A statement the database refused.
     #[error("{0}")]
     Sql(String),
+    /// A statement the proxy refuses to pass on (it names a file or loads code).
+    #[error("statement refused: {0}")]
+    ForbiddenStatement(#[from] crate::sql::Forbidden),
     #[error("database {0} did not answer in time")]
     UpstreamTimeout(String),
     #[error("database {db} unavailable: {reason}")]
@@ -52,7 +55,9 @@ impl ProxyError {
         match self {
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::NotFound | ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
-            ProxyError::BadRequest(_) | ProxyError::Sql(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::Sql(_) | ProxyError::ForbiddenStatement(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => {
@@ -76,6 +81,7 @@ impl ProxyError {
             ProxyError::WakeTimeout { .. } => "wake_timeout",
             ProxyError::QueueFull(_) => "wake_queue_full",
             ProxyError::Sql(_) => "sql_error",
+            ProxyError::ForbiddenStatement(_) => "forbidden_statement",
             ProxyError::UpstreamTimeout(_) => "timeout",
             ProxyError::Backend { .. } => "backend_unavailable",
             ProxyError::Control(_) => "control_unavailable",
@@ -93,7 +99,8 @@ impl ProxyError {
             | ProxyError::BadRequest(_)
             | ProxyError::PayloadTooLarge(_)
             | ProxyError::SlowBody(_)
-            | ProxyError::Sql(_) => "user",
+            | ProxyError::Sql(_)
+            | ProxyError::ForbiddenStatement(_) => "user",
             ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => "wake_timeout",
             ProxyError::UpstreamTimeout(_)
             | ProxyError::Backend { .. }
@@ -112,6 +119,15 @@ impl ProxyError {
             }
             ProxyError::RateLimited(wait) => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
             _ => None,
+        }
+    }
+}
+
+impl From<crate::sql::BodyError> for ProxyError {
+    fn from(e: crate::sql::BodyError) -> Self {
+        match e {
+            crate::sql::BodyError::Forbidden(f) => ProxyError::ForbiddenStatement(f),
+            crate::sql::BodyError::Malformed(m) => ProxyError::BadRequest(m),
         }
     }
 }

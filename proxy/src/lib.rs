@@ -9,6 +9,7 @@
 //! - [`patroni`]: following Patroni clusters; [`tcp`]: plain L4 listeners to them
 //! - [`redis_front`]: `REDIS_URL` at the proxy, always to the current master
 //! - [`shared`]: sessions, limits, wakes and cache shared through Redis
+//! - [`sql`]: the statement filter (no SQL that names files or loads code)
 //! - [`activity`]: what control is told about use
 
 pub mod activity;
@@ -22,6 +23,7 @@ pub mod redis_front;
 pub mod reload;
 pub mod route;
 pub mod shared;
+pub mod sql;
 pub mod stats;
 pub mod stream;
 pub mod tcp;

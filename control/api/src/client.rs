@@ -68,6 +68,7 @@ impl Client {
         &self.base
     }
 
+    /// `path` is built from validated [`Name`]s and [`segment`]-encoded text.
     fn url(&self, path: &str) -> String {
         format!("{}/api/v1{}", self.base, path)
     }
@@ -138,7 +139,7 @@ impl Client {
     pub async fn delete_key(&self, app: &Name, id: &str) -> Result<serde_json::Value, ClientError> {
         self.send(
             self.http
-                .delete(self.url(&format!("/apps/{app}/keys/{id}"))),
+                .delete(self.url(&format!("/apps/{app}/keys/{}", segment(id)))),
         )
         .await
     }
@@ -168,7 +169,8 @@ impl Client {
     }
 
     pub async fn get_user(&self, app: &Name, name: &str) -> Result<UserInfo, ClientError> {
-        self.get(&format!("/apps/{app}/users/{name}")).await
+        self.get(&format!("/apps/{app}/users/{}", segment(name)))
+            .await
     }
 
     pub async fn create_database(&self, req: &CreateDatabase) -> Result<DatabaseInfo, ClientError> {
@@ -267,5 +269,32 @@ impl Client {
                 url: self.base.clone(),
                 source,
             })
+    }
+}
+
+/// A path segment from free text (a user name, a key id), percent-encoded
+/// so that `/`, `..`, `?` or `#` in it cannot change which resource is
+/// asked for.
+pub fn segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_cannot_leave_their_place_in_the_path() {
+        assert_eq!(segment("alice"), "alice");
+        assert_eq!(segment("../../databases"), "%2E%2E%2F%2E%2E%2Fdatabases");
+        assert_eq!(segment("a?b#c d"), "a%3Fb%23c%20d");
     }
 }

@@ -128,6 +128,9 @@ pub struct ControlConfig {
     pub stop_grace: Duration,
     /// PostgreSQL `max_connections` of each managed instance.
     pub postgres_max_connections: u32,
+    /// Engine processes may touch only their own data directory (Landlock).
+    /// Off only to test the proxy's statement filter on its own.
+    pub sandbox: bool,
 }
 
 impl Default for ControlConfig {
@@ -145,6 +148,7 @@ impl Default for ControlConfig {
             start_timeout: Duration::from_secs(30),
             stop_grace: Duration::from_secs(10),
             postgres_max_connections: 300,
+            sandbox: true,
         }
     }
 }

@@ -52,6 +52,28 @@ impl Name {
     }
 }
 
+/// Postgres login names: like app names but `_` is allowed and `.` is not,
+/// because the proxy splits `user.app` at the last dot. The proxy checks
+/// names from the wire with this before any lookup.
+pub fn validate_user_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok && !name.starts_with("pg_") && name != "rouse_admin" && name != "rouse_owner" {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid user name {name:?}: expected [a-z_][a-z0-9_-]{{0,62}}, not pg_* or a reserved name"
+        ))
+    }
+}
+
 impl fmt::Display for Name {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.pad(&self.0)

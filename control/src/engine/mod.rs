@@ -7,6 +7,7 @@ pub mod postgres;
 pub mod rqlite;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rouse_control_api::config::ControlConfig;
@@ -14,6 +15,7 @@ use rouse_control_api::{Endpoint, Engine};
 
 use crate::error::{ControlError, Result};
 use crate::process::{lookup_user, ProcessSpec};
+use crate::sandbox::Sandbox;
 use crate::store::{ReplicaRecord, UserRecord};
 
 /// Binaries and tunables shared by all databases of this node.
@@ -26,6 +28,8 @@ pub struct EngineEnv {
     pub raft_heartbeat_timeout: Duration,
     pub start_timeout: Duration,
     pub postgres_max_connections: u32,
+    /// `node.data_dir` when engines run sandboxed to their own directory.
+    pub sandbox_root: Option<PathBuf>,
 }
 
 /// One database's processes on this node, as one start sees them.
@@ -73,7 +77,12 @@ impl Instance<'_> {
 }
 
 impl EngineEnv {
-    pub fn from_config(c: &ControlConfig) -> Result<EngineEnv> {
+    pub fn from_config(c: &ControlConfig, data_dir: &Path) -> Result<EngineEnv> {
+        if c.sandbox && crate::sandbox::abi().is_none() {
+            return Err(ControlError::Internal(
+                "control.sandbox is on but this kernel has no Landlock: engines would reach every tenant's files; set control.sandbox: false to run them unconfined".into(),
+            ));
+        }
         let rqlited = match &c.rqlited_path {
             Some(p) => p.clone(),
             None => find_on_path("rqlited").ok_or_else(|| {
@@ -98,6 +107,7 @@ impl EngineEnv {
             raft_heartbeat_timeout: c.raft_heartbeat_timeout,
             start_timeout: c.start_timeout,
             postgres_max_connections: c.postgres_max_connections,
+            sandbox_root: c.sandbox.then(|| data_dir.to_path_buf()),
         })
     }
 
@@ -119,24 +129,37 @@ impl EngineEnv {
         inst: &Instance<'_>,
         r: &ReplicaRecord,
     ) -> Result<ProcessSpec> {
-        Ok(match engine {
-            Engine::Rqlite => ProcessSpec {
-                program: self.rqlited.clone(),
-                args: rqlite::args(self, inst, r),
-                log: inst.log_file(r),
-                pid_file: inst.pid_file(r),
-                user: None,
-                stop_signal: libc::SIGTERM,
-            },
-            Engine::Postgres => ProcessSpec {
-                program: self.postgres_bin()?.join("postgres"),
-                args: postgres::args(inst, r, self.postgres_max_connections),
-                log: inst.log_file(r),
-                pid_file: inst.pid_file(r),
-                user: self.postgres_user,
-                stop_signal: libc::SIGINT,
-            },
+        let (program, args, user, stop_signal) = match engine {
+            Engine::Rqlite => (
+                self.rqlited.clone(),
+                rqlite::args(self, inst, r),
+                None,
+                libc::SIGTERM,
+            ),
+            Engine::Postgres => (
+                self.postgres_bin()?.join("postgres"),
+                postgres::args(inst, r, self.postgres_max_connections),
+                self.postgres_user,
+                libc::SIGINT,
+            ),
             Engine::Patroni => return Err(not_run_here()),
+        };
+        let sandbox = match &self.sandbox_root {
+            Some(root) => Some(Arc::new(
+                Sandbox::new(&inst.replica_dir(r), &program, root).map_err(|e| {
+                    ControlError::Internal(format!("cannot sandbox {}: {e}", inst.label))
+                })?,
+            )),
+            None => None,
+        };
+        Ok(ProcessSpec {
+            program,
+            args,
+            log: inst.log_file(r),
+            pid_file: inst.pid_file(r),
+            user,
+            stop_signal,
+            sandbox,
         })
     }
 

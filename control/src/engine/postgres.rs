@@ -106,6 +106,10 @@ pub(super) fn args(inst: &Instance<'_>, r: &ReplicaRecord, max_connections: u32)
         "unix_socket_directories=".into(),
         "-c".into(),
         format!("max_connections={max_connections}").into(),
+        // Shared memory segments as files in the data directory, not in
+        // /dev/shm, which the sandbox does not open to engines.
+        "-c".into(),
+        "dynamic_shared_memory_type=mmap".into(),
     ]
 }
 

@@ -294,6 +294,12 @@ async fn run_all(
 ) -> Result<Vec<Value>> {
     let key = database_key(app, database)?;
     served.db = Some(key.clone());
+    // Every statement is built as `[sql, args...]` above.
+    for stmt in stmts.as_array().into_iter().flatten() {
+        if let Some(sql) = stmt.get(0).and_then(Value::as_str) {
+            crate::sql::check(sql)?;
+        }
+    }
     let _in_flight = proxy.activity.begin(&key);
     let body = Bytes::from(serde_json::to_vec(&stmts).expect("JSON values serialise"));
     let ct = HeaderValue::from_static("application/json");

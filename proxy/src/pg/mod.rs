@@ -22,7 +22,7 @@ use rouse_control_api::{Client, ClientError, DbKey, Engine, Name, PoolMode};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::activity::Activity;
 use crate::error::ProxyError;
@@ -70,6 +70,15 @@ impl PgError {
             PgError::Waking(_) => "57P03",
             PgError::Backend(_) => "08006",
             PgError::TooManyClients | PgError::RateLimited(_) => "53300",
+        }
+    }
+
+    /// What the client is told: a backend failure's detail (control's or
+    /// the engine's words) goes to the log, never to the client.
+    pub fn client_message(&self) -> String {
+        match self {
+            PgError::Backend(_) => "the database is unavailable, try again".into(),
+            other => other.to_string(),
         }
     }
 
@@ -168,6 +177,8 @@ pub struct PgFront {
     pub routes: Arc<Routes>,
     pub activity: Arc<Activity>,
     verifiers: moka::future::Cache<(Name, String), Option<Arc<Verifier>>>,
+    /// Derives the stable salt shown for unknown roles.
+    mock_key: [u8; 32],
     cancels: Mutex<HashMap<(i32, i32), pool::CancelSlot>>,
     /// By database, role and read-only port.
     pools: Mutex<HashMap<(DbKey, String, bool), Arc<pool::Pool>>>,
@@ -209,6 +220,7 @@ impl PgFront {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(30))
                 .build(),
+            mock_key: rand::random(),
             cancels: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
             clusters: Mutex::new(HashMap::new()),
@@ -278,14 +290,17 @@ impl PgFront {
             }
             Ok(Ok(None)) => return None,
             Ok(Err(e)) => {
-                debug!(%peer, error = %e, "postgres connection refused");
+                match e {
+                    PgError::Backend(_) => warn!(%peer, error = %e, "postgres connection failed"),
+                    _ => debug!(%peer, error = %e, "postgres connection refused"),
+                }
                 metrics::counter!("rouse_requests_total", "app" => "", "db" => "", "protocol" => "postgres", "outcome" => e.kind()).increment(1);
                 e
             }
             Err(_) => PgError::Protocol("startup not completed in time".into()),
         };
         let _ = client
-            .write_all(&messages::fatal(e.sqlstate(), &e.to_string()))
+            .write_all(&messages::fatal(e.sqlstate(), &e.client_message()))
             .await;
         let _ = client.flush().await;
         None
@@ -325,7 +340,7 @@ impl PgFront {
                 if let Err(e) = pool::relay(client, buf, pool, addr, &slot).await {
                     debug!(database = %key, error = %e, "pooled postgres session ended");
                     let _ = client
-                        .write_all(&messages::fatal(e.sqlstate(), &e.to_string()))
+                        .write_all(&messages::fatal(e.sqlstate(), &e.client_message()))
                         .await;
                 }
             }
@@ -473,7 +488,10 @@ impl PgFront {
                     Upstream::Cluster(cluster, role) => {
                         let (session, pick) =
                             cluster.connect(*role, login).await.map_err(|e| match e {
-                                ConnectError::NoMember(e) => PgError::Waking(e.to_string()),
+                                ConnectError::NoMember(e) => {
+                                    debug!(database = %key, error = %e, "no member to connect to");
+                                    PgError::Waking(database.clone())
+                                }
                                 ConnectError::Member(e) => e,
                             })?;
                         (session, Some((cluster.clone(), pick)))
@@ -574,7 +592,19 @@ impl PgFront {
         Ok(cluster)
     }
 
+    /// The role's verifier, or one no password matches when the role or
+    /// app is unknown or the role is not a valid name (which is never
+    /// looked up).
     async fn verifier(&self, app: &Name, role: &str) -> Result<Arc<Verifier>, PgError> {
+        let impossible = || {
+            Arc::new(Verifier::impossible(
+                &self.mock_key,
+                &format!("{role}.{app}"),
+            ))
+        };
+        if rouse_control_api::name::validate_user_name(role).is_err() {
+            return Ok(impossible());
+        }
         let control = self.control.clone();
         let (a, r) = (app.clone(), role.to_string());
         let found = self
@@ -589,7 +619,7 @@ impl PgFront {
             .await
             .map_err(|e| PgError::Backend(format!("control unavailable: {e}")))?;
         // Unknown users fail exactly like a wrong password.
-        Ok(found.unwrap_or_else(|| Arc::new(Verifier::impossible())))
+        Ok(found.unwrap_or_else(impossible))
     }
 
     /// Forwards a client's CancelRequest to the backend that holds its session.

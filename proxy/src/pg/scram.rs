@@ -56,10 +56,11 @@ impl Verifier {
     }
 
     /// A verifier no password matches: unknown users fail exactly like a
-    /// wrong password, so user names cannot be probed.
-    pub fn impossible() -> Verifier {
-        let mut salt = vec![0u8; 16];
-        rand::rng().fill_bytes(&mut salt);
+    /// wrong password, so user names cannot be probed. Its salt is derived
+    /// from `who` with a key of the proxy's, so that asking twice shows
+    /// the same salt, as for a real user.
+    pub fn impossible(mock_key: &[u8; 32], who: &str) -> Verifier {
+        let salt = hmac(mock_key, who)[..16].to_vec();
         let mut stored_key = [0u8; 32];
         rand::rng().fill_bytes(&mut stored_key);
         Verifier {
@@ -292,7 +293,7 @@ mod tests {
         assert!(exchange("secret", &v).is_ok());
         assert_eq!(exchange("wrong", &v), Err(ScramError::Proof));
         assert_eq!(
-            exchange("secret", &Verifier::impossible()),
+            exchange("secret", &Verifier::impossible(&[7; 32], "alice.shop")),
             Err(ScramError::Proof)
         );
     }
@@ -311,8 +312,19 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_user_shows_the_same_salt_every_time_and_differs_per_user() {
+        let salt = |who| Verifier::impossible(&[7; 32], who).salt;
+        assert_eq!(salt("alice.shop"), salt("alice.shop"));
+        assert_ne!(salt("alice.shop"), salt("bob.shop"));
+        assert_ne!(
+            Verifier::impossible(&[8; 32], "alice.shop").salt,
+            salt("alice.shop")
+        );
+    }
+
+    #[test]
     fn refuses_channel_binding_and_garbage() {
-        let v = Verifier::impossible();
+        let v = Verifier::impossible(&[7; 32], "alice.shop");
         assert!(matches!(
             ServerExchange::start(&v, "p=tls-server-end-point,,n=,r=x"),
             Err(ScramError::ChannelBinding)
@@ -327,7 +339,7 @@ mod tests {
     proptest! {
         #[test]
         fn never_panics(first in "\\PC{0,60}", last in "\\PC{0,80}") {
-            let v = Verifier::impossible();
+            let v = Verifier::impossible(&[7; 32], "alice.shop");
             if let Ok((server, _)) = ServerExchange::start(&v, &first) {
                 let _ = server.finish(&v, &last);
             }
