@@ -1,0 +1,457 @@
+//! A hostile tenant: app `shop`, holding its own valid API key and Postgres
+//! login, tries to reach app `rival`'s data, the metadata and the host
+//! through every route the proxy offers. Each attempt is refused and
+//! `rival`'s data stays as it was. Each defence layer is also tried alone:
+//! the engine sandbox with the proxy bypassed, and the proxy's statement
+//! filter with the sandbox off.
+
+use std::path::{Path, PathBuf};
+
+use reqwest::{RequestBuilder, StatusCode};
+use rouse_control_api::*;
+use rouse_tests::{Control, Proxy};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn name(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+/// Two apps with a key each; `rival` keeps a secret in its database `vault`.
+struct Tenants {
+    control: Control,
+    proxy: Proxy,
+    shop_key: String,
+    rival_key: String,
+    http: reqwest::Client,
+}
+
+impl Tenants {
+    async fn start(control: Control) -> Tenants {
+        let client = control.client();
+        let mut keys = Vec::new();
+        for app in ["shop", "rival"] {
+            client.create_app(&name(app)).await.unwrap();
+            keys.push(client.create_key(&name(app)).await.unwrap().key);
+        }
+        let proxy = Proxy::builder(&control)
+            .static_listener("shop", "main")
+            .start()
+            .await
+            .unwrap();
+        let t = Tenants {
+            control,
+            proxy,
+            shop_key: keys[0].clone(),
+            rival_key: keys[1].clone(),
+            http: reqwest::Client::new(),
+        };
+        for (key, db, sql) in [
+            (&t.rival_key, "vault", "CREATE TABLE jewels (name TEXT)"),
+            (&t.rival_key, "vault", "INSERT INTO jewels VALUES ('crown')"),
+            (&t.shop_key, "main", "CREATE TABLE t (x)"),
+        ] {
+            let (status, body) = t
+                .send(t.gateway("exec", key), json!({"database": db, "sql": sql}))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{sql}: {body}");
+        }
+        t
+    }
+
+    fn gateway(&self, op: &str, key: &str) -> RequestBuilder {
+        self.http
+            .post(format!("{}/v1/database/{op}", self.proxy.url()))
+            .bearer_auth(key)
+    }
+
+    async fn send(&self, req: RequestBuilder, body: Value) -> (StatusCode, Value) {
+        let resp = req.json(&body).send().await.unwrap();
+        (resp.status(), resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The file that holds `app`'s database `db`.
+    fn file_of(&self, app: &str, db: &str) -> PathBuf {
+        let path = self
+            .control
+            .data_dir()
+            .join(format!("{app}_{db}/rqlite/node-0/db.sqlite"));
+        assert!(
+            path.exists(),
+            "{} is not where the test expects",
+            path.display()
+        );
+        path
+    }
+
+    async fn rival_jewels(&self) -> Value {
+        let (status, body) = self
+            .send(
+                self.gateway("query", &self.rival_key),
+                json!({"database": "vault", "sql": "SELECT name FROM jewels"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// Every way `shop` can hand SQL to the proxy.
+    fn routes(&self, sql: &str) -> Vec<(String, RequestBuilder, Option<Value>)> {
+        let url = self.proxy.url();
+        let key = &self.shop_key;
+        let api_key = format!("ApiKey {key}");
+        let q: String = form_urlencoded::byte_serialize(sql.as_bytes()).collect();
+        let stmt = json!([sql]);
+        vec![
+            (
+                "path prefix, execute".into(),
+                self.http
+                    .post(format!("{url}/shop/main/db/execute"))
+                    .header("Authorization", &api_key),
+                Some(stmt.clone()),
+            ),
+            (
+                "path prefix, queued".into(),
+                self.http
+                    .post(format!("{url}/shop/main/db/execute?queue"))
+                    .header("X-API-Key", key),
+                Some(json!([[sql]])),
+            ),
+            (
+                "path prefix, GET query".into(),
+                self.http
+                    .get(format!("{url}/shop/main/db/query?q={q}&level=weak"))
+                    .header("Authorization", &api_key),
+                None,
+            ),
+            (
+                "Host, request".into(),
+                self.http
+                    .post(format!("{url}/db/request"))
+                    .header("Host", "main.shop.localhost")
+                    .bearer_auth(key),
+                Some(stmt.clone()),
+            ),
+            (
+                "basic auth, query".into(),
+                self.http
+                    .post(format!("{url}/db/query"))
+                    .basic_auth("main.shop", Some(key)),
+                Some(stmt.clone()),
+            ),
+            (
+                "static listener".into(),
+                self.http
+                    .post(format!(
+                        "http://{}/db/execute?transaction",
+                        self.proxy.static_addr(0)
+                    ))
+                    .bearer_auth(key),
+                Some(stmt.clone()),
+            ),
+            (
+                "gateway exec".into(),
+                self.gateway("exec", key),
+                Some(json!({"database": "main", "sql": sql})),
+            ),
+            (
+                "gateway query".into(),
+                self.gateway("query", key),
+                Some(json!({"database": "main", "sql": sql})),
+            ),
+            (
+                "gateway transaction".into(),
+                self.gateway("transaction", key),
+                Some(
+                    json!({"database": "main", "queries": ["INSERT INTO t VALUES (1)", {"sql": sql}]}),
+                ),
+            ),
+            (
+                "gateway create-table".into(),
+                self.gateway("create-table", key),
+                Some(json!({"database": "main", "schema": format!("CREATE TABLE u (x); {sql}")})),
+            ),
+        ]
+    }
+}
+
+fn attacks(victim: &Path) -> Vec<String> {
+    let victim = victim.display();
+    let beside = victim.to_string().replace("db.sqlite", "copy.db");
+    vec![
+        format!("ATTACH DATABASE '{victim}' AS v"),
+        format!("SELECT 1; /* hi */ aTTach\n'{victim}' AS v"),
+        format!("VACUUM INTO '{beside}'"),
+        "SELECT load_extension('/tmp/evil.so')".into(),
+        "SELECT \"load_extension\"('/tmp/evil.so')".into(),
+        "PRAGMA database_list".into(),
+        "SELECT file FROM pragma_database_list".into(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_naming_files_is_refused_on_every_route_and_the_other_app_keeps_its_data() {
+    let t = Tenants::start(
+        Control::builder()
+            .hibernation_timeout("0")
+            .start()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let victim = t.file_of("rival", "vault");
+    let before = t.rival_jewels().await;
+    assert_eq!(before["items"], json!([{"name": "crown"}]));
+    for sql in attacks(&victim) {
+        for (route, req, body) in t.routes(&sql) {
+            let resp = match body {
+                Some(body) => req.json(&body),
+                None => req,
+            }
+            .send()
+            .await
+            .unwrap();
+            let status = resp.status();
+            let answer: Value = resp.json().await.unwrap_or(Value::Null);
+            assert_eq!(
+                (status, answer["code"].as_str()),
+                (StatusCode::BAD_REQUEST, Some("forbidden_statement")),
+                "{route}: {sql}: {answer}"
+            );
+        }
+    }
+    assert_eq!(t.rival_jewels().await, before);
+    assert!(!victim.with_file_name("copy.db").exists());
+    // Ordinary SQL still goes through every route.
+    for (route, req, body) in t.routes("INSERT INTO t VALUES ('attach')") {
+        let req = match body {
+            Some(body) => req.json(&body),
+            None => req,
+        };
+        let status = req.send().await.unwrap().status();
+        assert!(
+            status.is_success() || status == StatusCode::BAD_REQUEST && route.contains("query"),
+            "{route}: {status}"
+        );
+    }
+
+    // /status and /nodes tell the client the version, the leader and the
+    // proxy's own address: no path, executable, OS or Raft address.
+    let data_dir = t.control.data_dir().display().to_string();
+    for path in ["status", "nodes", "nodes?ver=2", "readyz"] {
+        let resp = t
+            .http
+            .get(format!("{}/shop/main/{path}", t.proxy.url()))
+            .bearer_auth(&t.shop_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let text = resp.text().await.unwrap();
+        for leak in [
+            data_dir.as_str(),
+            "rqlited",
+            "executable",
+            "hostname",
+            "raft",
+            "go_version",
+        ] {
+            assert!(!text.contains(leak), "/{path} shows {leak:?}: {text}");
+        }
+        if path == "status" {
+            let doc: Value = serde_json::from_str(&text).unwrap();
+            assert!(
+                doc["build"]["version"]
+                    .as_str()
+                    .is_some_and(|v| !v.is_empty()),
+                "{doc}"
+            );
+            assert_eq!(doc["store"]["leader"]["node_id"], "node-0");
+        }
+    }
+}
+
+/// Posts statements to an rqlited directly, as a process on the host could.
+async fn rqlited_execute(endpoint: &Endpoint, statements: Value) -> Value {
+    reqwest::Client::new()
+        .post(format!(
+            "http://{}:{}/db/execute",
+            endpoint.host, endpoint.port
+        ))
+        .json(&statements)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn endpoint(control: &Control, app: &str, db: &str) -> Endpoint {
+    let info = control
+        .client()
+        .database(&name(app), &name(db))
+        .await
+        .unwrap();
+    info.endpoints
+        .into_iter()
+        .next()
+        .expect("a running database has an endpoint")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_sandbox_alone_keeps_a_database_from_another_databases_file() {
+    let t = Tenants::start(
+        Control::builder()
+            .hibernation_timeout("0")
+            .start()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let victim = t.file_of("rival", "vault");
+    let copy = victim.with_file_name("copy.db");
+    let shop = endpoint(&t.control, "shop", "main").await;
+    let r = rqlited_execute(
+        &shop,
+        json!([format!("ATTACH DATABASE '{}' AS v", victim.display())]),
+    )
+    .await;
+    assert!(
+        r["results"][0]["error"].is_string(),
+        "ATTACH of another database's file passed the sandbox: {r}"
+    );
+    let r = rqlited_execute(&shop, json!([format!("VACUUM INTO '{}'", copy.display())])).await;
+    assert!(
+        r["results"][0]["error"].is_string(),
+        "VACUUM INTO beside another database passed the sandbox: {r}"
+    );
+    assert!(!copy.exists());
+    // Its own directory stays usable.
+    let own = t.file_of("shop", "main").with_file_name("own-copy.db");
+    let r = rqlited_execute(&shop, json!([format!("VACUUM INTO '{}'", own.display())])).await;
+    assert!(r["results"][0]["error"].is_null(), "{r}");
+    assert_eq!(t.rival_jewels().await["items"], json!([{"name": "crown"}]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_statement_filter_alone_refuses_what_an_unconfined_engine_would_run() {
+    let control = Control::builder()
+        .hibernation_timeout("0")
+        .env("ROUSE_CONTROL__SANDBOX", "false")
+        .start()
+        .await
+        .unwrap();
+    let t = Tenants::start(control).await;
+    let victim = t.file_of("rival", "vault");
+    let attach = format!("ATTACH DATABASE '{}' AS v", victim.display());
+    // Without the sandbox the engine itself would hand over the other app's data...
+    let shop = endpoint(&t.control, "shop", "main").await;
+    let r = rqlited_execute(&shop, json!([attach.clone()])).await;
+    assert!(
+        r["results"][0]["error"].is_null(),
+        "the unconfined engine refused: {r}"
+    );
+    rqlited_execute(&shop, json!(["DETACH v"])).await;
+    // ...and the proxy alone refuses it on every route.
+    for (route, req, body) in t.routes(&attach) {
+        let req = match body {
+            Some(body) => req.json(&body),
+            None => req,
+        };
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{route}");
+    }
+    assert_eq!(t.rival_jewels().await["items"], json!([{"name": "crown"}]));
+}
+
+async fn read_message(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    let tag = s.read_u8().await.unwrap();
+    let len = s.read_i32().await.unwrap() as usize;
+    let mut body = vec![0; len - 4];
+    s.read_exact(&mut body).await.unwrap();
+    (tag, body)
+}
+
+/// The salt a proxy shows in its first SCRAM message for `user`, or the
+/// FATAL message when it answers with an error instead.
+async fn scram_salt(addr: std::net::SocketAddr, user: &str) -> Result<String, String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&196608i32.to_be_bytes());
+    for part in ["user", user, "database", "main", ""] {
+        startup.extend_from_slice(part.as_bytes());
+        startup.push(0);
+    }
+    let mut packet = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend(startup);
+    s.write_all(&packet).await.unwrap();
+    let (tag, body) = read_message(&mut s).await;
+    if tag == b'E' {
+        return Err(String::from_utf8_lossy(&body).into_owned());
+    }
+    assert_eq!((tag, &body[..4]), (b'R', &10i32.to_be_bytes()[..]));
+    let first = b"n,,n=,r=rouse-test-nonce";
+    let mut msg = b"SCRAM-SHA-256\0".to_vec();
+    msg.extend_from_slice(&(first.len() as i32).to_be_bytes());
+    msg.extend_from_slice(first);
+    let mut packet = vec![b'p'];
+    packet.extend_from_slice(&((msg.len() + 4) as i32).to_be_bytes());
+    packet.extend(msg);
+    s.write_all(&packet).await.unwrap();
+    let (tag, body) = read_message(&mut s).await;
+    assert_eq!(tag, b'R');
+    let server_first = String::from_utf8_lossy(&body[4..]).into_owned();
+    Ok(server_first
+        .split(',')
+        .find_map(|f| f.strip_prefix("s="))
+        .expect("server-first has a salt")
+        .to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_names_from_the_wire_never_reach_control_unchecked() {
+    let mut control = Control::builder()
+        .hibernation_timeout("0")
+        .start()
+        .await
+        .unwrap();
+    let client = control.client();
+    client.create_app(&name("shop")).await.unwrap();
+    client
+        .create_user(&name("shop"), "alice", "wonderland")
+        .await
+        .unwrap();
+    let proxy = Proxy::builder(&control).start().await.unwrap();
+    let addr = proxy.postgres_addr();
+    // A known role, an unknown one and names that are no role at all each
+    // show one salt, the same every time: nothing tells them apart.
+    for user in [
+        "alice.shop",
+        "ghost.shop",
+        "../../databases.shop",
+        "a/../../apps.shop",
+        "x%2F..%2F.shop",
+    ] {
+        let first = scram_salt(addr, user).await.unwrap();
+        assert_eq!(scram_salt(addr, user).await.unwrap(), first, "{user}");
+    }
+    assert_ne!(
+        scram_salt(addr, "ghost.shop").await.unwrap(),
+        scram_salt(addr, "phantom.shop").await.unwrap()
+    );
+    // With control gone, a client hears that the database is unavailable,
+    // not what control or the network said.
+    control.stop().await.unwrap();
+    let err = tokio_postgres::connect(
+        &format!("postgres://newcomer.shop:pw@{addr}/main?sslmode=disable"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .unwrap();
+    let db_error = err
+        .as_db_error()
+        .expect("a Postgres error, not a dropped connection");
+    assert_eq!(db_error.message(), "the database is unavailable, try again");
+}
