@@ -229,14 +229,16 @@ impl Authenticator {
     }
 
     async fn validate(&self, credential: &Credential, hash: &str) -> Result<Session> {
+        let key = session_key(hash);
         let stored = self
             .shared
             .call("session", |mut c| {
-                let key = session_key(hash);
-                async move { c.get::<_, Option<String>>(key).await }
+                let key = key.clone();
+                async move { c.get::<_, Option<Vec<u8>>>(key).await }
             })
             .await?
             .flatten()
+            .and_then(|sealed| self.shared.open_str("session", &key, &sealed))
             .and_then(|json| serde_json::from_str::<Session>(&json).ok());
         if let Some(session) = stored {
             metrics::counter!("rouse_auth_validations_total", "source" => "redis").increment(1);
@@ -262,14 +264,17 @@ impl Authenticator {
                 metrics::counter!("rouse_auth_validations_total", "source" => "token").increment(1);
                 let session = self.jwt_session(token)?;
                 // Revoked before this proxy heard of it.
+                let marker = revoked_key(hash);
                 let revoked = self
                     .shared
                     .call("session", |mut c| {
-                        let key = revoked_key(hash);
-                        async move { c.exists::<_, bool>(key).await }
+                        let marker = marker.clone();
+                        async move { c.get::<_, Option<Vec<u8>>>(marker).await }
                     })
-                    .await?;
-                if revoked == Some(true) {
+                    .await?
+                    .flatten()
+                    .and_then(|sealed| self.shared.open("revocation", &marker, &sealed).map(drop));
+                if revoked.is_some() {
                     self.revoked.insert(hash.to_string(), ()).await;
                     return Err(ProxyError::Unauthorized);
                 }
@@ -277,14 +282,14 @@ impl Authenticator {
             }
         };
         let json = serde_json::to_string(&session).expect("a session serialises");
+        let sealed = self.shared.seal(&key, json.as_bytes());
         let (ttl, key_id) = (session.ttl(), session.key_id.clone());
         self.shared
             .call("session", |mut c| {
-                let key = session_key(hash);
                 let hash = hash.to_string();
                 async move {
                     let mut pipe = redis::pipe();
-                    pipe.set_ex(&key, json, ttl).ignore();
+                    pipe.set_ex(&key, sealed, ttl).ignore();
                     if let Some(id) = key_id {
                         let index = key_sessions_key(&id);
                         pipe.sadd(&index, hash)
@@ -329,12 +334,14 @@ impl Authenticator {
         self.revoked.insert(hash.clone(), ()).await;
         self.sessions.invalidate(&hash).await;
         let ttl = session.ttl().max(1);
+        let marker = revoked_key(&hash);
+        let sealed = self.shared.seal(&marker, b"1");
         self.shared
             .call("revocation", |mut c| {
                 let hash = hash.clone();
                 async move {
                     redis::pipe()
-                        .set_ex(revoked_key(&hash), 1, ttl)
+                        .set_ex(marker, sealed, ttl)
                         .ignore()
                         .del(session_key(&hash))
                         .ignore()

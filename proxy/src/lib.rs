@@ -159,7 +159,7 @@ pub async fn run(
     let p = config.proxy.clone();
     let sockets = listeners.sockets(&config);
     let control = Client::new(&p.control_url);
-    let shared = Arc::new(Shared::new(&config.redis)?);
+    let shared = Arc::new(Shared::new(&config.redis, &config.node.data_dir)?);
     let auth = Arc::new(Authenticator::new(
         control.clone(),
         shared.clone(),

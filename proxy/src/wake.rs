@@ -301,11 +301,14 @@ impl Waker {
 
     async fn wake_once(&self, key: &DbKey) -> std::result::Result<DatabaseInfo, ClientError> {
         let lock = format!("rouse:wake:{}", key.internal());
+        // Holders are proven by the seal: a lock set by anyone else is no
+        // reason to wait.
+        let me = self.shared.seal(&lock, self.proxy_id.as_bytes());
         loop {
             let taken = self
                 .shared
                 .call("wake_lock", |mut c| {
-                    let (lock, me) = (lock.clone(), self.proxy_id.clone());
+                    let (lock, me) = (lock.clone(), me.clone());
                     async move {
                         let set: Option<String> = redis::cmd("SET")
                             .arg(&lock)
@@ -328,7 +331,7 @@ impl Waker {
                     // Only our own lock: a slow wake may have outlived its lease.
                     let script = redis::Script::new(RELEASE_LOCK);
                     let mut release = script.prepare_invoke();
-                    release.key(&lock).arg(&self.proxy_id);
+                    release.key(&lock).arg(&me);
                     let _ = self
                         .shared
                         .call("wake_lock", |mut c| async move {
@@ -345,19 +348,25 @@ impl Waker {
                         if info.status == DatabaseStatus::Active && !info.endpoints.is_empty() {
                             return Ok(info);
                         }
-                        let held = self
+                        let holder = self
                             .shared
                             .call("wake_lock", |mut c| {
                                 let lock = lock.clone();
-                                async move { c.exists::<_, bool>(lock).await }
+                                async move { c.get::<_, Option<Vec<u8>>>(lock).await }
                             })
                             .await
                             .ok()
                             .flatten();
-                        // The lock went (the wake failed or its proxy died)
-                        // or Redis did: take over.
-                        if held != Some(true) {
-                            break;
+                        match holder {
+                            // Still held by a proxy of this fleet.
+                            Some(Some(sealed))
+                                if self.shared.open("wake_lock", &lock, &sealed).is_some() => {}
+                            // A lock no proxy of this fleet set: wake without it
+                            // (control is idempotent).
+                            Some(Some(_)) => return self.control.wake(&key.app, &key.db).await,
+                            // The lock went (the wake failed or its proxy died)
+                            // or Redis did: take over.
+                            _ => break,
                         }
                     }
                 }

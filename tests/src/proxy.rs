@@ -59,9 +59,15 @@ impl ProxyBuilder {
     }
 
     /// Shared state in the Redis at `url` (`redis:` section), with more
-    /// `redis.*` keys as YAML lines such as `fail_open: false`.
+    /// `redis.*` keys as YAML lines such as `fail_open: false`. Proxies
+    /// given the same URL share one `redis.secret` unless a line sets it.
     pub fn redis_url(mut self, url: &str, more: &[&str]) -> Self {
         let mut section = format!("redis:\n  url: {}\n", serde_json::Value::from(url));
+        // Proxies of one Redis are one fleet: they share its secret.
+        if !more.iter().any(|l| l.starts_with("secret:")) {
+            let secret = serde_json::Value::from(format!("fleet secret of {url}"));
+            section.push_str(&format!("  secret: {secret}\n"));
+        }
         for line in more {
             section.push_str(&format!("  {line}\n"));
         }

@@ -455,3 +455,120 @@ async fn postgres_names_from_the_wire_never_reach_control_unchecked() {
         .expect("a Postgres error, not a dropped connection");
     assert_eq!(db_error.message(), "the database is unavailable, try again");
 }
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// Whoever can write to the Redis the proxies share (in the State Pillar,
+/// the apps' own Redis) tries to make a proxy act on forged entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_forged_in_the_shared_redis_grant_nothing() {
+    let redis = rouse_tests::Redis::start().await.unwrap();
+    let url = format!("redis://{}", redis.addr());
+    let control = Control::builder()
+        .hibernation_timeout("0")
+        .start()
+        .await
+        .unwrap();
+    let client = control.client();
+    let mut keys = Vec::new();
+    for app in ["shop", "rival"] {
+        client.create_app(&name(app)).await.unwrap();
+        keys.push(client.create_key(&name(app)).await.unwrap().key);
+    }
+    let proxy = Proxy::builder(&control)
+        .redis_url(&url, &[])
+        .set("wake_timeout", "5s")
+        .start()
+        .await
+        .unwrap();
+    let mut r = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let query = |token: String| {
+        http.post(format!("{}/v1/database/query", proxy.url()))
+            .bearer_auth(token)
+            .json(&json!({"database": "vault", "sql": "SELECT 1"}))
+            .send()
+    };
+    // The rival's own key works, and so the shop's on its own app.
+    assert_eq!(
+        query(keys[1].clone()).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let shop_session: Vec<u8> = redis::cmd("GET")
+        .arg(format!("rouse:sess:{}", sha256_hex(&keys[0])))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    // A session written by hand, and the shop's genuine session copied
+    // under another token: neither makes that token anyone.
+    let forged = "ak_forgedforgedforgedforgedforged";
+    let copied = "ak_copiedcopiedcopiedcopiedcopied";
+    let _: () = redis::cmd("SET")
+        .arg(format!("rouse:sess:{}", sha256_hex(forged)))
+        .arg(r#"{"app":"rival","key_id":null,"exp":null}"#)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("rouse:sess:{}", sha256_hex(copied)))
+        .arg(shop_session)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    for token in [forged, copied] {
+        let resp = query(token.to_string()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{token}");
+    }
+    let metrics = proxy.metrics().await.unwrap();
+    assert!(
+        metrics.contains(r#"rouse_redis_tampered_total{what="session"} 2"#),
+        "tampering not counted: {metrics}"
+    );
+
+    // A forged cancel owner would have the proxy send bytes anywhere.
+    let bait = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("rouse:cancel:11:22")
+        .arg(bait.local_addr().unwrap().to_string())
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let mut cancel = tokio::net::TcpStream::connect(proxy.postgres_addr())
+        .await
+        .unwrap();
+    let mut request = 16i32.to_be_bytes().to_vec();
+    request.extend_from_slice(&80877102i32.to_be_bytes());
+    request.extend_from_slice(&11i32.to_be_bytes());
+    request.extend_from_slice(&22i32.to_be_bytes());
+    cancel.write_all(&request).await.unwrap();
+    let reached = tokio::time::timeout(std::time::Duration::from_secs(1), bait.accept()).await;
+    assert!(reached.is_err(), "the proxy followed a forged cancel owner");
+
+    // A wake lock nobody of the fleet holds does not stop a wake.
+    client
+        .hibernate(&name("rival"), &name("vault"), true)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("rouse:wake:rival_vault")
+        .arg("someone")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let resp = query(keys[1].clone()).await.unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "{}",
+        resp.text().await.unwrap()
+    );
+}

@@ -418,6 +418,10 @@ pub struct RedisConfig {
     /// A Redis call that has not answered within this time failed.
     #[serde(with = "crate::duration")]
     pub timeout: Duration,
+    /// Authenticates what the proxies store in Redis (at least 16
+    /// characters); `<data_dir>/redis.secret` when unset. Never printed.
+    #[serde(skip_serializing)]
+    pub secret: Option<String>,
 }
 
 impl Default for RedisConfig {
@@ -426,6 +430,7 @@ impl Default for RedisConfig {
             url: None,
             fail_open: true,
             timeout: Duration::from_millis(250),
+            secret: None,
         }
     }
 }

@@ -368,10 +368,11 @@ impl PgFront {
             return;
         };
         let key = cancel_key(cancel);
+        let sealed = self.shared.seal(&key, addr.as_bytes());
         let _ = self
             .shared
             .call("cancel_key", |mut c| async move {
-                c.set_ex::<_, _, ()>(key, addr, CANCEL_KEY_TTL.as_secs())
+                c.set_ex::<_, _, ()>(key, sealed, CANCEL_KEY_TTL.as_secs())
                     .await
             })
             .await;
@@ -647,13 +648,18 @@ impl PgFront {
     /// Redis knows it, gets the request.
     async fn forward_cancel(&self, pid: i32, secret: i32) {
         let key = cancel_key((pid, secret));
-        let owner: Option<String> = self
+        let sealed: Option<Vec<u8>> = self
             .shared
-            .call("cancel_key", |mut c| async move { c.get(key).await })
+            .call("cancel_key", |mut c| {
+                let key = key.clone();
+                async move { c.get(key).await }
+            })
             .await
             .ok()
             .flatten()
             .flatten();
+        // A forged owner would have this proxy send bytes anywhere.
+        let owner = sealed.and_then(|s| self.shared.open_str("cancel_key", &key, &s));
         let Some(owner) = owner.and_then(|o| o.parse::<SocketAddr>().ok()) else {
             return;
         };

@@ -96,7 +96,9 @@ impl ResponseCache {
             .await
             .ok()
             .flatten()?;
-        match entry.and_then(|e| decode(&e)) {
+        let entry_key = format!("{}{generation}:{fingerprint}", entry_prefix(key));
+        let opened = entry.and_then(|e| shared.open("cache", &entry_key, &e).and_then(decode));
+        match opened {
             Some(reply) => {
                 metrics::counter!("rouse_cache_total", "db" => key.internal(), "result" => "hit")
                     .increment(1);
@@ -126,7 +128,7 @@ impl ResponseCache {
             slot.generation,
             slot.fingerprint
         );
-        let value = encode(reply);
+        let value = shared.seal(&entry_key, &encode(reply));
         let ttl_ms = slot.ttl.as_millis().max(1) as u64;
         let _ = shared
             .call("cache", |mut c| async move {

@@ -59,6 +59,81 @@ impl Revocation {
 pub struct Shared {
     redis: Option<Redis>,
     fail_open: bool,
+    seal: Seal,
+}
+
+/// Whoever can write to the shared Redis must not be able to make a proxy
+/// act: every entry read back (sessions, revocations, cached answers,
+/// cancel owners, wake locks) carries an HMAC over its key and value with a
+/// secret only the proxies hold. An entry without a valid one is ignored
+/// and counted in `rouse_redis_tampered_total{what}`.
+struct Seal {
+    secret: Vec<u8>,
+}
+
+/// Hex digits of the HMAC-SHA256 that leads a sealed value.
+const MAC_LEN: usize = 64;
+
+impl Seal {
+    fn mac(&self, name: &str, value: &[u8]) -> String {
+        use hmac::{Hmac, Mac};
+        let mut m =
+            Hmac::<sha2::Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        m.update(name.as_bytes());
+        m.update(&[0]);
+        m.update(value);
+        hex::encode(m.finalize().into_bytes())
+    }
+
+    fn seal(&self, name: &str, value: &[u8]) -> Vec<u8> {
+        let mut out = self.mac(name, value).into_bytes();
+        out.extend_from_slice(value);
+        out
+    }
+
+    fn open<'a>(&self, name: &str, sealed: &'a [u8]) -> Option<&'a [u8]> {
+        let (mac, value) = sealed.split_at_checked(MAC_LEN)?;
+        let expected = self.mac(name, value);
+        // Constant time: the MAC is a secret until it is right.
+        let same = mac
+            .iter()
+            .zip(expected.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+        same.then_some(value)
+    }
+}
+
+/// The shared secret: `redis.secret`, else `<data_dir>/redis.secret`,
+/// made (0600) when missing. Proxies that share a Redis need the same one.
+fn load_secret(config: &RedisConfig, data_dir: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    if let Some(secret) = &config.secret {
+        anyhow::ensure!(
+            secret.len() >= 16,
+            "redis.secret must be at least 16 characters"
+        );
+        return Ok(secret.as_bytes().to_vec());
+    }
+    let path = data_dir.join("redis.secret");
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim().len() >= 16 => return Ok(text.trim().as_bytes().to_vec()),
+        Ok(_) => anyhow::bail!("{} holds less than 16 characters", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(data_dir)?;
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    file.write_all(secret.as_bytes())?;
+    warn!(path = %path.display(), "made a new Redis secret: every proxy sharing this Redis needs the same file or redis.secret");
+    Ok(secret.into_bytes())
 }
 
 struct Redis {
@@ -76,15 +151,19 @@ impl Shared {
         Shared {
             redis: None,
             fail_open: true,
+            seal: Seal {
+                secret: rand::random::<[u8; 32]>().to_vec(),
+            },
         }
     }
 
     /// Shared state at `redis.url`; the connection is made in the background,
     /// so a proxy starts (and serves, if the policy allows) without Redis.
-    pub fn new(config: &RedisConfig) -> anyhow::Result<Shared> {
+    pub fn new(config: &RedisConfig, data_dir: &std::path::Path) -> anyhow::Result<Shared> {
         let Some(url) = &config.url else {
             return Ok(Shared::local());
         };
+        let secret = load_secret(config, data_dir)?;
         let client = redis::Client::open(url.as_str())
             .map_err(|e| anyhow::anyhow!("redis.url {url:?}: {e}"))?;
         Ok(Shared {
@@ -95,7 +174,34 @@ impl Shared {
                 paused_until: Mutex::new(None),
             }),
             fail_open: config.fail_open,
+            seal: Seal { secret },
         })
+    }
+
+    /// `value` with its HMAC, to be stored under `name`.
+    pub fn seal(&self, name: &str, value: &[u8]) -> Vec<u8> {
+        self.seal.seal(name, value)
+    }
+
+    /// The value of an entry read back from `name`, if this fleet wrote it;
+    /// anything else is counted as tampering under `what` and ignored.
+    pub fn open<'a>(&self, what: &'static str, name: &str, sealed: &'a [u8]) -> Option<&'a [u8]> {
+        let opened = self.seal.open(name, sealed);
+        if opened.is_none() {
+            metrics::counter!("rouse_redis_tampered_total", "what" => what).increment(1);
+            warn!(
+                what,
+                key = name,
+                "ignored a Redis entry this fleet did not write"
+            );
+        }
+        opened
+    }
+
+    /// [`Shared::open`] for text values.
+    pub fn open_str(&self, what: &'static str, name: &str, sealed: &[u8]) -> Option<String> {
+        self.open(what, name, sealed)
+            .and_then(|v| String::from_utf8(v.to_vec()).ok())
     }
 
     pub fn enabled(&self) -> bool {
@@ -147,7 +253,7 @@ impl Shared {
 
     /// Publishes a revocation to every proxy (this one included).
     pub async fn publish(&self, revocation: &Revocation) -> Result<(), Unavailable> {
-        let message = revocation.encode();
+        let message = self.seal(REVOCATIONS, revocation.encode().as_bytes());
         self.call("revocation", |mut c| async move {
             c.publish::<_, _, ()>(REVOCATIONS, message).await
         })
@@ -168,8 +274,9 @@ impl Shared {
                         info!("following revocations through Redis");
                         let mut messages = pubsub.on_message();
                         while let Some(msg) = messages.next().await {
-                            let text: String = msg.get_payload().unwrap_or_default();
-                            if let Some(rev) = Revocation::decode(&text) {
+                            let sealed: Vec<u8> = msg.get_payload().unwrap_or_default();
+                            let text = self.open_str("revocation", REVOCATIONS, &sealed);
+                            if let Some(rev) = text.as_deref().and_then(Revocation::decode) {
                                 apply(rev);
                             }
                         }
@@ -218,6 +325,29 @@ pub fn digest(text: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sealed_entry_opens_only_under_its_own_name_and_secret() {
+        let seal = Seal {
+            secret: b"0123456789abcdef".to_vec(),
+        };
+        let sealed = seal.seal("rouse:sess:aa", b"{\"app\":\"shop\"}");
+        assert_eq!(
+            seal.open("rouse:sess:aa", &sealed),
+            Some(&b"{\"app\":\"shop\"}"[..])
+        );
+        // Moved to another key, changed by a byte, or made with another secret.
+        assert_eq!(seal.open("rouse:sess:bb", &sealed), None);
+        let mut changed = sealed.clone();
+        *changed.last_mut().unwrap() ^= 1;
+        assert_eq!(seal.open("rouse:sess:aa", &changed), None);
+        let other = Seal {
+            secret: b"fedcba9876543210".to_vec(),
+        };
+        assert_eq!(other.open("rouse:sess:aa", &sealed), None);
+        assert_eq!(seal.open("rouse:sess:aa", b"{\"app\":\"rival\"}"), None);
+        assert_eq!(seal.open("rouse:sess:aa", b""), None);
+    }
 
     #[test]
     fn revocations_round_trip() {
