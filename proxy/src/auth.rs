@@ -114,6 +114,9 @@ pub struct Authenticator {
     sessions: moka::future::Cache<String, Session>,
     /// sha256 of revoked tokens still within their lifetime.
     revoked: moka::future::Cache<String, ()>,
+    /// sha256 of credentials found invalid a moment ago: asked again, they
+    /// cost neither control nor Redis a call.
+    rejected: moka::future::Cache<String, ()>,
     /// Replaced as a whole on reload.
     keys: std::sync::RwLock<Arc<JwtKeys>>,
 }
@@ -149,6 +152,10 @@ impl JwtKeys {
         })
     }
 }
+
+/// How long a credential found invalid is refused without asking again
+/// (a key created meanwhile works after this).
+const REJECTED_TTL: Duration = Duration::from_secs(5);
 
 /// Clock skew tolerated on `exp` and `nbf`.
 const JWT_LEEWAY_SECS: u64 = 60;
@@ -189,6 +196,10 @@ impl Authenticator {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(24 * 3600))
                 .build(),
+            rejected: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(REJECTED_TTL)
+                .build(),
             keys: std::sync::RwLock::new(Arc::new(JwtKeys::load(config)?)),
         })
     }
@@ -210,14 +221,18 @@ impl Authenticator {
             Credential::ApiKey(s) | Credential::Jwt(s) => s,
         };
         let hash = digest(secret.as_bytes());
-        if self.revoked.contains_key(&hash) {
+        if self.revoked.contains_key(&hash) || self.rejected.contains_key(&hash) {
             return Err(ProxyError::Unauthorized);
         }
         let session = self
             .sessions
             .try_get_with(hash.clone(), self.validate(credential, &hash))
             .await
-            .map_err(|e| (*e).clone())?;
+            .map_err(|e| (*e).clone());
+        if let Err(ProxyError::Unauthorized) = session {
+            self.rejected.insert(hash.clone(), ()).await;
+        }
+        let session = session?;
         if session
             .exp
             .is_some_and(|exp| exp + JWT_LEEWAY_SECS < now_secs())
@@ -377,6 +392,7 @@ impl Authenticator {
     /// Forgets every cached credential (after missed control events).
     pub fn forget_all(&self) {
         self.sessions.invalidate_all();
+        self.rejected.invalidate_all();
     }
 
     fn jwt_session(&self, token: &str) -> Result<Session> {

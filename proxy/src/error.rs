@@ -39,6 +39,8 @@ pub enum ProxyError {
     Control(String),
     #[error("rate limit exceeded: retry in {0:?}")]
     RateLimited(Duration),
+    #[error("too many failed logins from this address: retry in {0:?}")]
+    FailedLogins(Duration),
     /// Redis is down and `redis.fail_open` is off.
     #[error("shared state unavailable")]
     SharedState,
@@ -65,7 +67,9 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Backend { .. } | ProxyError::Control(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::RateLimited(_) | ProxyError::FailedLogins(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ProxyError::SharedState => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -86,6 +90,7 @@ impl ProxyError {
             ProxyError::Backend { .. } => "backend_unavailable",
             ProxyError::Control(_) => "control_unavailable",
             ProxyError::RateLimited(_) => "rate_limited",
+            ProxyError::FailedLogins(_) => "too_many_failed_logins",
             ProxyError::SharedState => "shared_state_unavailable",
         }
     }
@@ -106,7 +111,7 @@ impl ProxyError {
             | ProxyError::Backend { .. }
             | ProxyError::Control(_)
             | ProxyError::SharedState => "backend",
-            ProxyError::RateLimited(_) => "rate_limit",
+            ProxyError::RateLimited(_) | ProxyError::FailedLogins(_) => "rate_limit",
         }
     }
 
@@ -117,7 +122,9 @@ impl ProxyError {
             ProxyError::Backend { .. } | ProxyError::Control(_) | ProxyError::SharedState => {
                 Some(1)
             }
-            ProxyError::RateLimited(wait) => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+            ProxyError::RateLimited(wait) | ProxyError::FailedLogins(wait) => {
+                Some(wait.as_secs_f64().ceil().max(1.0) as u64)
+            }
             _ => None,
         }
     }

@@ -27,6 +27,7 @@ pub mod sql;
 pub mod stats;
 pub mod stream;
 pub mod tcp;
+pub mod throttle;
 pub mod upgrade;
 pub mod wake;
 
@@ -192,12 +193,14 @@ pub async fn run(
         p.rate_limits.http.clone(),
         p.rate_limits.postgres.clone(),
     ));
+    let failed_logins = Arc::new(throttle::FailedLogins::new(p.failed_login_limit));
     let pg = pg::PgFront::new(
         control.clone(),
         routes.clone(),
         activity.clone(),
         shared.clone(),
         limits.clone(),
+        failed_logins.clone(),
         &p,
     )?;
     let proxy = Arc::new(Proxy {
@@ -211,6 +214,7 @@ pub async fn run(
         upstream: Upstream::default(),
         activity,
         metrics: Default::default(),
+        failed_logins,
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -290,10 +294,10 @@ pub async fn run(
             p.header_read_timeout,
             p.drain_grace,
             stopped(),
-            move |_peer| {
+            move |peer: std::net::SocketAddr| {
                 let (proxy, bound) = (proxy.clone(), bound.clone());
                 hyper::service::service_fn(move |req| {
-                    http::handle(proxy.clone(), bound.clone(), req)
+                    http::handle(proxy.clone(), bound.clone(), peer.ip(), req)
                 })
             },
         )));

@@ -572,3 +572,122 @@ async fn entries_forged_in_the_shared_redis_grant_nothing() {
         resp.text().await.unwrap()
     );
 }
+
+/// Guessing keys and passwords, and holding connections open without
+/// logging in, cost the guesser's own address and nobody else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessers_and_silent_clients_wait_while_everyone_else_is_served() {
+    let control = Control::builder()
+        .hibernation_timeout("0")
+        .start()
+        .await
+        .unwrap();
+    let client = control.client();
+    client.create_app(&name("shop")).await.unwrap();
+    let key = client.create_key(&name("shop")).await.unwrap().key;
+    client
+        .create_user(&name("shop"), "alice", "wonderland")
+        .await
+        .unwrap();
+    let proxy = Proxy::builder(&control)
+        .set("failed_login_limit", "5")
+        .set("max_pending_logins", "3")
+        .set("header_read_timeout", "2s")
+        .start()
+        .await
+        .unwrap();
+    let from = |ip: [u8; 4]| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from(ip))
+            .build()
+            .unwrap()
+    };
+    let (guesser, honest) = (from([127, 0, 0, 1]), from([127, 0, 0, 2]));
+    let list = |http: &reqwest::Client, key: &str| {
+        http.get(format!("{}/v1/database/list", proxy.url()))
+            .bearer_auth(key.to_string())
+            .send()
+    };
+    let validations = || async {
+        let metrics = proxy.metrics().await.unwrap();
+        metrics
+            .lines()
+            .find(|l| l.starts_with(r#"rouse_auth_validations_total{source="control"}"#))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // The same wrong key, asked again, is refused without asking control.
+    let wrong = "ak_wrongwrongwrongwrongwrongwrongw";
+    let asked = validations().await;
+    for _ in 0..3 {
+        let resp = list(&guesser, wrong).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(validations().await - asked, 1.0);
+    // Past five failures the guesser's address waits, even with a good key...
+    for i in 0..2 {
+        let resp = list(&guesser, &format!("ak_guess{i:0>26}")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    }
+    let resp = list(&guesser, &key).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "too_many_failed_logins");
+    // ...and so do its Postgres logins; another address is served as ever.
+    let pg = |host: &str| {
+        let url = format!(
+            "postgres://alice.shop:wonderland@{}:{}/main?sslmode=disable",
+            host,
+            proxy.postgres_addr().port()
+        );
+        async move { tokio_postgres::connect(&url, tokio_postgres::NoTls).await }
+    };
+    let refused = pg("127.0.0.1")
+        .await
+        .err()
+        .expect("the guesser's login passed");
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS)
+    );
+    assert_eq!(list(&honest, &key).await.unwrap().status(), StatusCode::OK);
+
+    // Silent connections hold at most max_pending_logins slots, each only
+    // until the login timeout; the next one is told so at once.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(
+            tokio::net::TcpStream::connect(proxy.postgres_addr())
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let refused = tokio_postgres::connect(
+        &format!(
+            "postgres://alice.shop:wonderland@{}/main?sslmode=disable",
+            proxy.postgres_addr()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("a fourth login slot was given");
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS)
+    );
+    for mut s in silent {
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut rest))
+                .await;
+        assert!(
+            closed.is_ok(),
+            "a silent client kept its slot past the login timeout"
+        );
+    }
+    let body: Value = list(&honest, &key).await.unwrap().json().await.unwrap();
+    assert!(body["databases"].is_array(), "{body}");
+}

@@ -191,6 +191,13 @@ pub struct ProxyConfig {
     pub worker_threads: usize,
     /// PostgreSQL client connections beyond this get `53300`.
     pub max_client_connections: usize,
+    /// PostgreSQL connections still logging in (before authentication);
+    /// more are refused with `53300`, so that silent clients cannot hold
+    /// the slots of those who log in.
+    pub max_pending_logins: usize,
+    /// Failed logins (bad API key, token or password) per client address
+    /// within 10 s before its next attempts are refused; 0: no limit.
+    pub failed_login_limit: u32,
     /// Backend connections per database and role in transaction pooling.
     pub pool_size: usize,
     /// How Patroni members are checked; every cluster uses these.
@@ -393,6 +400,8 @@ impl Default for ProxyConfig {
             auto_create: true,
             worker_threads: 0,
             max_client_connections: 10_000,
+            max_pending_logins: 1_000,
+            failed_login_limit: 50,
             pool_size: 20,
             patroni: PatroniChecks::default(),
             patroni_clusters: Vec::new(),

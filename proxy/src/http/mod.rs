@@ -42,6 +42,8 @@ pub struct Proxy {
     pub upstream: Upstream,
     pub activity: Arc<Activity>,
     pub metrics: RequestMetrics,
+    /// Shared with the PostgreSQL front: one count per client address.
+    pub failed_logins: Arc<crate::throttle::FailedLogins>,
 }
 
 /// How one request was served, for metrics.
@@ -53,6 +55,7 @@ struct Served {
 pub async fn handle(
     proxy: Arc<Proxy>,
     bound: Option<Arc<DbKey>>,
+    peer: std::net::IpAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
@@ -60,7 +63,7 @@ pub async fn handle(
         db: None,
         outcome: "ok",
     };
-    let resp = match dispatch(&proxy, bound.as_deref(), req, &mut served).await {
+    let resp = match dispatch(&proxy, bound.as_deref(), peer, req, &mut served).await {
         Ok(resp) => resp,
         Err(e) => {
             served.outcome = e.kind();
@@ -112,6 +115,7 @@ impl RequestMetrics {
 async fn dispatch(
     proxy: &Arc<Proxy>,
     bound: Option<&DbKey>,
+    peer: std::net::IpAddr,
     req: Request<Incoming>,
     served: &mut Served,
 ) -> Result<Response<Body>> {
@@ -140,7 +144,19 @@ async fn dispatch(
     };
     // Credentials first: nothing about databases is told to strangers.
     let presented = presented.ok_or(ProxyError::Unauthorized)?;
-    let app = proxy.auth.app_of(&presented.credential).await?;
+    proxy
+        .failed_logins
+        .check(peer)
+        .map_err(ProxyError::FailedLogins)?;
+    let app = proxy
+        .auth
+        .app_of(&presented.credential)
+        .await
+        .inspect_err(|e| {
+            if matches!(e, ProxyError::Unauthorized) {
+                proxy.failed_logins.record(peer);
+            }
+        })?;
     proxy
         .limits
         .check(&proxy.shared, Protocol::Http, &app, || {

@@ -58,6 +58,10 @@ pub enum PgError {
     TooManyClients,
     #[error("too many new connections for this app: retry in {0:?}")]
     RateLimited(Duration),
+    #[error("too many failed logins from this address: retry in {0:?}")]
+    FailedLogins(Duration),
+    #[error("too many connections are logging in: try again")]
+    PendingLogins,
 }
 
 impl PgError {
@@ -69,7 +73,10 @@ impl PgError {
             PgError::UnknownDatabase(_) => "3D000",
             PgError::Waking(_) => "57P03",
             PgError::Backend(_) => "08006",
-            PgError::TooManyClients | PgError::RateLimited(_) => "53300",
+            PgError::TooManyClients
+            | PgError::RateLimited(_)
+            | PgError::FailedLogins(_)
+            | PgError::PendingLogins => "53300",
         }
     }
 
@@ -89,7 +96,10 @@ impl PgError {
             PgError::Password(_) | PgError::Authorization(_) => "auth",
             PgError::Waking(_) => "wake_timeout",
             PgError::Backend(_) => "backend",
-            PgError::TooManyClients | PgError::RateLimited(_) => "rate_limit",
+            PgError::TooManyClients
+            | PgError::RateLimited(_)
+            | PgError::FailedLogins(_)
+            | PgError::PendingLogins => "rate_limit",
         }
     }
 }
@@ -196,6 +206,11 @@ pub struct PgFront {
     base_domain: Option<String>,
     /// One permit per client session.
     sessions: Arc<tokio::sync::Semaphore>,
+    /// One permit per connection that has not authenticated yet.
+    pending_logins: Arc<tokio::sync::Semaphore>,
+    /// From the first byte to a finished authentication.
+    login_timeout: Duration,
+    failed_logins: Arc<crate::throttle::FailedLogins>,
 }
 
 impl PgFront {
@@ -206,6 +221,7 @@ impl PgFront {
         activity: Arc<Activity>,
         shared: Arc<Shared>,
         limits: Arc<RateLimits>,
+        failed_logins: Arc<crate::throttle::FailedLogins>,
         config: &rouse_control_api::config::ProxyConfig,
     ) -> anyhow::Result<Arc<PgFront>> {
         let tls = match &config.tls {
@@ -235,6 +251,9 @@ impl PgFront {
             tls,
             base_domain: config.base_domain.clone(),
             sessions: Arc::new(tokio::sync::Semaphore::new(config.max_client_connections)),
+            pending_logins: Arc::new(tokio::sync::Semaphore::new(config.max_pending_logins)),
+            login_timeout: config.header_read_timeout,
+            failed_logins,
         }))
     }
 
@@ -275,11 +294,16 @@ impl PgFront {
     ) -> Option<Box<Opened>> {
         let mut buf = BytesMut::with_capacity(1024);
         let mut client = Conn::Plain(tcp);
-        let started = tokio::time::timeout(
-            self.startup_timeout,
-            self.start(&mut client, &mut buf, port),
-        )
-        .await;
+        let started = match self.pending_logins.clone().try_acquire_owned() {
+            Ok(pending) => {
+                tokio::time::timeout(
+                    self.startup_timeout,
+                    self.start(&mut client, &mut buf, port, peer, pending),
+                )
+                .await
+            }
+            Err(_) => Ok(Err(PgError::PendingLogins)),
+        };
         let e = match started {
             Ok(Ok(Some(started))) => {
                 return Some(Box::new(Opened {
@@ -385,38 +409,50 @@ impl PgFront {
         client: &mut Conn,
         buf: &mut BytesMut,
         port: MemberRole,
+        peer: SocketAddr,
+        pending: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<Option<Started>, PgError> {
-        let params = loop {
-            let frame = read_frame(client, buf, false, MAX_STARTUP).await?;
-            match startup::parse(frame).map_err(|e| PgError::Protocol(e.to_string()))? {
-                Startup::SslRequest => match (&self.tls, &*client) {
-                    (Some(tls), Conn::Plain(_)) => {
-                        // Bytes sent before the answer would bypass TLS: refuse them.
-                        if !buf.is_empty() {
-                            return Err(PgError::Protocol(
-                                "data received before the TLS handshake".into(),
-                            ));
+        // Logging in is bounded on its own; the wake after it has its own bound.
+        let login_deadline = tokio::time::Instant::now() + self.login_timeout;
+        let login_timed_out = |_| PgError::Protocol("login not completed in time".into());
+        let params = tokio::time::timeout_at(login_deadline, async {
+            loop {
+                let frame = read_frame(client, buf, false, MAX_STARTUP).await?;
+                match startup::parse(frame).map_err(|e| PgError::Protocol(e.to_string()))? {
+                    Startup::SslRequest => match (&self.tls, &*client) {
+                        (Some(tls), Conn::Plain(_)) => {
+                            // Bytes sent before the answer would bypass TLS: refuse them.
+                            if !buf.is_empty() {
+                                return Err(PgError::Protocol(
+                                    "data received before the TLS handshake".into(),
+                                ));
+                            }
+                            client.write_all(b"S").await.map_err(closed)?;
+                            let Conn::Plain(tcp) = std::mem::replace(client, Conn::Upgrading)
+                            else {
+                                unreachable!("matched Conn::Plain above")
+                            };
+                            let tls = tls.accept(tcp).await.map_err(|e| {
+                                PgError::Protocol(format!("TLS handshake failed: {e}"))
+                            })?;
+                            *client = Conn::Tls(Box::new(tls.into()));
                         }
-                        client.write_all(b"S").await.map_err(closed)?;
-                        let Conn::Plain(tcp) = std::mem::replace(client, Conn::Upgrading) else {
-                            unreachable!("matched Conn::Plain above")
-                        };
-                        let tls = tls
-                            .accept(tcp)
-                            .await
-                            .map_err(|e| PgError::Protocol(format!("TLS handshake failed: {e}")))?;
-                        *client = Conn::Tls(Box::new(tls.into()));
+                        _ => client.write_all(b"N").await.map_err(closed)?,
+                    },
+                    // GSS encryption is declined; libpq then goes on.
+                    Startup::GssEncRequest => client.write_all(b"N").await.map_err(closed)?,
+                    Startup::Cancel { pid, secret } => {
+                        self.cancel(pid, secret).await;
+                        return Ok(None);
                     }
-                    _ => client.write_all(b"N").await.map_err(closed)?,
-                },
-                // GSS encryption is declined; libpq then goes on.
-                Startup::GssEncRequest => client.write_all(b"N").await.map_err(closed)?,
-                Startup::Cancel { pid, secret } => {
-                    self.cancel(pid, secret).await;
-                    return Ok(None);
+                    Startup::Startup(params) => break Ok(Some(params)),
                 }
-                Startup::Startup(params) => break params,
             }
+        })
+        .await
+        .map_err(login_timed_out)??;
+        let Some(params) = params else {
+            return Ok(None);
         };
         // Over the limit: refused after the startup packet, as PostgreSQL does.
         let permit = self
@@ -435,8 +471,21 @@ impl PgFront {
         let db = Name::new(&database).map_err(|_| PgError::UnknownDatabase(database.clone()))?;
         let key = DbKey::new(app.clone(), db);
 
-        let verifier = self.verifier(&app, &role).await?;
-        let client_key = authenticate(client, buf, &verifier, &role).await?;
+        self.failed_logins
+            .check(peer.ip())
+            .map_err(PgError::FailedLogins)?;
+        let client_key = tokio::time::timeout_at(login_deadline, async {
+            let verifier = self.verifier(&app, &role).await?;
+            let client_key = authenticate(client, buf, &verifier, &role).await;
+            if matches!(client_key, Err(PgError::Password(_))) {
+                self.failed_logins.record(peer.ip());
+            }
+            Ok::<_, PgError>((verifier, client_key?))
+        })
+        .await
+        .map_err(login_timed_out)??;
+        let (verifier, client_key) = client_key;
+        drop(pending);
         self.limits
             .check(&self.shared, Protocol::Postgres, &app, || role.clone())
             .await
