@@ -27,7 +27,8 @@ struct Tenants {
 }
 
 impl Tenants {
-    async fn start(control: Control) -> Tenants {
+    async fn start(control: rouse_tests::ControlBuilder) -> Tenants {
+        let control = control.hibernation_timeout("0").start().await.unwrap();
         let client = control.client();
         let mut keys = Vec::new();
         for app in ["shop", "rival"] {
@@ -175,6 +176,13 @@ impl Tenants {
     }
 }
 
+fn with_body(req: RequestBuilder, body: Option<Value>) -> RequestBuilder {
+    match body {
+        Some(body) => req.json(&body),
+        None => req,
+    }
+}
+
 fn attacks(victim: &Path) -> Vec<String> {
     let victim = victim.display();
     let beside = victim.to_string().replace("db.sqlite", "copy.db");
@@ -191,26 +199,13 @@ fn attacks(victim: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_naming_files_is_refused_on_every_route_and_the_other_app_keeps_its_data() {
-    let t = Tenants::start(
-        Control::builder()
-            .hibernation_timeout("0")
-            .start()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let t = Tenants::start(Control::builder()).await;
     let victim = t.file_of("rival", "vault");
     let before = t.rival_jewels().await;
     assert_eq!(before["items"], json!([{"name": "crown"}]));
     for sql in attacks(&victim) {
         for (route, req, body) in t.routes(&sql) {
-            let resp = match body {
-                Some(body) => req.json(&body),
-                None => req,
-            }
-            .send()
-            .await
-            .unwrap();
+            let resp = with_body(req, body).send().await.unwrap();
             let status = resp.status();
             let answer: Value = resp.json().await.unwrap_or(Value::Null);
             assert_eq!(
@@ -224,10 +219,7 @@ async fn sql_naming_files_is_refused_on_every_route_and_the_other_app_keeps_its_
     assert!(!victim.with_file_name("copy.db").exists());
     // Ordinary SQL still goes through every route.
     for (route, req, body) in t.routes("INSERT INTO t VALUES ('attach')") {
-        let req = match body {
-            Some(body) => req.json(&body),
-            None => req,
-        };
+        let req = with_body(req, body);
         let status = req.send().await.unwrap().status();
         assert!(
             status.is_success() || status == StatusCode::BAD_REQUEST && route.contains("query"),
@@ -301,14 +293,7 @@ async fn endpoint(control: &Control, app: &str, db: &str) -> Endpoint {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engine_sandbox_alone_keeps_a_database_from_another_databases_file() {
-    let t = Tenants::start(
-        Control::builder()
-            .hibernation_timeout("0")
-            .start()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let t = Tenants::start(Control::builder()).await;
     let victim = t.file_of("rival", "vault");
     let copy = victim.with_file_name("copy.db");
     let shop = endpoint(&t.control, "shop", "main").await;
@@ -336,12 +321,7 @@ async fn the_engine_sandbox_alone_keeps_a_database_from_another_databases_file()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_statement_filter_alone_refuses_what_an_unconfined_engine_would_run() {
-    let control = Control::builder()
-        .hibernation_timeout("0")
-        .env("ROUSE_CONTROL__SANDBOX", "false")
-        .start()
-        .await
-        .unwrap();
+    let control = Control::builder().env("ROUSE_CONTROL__SANDBOX", "false");
     let t = Tenants::start(control).await;
     let victim = t.file_of("rival", "vault");
     let attach = format!("ATTACH DATABASE '{}' AS v", victim.display());
@@ -355,10 +335,7 @@ async fn the_statement_filter_alone_refuses_what_an_unconfined_engine_would_run(
     rqlited_execute(&shop, json!(["DETACH v"])).await;
     // ...and the proxy alone refuses it on every route.
     for (route, req, body) in t.routes(&attach) {
-        let req = match body {
-            Some(body) => req.json(&body),
-            None => req,
-        };
+        let req = with_body(req, body);
         let resp = req.send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{route}");
     }
@@ -690,4 +667,77 @@ async fn guessers_and_silent_clients_wait_while_everyone_else_is_served() {
     }
     let body: Value = list(&honest, &key).await.unwrap().json().await.unwrap();
     assert!(body["databases"].is_array(), "{body}");
+}
+
+/// A tenant's Postgres login cannot read or write server files or run
+/// programs, whatever it asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_tenant_reaches_no_server_file_or_program() {
+    let control = Control::builder()
+        .hibernation_timeout("0")
+        .start()
+        .await
+        .unwrap();
+    let client = control.client();
+    client.create_app(&name("shop")).await.unwrap();
+    client
+        .create_user(&name("shop"), "alice", "wonderland")
+        .await
+        .unwrap();
+    client
+        .create_database(&CreateDatabase {
+            app: name("shop"),
+            name: name("main"),
+            engine: Engine::Postgres,
+            replication_factor: None,
+            patroni: None,
+        })
+        .await
+        .unwrap();
+    let proxy = Proxy::builder(&control).start().await.unwrap();
+    let (pg, conn) = tokio_postgres::connect(
+        &format!(
+            "postgres://alice.shop:wonderland@{}/main?sslmode=disable",
+            proxy.postgres_addr()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let superuser: String = pg.query_one("SHOW is_superuser", &[]).await.unwrap().get(0);
+    assert_eq!(superuser, "off");
+    for sql in [
+        "COPY (SELECT 1) TO PROGRAM 'true'",
+        "COPY (SELECT 1) TO '/tmp/rouse-tenant-wrote-this'",
+        "SELECT pg_read_file('/etc/passwd')",
+        "SELECT pg_ls_dir('.')",
+        "SELECT lo_import('/etc/passwd')",
+        "CREATE TEMP TABLE f (x text); COPY f FROM '/etc/passwd'",
+    ] {
+        let err = pg
+            .batch_execute(sql)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{sql} passed"));
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {err}"
+        );
+    }
+    let roles: Vec<String> = pg
+        .query(
+            "SELECT b.rolname::text FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.roleid \
+             WHERE pg_has_role(current_user, b.oid, 'MEMBER') AND b.rolname IN \
+             ('pg_read_server_files', 'pg_write_server_files', 'pg_execute_server_program')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(roles.is_empty(), "{roles:?}");
+    assert!(!std::path::Path::new("/tmp/rouse-tenant-wrote-this").exists());
 }
