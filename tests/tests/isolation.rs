@@ -350,6 +350,23 @@ async fn read_message(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
     (tag, body)
 }
 
+/// Control with app `shop`, its API key and the Postgres login `alice`.
+async fn shop_with_alice() -> (Control, String) {
+    let control = Control::builder()
+        .hibernation_timeout("0")
+        .start()
+        .await
+        .unwrap();
+    let client = control.client();
+    client.create_app(&name("shop")).await.unwrap();
+    let key = client.create_key(&name("shop")).await.unwrap().key;
+    client
+        .create_user(&name("shop"), "alice", "wonderland")
+        .await
+        .unwrap();
+    (control, key)
+}
+
 /// The salt a proxy shows in its first SCRAM message for `user`, or the
 /// FATAL message when it answers with an error instead.
 async fn scram_salt(addr: std::net::SocketAddr, user: &str) -> Result<String, String> {
@@ -388,17 +405,7 @@ async fn scram_salt(addr: std::net::SocketAddr, user: &str) -> Result<String, St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_names_from_the_wire_never_reach_control_unchecked() {
-    let mut control = Control::builder()
-        .hibernation_timeout("0")
-        .start()
-        .await
-        .unwrap();
-    let client = control.client();
-    client.create_app(&name("shop")).await.unwrap();
-    client
-        .create_user(&name("shop"), "alice", "wonderland")
-        .await
-        .unwrap();
+    let (mut control, _) = shop_with_alice().await;
     let proxy = Proxy::builder(&control).start().await.unwrap();
     let addr = proxy.postgres_addr();
     // A known role, an unknown one and names that are no role at all each
@@ -554,18 +561,7 @@ async fn entries_forged_in_the_shared_redis_grant_nothing() {
 /// logging in, cost the guesser's own address and nobody else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guessers_and_silent_clients_wait_while_everyone_else_is_served() {
-    let control = Control::builder()
-        .hibernation_timeout("0")
-        .start()
-        .await
-        .unwrap();
-    let client = control.client();
-    client.create_app(&name("shop")).await.unwrap();
-    let key = client.create_key(&name("shop")).await.unwrap().key;
-    client
-        .create_user(&name("shop"), "alice", "wonderland")
-        .await
-        .unwrap();
+    let (control, key) = shop_with_alice().await;
     let proxy = Proxy::builder(&control)
         .set("failed_login_limit", "5")
         .set("max_pending_logins", "3")
@@ -673,17 +669,8 @@ async fn guessers_and_silent_clients_wait_while_everyone_else_is_served() {
 /// programs, whatever it asks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_tenant_reaches_no_server_file_or_program() {
-    let control = Control::builder()
-        .hibernation_timeout("0")
-        .start()
-        .await
-        .unwrap();
+    let (control, _) = shop_with_alice().await;
     let client = control.client();
-    client.create_app(&name("shop")).await.unwrap();
-    client
-        .create_user(&name("shop"), "alice", "wonderland")
-        .await
-        .unwrap();
     client
         .create_database(&CreateDatabase {
             app: name("shop"),
