@@ -28,6 +28,14 @@ struct Tenants {
 
 impl Tenants {
     async fn start(control: rouse_tests::ControlBuilder) -> Tenants {
+        Tenants::start_with(control, |p| p).await
+    }
+
+    /// As [`Tenants::start`], with more proxy configuration.
+    async fn start_with(
+        control: rouse_tests::ControlBuilder,
+        proxy: impl FnOnce(rouse_tests::ProxyBuilder) -> rouse_tests::ProxyBuilder,
+    ) -> Tenants {
         let control = control.hibernation_timeout("0").start().await.unwrap();
         let client = control.client();
         let mut keys = Vec::new();
@@ -35,8 +43,7 @@ impl Tenants {
             client.create_app(&name(app)).await.unwrap();
             keys.push(client.create_key(&name(app)).await.unwrap().key);
         }
-        let proxy = Proxy::builder(&control)
-            .static_listener("shop", "main")
+        let proxy = proxy(Proxy::builder(&control).static_listener("shop", "main"))
             .start()
             .await
             .unwrap();
@@ -451,23 +458,12 @@ fn sha256_hex(text: &str) -> String {
 async fn entries_forged_in_the_shared_redis_grant_nothing() {
     let redis = rouse_tests::Redis::start().await.unwrap();
     let url = format!("redis://{}", redis.addr());
-    let control = Control::builder()
-        .hibernation_timeout("0")
-        .start()
-        .await
-        .unwrap();
-    let client = control.client();
-    let mut keys = Vec::new();
-    for app in ["shop", "rival"] {
-        client.create_app(&name(app)).await.unwrap();
-        keys.push(client.create_key(&name(app)).await.unwrap().key);
-    }
-    let proxy = Proxy::builder(&control)
-        .redis_url(&url, &[])
-        .set("wake_timeout", "5s")
-        .start()
-        .await
-        .unwrap();
+    let t = Tenants::start_with(Control::builder(), |p| {
+        p.redis_url(&url, &[]).set("wake_timeout", "5s")
+    })
+    .await;
+    let (proxy, client) = (&t.proxy, t.control.client());
+    let keys = [t.shop_key.clone(), t.rival_key.clone()];
     let mut r = redis::Client::open(url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -480,7 +476,7 @@ async fn entries_forged_in_the_shared_redis_grant_nothing() {
             .json(&json!({"database": "vault", "sql": "SELECT 1"}))
             .send()
     };
-    // The rival's own key works, and so the shop's on its own app.
+    // The rival's own key works (the shop's worked on its own app at the start).
     assert_eq!(
         query(keys[1].clone()).await.unwrap().status(),
         StatusCode::OK
@@ -490,6 +486,10 @@ async fn entries_forged_in_the_shared_redis_grant_nothing() {
         .query_async(&mut r)
         .await
         .unwrap();
+    assert!(
+        !shop_session.is_empty(),
+        "the shop's session is not in Redis"
+    );
     // A session written by hand, and the shop's genuine session copied
     // under another token: neither makes that token anyone.
     let forged = "ak_forgedforgedforgedforgedforged";
