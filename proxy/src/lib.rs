@@ -15,6 +15,8 @@
 pub mod activity;
 pub mod auth;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod listen;
 pub mod patroni;

@@ -15,7 +15,7 @@
 
 mod check;
 mod link;
-mod resp;
+pub(crate) mod resp;
 
 use std::future::Future;
 use std::io;

@@ -665,13 +665,11 @@ async fn guessers_and_silent_clients_wait_while_everyone_else_is_served() {
     assert!(body["databases"].is_array(), "{body}");
 }
 
-/// A tenant's Postgres login cannot read or write server files or run
-/// programs, whatever it asks.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_postgres_tenant_reaches_no_server_file_or_program() {
+/// `shop_with_alice` with a managed PostgreSQL database `main`, and a proxy.
+async fn shop_postgres() -> (Control, Proxy) {
     let (control, _) = shop_with_alice().await;
-    let client = control.client();
-    client
+    control
+        .client()
         .create_database(&CreateDatabase {
             app: name("shop"),
             name: name("main"),
@@ -682,16 +680,27 @@ async fn a_postgres_tenant_reaches_no_server_file_or_program() {
         .await
         .unwrap();
     let proxy = Proxy::builder(&control).start().await.unwrap();
+    (control, proxy)
+}
+
+/// `alice.shop` on database `main` at `addr`.
+async fn pg_connect(addr: std::net::SocketAddr) -> tokio_postgres::Client {
     let (pg, conn) = tokio_postgres::connect(
-        &format!(
-            "postgres://alice.shop:wonderland@{}/main?sslmode=disable",
-            proxy.postgres_addr()
-        ),
+        &format!("postgres://alice.shop:wonderland@{addr}/main?sslmode=disable"),
         tokio_postgres::NoTls,
     )
     .await
     .unwrap();
     tokio::spawn(conn);
+    pg
+}
+
+/// A tenant's Postgres login cannot read or write server files or run
+/// programs, whatever it asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_tenant_reaches_no_server_file_or_program() {
+    let (_control, proxy) = shop_postgres().await;
+    let pg = pg_connect(proxy.postgres_addr()).await;
     let superuser: String = pg.query_one("SHOW is_superuser", &[]).await.unwrap().get(0);
     assert_eq!(superuser, "off");
     for sql in [
@@ -727,4 +736,52 @@ async fn a_postgres_tenant_reaches_no_server_file_or_program() {
         .collect();
     assert!(roles.is_empty(), "{roles:?}");
     assert!(!std::path::Path::new("/tmp/rouse-tenant-wrote-this").exists());
+}
+
+/// The read-only port of a managed instance holds whatever a session sends
+/// to make itself writable, in session and in transaction pooling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_only_port_cannot_write_whatever_it_sends() {
+    let (control, proxy) = shop_postgres().await;
+    let rw = pg_connect(proxy.postgres_addr()).await;
+    rw.batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    for mode in [PoolMode::Session, PoolMode::Transaction] {
+        control
+            .client()
+            .set_pool_mode(&name("shop"), &name("main"), mode)
+            .await
+            .unwrap();
+        let ro = pg_connect(proxy.postgres_ro_addr()).await;
+        let n: i64 = ro
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "{mode:?}: the read-only port reads");
+        for sql in [
+            "INSERT INTO t VALUES (2)",
+            "BEGIN READ WRITE; INSERT INTO t VALUES (2); COMMIT",
+            "SET default_transaction_read_only = off; INSERT INTO t VALUES (2)",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE; UPDATE t SET x = 3",
+            "BEGIN; SET TRANSACTION READ WRITE; DELETE FROM t; COMMIT",
+            "RESET ALL; BEGIN READ WRITE; CREATE TABLE u (y int); COMMIT",
+            "SET ROLE rouse_owner; BEGIN READ WRITE; TRUNCATE t; COMMIT",
+        ] {
+            assert!(
+                ro.batch_execute(sql).await.is_err(),
+                "{mode:?}: {sql} passed"
+            );
+            let _ = ro.batch_execute("ROLLBACK").await;
+        }
+        let rows: Vec<i32> = rw
+            .query("SELECT x FROM t", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(rows, vec![1], "{mode:?}");
+    }
 }

@@ -74,6 +74,13 @@ pub fn validate_user_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// The login the proxy's read-only port uses on a managed PostgreSQL
+/// instance for tenant role `name`: same password, reading rights only.
+/// `@` is not allowed in user names, so it never collides with one.
+pub fn read_only_role(name: &str) -> String {
+    format!("{name}@ro")
+}
+
 impl fmt::Display for Name {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.pad(&self.0)

@@ -234,7 +234,10 @@ pub(super) async fn after_start(
 }
 
 /// Makes the app's users login roles with their current verifiers, members
-/// of `owner` when given (so that what one creates, all may use).
+/// of `owner` when given (so that what one creates, all may use). Beside
+/// each, on an instance of its own (`owner` given), a read-only login for
+/// the proxy's read-only port: the same verifier, `pg_read_all_data`, no
+/// membership of `owner`, so no write is allowed whatever a session sends.
 pub(super) async fn sync_users(
     admin: &tokio_postgres::Client,
     users: &[UserRecord],
@@ -257,6 +260,24 @@ pub(super) async fn sync_users(
             ),
         };
         admin.batch_execute(&sql).await.map_err(|e| e.to_string())?;
+        if owner.is_some() {
+            let name = rouse_control_api::name::read_only_role(&u.name);
+            let reader = quote_ident(&name);
+            let known = admin
+                .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some();
+            let sql = if known {
+                format!("ALTER ROLE {reader} LOGIN PASSWORD {password}")
+            } else {
+                format!(
+                    "CREATE ROLE {reader} LOGIN PASSWORD {password} IN ROLE pg_read_all_data; \
+                     ALTER ROLE {reader} SET default_transaction_read_only = on"
+                )
+            };
+            admin.batch_execute(&sql).await.map_err(|e| e.to_string())?;
+        }
     }
     Ok(())
 }

@@ -242,7 +242,7 @@ fn statement(sql: &str, args: &[Value]) -> Value {
 }
 
 /// A transaction entry: `"sql"`, `["sql", args...]` or `{"sql", "args"}`.
-fn transaction_statement(q: &Value) -> Result<Value> {
+pub(crate) fn transaction_statement(q: &Value) -> Result<Value> {
     match q {
         Value::String(sql) => Ok(statement(sql, &[])),
         Value::Array(parts) if parts.first().is_some_and(Value::is_string) => Ok(q.clone()),

@@ -506,6 +506,15 @@ impl PgFront {
             Engine::Postgres => Upstream::Managed(key.clone()),
             Engine::Patroni => Upstream::Cluster(self.cluster(&key, &target)?, port),
         };
+        // One managed instance serves both ports: on the read-only one the
+        // session logs in as the role's read-only twin, which may not write
+        // whatever it sends (a replica cannot anyway).
+        let backend_role = match (&upstream, port) {
+            (Upstream::Managed(_), MemberRole::Replica) => {
+                rouse_control_api::name::read_only_role(&role)
+            }
+            _ => role.clone(),
+        };
         let slot: pool::CancelSlot = Arc::new(Mutex::new(None));
         let ours = (rand::random::<i32>(), rand::random::<i32>());
         let (mode, greeting, ready) = match target.pool_mode {
@@ -515,8 +524,16 @@ impl PgFront {
                     .filter(|(k, _)| *k != "user" && *k != "database")
                     .map(|(k, v)| (k.as_str(), v.as_str()))
                     .collect();
-                let login =
-                    |addr| connect_backend(addr, &role, &database, &passed, &verifier, &client_key);
+                let login = |addr| {
+                    connect_backend(
+                        addr,
+                        &backend_role,
+                        &database,
+                        &passed,
+                        &verifier,
+                        &client_key,
+                    )
+                };
                 let (session, member) = match &upstream {
                     Upstream::Managed(_) => {
                         // One instance serves both ports; the read-only port keeps it so.
@@ -525,7 +542,7 @@ impl PgFront {
                         }
                         let session = connect_backend(
                             endpoint_addr(&target)?,
-                            &role,
+                            &backend_role,
                             &database,
                             &passed,
                             &verifier,
@@ -554,7 +571,14 @@ impl PgFront {
             }
             PoolMode::Transaction => {
                 let read_only = port == MemberRole::Replica;
-                let pool = self.pool(&key, &role, &database, &verifier, client_key, read_only);
+                let pool = self.pool(
+                    &key,
+                    &backend_role,
+                    &database,
+                    &verifier,
+                    client_key,
+                    read_only,
+                );
                 // A first login checks the route and fills the pool's greeting.
                 let b = pool
                     .checkout(upstream.addr(&self.routes).await?)
