@@ -23,6 +23,13 @@ pub enum ControlError {
     /// Refused because proxies report open sessions.
     #[error("{0}")]
     InUse(String),
+    /// The app is at one of its limits (`apps:`); `limit` names it.
+    #[error("app {app} is at its limit {limit} = {max}")]
+    AppLimit {
+        app: String,
+        limit: AppLimit,
+        max: u32,
+    },
     #[error("max_databases reached: this node holds {held} of at most {max} databases")]
     MaxDatabases { held: u32, max: u32 },
     #[error("no free port in range {start}-{end}")]
@@ -48,6 +55,7 @@ impl ControlError {
             ControlError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
             ControlError::AlreadyExists(_) | ControlError::InUse(_) => StatusCode::CONFLICT,
+            ControlError::AppLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
             ControlError::MaxDatabases { .. }
             | ControlError::PortsExhausted { .. }
             | ControlError::InsufficientNodes { .. }
@@ -66,6 +74,14 @@ impl ControlError {
             ControlError::NotFound(_) => "not_found",
             ControlError::AlreadyExists(_) => "already_exists",
             ControlError::InUse(_) => "in_use",
+            ControlError::AppLimit {
+                limit: AppLimit::MaxDatabases,
+                ..
+            } => rouse_control_api::apps::DATABASE_LIMIT_CODE,
+            ControlError::AppLimit {
+                limit: AppLimit::CreatesPerMinute,
+                ..
+            } => rouse_control_api::apps::CREATE_RATE_CODE,
             ControlError::MaxDatabases { .. } => "max_databases",
             ControlError::PortsExhausted { .. } => "ports_exhausted",
             ControlError::InsufficientNodes { .. } => "insufficient_nodes",
@@ -85,7 +101,8 @@ impl ControlError {
             | ControlError::BodyTooLarge(_)
             | ControlError::NotFound(_)
             | ControlError::AlreadyExists(_)
-            | ControlError::InUse(_) => "user",
+            | ControlError::InUse(_)
+            | ControlError::AppLimit { .. } => "user",
             ControlError::MaxDatabases { .. }
             | ControlError::PortsExhausted { .. }
             | ControlError::InsufficientNodes { .. } => "capacity",
@@ -102,6 +119,30 @@ impl ControlError {
             ControlError::InvalidName(e) => ControlError::BadRequest(e.to_string()),
             other => other,
         }
+    }
+}
+
+/// Which of an app's limits (`apps:`) a create ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum AppLimit {
+    MaxDatabases,
+    CreatesPerMinute,
+}
+
+impl AppLimit {
+    /// Its key under `apps:`, also the `limit` label of
+    /// `rouse_app_limit_refusals_total`.
+    pub fn key(self) -> &'static str {
+        match self {
+            AppLimit::MaxDatabases => "max_databases",
+            AppLimit::CreatesPerMinute => "creates_per_minute",
+        }
+    }
+}
+
+impl std::fmt::Display for AppLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.key())
     }
 }
 

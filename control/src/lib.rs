@@ -12,6 +12,7 @@ pub mod manager;
 pub mod peers;
 pub mod ports;
 pub mod process;
+pub mod quota;
 pub mod rqlite;
 pub mod sandbox;
 pub mod secrets;

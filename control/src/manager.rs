@@ -103,6 +103,8 @@ pub struct Manager {
     patroni: Mutex<HashMap<DbKey, engine::patroni::Registration>>,
     /// Serialises the capacity check and insert of creates.
     creating: tokio::sync::Mutex<()>,
+    /// Per-app database count and create rate.
+    quotas: crate::quota::Quotas,
     started: Instant,
     me: Weak<Manager>,
 }
@@ -117,7 +119,9 @@ impl Manager {
         peers: Peers,
     ) -> Arc<Manager> {
         let (events, _) = broadcast::channel(4096);
+        let quotas = crate::quota::Quotas::new(config.apps.clone());
         Arc::new_cyclic(|me| Manager {
+            quotas,
             config,
             node_id,
             store,
@@ -658,6 +662,8 @@ impl Manager {
                 )));
             }
             let all = self.store.databases(None).await?;
+            let held_by_app = all.iter().filter(|d| d.key.app == key.app).count();
+            self.quotas.admit_create(&key.app, held_by_app)?;
             let replicas = match &registration {
                 Some((members, _)) => members.clone(),
                 None if membership.clustered() => {

@@ -41,6 +41,9 @@ pub enum ProxyError {
     RateLimited(Duration),
     #[error("too many failed logins from this address: retry in {0:?}")]
     FailedLogins(Duration),
+    /// One of the app's limits (`apps:`), named.
+    #[error("app {app} is at its limit {limit}")]
+    AppLimit { app: String, limit: String },
     /// Redis is down and `redis.fail_open` is off.
     #[error("shared state unavailable")]
     SharedState,
@@ -67,9 +70,9 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Backend { .. } | ProxyError::Control(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::RateLimited(_) | ProxyError::FailedLogins(_) => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ProxyError::RateLimited(_)
+            | ProxyError::FailedLogins(_)
+            | ProxyError::AppLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::SharedState => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -91,6 +94,7 @@ impl ProxyError {
             ProxyError::Control(_) => "control_unavailable",
             ProxyError::RateLimited(_) => "rate_limited",
             ProxyError::FailedLogins(_) => "too_many_failed_logins",
+            ProxyError::AppLimit { .. } => "app_limit",
             ProxyError::SharedState => "shared_state_unavailable",
         }
     }
@@ -111,14 +115,28 @@ impl ProxyError {
             | ProxyError::Backend { .. }
             | ProxyError::Control(_)
             | ProxyError::SharedState => "backend",
-            ProxyError::RateLimited(_) | ProxyError::FailedLogins(_) => "rate_limit",
+            ProxyError::RateLimited(_)
+            | ProxyError::FailedLogins(_)
+            | ProxyError::AppLimit { .. } => "rate_limit",
+        }
+    }
+
+    /// What the client is told: a backend's or control's own words (which
+    /// may name hosts, paths or other tenants) stay in the log.
+    pub fn client_message(&self) -> String {
+        match self {
+            ProxyError::Backend { db, .. } => format!("database {db} is unavailable, try again"),
+            ProxyError::Control(_) => "the proxy cannot reach control, try again".into(),
+            other => other.to_string(),
         }
     }
 
     /// Seconds a client should wait before retrying, where that helps.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => Some(1),
+            ProxyError::WakeTimeout { .. }
+            | ProxyError::QueueFull(_)
+            | ProxyError::AppLimit { .. } => Some(1),
             ProxyError::Backend { .. } | ProxyError::Control(_) | ProxyError::SharedState => {
                 Some(1)
             }

@@ -21,6 +21,7 @@ pub mod http;
 pub mod listen;
 pub mod patroni;
 pub mod pg;
+pub mod quota;
 pub mod redis_front;
 pub mod reload;
 pub mod route;
@@ -169,6 +170,7 @@ pub async fn run(
         &p.auth,
     )?);
     let proxy_id = format!("{}-{}", hostname(), std::process::id());
+    let quotas = quota::AppQuotas::new(config.apps.clone());
     let routes = Routes::new(
         control.clone(),
         shared.clone(),
@@ -176,6 +178,7 @@ pub async fn run(
         p.wake_timeout,
         p.max_waiting as usize,
         p.auto_create,
+        quotas.clone(),
     );
     let activity = Arc::new(Activity::default());
     let revocations = {
@@ -201,8 +204,11 @@ pub async fn run(
         routes.clone(),
         activity.clone(),
         shared.clone(),
-        limits.clone(),
-        failed_logins.clone(),
+        quota::Admission {
+            limits: limits.clone(),
+            failed_logins: failed_logins.clone(),
+            quotas,
+        },
         &p,
     )?;
     let proxy = Arc::new(Proxy {

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::{self, BoxFuture, FutureExt};
+use rouse_control_api::apps::{CREATE_RATE_CODE, DATABASE_LIMIT_CODE};
 use rouse_control_api::{
     Client, ClientError, CreateDatabase, DatabaseInfo, DatabaseStatus, DbKey, Endpoint, Engine,
     Event,
@@ -46,6 +47,8 @@ pub struct Routes {
     bounds: Mutex<(Duration, usize)>,
     auto_create: bool,
     wakes_seen: Arc<WakeHistory>,
+    /// Each app's bound on waiting requests.
+    quotas: Arc<crate::quota::AppQuotas>,
 }
 
 /// Decrements a database's waiting count when a waiter leaves.
@@ -69,6 +72,7 @@ impl Routes {
         wake_timeout: Duration,
         max_waiting: usize,
         auto_create: bool,
+        quotas: Arc<crate::quota::AppQuotas>,
     ) -> Arc<Routes> {
         Arc::new(Routes {
             control,
@@ -80,6 +84,7 @@ impl Routes {
             bounds: Mutex::new((wake_timeout, max_waiting)),
             auto_create,
             wakes_seen: Arc::default(),
+            quotas,
         })
     }
 
@@ -88,6 +93,7 @@ impl Routes {
         if let Some(t) = self.cache.lock().expect("route cache poisoned").get(key) {
             return Ok(t.clone());
         }
+        let _app_waiting = self.quotas.wait(&key.app)?;
         let count = self
             .waiting
             .lock()
@@ -380,6 +386,15 @@ async fn resolve(waker: &Waker, key: &DbKey, auto_create: bool) -> Result<Target
     let control = &waker.control;
     let backend = |e: ClientError| match e {
         ClientError::Api { status: 404, .. } => ProxyError::NotFound,
+        // Control's words stay inside; the limit is named by its code.
+        ClientError::Api { code, .. } if code == DATABASE_LIMIT_CODE => ProxyError::AppLimit {
+            app: key.app.to_string(),
+            limit: "max_databases".into(),
+        },
+        ClientError::Api { code, .. } if code == CREATE_RATE_CODE => ProxyError::AppLimit {
+            app: key.app.to_string(),
+            limit: "creates_per_minute".into(),
+        },
         ClientError::Api { message, .. } => ProxyError::Backend {
             db: key.db.to_string(),
             reason: message,

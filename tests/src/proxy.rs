@@ -75,6 +75,12 @@ impl ProxyBuilder {
         self
     }
 
+    /// A top-level section as YAML text, e.g. `"apps:\n  default: {max_waiting: 5}\n"`.
+    pub fn section(mut self, yaml: &str) -> Self {
+        self.sections.push(yaml.to_string());
+        self
+    }
+
     /// A plain TCP listener to a cluster's `primary` or `replica` members.
     pub fn tcp_listener(mut self, cluster: &str, role: &str) -> Self {
         self.tcp.push((cluster.into(), role.into()));

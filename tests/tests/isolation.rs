@@ -785,3 +785,104 @@ async fn the_read_only_port_cannot_write_whatever_it_sends() {
         assert_eq!(rows, vec![1], "{mode:?}");
     }
 }
+
+/// One app at its limits (`apps:`) gets 429/53300 naming the limit, while
+/// another app's creates and connections go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_at_its_limits_leaves_the_others_unharmed() {
+    let control = Control::builder()
+        .env("ROUSE_APPS__OVERRIDES__SHOP__MAX_DATABASES", "2")
+        .env("ROUSE_APPS__OVERRIDES__HASTY__CREATES_PER_MINUTE", "1");
+    let t = Tenants::start_with(control, |p| {
+        p.section("apps:\n  overrides:\n    shop: {max_connections: 2}\n")
+    })
+    .await;
+    // `shop` holds `main` (made at the start); one more, then its limit.
+    let exec = |key: &str, db: &str| {
+        t.send(
+            t.gateway("exec", key),
+            json!({"database": db, "sql": "CREATE TABLE IF NOT EXISTS t (x)"}),
+        )
+    };
+    assert_eq!(exec(&t.shop_key, "second").await.0, StatusCode::OK);
+    let (status, body) = exec(&t.shop_key, "third").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["code"], "app_limit");
+    assert!(
+        body["error"].as_str().unwrap().contains("max_databases"),
+        "{body}"
+    );
+    // The other app creates on as before.
+    for db in ["one", "two", "three"] {
+        assert_eq!(exec(&t.rival_key, db).await.0, StatusCode::OK, "{db}");
+    }
+    // An app limited in create rate: one per minute.
+    let client = t.control.client();
+    client.create_app(&name("hasty")).await.unwrap();
+    let hasty = client.create_key(&name("hasty")).await.unwrap().key;
+    assert_eq!(exec(&hasty, "first").await.0, StatusCode::OK);
+    let (status, body) = exec(&hasty, "next").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("creates_per_minute"),
+        "{body}"
+    );
+
+    // PostgreSQL sessions: two for `shop`, the third refused; `rival` connects.
+    for (app, user) in [("shop", "alice"), ("rival", "mallory")] {
+        client
+            .create_user(&name(app), user, "secret")
+            .await
+            .unwrap();
+    }
+    for (app, db) in [("shop", "second"), ("rival", "ledger")] {
+        client.drop_database(&name(app), &name(db)).await.ok();
+        client
+            .create_database(&CreateDatabase {
+                app: name(app),
+                name: name(db),
+                engine: Engine::Postgres,
+                replication_factor: None,
+                patroni: None,
+            })
+            .await
+            .unwrap();
+    }
+    let connect = |user: &str, db: &str| {
+        let url = format!(
+            "postgres://{user}:secret@{}/{db}?sslmode=disable",
+            t.proxy.postgres_addr()
+        );
+        async move { tokio_postgres::connect(&url, tokio_postgres::NoTls).await }
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (c, conn) = connect("alice.shop", "second").await.unwrap();
+        tokio::spawn(conn);
+        held.push(c);
+    }
+    let refused = connect("alice.shop", "second")
+        .await
+        .err()
+        .expect("a third session");
+    let db_error = refused.as_db_error().expect("a Postgres error");
+    assert_eq!(
+        db_error.code(),
+        &tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS
+    );
+    assert!(
+        db_error.message().contains("max_connections"),
+        "{}",
+        db_error.message()
+    );
+    let (rival, conn) = connect("mallory.rival", "ledger").await.unwrap();
+    tokio::spawn(conn);
+    rival.simple_query("SELECT 1").await.unwrap();
+    // A place comes back when a session ends.
+    drop(held.pop());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(connect("alice.shop", "second").await.is_ok());
+}

@@ -23,6 +23,7 @@ pub struct Config {
     pub control: ControlConfig,
     pub proxy: ProxyConfig,
     pub redis: RedisConfig,
+    pub apps: crate::apps::AppsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -469,7 +470,15 @@ pub enum ConfigError {
     Invalid { file: String, message: String },
 }
 
-const SECTIONS: [&str; 6] = ["node", "database", "discovery", "control", "proxy", "redis"];
+const SECTIONS: [&str; 7] = [
+    "node",
+    "database",
+    "discovery",
+    "control",
+    "proxy",
+    "redis",
+    "apps",
+];
 
 impl Config {
     /// Loads `path` (or the embedded `configs/local.yaml`), then applies the

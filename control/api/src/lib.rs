@@ -3,6 +3,7 @@
 //! file, and an async client. Nothing in here runs processes or networks
 //! beyond HTTP calls to control.
 
+pub mod apps;
 pub mod client;
 pub mod config;
 pub mod duration;

@@ -67,6 +67,9 @@ pub async fn handle(
         Ok(resp) => resp,
         Err(e) => {
             served.outcome = e.kind();
+            if e.kind() == "backend" {
+                tracing::warn!(error = %e, "request failed");
+            }
             error_response(&e)
         }
     };
@@ -300,7 +303,7 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 pub fn error_response(e: &ProxyError) -> Response<Body> {
     let mut resp = json(
         e.status(),
-        &serde_json::json!({"error": e.to_string(), "code": e.code()}),
+        &serde_json::json!({"error": e.client_message(), "code": e.code()}),
     );
     if matches!(e, ProxyError::Unauthorized) {
         resp.headers_mut().insert(

@@ -62,6 +62,8 @@ pub enum PgError {
     FailedLogins(Duration),
     #[error("too many connections are logging in: try again")]
     PendingLogins,
+    #[error("{0}")]
+    AppLimit(String),
 }
 
 impl PgError {
@@ -76,7 +78,8 @@ impl PgError {
             PgError::TooManyClients
             | PgError::RateLimited(_)
             | PgError::FailedLogins(_)
-            | PgError::PendingLogins => "53300",
+            | PgError::PendingLogins
+            | PgError::AppLimit(_) => "53300",
         }
     }
 
@@ -99,7 +102,8 @@ impl PgError {
             PgError::TooManyClients
             | PgError::RateLimited(_)
             | PgError::FailedLogins(_)
-            | PgError::PendingLogins => "rate_limit",
+            | PgError::PendingLogins
+            | PgError::AppLimit(_) => "rate_limit",
         }
     }
 }
@@ -129,6 +133,8 @@ struct Started {
     mode: Mode,
     cancel: (i32, i32),
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// The session's place under its app's limits.
+    _app_slot: crate::quota::Slot,
 }
 
 enum Mode {
@@ -211,6 +217,7 @@ pub struct PgFront {
     /// From the first byte to a finished authentication.
     login_timeout: Duration,
     failed_logins: Arc<crate::throttle::FailedLogins>,
+    quotas: Arc<crate::quota::AppQuotas>,
 }
 
 impl PgFront {
@@ -220,8 +227,7 @@ impl PgFront {
         routes: Arc<Routes>,
         activity: Arc<Activity>,
         shared: Arc<Shared>,
-        limits: Arc<RateLimits>,
-        failed_logins: Arc<crate::throttle::FailedLogins>,
+        admission: crate::quota::Admission,
         config: &rouse_control_api::config::ProxyConfig,
     ) -> anyhow::Result<Arc<PgFront>> {
         let tls = match &config.tls {
@@ -242,7 +248,7 @@ impl PgFront {
             clusters: Mutex::new(HashMap::new()),
             checks: config.patroni.clone(),
             shared,
-            limits,
+            limits: admission.limits,
             advertised: std::sync::OnceLock::new(),
             advertise_config: config.advertise_postgres_addr,
             pool_size: config.pool_size,
@@ -253,7 +259,8 @@ impl PgFront {
             sessions: Arc::new(tokio::sync::Semaphore::new(config.max_client_connections)),
             pending_logins: Arc::new(tokio::sync::Semaphore::new(config.max_pending_logins)),
             login_timeout: config.header_read_timeout,
-            failed_logins,
+            failed_logins: admission.failed_logins,
+            quotas: admission.quotas,
         }))
     }
 
@@ -499,8 +506,13 @@ impl PgFront {
             ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => {
                 PgError::Waking(database.clone())
             }
+            e @ ProxyError::AppLimit { .. } => PgError::AppLimit(e.to_string()),
             other => PgError::Backend(other.to_string()),
         })?;
+        let app_slot = self
+            .quotas
+            .session(&key)
+            .map_err(|e| PgError::AppLimit(e.to_string()))?;
         let upstream = match target.engine {
             Engine::Rqlite => return Err(PgError::UnknownDatabase(database)),
             Engine::Postgres => Upstream::Managed(key.clone()),
@@ -614,6 +626,7 @@ impl PgFront {
             mode,
             cancel: ours,
             _permit: permit,
+            _app_slot: app_slot,
         }))
     }
 
