@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rouse_control_api::{CreateDatabase, Engine};
-use rouse_tests::{free_port, rqlite_execute, Control, Proxy, ServerProcess};
+use rouse_tests::{engine_url, free_port, rqlite_execute, Control, Proxy, ServerProcess};
 
 use crate::stats::{ms, percentile, table};
 use crate::wake::{bare_start, name};
@@ -144,34 +144,49 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Http
         })
         .await?;
     let engine = info.endpoints[0].addr();
-    rqlite_execute(&engine, "CREATE TABLE kv (k INTEGER, v TEXT)").await?;
-    rqlite_execute(&engine, "INSERT INTO kv VALUES (7, 'seven')").await?;
+    let logged_in = engine_url(&info, &info.endpoints[0]);
+    rqlite_execute(&logged_in, "CREATE TABLE kv (k INTEGER, v TEXT)").await?;
+    rqlite_execute(&logged_in, "INSERT INTO kv VALUES (7, 'seven')").await?;
+    // rqlited checks its own login; rouse the app's API key.
+    let engine_login = info.backend.as_ref().map_or_else(String::new, |b| {
+        use base64::Engine as _;
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", b.user, b.password));
+        format!("Basic {token}")
+    });
     let proxy = Proxy::builder(&control).start().await?;
     let dir = tempfile::tempdir()?;
     let haproxy_port = free_port("127.0.0.1".parse()?);
     let _haproxy = start_haproxy(dir.path(), haproxy_port, &engine).await?;
 
-    // Base URLs, routing prefix included: bare rqlited, HAProxy, rouse.
+    // Base URLs, routing prefix included, and logins: bare rqlited, HAProxy, rouse.
     let sides = [
-        format!("http://{engine}"),
-        format!("http://127.0.0.1:{haproxy_port}"),
-        format!("{}/{APP}/{DB}", proxy.url()),
+        (format!("http://{engine}"), engine_login.clone()),
+        (format!("http://127.0.0.1:{haproxy_port}"), engine_login),
+        (
+            format!("{}/{APP}/{DB}", proxy.url()),
+            format!("ApiKey {key}"),
+        ),
     ];
     let mut rows = Vec::new();
     for load in &LOADS {
-        let script = dir.path().join("post.lua");
-        std::fs::write(
-            &script,
-            format!(
-                "wrk.method = \"POST\"\nwrk.body = [=[{}]=]\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"ApiKey {key}\"\n",
-                load.body
-            ),
-        )?;
+        let mut scripts = Vec::new();
+        for (i, (_, login)) in sides.iter().enumerate() {
+            let script = dir.path().join(format!("post-{i}.lua"));
+            std::fs::write(
+                &script,
+                format!(
+                    "wrk.method = \"POST\"\nwrk.body = [=[{}]=]\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"{login}\"\n",
+                    load.body
+                ),
+            )?;
+            scripts.push(script);
+        }
         let mut results: Vec<Vec<WrkResult>> = sides.iter().map(|_| Vec::new()).collect();
         for _ in 0..rounds {
-            for (i, side) in sides.iter().enumerate() {
+            for (i, (side, _)) in sides.iter().enumerate() {
                 results[i].push(wrk(
-                    &script,
+                    &scripts[i],
                     &format!("{side}{}", load.path),
                     seconds,
                     connections,
@@ -212,16 +227,9 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Http
             patroni: None,
         })
         .await?;
-    rqlite_execute(
-        &herd_db.endpoints[0].addr(),
-        "CREATE TABLE kv (k INTEGER, v TEXT)",
-    )
-    .await?;
-    rqlite_execute(
-        &herd_db.endpoints[0].addr(),
-        "INSERT INTO kv VALUES (7, 'seven')",
-    )
-    .await?;
+    let herd_engine = engine_url(&herd_db, &herd_db.endpoints[0]);
+    rqlite_execute(&herd_engine, "CREATE TABLE kv (k INTEGER, v TEXT)").await?;
+    rqlite_execute(&herd_engine, "INSERT INTO kv VALUES (7, 'seven')").await?;
     client.hibernate(&name(APP), &name(HERD), true).await?;
     let herd_dir = control.data_dir().join(format!("{APP}_{HERD}/rqlite"));
     let bare_wake = bare_start(&client.database(&name(APP), &name(HERD)).await?, &herd_dir).await?;

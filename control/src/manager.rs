@@ -306,7 +306,7 @@ impl Manager {
                 .copied()
                 .unwrap_or_default(),
             backend: match rec.engine {
-                Engine::Rqlite => None,
+                Engine::Rqlite => Some(engine::rqlite::ENGINE_USER.into()),
                 Engine::Postgres => Some(engine::postgres::ADMIN_USER.into()),
                 Engine::Patroni => self.patroni_registration(&rec.key).map(|r| r.admin_user),
             }
@@ -1235,7 +1235,7 @@ impl Manager {
     async fn announce_leader(&self, rec: &DatabaseRecord) {
         let deadline = tokio::time::Instant::now() + self.engines.start_timeout;
         while tokio::time::Instant::now() < deadline {
-            if let Some(leader) = engine::rqlite::current_leader(&rec.replicas).await {
+            if let Some(leader) = engine::rqlite::current_leader(&rec.replicas, &rec.secret).await {
                 let endpoints = engine::endpoints(&rec.replicas, Some(leader));
                 self.set_view(&rec.key, DatabaseStatus::Active, endpoints.clone());
                 self.publish(Event::Leader {
@@ -1405,7 +1405,7 @@ impl Manager {
             let survivors: Vec<RqliteClient> = replicas
                 .iter()
                 .filter(|r| r.idx != new.idx)
-                .map(|r| RqliteClient::new(&format!("{}:{}", r.host, r.port)))
+                .map(|r| engine::rqlite::client(r, &rec.secret))
                 .collect();
             let dead_member = engine::rqlite::node_id(&gone);
             engine::poll_until(
@@ -1435,7 +1435,7 @@ impl Manager {
                 },
             )
             .await?;
-            let client = RqliteClient::new(&format!("{}:{}", new.host, new.port));
+            let client = engine::rqlite::client(&new, &rec.secret);
             engine::poll_until(
                 tokio::time::Instant::now() + self.engines.start_timeout,
                 "replacement replica",

@@ -80,9 +80,29 @@ pub struct RqliteClient {
 impl RqliteClient {
     /// `addr` is `host:port` of the HTTP API.
     pub fn new(addr: &str) -> Self {
+        RqliteClient::build(addr, None)
+    }
+
+    /// A client that logs in as `user` on every request (rqlited `-auth`).
+    pub fn with_login(addr: &str, user: &str, password: &str) -> Self {
+        RqliteClient::build(addr, Some((user, password)))
+    }
+
+    fn build(addr: &str, login: Option<(&str, &str)>) -> Self {
+        use base64::Engine as _;
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some((user, password)) = login {
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Basic {token}"))
+                .expect("base64 is a valid header value");
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(30))
+            .default_headers(headers)
             .build()
             .expect("reqwest client without TLS always builds");
         RqliteClient {

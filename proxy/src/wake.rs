@@ -29,6 +29,8 @@ pub struct Target {
     pub engine: Engine,
     pub endpoints: Arc<Vec<Endpoint>>,
     pub pool_mode: rouse_control_api::PoolMode,
+    /// `Authorization` for the engine's HTTP API (rqlited `-auth`).
+    pub login: Option<hyper::header::HeaderValue>,
 }
 
 type WakeFuture = future::Shared<BoxFuture<'static, Result<Target>>>;
@@ -269,6 +271,20 @@ fn target_of(info: &rouse_control_api::DatabaseInfo) -> Target {
         engine: info.engine,
         endpoints: Arc::new(info.endpoints.clone()),
         pool_mode: info.pool_mode,
+        login: match (info.engine, &info.backend) {
+            (Engine::Rqlite, Some(b)) => {
+                use base64::Engine as _;
+                let token = base64::engine::general_purpose::STANDARD
+                    .encode(format!("{}:{}", b.user, b.password));
+                hyper::header::HeaderValue::from_str(&format!("Basic {token}"))
+                    .ok()
+                    .map(|mut v| {
+                        v.set_sensitive(true);
+                        v
+                    })
+            }
+            _ => None,
+        },
     }
 }
 

@@ -31,7 +31,7 @@ pub use postgres::{bin_dir as postgres_bin_dir, Postgres, RunAs};
 pub use process::{run, ServerProcess};
 pub use proxy::{Proxy, ProxyBuilder};
 pub use redis::{redis_cli, Redis, RedisBuilder, TlsFiles};
-pub use rqlite::{rqlite_execute, rqlite_query, Rqlited};
+pub use rqlite::{engine_url, rqlite_execute, rqlite_query, Rqlited};
 pub use sentinel::{Sentinel, SentinelBuilder};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);

@@ -66,6 +66,21 @@ impl Rqlited {
     }
 }
 
+/// The base URL of replica `e` of an rqlite database, with the engine login
+/// control hands the proxies (rqlited runs with `-auth`).
+pub fn engine_url(
+    info: &rouse_control_api::DatabaseInfo,
+    e: &rouse_control_api::Endpoint,
+) -> String {
+    match &info.backend {
+        Some(login) => format!(
+            "http://{}:{}@{}:{}",
+            login.user, login.password, e.host, e.port
+        ),
+        None => format!("http://{}:{}", e.host, e.port),
+    }
+}
+
 /// Runs one statement through `POST /db/execute` of the rqlite node at
 /// `addr` (`host:port` or a URL); fails on any error rqlite reports.
 pub async fn rqlite_execute(addr: &str, sql: &str) -> Result<Value> {

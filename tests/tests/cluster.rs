@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use rouse_control_api::*;
-use rouse_tests::{Cluster, Control, ControlBuilder, Network, Proxy};
+use rouse_tests::{engine_url, Cluster, Control, ControlBuilder, Network, Proxy};
 use serde_json::{json, Value};
 
 const APP: &str = "shop";
@@ -41,8 +41,8 @@ fn holders(info: &DatabaseInfo) -> BTreeSet<String> {
 }
 
 /// An rqlite API call straight to one replica.
-async fn replica_call(e: &Endpoint, path: &str, body: Value) -> Result<Value> {
-    let url = format!("http://{}:{}{path}", e.host, e.port);
+async fn replica_call(info: &DatabaseInfo, e: &Endpoint, path: &str, body: Value) -> Result<Value> {
+    let url = format!("{}{path}", engine_url(info, e));
     let resp = reqwest::Client::new()
         .post(url)
         .json(&body)
@@ -53,8 +53,8 @@ async fn replica_call(e: &Endpoint, path: &str, body: Value) -> Result<Value> {
 }
 
 /// The Raft members the replica at `e` knows: id → (voter, reachable).
-async fn raft_members(e: &Endpoint) -> Result<Vec<(String, bool, bool)>> {
-    let url = format!("http://{}:{}/nodes?nonvoters&ver=2", e.host, e.port);
+async fn raft_members(info: &DatabaseInfo, e: &Endpoint) -> Result<Vec<(String, bool, bool)>> {
+    let url = format!("{}/nodes?nonvoters&ver=2", engine_url(info, e));
     let v: Value = reqwest::Client::new()
         .get(url)
         .timeout(Duration::from_secs(5))
@@ -204,6 +204,7 @@ async fn replicas_go_to_distinct_nodes_and_a_new_node_takes_new_databases() -> R
         .find(|e| e.leader)
         .context("a leader")?;
     replica_call(
+        &orders,
         leader,
         "/db/execute",
         json!([
@@ -215,7 +216,13 @@ async fn replicas_go_to_distinct_nodes_and_a_new_node_takes_new_databases() -> R
     for e in &orders.endpoints {
         let start = Instant::now();
         loop {
-            let r = replica_call(e, "/db/query?level=none", json!(["SELECT v FROM t"])).await?;
+            let r = replica_call(
+                &orders,
+                e,
+                "/db/query?level=none",
+                json!(["SELECT v FROM t"]),
+            )
+            .await?;
             if r["results"][0]["values"] == json!([["a"]]) {
                 break;
             }
@@ -402,7 +409,7 @@ async fn hibernation_waits_for_every_node_and_a_wake_anywhere_starts_every_repli
         assert!(listening(e).await, "replica {e:?} not started");
     }
     assert_eq!(holders(&info).len(), 3, "{info:?}");
-    let members = raft_members(&info.endpoints[0]).await?;
+    let members = raft_members(&info, &info.endpoints[0]).await?;
     assert_eq!(members.len(), 3, "{members:?}");
     assert!(
         members
@@ -473,7 +480,7 @@ async fn a_dead_node_is_replaced_and_no_acknowledged_write_is_lost() -> Result<(
         let now = holders(&info);
         if now.len() == 3 && !now.contains(&ids[victim]) {
             if let Some(l) = info.endpoints.iter().find(|e| e.leader) {
-                if let Ok(members) = raft_members(l).await {
+                if let Ok(members) = raft_members(&info, l).await {
                     let ok = members.len() == 3
                         && members
                             .iter()
@@ -520,6 +527,7 @@ async fn a_dead_node_is_replaced_and_no_acknowledged_write_is_lost() -> Result<(
         let info = watcher.database(&name(APP), &name("ledger")).await?;
         for e in &info.endpoints {
             let r = replica_call(
+                &info,
                 e,
                 "/db/query?level=none",
                 json!(["SELECT count(*), max(id) FROM l"]),
@@ -572,22 +580,17 @@ async fn a_dead_node_is_replaced_and_no_acknowledged_write_is_lost() -> Result<(
     }
     let info = watcher.database(&name(APP), &name("ledger")).await?;
     assert!(!holders(&info).contains(&ids[victim]), "{info:?}");
-    let members = raft_members(&info.endpoints[0]).await?;
+    let members = raft_members(&info, &info.endpoints[0]).await?;
     assert_eq!(members.len(), 3, "{members:?}");
     Ok(())
 }
 
 /// `store.raft.state` of the replica at `e` ("Leader", "Follower", ...),
 /// asked from inside host `i`'s namespace, which sees it also while cut off.
-fn raft_state_from(net: &Network, i: usize, e: &Endpoint) -> Option<String> {
+fn raft_state_from(net: &Network, i: usize, info: &DatabaseInfo, e: &Endpoint) -> Option<String> {
     let out = net
         .command(i, "curl")
-        .args([
-            "-s",
-            "-m",
-            "1",
-            &format!("http://{}:{}/status", e.host, e.port),
-        ])
+        .args(["-s", "-m", "1", &format!("{}/status", engine_url(info, e))])
         .output()
         .ok()?;
     let v: Value = serde_json::from_slice(&out.stdout).ok()?;
@@ -596,7 +599,13 @@ fn raft_state_from(net: &Network, i: usize, e: &Endpoint) -> Option<String> {
 
 /// A write sent straight to the replica at `e` from inside host `i`:
 /// whether rqlite acknowledged it.
-fn acknowledged_from(net: &Network, i: usize, e: &Endpoint, sql: &str) -> bool {
+fn acknowledged_from(
+    net: &Network,
+    i: usize,
+    info: &DatabaseInfo,
+    e: &Endpoint,
+    sql: &str,
+) -> bool {
     let body = serde_json::to_string(&json!([sql])).unwrap();
     let Ok(out) = net
         .command(i, "curl")
@@ -609,7 +618,7 @@ fn acknowledged_from(net: &Network, i: usize, e: &Endpoint, sql: &str) -> bool {
             "-d",
             &body,
         ])
-        .arg(format!("http://{}:{}/db/execute", e.host, e.port))
+        .arg(format!("{}/db/execute", engine_url(info, e)))
         .output()
     else {
         return false;
@@ -664,7 +673,7 @@ async fn a_partitioned_node_makes_no_second_leader_and_loses_no_write() -> Resul
         let mut leaders = Vec::new();
         for e in &info.endpoints {
             let from = ids.iter().position(|id| *id == e.node_id).unwrap();
-            if raft_state_from(&net, from, e).as_deref() == Some("Leader") {
+            if raft_state_from(&net, from, &info, e).as_deref() == Some("Leader") {
                 leaders.push(e.node_id.clone());
             }
         }
@@ -676,7 +685,7 @@ async fn a_partitioned_node_makes_no_second_leader_and_loses_no_write() -> Resul
             );
             let sql = format!("INSERT INTO a (id) VALUES ({})", 1_000_000 + refused);
             assert!(
-                !acknowledged_from(&net, victim, &leader, &sql),
+                !acknowledged_from(&net, victim, &info, &leader, &sql),
                 "the cut-off replica acknowledged a write"
             );
             refused += 1;
@@ -703,6 +712,7 @@ async fn a_partitioned_node_makes_no_second_leader_and_loses_no_write() -> Resul
         let mut leaders = 0;
         for e in &info.endpoints {
             let r = replica_call(
+                &info,
                 e,
                 "/db/query?level=none",
                 json!(["SELECT id FROM a WHERE id < 1000000"]),
@@ -714,7 +724,8 @@ async fn a_partitioned_node_makes_no_second_leader_and_loses_no_write() -> Resul
                 .unwrap_or_default();
             complete &= want.is_subset(&got);
             let from = ids.iter().position(|id| *id == e.node_id).unwrap();
-            leaders += usize::from(raft_state_from(&net, from, e).as_deref() == Some("Leader"));
+            leaders +=
+                usize::from(raft_state_from(&net, from, &info, e).as_deref() == Some("Leader"));
         }
         if complete && leaders == 1 {
             break;

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use rouse_control_api::*;
-use rouse_tests::{pids_mentioning, port_is_free, rqlite_execute, rqlite_query, Control};
+use rouse_tests::{
+    engine_url, pids_mentioning, port_is_free, rqlite_execute, rqlite_query, Control,
+};
 
 const APP: &str = "shop";
 
@@ -38,7 +40,7 @@ fn leader(info: &DatabaseInfo) -> String {
         "first endpoint is the leader: {:?}",
         info.endpoints
     );
-    e.addr()
+    engine_url(info, e)
 }
 
 async fn wait_for_status(

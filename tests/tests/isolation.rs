@@ -270,13 +270,12 @@ async fn sql_naming_files_is_refused_on_every_route_and_the_other_app_keeps_its_
     }
 }
 
-/// Posts statements to an rqlited directly, as a process on the host could.
-async fn rqlited_execute(endpoint: &Endpoint, statements: Value) -> Value {
+/// Posts statements to an rqlited directly, as a process on the host
+/// could, with the engine's own login (which only control and the proxies
+/// hold): the filter is out of the way.
+async fn rqlited_execute(engine: &str, statements: Value) -> Value {
     reqwest::Client::new()
-        .post(format!(
-            "http://{}:{}/db/execute",
-            endpoint.host, endpoint.port
-        ))
+        .post(format!("{engine}/db/execute"))
         .json(&statements)
         .send()
         .await
@@ -286,16 +285,21 @@ async fn rqlited_execute(endpoint: &Endpoint, statements: Value) -> Value {
         .unwrap()
 }
 
-async fn endpoint(control: &Control, app: &str, db: &str) -> Endpoint {
+/// The logged-in base URL of `app`'s database `db`, and the same without a login.
+async fn engine(control: &Control, app: &str, db: &str) -> (String, String) {
     let info = control
         .client()
         .database(&name(app), &name(db))
         .await
         .unwrap();
-    info.endpoints
-        .into_iter()
-        .next()
-        .expect("a running database has an endpoint")
+    let e = info
+        .endpoints
+        .first()
+        .expect("a running database has an endpoint");
+    (
+        rouse_tests::engine_url(&info, e),
+        format!("http://{}:{}", e.host, e.port),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,7 +307,7 @@ async fn the_engine_sandbox_alone_keeps_a_database_from_another_databases_file()
     let t = Tenants::start(Control::builder()).await;
     let victim = t.file_of("rival", "vault");
     let copy = victim.with_file_name("copy.db");
-    let shop = endpoint(&t.control, "shop", "main").await;
+    let (shop, _) = engine(&t.control, "shop", "main").await;
     let r = rqlited_execute(
         &shop,
         json!([format!("ATTACH DATABASE '{}' AS v", victim.display())]),
@@ -333,7 +337,7 @@ async fn the_statement_filter_alone_refuses_what_an_unconfined_engine_would_run(
     let victim = t.file_of("rival", "vault");
     let attach = format!("ATTACH DATABASE '{}' AS v", victim.display());
     // Without the sandbox the engine itself would hand over the other app's data...
-    let shop = endpoint(&t.control, "shop", "main").await;
+    let (shop, _) = engine(&t.control, "shop", "main").await;
     let r = rqlited_execute(&shop, json!([attach.clone()])).await;
     assert!(
         r["results"][0]["error"].is_null(),
@@ -885,4 +889,54 @@ async fn an_app_at_its_limits_leaves_the_others_unharmed() {
     drop(held.pop());
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(connect("alice.shop", "second").await.is_ok());
+}
+
+/// An engine port answers nobody without the database's own login: not a
+/// process on the host, not another app's login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_ports_answer_only_their_own_login() {
+    let t = Tenants::start(Control::builder()).await;
+    let (vault, bare) = engine(&t.control, "rival", "vault").await;
+    let (shop, _) = engine(&t.control, "shop", "main").await;
+    let shop_login = shop
+        .trim_start_matches("http://")
+        .split('@')
+        .next()
+        .unwrap()
+        .to_string();
+    let with_shop_login = bare.replacen("http://", &format!("http://{shop_login}@"), 1);
+    let http = reqwest::Client::new();
+    for base in [&bare, &with_shop_login] {
+        for (method, path) in [
+            ("POST", "/db/query"),
+            ("POST", "/db/execute"),
+            ("GET", "/db/query?q=SELECT+*+FROM+jewels"),
+            ("GET", "/status"),
+            ("GET", "/nodes"),
+            ("GET", "/db/backup"),
+        ] {
+            let url = format!("{base}{path}");
+            let req = match method {
+                "POST" => http.post(&url).json(&json!(["SELECT * FROM jewels"])),
+                _ => http.get(&url),
+            };
+            let status = req.send().await.unwrap().status();
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} from {base}"
+            );
+        }
+    }
+    // The database's own login works, and its data is there.
+    let r: Value = http
+        .post(format!("{vault}/db/query"))
+        .json(&json!(["SELECT name FROM jewels"]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["results"][0]["values"], json!([["crown"]]), "{r}");
 }

@@ -449,12 +449,8 @@ async fn one_app_never_reaches_another_apps_databases() {
             })
             .await
             .unwrap();
-        let e = client
-            .database(&name("rival"), &name(db))
-            .await
-            .unwrap()
-            .endpoints[0]
-            .addr();
+        let info = client.database(&name("rival"), &name(db)).await.unwrap();
+        let e = rouse_tests::engine_url(&info, &info.endpoints[0]);
         rouse_tests::rqlite_execute(&e, "CREATE TABLE secrets (s TEXT)")
             .await
             .unwrap();
@@ -594,12 +590,8 @@ async fn one_app_never_reaches_another_apps_databases() {
         DatabaseStatus::Hibernating,
         "woken by another app"
     );
-    let e = rival
-        .iter()
-        .find(|d| d.name.as_str() == "vault")
-        .unwrap()
-        .endpoints[0]
-        .addr();
+    let vault = rival.iter().find(|d| d.name.as_str() == "vault").unwrap();
+    let e = rouse_tests::engine_url(vault, &vault.endpoints[0]);
     assert_eq!(
         rouse_tests::rqlite_query(&e, "SELECT count(*) FROM secrets")
             .await

@@ -10,6 +10,24 @@ use crate::error::{ControlError, Result};
 use crate::rqlite::{RqliteClient, Stmt};
 use crate::store::ReplicaRecord;
 
+/// The login control and the proxies use on a tenant database's rqlited
+/// (`-auth`); its password is the database's secret, held in `_system`.
+pub const ENGINE_USER: &str = "rouse";
+/// The `-auth` file, inside the replica's own directory (the only one the
+/// sandboxed engine may read).
+const AUTH_FILE: &str = "auth.json";
+
+/// A client of replica `r`, logged in when the database has a secret
+/// (every tenant database; `_system` runs without `-auth` for now).
+pub fn client(r: &ReplicaRecord, secret: &str) -> RqliteClient {
+    let addr = format!("{}:{}", r.host, r.port);
+    if secret.is_empty() {
+        RqliteClient::new(&addr)
+    } else {
+        RqliteClient::with_login(&addr, ENGINE_USER, secret)
+    }
+}
+
 /// A replica's member id in its Raft cluster.
 pub fn node_id(r: &ReplicaRecord) -> String {
     format!("node-{}", r.idx)
@@ -30,6 +48,9 @@ pub(super) fn prepare(inst: &Instance<'_>) -> Result<()> {
         let dir = inst.replica_dir(r);
         std::fs::create_dir_all(&dir)
             .map_err(|e| ControlError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        if !inst.secret.is_empty() {
+            write_auth_file(&dir.join(AUTH_FILE), inst.secret)?;
+        }
         // Raft remembers its members' addresses: after a wake on other ports,
         // rqlite's peers.json recovery tells every node where the others are now.
         if inst.raft_moved && !inst.first_start {
@@ -47,6 +68,22 @@ pub(super) fn prepare(inst: &Instance<'_>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Only `ENGINE_USER` with the database's secret may do anything; nobody
+/// else, not even read `/status` (mode 0600).
+fn write_auth_file(path: &std::path::Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let users = json!([{"username": ENGINE_USER, "password": secret, "perms": ["all"]}]);
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(&serde_json::to_vec(&users)?))
+        .map_err(|e| ControlError::Internal(format!("cannot write {}: {e}", path.display())))
 }
 
 /// Joins are retried this often, for up to a minute.
@@ -87,6 +124,9 @@ pub(super) fn args(env: &EngineEnv, inst: &Instance<'_>, r: &ReplicaRecord) -> V
         (given, _) => given.to_vec(),
     };
     if inst.first_start && !join.is_empty() {
+        if !inst.secret.is_empty() {
+            args.extend(["-join-as".into(), ENGINE_USER.into()]);
+        }
         args.extend([
             "-join".into(),
             join.join(",").into(),
@@ -99,6 +139,9 @@ pub(super) fn args(env: &EngineEnv, inst: &Instance<'_>, r: &ReplicaRecord) -> V
             args.push("-raft-non-voter".into());
         }
     }
+    if !inst.secret.is_empty() {
+        args.extend(["-auth".into(), inst.replica_dir(r).join(AUTH_FILE).into()]);
+    }
     args.push(inst.replica_dir(r).into());
     args
 }
@@ -110,7 +153,7 @@ pub(super) async fn wait_ready(
     let clients: Vec<RqliteClient> = inst
         .replicas
         .iter()
-        .map(|r| RqliteClient::new(&format!("{}:{}", r.host, r.port)))
+        .map(|r| client(r, inst.secret))
         .collect();
     let leader = poll_until(deadline, inst.label, || async {
         for c in &clients {
@@ -146,7 +189,7 @@ pub(super) async fn wait_ready(
 
 pub(super) async fn wait_alive(inst: &Instance<'_>, deadline: tokio::time::Instant) -> Result<()> {
     for r in inst.local() {
-        let client = RqliteClient::new(&format!("{}:{}", r.host, r.port));
+        let client = client(r, inst.secret);
         poll_until(deadline, inst.label, || async {
             if client.alive().await {
                 Ok(())
@@ -160,12 +203,9 @@ pub(super) async fn wait_alive(inst: &Instance<'_>, deadline: tokio::time::Insta
 }
 
 /// The current leader's index, asked of the replicas in turn.
-pub async fn current_leader(replicas: &[ReplicaRecord]) -> Option<usize> {
+pub async fn current_leader(replicas: &[ReplicaRecord], secret: &str) -> Option<usize> {
     for r in replicas {
-        if let Some(id) = RqliteClient::new(&format!("{}:{}", r.host, r.port))
-            .leader_id()
-            .await
-        {
+        if let Some(id) = client(r, secret).leader_id().await {
             return replicas.iter().position(|p| node_id(p) == id);
         }
     }

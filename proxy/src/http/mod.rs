@@ -238,7 +238,7 @@ impl Proxy {
             match self
                 .upstream
                 .send(
-                    &target.endpoints,
+                    &target,
                     method,
                     path_and_query,
                     content_type,

@@ -11,7 +11,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE, LOCATION};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use rouse_control_api::Endpoint;
+use crate::wake::Target;
 use tokio::time::Instant;
 
 pub struct Reply {
@@ -61,13 +61,14 @@ impl Upstream {
     /// Sends one request to the database, by the rules above, until `deadline`.
     pub async fn send(
         &self,
-        endpoints: &[Endpoint],
+        target: &Target,
         method: &Method,
         path_and_query: &str,
         content_type: Option<&HeaderValue>,
         body: Bytes,
         deadline: Instant,
     ) -> Result<Reply, UpstreamError> {
+        let (endpoints, login) = (&target.endpoints[..], target.login.as_ref());
         if endpoints.is_empty() {
             return Err(UpstreamError::Unreachable("no endpoints".into()));
         }
@@ -85,6 +86,9 @@ impl Upstream {
                 .uri(format!("http://{addr}{path_and_query}"));
             if let Some(ct) = content_type {
                 req = req.header(CONTENT_TYPE, ct.clone());
+            }
+            if let Some(login) = login {
+                req = req.header(hyper::header::AUTHORIZATION, login.clone());
             }
             let req = req
                 .body(Full::new(body.clone()))
