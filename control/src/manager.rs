@@ -449,8 +449,14 @@ impl Manager {
                 }
                 Engine::Patroni => {
                     if let Some(reg) = self.patroni_registration(&rec.key) {
-                        engine::patroni::apply_users(&rec.replicas, &reg, &rec.secret, &users)
-                            .await?
+                        engine::patroni::apply_users(
+                            &rec.key.app,
+                            &rec.replicas,
+                            &reg,
+                            &rec.secret,
+                            &users,
+                        )
+                        .await?
                     }
                 }
             }
@@ -1153,7 +1159,8 @@ impl Manager {
     async fn attach_patroni(&self, rec: &DatabaseRecord) -> Result<Vec<Endpoint>> {
         let reg = self.load_patroni(&rec.key).await?;
         let users = self.store.users(&rec.key.app).await?;
-        engine::patroni::apply_users(&rec.replicas, &reg, &rec.secret, &users).await?;
+        engine::patroni::apply_users(&rec.key.app, &rec.replicas, &reg, &rec.secret, &users)
+            .await?;
         Ok(engine::patroni::endpoints(&rec.replicas, &reg))
     }
 

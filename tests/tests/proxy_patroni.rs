@@ -98,7 +98,8 @@ async fn patroni_failover_under_load_through_both_fronts() {
         .await
         .unwrap();
 
-    // Register the cluster for app `shop`; control makes alice a role on the leader.
+    // Register the cluster for app `shop`; control makes alice a role
+    // (`alice.shop`) on the leader.
     let control = Control::builder().start().await.unwrap();
     let api = control.client();
     api.create_app(&name(APP)).await.unwrap();
@@ -125,7 +126,7 @@ async fn patroni_failover_under_load_through_both_fronts() {
     assert_eq!(registered.status, DatabaseStatus::Active);
     // The app's user owns the database, as an operator would set it up.
     admin
-        .batch_execute(&format!("ALTER DATABASE {DB} OWNER TO alice"))
+        .batch_execute(&format!("ALTER DATABASE {DB} OWNER TO \"alice.{APP}\""))
         .await
         .unwrap();
     assert_eq!(registered.replication_factor, 3);
@@ -202,6 +203,53 @@ async fn patroni_failover_under_load_through_both_fronts() {
     // The plain TCP listeners: the superuser's own login, passed through.
     assert!(!in_recovery(&connect(&tcp(0)).await.unwrap()).await);
     assert!(in_recovery(&connect(&tcp(1)).await.unwrap()).await);
+    // Another app registers the same cluster and has an `alice` of its own,
+    // with another password: two roles, neither opens the other's door.
+    api.create_app(&name("rival")).await.unwrap();
+    api.create_user(&name("rival"), "alice", "looking-glass")
+        .await
+        .unwrap();
+    api.create_database(&CreateDatabase {
+        app: name("rival"),
+        name: name(DB),
+        engine: Engine::Patroni,
+        replication_factor: None,
+        patroni: Some(PatroniRegistration {
+            members: cluster
+                .members()
+                .into_iter()
+                .map(|(name, addr, api)| rouse_control_api::PatroniMember { name, addr, api })
+                .collect(),
+            admin: BackendCredentials {
+                user: "postgres".into(),
+                password: cluster.superuser_password().into(),
+            },
+        }),
+    })
+    .await
+    .unwrap();
+    let as_rival = |password: &str| {
+        format!(
+            "postgres://alice.rival:{password}@{}/{DB}?sslmode=disable",
+            proxy.postgres_addr()
+        )
+    };
+    let rival = connect(&as_rival("looking-glass")).await.unwrap();
+    let who: String = rival
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "alice.rival");
+    assert!(connect(&as_rival("wonderland")).await.is_err());
+    let shop = connect(&rw).await.unwrap();
+    let who: String = shop
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, format!("alice.{APP}"));
+
     // A wrong password on the rouse port is refused by rouse.
     let bad = format!(
         "postgres://alice.{APP}:nope@{}/{DB}?sslmode=disable",

@@ -74,6 +74,13 @@ pub fn validate_user_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// The role of app `app`'s user `name` on a PostgreSQL cluster that several
+/// apps share (Patroni): `<name>.<app>`, the user part of the app's own
+/// `DATABASE_URL`, so that two apps' `alice` are two roles.
+pub fn cluster_role(name: &str, app: &Name) -> String {
+    format!("{name}.{app}")
+}
+
 /// The login the proxy's read-only port uses on a managed PostgreSQL
 /// instance for tenant role `name`: same password, reading rights only.
 /// `@` is not allowed in user names, so it never collides with one.

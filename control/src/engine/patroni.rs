@@ -3,7 +3,7 @@
 //! login roles there (replicas learn them by streaming replication). The
 //! proxy follows the leader itself, by the members' REST API.
 
-use rouse_control_api::{Endpoint, PatroniRegistration};
+use rouse_control_api::{Endpoint, Name, PatroniRegistration};
 use serde::{Deserialize, Serialize};
 
 use super::postgres::{connect_as, sync_users};
@@ -80,9 +80,10 @@ pub fn endpoints(replicas: &[ReplicaRecord], reg: &Registration) -> Vec<Endpoint
         .collect()
 }
 
-/// Makes `users` login roles on the cluster's leader, which is the member
-/// that is not in recovery.
+/// Makes `users` of `app` login roles (`<user>.<app>`) on the cluster's
+/// leader, which is the member that is not in recovery.
 pub async fn apply_users(
+    app: &Name,
     replicas: &[ReplicaRecord],
     reg: &Registration,
     password: &str,
@@ -106,9 +107,11 @@ pub async fn apply_users(
             tried.push(format!("{}:{}: a replica", r.host, r.port));
             continue;
         }
-        return sync_users(&admin, users, None)
-            .await
-            .map_err(ControlError::Engine);
+        return sync_users(&admin, users, None, |n| {
+            rouse_control_api::name::cluster_role(n, app)
+        })
+        .await
+        .map_err(ControlError::Engine);
     }
     Err(ControlError::Engine(format!(
         "no leader of the Patroni cluster accepted the admin login: {}",

@@ -228,7 +228,7 @@ pub(super) async fn after_start(
             .await
             .map_err(|e| engine(e.to_string()))?;
     }
-    sync_users(&admin, users, Some(OWNER_ROLE))
+    sync_users(&admin, users, Some(OWNER_ROLE), str::to_string)
         .await
         .map_err(engine)
 }
@@ -242,12 +242,14 @@ pub(super) async fn sync_users(
     admin: &tokio_postgres::Client,
     users: &[UserRecord],
     owner: Option<&str>,
+    role_of: impl Fn(&str) -> String,
 ) -> std::result::Result<(), String> {
     for u in users {
-        let role = quote_ident(&u.name);
+        let name = role_of(&u.name);
+        let role = quote_ident(&name);
         let password = verifier_literal(&u.verifier).map_err(|e| e.to_string())?;
         let known = admin
-            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&u.name])
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
             .await
             .map_err(|e| e.to_string())?
             .is_some();
@@ -261,7 +263,7 @@ pub(super) async fn sync_users(
         };
         admin.batch_execute(&sql).await.map_err(|e| e.to_string())?;
         if owner.is_some() {
-            let name = rouse_control_api::name::read_only_role(&u.name);
+            let name = rouse_control_api::name::read_only_role(&name);
             let reader = quote_ident(&name);
             let known = admin
                 .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
@@ -287,7 +289,7 @@ pub async fn apply_users(r: &ReplicaRecord, secret: &str, users: &[UserRecord]) 
     let admin = connect(r, secret, "postgres")
         .await
         .map_err(ControlError::Engine)?;
-    sync_users(&admin, users, Some(OWNER_ROLE))
+    sync_users(&admin, users, Some(OWNER_ROLE), str::to_string)
         .await
         .map_err(ControlError::Engine)
 }

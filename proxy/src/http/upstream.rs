@@ -5,13 +5,13 @@
 
 use std::time::Duration;
 
+use crate::wake::Target;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderValue, CONTENT_TYPE, LOCATION};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use crate::wake::Target;
 use tokio::time::Instant;
 
 pub struct Reply {

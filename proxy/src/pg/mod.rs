@@ -521,11 +521,13 @@ impl PgFront {
         // One managed instance serves both ports: on the read-only one the
         // session logs in as the role's read-only twin, which may not write
         // whatever it sends (a replica cannot anyway).
+        // On a shared (Patroni) cluster the role carries its app.
         let backend_role = match (&upstream, port) {
             (Upstream::Managed(_), MemberRole::Replica) => {
                 rouse_control_api::name::read_only_role(&role)
             }
-            _ => role.clone(),
+            (Upstream::Managed(_), MemberRole::Primary) => role.clone(),
+            (Upstream::Cluster(..), _) => rouse_control_api::name::cluster_role(&role, &app),
         };
         let slot: pool::CancelSlot = Arc::new(Mutex::new(None));
         let ours = (rand::random::<i32>(), rand::random::<i32>());
