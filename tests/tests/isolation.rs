@@ -940,3 +940,36 @@ async fn engine_ports_answer_only_their_own_login() {
         .unwrap();
     assert_eq!(r["results"][0]["values"], json!([["crown"]]), "{r}");
 }
+
+/// Every proxy of a fleet shows an unknown role the same salt, so asking
+/// several proxies tells nothing either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_role_shows_one_salt_at_every_proxy_of_a_fleet() {
+    let redis = rouse_tests::Redis::start().await.unwrap();
+    let url = format!("redis://{}", redis.addr());
+    let (control, _) = shop_with_alice().await;
+    let mut proxies = Vec::new();
+    for _ in 0..2 {
+        proxies.push(
+            Proxy::builder(&control)
+                .redis_url(&url, &[])
+                .start()
+                .await
+                .unwrap(),
+        );
+    }
+    let salts = |user: &'static str| {
+        let addrs: Vec<_> = proxies.iter().map(|p| p.postgres_addr()).collect();
+        async move {
+            let mut out = Vec::new();
+            for addr in addrs {
+                out.push(scram_salt(addr, user).await.unwrap());
+            }
+            out
+        }
+    };
+    let ghost = salts("ghost.shop").await;
+    assert_eq!(ghost[0], ghost[1]);
+    let alice = salts("alice.shop").await;
+    assert_eq!(alice[0], alice[1]);
+}

@@ -193,7 +193,8 @@ pub struct PgFront {
     pub routes: Arc<Routes>,
     pub activity: Arc<Activity>,
     verifiers: moka::future::Cache<(Name, String), Option<Arc<Verifier>>>,
-    /// Derives the stable salt shown for unknown roles.
+    /// Derives the stable salt shown for unknown roles, alike on every
+    /// proxy of a fleet.
     mock_key: [u8; 32],
     cancels: Mutex<HashMap<(i32, i32), pool::CancelSlot>>,
     /// By database, role and read-only port.
@@ -242,7 +243,7 @@ impl PgFront {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(30))
                 .build(),
-            mock_key: rand::random(),
+            mock_key: shared.derive_key("unknown-role salt"),
             cancels: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
             clusters: Mutex::new(HashMap::new()),

@@ -198,6 +198,16 @@ impl Shared {
         opened
     }
 
+    /// A key for `purpose` that every proxy of this fleet derives alike
+    /// (from the Redis secret), so that what it shapes looks the same
+    /// whichever proxy a client reaches.
+    pub fn derive_key(&self, purpose: &str) -> [u8; 32] {
+        let mac = self.seal.mac(purpose, b"derived key");
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(&mac, &mut key).expect("a MAC is 64 hex digits");
+        key
+    }
+
     /// [`Shared::open`] for text values.
     pub fn open_str(&self, what: &'static str, name: &str, sealed: &[u8]) -> Option<String> {
         self.open(what, name, sealed)
