@@ -11,11 +11,12 @@ if ! cargo +nightly --version >/dev/null 2>&1; then
   exit 1
 fi
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
-cargo +nightly fuzz build
+# Unoptimised: quicker to build on a fresh machine, fast enough for a smoke run.
+cargo +nightly fuzz build --dev
 for target in $(cargo +nightly fuzz list); do
   mkdir -p "corpus/$target" "artifacts/$target"
   printf 'fuzz %-14s ' "$target"
-  if ! cargo +nightly fuzz run "$target" "corpus/$target" -- \
+  if ! cargo +nightly fuzz run --dev "$target" "corpus/$target" -- \
       -max_total_time="$seconds" -max_len=4096 -artifact_prefix="artifacts/$target/" \
       >"artifacts/$target.log" 2>&1; then
     echo "CRASHED"
