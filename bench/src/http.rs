@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use rouse_control_api::{CreateDatabase, Engine};
+use rouse_control_api::{BackendCredentials, CreateDatabase, Engine};
 use rouse_tests::{engine_url, free_port, rqlite_execute, Control, Proxy, ServerProcess};
 
 use crate::stats::{ms, percentile, table};
@@ -148,12 +148,10 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Http
     rqlite_execute(&logged_in, "CREATE TABLE kv (k INTEGER, v TEXT)").await?;
     rqlite_execute(&logged_in, "INSERT INTO kv VALUES (7, 'seven')").await?;
     // rqlited checks its own login; rouse the app's API key.
-    let engine_login = info.backend.as_ref().map_or_else(String::new, |b| {
-        use base64::Engine as _;
-        let token =
-            base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", b.user, b.password));
-        format!("Basic {token}")
-    });
+    let engine_login = info
+        .backend
+        .as_ref()
+        .map_or_else(String::new, BackendCredentials::basic_auth);
     let proxy = Proxy::builder(&control).start().await?;
     let dir = tempfile::tempdir()?;
     let haproxy_port = free_port("127.0.0.1".parse()?);

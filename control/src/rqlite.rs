@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use rouse_control_api::BackendCredentials;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -83,18 +84,15 @@ impl RqliteClient {
         RqliteClient::build(addr, None)
     }
 
-    /// A client that logs in as `user` on every request (rqlited `-auth`).
-    pub fn with_login(addr: &str, user: &str, password: &str) -> Self {
-        RqliteClient::build(addr, Some((user, password)))
+    /// A client that logs in on every request (rqlited `-auth`).
+    pub fn with_login(addr: &str, login: &BackendCredentials) -> Self {
+        RqliteClient::build(addr, Some(login))
     }
 
-    fn build(addr: &str, login: Option<(&str, &str)>) -> Self {
-        use base64::Engine as _;
+    fn build(addr: &str, login: Option<&BackendCredentials>) -> Self {
         let mut headers = reqwest::header::HeaderMap::new();
-        if let Some((user, password)) = login {
-            let token =
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-            let mut value = reqwest::header::HeaderValue::from_str(&format!("Basic {token}"))
+        if let Some(login) = login {
+            let mut value = reqwest::header::HeaderValue::from_str(&login.basic_auth())
                 .expect("base64 is a valid header value");
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);

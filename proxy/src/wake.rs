@@ -272,17 +272,12 @@ fn target_of(info: &rouse_control_api::DatabaseInfo) -> Target {
         endpoints: Arc::new(info.endpoints.clone()),
         pool_mode: info.pool_mode,
         login: match (info.engine, &info.backend) {
-            (Engine::Rqlite, Some(b)) => {
-                use base64::Engine as _;
-                let token = base64::engine::general_purpose::STANDARD
-                    .encode(format!("{}:{}", b.user, b.password));
-                hyper::header::HeaderValue::from_str(&format!("Basic {token}"))
-                    .ok()
-                    .map(|mut v| {
-                        v.set_sensitive(true);
-                        v
-                    })
-            }
+            (Engine::Rqlite, Some(b)) => hyper::header::HeaderValue::from_str(&b.basic_auth())
+                .ok()
+                .map(|mut v| {
+                    v.set_sensitive(true);
+                    v
+                }),
             _ => None,
         },
     }

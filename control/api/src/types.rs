@@ -217,6 +217,16 @@ pub struct BackendCredentials {
     pub password: String,
 }
 
+impl BackendCredentials {
+    /// The `Authorization` value of an HTTP basic login (rqlited `-auth`).
+    pub fn basic_auth(&self) -> String {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", self.user, self.password));
+        format!("Basic {token}")
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DatabaseInfo {
     pub app: Name,

@@ -246,42 +246,44 @@ pub(super) async fn sync_users(
 ) -> std::result::Result<(), String> {
     for u in users {
         let name = role_of(&u.name);
-        let role = quote_ident(&name);
         let password = verifier_literal(&u.verifier).map_err(|e| e.to_string())?;
-        let known = admin
-            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
-            .await
-            .map_err(|e| e.to_string())?
-            .is_some();
-        let sql = match (known, owner) {
-            (true, _) => format!("ALTER ROLE {role} LOGIN PASSWORD {password}"),
-            (false, None) => format!("CREATE ROLE {role} LOGIN PASSWORD {password}"),
-            (false, Some(owner)) => format!(
-                "CREATE ROLE {role} LOGIN PASSWORD {password} IN ROLE {owner}; \
-                 ALTER ROLE {role} SET role = {owner}"
-            ),
-        };
-        admin.batch_execute(&sql).await.map_err(|e| e.to_string())?;
+        let role = quote_ident(&name);
+        let joins = owner.map_or_else(String::new, |owner| {
+            format!("IN ROLE {owner}; ALTER ROLE {role} SET role = {owner}")
+        });
+        upsert_login(admin, &name, &password, &joins).await?;
         if owner.is_some() {
-            let name = rouse_control_api::name::read_only_role(&name);
-            let reader = quote_ident(&name);
-            let known = admin
-                .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
-                .await
-                .map_err(|e| e.to_string())?
-                .is_some();
-            let sql = if known {
-                format!("ALTER ROLE {reader} LOGIN PASSWORD {password}")
-            } else {
-                format!(
-                    "CREATE ROLE {reader} LOGIN PASSWORD {password} IN ROLE pg_read_all_data; \
-                     ALTER ROLE {reader} SET default_transaction_read_only = on"
-                )
-            };
-            admin.batch_execute(&sql).await.map_err(|e| e.to_string())?;
+            let reader = rouse_control_api::name::read_only_role(&name);
+            let joins = format!(
+                "IN ROLE pg_read_all_data; ALTER ROLE {} SET default_transaction_read_only = on",
+                quote_ident(&reader)
+            );
+            upsert_login(admin, &reader, &password, &joins).await?;
         }
     }
     Ok(())
+}
+
+/// Gives login role `name` the verifier `password`, creating it (followed
+/// by `on_create`) when it is new.
+async fn upsert_login(
+    admin: &tokio_postgres::Client,
+    name: &str,
+    password: &str,
+    on_create: &str,
+) -> std::result::Result<(), String> {
+    let role = quote_ident(name);
+    let known = admin
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
+        .await
+        .map_err(|e| e.to_string())?
+        .is_some();
+    let sql = if known {
+        format!("ALTER ROLE {role} LOGIN PASSWORD {password}")
+    } else {
+        format!("CREATE ROLE {role} LOGIN PASSWORD {password} {on_create}")
+    };
+    admin.batch_execute(&sql).await.map_err(|e| e.to_string())
 }
 
 /// Applies the app's users to a running instance (after a user was added).

@@ -2,7 +2,7 @@
 
 use std::ffi::OsString;
 
-use rouse_control_api::Endpoint;
+use rouse_control_api::{BackendCredentials, Endpoint};
 use serde_json::json;
 
 use super::{poll_until, EngineEnv, Instance};
@@ -24,7 +24,15 @@ pub fn client(r: &ReplicaRecord, secret: &str) -> RqliteClient {
     if secret.is_empty() {
         RqliteClient::new(&addr)
     } else {
-        RqliteClient::with_login(&addr, ENGINE_USER, secret)
+        RqliteClient::with_login(&addr, &login(secret))
+    }
+}
+
+/// The engine login of a database whose secret is `secret`.
+pub fn login(secret: &str) -> BackendCredentials {
+    BackendCredentials {
+        user: ENGINE_USER.into(),
+        password: secret.into(),
     }
 }
 
