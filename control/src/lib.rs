@@ -6,6 +6,7 @@ pub mod activity;
 pub mod api;
 pub mod cli;
 pub mod cluster;
+pub mod cluster_key;
 pub mod engine;
 pub mod error;
 pub mod manager;
@@ -43,6 +44,7 @@ pub async fn run(
     rouse_control_api::telemetry::metrics();
     std::fs::create_dir_all(&config.node.data_dir)?;
     let node_id = system::node_id(&config.node.data_dir)?;
+    let cluster_key = cluster_key::ClusterKey::load(&config)?;
     let engines = EngineEnv::from_config(&config.control, &config.node.data_dir)?;
     let ports = Arc::new(PortAllocator::default());
     if let Ok(addr) = listener.local_addr() {
@@ -61,7 +63,7 @@ pub async fn run(
     {
         tracing::warn!("control.replica_hosts are loopback addresses: other nodes and their proxies cannot reach this node's replicas; set control.replica_hosts to this node's address");
     }
-    let system = SystemDb::start(&config, &node_id, &engines, &ports, &peers).await?;
+    let system = SystemDb::start(&config, &node_id, &engines, &ports, &peers, &cluster_key).await?;
     let grace = config.control.stop_grace;
     let manager = Manager::new(
         config,

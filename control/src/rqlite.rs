@@ -79,24 +79,14 @@ pub struct RqliteClient {
 }
 
 impl RqliteClient {
-    /// `addr` is `host:port` of the HTTP API.
-    pub fn new(addr: &str) -> Self {
-        RqliteClient::build(addr, None)
-    }
-
-    /// A client that logs in on every request (rqlited `-auth`).
+    /// `addr` is `host:port` of the HTTP API; every request logs in
+    /// (rqlited runs with `-auth`).
     pub fn with_login(addr: &str, login: &BackendCredentials) -> Self {
-        RqliteClient::build(addr, Some(login))
-    }
-
-    fn build(addr: &str, login: Option<&BackendCredentials>) -> Self {
         let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(login) = login {
-            let mut value = reqwest::header::HeaderValue::from_str(&login.basic_auth())
-                .expect("base64 is a valid header value");
-            value.set_sensitive(true);
-            headers.insert(reqwest::header::AUTHORIZATION, value);
-        }
+        let mut value = reqwest::header::HeaderValue::from_str(&login.basic_auth())
+            .expect("base64 is a valid header value");
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(30))

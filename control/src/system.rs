@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use crate::cluster_key::ClusterKey;
 use crate::engine::{self, EngineEnv, Instance};
 use crate::error::{ControlError, Result};
 use crate::peers::{Peers, SystemMember};
@@ -65,7 +66,10 @@ impl SystemDb {
         engines: &EngineEnv,
         ports: &Arc<PortAllocator>,
         peers: &Peers,
+        cluster_key: &ClusterKey,
     ) -> Result<SystemDb> {
+        // Every member runs with `-auth`; every node derives the login.
+        let password = cluster_key.derive("_system rqlite login");
         let root = config.node.data_dir.join("_system");
         std::fs::create_dir_all(&root).map_err(|e| {
             ControlError::Internal(format!("cannot create {}: {e}", root.display()))
@@ -98,7 +102,7 @@ impl SystemDb {
             dir: root.join("rqlite"),
             replicas: &replicas,
             node_id,
-            secret: "",
+            secret: &password,
             first_start: false,
             raft_moved: false,
             join: Vec::new(),
@@ -155,7 +159,10 @@ impl SystemDb {
             ControlError::Internal(format!("cannot start rqlited for _system: {e}"))
         })?;
         tokio::spawn(log_events(rx));
-        let client = RqliteClient::new(&format!("{}:{http}", now.host));
+        let client = RqliteClient::with_login(
+            &format!("{}:{http}", now.host),
+            &engine::rqlite::login(&password),
+        );
         engine::poll_until(
             tokio::time::Instant::now() + engines.start_timeout,
             "_system",

@@ -15,6 +15,8 @@ pub struct Cluster {
     pub nodes: Vec<Control>,
     /// The first node's libp2p address, with its peer id.
     bootstrap: String,
+    /// The first node's cluster key, which every other node is given.
+    key: std::path::PathBuf,
     node: Box<dyn Fn(u8) -> ControlBuilder + Send + Sync>,
 }
 
@@ -44,6 +46,7 @@ impl Cluster {
             .context("first node's libp2p address")?;
         let mut cluster = Cluster {
             bootstrap: format!("{addr}/p2p/{}", me.peer_id),
+            key: first.data_dir().join("cluster.key"),
             nodes: vec![first],
             node: Box::new(node),
         };
@@ -57,7 +60,9 @@ impl Cluster {
     }
 
     fn builder(&self, i: u8) -> ControlBuilder {
-        (self.node)(i).bootstrap_peers([self.bootstrap.clone()])
+        (self.node)(i)
+            .bootstrap_peers([self.bootstrap.clone()])
+            .cluster_key(&self.key)
     }
 
     /// One more node, the next in line.

@@ -107,6 +107,13 @@ impl ControlBuilder {
         self
     }
 
+    /// `discovery.cluster_secret_file`: the cluster key of the founding node
+    /// (its `<data_dir>/cluster.key`), which a joining node needs.
+    pub fn cluster_key(self, path: impl AsRef<Path>) -> Self {
+        let path = path.as_ref().to_string_lossy().into_owned();
+        self.env("ROUSE_DISCOVERY__CLUSTER_SECRET_FILE", path)
+    }
+
     /// `discovery.bootstrap_peers`: multiaddrs, with or without `/p2p/<peer id>`.
     pub fn bootstrap_peers<S: Into<String>>(mut self, peers: impl IntoIterator<Item = S>) -> Self {
         self.bootstrap_peers = peers.into_iter().map(Into::into).collect();

@@ -905,8 +905,19 @@ async fn engine_ports_answer_only_their_own_login() {
         .unwrap()
         .to_string();
     let with_shop_login = bare.replacen("http://", &format!("http://{shop_login}@"), 1);
+    // The metadata store too: its keys, hashes and secrets.
+    let system: Value = serde_json::from_slice(
+        &std::fs::read(t.control.data_dir().join("_system/addr.json")).unwrap(),
+    )
+    .unwrap();
+    let system = format!(
+        "http://{}:{}",
+        system["host"].as_str().unwrap(),
+        system["http_port"]
+    );
+    let system_with_shop_login = system.replacen("http://", &format!("http://{shop_login}@"), 1);
     let http = reqwest::Client::new();
-    for base in [&bare, &with_shop_login] {
+    for base in [&bare, &with_shop_login, &system, &system_with_shop_login] {
         for (method, path) in [
             ("POST", "/db/query"),
             ("POST", "/db/execute"),

@@ -84,11 +84,16 @@ async fn three_nodes_find_each_other_and_notice_a_dead_one() -> Result<()> {
         .unwrap_or_else(|| panic!("first node listens on 127.0.0.1: {me:?}"));
 
     // One bootstrap address names the peer, the other does not.
+    let key = first.data_dir().join("cluster.key");
     let (second, third) = tokio::join!(
         node(2)
             .bootstrap_peers([format!("{addr}/p2p/{}", me.peer_id)])
+            .cluster_key(&key)
             .start(),
-        node(3).bootstrap_peers([addr.clone()]).start(),
+        node(3)
+            .bootstrap_peers([addr.clone()])
+            .cluster_key(&key)
+            .start(),
     );
     let (second, third) = (second?, third?);
 

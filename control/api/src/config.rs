@@ -82,6 +82,9 @@ impl Default for DatabaseConfig {
 pub struct DiscoveryConfig {
     /// Peers as multiaddrs, with or without their `/p2p/<peer id>` suffix.
     pub bootstrap_peers: Vec<String>,
+    /// A copy of the cluster key of the node that founded the cluster;
+    /// a node without bootstrap peers makes `<data_dir>/cluster.key`.
+    pub cluster_secret_file: Option<PathBuf>,
     #[serde(with = "crate::duration")]
     pub discovery_interval: Duration,
     #[serde(with = "crate::duration")]
@@ -93,6 +96,7 @@ impl Default for DiscoveryConfig {
     fn default() -> Self {
         DiscoveryConfig {
             bootstrap_peers: Vec::new(),
+            cluster_secret_file: None,
             discovery_interval: Duration::from_secs(30),
             health_check_interval: Duration::from_secs(10),
             mdns: false,

@@ -17,15 +17,10 @@ pub const ENGINE_USER: &str = "rouse";
 /// sandboxed engine may read).
 const AUTH_FILE: &str = "auth.json";
 
-/// A client of replica `r`, logged in when the database has a secret
-/// (every tenant database; `_system` runs without `-auth` for now).
+/// A client of replica `r`, logged in with the database's secret (every
+/// rqlited, `_system` included, runs with `-auth`).
 pub fn client(r: &ReplicaRecord, secret: &str) -> RqliteClient {
-    let addr = format!("{}:{}", r.host, r.port);
-    if secret.is_empty() {
-        RqliteClient::new(&addr)
-    } else {
-        RqliteClient::with_login(&addr, &login(secret))
-    }
+    RqliteClient::with_login(&format!("{}:{}", r.host, r.port), &login(secret))
 }
 
 /// The engine login of a database whose secret is `secret`.
@@ -56,9 +51,7 @@ pub(super) fn prepare(inst: &Instance<'_>) -> Result<()> {
         let dir = inst.replica_dir(r);
         std::fs::create_dir_all(&dir)
             .map_err(|e| ControlError::Internal(format!("cannot create {}: {e}", dir.display())))?;
-        if !inst.secret.is_empty() {
-            write_auth_file(&dir.join(AUTH_FILE), inst.secret)?;
-        }
+        write_auth_file(&dir.join(AUTH_FILE), inst.secret)?;
         // Raft remembers its members' addresses: after a wake on other ports,
         // rqlite's peers.json recovery tells every node where the others are now.
         if inst.raft_moved && !inst.first_start {
@@ -132,10 +125,9 @@ pub(super) fn args(env: &EngineEnv, inst: &Instance<'_>, r: &ReplicaRecord) -> V
         (given, _) => given.to_vec(),
     };
     if inst.first_start && !join.is_empty() {
-        if !inst.secret.is_empty() {
-            args.extend(["-join-as".into(), ENGINE_USER.into()]);
-        }
         args.extend([
+            "-join-as".into(),
+            ENGINE_USER.into(),
             "-join".into(),
             join.join(",").into(),
             "-join-interval".into(),
@@ -147,9 +139,7 @@ pub(super) fn args(env: &EngineEnv, inst: &Instance<'_>, r: &ReplicaRecord) -> V
             args.push("-raft-non-voter".into());
         }
     }
-    if !inst.secret.is_empty() {
-        args.extend(["-auth".into(), inst.replica_dir(r).join(AUTH_FILE).into()]);
-    }
+    args.extend(["-auth".into(), inst.replica_dir(r).join(AUTH_FILE).into()]);
     args.push(inst.replica_dir(r).into());
     args
 }
