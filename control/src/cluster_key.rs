@@ -11,6 +11,7 @@ use rouse_control_api::config::Config;
 use sha2::Sha256;
 
 use crate::error::{ControlError, Result};
+use crate::secrets::write_private;
 
 const FILE: &str = "cluster.key";
 
@@ -24,7 +25,7 @@ impl ClusterKey {
         if let Some(given) = &config.discovery.cluster_secret_file {
             let key = read(given)?;
             if read(&own).ok().as_ref().map(|k| &k.0) != Some(&key.0) {
-                write(&own, &key.0)?;
+                write_private(&own, &key.0)?;
             }
             return Ok(key);
         }
@@ -38,7 +39,7 @@ impl ClusterKey {
             )));
         }
         let key = hex::encode(rand::random::<[u8; 32]>()).into_bytes();
-        write(&own, &key)?;
+        write_private(&own, &key)?;
         tracing::info!(path = %own.display(), "made the cluster key: nodes that join need a copy");
         Ok(ClusterKey(key))
     }
@@ -66,19 +67,6 @@ fn read(path: &Path) -> Result<ClusterKey> {
         )));
     }
     Ok(ClusterKey(key.as_bytes().to_vec()))
-}
-
-fn write(path: &Path, key: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(key))
-        .map_err(|e| ControlError::Internal(format!("cannot write {}: {e}", path.display())))
 }
 
 #[cfg(test)]

@@ -32,6 +32,23 @@ pub fn scram_verifier(password: &str) -> String {
 
 pub use rouse_control_api::name::validate_user_name;
 
+/// Writes `contents` to `path` readable by its owner only (0600), replacing
+/// what was there, without a moment in which others could open it.
+pub fn write_private(path: &std::path::Path, contents: &[u8]) -> crate::error::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(contents))
+        .map_err(|e| {
+            crate::error::ControlError::Internal(format!("cannot write {}: {e}", path.display()))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

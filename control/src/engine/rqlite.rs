@@ -74,17 +74,8 @@ pub(super) fn prepare(inst: &Instance<'_>) -> Result<()> {
 /// Only `ENGINE_USER` with the database's secret may do anything; nobody
 /// else, not even read `/status` (mode 0600).
 fn write_auth_file(path: &std::path::Path, secret: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let users = json!([{"username": ENGINE_USER, "password": secret, "perms": ["all"]}]);
-    let _ = std::fs::remove_file(path);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(&serde_json::to_vec(&users)?))
-        .map_err(|e| ControlError::Internal(format!("cannot write {}: {e}", path.display())))
+    crate::secrets::write_private(path, &serde_json::to_vec(&users).expect("JSON serialises"))
 }
 
 /// Joins are retried this often, for up to a minute.
