@@ -287,8 +287,10 @@ async fn start_haproxy(dir: &Path, port: u16, backend: &str) -> Result<ServerPro
     let mut process = ServerProcess::spawn("haproxy", cmd, &dir.join("haproxy.log"))?;
     let url = format!("http://127.0.0.1:{port}/status");
     process
+        // Any answer of rqlited's (401 without its login) means HAProxy reaches it.
         .wait_ready(Duration::from_secs(10), || async {
-            reqwest::get(&url).await?.error_for_status()?;
+            let status = reqwest::get(&url).await?.status();
+            anyhow::ensure!(!status.is_server_error(), "HAProxy answers {status}");
             Ok(())
         })
         .await?;
