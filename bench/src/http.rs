@@ -148,8 +148,7 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Http
     rqlite_execute(&logged_in, "CREATE TABLE kv (k INTEGER, v TEXT)").await?;
     rqlite_execute(&logged_in, "INSERT INTO kv VALUES (7, 'seven')").await?;
     // rqlited checks its own login; rouse the app's API key.
-    let engine_login = info
-        .backend
+    let engine_login = rouse_tests::engine_login(&info)
         .as_ref()
         .map_or_else(String::new, BackendCredentials::basic_auth);
     let proxy = Proxy::builder(&control).start().await?;

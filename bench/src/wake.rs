@@ -188,10 +188,8 @@ pub(crate) async fn bare_start(info: &DatabaseInfo, dir: &Path) -> Result<Durati
             .await?;
         }
         Engine::Postgres => {
-            let backend = info
-                .backend
-                .clone()
-                .context("postgres database without backend credentials")?;
+            let backend = rouse_tests::engine_login(info)
+                .context("postgres database without an engine login")?;
             let port = info.ports[0];
             let mut cmd = Command::new(postgres_bin_dir()?.join("postgres"));
             cmd.arg("-D").arg(dir.join("node-0")).args([

@@ -1,5 +1,8 @@
 //! The control API over HTTP/1.1 (hyper): `/api/v1/...`, `/healthz`,
 //! `/metrics`. Errors are `{"error","code"}` with a fitting status.
+//!
+//! Everything under `/api/v1` needs a bearer token (see [`Tokens`]); each
+//! route says which roles may call it.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use rouse_control_api::*;
 use serde::de::DeserializeOwned;
@@ -19,6 +22,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::error::ControlError;
 use crate::manager::Manager;
+use crate::tokens::Tokens;
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -30,6 +34,7 @@ const MAX_BODY: usize = 1 << 20;
 pub async fn serve(
     listener: TcpListener,
     manager: Arc<Manager>,
+    tokens: Arc<Tokens>,
     shutdown: impl Future<Output = ()>,
 ) {
     rouse_control_api::server::serve_http(
@@ -40,9 +45,11 @@ pub async fn serve(
         shutdown,
         move |_peer| {
             let manager = manager.clone();
+            let tokens = tokens.clone();
             hyper::service::service_fn(move |req| {
                 let manager = manager.clone();
-                async move { Ok::<_, Infallible>(handle(&manager, req).await) }
+                let tokens = tokens.clone();
+                async move { Ok::<_, Infallible>(handle(&manager, &tokens, req).await) }
             })
         },
     )
@@ -65,13 +72,20 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 fn from_error(e: ControlError) -> Response<Body> {
     metrics::counter!("rouse_control_errors_total", "kind" => e.kind(), "code" => e.code())
         .increment(1);
-    json(
+    let mut resp = json(
         e.status(),
         &ErrorBody {
             error: e.to_string(),
             code: e.code().to_string(),
         },
-    )
+    );
+    if matches!(e, ControlError::Unauthorized) {
+        resp.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"rouse-control\""),
+        );
+    }
+    resp
 }
 
 async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ControlError> {
@@ -111,133 +125,260 @@ fn reply<T: Serialize>(status: StatusCode, result: Result<T, ControlError>) -> R
     }
 }
 
-async fn handle(m: &Arc<Manager>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(m: &Arc<Manager>, tokens: &Tokens, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = route(m, req, &method, &path)
+    let resp = route(m, tokens, req, &method, &path)
         .await
         .unwrap_or_else(from_error);
     metrics::counter!("rouse_control_requests_total", "status" => resp.status().as_u16().to_string()).increment(1);
     resp
 }
 
+/// Who is calling, as their token says.
+struct Caller {
+    role: Role,
+    token: String,
+}
+
+impl Caller {
+    async fn of(tokens: &Tokens, req: &Request<Incoming>) -> Result<Caller, ControlError> {
+        let authorization = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let role = tokens.role(authorization).await?;
+        let token = authorization
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        Ok(Caller { role, token })
+    }
+
+    fn allow(&self, allowed: bool, action: &'static str) -> Result<(), ControlError> {
+        if allowed {
+            return Ok(());
+        }
+        Err(ControlError::Forbidden {
+            role: self.role.to_string(),
+            action: action.to_string(),
+        })
+    }
+
+    /// Operators only.
+    fn admin(&self, action: &'static str) -> Result<(), ControlError> {
+        self.allow(self.role == Role::Admin, action)
+    }
+
+    /// Operators and proxies.
+    fn proxy(&self, action: &'static str) -> Result<(), ControlError> {
+        self.allow(matches!(self.role, Role::Admin | Role::Proxy), action)
+    }
+
+    /// Operators and `app`'s own token.
+    fn owner(&self, app: &Name, action: &'static str) -> Result<(), ControlError> {
+        self.allow(self.role.owns(app), action)
+    }
+
+    /// Operators, proxies and `app`'s own token.
+    fn reader(&self, app: &Name, action: &'static str) -> Result<(), ControlError> {
+        self.allow(self.role == Role::Proxy || self.role.owns(app), action)
+    }
+
+    /// `info` with the engine login this caller may use, sealed for its token.
+    fn present(&self, m: &Manager, mut info: DatabaseInfo) -> DatabaseInfo {
+        info.engine_login = m.engine_login(&info, &self.role).map(|login| {
+            SealKey::for_bearer(&self.token)
+                .seal(&serde_json::to_vec(&login).expect("logins serialise"))
+        });
+        info
+    }
+}
+
 async fn route(
     m: &Arc<Manager>,
+    tokens: &Tokens,
     req: Request<Incoming>,
     method: &Method,
     path: &str,
 ) -> Result<Response<Body>, ControlError> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     use StatusCode as S;
-    Ok(match (method, segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => json(
-            S::OK,
-            &serde_json::json!({"status": "ok", "node_id": m.node_id()}),
-        ),
-        (&Method::GET, ["metrics"]) => full(
-            S::OK,
-            "text/plain; version=0.0.4",
-            rouse_control_api::telemetry::render_metrics(),
-        ),
-        (_, ["api", "v1", rest @ ..]) => match (method, rest) {
-            (&Method::POST, ["apps"]) => {
-                let body: CreateApp = read_json(req).await?;
-                reply(S::CREATED, m.create_app(&body).await)
-            }
-            (&Method::POST, ["apps", app, "keys"]) => {
-                reply(S::CREATED, m.create_key(&name(app)?).await)
-            }
-            (&Method::GET, ["apps", app, "keys"]) => reply(S::OK, m.list_keys(&name(app)?).await),
-            (&Method::DELETE, ["apps", app, "keys", id]) => reply(
+    let rest = match (method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => {
+            return Ok(json(
                 S::OK,
-                m.revoke_key(&name(app)?, id)
+                &serde_json::json!({"status": "ok", "node_id": m.node_id()}),
+            ))
+        }
+        (&Method::GET, ["metrics"]) => {
+            return Ok(full(
+                S::OK,
+                "text/plain; version=0.0.4",
+                rouse_control_api::telemetry::render_metrics(),
+            ))
+        }
+        (_, ["api", "v1", rest @ ..]) => rest,
+        _ => return Err(not_routed(method, path)),
+    };
+    // Before routing: an anonymous caller learns nothing, not even which
+    // routes exist.
+    let caller = Caller::of(tokens, &req).await?;
+    let c = &caller;
+    Ok(match (method, rest) {
+        (&Method::POST, ["tokens"]) => {
+            c.admin("create tokens")?;
+            let body: CreateToken = read_json(req).await?;
+            reply(S::CREATED, tokens.create(&body.role).await)
+        }
+        (&Method::GET, ["tokens"]) => {
+            c.admin("list tokens")?;
+            reply(S::OK, tokens.list().await)
+        }
+        (&Method::DELETE, ["tokens", id]) => {
+            c.admin("revoke tokens")?;
+            reply(
+                S::OK,
+                tokens
+                    .revoke(id)
                     .await
                     .map(|_| serde_json::json!({"revoked": id})),
-            ),
-            (&Method::POST, ["keys", "verify"]) => {
-                let body: VerifyKey = read_json(req).await?;
-                reply(S::OK, m.verify_key(&body.key).await)
+            )
+        }
+        (&Method::POST, ["apps"]) => {
+            c.admin("create apps")?;
+            let body: CreateApp = read_json(req).await?;
+            reply(S::CREATED, m.create_app(&body).await)
+        }
+        (&Method::POST, ["apps", app, "keys"]) => {
+            let app = name(app)?;
+            c.owner(&app, "issue keys of this app")?;
+            reply(S::CREATED, m.create_key(&app).await)
+        }
+        (&Method::GET, ["apps", app, "keys"]) => {
+            let app = name(app)?;
+            c.owner(&app, "list keys of this app")?;
+            reply(S::OK, m.list_keys(&app).await)
+        }
+        (&Method::DELETE, ["apps", app, "keys", id]) => {
+            let app = name(app)?;
+            c.owner(&app, "revoke keys of this app")?;
+            reply(
+                S::OK,
+                m.revoke_key(&app, id)
+                    .await
+                    .map(|_| serde_json::json!({"revoked": id})),
+            )
+        }
+        (&Method::POST, ["keys", "verify"]) => {
+            c.proxy("verify API keys")?;
+            let body: VerifyKey = read_json(req).await?;
+            reply(S::OK, m.verify_key(&body.key).await)
+        }
+        (&Method::POST, ["apps", app, "users"]) => {
+            let app = name(app)?;
+            c.owner(&app, "create logins of this app")?;
+            let body: CreateUser = read_json(req).await?;
+            reply(
+                S::CREATED,
+                m.upsert_user(&app, &body.name, &body.password).await,
+            )
+        }
+        (&Method::GET, ["apps", app, "users", user]) => {
+            c.proxy("read login verifiers")?;
+            reply(S::OK, m.user(&name(app)?, user).await)
+        }
+        (&Method::POST, ["databases"]) => {
+            let first_access = query_param(&req, "on_first_access") == Some("true");
+            let body: CreateDatabase = read_json(req).await?;
+            if !(first_access && c.role == Role::Proxy) {
+                c.owner(&body.app, "create databases of this app")?;
             }
-            (&Method::POST, ["apps", app, "users"]) => {
-                let app = name(app)?;
-                let body: CreateUser = read_json(req).await?;
-                reply(
-                    S::CREATED,
-                    m.upsert_user(&app, &body.name, &body.password).await,
-                )
+            let info = detached(
+                m,
+                move |m| async move { m.create(&body, first_access).await },
+            )
+            .await;
+            reply(S::CREATED, info.map(|i| c.present(m, i)))
+        }
+        (&Method::GET, ["databases"]) => {
+            let app = match (query_param(&req, "app").map(name).transpose()?, &c.role) {
+                (None, Role::App(own)) => Some(own.clone()),
+                (app, _) => app,
+            };
+            match &app {
+                Some(app) => c.reader(app, "list databases of this app")?,
+                None => c.proxy("list the databases of every app")?,
             }
-            (&Method::GET, ["apps", app, "users", user]) => {
-                reply(S::OK, m.user(&name(app)?, user).await)
-            }
-            (&Method::POST, ["databases"]) => {
-                let first_access = query_param(&req, "on_first_access") == Some("true");
-                let body: CreateDatabase = read_json(req).await?;
-                reply(
-                    S::CREATED,
-                    detached(
-                        m,
-                        move |m| async move { m.create(&body, first_access).await },
-                    )
-                    .await,
-                )
-            }
-            (&Method::GET, ["databases"]) => {
-                let app = query_param(&req, "app").map(name).transpose()?;
-                reply(
-                    S::OK,
-                    m.list(app.as_ref())
-                        .await
-                        .map(|databases| DatabaseList { databases }),
-                )
-            }
-            (&Method::GET, ["databases", app, db]) => {
-                reply(S::OK, m.status(&db_key(app, db)?).await)
-            }
-            (&Method::POST, ["databases", app, db, "wake"]) => {
-                // How many wakes reach control: proxies coordinate to send one.
-                metrics::counter!("rouse_wake_requests_total").increment(1);
-                let key = db_key(app, db)?;
-                reply(
-                    S::OK,
-                    detached(m, move |m| async move { m.wake(&key).await }).await,
-                )
-            }
-            (&Method::POST, ["databases", app, db, "hibernate"]) => {
-                let force = matches!(query_param(&req, "force"), Some("" | "true" | "1"));
-                let key = db_key(app, db)?;
-                reply(
-                    S::OK,
-                    detached(m, move |m| async move { m.hibernate(&key, force).await }).await,
-                )
-            }
-            (&Method::POST, ["databases", app, db, "pool_mode"]) => {
-                let key = db_key(app, db)?;
-                let body: SetPoolMode = read_json(req).await?;
-                reply(S::OK, m.set_pool_mode(&key, body.pool_mode).await)
-            }
-            (&Method::DELETE, ["databases", app, db]) => {
-                let key = db_key(app, db)?;
-                let dropped = serde_json::json!({"dropped": key.internal()});
-                let result = detached(m, move |m| async move { m.drop_database(&key).await }).await;
-                reply(S::OK, result.map(|_| dropped))
-            }
-            (&Method::POST, ["activity"]) => {
-                let body: ActivityReport = read_json(req).await?;
-                reply(
-                    S::OK,
-                    m.report_activity(&body)
-                        .await
-                        .map(|n| serde_json::json!({"accepted": n})),
-                )
-            }
-            (&Method::GET, ["events"]) => events(m),
-            (&Method::POST, ["cluster", "scale"]) => {
-                let body: ScaleRequest = read_json(req).await?;
-                reply(S::OK, m.scale(&body).await)
-            }
-            (&Method::GET, ["nodes"]) => reply(S::OK, m.nodes().await),
-            _ => return Err(not_routed(method, path)),
-        },
+            reply(
+                S::OK,
+                m.list(app.as_ref()).await.map(|dbs| DatabaseList {
+                    databases: dbs.into_iter().map(|i| c.present(m, i)).collect(),
+                }),
+            )
+        }
+        (&Method::GET, ["databases", app, db]) => {
+            let key = db_key(app, db)?;
+            c.reader(&key.app, "read databases of this app")?;
+            reply(S::OK, m.status(&key).await.map(|i| c.present(m, i)))
+        }
+        (&Method::POST, ["databases", app, db, "wake"]) => {
+            let key = db_key(app, db)?;
+            c.reader(&key.app, "wake databases of this app")?;
+            // How many wakes reach control: proxies coordinate to send one.
+            metrics::counter!("rouse_wake_requests_total").increment(1);
+            let info = detached(m, move |m| async move { m.wake(&key).await }).await;
+            reply(S::OK, info.map(|i| c.present(m, i)))
+        }
+        (&Method::POST, ["databases", app, db, "hibernate"]) => {
+            let force = matches!(query_param(&req, "force"), Some("" | "true" | "1"));
+            let key = db_key(app, db)?;
+            c.owner(&key.app, "hibernate databases of this app")?;
+            let info = detached(m, move |m| async move { m.hibernate(&key, force).await }).await;
+            reply(S::OK, info.map(|i| c.present(m, i)))
+        }
+        (&Method::POST, ["databases", app, db, "pool_mode"]) => {
+            let key = db_key(app, db)?;
+            c.owner(&key.app, "change databases of this app")?;
+            let body: SetPoolMode = read_json(req).await?;
+            reply(
+                S::OK,
+                m.set_pool_mode(&key, body.pool_mode)
+                    .await
+                    .map(|i| c.present(m, i)),
+            )
+        }
+        (&Method::DELETE, ["databases", app, db]) => {
+            let key = db_key(app, db)?;
+            c.owner(&key.app, "drop databases of this app")?;
+            let dropped = serde_json::json!({"dropped": key.internal()});
+            let result = detached(m, move |m| async move { m.drop_database(&key).await }).await;
+            reply(S::OK, result.map(|_| dropped))
+        }
+        (&Method::POST, ["activity"]) => {
+            c.proxy("report activity")?;
+            let body: ActivityReport = read_json(req).await?;
+            reply(
+                S::OK,
+                m.report_activity(&body)
+                    .await
+                    .map(|n| serde_json::json!({"accepted": n})),
+            )
+        }
+        (&Method::GET, ["events"]) => {
+            c.proxy("follow events")?;
+            events(m)
+        }
+        (&Method::POST, ["cluster", "scale"]) => {
+            c.admin("scale the cluster")?;
+            let body: ScaleRequest = read_json(req).await?;
+            reply(S::OK, m.scale(&body).await)
+        }
+        (&Method::GET, ["nodes"]) => {
+            c.proxy("list nodes")?;
+            reply(S::OK, m.nodes().await)
+        }
         _ => return Err(not_routed(method, path)),
     })
 }

@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use rouse_control_api::{
     BackendCredentials, Client, ClientError, CreateApp, CreateDatabase, DatabaseInfo, Engine, Name,
-    PatroniMember, PatroniRegistration, PoolMode,
+    PatroniMember, PatroniRegistration, PoolMode, Role,
 };
 use serde::Serialize;
 
@@ -29,8 +29,27 @@ pub enum Command {
         #[command(subcommand)]
         cmd: DbCmd,
     },
+    /// Control API tokens (admin only).
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
     /// Control nodes and their capacity.
     Nodes,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Make a token; it is shown once.
+    Create {
+        /// admin, proxy or app:<name>.
+        #[arg(long)]
+        role: Role,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -238,6 +257,11 @@ pub async fn run(client: &Client, cmd: Command) -> Result<(), ClientError> {
                 print(&client.set_pool_mode(&app, &name, mode).await?)
             }
         },
+        Command::Token { cmd } => match cmd {
+            TokenCmd::Create { role } => print(&client.create_token(&role).await?),
+            TokenCmd::List => print(&client.list_tokens().await?),
+            TokenCmd::Revoke { id } => print(&client.revoke_token(&id).await?),
+        },
         Command::Nodes => print(&client.nodes().await?),
     }
     Ok(())
@@ -258,4 +282,18 @@ fn parse_member(s: &str) -> Result<PatroniMember, String> {
             .map_err(|e| format!("{s:?}: bad address {addr:?}: {e}"))?,
         api: api.to_string(),
     })
+}
+
+/// The token the command line calls with: `ROUSE_TOKEN`, else the admin
+/// token that the founding node wrote under `data_dir`.
+pub fn token(data_dir: &std::path::Path) -> Option<String> {
+    std::env::var("ROUSE_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .or_else(|| {
+            let file = data_dir
+                .join(rouse_control_api::access::TOKENS_DIR)
+                .join("admin");
+            std::fs::read_to_string(file).ok()
+        })
 }

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use rouse_control_api::{CreateDatabase, DatabaseInfo, DbKey, Engine};
+use rouse_control_api::{CreateDatabase, DatabaseInfo, DbKey, Endpoint, Engine};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ControlError, Result};
@@ -122,14 +122,19 @@ pub struct Membership {
 }
 
 impl Membership {
+    /// Only peers recorded in `_system` as `members` take part: a holder
+    /// of the cluster key that is not one can neither coordinate nor be
+    /// given replicas.
     pub fn new(
         peers: &Peers,
+        members: &HashSet<PeerId>,
         me: &str,
         max_databases: u32,
         started: Instant,
         has_bootstrap: bool,
     ) -> Membership {
-        let views = peers.peers();
+        let mut views = peers.peers();
+        views.retain(|p| members.contains(&p.peer_id));
         let settle = peers.health_check_interval() * (MISSED_CHECKS * 2);
         Membership {
             me: me.to_string(),
@@ -234,6 +239,17 @@ pub fn load(records: &[DatabaseRecord]) -> HashMap<String, u32> {
     out
 }
 
+/// Whether every endpoint is one of `replicas` (host and port): a peer's
+/// word on where a database's leader is counts only within what `_system`
+/// records.
+pub fn endpoints_agree(replicas: &[ReplicaRecord], endpoints: &[Endpoint]) -> bool {
+    endpoints.iter().all(|e| {
+        replicas
+            .iter()
+            .any(|r| r.host == e.host && r.port == e.port)
+    })
+}
+
 /// The distinct nodes holding `replicas`, in replica order.
 pub fn holders(replicas: &[ReplicaRecord]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -243,4 +259,44 @@ pub fn holders(replicas: &[ReplicaRecord]) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(idx: u32, port: u16) -> ReplicaRecord {
+        ReplicaRecord {
+            idx,
+            node_id: format!("n{idx}"),
+            host: "127.0.0.2".into(),
+            port,
+            raft_port: Some(port + 1000),
+        }
+    }
+
+    fn endpoint(host: &str, port: u16) -> Endpoint {
+        Endpoint {
+            node_id: "n0".into(),
+            host: host.into(),
+            port,
+            raft_port: None,
+            api: None,
+            leader: true,
+        }
+    }
+
+    #[test]
+    fn a_gossiped_leader_must_be_one_of_the_recorded_replicas() {
+        let replicas = [replica(0, 5001), replica(1, 5003)];
+        assert!(endpoints_agree(&replicas, &[endpoint("127.0.0.2", 5003)]));
+        assert!(endpoints_agree(&replicas, &[]));
+        // Another database's engine, or the right port on another host.
+        assert!(!endpoints_agree(&replicas, &[endpoint("127.0.0.2", 5099)]));
+        assert!(!endpoints_agree(&replicas, &[endpoint("127.0.0.9", 5001)]));
+        assert!(!endpoints_agree(
+            &replicas,
+            &[endpoint("127.0.0.2", 5001), endpoint("10.0.0.1", 5003)]
+        ));
+    }
 }

@@ -44,6 +44,19 @@ impl ClusterKey {
         Ok(ClusterKey(key))
     }
 
+    /// A key that seals secrets for `purpose`, the same on every node.
+    pub fn sealing(&self, purpose: &str) -> rouse_control_api::SealKey {
+        rouse_control_api::SealKey::derive(&self.0, purpose)
+    }
+
+    /// The pre-shared key of the cluster's private libp2p network.
+    pub fn network_key(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(self.derive("libp2p private network"), &mut out)
+            .expect("an HMAC-SHA-256 in hex is 32 bytes");
+        out
+    }
+
     /// A secret for `purpose`, the same on every node of the cluster.
     pub fn derive(&self, purpose: &str) -> String {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");

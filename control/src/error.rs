@@ -16,6 +16,14 @@ pub enum ControlError {
     BadRequest(String),
     #[error("request body over {0} bytes")]
     BodyTooLarge(usize),
+    /// No token, or one that is unknown or revoked.
+    #[error("a valid bearer token is required (Authorization: Bearer <token>)")]
+    Unauthorized,
+    /// A valid token whose role does not allow this call (never crosses
+    /// to a peer: only the API refuses calls).
+    #[error("role {role} may not {action}")]
+    #[serde(skip)]
+    Forbidden { role: String, action: String },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -53,6 +61,8 @@ impl ControlError {
         match self {
             ControlError::InvalidName(_) | ControlError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ControlError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ControlError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ControlError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
             ControlError::AlreadyExists(_) | ControlError::InUse(_) => StatusCode::CONFLICT,
             ControlError::AppLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -71,6 +81,8 @@ impl ControlError {
             ControlError::InvalidName(_) => "invalid_name",
             ControlError::BadRequest(_) => "bad_request",
             ControlError::BodyTooLarge(_) => "body_too_large",
+            ControlError::Unauthorized => "unauthorized",
+            ControlError::Forbidden { .. } => "forbidden",
             ControlError::NotFound(_) => "not_found",
             ControlError::AlreadyExists(_) => "already_exists",
             ControlError::InUse(_) => "in_use",
@@ -92,13 +104,15 @@ impl ControlError {
         }
     }
 
-    /// Whose fault: `user` (the request), `capacity`, `backend` (an engine
+    /// Whose fault: `user` (the request, its token included), `capacity`, `backend` (an engine
     /// or the store) or `internal`.
     pub fn kind(&self) -> &'static str {
         match self {
             ControlError::InvalidName(_)
             | ControlError::BadRequest(_)
             | ControlError::BodyTooLarge(_)
+            | ControlError::Unauthorized
+            | ControlError::Forbidden { .. }
             | ControlError::NotFound(_)
             | ControlError::AlreadyExists(_)
             | ControlError::InUse(_)

@@ -19,6 +19,7 @@ pub mod sandbox;
 pub mod secrets;
 pub mod store;
 pub mod system;
+pub mod tokens;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -52,7 +53,7 @@ pub async fn run(
     }
     // Before the metadata store: a bad address or a taken port refuses the
     // start without leaving rqlited behind.
-    let (peers, swarm, inbound) = Peers::start(&config, &node_id)?;
+    let (peers, swarm, inbound) = Peers::start(&config, &node_id, cluster_key.network_key())?;
     if !config.discovery.bootstrap_peers.is_empty()
         && config.control.replica_hosts.iter().all(|h| h.is_loopback())
         && !config
@@ -65,6 +66,9 @@ pub async fn run(
     }
     let system = SystemDb::start(&config, &node_id, &engines, &ports, &peers, &cluster_key).await?;
     let grace = config.control.stop_grace;
+    // A node without bootstrap peers founded (or alone runs) `_system`.
+    let config_founds_cluster = config.discovery.bootstrap_peers.is_empty();
+    let data_dir = config.node.data_dir.clone();
     let manager = Manager::new(
         config,
         node_id.clone(),
@@ -73,12 +77,17 @@ pub async fn run(
         ports,
         peers.clone(),
     );
+    manager.record_membership().await?;
+    let tokens = Arc::new(tokens::Tokens::new(system.store.clone()));
+    if config_founds_cluster {
+        tokens.found(&data_dir).await?;
+    }
     let serving_peers = tokio::spawn(manager.clone().serve_peers(inbound));
     manager.adopt(!system.fresh).await?;
     let upkeep = tokio::spawn(manager.clone().run_upkeep());
     let reaper = tokio::spawn(manager.clone().run_idle_reaper());
     info!(node_id = %node_id, api_addr = %listener.local_addr()?, "rouse-control ready");
-    api::serve(listener, manager.clone(), shutdown).await;
+    api::serve(listener, manager.clone(), tokens, shutdown).await;
     info!("shutting down: stopping engines");
     reaper.abort();
     upkeep.abort();

@@ -74,7 +74,10 @@ async fn main() -> ExitCode {
             let url = args
                 .url
                 .unwrap_or_else(|| format!("http://{}", config.control.api_addr));
-            let client = rouse_control_api::Client::new(&url);
+            let mut client = rouse_control_api::Client::new(&url);
+            if let Some(token) = cli::token(&config.node.data_dir) {
+                client = client.with_token(token);
+            }
             exit_code("rouse-control", cli::run(&client, cmd).await)
         }
     }

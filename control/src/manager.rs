@@ -101,12 +101,25 @@ pub struct Manager {
     pool_modes: Mutex<HashMap<DbKey, PoolMode>>,
     /// Registered Patroni clusters, as stored in `_system`.
     patroni: Mutex<HashMap<DbKey, engine::patroni::Registration>>,
+    /// Each database's secret as last read, to seal logins into answers.
+    secrets: Mutex<HashMap<DbKey, String>>,
     /// Serialises the capacity check and insert of creates.
     creating: tokio::sync::Mutex<()>,
     /// Per-app database count and create rate.
     quotas: crate::quota::Quotas,
     started: Instant,
+    /// Peer ids recorded in `_system` as members, and when each unknown
+    /// peer last made this node read them again.
+    members: Mutex<Members>,
     me: Weak<Manager>,
+}
+
+/// The cluster's members as last read from `_system`.
+#[derive(Default)]
+struct Members {
+    known: HashSet<libp2p::PeerId>,
+    /// When each unknown peer last made this node read them again.
+    asked: HashMap<libp2p::PeerId, Instant>,
 }
 
 impl Manager {
@@ -132,6 +145,8 @@ impl Manager {
             activity: ActivityTracker::default(),
             slots: Mutex::new(HashMap::new()),
             pool_modes: Mutex::new(HashMap::new()),
+            secrets: Mutex::new(HashMap::new()),
+            members: Mutex::new(Members::default()),
             patroni: Mutex::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
             started: Instant::now(),
@@ -173,14 +188,84 @@ impl Manager {
         );
     }
 
-    fn membership(&self) -> Membership {
+    /// The cluster as this node sees it now; healthy peers not yet known
+    /// as members are looked up in `_system` first (a node that just
+    /// joined takes part at once).
+    async fn membership(&self) -> Membership {
+        for peer in self.peers.peers() {
+            if peer.healthy {
+                self.is_member(&peer.peer_id).await;
+            }
+        }
+        let members = self.members.lock().expect("members poisoned").known.clone();
         Membership::new(
             &self.peers,
+            &members,
             &self.node_id,
             self.config.database.max_databases,
             self.started,
             !self.config.discovery.bootstrap_peers.is_empty(),
         )
+    }
+
+    /// Records this node as a member of the cluster in `_system`.
+    pub async fn record_membership(&self) -> Result<()> {
+        self.store
+            .record_member(&self.peers.peer_id().to_string(), &self.node_id, now_ms())
+            .await?;
+        self.refresh_members().await
+    }
+
+    async fn refresh_members(&self) -> Result<()> {
+        let members: HashSet<libp2p::PeerId> = self
+            .store
+            .members()
+            .await?
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        self.members.lock().expect("members poisoned").known = members;
+        Ok(())
+    }
+
+    /// Whether `peer` is a member recorded in `_system`. An unknown peer
+    /// makes this node read the members again, at most once a second per
+    /// peer, so that a node that just joined is heard at once and a
+    /// stranger cannot make it read `_system` for every message.
+    async fn is_member(&self, peer: &libp2p::PeerId) -> bool {
+        let stale = {
+            let mut members = self.members.lock().expect("members poisoned");
+            if members.known.contains(peer) {
+                return true;
+            }
+            let stale = members
+                .asked
+                .get(peer)
+                .is_none_or(|at| at.elapsed() > Duration::from_secs(1));
+            if stale {
+                if members.asked.len() >= 1_000 {
+                    members.asked.clear();
+                }
+                members.asked.insert(*peer, Instant::now());
+            }
+            stale
+        };
+        if stale {
+            if let Err(e) = self.refresh_members().await {
+                warn!(error = %e, "cannot read the cluster's members");
+            }
+        }
+        let member = self
+            .members
+            .lock()
+            .expect("members poisoned")
+            .known
+            .contains(peer);
+        if !member {
+            metrics::counter!("rouse_peer_refusals_total", "what" => "not_a_member").increment(1);
+            warn!(peer_id = %peer, "ignored a peer that is not a member recorded in _system");
+        }
+        member
     }
 
     /// Whether the database runs, as the last decision about it says.
@@ -278,7 +363,7 @@ impl Manager {
             },
             _ => Vec::new(),
         };
-        DatabaseInfo {
+        let info = DatabaseInfo {
             app: rec.key.app.clone(),
             name: rec.key.db.clone(),
             engine: rec.engine,
@@ -305,16 +390,37 @@ impl Manager {
                 .get(&rec.key)
                 .copied()
                 .unwrap_or_default(),
-            backend: match rec.engine {
-                Engine::Rqlite => Some(engine::rqlite::ENGINE_USER.into()),
-                Engine::Postgres => Some(engine::postgres::ADMIN_USER.into()),
-                Engine::Patroni => self.patroni_registration(&rec.key).map(|r| r.admin_user),
-            }
-            .map(|user| BackendCredentials {
-                user,
-                password: rec.secret.clone(),
-            }),
-        }
+            engine_login: None,
+        };
+        self.secrets
+            .lock()
+            .expect("secrets poisoned")
+            .insert(rec.key.clone(), rec.secret.clone());
+        info
+    }
+
+    /// The engine login `role` may use on the database of `info`: the
+    /// proxies' data-plane login of an rqlite database for `proxy`, the
+    /// engine's superuser for `admin`, nothing otherwise.
+    pub fn engine_login(&self, info: &DatabaseInfo, role: &Role) -> Option<BackendCredentials> {
+        let key = DbKey::new(info.app.clone(), info.name.clone());
+        let secret = self
+            .secrets
+            .lock()
+            .expect("secrets poisoned")
+            .get(&key)
+            .cloned()?;
+        let user = match (role, info.engine) {
+            (Role::Proxy, Engine::Rqlite) => return Some(engine::rqlite::proxy_login(&secret)),
+            (Role::Admin, Engine::Rqlite) => engine::rqlite::ENGINE_USER.to_string(),
+            (Role::Admin, Engine::Postgres) => engine::postgres::ADMIN_USER.to_string(),
+            (Role::Admin, Engine::Patroni) => self.patroni_registration(&key)?.admin_user,
+            _ => return None,
+        };
+        Some(BackendCredentials {
+            user,
+            password: secret,
+        })
     }
 
     fn patroni_registration(&self, key: &DbKey) -> Option<engine::patroni::Registration> {
@@ -380,7 +486,7 @@ impl Manager {
         self.require_app(app).await?;
         let (id, key) = secrets::new_api_key();
         self.store
-            .insert_key(app, &id, &secrets::hash_api_key(&key), now_ms())
+            .insert_key(app, &id, &secrets::hash_bearer_secret(&key), now_ms())
             .await?;
         info!(app = %app, key_id = %id, "API key issued");
         Ok(ApiKeyCreated {
@@ -414,7 +520,11 @@ impl Manager {
     }
 
     pub async fn verify_key(&self, key: &str) -> Result<KeyOwner> {
-        match self.store.find_key(&secrets::hash_api_key(key)).await? {
+        match self
+            .store
+            .find_key(&secrets::hash_bearer_secret(key))
+            .await?
+        {
             Some((app, id)) => Ok(KeyOwner { app, id }),
             None => Err(ControlError::NotFound("unknown API key".into())),
         }
@@ -532,7 +642,7 @@ impl Manager {
     /// Makes a decision here when this node coordinates, else on the
     /// coordinator. An answer about a database also updates this node's view.
     async fn decide(&self, request: NodeRequest) -> Result<NodeResponse> {
-        let answer = match self.membership().coordinator() {
+        let answer = match self.membership().await.coordinator() {
             None => Box::pin(self.handle(request)).await?,
             Some(peer) => self.ask(peer, request).await?,
         };
@@ -568,6 +678,7 @@ impl Manager {
         }
         let peer = self
             .membership()
+            .await
             .peer_of(node_id)
             .ok_or_else(|| ControlError::Peer(format!("node {node_id} is not known here")))?;
         self.ask(peer, request).await
@@ -647,7 +758,7 @@ impl Manager {
             (Engine::Rqlite, Some(n)) => n,
             (Engine::Rqlite, None) => self.default_replication().await?,
         };
-        let membership = self.membership();
+        let membership = self.membership().await;
         let hosts = &self.config.control.replica_hosts;
         if registration.is_none() && !membership.clustered() && rf as usize > hosts.len() {
             return Err(ControlError::InsufficientNodes {
@@ -885,7 +996,7 @@ impl Manager {
         if rec.engine == Engine::Patroni {
             return Ok((rec.clone(), false));
         }
-        let membership = self.membership();
+        let membership = self.membership().await;
         let mut replicas = Vec::with_capacity(rec.replicas.len());
         for r in &rec.replicas {
             if !membership.is_live(&r.node_id) {
@@ -934,7 +1045,7 @@ impl Manager {
         if rec.engine == Engine::Patroni {
             return self.attach_patroni(rec).await;
         }
-        let membership = self.membership();
+        let membership = self.membership().await;
         let live: Vec<ReplicaRecord> = rec
             .replicas
             .iter()
@@ -1016,7 +1127,7 @@ impl Manager {
         if rec.engine == Engine::Patroni {
             return;
         }
-        let membership = self.membership();
+        let membership = self.membership().await;
         let holders: Vec<String> = cluster::holders(&rec.replicas)
             .into_iter()
             .filter(|n| membership.is_live(n))
@@ -1358,7 +1469,7 @@ impl Manager {
     /// replica joins and syncs. Run with the database's decision lock held,
     /// on a running database.
     async fn replace_dead(&self, rec: &DatabaseRecord) -> Result<()> {
-        let membership = self.membership();
+        let membership = self.membership().await;
         let dead: Vec<ReplicaRecord> = rec
             .replicas
             .iter()
@@ -1531,6 +1642,7 @@ impl Manager {
     fn forget(&self, key: &DbKey) {
         self.activity.forget(key);
         self.slots.lock().expect("slots poisoned").remove(key);
+        self.secrets.lock().expect("secrets poisoned").remove(key);
         self.update_status_gauges();
     }
 
@@ -1574,13 +1686,24 @@ impl Manager {
                 } => {
                     let me = self.clone();
                     tokio::spawn(async move {
-                        let answer = NodeResponse::from_result(me.handle(request).await, |r| r);
+                        let answer = if me.is_member(&from).await {
+                            NodeResponse::from_result(me.handle(request).await, |r| r)
+                        } else {
+                            NodeResponse::Failed(ControlError::Peer(
+                                "this node acts only on requests of members recorded in _system"
+                                    .into(),
+                            ))
+                        };
                         if reply.send(answer).is_err() {
                             debug!(peer_id = %from, "a request ended before its answer");
                         }
                     });
                 }
-                Inbound::Gossip { topic, data } => self.on_gossip(&topic, &data).await,
+                Inbound::Gossip { from, topic, data } => {
+                    if self.is_member(&from).await {
+                        self.on_gossip(&topic, &data).await
+                    }
+                }
             }
         }
     }
@@ -1592,6 +1715,11 @@ impl Manager {
                     warn!(topic, "unreadable event from a peer");
                     return;
                 };
+                if !self.agrees_with_system(&event).await {
+                    metrics::counter!("rouse_peer_refusals_total", "what" => "event").increment(1);
+                    warn!(?event, "ignored a peer's event that _system contradicts");
+                    return;
+                }
                 match &event {
                     Event::Status {
                         app, name, status, ..
@@ -1636,6 +1764,29 @@ impl Manager {
                 Err(e) => warn!(topic, error = %e, "unreadable activity from a peer"),
             },
             _ => {}
+        }
+    }
+
+    /// Whether a gossiped event fits what `_system` records, before this
+    /// node and its proxies act on it: a leader among the database's own
+    /// replicas, a drop of a database that is gone.
+    async fn agrees_with_system(&self, event: &Event) -> bool {
+        let record = |app: &Name, name: &Name| {
+            let key = DbKey::new(app.clone(), name.clone());
+            async move { self.store.database(&key).await }
+        };
+        match event {
+            Event::Leader {
+                app,
+                name,
+                endpoints,
+            } => match record(app, name).await {
+                Ok(Some(rec)) => cluster::endpoints_agree(&rec.replicas, endpoints),
+                _ => false,
+            },
+            Event::Status { app, name, .. } => matches!(record(app, name).await, Ok(Some(_))),
+            Event::Dropped { app, name } => matches!(record(app, name).await, Ok(None)),
+            Event::KeyRevoked { .. } | Event::UserChanged { .. } => true,
         }
     }
 
@@ -1749,7 +1900,7 @@ impl Manager {
         let mut interval = tokio::time::interval(tick);
         loop {
             interval.tick().await;
-            if self.membership().coordinator().is_some() {
+            if self.membership().await.coordinator().is_some() {
                 continue;
             }
             let Ok(records) = self.store.databases(None).await else {
@@ -1787,6 +1938,9 @@ impl Manager {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if let Err(e) = self.refresh_members().await {
+                debug!(error = %e, "cannot read the cluster's members");
+            }
             let peers = self.peers.peers();
             let healthy = peers.iter().filter(|p| p.healthy).count();
             metrics::gauge!("rouse_peers", "health" => "healthy").set(healthy as f64);
@@ -1805,7 +1959,7 @@ impl Manager {
                 .count();
             self.peers.set_load(mine.len() as u32, active as u32);
             self.keep_local_replicas(&records).await;
-            let membership = self.membership();
+            let membership = self.membership().await;
             if !membership.clustered() || membership.coordinator().is_some() {
                 continue;
             }
@@ -1919,7 +2073,7 @@ impl Manager {
                 "min_ha_nodes must be at least 1".into(),
             ));
         }
-        let membership = self.membership();
+        let membership = self.membership().await;
         let nodes = membership.live().len() as u32;
         // One node spreads replicas over its replica hosts; several nodes
         // put each on its own node.
@@ -1971,7 +2125,7 @@ impl Manager {
     pub async fn nodes(&self) -> Result<NodeList> {
         let local = self.local_node();
         let nodes = self.peers.nodes(local);
-        let coordinator = match self.membership().coordinator() {
+        let coordinator = match self.membership().await.coordinator() {
             None => self.node_id.clone(),
             Some(peer) => nodes
                 .iter()

@@ -13,6 +13,12 @@
 //!
 //! The peer id comes from an ed25519 key kept in `<data_dir>/p2p_key`, so
 //! that a restarted node is the same peer to the others.
+//!
+//! The network is private: every connection starts with libp2p's
+//! pre-shared-key handshake (a key derived from the cluster key), so a host
+//! without the cluster key cannot complete one. With
+//! `discovery.allowed_peers` set, other peers are disconnected and their
+//! messages ignored even when they hold the key.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,14 +28,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
+use libp2p::core::upgrade::Version;
 use libp2p::core::ConnectedPoint;
 use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder};
+use libp2p::{
+    identify, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, Transport,
+};
 use rouse_control_api::config::Config;
 use rouse_control_api::types::NodeInfo;
 use serde::{Deserialize, Serialize};
@@ -137,6 +147,8 @@ pub enum Inbound {
         reply: oneshot::Sender<NodeResponse>,
     },
     Gossip {
+        /// The signed source of the message (not the peer that relayed it).
+        from: PeerId,
         topic: String,
         data: Vec<u8>,
     },
@@ -221,9 +233,22 @@ impl Peers {
     pub fn start(
         config: &Config,
         node_id: &str,
+        network_key: [u8; 32],
     ) -> Result<(Peers, JoinHandle<()>, mpsc::UnboundedReceiver<Inbound>), PeersError> {
         let key = load_or_create_key(&config.node.data_dir)?;
         let peer_id = key.public().to_peer_id();
+        let allowed = config
+            .discovery
+            .allowed_peers
+            .iter()
+            .map(|p| {
+                PeerId::from_str(p.trim()).map_err(|e| PeersError::BadAddress {
+                    key: "discovery.allowed_peers",
+                    addr: p.clone(),
+                    message: e.to_string(),
+                })
+            })
+            .collect::<Result<std::collections::HashSet<_>, _>>()?;
         let listen = config
             .node
             .listen_addresses
@@ -245,7 +270,7 @@ impl Peers {
         // A request may wait for an engine to start (create, wake).
         let request_timeout = config.control.start_timeout * 2 + Duration::from_secs(10);
 
-        let mut swarm = build_swarm(key, health, request_timeout)?;
+        let mut swarm = build_swarm(key, health, request_timeout, network_key)?;
         for addr in listen {
             swarm
                 .listen_on(addr.clone())
@@ -289,6 +314,7 @@ impl Peers {
             inbound,
             requests: HashMap::new(),
             replies: FuturesUnordered::new(),
+            allowed,
         };
         info!(peer_id = %peer_id, "peer-to-peer ready");
         Ok((
@@ -437,6 +463,7 @@ fn build_swarm(
     key: Keypair,
     health: Duration,
     request_timeout: Duration,
+    network_key: [u8; 32],
 ) -> Result<Swarm<Behaviour>, PeersError> {
     let setup = |e: &dyn std::fmt::Display| PeersError::Setup(e.to_string());
     let gossip_config = gossipsub::ConfigBuilder::default()
@@ -465,13 +492,17 @@ fn build_swarm(
     // Heartbeats keep connections busy; the timeout only closes connections
     // to peers that stopped talking altogether.
     let idle = (health * 10).max(Duration::from_secs(60));
+    let psk = PreSharedKey::new(network_key);
+    let noise = noise::Config::new(&key).map_err(|e| setup(&e))?;
+    let transport = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+        .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+        .upgrade(Version::V1)
+        .authenticate(noise)
+        .multiplex(yamux::Config::default())
+        .timeout(Duration::from_secs(20));
     Ok(SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+        .with_other_transport(|_| transport)
         .map_err(|e| setup(&e))?
         .with_behaviour(|_| behaviour)
         .map_err(|e| setup(&e))?
@@ -531,9 +562,16 @@ struct SwarmTask {
     /// Outbound requests waiting for their answer.
     requests: HashMap<OutboundRequestId, oneshot::Sender<Result<NodeResponse, PeersError>>>,
     replies: FuturesUnordered<PendingReply>,
+    /// `discovery.allowed_peers`; empty: every holder of the cluster key.
+    allowed: std::collections::HashSet<PeerId>,
 }
 
 impl SwarmTask {
+    /// Whether `peer` may talk to this node at all.
+    fn allows(&self, peer: &PeerId) -> bool {
+        self.allowed.is_empty() || self.allowed.contains(peer)
+    }
+
     async fn run(mut self) {
         let mut redial = tokio::time::interval(self.discovery_interval);
         redial.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -616,6 +654,10 @@ impl SwarmTask {
                     },
                 ..
             } => {
+                if !self.allows(&peer) {
+                    refused("request", &peer);
+                    return;
+                }
                 let (reply, answer) = oneshot::channel();
                 if self
                     .inbound
@@ -758,6 +800,11 @@ impl SwarmTask {
                     b.dialing = None;
                     b.peer = Some(peer_id);
                 }
+                if !self.allows(&peer_id) {
+                    refused("connection", &peer_id);
+                    self.swarm.close_connection(connection_id);
+                    return;
+                }
                 if num_established.get() == 1 {
                     let remote = match &endpoint {
                         ConnectedPoint::Dialer { address, .. } => address,
@@ -829,6 +876,10 @@ impl SwarmTask {
         if source == self.shared.peer_id {
             return;
         }
+        if !self.allows(&source) {
+            refused("gossip", &source);
+            return;
+        }
         if message.topic != IdentTopic::new(HEALTH_TOPIC).hash() {
             let topic = [EVENTS_TOPIC, ACTIVITY_TOPIC, CLUSTER_TOPIC]
                 .into_iter()
@@ -836,6 +887,7 @@ impl SwarmTask {
             match topic {
                 Some(topic) => {
                     let _ = self.inbound.send(Inbound::Gossip {
+                        from: source,
                         topic: topic.to_string(),
                         data: message.data,
                     });
@@ -878,6 +930,12 @@ impl SwarmTask {
             self.dial_known(source, addrs);
         }
     }
+}
+
+/// Logs and counts what a peer outside `discovery.allowed_peers` tried.
+fn refused(what: &'static str, peer: &PeerId) {
+    metrics::counter!("rouse_peer_refusals_total", "what" => what).increment(1);
+    warn!(peer_id = %peer, what, "refused a peer outside discovery.allowed_peers");
 }
 
 fn addrs_of(heartbeat: &Heartbeat) -> Vec<Multiaddr> {

@@ -3,19 +3,28 @@
 use rand::distr::{Alphanumeric, SampleString};
 use sha2::{Digest, Sha256};
 
-/// A fresh key `ak_<32 alphanumerics>` (about 190 bits) and its public id.
+/// A fresh API key `ak_<32 alphanumerics>` (about 190 bits) and its public id.
 pub fn new_api_key() -> (String, String) {
+    new_bearer_secret("ak_")
+}
+
+/// A fresh control token `rt_<32 alphanumerics>` and its public id.
+pub fn new_token() -> (String, String) {
+    new_bearer_secret("rt_")
+}
+
+fn new_bearer_secret(prefix: &str) -> (String, String) {
     let mut rng = rand::rng();
     let id = Alphanumeric
         .sample_string(&mut rng, 10)
         .to_ascii_lowercase();
-    let key = format!("ak_{}", Alphanumeric.sample_string(&mut rng, 32));
-    (id, key)
+    let secret = format!("{prefix}{}", Alphanumeric.sample_string(&mut rng, 32));
+    (id, secret)
 }
 
-/// What is stored for a key. Keys carry enough entropy that a fast hash is
-/// the right one: there is nothing to brute-force.
-pub fn hash_api_key(key: &str) -> String {
+/// What is stored for an API key or a token. They carry enough entropy
+/// that a fast hash is the right one: there is nothing to brute-force.
+pub fn hash_bearer_secret(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
@@ -60,8 +69,8 @@ mod tests {
         assert_ne!(k1, k2);
         assert_ne!(id1, id2);
         assert!(k1.starts_with("ak_") && k1.len() == 35);
-        assert_eq!(hash_api_key(&k1), hash_api_key(&k1));
-        assert_ne!(hash_api_key(&k1), hash_api_key(&k2));
+        assert_eq!(hash_bearer_secret(&k1), hash_bearer_secret(&k1));
+        assert_ne!(hash_bearer_secret(&k1), hash_bearer_secret(&k2));
     }
 
     #[test]

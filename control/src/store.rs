@@ -1,20 +1,24 @@
-//! Metadata in the `_system` rqlite database: apps, API keys, Postgres users,
-//! databases and where their replicas run. rqlite's Raft, not home-made
+//! Metadata in the `_system` rqlite database: apps, API keys, control
+//! tokens, Postgres users, databases and where their replicas run. Keys and
+//! tokens are kept as hashes; database secrets sealed with a key derived
+//! from the cluster key, so that a copy of `_system` alone gives none away. rqlite's Raft, not home-made
 //! consistency, keeps it safe (one node here, three across nodes).
 
-use rouse_control_api::{DatabaseStatus, DbKey, Engine, Name};
+use rouse_control_api::{DatabaseStatus, DbKey, Engine, Name, Role, SealKey, Sealed, TokenInfo};
 use serde_json::Value;
 
 use crate::error::{ControlError, Result};
 use crate::rqlite::{RqliteClient, RqliteError, Stmt};
 
-const SCHEMA: [&str; 7] = [
+const SCHEMA: [&str; 9] = [
     "CREATE TABLE IF NOT EXISTS apps (name TEXT PRIMARY KEY, created_at INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, app TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, created_at INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS pg_users (app TEXT NOT NULL, name TEXT NOT NULL, verifier TEXT NOT NULL, PRIMARY KEY (app, name))",
     "CREATE TABLE IF NOT EXISTS databases (app TEXT NOT NULL, name TEXT NOT NULL, engine TEXT NOT NULL, replication_factor INTEGER NOT NULL, status TEXT NOT NULL, reason TEXT, created_at INTEGER NOT NULL, last_activity INTEGER NOT NULL, last_wake_ms INTEGER, secret TEXT NOT NULL, PRIMARY KEY (app, name))",
     "CREATE TABLE IF NOT EXISTS replicas (app TEXT NOT NULL, db TEXT NOT NULL, idx INTEGER NOT NULL, node_id TEXT NOT NULL, host TEXT NOT NULL, port INTEGER NOT NULL, raft_port INTEGER, PRIMARY KEY (app, db, idx))",
     "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, role TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, created_at INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS members (peer_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, recorded_at INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS decisions (at INTEGER NOT NULL, coordinator TEXT NOT NULL, kind TEXT NOT NULL, app TEXT NOT NULL, db TEXT NOT NULL, detail TEXT NOT NULL)",
 ];
 
@@ -45,7 +49,8 @@ pub struct DatabaseRecord {
     pub created_at: u64,
     pub last_activity: u64,
     pub last_wake_ms: Option<u64>,
-    /// Password of the engine's own superuser (Postgres).
+    /// Password of the engine's own superuser (in clear here, sealed in
+    /// `_system`).
     pub secret: String,
     pub replicas: Vec<ReplicaRecord>,
 }
@@ -65,6 +70,8 @@ impl From<RqliteError> for ControlError {
 #[derive(Clone)]
 pub struct Store {
     db: RqliteClient,
+    /// Seals secrets at rest.
+    sealing: SealKey,
 }
 
 fn text(v: &Value) -> String {
@@ -81,10 +88,136 @@ fn corrupt(what: &str) -> ControlError {
 
 impl Store {
     /// Opens the store and creates its tables when they are missing.
-    pub async fn open(db: RqliteClient) -> Result<Store> {
+    /// Secrets that rows written by older versions hold in clear are sealed.
+    pub async fn open(db: RqliteClient, sealing: SealKey) -> Result<Store> {
         db.execute(SCHEMA.iter().map(|s| Stmt::new(*s)).collect())
             .await?;
-        Ok(Store { db })
+        let store = Store { db, sealing };
+        store.seal_clear_secrets().await?;
+        Ok(store)
+    }
+
+    async fn seal_clear_secrets(&self) -> Result<()> {
+        let r = self
+            .db
+            .query(Stmt::new("SELECT app, name, secret FROM databases"))
+            .await?;
+        let updates: Vec<Stmt> = r
+            .values
+            .iter()
+            .filter(|row| !Sealed::is_sealed(&text(&row[2])))
+            .map(|row| {
+                Stmt::new(
+                    "UPDATE databases SET secret = ? WHERE app = ? AND name = ? AND secret = ?",
+                )
+                .arg(self.seal(&text(&row[2])))
+                .arg(text(&row[0]))
+                .arg(text(&row[1]))
+                .arg(text(&row[2]))
+            })
+            .collect();
+        if !updates.is_empty() {
+            tracing::info!(
+                count = updates.len(),
+                "sealing database secrets kept in clear by an older version"
+            );
+            self.db.execute(updates).await?;
+        }
+        Ok(())
+    }
+
+    fn seal(&self, secret: &str) -> String {
+        self.sealing.seal(secret.as_bytes()).as_str().to_string()
+    }
+
+    fn unseal(&self, stored: &str) -> Result<String> {
+        self.sealing
+            .open(&Sealed::from_text(stored))
+            .and_then(|s| String::from_utf8(s).ok())
+            .ok_or_else(|| {
+                ControlError::Store(
+                    "a database secret in _system does not open with this node's cluster key"
+                        .into(),
+                )
+            })
+    }
+
+    /// Records a node of the cluster: it runs a `_system` member, so it
+    /// holds the cluster key. Only members' peer requests are acted on.
+    pub async fn record_member(&self, peer_id: &str, node_id: &str, now: u64) -> Result<()> {
+        self.db
+            .execute(vec![Stmt::new(
+                "INSERT INTO members (peer_id, node_id, recorded_at) VALUES (?, ?, ?) \
+                 ON CONFLICT (peer_id) DO UPDATE SET node_id = excluded.node_id",
+            )
+            .arg(peer_id)
+            .arg(node_id)
+            .arg(now)])
+            .await?;
+        Ok(())
+    }
+
+    /// Peer ids of the recorded members.
+    pub async fn members(&self) -> Result<Vec<String>> {
+        let r = self
+            .db
+            .query(Stmt::new("SELECT peer_id FROM members"))
+            .await?;
+        Ok(r.values.iter().map(|row| text(&row[0])).collect())
+    }
+
+    pub async fn insert_token(&self, id: &str, role: &Role, hash: &str, now: u64) -> Result<()> {
+        self.db
+            .execute(vec![Stmt::new(
+                "INSERT INTO tokens (id, role, hash, created_at) VALUES (?, ?, ?, ?)",
+            )
+            .arg(id)
+            .arg(role.to_string())
+            .arg(hash)
+            .arg(now)])
+            .await?;
+        Ok(())
+    }
+
+    /// The role of the token with this hash. A strong read: a token just
+    /// made on another node works here at once.
+    pub async fn token_role(&self, hash: &str) -> Result<Option<Role>> {
+        let r = self
+            .db
+            .query(Stmt::new("SELECT role FROM tokens WHERE hash = ?").arg(hash))
+            .await?;
+        r.values
+            .first()
+            .map(|row| text(&row[0]).parse().map_err(|_| corrupt("tokens")))
+            .transpose()
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>> {
+        let r = self
+            .db
+            .query(Stmt::new(
+                "SELECT id, role, created_at FROM tokens ORDER BY created_at, id",
+            ))
+            .await?;
+        r.values
+            .iter()
+            .map(|row| {
+                Ok(TokenInfo {
+                    id: text(&row[0]),
+                    role: text(&row[1]).parse().map_err(|_| corrupt("tokens"))?,
+                    created_at: int(&row[2]),
+                })
+            })
+            .collect()
+    }
+
+    /// Whether a token was deleted.
+    pub async fn delete_token(&self, id: &str) -> Result<bool> {
+        let r = self
+            .db
+            .execute(vec![Stmt::new("DELETE FROM tokens WHERE id = ?").arg(id)])
+            .await?;
+        Ok(r.first().is_some_and(|r| r.rows_affected > 0))
     }
 
     pub async fn app_exists(&self, app: &Name) -> Result<bool> {
@@ -204,7 +337,7 @@ impl Store {
         .arg(rec.status.as_str())
         .arg(rec.created_at)
         .arg(rec.last_activity)
-        .arg(rec.secret.as_str())];
+        .arg(self.seal(&rec.secret))];
         stmts.extend(replica_inserts(&rec.key, &rec.replicas));
         self.db.execute(stmts).await?;
         Ok(())
@@ -332,7 +465,7 @@ impl Store {
                 created_at: int(&row[6]),
                 last_activity: int(&row[7]),
                 last_wake_ms: row[8].as_u64(),
-                secret: text(&row[9]),
+                secret: self.unseal(&text(&row[9]))?,
                 key,
                 replicas,
             });

@@ -175,7 +175,7 @@ impl SystemDb {
             },
         )
         .await?;
-        let store = Store::open(client).await?;
+        let store = Store::open(client, cluster_key.sealing("secrets at rest in _system")).await?;
         peers.set_system(SystemMember {
             raft_addr: format!("{}:{raft}", now.host),
             voter,
@@ -278,7 +278,7 @@ pub fn node_id(data_dir: &Path) -> Result<String> {
     }
     let id = format!(
         "node-{}",
-        &crate::secrets::hash_api_key(&crate::secrets::new_password())[..12]
+        &crate::secrets::hash_bearer_secret(&crate::secrets::new_password())[..12]
     );
     write_atomic(&file, id.as_bytes())?;
     Ok(id)

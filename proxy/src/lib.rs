@@ -45,7 +45,7 @@ use rouse_control_api::config::{Config, ConfigError, MemberRole};
 use rouse_control_api::{Client, DbKey};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::activity::Activity;
 use crate::auth::Authenticator;
@@ -118,7 +118,7 @@ impl Listeners {
             http: take("http".into(), p.http_addr)?,
             postgres: take("postgres".into(), p.postgres_addr)?,
             postgres_ro: take("postgres_ro".into(), p.postgres_ro_addr)?,
-            stats: take("stats".into(), p.stats_addr)?,
+            stats: take("stats".into(), p.stats_listen_addr())?,
             bound,
             tcp,
             redis: match &p.redis_backend {
@@ -162,7 +162,13 @@ pub async fn run(
     rouse_control_api::telemetry::metrics();
     let p = config.proxy.clone();
     let sockets = listeners.sockets(&config);
-    let control = Client::new(&p.control_url);
+    let control = match p.control_token(&config.node.data_dir) {
+        Some(token) => Client::new(&p.control_url).with_token(token),
+        None => {
+            warn!("no control token: set proxy.control_token (or give the proxy node.data_dir of the node that founded the cluster); control will refuse every call");
+            Client::new(&p.control_url)
+        }
+    };
     let shared = Arc::new(Shared::new(&config.redis, &config.node.data_dir)?);
     let auth = Arc::new(Authenticator::new(
         control.clone(),
@@ -239,6 +245,7 @@ pub async fn run(
         activity: proxy.activity.clone(),
         proxy_id: proxy_id.clone(),
         started: std::time::Instant::now(),
+        auth: p.stats_auth.clone(),
     });
     let mut servers = vec![
         tokio::spawn(
@@ -316,9 +323,9 @@ pub async fn run(
         p.header_read_timeout,
         Duration::from_secs(1),
         stopped(),
-        move |_peer| {
+        move |peer: std::net::SocketAddr| {
             let stats = stats.clone();
-            hyper::service::service_fn(move |req| stats.clone().handle(req))
+            hyper::service::service_fn(move |req| stats.clone().handle(peer.ip(), req))
         },
     )));
     let upgraded = async {

@@ -266,12 +266,14 @@ impl Routes {
     }
 }
 
-fn target_of(info: &rouse_control_api::DatabaseInfo) -> Target {
+/// Where and how to reach a database: its endpoints and the engine login
+/// that control sealed for this proxy's token.
+fn target_of(control: &Client, info: &rouse_control_api::DatabaseInfo) -> Target {
     Target {
         engine: info.engine,
         endpoints: Arc::new(info.endpoints.clone()),
         pool_mode: info.pool_mode,
-        login: match (info.engine, &info.backend) {
+        login: match (info.engine, control.engine_login(info)) {
             (Engine::Rqlite, Some(b)) => hyper::header::HeaderValue::from_str(&b.basic_auth())
                 .ok()
                 .map(|mut v| {
@@ -437,10 +439,10 @@ async fn resolve(waker: &Waker, key: &DbKey, auto_create: bool) -> Result<Target
         Err(e) => return Err(backend(e)),
     };
     if info.status == DatabaseStatus::Active && !info.endpoints.is_empty() {
-        return Ok(target_of(&info));
+        return Ok(target_of(control, &info));
     }
     let started = Instant::now();
     let info = waker.wake(key).await.map_err(backend)?;
     info!(database = %key, waited_ms = started.elapsed().as_millis() as u64, "woke database for waiting requests");
-    Ok(target_of(&info))
+    Ok(target_of(control, &info))
 }

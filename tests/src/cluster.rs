@@ -17,6 +17,8 @@ pub struct Cluster {
     bootstrap: String,
     /// The first node's cluster key, which every other node is given.
     key: std::path::PathBuf,
+    /// The first node's tokens, valid on every node.
+    tokens: std::path::PathBuf,
     node: Box<dyn Fn(u8) -> ControlBuilder + Send + Sync>,
 }
 
@@ -47,6 +49,7 @@ impl Cluster {
         let mut cluster = Cluster {
             bootstrap: format!("{addr}/p2p/{}", me.peer_id),
             key: first.data_dir().join("cluster.key"),
+            tokens: first.tokens_dir(),
             nodes: vec![first],
             node: Box::new(node),
         };
@@ -63,6 +66,7 @@ impl Cluster {
         (self.node)(i)
             .bootstrap_peers([self.bootstrap.clone()])
             .cluster_key(&self.key)
+            .tokens_in(&self.tokens)
     }
 
     /// One more node, the next in line.

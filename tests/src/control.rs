@@ -38,6 +38,9 @@ pub struct ControlBuilder {
     discovery_interval: Option<String>,
     /// Runs inside this network namespace (see [`crate::Network`]).
     netns: Option<String>,
+    /// Where the admin and proxy tokens are: the founding node's
+    /// `<data_dir>/tokens` (by default this node's own).
+    tokens: Option<PathBuf>,
 }
 
 impl Default for ControlBuilder {
@@ -54,6 +57,7 @@ impl Default for ControlBuilder {
             health_check_interval: None,
             discovery_interval: None,
             netns: None,
+            tokens: None,
         }
     }
 }
@@ -114,6 +118,13 @@ impl ControlBuilder {
         self.env("ROUSE_DISCOVERY__CLUSTER_SECRET_FILE", path)
     }
 
+    /// Where the founding node wrote its tokens (`<data_dir>/tokens`), for a
+    /// node that joins its cluster: tokens are valid on every node.
+    pub fn tokens_in(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.tokens = Some(dir.into());
+        self
+    }
+
     /// `discovery.bootstrap_peers`: multiaddrs, with or without `/p2p/<peer id>`.
     pub fn bootstrap_peers<S: Into<String>>(mut self, peers: impl IntoIterator<Item = S>) -> Self {
         self.bootstrap_peers = peers.into_iter().map(Into::into).collect();
@@ -161,13 +172,22 @@ impl ControlBuilder {
         };
         let mut process = launch.spawn()?;
         wait_healthy(&mut process, api_addr).await?;
-        Ok(Control {
+        let tokens = self
+            .tokens
+            .unwrap_or_else(|| data_dir.join(rouse_control_api::access::TOKENS_DIR));
+        let control = Control {
             process,
             launch,
             api_addr,
             data_dir,
+            tokens,
             dir,
-        })
+        };
+        ADMIN_TOKENS
+            .lock()
+            .expect("admin tokens poisoned")
+            .push(control.admin_token());
+        Ok(control)
     }
 
     /// A free port on `host`; `fixed` in a namespace of the daemon's own.
@@ -319,7 +339,25 @@ pub struct Control {
     launch: Launch,
     api_addr: SocketAddr,
     data_dir: PathBuf,
+    tokens: PathBuf,
     dir: TempDir,
+}
+
+/// The admin token of every control this process started, so that
+/// [`engine_login`] can open the logins control seals for its caller.
+static ADMIN_TOKENS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The engine login in `info`, opened with the admin token of whichever
+/// control of this process sealed it.
+pub fn engine_login(
+    info: &rouse_control_api::DatabaseInfo,
+) -> Option<rouse_control_api::BackendCredentials> {
+    let tokens = ADMIN_TOKENS.lock().expect("admin tokens poisoned").clone();
+    tokens.into_iter().find_map(|token| {
+        rouse_control_api::Client::new("http://unused")
+            .with_token(token)
+            .engine_login(info)
+    })
 }
 
 impl Control {
@@ -327,8 +365,42 @@ impl Control {
         ControlBuilder::default()
     }
 
+    /// A client with the admin token.
     pub fn client(&self) -> rouse_control_api::Client {
+        self.anonymous_client().with_token(self.admin_token())
+    }
+
+    /// A client without any token.
+    pub fn anonymous_client(&self) -> rouse_control_api::Client {
         rouse_control_api::Client::new(&self.api_url())
+    }
+
+    /// The founding node's `<data_dir>/tokens`.
+    pub fn tokens_dir(&self) -> PathBuf {
+        self.tokens.clone()
+    }
+
+    /// The admin token the founding node wrote.
+    pub fn admin_token(&self) -> String {
+        self.token_file("admin")
+    }
+
+    /// The proxy token the founding node wrote.
+    pub fn proxy_token(&self) -> String {
+        self.token_file("proxy")
+    }
+
+    fn token_file(&self, role: &str) -> String {
+        let file = self.tokens.join(role);
+        std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            .trim()
+            .to_string()
+    }
+
+    /// The config file the daemon runs with.
+    pub fn config_file(&self) -> PathBuf {
+        self.launch.config.clone()
     }
 
     /// `http://127.0.0.1:<port>`, the same across restarts.

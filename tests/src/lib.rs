@@ -24,7 +24,7 @@ use anyhow::{ensure, Context, Result};
 use tempfile::TempDir;
 
 pub use cluster::Cluster;
-pub use control::{control_bin, Control, ControlBuilder};
+pub use control::{control_bin, engine_login, Control, ControlBuilder};
 pub use netns::Network;
 pub use patroni::{Etcd, PatroniCluster, PatroniMember};
 pub use postgres::{bin_dir as postgres_bin_dir, Postgres, RunAs};

@@ -17,6 +17,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Settings of a [`Proxy`]; unset ones are the defaults of DESIGN.md.
 pub struct ProxyBuilder {
     control_url: String,
+    /// `proxy.control_token`: the control's proxy token.
+    control_token: String,
     lines: Vec<String>,
     auth: Vec<String>,
     statics: Vec<(String, String)>,
@@ -108,8 +110,9 @@ impl ProxyBuilder {
             .as_ref()
             .map(|_| SocketAddr::new(LOCALHOST, free_port(LOCALHOST)));
         let mut yaml = format!(
-            "proxy:\n  control_url: {}\n  http_addr: {http}\n  postgres_addr: {postgres}\n  postgres_ro_addr: {postgres_ro}\n  stats_addr: {stats}\n  base_domain: localhost\n  upgrade_socket: {}\n",
+            "proxy:\n  control_url: {}\n  control_token: {}\n  http_addr: {http}\n  postgres_addr: {postgres}\n  postgres_ro_addr: {postgres_ro}\n  stats_addr: {stats}\n  base_domain: localhost\n  upgrade_socket: {}\n",
             serde_json::Value::from(self.control_url.as_str()),
+            serde_json::Value::from(self.control_token.as_str()),
             serde_json::Value::from(dir.path().join("upgrade.sock").to_string_lossy().as_ref())
         );
         for line in &self.lines {
@@ -200,6 +203,7 @@ impl Proxy {
     pub fn builder(control: &Control) -> ProxyBuilder {
         ProxyBuilder {
             control_url: control.api_url(),
+            control_token: control.proxy_token(),
             lines: Vec::new(),
             auth: Vec::new(),
             statics: Vec::new(),

@@ -67,12 +67,12 @@ impl Rqlited {
 }
 
 /// The base URL of replica `e` of an rqlite database, with the engine login
-/// control hands the proxies (rqlited runs with `-auth`).
+/// control sealed into `info` for an admin (rqlited runs with `-auth`).
 pub fn engine_url(
     info: &rouse_control_api::DatabaseInfo,
     e: &rouse_control_api::Endpoint,
 ) -> String {
-    match &info.backend {
+    match &crate::control::engine_login(info) {
         Some(login) => format!(
             "http://{}:{}@{}:{}",
             login.user, login.password, e.host, e.port

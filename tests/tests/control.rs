@@ -457,6 +457,7 @@ async fn raw(
 ) -> (u16, serde_json::Value) {
     let resp = reqwest::Client::new()
         .request(method, format!("{}{path}", control.api_url()))
+        .bearer_auth(control.admin_token())
         .header("content-type", "application/json")
         .body(body.to_string())
         .send()
@@ -803,9 +804,11 @@ async fn a_wake_on_taken_ports_moves_the_database_and_keeps_its_data() {
 }
 
 fn control_cli(control: &Control, args: &[&str]) -> Result<(bool, String, String)> {
+    // The daemon's own config: the command line finds the admin token
+    // the node wrote under its data directory.
     let out = std::process::Command::new(rouse_tests::control_bin()?)
-        .arg("--url")
-        .arg(control.api_url())
+        .arg("--config")
+        .arg(control.config_file())
         .args(args)
         .output()
         .context("run rouse-control")?;

@@ -89,10 +89,12 @@ async fn three_nodes_find_each_other_and_notice_a_dead_one() -> Result<()> {
         node(2)
             .bootstrap_peers([format!("{addr}/p2p/{}", me.peer_id)])
             .cluster_key(&key)
+            .tokens_in(first.tokens_dir())
             .start(),
         node(3)
             .bootstrap_peers([addr.clone()])
             .cluster_key(&key)
+            .tokens_in(first.tokens_dir())
             .start(),
     );
     let (second, third) = (second?, third?);

@@ -117,7 +117,8 @@ async fn patroni_failover_under_load_through_both_fronts() {
             APP,
             DB,
         ])
-        .env("ROUSE_ADMIN_PASSWORD", cluster.superuser_password());
+        .env("ROUSE_ADMIN_PASSWORD", cluster.superuser_password())
+        .env("ROUSE_TOKEN", control.admin_token());
     for (n, addr, api) in cluster.members() {
         register.arg("--member").arg(format!("{n}={addr},{api}"));
     }

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::access::{CreateToken, Role, TokenCreated, TokenInfo};
 use crate::name::Name;
+use crate::sealed::SealKey;
 use crate::types::*;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,8 @@ impl ClientError {
 pub struct Client {
     base: String,
     http: reqwest::Client,
+    /// The bearer token sent with every call.
+    token: Option<String>,
 }
 
 impl Client {
@@ -61,7 +65,20 @@ impl Client {
         Client {
             base: base.trim_end_matches('/').to_string(),
             http,
+            token: None,
         }
+    }
+
+    /// Calls with `Authorization: Bearer <token>` (see [`crate::Role`]).
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into().trim().to_string());
+        self
+    }
+
+    /// The engine login in `info`, opened with this client's token.
+    pub fn engine_login(&self, info: &DatabaseInfo) -> Option<BackendCredentials> {
+        let key = SealKey::for_bearer(self.token.as_deref()?);
+        serde_json::from_slice(&key.open(info.engine_login.as_ref()?)?).ok()
     }
 
     pub fn base_url(&self) -> &str {
@@ -81,7 +98,7 @@ impl Client {
             url: self.base.clone(),
             source,
         };
-        let resp = req.send().await.map_err(transport)?;
+        let resp = self.authorized(req).send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         let body = resp.bytes().await.map_err(transport)?;
         if (200..300).contains(&status) {
@@ -100,6 +117,13 @@ impl Client {
                 status,
                 body: String::from_utf8_lossy(&body).into_owned(),
             }),
+        }
+    }
+
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => req.bearer_auth(token),
+            None => req,
         }
     }
 
@@ -259,10 +283,26 @@ impl Client {
         self.get("/nodes").await
     }
 
+    pub async fn create_token(&self, role: &Role) -> Result<TokenCreated, ClientError> {
+        self.post("/tokens", &CreateToken { role: role.clone() })
+            .await
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, ClientError> {
+        self.get("/tokens").await
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> Result<serde_json::Value, ClientError> {
+        self.send(
+            self.http
+                .delete(self.url(&format!("/tokens/{}", segment(id)))),
+        )
+        .await
+    }
+
     /// The raw `/api/v1/events` response, for callers that read the SSE stream.
     pub async fn events(&self) -> Result<reqwest::Response, ClientError> {
-        self.http
-            .get(self.url("/events"))
+        self.authorized(self.http.get(self.url("/events")))
             .send()
             .await
             .map_err(|source| ClientError::Transport {

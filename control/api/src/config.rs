@@ -85,6 +85,8 @@ pub struct DiscoveryConfig {
     /// A copy of the cluster key of the node that founded the cluster;
     /// a node without bootstrap peers makes `<data_dir>/cluster.key`.
     pub cluster_secret_file: Option<PathBuf>,
+    /// Peer ids that may connect; empty: every holder of the cluster key.
+    pub allowed_peers: Vec<String>,
     #[serde(with = "crate::duration")]
     pub discovery_interval: Duration,
     #[serde(with = "crate::duration")]
@@ -97,6 +99,7 @@ impl Default for DiscoveryConfig {
         DiscoveryConfig {
             bootstrap_peers: Vec::new(),
             cluster_secret_file: None,
+            allowed_peers: Vec::new(),
             discovery_interval: Duration::from_secs(30),
             health_check_interval: Duration::from_secs(10),
             mdns: false,
@@ -162,11 +165,20 @@ impl Default for ControlConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     pub control_url: String,
+    /// The proxy's control API token (role `proxy`); unset, the proxy reads
+    /// `<node.data_dir>/tokens/proxy`, which the founding node writes.
+    pub control_token: Option<String>,
     pub http_addr: SocketAddr,
     pub postgres_addr: SocketAddr,
     pub postgres_ro_addr: SocketAddr,
     pub redis_addr: SocketAddr,
-    pub stats_addr: SocketAddr,
+    /// Unset: `127.0.0.1:7000`, or `0.0.0.0:7000` once `stats_auth` is set
+    /// (see [`ProxyConfig::stats_listen_addr`]).
+    pub stats_addr: Option<SocketAddr>,
+    /// `user:password` the stats page asks for (HAProxy's `stats auth`).
+    /// Unset, only loopback clients see the page; `/metrics` and
+    /// `/healthz` answer everyone either way.
+    pub stats_auth: Option<String>,
     /// For routing by Host `<db>.<app>.<base_domain>` and TLS SNI.
     pub base_domain: Option<String>,
     #[serde(with = "crate::duration")]
@@ -382,16 +394,39 @@ pub struct StaticListener {
     pub database: crate::Name,
 }
 
+impl ProxyConfig {
+    /// Where the stats page listens: `stats_addr`, else loopback unless
+    /// `stats_auth` protects the page.
+    pub fn stats_listen_addr(&self) -> SocketAddr {
+        self.stats_addr.unwrap_or_else(|| match self.stats_auth {
+            Some(_) => SocketAddr::from(([0, 0, 0, 0], 7000)),
+            None => SocketAddr::from(([127, 0, 0, 1], 7000)),
+        })
+    }
+
+    /// The token the proxy calls control with: `control_token`, else the
+    /// `proxy` token file under `data_dir`.
+    pub fn control_token(&self, data_dir: &std::path::Path) -> Option<String> {
+        self.control_token.clone().or_else(|| {
+            std::fs::read_to_string(data_dir.join(crate::access::TOKENS_DIR).join("proxy"))
+                .ok()
+                .map(|t| t.trim().to_string())
+        })
+    }
+}
+
 impl Default for ProxyConfig {
     fn default() -> Self {
         let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
         ProxyConfig {
             control_url: "http://127.0.0.1:8001".into(),
+            control_token: None,
             http_addr: any(8080),
             postgres_addr: any(5433),
             postgres_ro_addr: any(5434),
             redis_addr: any(6380),
-            stats_addr: any(7000),
+            stats_addr: None,
+            stats_auth: None,
             base_domain: None,
             wake_timeout: Duration::from_secs(30),
             max_waiting: 10_000,

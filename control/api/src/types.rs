@@ -210,7 +210,7 @@ impl Endpoint {
     }
 }
 
-/// Credentials a proxy uses for the backend leg of a Postgres database.
+/// A login to a database's engine.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BackendCredentials {
     pub user: String,
@@ -247,8 +247,12 @@ pub struct DatabaseInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_wake_ms: Option<u64>,
     pub open_sessions: u64,
+    /// The engine login this caller may use ([`BackendCredentials`] as
+    /// JSON), sealed for its bearer token ([`crate::SealKey::for_bearer`]):
+    /// for `proxy` tokens the data-plane login of an rqlite database, for
+    /// `admin` tokens the engine's own superuser; nothing for `app:` tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend: Option<BackendCredentials>,
+    pub engine_login: Option<crate::Sealed>,
     /// How the proxy pools PostgreSQL connections to this database.
     #[serde(default)]
     pub pool_mode: PoolMode,

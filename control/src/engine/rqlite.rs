@@ -10,9 +10,15 @@ use crate::error::{ControlError, Result};
 use crate::rqlite::{RqliteClient, Stmt};
 use crate::store::ReplicaRecord;
 
-/// The login control and the proxies use on a tenant database's rqlited
-/// (`-auth`); its password is the database's secret, held in `_system`.
+/// Control's login on a tenant database's rqlited (`-auth`); its password
+/// is the database's secret, sealed in `_system`.
 pub const ENGINE_USER: &str = "rouse";
+/// The proxies' login: the data plane only (execute, query, status, ready),
+/// no join, remove, load or backup. Its password is derived from the
+/// database's secret.
+pub const PROXY_USER: &str = "rouse-proxy";
+/// What the proxies' login may do.
+const PROXY_PERMS: [&str; 4] = ["execute", "query", "status", "ready"];
 /// The `-auth` file, inside the replica's own directory (the only one the
 /// sandboxed engine may read).
 const AUTH_FILE: &str = "auth.json";
@@ -28,6 +34,18 @@ pub fn login(secret: &str) -> BackendCredentials {
     BackendCredentials {
         user: ENGINE_USER.into(),
         password: secret.into(),
+    }
+}
+
+/// The proxies' login on a database whose secret is `secret`.
+pub fn proxy_login(secret: &str) -> BackendCredentials {
+    use hmac::{Hmac, Mac};
+    let mut mac =
+        Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(PROXY_USER.as_bytes());
+    BackendCredentials {
+        user: PROXY_USER.into(),
+        password: hex::encode(mac.finalize().into_bytes()),
     }
 }
 
@@ -71,10 +89,14 @@ pub(super) fn prepare(inst: &Instance<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Only `ENGINE_USER` with the database's secret may do anything; nobody
-/// else, not even read `/status` (mode 0600).
+/// Only `ENGINE_USER` may do anything and `PROXY_USER` the data plane;
+/// nobody else, not even read `/status` (mode 0600).
 fn write_auth_file(path: &std::path::Path, secret: &str) -> Result<()> {
-    let users = json!([{"username": ENGINE_USER, "password": secret, "perms": ["all"]}]);
+    let proxy = proxy_login(secret);
+    let users = json!([
+        {"username": ENGINE_USER, "password": secret, "perms": ["all"]},
+        {"username": proxy.user, "password": proxy.password, "perms": PROXY_PERMS},
+    ]);
     crate::secrets::write_private(path, &serde_json::to_vec(&users).expect("JSON serialises"))
 }
 

@@ -1,9 +1,14 @@
 //! The stats address (HAProxy's `:7000` place): a page a person would rather
 //! look at than read a log (`/`, self-contained, refreshing itself from
 //! `/stats.json`), Prometheus text (`/metrics`) and `/healthz`.
+//!
+//! The page names every tenant: it asks for `proxy.stats_auth` when that is
+//! set, and is shown to loopback clients only when it is not. `/metrics`
+//! and `/healthz` answer everyone, for scrapers and probes.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
@@ -97,6 +102,45 @@ pub struct Stats {
     pub activity: Arc<Activity>,
     pub proxy_id: String,
     pub started: Instant,
+    /// `user:password` the page asks for (`proxy.stats_auth`).
+    pub auth: Option<String>,
+}
+
+/// Whether a client at `peer` sending `authorization` may see the page.
+fn admitted(auth: Option<&str>, peer: IpAddr, authorization: Option<&HeaderValue>) -> Access {
+    let Some(expected) = auth else {
+        return if peer.is_loopback() {
+            Access::Granted
+        } else {
+            Access::LoopbackOnly
+        };
+    };
+    use base64::Engine as _;
+    let given = authorization
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        });
+    // Compared as digests: the time taken says nothing about the password.
+    use sha2::{Digest, Sha256};
+    match given {
+        Some(given) if Sha256::digest(&given) == Sha256::digest(expected.as_bytes()) => {
+            Access::Granted
+        }
+        _ => Access::Ask,
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Access {
+    Granted,
+    /// 401 with a Basic challenge.
+    Ask,
+    /// 403: no `stats_auth`, and the client is not on this host.
+    LoopbackOnly,
 }
 
 impl Stats {
@@ -154,9 +198,31 @@ impl Stats {
     /// Serves the stats address.
     pub async fn handle(
         self: Arc<Self>,
+        peer: IpAddr,
         req: Request<hyper::body::Incoming>,
     ) -> Result<Response<Body>, Infallible> {
-        let (status, content_type, body) = match req.uri().path() {
+        let path = req.uri().path();
+        let access = match path {
+            "/" | "/stats.json" => admitted(
+                self.auth.as_deref(),
+                peer,
+                req.headers().get(hyper::header::AUTHORIZATION),
+            ),
+            _ => Access::Granted,
+        };
+        let (status, content_type, body) = match (access, path) {
+            (Access::Ask, _) => (
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                "the stats page needs the user and password of proxy.stats_auth\n".to_string(),
+            ),
+            (Access::LoopbackOnly, _) => (
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                "the stats page is shown to this host only: set proxy.stats_auth to show it elsewhere\n"
+                    .to_string(),
+            ),
+            (Access::Granted, path) => match path {
             "/" => (StatusCode::OK, "text/html; charset=utf-8", PAGE.to_string()),
             "/stats.json" => (
                 StatusCode::OK,
@@ -174,8 +240,15 @@ impl Stats {
                 "text/plain",
                 "not found\n".to_string(),
             ),
+            },
         };
         let mut resp = Response::new(Full::new(body.into()));
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"rouse stats\""),
+            );
+        }
         *resp.status_mut() = status;
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -198,6 +271,40 @@ mod tests {
         let key = |role: &str| ("pillar".to_string(), "pg1".to_string(), role.to_string());
         assert!(!b[&key("primary")].up);
         assert!(b[&key("replica")].up);
+    }
+
+    #[test]
+    fn the_page_needs_stats_auth_or_a_local_client() {
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let remote: IpAddr = "10.1.2.3".parse().unwrap();
+        let basic = |s: &str| {
+            use base64::Engine as _;
+            HeaderValue::from_str(&format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(s)
+            ))
+            .unwrap()
+        };
+        assert_eq!(admitted(None, local, None), Access::Granted);
+        assert_eq!(admitted(None, remote, None), Access::LoopbackOnly);
+        let auth = Some("ops:s3cret");
+        assert_eq!(
+            admitted(auth, local, None),
+            Access::Ask,
+            "loopback is no password"
+        );
+        assert_eq!(
+            admitted(auth, remote, Some(&basic("ops:s3cret"))),
+            Access::Granted
+        );
+        assert_eq!(
+            admitted(auth, remote, Some(&basic("ops:wrong"))),
+            Access::Ask
+        );
+        assert_eq!(
+            admitted(auth, remote, Some(&HeaderValue::from_static("Basic !!"))),
+            Access::Ask
+        );
     }
 
     #[test]
