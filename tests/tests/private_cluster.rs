@@ -1,0 +1,223 @@
+//! The nodes' plane: a host without the cluster key cannot complete a
+//! libp2p handshake; one with the key that `_system` does not record as a
+//! member is heard but not obeyed (its requests are refused, its forged
+//! events change no route, it is given no replicas); `discovery.allowed_peers`
+//! shuts out even a holder of the key. The intruder is rouse's own
+//! peer-to-peer stack, driven by the test.
+
+use std::time::{Duration, Instant};
+
+use rouse_control::cluster::{NodeRequest, NodeResponse};
+use rouse_control::cluster_key::ClusterKey;
+use rouse_control::peers::{Peers, EVENTS_TOPIC};
+use rouse_control_api::config::Config;
+use rouse_control_api::*;
+use rouse_tests::{Control, ControlBuilder, Proxy};
+use serde_json::json;
+
+fn name(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+fn founder() -> ControlBuilder {
+    Control::builder()
+        .hibernation_timeout("0")
+        .discovery_intervals("200ms", "200ms")
+}
+
+/// The founder's libp2p address with its peer id, and the peer id.
+async fn address_of(control: &Control) -> (String, libp2p::PeerId) {
+    let me = control.client().nodes().await.unwrap().nodes.remove(0);
+    let addr = me.addresses.first().expect("a libp2p address").clone();
+    (
+        format!("{addr}/p2p/{}", me.peer_id),
+        me.peer_id.parse().unwrap(),
+    )
+}
+
+/// A peer dialing `bootstrap`, with `network_key` for the private network.
+fn intruder(bootstrap: &str, network_key: [u8; 32], dir: &std::path::Path) -> Peers {
+    let mut config = Config::default();
+    config.node.data_dir = dir.to_path_buf();
+    config.node.listen_addresses = vec!["/ip4/127.0.0.1/tcp/0".into()];
+    config.discovery.bootstrap_peers = vec![bootstrap.to_string()];
+    config.discovery.health_check_interval = Duration::from_millis(200);
+    config.discovery.discovery_interval = Duration::from_millis(200);
+    let (peers, _task, _inbound) = Peers::start(&config, "intruder", network_key).unwrap();
+    peers
+}
+
+/// The network key of `control`'s cluster, as a holder of its key file has it.
+fn network_key_of(control: &Control, dir: &std::path::Path) -> [u8; 32] {
+    let mut config = Config::default();
+    config.node.data_dir = dir.to_path_buf();
+    config.discovery.cluster_secret_file = Some(control.data_dir().join("cluster.key"));
+    ClusterKey::load(&config).unwrap().network_key()
+}
+
+/// Whether `control` lists a peer other than itself within `within`.
+async fn hears_a_stranger(control: &Control, within: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if control.client().nodes().await.unwrap().nodes.len() > 1 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+async fn refusals(control: &Control, what: &str) -> f64 {
+    let series = format!("rouse_peer_refusals_total{{what=\"{what}\"}}");
+    rouse_tests::metric(&format!("{}/metrics", control.api_url()), &series).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_without_the_cluster_key_cannot_connect() {
+    let control = founder().start().await.unwrap();
+    let (bootstrap, _) = address_of(&control).await;
+    let dir = tempfile::tempdir().unwrap();
+    let stranger = intruder(&bootstrap, rand::random(), dir.path());
+    assert!(
+        !hears_a_stranger(&control, Duration::from_secs(3)).await,
+        "a host with another key got through"
+    );
+    assert!(
+        stranger.peers().is_empty(),
+        "the stranger heard the cluster"
+    );
+    drop(stranger);
+
+    // The same host with the key is heard: the handshake was the wall.
+    let dir = tempfile::tempdir().unwrap();
+    let holder = intruder(&bootstrap, network_key_of(&control, dir.path()), dir.path());
+    assert!(hears_a_stranger(&control, Duration::from_secs(10)).await);
+    drop(holder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_holder_that_is_no_member_is_heard_but_not_obeyed() {
+    let control = founder().start().await.unwrap();
+    let admin = control.client();
+    let mut keys = Vec::new();
+    for (app, db, row) in [("shop", "main", "cart"), ("rival", "vault", "crown")] {
+        admin.create_app(&name(app)).await.unwrap();
+        let info = admin
+            .create_database(&CreateDatabase {
+                app: name(app),
+                name: name(db),
+                engine: Engine::Rqlite,
+                replication_factor: Some(1),
+                patroni: None,
+            })
+            .await
+            .unwrap();
+        let url = rouse_tests::engine_url(&info, &info.endpoints[0]);
+        rouse_tests::rqlite_execute(&url, "CREATE TABLE t (v TEXT)")
+            .await
+            .unwrap();
+        rouse_tests::rqlite_execute(&url, &format!("INSERT INTO t VALUES ('{row}')"))
+            .await
+            .unwrap();
+        keys.push(admin.create_key(&name(app)).await.unwrap().key);
+    }
+    let proxy = Proxy::builder(&control).start().await.unwrap();
+    let http = reqwest::Client::new();
+    let read_main = || async {
+        http.post(format!("http://{}/shop/main/db/query", proxy.http_addr()))
+            .header("X-API-Key", &keys[0])
+            .json(&json!(["SELECT v FROM t"]))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(read_main().await.contains("cart"));
+
+    let (bootstrap, founder_peer) = address_of(&control).await;
+    let dir = tempfile::tempdir().unwrap();
+    let holder = intruder(&bootstrap, network_key_of(&control, dir.path()), dir.path());
+    assert!(hears_a_stranger(&control, Duration::from_secs(10)).await);
+
+    // A request to drop a database is refused...
+    let answer = holder
+        .request(
+            founder_peer,
+            NodeRequest::Drop {
+                key: DbKey::new(name("shop"), name("main")),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(answer, NodeResponse::Failed(_)), "{answer:?}");
+    let main = admin.database(&name("shop"), &name("main")).await.unwrap();
+    assert_eq!(main.status, DatabaseStatus::Active);
+
+    // ...and a forged leader for `main`, pointing at `vault`'s engine,
+    // moves no traffic.
+    let vault = admin
+        .database(&name("rival"), &name("vault"))
+        .await
+        .unwrap();
+    let forged = serde_json::to_vec(&Event::Leader {
+        app: name("shop"),
+        name: name("main"),
+        endpoints: vault.endpoints.clone(),
+    })
+    .unwrap();
+    let before = refusals(&control, "not_a_member").await;
+    let start = Instant::now();
+    while refusals(&control, "not_a_member").await <= before + 2.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the forged events never arrived"
+        );
+        let _ = holder.publish(EVENTS_TOPIC, forged.clone()).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let answer = read_main().await;
+    assert!(
+        answer.contains("cart") && !answer.contains("crown"),
+        "{answer}"
+    );
+    let main = admin.database(&name("shop"), &name("main")).await.unwrap();
+    assert_eq!(main.endpoints[0].port, main.ports[0], "{main:?}");
+
+    // It is no node to place a replica on.
+    let pair = admin
+        .create_database(&CreateDatabase {
+            app: name("shop"),
+            name: name("pair"),
+            engine: Engine::Rqlite,
+            replication_factor: Some(2),
+            patroni: None,
+        })
+        .await
+        .unwrap();
+    assert!(
+        pair.endpoints.iter().all(|e| e.node_id != "intruder"),
+        "{:?}",
+        pair.endpoints
+    );
+    drop(holder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_peers_shut_out_even_a_holder_of_the_key() {
+    let only = libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id();
+    let control = founder()
+        .env("ROUSE_DISCOVERY__ALLOWED_PEERS", format!("[\"{only}\"]"))
+        .start()
+        .await
+        .unwrap();
+    let (bootstrap, _) = address_of(&control).await;
+    let dir = tempfile::tempdir().unwrap();
+    let holder = intruder(&bootstrap, network_key_of(&control, dir.path()), dir.path());
+    assert!(!hears_a_stranger(&control, Duration::from_secs(3)).await);
+    assert!(refusals(&control, "connection").await >= 1.0);
+    assert!(holder.peers().is_empty());
+}
