@@ -36,6 +36,12 @@ impl ProxyBuilder {
         self
     }
 
+    /// Where the proxy reaches control (by default the control's API).
+    pub fn control_url(mut self, url: &str) -> Self {
+        self.control_url = url.to_string();
+        self
+    }
+
     /// A `proxy.auth:` key, e.g. `("jwt_hs256_secret", "s3cret")`.
     pub fn auth(mut self, key: &str, value: &str) -> Self {
         self.auth

@@ -3,7 +3,8 @@
 //! member is heard but not obeyed (its requests are refused, its forged
 //! events change no route, it is given no replicas); `discovery.allowed_peers`
 //! shuts out even a holder of the key. The intruder is rouse's own
-//! peer-to-peer stack, driven by the test.
+//! peer-to-peer stack, driven by the test. And a proxy whose route points
+//! at another database's engine serves nothing from it.
 
 use std::time::{Duration, Instant};
 
@@ -220,4 +221,166 @@ async fn allowed_peers_shut_out_even_a_holder_of_the_key() {
     assert!(!hears_a_stranger(&control, Duration::from_secs(3)).await);
     assert!(refusals(&control, "connection").await >= 1.0);
     assert!(holder.peers().is_empty());
+}
+
+/// A TCP relay to `to` that the test can cut: while cut, it refuses and
+/// drops every connection.
+struct Relay {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(to: String) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = cut.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let (to, flag) = (to.clone(), flag.clone());
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&to).await else {
+                        return;
+                    };
+                    let relay = tokio::io::copy_bidirectional(&mut client, &mut server);
+                    let cut = async {
+                        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    };
+                    tokio::select! { _ = relay => {}, _ = cut => {} }
+                });
+            }
+        });
+        Relay { addr, cut, task }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_sent_to_another_databases_engine_serves_nothing_from_it() {
+    // Two HTTP and two Raft ports: `_system` holds one of each, so a
+    // database created while `main` sleeps takes over `main`'s ports.
+    let base = 30_000 + rand::random_range(0..800u16) * 2;
+    let control = founder()
+        .port_ranges(
+            (base, base + 1),
+            (base + 2_000, base + 2_001),
+            (base + 4_000, base + 4_009),
+        )
+        .start()
+        .await
+        .unwrap();
+    let admin = control.client();
+    let mut keys = Vec::new();
+    for app in ["shop", "rival"] {
+        admin.create_app(&name(app)).await.unwrap();
+        keys.push(admin.create_key(&name(app)).await.unwrap().key);
+    }
+    let create = |app: &str, db: &str| CreateDatabase {
+        app: name(app),
+        name: name(db),
+        engine: Engine::Rqlite,
+        replication_factor: Some(1),
+        patroni: None,
+    };
+    let main = admin
+        .create_database(&create("shop", "main"))
+        .await
+        .unwrap();
+    let url = rouse_tests::engine_url(&main, &main.endpoints[0]);
+    rouse_tests::rqlite_execute(&url, "CREATE TABLE t (v TEXT)")
+        .await
+        .unwrap();
+    rouse_tests::rqlite_execute(&url, "INSERT INTO t VALUES ('cart')")
+        .await
+        .unwrap();
+
+    // The proxy reaches control through a relay the test cuts: it then
+    // misses every event and keeps its cached route.
+    let relay = Relay::start(control.api_url().trim_start_matches("http://").to_string()).await;
+    let proxy = Proxy::builder(&control)
+        .control_url(&format!("http://{}", relay.addr))
+        .start()
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let read_main = || async {
+        let resp = http
+            .post(format!("http://{}/shop/main/db/query", proxy.http_addr()))
+            .header("X-API-Key", &keys[0])
+            .json(&json!(["SELECT v FROM t"]))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    };
+    assert!(read_main().await.1.contains("cart"));
+    relay.set_cut(true);
+    // The relay closes open connections within 20 ms.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    admin
+        .hibernate(&name("shop"), &name("main"), true)
+        .await
+        .unwrap();
+    let vault = admin
+        .create_database(&create("rival", "vault"))
+        .await
+        .unwrap();
+    assert_eq!(
+        vault.endpoints[0].addr(),
+        main.endpoints[0].addr(),
+        "vault did not take over main's address"
+    );
+    let url = rouse_tests::engine_url(&vault, &vault.endpoints[0]);
+    rouse_tests::rqlite_execute(&url, "CREATE TABLE t (v TEXT)")
+        .await
+        .unwrap();
+    rouse_tests::rqlite_execute(&url, "INSERT INTO t VALUES ('crown')")
+        .await
+        .unwrap();
+
+    let (status, body) = read_main().await;
+    assert!(status >= 500 && !body.contains("crown"), "{status} {body}");
+    let refused = rouse_tests::metric(
+        &format!("http://{}/metrics", proxy.stats_addr()),
+        "rouse_engine_login_refusals_total",
+    )
+    .await;
+    assert!(
+        refused >= 1.0,
+        "the engine's refusal was not what stopped it: {status} {body}"
+    );
+
+    // With control back and main's address free again, main wakes there.
+    admin
+        .drop_database(&name("rival"), &name("vault"))
+        .await
+        .unwrap();
+    relay.set_cut(false);
+    let start = Instant::now();
+    loop {
+        let (status, body) = read_main().await;
+        if status == 200 {
+            assert!(body.contains("cart"), "{body}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{status} {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -2,6 +2,11 @@
 //! moves on to the other replicas when one refuses connections (a follower
 //! forwards to the leader), follows a follower's redirect to the leader
 //! itself (re-sending the body), and retries while the cluster elects.
+//!
+//! Each database's engines know only that database's login: an engine that
+//! refuses it (401) is not the database this route is for (a stale or
+//! forged endpoint, a port taken over by another database), so its answer
+//! is never served and the route counts as stale.
 
 use std::time::Duration;
 
@@ -107,8 +112,20 @@ impl Upstream {
                 }
                 Ok(Ok(resp)) => resp,
             };
-            refused = 0;
             let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED {
+                metrics::counter!("rouse_engine_login_refusals_total").increment(1);
+                tracing::warn!(engine = %addr, "an engine refused this database's login: not serving its answer");
+                refused += 1;
+                next += 1;
+                if refused >= endpoints.len() {
+                    return Err(UpstreamError::Unreachable(format!(
+                        "the engine at {addr} is not this database"
+                    )));
+                }
+                continue;
+            }
+            refused = 0;
             if status.is_redirection() && hops < MAX_HOPS {
                 let target = resp
                     .headers()
