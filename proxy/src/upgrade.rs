@@ -3,6 +3,11 @@
 //! (file descriptors passed with SCM_RIGHTS). The sockets never close, so
 //! no connection is refused; once the new process serves, the old one stops
 //! accepting and drains its sessions for at most `proxy.drain_grace`.
+//!
+//! Only a process of the proxy's own user may take the sockets: the socket
+//! file is 0600 and the peer's uid is checked (`SO_PEERCRED`); a peer that
+//! takes the sockets but never says it serves is given up on after
+//! [`READY_TIMEOUT`], and the old process keeps serving.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -19,6 +24,8 @@ const READY: u8 = b'R';
 const MAX_SOCKETS: usize = 256;
 /// Their names, as JSON.
 const MAX_NAMES: usize = 64 << 10;
+/// How long a new process may take from taking the sockets to serving.
+pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The sockets a new process took over, by name (see `Listeners`).
 pub type Inherited = HashMap<String, std::net::TcpListener>;
@@ -61,10 +68,23 @@ pub async fn offer(path: PathBuf, sockets: Vec<(String, RawFd)>) -> std::io::Res
     // A socket file left by an earlier process is taken over, not an error.
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
     loop {
         let (stream, _) = listener.accept().await?;
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == me => {}
+            other => {
+                metrics::counter!("rouse_upgrade_refusals_total").increment(1);
+                warn!(peer = ?other.map(|c| c.uid()).ok(), "refused an upgrade from another user");
+                continue;
+            }
+        }
         let stream = stream.into_std()?;
         stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(READY_TIMEOUT))?;
         let sockets = sockets.clone();
         let handed = tokio::task::spawn_blocking(move || hand_over(stream, &sockets))
             .await

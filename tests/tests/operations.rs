@@ -278,3 +278,83 @@ async fn an_upgrade_under_load_refuses_no_connection_and_drains_sessions() {
     );
     assert!(served.load(std::sync::atomic::Ordering::Relaxed) > 20);
 }
+
+/// Connects to the upgrade socket as user `postgres` and prints how many
+/// file descriptors and bytes it was handed.
+const FOREIGN_TAKER: &str = r#"
+import array, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(5)
+s.connect(sys.argv[1])
+try:
+    data, anc, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(256 * 4))
+except socket.timeout:
+    data, anc = b"", []
+fds = sum(len(d) // 4 for (_, t, d) in anc if t == socket.SCM_RIGHTS)
+print(fds, len(data))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_proxys_own_user_may_take_its_sockets() {
+    let control = Control::builder().start().await.unwrap();
+    let mut proxy = Proxy::builder(&control)
+        .set("drain_grace", "1s")
+        .start()
+        .await
+        .unwrap();
+    let socket = proxy.dir().join("upgrade.sock");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the socket file is the proxy user's alone"
+    );
+
+    // With the file opened to everyone, the peer's uid still keeps
+    // another user out. Switching users needs root, as CI runs.
+    // SAFETY: geteuid(2) has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root: this test switches users"
+    );
+    std::fs::set_permissions(proxy.dir(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = run_ok(
+        Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                "/usr/bin/python3",
+                "-c",
+                FOREIGN_TAKER,
+            ])
+            .arg(&socket),
+    );
+    assert_eq!(out.trim(), "0 0", "another user was handed the sockets");
+    let refused = metric(
+        &format!("http://{}/metrics", proxy.stats_addr()),
+        "rouse_upgrade_refusals_total",
+    )
+    .await;
+    assert_eq!(refused, 1.0);
+
+    // The proxy's own user still upgrades it.
+    let old = proxy.pid();
+    proxy.upgrade().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !proxy.replaced_exited() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upgrade never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(proxy.pid(), old);
+    let health = reqwest::get(format!("http://{}/healthz", proxy.stats_addr()))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+}
