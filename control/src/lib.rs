@@ -46,7 +46,7 @@ pub async fn run(
     std::fs::create_dir_all(&config.node.data_dir)?;
     let node_id = system::node_id(&config.node.data_dir)?;
     let cluster_key = cluster_key::ClusterKey::load(&config)?;
-    let engines = EngineEnv::from_config(&config.control, &config.node.data_dir)?;
+    let engines = EngineEnv::from_config(&config.control, &config.node.data_dir, &cluster_key)?;
     let ports = Arc::new(PortAllocator::default());
     if let Ok(addr) = listener.local_addr() {
         ports.hold(addr.port());

@@ -384,3 +384,123 @@ async fn a_proxy_sent_to_another_databases_engine_serves_nothing_from_it() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Starts an rqlited that joins the Raft cluster at `raft` as control's own
+/// engine user, with `tls` (the CA, certificate and key files) or without.
+fn joiner(
+    dir: &std::path::Path,
+    raft: &str,
+    login: &BackendCredentials,
+    tls: Option<&std::path::Path>,
+) -> std::process::Child {
+    let http = rouse_tests::free_port("127.0.0.1".parse().unwrap());
+    let own_raft = rouse_tests::free_port("127.0.0.1".parse().unwrap());
+    let auth = dir.join("auth.json");
+    std::fs::write(
+        &auth,
+        json!([{"username": login.user, "password": login.password, "perms": ["all"]}]).to_string(),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new("rqlited");
+    cmd.args(["-node-id", "stranger"])
+        .arg("-http-addr")
+        .arg(format!("127.0.0.1:{http}"))
+        .arg("-raft-addr")
+        .arg(format!("127.0.0.1:{own_raft}"))
+        .args([
+            "-join",
+            raft,
+            "-join-as",
+            &login.user,
+            "-join-attempts",
+            "5",
+            "-join-interval",
+            "200ms",
+        ])
+        .arg("-auth")
+        .arg(&auth);
+    if let Some(tls) = tls {
+        cmd.arg("-node-ca-cert")
+            .arg(tls.join("tls-ca.pem"))
+            .arg("-node-cert")
+            .arg(tls.join("tls-node.pem"))
+            .arg("-node-key")
+            .arg(tls.join("tls-node.key"))
+            .args(["-node-verify-server-name", "rouse-engine"]);
+    }
+    cmd.arg(dir.join("data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("log")).unwrap());
+    cmd.spawn().unwrap()
+}
+
+/// The members of the Raft cluster of `info`'s leader.
+async fn raft_members(info: &DatabaseInfo) -> String {
+    let url = format!(
+        "{}/nodes?nonvoters",
+        rouse_tests::engine_url(info, &info.endpoints[0])
+    );
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_without_a_cluster_certificate_cannot_join_a_raft_cluster() {
+    let control = founder().start().await.unwrap();
+    let admin = control.client();
+    admin.create_app(&name("shop")).await.unwrap();
+    let info = admin
+        .create_database(&CreateDatabase {
+            app: name("shop"),
+            name: name("main"),
+            engine: Engine::Rqlite,
+            replication_factor: Some(1),
+            patroni: None,
+        })
+        .await
+        .unwrap();
+    let login = rouse_tests::engine_login(&info).unwrap();
+    let e = &info.endpoints[0];
+    let raft = format!("{}:{}", e.host, e.raft_port.unwrap());
+
+    // The engine's own login, but no certificate: refused.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = joiner(dir.path(), &raft, &login, None);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the joiner neither joined nor gave up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "an rqlited without a certificate joined");
+    assert!(!raft_members(&info).await.contains("stranger"));
+
+    // With a certificate of the cluster CA (a node's own), it joins: the
+    // certificate was the wall.
+    let replica = control
+        .data_dir()
+        .join("shop_main")
+        .join("rqlite")
+        .join("node-0");
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = joiner(dir.path(), &raft, &login, Some(&replica));
+    let start = Instant::now();
+    while !raft_members(&info).await.contains("stranger") {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{}",
+            std::fs::read_to_string(dir.path().join("log")).unwrap_or_default()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "a holder of a certificate could not join"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

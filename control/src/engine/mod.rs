@@ -5,6 +5,7 @@
 pub mod patroni;
 pub mod postgres;
 pub mod rqlite;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,6 +31,8 @@ pub struct EngineEnv {
     pub postgres_max_connections: u32,
     /// `node.data_dir` when engines run sandboxed to their own directory.
     pub sandbox_root: Option<PathBuf>,
+    /// Certificates for TLS between the engines of different nodes.
+    pub node_tls: std::sync::Arc<tls::NodeTls>,
 }
 
 /// One database's processes on this node, as one start sees them.
@@ -77,7 +80,11 @@ impl Instance<'_> {
 }
 
 impl EngineEnv {
-    pub fn from_config(c: &ControlConfig, data_dir: &Path) -> Result<EngineEnv> {
+    pub fn from_config(
+        c: &ControlConfig,
+        data_dir: &Path,
+        cluster_key: &crate::cluster_key::ClusterKey,
+    ) -> Result<EngineEnv> {
         if c.sandbox && crate::sandbox::abi().is_none() {
             return Err(ControlError::Internal(
                 "control.sandbox is on but this kernel has no Landlock: engines would reach every tenant's files; set control.sandbox: false to run them unconfined".into(),
@@ -108,6 +115,7 @@ impl EngineEnv {
             start_timeout: c.start_timeout,
             postgres_max_connections: c.postgres_max_connections,
             sandbox_root: c.sandbox.then(|| data_dir.to_path_buf()),
+            node_tls: std::sync::Arc::new(tls::NodeTls::new(cluster_key)?),
         })
     }
 
@@ -117,7 +125,7 @@ impl EngineEnv {
             ControlError::Internal(format!("cannot create {}: {e}", inst.dir.display()))
         })?;
         match engine {
-            Engine::Rqlite => rqlite::prepare(inst),
+            Engine::Rqlite => rqlite::prepare(self, inst),
             Engine::Postgres => postgres::prepare(self, inst).await,
             Engine::Patroni => Err(not_run_here()),
         }

@@ -64,12 +64,13 @@ pub fn raft_addr(r: &ReplicaRecord) -> String {
     format!("{}:{}", r.host, r.raft_port.unwrap_or_default())
 }
 
-pub(super) fn prepare(inst: &Instance<'_>) -> Result<()> {
+pub(super) fn prepare(env: &EngineEnv, inst: &Instance<'_>) -> Result<()> {
     for r in inst.local() {
         let dir = inst.replica_dir(r);
         std::fs::create_dir_all(&dir)
             .map_err(|e| ControlError::Internal(format!("cannot create {}: {e}", dir.display())))?;
         write_auth_file(&dir.join(AUTH_FILE), inst.secret)?;
+        env.node_tls.write(&dir)?;
         // Raft remembers its members' addresses: after a wake on other ports,
         // rqlite's peers.json recovery tells every node where the others are now.
         if inst.raft_moved && !inst.first_start {
@@ -153,6 +154,7 @@ pub(super) fn args(env: &EngineEnv, inst: &Instance<'_>, r: &ReplicaRecord) -> V
         }
     }
     args.extend(["-auth".into(), inst.replica_dir(r).join(AUTH_FILE).into()]);
+    args.extend(super::tls::NodeTls::rqlited_args(&inst.replica_dir(r)));
     args.push(inst.replica_dir(r).into());
     args
 }
