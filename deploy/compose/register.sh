@@ -5,6 +5,9 @@
 # app. Then, through the proxy's protocol-aware PostgreSQL front:
 #   psql "postgres://alice.shop:$SHOP_PASSWORD@127.0.0.1:5433/postgres"   # the leader
 #   psql "postgres://alice.shop:$SHOP_PASSWORD@127.0.0.1:5434/postgres"   # a replica
+# It also gives the proxy its control token (role proxy) in
+# $ROUSE_PROXY_TOKEN_DIR/proxy, a volume only the proxy mounts besides this
+# service. The admin token comes from control's data directory.
 # Running it again changes nothing but alice's password.
 set -eu
 
@@ -41,4 +44,14 @@ if ! rouse-control db status shop postgres >/dev/null 2>&1; then
 fi
 
 retry rouse-control user create shop alice >/dev/null
+
+: "${ROUSE_PROXY_TOKEN_DIR:=/proxy-token}"
+if [ ! -s "$ROUSE_PROXY_TOKEN_DIR/proxy" ]; then
+  token=$(rouse-control token create --role proxy | sed -n 's/.*"token": "\(.*\)".*/\1/p')
+  umask 077
+  printf '%s' "$token" > "$ROUSE_PROXY_TOKEN_DIR/proxy.new"
+  # The proxy runs as another user of its own image: it may read, no one else.
+  chmod 0444 "$ROUSE_PROXY_TOKEN_DIR/proxy.new"
+  mv "$ROUSE_PROXY_TOKEN_DIR/proxy.new" "$ROUSE_PROXY_TOKEN_DIR/proxy"
+fi
 echo "registered: postgres://alice.shop:...@rouse-proxy:5433/postgres (read-write), :5434 (read-only)"
