@@ -43,9 +43,9 @@ if [ ! -f "$DEPS_DIR/node_modules/rqlite-js/package.json" ] || [ ! -d "$DEPS_DIR
   echo "installing rqlite-js (npm)"
   $SUDO npm install --silent --no-audit --no-fund --prefix "$DEPS_DIR" rqlite-js@2 @babel/runtime@7 >/dev/null
 fi
-if ! python3 -c "import pyrqlite, psycopg" 2>/dev/null; then
-  echo "installing pyrqlite and psycopg (PyPI)"
-  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore pyrqlite "psycopg[binary]" >/dev/null
+if ! python3 -c "import pyrqlite, psycopg, kubernetes_validate" 2>/dev/null; then
+  echo "installing pyrqlite, psycopg and kubernetes-validate (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore pyrqlite "psycopg[binary]" kubernetes-validate >/dev/null
 fi
 
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)

@@ -52,6 +52,7 @@ App "demo" has a new API key: $key
   $bin/rouse-control db list                     # status of every database
   $bin/rouse-control db hibernate demo notes     # the next request wakes it
 
+Control API tokens: ./data/tokens/admin (rouse-control reads it) and ./data/tokens/proxy.
 Stats page: http://$(setting stats_addr)/ (open it in a browser)
 Metrics: http://$(setting stats_addr)/metrics (proxy), http://$api/metrics (control).
 Ctrl-C stops rouse and every database it runs.

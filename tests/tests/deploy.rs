@@ -368,6 +368,27 @@ fn sidecar_probes_reach_the_stats_port() -> Result<()> {
     Ok(())
 }
 
+/// Every object of the Kubernetes manifests is valid against the API's
+/// schema (strict: no unknown fields), for the oldest version they need
+/// (native sidecars: 1.29).
+#[test]
+fn kubernetes_manifests_match_the_api_schema() -> Result<()> {
+    let dir = repo().join("deploy/kubernetes");
+    let out = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "-k", "1.29.0", "--strict"])
+        .arg(dir.join("control.yaml"))
+        .arg(dir.join("sidecar.yaml"))
+        .output()
+        .context("run kubernetes-validate (installed by deploy/install-deps.sh)")?;
+    let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    ensure!(out.status.success(), "{report}");
+    ensure!(
+        report.matches("passed for resource").count() == 7,
+        "{report}"
+    );
+    Ok(())
+}
+
 /// The argument list of a unit's `ExecStart=`, the binary first.
 fn exec_start(unit: &str) -> Vec<&str> {
     unit.lines()
