@@ -375,6 +375,15 @@ async fn route(
             let body: ScaleRequest = read_json(req).await?;
             reply(S::OK, m.scale(&body).await)
         }
+        (&Method::GET, ["cluster", "engine-ca"]) => {
+            c.proxy("read the engine CA")?;
+            json(
+                S::OK,
+                &rouse_control_api::engine_tls::EngineCa {
+                    pem: m.engine_ca().to_string(),
+                },
+            )
+        }
         (&Method::GET, ["nodes"]) => {
             c.proxy("list nodes")?;
             reply(S::OK, m.nodes().await)

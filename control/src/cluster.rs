@@ -277,6 +277,7 @@ mod tests {
 
     fn endpoint(host: &str, port: u16) -> Endpoint {
         Endpoint {
+            tls: false,
             node_id: "n0".into(),
             host: host.into(),
             port,

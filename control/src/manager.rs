@@ -354,8 +354,10 @@ impl Manager {
             // Started by another node (or before this one ran): where the
             // replicas are, leader unknown (rqlite followers forward).
             DatabaseStatus::Active => match rec.engine {
-                Engine::Rqlite => engine::endpoints(&rec.replicas, None),
-                Engine::Postgres => engine::endpoints(&rec.replicas, Some(0)),
+                Engine::Rqlite => {
+                    engine::endpoints(&rec.replicas, None, self.engines.engine_https.is_some())
+                }
+                Engine::Postgres => engine::endpoints(&rec.replicas, Some(0), false),
                 Engine::Patroni => self
                     .patroni_registration(&rec.key)
                     .map(|reg| engine::patroni::endpoints(&rec.replicas, &reg))
@@ -397,6 +399,11 @@ impl Manager {
             .expect("secrets poisoned")
             .insert(rec.key.clone(), rec.secret.clone());
         info
+    }
+
+    /// The CA that engine certificates chain to.
+    pub fn engine_ca(&self) -> &str {
+        self.engines.node_tls.ca_pem()
     }
 
     /// The engine login `role` may use on the database of `info`: the
@@ -1353,8 +1360,14 @@ impl Manager {
     async fn announce_leader(&self, rec: &DatabaseRecord) {
         let deadline = tokio::time::Instant::now() + self.engines.start_timeout;
         while tokio::time::Instant::now() < deadline {
-            if let Some(leader) = engine::rqlite::current_leader(&rec.replicas, &rec.secret).await {
-                let endpoints = engine::endpoints(&rec.replicas, Some(leader));
+            if let Some(leader) =
+                engine::rqlite::current_leader(&self.engines, &rec.replicas, &rec.secret).await
+            {
+                let endpoints = engine::endpoints(
+                    &rec.replicas,
+                    Some(leader),
+                    self.engines.engine_https.is_some(),
+                );
                 self.set_view(&rec.key, DatabaseStatus::Active, endpoints.clone());
                 self.publish(Event::Leader {
                     app: rec.key.app.clone(),
@@ -1523,7 +1536,7 @@ impl Manager {
             let survivors: Vec<RqliteClient> = replicas
                 .iter()
                 .filter(|r| r.idx != new.idx)
-                .map(|r| engine::rqlite::client(r, &rec.secret))
+                .map(|r| engine::rqlite::client(&self.engines, r, &rec.secret))
                 .collect();
             let dead_member = engine::rqlite::node_id(&gone);
             engine::poll_until(
@@ -1553,7 +1566,7 @@ impl Manager {
                 },
             )
             .await?;
-            let client = engine::rqlite::client(&new, &rec.secret);
+            let client = engine::rqlite::client(&self.engines, &new, &rec.secret);
             engine::poll_until(
                 tokio::time::Instant::now() + self.engines.start_timeout,
                 "replacement replica",

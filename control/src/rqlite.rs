@@ -75,27 +75,39 @@ pub struct StmtResult {
 #[derive(Clone)]
 pub struct RqliteClient {
     addr: String,
+    /// `http` or `https`.
+    scheme: &'static str,
     http: reqwest::Client,
 }
 
 impl RqliteClient {
     /// `addr` is `host:port` of the HTTP API; every request logs in
-    /// (rqlited runs with `-auth`).
-    pub fn with_login(addr: &str, login: &BackendCredentials) -> Self {
+    /// (rqlited runs with `-auth`), over TLS when `tls` is given.
+    pub fn new(
+        addr: &str,
+        login: &BackendCredentials,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Self {
         let mut headers = reqwest::header::HeaderMap::new();
         let mut value = reqwest::header::HeaderValue::from_str(&login.basic_auth())
             .expect("base64 is a valid header value");
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(30))
-            .default_headers(headers)
-            .build()
-            .expect("reqwest client without TLS always builds");
+            .default_headers(headers);
+        let scheme = match tls {
+            Some(config) => {
+                http = http.use_preconfigured_tls((*config).clone());
+                "https"
+            }
+            None => "http",
+        };
         RqliteClient {
             addr: addr.to_string(),
-            http,
+            scheme,
+            http: http.build().expect("an rqlite client builds"),
         }
     }
 
@@ -120,7 +132,7 @@ impl RqliteClient {
     }
 
     async fn post_once(&self, path: &str, body: &Value) -> Result<Vec<StmtResult>, RqliteError> {
-        let url = format!("http://{}{}", self.addr, path);
+        let url = format!("{}://{}{}", self.scheme, self.addr, path);
         let transport = |source| RqliteError::Transport {
             addr: self.addr.clone(),
             source,
@@ -168,7 +180,7 @@ impl RqliteClient {
 
     /// `/readyz` is 200: the node runs and knows a leader.
     pub async fn ready(&self) -> bool {
-        let url = format!("http://{}/readyz", self.addr);
+        let url = format!("{}://{}/readyz", self.scheme, self.addr);
         matches!(
             self.http.get(url).timeout(Duration::from_secs(1)).send().await,
             Ok(r) if r.status().is_success()
@@ -177,7 +189,7 @@ impl RqliteClient {
 
     /// The node answers HTTP at all (it may not know a leader yet).
     pub async fn alive(&self) -> bool {
-        let url = format!("http://{}/status", self.addr);
+        let url = format!("{}://{}/status", self.scheme, self.addr);
         matches!(
             self.http.get(url).timeout(Duration::from_secs(1)).send().await,
             Ok(r) if r.status().is_success()
@@ -187,7 +199,7 @@ impl RqliteClient {
     /// Removes the member `id` from the Raft configuration (rqlite forwards
     /// this to the leader). A member that is already gone is no error.
     pub async fn remove_node(&self, id: &str) -> Result<(), RqliteError> {
-        let url = format!("http://{}/remove", self.addr);
+        let url = format!("{}://{}/remove", self.scheme, self.addr);
         let transport = |source| RqliteError::Transport {
             addr: self.addr.clone(),
             source,
@@ -225,7 +237,7 @@ impl RqliteClient {
     /// A status endpoint's JSON, or `None` when the node does not answer.
     async fn get_json(&self, path: &str) -> Option<Value> {
         self.http
-            .get(format!("http://{}{path}", self.addr))
+            .get(format!("{}://{}{path}", self.scheme, self.addr))
             .timeout(Duration::from_secs(1))
             .send()
             .await

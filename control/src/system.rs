@@ -159,9 +159,10 @@ impl SystemDb {
             ControlError::Internal(format!("cannot start rqlited for _system: {e}"))
         })?;
         tokio::spawn(log_events(rx));
-        let client = RqliteClient::with_login(
+        let client = RqliteClient::new(
             &format!("{}:{http}", now.host),
             &engine::rqlite::login(&password),
+            engines.engine_https.clone(),
         );
         engine::poll_until(
             tokio::time::Instant::now() + engines.start_timeout,

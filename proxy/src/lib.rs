@@ -150,6 +150,28 @@ impl Listeners {
     }
 }
 
+/// Asks control for the CA of the engines' certificates, until it answers,
+/// so that engines whose HTTP API speaks TLS can be checked.
+async fn learn_engine_ca(control: Client, upstream: Arc<Upstream>) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match control.engine_ca().await {
+            Ok(ca) => {
+                match rouse_control_api::engine_tls::client_config(ca.pem.as_bytes()) {
+                    Ok(config) => upstream.trust_engines(config),
+                    Err(e) => {
+                        error!(error = %e, "control's engine CA is unusable: engines over TLS stay unreachable")
+                    }
+                }
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "engine CA not known yet"),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Runs the proxy until `shutdown` resolves; requests in flight then get a
 /// few seconds to finish. Each configuration from `reloads` is applied in
 /// place (see [`reload`]).
@@ -191,7 +213,9 @@ pub async fn run(
         let (shared, auth) = (shared.clone(), auth.clone());
         async move { shared.follow_revocations(|r| auth.forget(&r)).await }
     };
+    let upstream = Arc::new(Upstream::default());
     let tasks = [
+        tokio::spawn(learn_engine_ca(control.clone(), upstream.clone())),
         tokio::spawn(revocations),
         tokio::spawn(routes.clone().follow_events(auth.clone())),
         tokio::spawn(activity.clone().report_forever(
@@ -225,7 +249,7 @@ pub async fn run(
         limits: limits.clone(),
         cache: ResponseCache::new(&p.response_cache),
         routes,
-        upstream: Upstream::default(),
+        upstream,
         activity,
         metrics: Default::default(),
         failed_logins,

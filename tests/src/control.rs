@@ -187,6 +187,12 @@ impl ControlBuilder {
             .lock()
             .expect("admin tokens poisoned")
             .push(control.admin_token());
+        let ca = control.client().engine_ca().await?.pem;
+        let mut cas = ENGINE_CAS.lock().expect("engine CAs poisoned");
+        if !cas.contains(&ca) {
+            cas.push_str(&ca);
+        }
+        drop(cas);
         Ok(control)
     }
 
@@ -341,6 +347,15 @@ pub struct Control {
     data_dir: PathBuf,
     tokens: PathBuf,
     dir: TempDir,
+}
+
+/// The engine CA of every control this process started (PEM), which
+/// [`crate::http_client`] trusts.
+static ENGINE_CAS: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// Every engine CA known to this process, as one PEM bundle.
+pub fn engine_cas() -> String {
+    ENGINE_CAS.lock().expect("engine CAs poisoned").clone()
 }
 
 /// The admin token of every control this process started, so that

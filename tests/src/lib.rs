@@ -31,7 +31,7 @@ pub use postgres::{bin_dir as postgres_bin_dir, Postgres, RunAs};
 pub use process::{run, ServerProcess};
 pub use proxy::{Proxy, ProxyBuilder};
 pub use redis::{redis_cli, Redis, RedisBuilder, TlsFiles};
-pub use rqlite::{engine_url, rqlite_execute, rqlite_query, Rqlited};
+pub use rqlite::{engine_curl_args, engine_url, rqlite_execute, rqlite_query, Rqlited};
 pub use sentinel::{Sentinel, SentinelBuilder};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -120,11 +120,17 @@ fn binary(var: &str, name: &str) -> PathBuf {
 
 /// A fresh client per caller: a pooled connection is tied to the tokio
 /// runtime that opened it, and every `#[tokio::test]` has its own runtime.
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("reqwest client without TLS always builds")
+/// A client for tests; it trusts the engines of every control this process
+/// started, when their HTTP API speaks TLS.
+pub fn http_client() -> reqwest::Client {
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+    let cas = control::engine_cas();
+    if !cas.is_empty() {
+        let config = rouse_control_api::engine_tls::client_config(cas.as_bytes())
+            .expect("controls' engine CAs are usable");
+        builder = builder.use_preconfigured_tls((*config).clone());
+    }
+    builder.build().expect("a test client builds")
 }
 
 /// Succeeds when `GET url` answers 2xx: the readiness probe of HTTP servers.

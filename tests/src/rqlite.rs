@@ -72,13 +72,40 @@ pub fn engine_url(
     info: &rouse_control_api::DatabaseInfo,
     e: &rouse_control_api::Endpoint,
 ) -> String {
+    let scheme = if e.tls { "https" } else { "http" };
     match &crate::control::engine_login(info) {
         Some(login) => format!(
-            "http://{}:{}@{}:{}",
+            "{scheme}://{}:{}@{}:{}",
             login.user, login.password, e.host, e.port
         ),
-        None => format!("http://{}:{}", e.host, e.port),
+        None => format!("{scheme}://{}:{}", e.host, e.port),
     }
+}
+
+/// curl's arguments to reach `path` of replica `e` the way [`engine_url`]
+/// does, checking the engine's certificate against the controls' CAs when
+/// its HTTP API speaks TLS (the certificate names `rouse-engine`, not the
+/// address).
+pub fn engine_curl_args(
+    info: &rouse_control_api::DatabaseInfo,
+    e: &rouse_control_api::Endpoint,
+    path: &str,
+) -> Vec<String> {
+    let url = format!("{}{path}", engine_url(info, e));
+    if !e.tls {
+        return vec![url];
+    }
+    let ca = std::env::temp_dir().join(format!("rouse-engine-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca, crate::control::engine_cas()).expect("write the engine CAs");
+    let name = rouse_control_api::engine_tls::SERVER_NAME;
+    let host = format!("{}:{}", e.host, e.port);
+    vec![
+        "--cacert".into(),
+        ca.to_string_lossy().into_owned(),
+        "--resolve".into(),
+        format!("{name}:{}:{}", e.port, e.host),
+        url.replace(&host, &format!("{name}:{}", e.port)),
+    ]
 }
 
 /// Runs one statement through `POST /db/execute` of the rqlite node at

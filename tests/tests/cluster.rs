@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use rouse_control_api::*;
-use rouse_tests::{engine_url, Cluster, Control, ControlBuilder, Network, Proxy};
+use rouse_tests::{engine_curl_args, engine_url, Cluster, Control, ControlBuilder, Network, Proxy};
 use serde_json::{json, Value};
 
 const APP: &str = "shop";
@@ -43,7 +43,7 @@ fn holders(info: &DatabaseInfo) -> BTreeSet<String> {
 /// An rqlite API call straight to one replica.
 async fn replica_call(info: &DatabaseInfo, e: &Endpoint, path: &str, body: Value) -> Result<Value> {
     let url = format!("{}{path}", engine_url(info, e));
-    let resp = reqwest::Client::new()
+    let resp = rouse_tests::http_client()
         .post(url)
         .json(&body)
         .timeout(Duration::from_secs(5))
@@ -55,7 +55,7 @@ async fn replica_call(info: &DatabaseInfo, e: &Endpoint, path: &str, body: Value
 /// The Raft members the replica at `e` knows: id → (voter, reachable).
 async fn raft_members(info: &DatabaseInfo, e: &Endpoint) -> Result<Vec<(String, bool, bool)>> {
     let url = format!("{}/nodes?nonvoters&ver=2", engine_url(info, e));
-    let v: Value = reqwest::Client::new()
+    let v: Value = rouse_tests::http_client()
         .get(url)
         .timeout(Duration::from_secs(5))
         .send()
@@ -590,7 +590,8 @@ async fn a_dead_node_is_replaced_and_no_acknowledged_write_is_lost() -> Result<(
 fn raft_state_from(net: &Network, i: usize, info: &DatabaseInfo, e: &Endpoint) -> Option<String> {
     let out = net
         .command(i, "curl")
-        .args(["-s", "-m", "1", &format!("{}/status", engine_url(info, e))])
+        .args(["-s", "-m", "1"])
+        .args(engine_curl_args(info, e, "/status"))
         .output()
         .ok()?;
     let v: Value = serde_json::from_slice(&out.stdout).ok()?;
@@ -618,7 +619,7 @@ fn acknowledged_from(
             "-d",
             &body,
         ])
-        .arg(format!("{}/db/execute", engine_url(info, e)))
+        .args(engine_curl_args(info, e, "/db/execute"))
         .output()
     else {
         return false;
@@ -644,6 +645,8 @@ async fn a_partitioned_node_makes_no_second_leader_and_loses_no_write() -> Resul
         .create_database(&rqlite_db("accounts", 3))
         .await?;
     let ids = cluster.node_ids().await?;
+    // Hosts on a network, not loopback: the engines' HTTP API speaks TLS.
+    ensure!(info.endpoints.iter().all(|e| e.tls), "{:?}", info.endpoints);
     // The leader's node is cut off; the proxy follows another node.
     let leader = info
         .endpoints

@@ -504,3 +504,93 @@ async fn a_host_without_a_cluster_certificate_cannot_join_a_raft_cluster() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_speak_tls_to_control_and_proxies_when_asked() {
+    let control = founder()
+        .env("ROUSE_CONTROL__ENGINE_HTTPS", "true")
+        .start()
+        .await
+        .unwrap();
+    let admin = control.client();
+    admin.create_app(&name("shop")).await.unwrap();
+    let key = admin.create_key(&name("shop")).await.unwrap().key;
+    let info = admin
+        .create_database(&CreateDatabase {
+            app: name("shop"),
+            name: name("main"),
+            engine: Engine::Rqlite,
+            replication_factor: Some(1),
+            patroni: None,
+        })
+        .await
+        .unwrap();
+    let e = info.endpoints[0].clone();
+    assert!(e.tls, "{e:?}");
+
+    // In clear, the engine answers nothing of its data.
+    let login = rouse_tests::engine_login(&info).unwrap();
+    let plain = reqwest::Client::new()
+        .post(format!("http://{}:{}/db/query", e.host, e.port))
+        .basic_auth(&login.user, Some(&login.password))
+        .json(&json!(["SELECT 1"]))
+        .send()
+        .await
+        .unwrap();
+    assert!(!plain.status().is_success(), "{}", plain.status());
+    // A client that trusts another cluster's CA cannot talk to it.
+    let other = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.node.data_dir = other.path().to_path_buf();
+    let stranger_ca = rouse_control::engine::tls::NodeTls::new(&ClusterKey::load(&config).unwrap())
+        .unwrap()
+        .ca_pem()
+        .to_string();
+    let tls = rouse_control_api::engine_tls::client_config(stranger_ca.as_bytes()).unwrap();
+    let doubtful = reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .build()
+        .unwrap();
+    let url = rouse_tests::engine_url(&info, &e);
+    assert!(doubtful.get(format!("{url}/status")).send().await.is_err());
+    // One that trusts this cluster's CA does.
+    rouse_tests::rqlite_execute(&url, "CREATE TABLE t (v TEXT)")
+        .await
+        .unwrap();
+
+    // The proxy learns the CA from control and serves over TLS.
+    let proxy = Proxy::builder(&control).start().await.unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://{}/shop/main/db", proxy.http_addr());
+    let start = Instant::now();
+    loop {
+        let resp = http
+            .post(format!("{base}/execute"))
+            .header("X-API-Key", &key)
+            .json(&json!(["INSERT INTO t VALUES ('sealed')"]))
+            .send()
+            .await
+            .unwrap();
+        if resp.status().is_success() {
+            break;
+        }
+        // The CA arrives a moment after the proxy starts.
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}",
+            resp.text().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = http
+        .post(format!("{base}/query"))
+        .header("X-API-Key", &key)
+        .json(&json!(["SELECT v FROM t"]))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(rows.contains("sealed"), "{rows}");
+}

@@ -279,6 +279,11 @@ impl Client {
         self.post("/cluster/scale", req).await
     }
 
+    /// The CA of the engines' certificates (see [`crate::engine_tls`]).
+    pub async fn engine_ca(&self) -> Result<crate::engine_tls::EngineCa, ClientError> {
+        self.get("/cluster/engine-ca").await
+    }
+
     pub async fn nodes(&self) -> Result<NodeList, ClientError> {
         self.get("/nodes").await
     }

@@ -139,6 +139,11 @@ pub struct ControlConfig {
     /// Engine processes may touch only their own data directory (Landlock).
     /// Off only to test the proxy's statement filter on its own.
     pub sandbox: bool,
+    /// rqlite's HTTP API over TLS (certificates of the cluster CA). Unset:
+    /// on when a replica host is not a loopback address, that is when
+    /// engine traffic leaves the machine. Every node of a cluster must
+    /// agree.
+    pub engine_https: Option<bool>,
 }
 
 impl Default for ControlConfig {
@@ -157,6 +162,7 @@ impl Default for ControlConfig {
             stop_grace: Duration::from_secs(10),
             postgres_max_connections: 300,
             sandbox: true,
+            engine_https: None,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod apps;
 pub mod client;
 pub mod config;
 pub mod duration;
+pub mod engine_tls;
 pub mod name;
 pub mod sealed;
 pub mod server;

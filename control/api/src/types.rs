@@ -193,6 +193,10 @@ pub struct Endpoint {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<String>,
     pub leader: bool,
+    /// The engine's HTTP API speaks TLS, with a certificate of the cluster
+    /// CA for [`crate::engine_tls::SERVER_NAME`] (rqlite across nodes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
 }
 
 impl Endpoint {

@@ -33,6 +33,9 @@ pub struct EngineEnv {
     pub sandbox_root: Option<PathBuf>,
     /// Certificates for TLS between the engines of different nodes.
     pub node_tls: std::sync::Arc<tls::NodeTls>,
+    /// How control reaches rqlite's HTTP API over TLS (`control.engine_https`);
+    /// `None`: plain HTTP.
+    pub engine_https: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// One database's processes on this node, as one start sees them.
@@ -99,6 +102,7 @@ impl EngineEnv {
             })?,
         };
         let postgres_bin = c.postgres_bin_dir.clone().or_else(find_postgres_bin);
+        let node_tls = std::sync::Arc::new(tls::NodeTls::new(cluster_key)?);
         // PostgreSQL refuses to run as root; an unprivileged daemon runs it as itself.
         // SAFETY: geteuid has no preconditions.
         let postgres_user = if unsafe { libc::geteuid() } == 0 {
@@ -115,7 +119,12 @@ impl EngineEnv {
             start_timeout: c.start_timeout,
             postgres_max_connections: c.postgres_max_connections,
             sandbox_root: c.sandbox.then(|| data_dir.to_path_buf()),
-            node_tls: std::sync::Arc::new(tls::NodeTls::new(cluster_key)?),
+            node_tls: node_tls.clone(),
+            engine_https: c
+                .engine_https
+                .unwrap_or_else(|| c.replica_hosts.iter().any(|h| !h.is_loopback()))
+                .then(|| node_tls.client_config())
+                .transpose()?,
         })
     }
 
@@ -175,7 +184,7 @@ impl EngineEnv {
     pub async fn wait_ready(&self, engine: Engine, inst: &Instance<'_>) -> Result<Vec<Endpoint>> {
         let deadline = tokio::time::Instant::now() + self.start_timeout;
         match engine {
-            Engine::Rqlite => rqlite::wait_ready(inst, deadline).await,
+            Engine::Rqlite => rqlite::wait_ready(self, inst, deadline).await,
             Engine::Postgres => postgres::wait_ready(inst, deadline).await,
             Engine::Patroni => Err(not_run_here()),
         }
@@ -186,7 +195,7 @@ impl EngineEnv {
     pub async fn wait_alive(&self, engine: Engine, inst: &Instance<'_>) -> Result<()> {
         let deadline = tokio::time::Instant::now() + self.start_timeout;
         match engine {
-            Engine::Rqlite => rqlite::wait_alive(inst, deadline).await,
+            Engine::Rqlite => rqlite::wait_alive(self, inst, deadline).await,
             Engine::Postgres => postgres::wait_ready(inst, deadline).await.map(|_| ()),
             Engine::Patroni => Err(not_run_here()),
         }
@@ -217,7 +226,8 @@ impl EngineEnv {
 }
 
 /// Endpoints of the replicas, the leader first.
-pub fn endpoints(replicas: &[ReplicaRecord], leader: Option<usize>) -> Vec<Endpoint> {
+/// `tls`: the engines' HTTP API speaks TLS.
+pub fn endpoints(replicas: &[ReplicaRecord], leader: Option<usize>, tls: bool) -> Vec<Endpoint> {
     let mut out: Vec<Endpoint> = replicas
         .iter()
         .enumerate()
@@ -228,6 +238,7 @@ pub fn endpoints(replicas: &[ReplicaRecord], leader: Option<usize>) -> Vec<Endpo
             raft_port: r.raft_port,
             api: None,
             leader: Some(i) == leader,
+            tls,
         })
         .collect();
     out.sort_by_key(|e| !e.leader);

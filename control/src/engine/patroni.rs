@@ -70,6 +70,7 @@ pub fn endpoints(replicas: &[ReplicaRecord], reg: &Registration) -> Vec<Endpoint
         .iter()
         .zip(&reg.api)
         .map(|(r, api)| Endpoint {
+            tls: false,
             node_id: r.node_id.clone(),
             host: r.host.clone(),
             port: r.port,

@@ -162,7 +162,7 @@ pub(super) async fn wait_ready(
         Ok(())
     })
     .await?;
-    Ok(super::endpoints(std::slice::from_ref(r), Some(0)))
+    Ok(super::endpoints(std::slice::from_ref(r), Some(0), false))
 }
 
 fn quote_ident(name: &str) -> String {

@@ -25,8 +25,12 @@ const AUTH_FILE: &str = "auth.json";
 
 /// A client of replica `r`, logged in with the database's secret (every
 /// rqlited, `_system` included, runs with `-auth`).
-pub fn client(r: &ReplicaRecord, secret: &str) -> RqliteClient {
-    RqliteClient::with_login(&format!("{}:{}", r.host, r.port), &login(secret))
+pub fn client(env: &EngineEnv, r: &ReplicaRecord, secret: &str) -> RqliteClient {
+    RqliteClient::new(
+        &format!("{}:{}", r.host, r.port),
+        &login(secret),
+        env.engine_https.clone(),
+    )
 }
 
 /// The engine login of a database whose secret is `secret`.
@@ -154,19 +158,23 @@ pub(super) fn args(env: &EngineEnv, inst: &Instance<'_>, r: &ReplicaRecord) -> V
         }
     }
     args.extend(["-auth".into(), inst.replica_dir(r).join(AUTH_FILE).into()]);
-    args.extend(super::tls::NodeTls::rqlited_args(&inst.replica_dir(r)));
+    args.extend(super::tls::NodeTls::rqlited_args(
+        &inst.replica_dir(r),
+        env.engine_https.is_some(),
+    ));
     args.push(inst.replica_dir(r).into());
     args
 }
 
 pub(super) async fn wait_ready(
+    env: &EngineEnv,
     inst: &Instance<'_>,
     deadline: tokio::time::Instant,
 ) -> Result<Vec<Endpoint>> {
     let clients: Vec<RqliteClient> = inst
         .replicas
         .iter()
-        .map(|r| client(r, inst.secret))
+        .map(|r| client(env, r, inst.secret))
         .collect();
     let leader = poll_until(deadline, inst.label, || async {
         for c in &clients {
@@ -197,12 +205,20 @@ pub(super) async fn wait_ready(
         Err("no leader yet".to_string())
     })
     .await?;
-    Ok(super::endpoints(inst.replicas, Some(leader)))
+    Ok(super::endpoints(
+        inst.replicas,
+        Some(leader),
+        env.engine_https.is_some(),
+    ))
 }
 
-pub(super) async fn wait_alive(inst: &Instance<'_>, deadline: tokio::time::Instant) -> Result<()> {
+pub(super) async fn wait_alive(
+    env: &EngineEnv,
+    inst: &Instance<'_>,
+    deadline: tokio::time::Instant,
+) -> Result<()> {
     for r in inst.local() {
-        let client = client(r, inst.secret);
+        let client = client(env, r, inst.secret);
         poll_until(deadline, inst.label, || async {
             if client.alive().await {
                 Ok(())
@@ -216,9 +232,13 @@ pub(super) async fn wait_alive(inst: &Instance<'_>, deadline: tokio::time::Insta
 }
 
 /// The current leader's index, asked of the replicas in turn.
-pub async fn current_leader(replicas: &[ReplicaRecord], secret: &str) -> Option<usize> {
+pub async fn current_leader(
+    env: &EngineEnv,
+    replicas: &[ReplicaRecord],
+    secret: &str,
+) -> Option<usize> {
     for r in replicas {
-        if let Some(id) = client(r, secret).leader_id().await {
+        if let Some(id) = client(env, r, secret).leader_id().await {
             return replicas.iter().position(|p| node_id(p) == id);
         }
     }

@@ -19,8 +19,9 @@ use rcgen::{
 use crate::cluster_key::ClusterKey;
 use crate::error::{ControlError, Result};
 
-/// The name in every node certificate, verified by the engines.
-pub const SERVER_NAME: &str = "rouse-engine";
+/// The name in every node certificate, verified by the engines and their
+/// HTTP clients.
+pub use rouse_control_api::engine_tls::SERVER_NAME;
 
 /// File names in each replica directory (the only one a sandboxed engine
 /// may read).
@@ -88,10 +89,21 @@ impl NodeTls {
         Ok(())
     }
 
-    /// rqlited's arguments for mutual TLS between nodes, with the files
-    /// [`NodeTls::write`] put in `dir`.
-    pub fn rqlited_args(dir: &Path) -> Vec<std::ffi::OsString> {
-        vec![
+    /// How control reaches engines' HTTP API over TLS.
+    pub fn client_config(&self) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+        rouse_control_api::engine_tls::client_config(self.ca.as_bytes())
+            .map_err(ControlError::Internal)
+    }
+
+    /// The cluster CA, for proxies to check engines with.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca
+    }
+
+    /// rqlited's arguments for mutual TLS between nodes (and `https`: TLS
+    /// on the HTTP API), with the files [`NodeTls::write`] put in `dir`.
+    pub fn rqlited_args(dir: &Path, https: bool) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec![
             "-node-ca-cert".into(),
             dir.join(CA_FILE).into(),
             "-node-cert".into(),
@@ -101,7 +113,16 @@ impl NodeTls {
             "-node-verify-client".into(),
             "-node-verify-server-name".into(),
             SERVER_NAME.into(),
-        ]
+        ];
+        if https {
+            args.extend([
+                "-http-cert".into(),
+                dir.join(CERT_FILE).into(),
+                "-http-key".into(),
+                dir.join(KEY_FILE).into(),
+            ]);
+        }
+        args
     }
 }
 

@@ -39,7 +39,7 @@ pub struct Proxy {
     pub limits: Arc<RateLimits>,
     pub cache: ResponseCache,
     pub routes: Arc<Routes>,
-    pub upstream: Upstream,
+    pub upstream: Arc<Upstream>,
     pub activity: Arc<Activity>,
     pub metrics: RequestMetrics,
     /// Shared with the PostgreSQL front: one count per client address.

@@ -3,11 +3,15 @@
 //! forwards to the leader), follows a follower's redirect to the leader
 //! itself (re-sending the body), and retries while the cluster elects.
 //!
+//! Engines whose HTTP API speaks TLS (rqlite across nodes) are reached over
+//! TLS checked against the cluster CA, which the proxy learns from control.
+//!
 //! Each database's engines know only that database's login: an engine that
 //! refuses it (401) is not the database this route is for (a stale or
 //! forged endpoint, a port taken over by another database), so its answer
 //! is never served and the route counts as stale.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::wake::Target;
@@ -33,8 +37,12 @@ pub enum UpstreamError {
     Failed(String),
 }
 
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 pub struct Upstream {
     client: Client<HttpConnector, Full<Bytes>>,
+    /// To engines over TLS; made once the engine CA is known.
+    tls: OnceLock<HttpsClient>,
 }
 
 /// Redirects followed inside the proxy before giving up.
@@ -49,20 +57,64 @@ fn electing(status: StatusCode, body: &[u8]) -> bool {
         || (status == StatusCode::INTERNAL_SERVER_ERROR && body.starts_with(b"leader not found"))
 }
 
+fn connector() -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    connector.set_nodelay(true);
+    connector
+}
+
+fn pooled() -> hyper_util::client::legacy::Builder {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(512);
+    builder
+}
+
 impl Default for Upstream {
     fn default() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(512)
-            .build(connector);
-        Upstream { client }
+        Upstream {
+            client: pooled().build(connector()),
+            tls: OnceLock::new(),
+        }
     }
 }
 
 impl Upstream {
+    /// Engines over TLS are checked against this configuration (see
+    /// `rouse_control_api::engine_tls`) from now on.
+    pub fn trust_engines(&self, config: Arc<rustls::ClientConfig>) {
+        let mut http = connector();
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*config).clone())
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http);
+        let _ = self.tls.set(pooled().build(https));
+    }
+
+    async fn request(
+        &self,
+        tls: bool,
+        req: Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, UpstreamError> {
+        let sent = if tls {
+            match self.tls.get() {
+                Some(client) => client.request(req).await,
+                None => {
+                    return Err(UpstreamError::Unreachable(
+                        "the engines speak TLS and the proxy does not know their CA yet".into(),
+                    ))
+                }
+            }
+        } else {
+            self.client.request(req).await
+        };
+        sent.map_err(|e| UpstreamError::Unreachable(e.to_string()))
+    }
+
     /// Sends one request to the database, by the rules above, until `deadline`.
     pub async fn send(
         &self,
@@ -77,6 +129,9 @@ impl Upstream {
         if endpoints.is_empty() {
             return Err(UpstreamError::Unreachable("no endpoints".into()));
         }
+        // The replicas of one database all speak TLS or none does.
+        let tls = endpoints.iter().any(|e| e.tls);
+        let scheme = if tls { "https" } else { "http" };
         let mut next = 0usize;
         let mut redirected: Option<String> = None;
         let mut hops = 0;
@@ -88,7 +143,7 @@ impl Upstream {
             };
             let mut req = Request::builder()
                 .method(method.clone())
-                .uri(format!("http://{addr}{path_and_query}"));
+                .uri(format!("{scheme}://{addr}{path_and_query}"));
             if let Some(ct) = content_type {
                 req = req.header(CONTENT_TYPE, ct.clone());
             }
@@ -98,15 +153,16 @@ impl Upstream {
             let req = req
                 .body(Full::new(body.clone()))
                 .map_err(|e| UpstreamError::Failed(e.to_string()))?;
-            let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+            let resp = match tokio::time::timeout_at(deadline, self.request(tls, req)).await {
                 Err(_) => return Err(UpstreamError::Timeout),
-                // Refused, or a pooled connection to a replica that died: no
-                // answer came, so the next replica gets the request.
+                // Refused, a pooled connection to a replica that died, or a
+                // certificate not of the cluster CA: no answer came, so the
+                // next replica gets the request.
                 Ok(Err(e)) => {
                     refused += 1;
                     next += 1;
                     if refused >= endpoints.len() {
-                        return Err(UpstreamError::Unreachable(e.to_string()));
+                        return Err(e);
                     }
                     continue;
                 }
