@@ -35,10 +35,12 @@ pub async fn serve(
     listener: TcpListener,
     manager: Arc<Manager>,
     tokens: Arc<Tokens>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
     rouse_control_api::server::serve_http(
         listener,
+        tls,
         "control",
         Duration::from_secs(10),
         Duration::from_secs(5),

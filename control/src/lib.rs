@@ -43,6 +43,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     rouse_control_api::telemetry::metrics();
+    let api_tls = config
+        .control
+        .tls
+        .as_ref()
+        .map(rouse_control_api::server::tls_acceptor)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("control.tls: {e}"))?;
     std::fs::create_dir_all(&config.node.data_dir)?;
     let node_id = system::node_id(&config.node.data_dir)?;
     let cluster_key = cluster_key::ClusterKey::load(&config)?;
@@ -87,7 +94,7 @@ pub async fn run(
     let upkeep = tokio::spawn(manager.clone().run_upkeep());
     let reaper = tokio::spawn(manager.clone().run_idle_reaper());
     info!(node_id = %node_id, api_addr = %listener.local_addr()?, "rouse-control ready");
-    api::serve(listener, manager.clone(), tokens, shutdown).await;
+    api::serve(listener, manager.clone(), tokens, api_tls, shutdown).await;
     info!("shutting down: stopping engines");
     reaper.abort();
     upkeep.abort();

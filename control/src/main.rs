@@ -20,6 +20,9 @@ struct Args {
     /// Control API to talk to (default: control.api_addr of the config).
     #[arg(long, global = true, env = "ROUSE_CONTROL_URL")]
     url: Option<String>,
+    /// CA certificates (PEM) to check an `https://` control with.
+    #[arg(long, global = true, env = "ROUSE_CONTROL_CA")]
+    ca_file: Option<PathBuf>,
     /// Log as human-readable lines or as JSON objects.
     #[arg(long, global = true, default_value = "human", value_parser = ["human", "json"])]
     log_format: String,
@@ -71,10 +74,27 @@ async fn main() -> ExitCode {
             )
         }
         Command::Client(cmd) => {
+            let scheme = if config.control.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             let url = args
                 .url
-                .unwrap_or_else(|| format!("http://{}", config.control.api_addr));
+                .unwrap_or_else(|| format!("{scheme}://{}", config.control.api_addr));
             let mut client = rouse_control_api::Client::new(&url);
+            if let Some(file) = args.ca_file {
+                let trusted = std::fs::read(&file)
+                    .map_err(|e| e.to_string())
+                    .and_then(|pem| client.with_ca(&pem));
+                client = match trusted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("rouse-control: --ca-file {}: {e}", file.display());
+                        return ExitCode::from(2);
+                    }
+                };
+            }
             if let Some(token) = cli::token(&config.node.data_dir) {
                 client = client.with_token(token);
             }

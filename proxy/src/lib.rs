@@ -184,11 +184,19 @@ pub async fn run(
     rouse_control_api::telemetry::metrics();
     let p = config.proxy.clone();
     let sockets = listeners.sockets(&config);
+    let mut control = Client::new(&p.control_url);
+    if let Some(file) = &p.control_ca_file {
+        let pem = std::fs::read(file)
+            .map_err(|e| anyhow::anyhow!("proxy.control_ca_file {}: {e}", file.display()))?;
+        control = control
+            .with_ca(&pem)
+            .map_err(|e| anyhow::anyhow!("proxy.control_ca_file {}: {e}", file.display()))?;
+    }
     let control = match p.control_token(&config.node.data_dir) {
-        Some(token) => Client::new(&p.control_url).with_token(token),
+        Some(token) => control.with_token(token),
         None => {
             warn!("no control token: set proxy.control_token (or give the proxy node.data_dir of the node that founded the cluster); control will refuse every call");
-            Client::new(&p.control_url)
+            control
         }
     };
     let shared = Arc::new(Shared::new(&config.redis, &config.node.data_dir)?);
@@ -329,6 +337,7 @@ pub async fn run(
         let proxy = proxy.clone();
         servers.push(tokio::spawn(rouse_control_api::server::serve_http(
             listener,
+            None,
             "http",
             p.header_read_timeout,
             p.drain_grace,
@@ -343,6 +352,7 @@ pub async fn run(
     }
     servers.push(tokio::spawn(rouse_control_api::server::serve_http(
         listeners.stats,
+        None,
         "stats",
         p.header_read_timeout,
         Duration::from_secs(1),

@@ -41,6 +41,8 @@ pub struct ControlBuilder {
     /// Where the admin and proxy tokens are: the founding node's
     /// `<data_dir>/tokens` (by default this node's own).
     tokens: Option<PathBuf>,
+    /// The CA of the control API's certificate, when it speaks TLS.
+    api_ca: Option<PathBuf>,
 }
 
 impl Default for ControlBuilder {
@@ -58,6 +60,7 @@ impl Default for ControlBuilder {
             discovery_interval: None,
             netns: None,
             tokens: None,
+            api_ca: None,
         }
     }
 }
@@ -118,6 +121,18 @@ impl ControlBuilder {
         self.env("ROUSE_DISCOVERY__CLUSTER_SECRET_FILE", path)
     }
 
+    /// TLS on the control API (`control.tls`) with these files; clients of
+    /// the harness trust their CA.
+    pub fn api_tls(mut self, files: crate::TlsFiles) -> Self {
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        self.env
+            .push(("ROUSE_CONTROL__TLS__CERT_FILE".into(), path(&files.cert)));
+        self.env
+            .push(("ROUSE_CONTROL__TLS__KEY_FILE".into(), path(&files.key)));
+        self.api_ca = Some(files.ca);
+        self
+    }
+
     /// Where the founding node wrote its tokens (`<data_dir>/tokens`), for a
     /// node that joins its cluster: tokens are valid on every node.
     pub fn tokens_in(mut self, dir: impl Into<PathBuf>) -> Self {
@@ -171,14 +186,21 @@ impl ControlBuilder {
             netns: self.netns,
         };
         let mut process = launch.spawn()?;
-        wait_healthy(&mut process, api_addr).await?;
+        let scheme = if self.api_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let api_url = format!("{scheme}://{api_addr}");
+        wait_healthy(&mut process, &api_url, self.api_ca.as_deref()).await?;
         let tokens = self
             .tokens
             .unwrap_or_else(|| data_dir.join(rouse_control_api::access::TOKENS_DIR));
         let control = Control {
             process,
             launch,
-            api_addr,
+            api_url,
+            api_ca: self.api_ca,
             data_dir,
             tokens,
             dir,
@@ -332,9 +354,22 @@ impl Launch {
     }
 }
 
-async fn wait_healthy(process: &mut ServerProcess, api_addr: SocketAddr) -> Result<()> {
-    let healthz = format!("http://{api_addr}/healthz");
-    process.wait_ready(START_TIMEOUT, || get_ok(&healthz)).await
+async fn wait_healthy(process: &mut ServerProcess, api_url: &str, ca: Option<&Path>) -> Result<()> {
+    let healthz = format!("{api_url}/healthz");
+    let Some(ca) = ca else {
+        return process.wait_ready(START_TIMEOUT, || get_ok(&healthz)).await;
+    };
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca)?)?;
+    let http = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()?;
+    process
+        .wait_ready(START_TIMEOUT, || async {
+            let status = http.get(&healthz).send().await?.status();
+            ensure!(status.is_success(), "GET {healthz}: HTTP {status}");
+            Ok(())
+        })
+        .await
 }
 
 /// A running `rouse-control`. Dropping it SIGKILLs the daemon, its process
@@ -343,7 +378,9 @@ pub struct Control {
     // Declared before `dir`, so that the daemon dies before its directory goes.
     process: ServerProcess,
     launch: Launch,
-    api_addr: SocketAddr,
+    /// `http(s)://<api_addr>`, the same across restarts.
+    api_url: String,
+    api_ca: Option<PathBuf>,
     data_dir: PathBuf,
     tokens: PathBuf,
     dir: TempDir,
@@ -387,7 +424,18 @@ impl Control {
 
     /// A client without any token.
     pub fn anonymous_client(&self) -> rouse_control_api::Client {
-        rouse_control_api::Client::new(&self.api_url())
+        let client = rouse_control_api::Client::new(&self.api_url());
+        match &self.api_ca {
+            Some(ca) => client
+                .with_ca(&std::fs::read(ca).expect("the API's CA file"))
+                .expect("the API's CA is usable"),
+            None => client,
+        }
+    }
+
+    /// The CA of the API's certificate (`api_tls`).
+    pub fn api_ca(&self) -> Option<PathBuf> {
+        self.api_ca.clone()
     }
 
     /// The founding node's `<data_dir>/tokens`.
@@ -418,9 +466,10 @@ impl Control {
         self.launch.config.clone()
     }
 
-    /// `http://127.0.0.1:<port>`, the same across restarts.
+    /// `http://127.0.0.1:<port>` (`https://` with `api_tls`), the same
+    /// across restarts.
     pub fn api_url(&self) -> String {
-        format!("http://{}", self.api_addr)
+        self.api_url.clone()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -464,7 +513,7 @@ impl Control {
         // Replacing the process drops the old one: whatever is left of its
         // group gets SIGKILLed.
         self.process = self.launch.spawn()?;
-        wait_healthy(&mut self.process, self.api_addr).await
+        wait_healthy(&mut self.process, &self.api_url, self.api_ca.as_deref()).await
     }
 }
 

@@ -210,7 +210,14 @@ impl Proxy {
         ProxyBuilder {
             control_url: control.api_url(),
             control_token: control.proxy_token(),
-            lines: Vec::new(),
+            lines: control
+                .api_ca()
+                .map(|ca| {
+                    let ca = serde_json::Value::from(ca.to_string_lossy().as_ref());
+                    format!("  control_ca_file: {ca}")
+                })
+                .into_iter()
+                .collect(),
             auth: Vec::new(),
             statics: Vec::new(),
             clusters: Vec::new(),

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::process::ServerProcess;
-use crate::{binary, free_port, temp_dir, LOCALHOST, START_TIMEOUT};
+use crate::{binary, free_port, run_ok, temp_dir, LOCALHOST, START_TIMEOUT};
 
 /// Certificate, key and the CA that signed them, as PEM files.
 #[derive(Debug, Clone)]
@@ -20,6 +20,72 @@ pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// A CA and a certificate for 127.0.0.1 that it signed.
+    pub fn make(dir: &std::path::Path) -> TlsFiles {
+        let files = TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        };
+        let (ca_key, csr, ext) = (
+            dir.join("ca.key"),
+            dir.join("server.csr"),
+            dir.join("ext.cnf"),
+        );
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        run_ok(
+            Command::new("openssl")
+                .args(["req", "-x509", "-days", "1", "-subj", "/CN=rouse test CA"])
+                .args(ec)
+                .arg("-keyout")
+                .arg(&ca_key)
+                .arg("-out")
+                .arg(&files.ca),
+        );
+        run_ok(
+            Command::new("openssl")
+                .args(["req", "-subj", "/CN=127.0.0.1"])
+                .args(ec)
+                .arg("-keyout")
+                .arg(&files.key)
+                .arg("-out")
+                .arg(&csr),
+        );
+        std::fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        run_ok(
+            Command::new("openssl")
+                .args(["x509", "-req", "-days", "1", "-CAcreateserial"])
+                .arg("-in")
+                .arg(&csr)
+                .arg("-CA")
+                .arg(&files.ca)
+                .arg("-CAkey")
+                .arg(&ca_key)
+                .arg("-extfile")
+                .arg(&ext)
+                .arg("-out")
+                .arg(&files.cert),
+        );
+        // redis-server may run as another user than the one who wrote the key.
+        for f in [&files.key, &files.cert, &files.ca] {
+            std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .unwrap();
+        }
+        files
+    }
 }
 
 /// Settings of a [`Redis`]; by default a plain master with no password.

@@ -552,3 +552,51 @@ async fn the_stats_page_asks_for_stats_auth_and_metrics_stay_open() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_api_speaks_tls_when_given_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = Control::builder()
+        .api_tls(rouse_tests::TlsFiles::make(dir.path()))
+        .start()
+        .await
+        .unwrap();
+    assert!(control.api_url().starts_with("https://"));
+    let admin = control.client();
+    admin.create_app(&name("shop")).await.unwrap();
+    let key = admin.create_key(&name("shop")).await.unwrap().key;
+
+    // In clear, or to a client that does not trust its CA, it says nothing.
+    let plain = control.api_url().replace("https://", "http://");
+    let answer = reqwest::Client::new()
+        .get(format!("{plain}/api/v1/databases"))
+        .bearer_auth(control.admin_token())
+        .send()
+        .await;
+    assert!(answer.map_or(true, |r| !r.status().is_success()));
+    let stranger = Client::new(&control.api_url()).with_token(control.admin_token());
+    let err = stranger.list_databases(None).await.unwrap_err();
+    assert!(matches!(err, ClientError::Transport { .. }), "{err}");
+
+    // The proxy (proxy.control_ca_file) and the command line (--ca-file).
+    let proxy = Proxy::builder(&control).start().await.unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/database/exec", proxy.http_addr()))
+        .header("X-API-Key", &key)
+        .json(&json!({"database": "notes", "sql": "CREATE TABLE t (x)"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let out = rouse_tests::run_ok(
+        std::process::Command::new(rouse_tests::control_bin().unwrap())
+            .arg("--config")
+            .arg(control.config_file())
+            // control.tls came from the environment, not the file.
+            .args(["--url", &control.api_url()])
+            .arg("--ca-file")
+            .arg(dir.path().join("ca.pem"))
+            .args(["db", "list"]),
+    );
+    assert!(out.contains("notes"), "{out}");
+}

@@ -5,10 +5,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
-use rouse_tests::{redis_cli, run_ok, Control, Proxy, Redis, Sentinel, TlsFiles};
+use rouse_tests::{redis_cli, Control, Proxy, Redis, Sentinel, TlsFiles};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -328,73 +327,10 @@ async fn checks_authenticate_to_servers_and_sentinels() {
     assert_ne!(master_gauge(&wrong, master.addr()).await, Some(1.0));
 }
 
-/// A CA and a certificate for 127.0.0.1 that it signed.
-fn tls_files(dir: &std::path::Path) -> TlsFiles {
-    let files = TlsFiles {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-    };
-    let (ca_key, csr, ext) = (
-        dir.join("ca.key"),
-        dir.join("server.csr"),
-        dir.join("ext.cnf"),
-    );
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run_ok(
-        Command::new("openssl")
-            .args(["req", "-x509", "-days", "1", "-subj", "/CN=rouse test CA"])
-            .args(ec)
-            .arg("-keyout")
-            .arg(&ca_key)
-            .arg("-out")
-            .arg(&files.ca),
-    );
-    run_ok(
-        Command::new("openssl")
-            .args(["req", "-subj", "/CN=127.0.0.1"])
-            .args(ec)
-            .arg("-keyout")
-            .arg(&files.key)
-            .arg("-out")
-            .arg(&csr),
-    );
-    std::fs::write(
-        &ext,
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    run_ok(
-        Command::new("openssl")
-            .args(["x509", "-req", "-days", "1", "-CAcreateserial"])
-            .arg("-in")
-            .arg(&csr)
-            .arg("-CA")
-            .arg(&files.ca)
-            .arg("-CAkey")
-            .arg(&ca_key)
-            .arg("-extfile")
-            .arg(&ext)
-            .arg("-out")
-            .arg(&files.cert),
-    );
-    // redis-server may run as another user than the one who wrote the key.
-    for f in [&files.key, &files.cert, &files.ca] {
-        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    }
-    files
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_towards_the_servers() {
     let dir = tempfile::tempdir().unwrap();
-    let files = tls_files(dir.path());
+    let files = TlsFiles::make(dir.path());
     let master = Redis::builder().tls(files.clone()).start().await.unwrap();
     let tls_addr = master.tls_addr().unwrap();
     let control = Control::builder().start().await.unwrap();

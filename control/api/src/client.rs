@@ -57,16 +57,35 @@ pub struct Client {
 impl Client {
     /// `base` is control's address, e.g. `http://127.0.0.1:8001`.
     pub fn new(base: &str) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(30))
+        let http = Self::builder()
             .build()
-            .expect("reqwest client without TLS always builds");
+            .expect("a client without extra roots builds");
         Client {
             base: base.trim_end_matches('/').to_string(),
             http,
             token: None,
         }
+    }
+
+    fn builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(30))
+    }
+
+    /// Trusts the CA certificates in `pem` for an `https://` control
+    /// (`control.tls`); the only roots this client has.
+    pub fn with_ca(mut self, pem: &[u8]) -> Result<Self, String> {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
+        if certs.is_empty() {
+            return Err("no certificate in the CA bundle".into());
+        }
+        let builder = certs
+            .into_iter()
+            .fold(Self::builder(), |b, cert| b.add_root_certificate(cert));
+        self.http = builder.build().map_err(|e| e.to_string())?;
+        Ok(self)
     }
 
     /// Calls with `Authorization: Bearer <token>` (see [`crate::Role`]).

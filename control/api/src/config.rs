@@ -144,6 +144,10 @@ pub struct ControlConfig {
     /// engine traffic leaves the machine. Every node of a cluster must
     /// agree.
     pub engine_https: Option<bool>,
+    /// TLS on the control API (PEM files); absent: plain HTTP. Clients then
+    /// use `https://` and trust its CA (`proxy.control_ca_file`,
+    /// `ROUSE_CONTROL_CA` for the command line).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ControlConfig {
@@ -163,6 +167,7 @@ impl Default for ControlConfig {
             postgres_max_connections: 300,
             sandbox: true,
             engine_https: None,
+            tls: None,
         }
     }
 }
@@ -174,6 +179,9 @@ pub struct ProxyConfig {
     /// The proxy's control API token (role `proxy`); unset, the proxy reads
     /// `<node.data_dir>/tokens/proxy`, which the founding node writes.
     pub control_token: Option<String>,
+    /// PEM CA bundle to check control's certificate with when
+    /// `control_url` is `https://`.
+    pub control_ca_file: Option<PathBuf>,
     pub http_addr: SocketAddr,
     pub postgres_addr: SocketAddr,
     pub postgres_ro_addr: SocketAddr,
@@ -427,6 +435,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             control_url: "http://127.0.0.1:8001".into(),
             control_token: None,
+            control_ca_file: None,
             http_addr: any(8080),
             postgres_addr: any(5433),
             postgres_ro_addr: any(5434),

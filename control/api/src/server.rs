@@ -1,5 +1,34 @@
-//! What both daemons do around their servers: a higher open-file limit and
-//! a shutdown future that resolves on SIGTERM or Ctrl-C.
+//! What both daemons do around their servers: a higher open-file limit, a
+//! shutdown future that resolves on SIGTERM or Ctrl-C, TLS from PEM files,
+//! and HTTP/1.1 on an already-bound listener.
+
+use std::sync::Arc;
+
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::TlsConfig;
+
+/// A TLS acceptor for the certificate chain and key of `tls` (PEM).
+pub fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert_file, key_file) = (&tls.cert_file, &tls.key_file);
+    let certs = CertificateDer::pem_file_iter(cert_file)
+        .map_err(|e| format!("cannot read {}: {e}", cert_file.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad certificate in {}: {e}", cert_file.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("cannot read key {}: {e}", key_file.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
 
 /// Servers with thousands of connections need more than the default 1024:
 /// raise the soft limit to the hard one.
@@ -24,12 +53,15 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Serves HTTP/1.1 on an already-bound listener until `shutdown` resolves;
-/// open connections then get `drain` to finish. `service` makes the
-/// service of one connection from the peer's address. Open connections are
-/// the gauge `rouse_client_connections{protocol}`.
+/// Serves HTTP/1.1 (over TLS when `tls` is given) on an already-bound
+/// listener until `shutdown` resolves; open connections then get `drain`
+/// to finish. `service` makes the service of one connection from the
+/// peer's address. Open connections are the gauge
+/// `rouse_client_connections{protocol}`.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_http<F, S, B>(
     listener: tokio::net::TcpListener,
+    tls: Option<TlsAcceptor>,
     protocol: &'static str,
     header_read_timeout: std::time::Duration,
     drain: std::time::Duration,
@@ -64,15 +96,22 @@ pub async fn serve_http<F, S, B>(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service(peer));
-        let conn = graceful.watch(conn);
+        let (svc, watcher, tls) = (service(peer), graceful.watcher(), tls.clone());
         let open = metrics::gauge!("rouse_client_connections", "protocol" => protocol);
         open.increment(1.0);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let served = match tls {
+                // The handshake counts as part of the request head.
+                Some(tls) => match tokio::time::timeout(header_read_timeout, tls.accept(stream))
+                    .await
+                {
+                    Ok(Ok(stream)) => serve_one(stream, svc, watcher, header_read_timeout).await,
+                    Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+                    Err(_) => Err("TLS handshake timed out".to_string()),
+                },
+                None => serve_one(stream, svc, watcher, header_read_timeout).await,
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             open.decrement(1.0);
@@ -83,6 +122,32 @@ pub async fn serve_http<F, S, B>(
     // time to be read, so that it is answered rather than closed as idle.
     tokio::time::sleep(drain.min(std::time::Duration::from_millis(300))).await;
     let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
+}
+
+async fn serve_one<I, S, B>(
+    io: I,
+    service: S,
+    watcher: hyper_util::server::graceful::Watcher,
+    header_read_timeout: std::time::Duration,
+) -> Result<(), String>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    watcher.watch(conn).await.map_err(|e| e.to_string())
 }
 
 /// How a daemon's command ends: success, or its error on stderr (prefixed

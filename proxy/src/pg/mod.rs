@@ -232,7 +232,9 @@ impl PgFront {
         config: &rouse_control_api::config::ProxyConfig,
     ) -> anyhow::Result<Arc<PgFront>> {
         let tls = match &config.tls {
-            Some(t) => Some(conn::acceptor(&t.cert_file, &t.key_file)?),
+            Some(t) => {
+                Some(rouse_control_api::server::tls_acceptor(t).map_err(|e| anyhow::anyhow!(e))?)
+            }
             None => None,
         };
         Ok(Arc::new(PgFront {
