@@ -50,7 +50,12 @@ pub async fn run(
         .map(rouse_control_api::server::tls_acceptor)
         .transpose()
         .map_err(|e| anyhow::anyhow!("control.tls: {e}"))?;
+    // Everything control and its engines create is the node's alone:
+    // directories 0700, files 0600.
+    // SAFETY: umask(2) only sets this process's file mode mask.
+    unsafe { libc::umask(0o077) };
     std::fs::create_dir_all(&config.node.data_dir)?;
+    restrict_data_dir(&config.node.data_dir)?;
     let node_id = system::node_id(&config.node.data_dir)?;
     let cluster_key = cluster_key::ClusterKey::load(&config)?;
     let engines = EngineEnv::from_config(&config.control, &config.node.data_dir, &cluster_key)?;
@@ -103,4 +108,18 @@ pub async fn run(
     manager.shutdown().await;
     system.stop(grace).await;
     Ok(())
+}
+
+/// The data directory is 0700; 0711 when control runs as root, so that
+/// PostgreSQL, which runs as `control.run_as`, can pass through to its own
+/// directory (without listing the others).
+fn restrict_data_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid(2) has no preconditions.
+    let mode = if unsafe { libc::geteuid() } == 0 {
+        0o711
+    } else {
+        0o700
+    };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
 }

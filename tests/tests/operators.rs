@@ -600,3 +600,37 @@ async fn the_control_api_speaks_tls_when_given_a_certificate() {
     );
     assert!(out.contains("notes"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_is_the_nodes_alone() {
+    let control = two_apps().await;
+    control
+        .client()
+        .create_database(&db("shop", "orders", Engine::Postgres))
+        .await
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let data = control.data_dir();
+    // Root passes through to PostgreSQL's own directory, nobody lists it.
+    assert_eq!(mode(&data) & 0o066, 0, "{:o}", mode(&data));
+    let mut seen = 0;
+    let mut stack = vec![
+        data.join("shop_main"),
+        data.join("_system"),
+        data.join("tokens"),
+    ];
+    while let Some(p) = stack.pop() {
+        let m = mode(&p);
+        if p.is_dir() {
+            // Directories on the way to PostgreSQL's data may be passed through.
+            assert_eq!(m & 0o066, 0, "{} is {m:o}", p.display());
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            assert_eq!(m & 0o077, 0, "{} is {m:o}", p.display());
+            seen += 1;
+        }
+    }
+    assert!(seen > 5, "{seen} files");
+    assert_eq!(mode(&data.join("cluster.key")), 0o600);
+}

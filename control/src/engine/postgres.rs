@@ -25,6 +25,19 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> ControlError + '_ {
 
 pub(super) async fn prepare(env: &EngineEnv, inst: &Instance<'_>) -> Result<()> {
     let bin = env.postgres_bin()?.to_path_buf();
+    // The unprivileged server (initdb first) must be able to pass through
+    // to its data directory, which control makes 0700.
+    std::fs::create_dir_all(&inst.dir).map_err(io("cannot create data directory"))?;
+    if env.postgres_user.is_some() {
+        for d in [inst.dir.as_path(), inst.dir.parent().unwrap_or(&inst.dir)] {
+            let mode = std::fs::metadata(d)
+                .map_err(io("stat"))?
+                .permissions()
+                .mode();
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o711))
+                .map_err(io("chmod"))?;
+        }
+    }
     for r in inst.local() {
         let dir = inst.replica_dir(r);
         if !inst.first_start && dir.join("PG_VERSION").exists() {
@@ -78,17 +91,6 @@ pub(super) async fn prepare(env: &EngineEnv, inst: &Instance<'_>) -> Result<()> 
         let mut rules = std::fs::read_to_string(&hba).map_err(io("read pg_hba.conf"))?;
         rules.push_str("\nhost all all all scram-sha-256\n");
         std::fs::write(&hba, rules).map_err(io("write pg_hba.conf"))?;
-    }
-    // The unprivileged server must be able to reach its data directory.
-    if env.postgres_user.is_some() {
-        for d in [inst.dir.as_path(), inst.dir.parent().unwrap_or(&inst.dir)] {
-            let mode = std::fs::metadata(d)
-                .map_err(io("stat"))?
-                .permissions()
-                .mode();
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o711))
-                .map_err(io("chmod"))?;
-        }
     }
     Ok(())
 }
