@@ -194,7 +194,7 @@ impl Manager {
     async fn membership(&self) -> Membership {
         for peer in self.peers.peers() {
             if peer.healthy {
-                self.is_member(&peer.peer_id).await;
+                self.is_member(&peer.peer_id, false).await;
             }
         }
         let members = self.members.lock().expect("members poisoned").known.clone();
@@ -229,41 +229,48 @@ impl Manager {
     }
 
     /// Whether `peer` is a member recorded in `_system`. An unknown peer
-    /// makes this node read the members again, at most once a second per
-    /// peer, so that a node that just joined is heard at once and a
-    /// stranger cannot make it read `_system` for every message.
-    async fn is_member(&self, peer: &libp2p::PeerId) -> bool {
-        let stale = {
+    /// makes this node read the members again (`eager`: always; otherwise
+    /// at most once a second per peer, so that frequent messages of a
+    /// stranger do not each cost a read of `_system`).
+    async fn is_member(&self, peer: &libp2p::PeerId, eager: bool) -> bool {
+        let read_again = {
             let mut members = self.members.lock().expect("members poisoned");
             if members.known.contains(peer) {
                 return true;
             }
-            let stale = members
-                .asked
-                .get(peer)
-                .is_none_or(|at| at.elapsed() > Duration::from_secs(1));
-            if stale {
+            let due = eager
+                || members
+                    .asked
+                    .get(peer)
+                    .is_none_or(|at| at.elapsed() > Duration::from_secs(1));
+            if due {
                 if members.asked.len() >= 1_000 {
                     members.asked.clear();
                 }
                 members.asked.insert(*peer, Instant::now());
             }
-            stale
+            due
         };
-        if stale {
+        if read_again {
             if let Err(e) = self.refresh_members().await {
                 warn!(error = %e, "cannot read the cluster's members");
             }
         }
-        let member = self
-            .members
+        self.members
             .lock()
             .expect("members poisoned")
             .known
-            .contains(peer);
+            .contains(peer)
+    }
+
+    /// Whether to act on what `peer` sent (`what`: a request, gossip);
+    /// a refusal is logged and counted. Requests are rare and someone waits
+    /// for them: for those, look again (`eager`).
+    async fn admits(&self, peer: &libp2p::PeerId, what: &'static str, eager: bool) -> bool {
+        let member = self.is_member(peer, eager).await;
         if !member {
             metrics::counter!("rouse_peer_refusals_total", "what" => "not_a_member").increment(1);
-            warn!(peer_id = %peer, "ignored a peer that is not a member recorded in _system");
+            warn!(peer_id = %peer, what, "ignored a peer that is not a member recorded in _system");
         }
         member
     }
@@ -1699,7 +1706,7 @@ impl Manager {
                 } => {
                     let me = self.clone();
                     tokio::spawn(async move {
-                        let answer = if me.is_member(&from).await {
+                        let answer = if me.admits(&from, "request", true).await {
                             NodeResponse::from_result(me.handle(request).await, |r| r)
                         } else {
                             NodeResponse::Failed(ControlError::Peer(
@@ -1713,7 +1720,7 @@ impl Manager {
                     });
                 }
                 Inbound::Gossip { from, topic, data } => {
-                    if self.is_member(&from).await {
+                    if self.admits(&from, "gossip", false).await {
                         self.on_gossip(&topic, &data).await
                     }
                 }

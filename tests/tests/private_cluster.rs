@@ -535,9 +535,9 @@ async fn engines_speak_tls_to_control_and_proxies_when_asked() {
         .basic_auth(&login.user, Some(&login.password))
         .json(&json!(["SELECT 1"]))
         .send()
-        .await
-        .unwrap();
-    assert!(!plain.status().is_success(), "{}", plain.status());
+        .await;
+    // A 400, or the connection closed on the request.
+    assert!(plain.map_or(true, |r| !r.status().is_success()));
     // A client that trusts another cluster's CA cannot talk to it.
     let other = tempfile::tempdir().unwrap();
     let mut config = Config::default();
