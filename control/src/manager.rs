@@ -192,9 +192,16 @@ impl Manager {
     /// as members are looked up in `_system` first (a node that just
     /// joined takes part at once).
     async fn membership(&self) -> Membership {
-        for peer in self.peers.peers() {
-            if peer.healthy {
-                self.is_member(&peer.peer_id, false).await;
+        let unknown = {
+            let members = self.members.lock().expect("members poisoned");
+            self.peers
+                .peers()
+                .iter()
+                .any(|p| p.healthy && !members.known.contains(&p.peer_id))
+        };
+        if unknown {
+            if let Err(e) = self.refresh_members().await {
+                debug!(error = %e, "cannot read the cluster's members");
             }
         }
         let members = self.members.lock().expect("members poisoned").known.clone();
