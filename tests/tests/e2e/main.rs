@@ -1,0 +1,21 @@
+//! The end-to-end suite, one test binary (one link, one start-up per test
+//! process) with a module per area. Every test starts real servers through
+//! the harness (`rouse_tests`) on free loopback ports and stops them after.
+
+mod cluster;
+mod control;
+mod deploy;
+mod harness;
+mod isolation;
+mod monitoring;
+mod nodes;
+mod operations;
+mod operators;
+mod patroni_harness;
+mod private_cluster;
+mod proxy_http;
+mod proxy_patroni;
+mod proxy_pg;
+mod proxy_redis_front;
+mod proxy_shared;
+mod stats_page;
