@@ -102,7 +102,22 @@ impl ProxyBuilder {
         self
     }
 
+    /// Starts the proxy and waits until it answers. Its ports are found
+    /// free just before it binds them, and a test running beside this one
+    /// may take one in between: a start that fails is tried again on other
+    /// ports (a fault of the proxy itself fails every attempt).
     pub async fn start(self) -> Result<Proxy> {
+        let mut failed = Vec::new();
+        for _ in 0..3 {
+            match self.start_once().await {
+                Ok(proxy) => return Ok(proxy),
+                Err(e) => failed.push(format!("{e:#}")),
+            }
+        }
+        anyhow::bail!("rouse-proxy did not start: {}", failed.join("; then: "))
+    }
+
+    async fn start_once(&self) -> Result<Proxy> {
         let dir = temp_dir("rouse-proxy-")?;
         let http = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
         let stats = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
