@@ -11,6 +11,7 @@ mod postgres;
 mod process;
 mod proxy;
 mod redis;
+mod relay;
 mod rqlite;
 mod sentinel;
 
@@ -31,6 +32,7 @@ pub use postgres::{bin_dir as postgres_bin_dir, Postgres, RunAs};
 pub use process::{run, ServerProcess};
 pub use proxy::{Proxy, ProxyBuilder};
 pub use redis::{redis_cli, Redis, RedisBuilder, TlsFiles};
+pub use relay::Relay;
 pub use rqlite::{engine_curl_args, engine_url, rqlite_execute, rqlite_query, Rqlited};
 pub use sentinel::{Sentinel, SentinelBuilder};
 

@@ -232,51 +232,46 @@ impl Proxy {
             Some(Err(slot)) => Some(slot),
             None => None,
         };
-        let mut retried = false;
-        loop {
-            let target = self.target(key).await?;
-            match self
-                .upstream
-                .send(
-                    &target,
-                    method,
-                    path_and_query,
-                    content_type,
-                    body.clone(),
-                    deadline,
-                )
-                .await
-            {
-                Ok(reply) => {
-                    if let Some(slot) = slot.take() {
-                        self.cache.store(&self.shared, key, slot, &reply).await;
+        let target = self.target(key).await?;
+        let sent = self
+            .routes
+            .connect_with_wake(
+                key,
+                target,
+                "http",
+                |e| matches!(e, UpstreamError::Unreachable(_)),
+                UpstreamError::Route,
+                |target| {
+                    let body = body.clone();
+                    async move {
+                        self.upstream
+                            .send(&target, method, path_and_query, content_type, body, deadline)
+                            .await
                     }
-                    if cache::is_write(path_and_query) {
-                        self.cache.invalidate(&self.shared, key).await;
-                    }
-                    return Ok(reply);
-                }
-                Err(UpstreamError::Unreachable(reason)) => {
-                    self.routes.invalidate(key);
-                    if retried {
-                        return Err(ProxyError::Backend {
-                            db: key.db.to_string(),
-                            reason,
-                        });
-                    }
-                    retried = true;
-                }
-                Err(UpstreamError::Timeout) => {
-                    return Err(ProxyError::UpstreamTimeout(key.db.to_string()))
-                }
-                Err(UpstreamError::Failed(reason)) => {
-                    return Err(ProxyError::Backend {
-                        db: key.db.to_string(),
-                        reason,
-                    })
-                }
+                },
+            )
+            .await;
+        let backend = |reason| ProxyError::Backend {
+            db: key.db.to_string(),
+            reason,
+        };
+        let reply = match sent {
+            Ok(reply) => reply,
+            Err(UpstreamError::Route(e)) => return Err(e),
+            Err(UpstreamError::Timeout) => {
+                return Err(ProxyError::UpstreamTimeout(key.db.to_string()))
             }
+            Err(UpstreamError::Unreachable(reason) | UpstreamError::Failed(reason)) => {
+                return Err(backend(reason))
+            }
+        };
+        if let Some(slot) = slot.take() {
+            self.cache.store(&self.shared, key, slot, &reply).await;
         }
+        if cache::is_write(path_and_query) {
+            self.cache.invalidate(&self.shared, key).await;
+        }
+        Ok(reply)
     }
 
     async fn target(&self, key: &DbKey) -> Result<Target> {

@@ -35,6 +35,8 @@ pub enum UpstreamError {
     Unreachable(String),
     Timeout,
     Failed(String),
+    /// The route could not be resolved again after a stale one.
+    Route(crate::error::ProxyError),
 }
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;

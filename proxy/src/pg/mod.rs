@@ -52,6 +52,10 @@ pub enum PgError {
     Waking(String),
     #[error("{0}")]
     Backend(String),
+    /// The backend's address did not take the connection: the database
+    /// stopped or moved (a stale route).
+    #[error("{0}")]
+    Unreachable(String),
     #[error("{0}")]
     Closed(String),
     #[error("sorry, too many clients already")]
@@ -74,7 +78,7 @@ impl PgError {
             PgError::Authorization(_) => "28000",
             PgError::UnknownDatabase(_) => "3D000",
             PgError::Waking(_) => "57P03",
-            PgError::Backend(_) => "08006",
+            PgError::Backend(_) | PgError::Unreachable(_) => "08006",
             PgError::TooManyClients
             | PgError::RateLimited(_)
             | PgError::FailedLogins(_)
@@ -87,7 +91,9 @@ impl PgError {
     /// the engine's words) goes to the log, never to the client.
     pub fn client_message(&self) -> String {
         match self {
-            PgError::Backend(_) => "the database is unavailable, try again".into(),
+            PgError::Backend(_) | PgError::Unreachable(_) => {
+                "the database is unavailable, try again".into()
+            }
             other => other.to_string(),
         }
     }
@@ -98,7 +104,7 @@ impl PgError {
             PgError::Protocol(_) | PgError::UnknownDatabase(_) | PgError::Closed(_) => "user",
             PgError::Password(_) | PgError::Authorization(_) => "auth",
             PgError::Waking(_) => "wake_timeout",
-            PgError::Backend(_) => "backend",
+            PgError::Backend(_) | PgError::Unreachable(_) => "backend",
             PgError::TooManyClients
             | PgError::RateLimited(_)
             | PgError::FailedLogins(_)
@@ -504,14 +510,16 @@ impl PgFront {
                 other => PgError::Backend(other.to_string()),
             })?;
 
-        let target = self.routes.target(&key).await.map_err(|e| match e {
+        let resolve_error = |e| match e {
             ProxyError::NotFound => PgError::UnknownDatabase(database.clone()),
             ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => {
                 PgError::Waking(database.clone())
             }
             e @ ProxyError::AppLimit { .. } => PgError::AppLimit(e.to_string()),
             other => PgError::Backend(other.to_string()),
-        })?;
+        };
+        let stale = |e: &PgError| matches!(e, PgError::Unreachable(_));
+        let target = self.routes.target(&key).await.map_err(resolve_error)?;
         let app_slot = self
             .quotas
             .session(&key)
@@ -557,16 +565,28 @@ impl PgFront {
                         if port == MemberRole::Replica {
                             passed.push(("default_transaction_read_only", "on"));
                         }
-                        let session = connect_backend(
-                            endpoint_addr(&target)?,
-                            &backend_role,
-                            &database,
-                            &passed,
-                            &verifier,
-                            &client_key,
-                        )
-                        .await
-                        .inspect_err(|_| self.routes.invalidate(&key))?;
+                        let session = self
+                            .routes
+                            .connect_with_wake(
+                                &key,
+                                target.clone(),
+                                "postgres",
+                                stale,
+                                resolve_error,
+                                |target| {
+                                    let passed = &passed;
+                                    let (role, database) = (&backend_role, &database);
+                                    let (verifier, client_key) = (&verifier, &client_key);
+                                    async move {
+                                        let addr = endpoint_addr(&target)?;
+                                        connect_backend(
+                                            addr, role, database, passed, verifier, client_key,
+                                        )
+                                        .await
+                                    }
+                                },
+                            )
+                            .await?;
                         (session, None)
                     }
                     Upstream::Cluster(cluster, role) => {
@@ -597,10 +617,24 @@ impl PgFront {
                     read_only,
                 );
                 // A first login checks the route and fills the pool's greeting.
-                let b = pool
-                    .checkout(upstream.addr(&self.routes).await?)
-                    .await
-                    .inspect_err(|_| self.routes.invalidate(&key))?;
+                let b = match &upstream {
+                    Upstream::Managed(_) => {
+                        self.routes
+                            .connect_with_wake(
+                                &key,
+                                target.clone(),
+                                "postgres",
+                                stale,
+                                resolve_error,
+                                |target| {
+                                    let pool = &pool;
+                                    async move { pool.checkout(endpoint_addr(&target)?).await }
+                                },
+                            )
+                            .await?
+                    }
+                    Upstream::Cluster(..) => pool.checkout(upstream.addr(&self.routes).await?).await?,
+                };
                 pool.checkin(b);
                 let greeting = pool.greeting();
                 (
@@ -836,7 +870,7 @@ pub async fn connect_backend(
 ) -> Result<BackendSession, PgError> {
     let mut stream = TcpStream::connect(addr)
         .await
-        .map_err(|e| PgError::Backend(format!("cannot reach database \"{database}\": {e}")))?;
+        .map_err(|e| PgError::Unreachable(format!("cannot reach database \"{database}\": {e}")))?;
     let _ = stream.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(1024);
     let mut startup = vec![("user", role), ("database", database)];

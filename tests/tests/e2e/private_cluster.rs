@@ -223,54 +223,6 @@ async fn allowed_peers_shut_out_even_a_holder_of_the_key() {
     assert!(holder.peers().is_empty());
 }
 
-/// A TCP relay to `to` that the test can cut: while cut, it refuses and
-/// drops every connection.
-struct Relay {
-    addr: std::net::SocketAddr,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start(to: String) -> Relay {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = cut.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if flag.load(std::sync::atomic::Ordering::SeqCst) {
-                    continue;
-                }
-                let (to, flag) = (to.clone(), flag.clone());
-                tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(&to).await else {
-                        return;
-                    };
-                    let relay = tokio::io::copy_bidirectional(&mut client, &mut server);
-                    let cut = async {
-                        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                    };
-                    tokio::select! { _ = relay => {}, _ = cut => {} }
-                });
-            }
-        });
-        Relay { addr, cut, task }
-    }
-
-    fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_sent_to_another_databases_engine_serves_nothing_from_it() {
     // Two HTTP and two Raft ports: `_system` holds one of each, so a
@@ -312,9 +264,9 @@ async fn a_proxy_sent_to_another_databases_engine_serves_nothing_from_it() {
 
     // The proxy reaches control through a relay the test cuts: it then
     // misses every event and keeps its cached route.
-    let relay = Relay::start(control.api_url().trim_start_matches("http://").to_string()).await;
+    let relay = rouse_tests::Relay::start(control.api_url().trim_start_matches("http://").to_string()).await;
     let proxy = Proxy::builder(&control)
-        .control_url(&format!("http://{}", relay.addr))
+        .control_url(&format!("http://{}", relay.addr()))
         .start()
         .await
         .unwrap();

@@ -586,3 +586,66 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
             .supported_schemes()
     }
 }
+
+/// A database hibernated while the proxy missed control's events: the next
+/// connect meets the stale route, and instead of failing the client the
+/// proxy forgets the route, wakes the database and connects again. (In
+/// transaction pooling the pool still holds its dead idle connections
+/// after a hibernation; checking them out alive is the pools' own work.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_on_a_stale_route_wakes_the_database_and_gets_in() {
+    let control = Control::builder()
+        .hibernation_timeout("0")
+        .start()
+        .await
+        .unwrap();
+    let admin = control.client();
+    admin.create_app(&name(APP)).await.unwrap();
+    admin
+        .create_user(&name(APP), "alice", "wonderland")
+        .await
+        .unwrap();
+    let relay =
+        rouse_tests::Relay::start(control.api_url().trim_start_matches("http://").into()).await;
+    let proxy = Proxy::builder(&control)
+        .control_url(&format!("http://{}", relay.addr()))
+        .start()
+        .await
+        .unwrap();
+    let retries = || {
+        rouse_tests::metric(
+            &format!("http://{}/metrics", proxy.stats_addr()),
+            r#"rouse_stale_route_retries_total{protocol="postgres"}"#,
+        )
+    };
+    let req = CreateDatabase {
+        app: name(APP),
+        name: name("orders"),
+        engine: Engine::Postgres,
+        replication_factor: None,
+        patroni: None,
+    };
+    admin.create_database(&req).await.unwrap();
+    let url = format!(
+        "postgres://alice.{APP}:wonderland@{}/orders?sslmode=disable",
+        proxy.postgres_addr()
+    );
+    let query = || async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        client.simple_query("SELECT 1").await
+    };
+    query().await.unwrap();
+    relay.block_events(true);
+    // The relay closes the open event stream within 20 ms.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    admin
+        .hibernate(&name(APP), &name("orders"), true)
+        .await
+        .unwrap();
+    let before = retries().await;
+    query()
+        .await
+        .unwrap_or_else(|e| panic!("the stale route failed the client: {e}"));
+    assert_eq!(retries().await, before + 1.0);
+}
