@@ -30,7 +30,9 @@ const LOOK: Duration = Duration::from_millis(20);
 impl Relay {
     /// A relay on a free loopback port to `to` (`host:port`).
     pub async fn start(to: String) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a relay");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a relay");
         let addr = listener.local_addr().expect("the relay's address");
         let gates = Arc::new(Gates::default());
         let shared = gates.clone();
@@ -57,37 +59,48 @@ impl Relay {
     }
 }
 
-async fn relay(mut client: TcpStream, to: String, gates: Arc<Gates>) {
+async fn relay(client: TcpStream, to: String, gates: Arc<Gates>) {
     if gates.cut.load(Ordering::SeqCst) {
         return;
     }
-    // The request line tells an event stream from API calls.
-    let mut head = vec![0u8; 64];
-    let Ok(n) = client.read(&mut head).await else {
+    let Ok(server) = TcpStream::connect(&to).await else {
         return;
     };
-    head.truncate(n);
-    let events = head.starts_with(b"GET /api/v1/events");
-    let closed = |gates: &Gates| {
-        gates.cut.load(Ordering::SeqCst) || (events && gates.events.load(Ordering::SeqCst))
+    // A kept-alive connection may carry API calls first and the event
+    // stream later: any request line for it marks the connection.
+    let events = AtomicBool::new(false);
+    let closed = || {
+        gates.cut.load(Ordering::SeqCst)
+            || (events.load(Ordering::SeqCst) && gates.events.load(Ordering::SeqCst))
     };
-    if closed(&gates) {
-        return;
-    }
-    let Ok(mut server) = TcpStream::connect(&to).await else {
-        return;
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut server_rx, mut server_tx) = server.into_split();
+    let upstream = async {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = match client_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if buf[..n].windows(EVENTS.len()).any(|w| w == EVENTS) {
+                events.store(true, Ordering::SeqCst);
+            }
+            if closed() || server_tx.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
     };
-    if server.write_all(&head).await.is_err() {
-        return;
-    }
-    let relayed = tokio::io::copy_bidirectional(&mut client, &mut server);
+    let downstream = tokio::io::copy(&mut server_rx, &mut client_tx);
     let gate = async {
-        while !closed(&gates) {
+        while !closed() {
             tokio::time::sleep(LOOK).await;
         }
     };
-    tokio::select! { _ = relayed => {}, _ = gate => {} }
+    tokio::select! { _ = upstream => {}, _ = downstream => {}, _ = gate => {} }
 }
+
+/// The request line of control's event stream.
+const EVENTS: &[u8] = b"GET /api/v1/events";
 
 impl Drop for Relay {
     fn drop(&mut self) {

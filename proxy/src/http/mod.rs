@@ -245,7 +245,14 @@ impl Proxy {
                     let body = body.clone();
                     async move {
                         self.upstream
-                            .send(&target, method, path_and_query, content_type, body, deadline)
+                            .send(
+                                &target,
+                                method,
+                                path_and_query,
+                                content_type,
+                                body,
+                                deadline,
+                            )
                             .await
                     }
                 },

@@ -633,7 +633,9 @@ impl PgFront {
                             )
                             .await?
                     }
-                    Upstream::Cluster(..) => pool.checkout(upstream.addr(&self.routes).await?).await?,
+                    Upstream::Cluster(..) => {
+                        pool.checkout(upstream.addr(&self.routes).await?).await?
+                    }
                 };
                 pool.checkin(b);
                 let greeting = pool.greeting();

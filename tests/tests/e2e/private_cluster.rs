@@ -264,7 +264,9 @@ async fn a_proxy_sent_to_another_databases_engine_serves_nothing_from_it() {
 
     // The proxy reaches control through a relay the test cuts: it then
     // misses every event and keeps its cached route.
-    let relay = rouse_tests::Relay::start(control.api_url().trim_start_matches("http://").to_string()).await;
+    let relay =
+        rouse_tests::Relay::start(control.api_url().trim_start_matches("http://").to_string())
+            .await;
     let proxy = Proxy::builder(&control)
         .control_url(&format!("http://{}", relay.addr()))
         .start()

@@ -612,9 +612,10 @@ async fn a_connect_on_a_stale_route_wakes_the_database_and_gets_in() {
         .start()
         .await
         .unwrap();
+    let metrics = format!("http://{}/metrics", proxy.stats_addr());
     let retries = || {
         rouse_tests::metric(
-            &format!("http://{}/metrics", proxy.stats_addr()),
+            &metrics,
             r#"rouse_stale_route_retries_total{protocol="postgres"}"#,
         )
     };
