@@ -630,9 +630,12 @@ impl Manager {
     /// Creates a database; `first_access` when a proxy creates it because a
     /// client used it, which the app's policy may forbid.
     pub async fn create(&self, req: &CreateDatabase, first_access: bool) -> Result<DatabaseInfo> {
-        self.decide_info(NodeRequest::Create {
+        let request = NodeRequest::Create {
             request: req.clone(),
             first_access,
+        };
+        self.decide_info(request, async {
+            self.create_here(req, first_access).await.map(info)
         })
         .await
     }
@@ -640,31 +643,43 @@ impl Manager {
     /// Starts a database that is not running (idempotent; concurrent calls
     /// share one start). Returns once it answers queries.
     pub async fn wake(&self, key: &DbKey) -> Result<DatabaseInfo> {
-        self.decide_info(NodeRequest::Wake { key: key.clone() })
+        let request = NodeRequest::Wake { key: key.clone() };
+        self.decide_info(request, async { self.wake_here(key).await.map(info) })
             .await
     }
 
     /// Stops a running database, keeping its data. Refused while proxies
     /// report open sessions, unless `force`.
     pub async fn hibernate(&self, key: &DbKey, force: bool) -> Result<DatabaseInfo> {
-        self.decide_info(NodeRequest::Hibernate {
+        let request = NodeRequest::Hibernate {
             key: key.clone(),
             force,
+        };
+        self.decide_info(request, async {
+            self.hibernate_here(key, force).await.map(info)
         })
         .await
     }
 
     pub async fn drop_database(&self, key: &DbKey) -> Result<()> {
-        self.decide(NodeRequest::Drop { key: key.clone() })
-            .await
-            .map(|_| ())
+        let request = NodeRequest::Drop { key: key.clone() };
+        self.decide(request, async {
+            self.drop_here(key).await.map(|_| NodeResponse::Done)
+        })
+        .await
+        .map(|_| ())
     }
 
-    /// Makes a decision here when this node coordinates, else on the
-    /// coordinator. An answer about a database also updates this node's view.
-    async fn decide(&self, request: NodeRequest) -> Result<NodeResponse> {
+    /// Makes a decision `here` when this node coordinates, else sends
+    /// `request` to the coordinator. An answer about a database also
+    /// updates this node's view.
+    async fn decide(
+        &self,
+        request: NodeRequest,
+        here: impl std::future::Future<Output = Result<NodeResponse>>,
+    ) -> Result<NodeResponse> {
         let answer = match self.membership().await.coordinator() {
-            None => Box::pin(self.handle(request)).await?,
+            None => here.await?,
             Some(peer) => self.ask(peer, request).await?,
         };
         if let NodeResponse::Info(info) = &answer {
@@ -675,8 +690,12 @@ impl Manager {
     }
 
     /// Makes a decision that answers with the database's status.
-    async fn decide_info(&self, request: NodeRequest) -> Result<DatabaseInfo> {
-        match self.decide(request).await? {
+    async fn decide_info(
+        &self,
+        request: NodeRequest,
+        here: impl std::future::Future<Output = Result<NodeResponse>>,
+    ) -> Result<DatabaseInfo> {
+        match self.decide(request, here).await? {
             NodeResponse::Info(info) => Ok(*info),
             other => Err(ControlError::Internal(format!(
                 "unexpected answer from the coordinator: {other:?}"
@@ -692,10 +711,16 @@ impl Manager {
         }
     }
 
-    /// Runs `request` on node `node_id`: here, or there over libp2p.
-    async fn on_node(&self, node_id: &str, request: NodeRequest) -> Result<NodeResponse> {
+    /// Runs the work of `request` on node `node_id`: `here` on this node,
+    /// or `request` there over libp2p.
+    async fn on_node(
+        &self,
+        node_id: &str,
+        request: NodeRequest,
+        here: impl std::future::Future<Output = Result<NodeResponse>>,
+    ) -> Result<NodeResponse> {
         if node_id == self.node_id {
-            return Box::pin(self.handle(request)).await;
+            return here.await;
         }
         let peer = self
             .membership()
@@ -705,9 +730,8 @@ impl Manager {
         self.ask(peer, request).await
     }
 
-    /// Answers a request, from a peer or from this node itself.
+    /// Answers a peer's request.
     pub async fn handle(&self, request: NodeRequest) -> Result<NodeResponse> {
-        let info = |i: DatabaseInfo| NodeResponse::Info(Box::new(i));
         match request {
             NodeRequest::Create {
                 request,
@@ -943,7 +967,11 @@ impl Manager {
             idx,
             previous: previous.cloned(),
         };
-        match self.on_node(node_id, request).await? {
+        let here = async {
+            self.allocate_local(engine, idx, previous)
+                .map(NodeResponse::Replica)
+        };
+        match self.on_node(node_id, request, here).await? {
             NodeResponse::Replica(r) => Ok(r),
             other => Err(ControlError::Internal(format!(
                 "unexpected answer to a port request: {other:?}"
@@ -1094,7 +1122,12 @@ impl Manager {
                 key: rec.key.clone(),
                 start,
             };
-            async move { self.on_node(&node, request).await }
+            let here = async {
+                self.start_local(&rec.key, start)
+                    .await
+                    .map(|_| NodeResponse::Done)
+            };
+            async move { self.on_node(&node, request, here).await }
         }))
         .await;
         if let Some(Err(e)) = started.into_iter().find(Result::is_err) {
@@ -1158,8 +1191,12 @@ impl Manager {
                 key: rec.key.clone(),
                 remove_data,
             };
+            let here = async {
+                self.stop_local(&rec.key, remove_data).await;
+                Ok(NodeResponse::Done)
+            };
             async move {
-                if let Err(e) = self.on_node(&node, request).await {
+                if let Err(e) = self.on_node(&node, request, here).await {
                     warn!(database = %rec.key, node_id = %node, error = %e, "could not stop a replica");
                 }
             }
@@ -1577,6 +1614,11 @@ impl Manager {
                 NodeRequest::Start {
                     key: rec.key.clone(),
                     start,
+                },
+                async {
+                    self.start_local(&rec.key, start)
+                        .await
+                        .map(|_| NodeResponse::Done)
                 },
             )
             .await?;
@@ -2180,4 +2222,9 @@ impl Manager {
             addresses: Vec::new(),
         }
     }
+}
+
+/// A database's status as an answer to a peer.
+fn info(info: DatabaseInfo) -> NodeResponse {
+    NodeResponse::Info(Box::new(info))
 }
