@@ -422,11 +422,11 @@ fn events(m: &Arc<Manager>) -> Response<Body> {
     let stream = futures::stream::unfold((rx, tick), |(mut rx, mut tick)| async move {
         let chunk = tokio::select! {
             ev = rx.recv() => match ev {
-                Ok(ev) => format!("event: {}\ndata: {}\n\n", ev.kind(), serde_json::to_string(&ev).expect("events serialise")),
-                Err(RecvError::Lagged(n)) => format!("event: resync\ndata: {{\"missed\":{n}}}\n\n"),
+                Ok(ev) => rouse_control_api::event::encode(&ev),
+                Err(RecvError::Lagged(n)) => rouse_control_api::event::resync(n),
                 Err(RecvError::Closed) => return None,
             },
-            _ = tick.tick() => ": keep-alive\n\n".to_string(),
+            _ = tick.tick() => rouse_control_api::event::KEEP_ALIVE.to_string(),
         };
         Some((
             Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))),

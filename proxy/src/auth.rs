@@ -13,7 +13,7 @@ use rouse_control_api::config::AuthConfig;
 use std::sync::Arc;
 
 use redis::AsyncCommands;
-use rouse_control_api::{Client, ClientError, Name};
+use rouse_control_api::{Client, Name};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ProxyError, Result};
@@ -269,9 +269,7 @@ impl Authenticator {
                         key_id: Some(o.id),
                         exp: None,
                     },
-                    Err(ClientError::Api { status: 404, .. }) => {
-                        return Err(ProxyError::Unauthorized)
-                    }
+                    Err(e) if e.is_not_found() => return Err(ProxyError::Unauthorized),
                     Err(e) => return Err(ProxyError::Control(e.to_string())),
                 }
             }

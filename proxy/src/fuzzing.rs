@@ -111,3 +111,15 @@ pub fn sql_filter(data: &[u8]) {
     assert_eq!(verdict.is_ok(), crate::sql::checked_body(&body).is_ok());
     let _ = crate::sql::checked_query(&text);
 }
+
+/// Control's event stream as the proxy reads it, cut into chunks at the
+/// first byte's value.
+pub fn events(data: &[u8]) {
+    let cut = data.first().map_or(1, |b| usize::from(*b).max(1));
+    let mut decoder = rouse_control_api::event::Decoder::default();
+    for chunk in data.chunks(cut) {
+        if decoder.push(chunk).is_err() {
+            return;
+        }
+    }
+}

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::{self, BoxFuture, FutureExt};
 use rouse_control_api::apps::{CREATE_RATE_CODE, DATABASE_LIMIT_CODE};
+use rouse_control_api::event;
 use rouse_control_api::{
     Client, ClientError, CreateDatabase, DatabaseInfo, DatabaseStatus, DbKey, Endpoint, Engine,
     Event,
@@ -258,12 +259,14 @@ impl Routes {
                     self.clear();
                     auth.forget_all();
                     backoff = Duration::from_millis(100);
-                    let mut buf = String::new();
+                    let mut frames = event::Decoder::default();
                     while let Ok(Some(chunk)) = resp.chunk().await {
-                        buf.push_str(&String::from_utf8_lossy(&chunk));
-                        while let Some(end) = buf.find("\n\n") {
-                            let frame: String = buf.drain(..end + 2).collect();
-                            self.on_frame(&frame, &auth);
+                        match frames.push(&chunk) {
+                            Ok(frames) => frames.into_iter().for_each(|f| self.on_frame(f, &auth)),
+                            Err(e) => {
+                                warn!(error = %e, "control's event stream is broken");
+                                break;
+                            }
                         }
                     }
                     warn!("control event stream ended; reconnecting");
@@ -276,23 +279,14 @@ impl Routes {
         }
     }
 
-    fn on_frame(&self, frame: &str, auth: &Arc<Authenticator>) {
-        let mut kind = "";
-        let mut data = String::new();
-        for line in frame.lines() {
-            if let Some(k) = line.strip_prefix("event: ") {
-                kind = k;
-            } else if let Some(d) = line.strip_prefix("data: ") {
-                data.push_str(d);
+    fn on_frame(&self, frame: event::Frame, auth: &Arc<Authenticator>) {
+        match frame {
+            event::Frame::Event(event) => self.apply(&event, auth),
+            event::Frame::Resync => {
+                self.clear();
+                auth.forget_all();
             }
-        }
-        if kind == "resync" {
-            self.clear();
-            auth.forget_all();
-            return;
-        }
-        if let Ok(event) = serde_json::from_str::<Event>(&data) {
-            self.apply(&event, auth);
+            event::Frame::Other => {}
         }
     }
 }
@@ -429,7 +423,7 @@ impl Waker {
 async fn resolve(waker: &Waker, key: &DbKey, auto_create: bool) -> Result<Target> {
     let control = &waker.control;
     let backend = |e: ClientError| match e {
-        ClientError::Api { status: 404, .. } => ProxyError::NotFound,
+        e if e.is_not_found() => ProxyError::NotFound,
         // Control's words stay inside; the limit is named by its code.
         ClientError::Api { code, .. } if code == DATABASE_LIMIT_CODE => ProxyError::AppLimit {
             app: key.app.to_string(),
@@ -447,7 +441,7 @@ async fn resolve(waker: &Waker, key: &DbKey, auto_create: bool) -> Result<Target
     };
     let info = match control.database(&key.app, &key.db).await {
         Ok(info) => info,
-        Err(ClientError::Api { status: 404, .. }) if auto_create => {
+        Err(e) if e.is_not_found() && auto_create => {
             let req = CreateDatabase {
                 app: key.app.clone(),
                 name: key.db.clone(),

@@ -38,6 +38,12 @@ impl ClientError {
         }
     }
 
+    /// Control answered that the resource does not exist (404): an unknown
+    /// database, key or login.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ClientError::Api { status: 404, .. })
+    }
+
     pub fn status(&self) -> Option<u16> {
         match self {
             ClientError::Api { status, .. } | ClientError::Protocol { status, .. } => Some(*status),

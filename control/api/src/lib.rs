@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod duration;
 pub mod engine_tls;
+pub mod event;
 pub mod name;
 pub mod sealed;
 pub mod server;

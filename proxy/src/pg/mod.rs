@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::BufMut;
 use bytes::BytesMut;
 use rouse_control_api::config::{MemberRole, PatroniChecks};
-use rouse_control_api::{Client, ClientError, DbKey, Engine, Name, PoolMode};
+use rouse_control_api::{Client, DbKey, Engine, Name, PoolMode};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -740,7 +740,7 @@ impl PgFront {
             .try_get_with((app.clone(), role.to_string()), async move {
                 match control.get_user(&a, &r).await {
                     Ok(u) => Ok(Verifier::parse(&u.scram_verifier).map(Arc::new)),
-                    Err(ClientError::Api { status: 404, .. }) => Ok(None),
+                    Err(e) if e.is_not_found() => Ok(None),
                     Err(e) => Err(e.to_string()),
                 }
             })
