@@ -20,6 +20,17 @@ fn name(s: &str) -> Name {
     Name::new(s).unwrap()
 }
 
+/// An rqlite database `db` of `app` with `replicas` replicas.
+fn rqlite_db(app: &str, db: &str, replicas: u32) -> CreateDatabase {
+    CreateDatabase {
+        app: name(app),
+        name: name(db),
+        engine: Engine::Rqlite,
+        replication_factor: Some(replicas),
+        patroni: None,
+    }
+}
+
 fn founder() -> ControlBuilder {
     Control::builder()
         .hibernation_timeout("0")
@@ -103,16 +114,7 @@ async fn a_key_holder_that_is_no_member_is_heard_but_not_obeyed() {
     let mut keys = Vec::new();
     for (app, db, row) in [("shop", "main", "cart"), ("rival", "vault", "crown")] {
         admin.create_app(&name(app)).await.unwrap();
-        let info = admin
-            .create_database(&CreateDatabase {
-                app: name(app),
-                name: name(db),
-                engine: Engine::Rqlite,
-                replication_factor: Some(1),
-                patroni: None,
-            })
-            .await
-            .unwrap();
+        let info = admin.create_database(&rqlite_db(app, db, 1)).await.unwrap();
         let url = rouse_tests::engine_url(&info, &info.endpoints[0]);
         rouse_tests::rqlite_execute(&url, "CREATE TABLE t (v TEXT)")
             .await
@@ -188,13 +190,7 @@ async fn a_key_holder_that_is_no_member_is_heard_but_not_obeyed() {
 
     // It is no node to place a replica on.
     let pair = admin
-        .create_database(&CreateDatabase {
-            app: name("shop"),
-            name: name("pair"),
-            engine: Engine::Rqlite,
-            replication_factor: Some(2),
-            patroni: None,
-        })
+        .create_database(&rqlite_db("shop", "pair", 2))
         .await
         .unwrap();
     assert!(
@@ -243,15 +239,8 @@ async fn a_proxy_sent_to_another_databases_engine_serves_nothing_from_it() {
         admin.create_app(&name(app)).await.unwrap();
         keys.push(admin.create_key(&name(app)).await.unwrap().key);
     }
-    let create = |app: &str, db: &str| CreateDatabase {
-        app: name(app),
-        name: name(db),
-        engine: Engine::Rqlite,
-        replication_factor: Some(1),
-        patroni: None,
-    };
     let main = admin
-        .create_database(&create("shop", "main"))
+        .create_database(&rqlite_db("shop", "main", 1))
         .await
         .unwrap();
     let url = rouse_tests::engine_url(&main, &main.endpoints[0]);
@@ -293,7 +282,7 @@ async fn a_proxy_sent_to_another_databases_engine_serves_nothing_from_it() {
         .await
         .unwrap();
     let vault = admin
-        .create_database(&create("rival", "vault"))
+        .create_database(&rqlite_db("rival", "vault", 1))
         .await
         .unwrap();
     assert_eq!(
@@ -403,13 +392,7 @@ async fn a_host_without_a_cluster_certificate_cannot_join_a_raft_cluster() {
     let admin = control.client();
     admin.create_app(&name("shop")).await.unwrap();
     let info = admin
-        .create_database(&CreateDatabase {
-            app: name("shop"),
-            name: name("main"),
-            engine: Engine::Rqlite,
-            replication_factor: Some(1),
-            patroni: None,
-        })
+        .create_database(&rqlite_db("shop", "main", 1))
         .await
         .unwrap();
     let login = rouse_tests::engine_login(&info).unwrap();
@@ -470,13 +453,7 @@ async fn engines_speak_tls_to_control_and_proxies_when_asked() {
     admin.create_app(&name("shop")).await.unwrap();
     let key = admin.create_key(&name("shop")).await.unwrap().key;
     let info = admin
-        .create_database(&CreateDatabase {
-            app: name("shop"),
-            name: name("main"),
-            engine: Engine::Rqlite,
-            replication_factor: Some(1),
-            patroni: None,
-        })
+        .create_database(&rqlite_db("shop", "main", 1))
         .await
         .unwrap();
     let e = info.endpoints[0].clone();
