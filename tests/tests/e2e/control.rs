@@ -605,10 +605,16 @@ async fn bad_input_gets_clear_errors_and_leaves_nothing_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_port_ranges_and_max_databases_are_refused_cleanly() {
     let http = rouse_tests::free_port("127.0.0.1".parse().unwrap());
+    // Below the ephemeral range (32768 and up), where outgoing connections
+    // of other tests would take ports from under the engines.
+    let (raft, pg) = (
+        rand::random_range(18_000..24_900u16),
+        rand::random_range(25_000..31_900u16),
+    );
     let control = Control::builder()
         .hibernation_timeout("0")
         .max_databases(2)
-        .port_ranges((http, http), (36100, 36120), (46100, 46120))
+        .port_ranges((http, http), (raft, raft + 20), (pg, pg + 20))
         .start()
         .await
         .unwrap();
