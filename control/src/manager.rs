@@ -703,11 +703,22 @@ impl Manager {
         }
     }
 
+    /// Sends `request` to `peer`. A peer that could not be dialled (so
+    /// nothing was sent) is tried twice more, shortly after: a connection
+    /// may be in the middle of being made (a node that just joined, a redial).
     async fn ask(&self, peer: libp2p::PeerId, request: NodeRequest) -> Result<NodeResponse> {
-        match self.peers.request(peer, request).await {
-            Ok(NodeResponse::Failed(e)) => Err(e),
-            Ok(answer) => Ok(answer),
-            Err(e) => Err(ControlError::Peer(e.to_string())),
+        let mut tries = 0;
+        loop {
+            match self.peers.request(peer, request.clone()).await {
+                Ok(NodeResponse::Failed(e)) => return Err(e),
+                Ok(answer) => return Ok(answer),
+                Err(e @ crate::peers::PeersError::Dial { .. }) if tries < 2 => {
+                    tries += 1;
+                    debug!(peer_id = %peer, error = %e, "request to a peer failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(ControlError::Peer(e.to_string())),
+            }
         }
     }
 

@@ -100,6 +100,9 @@ pub enum PeersError {
     Publish { topic: String, message: String },
     #[error("request to peer {peer} failed: {message}")]
     Request { peer: PeerId, message: String },
+    /// No connection to the peer could be made: nothing was sent.
+    #[error("cannot dial peer {peer}: {message}")]
+    Dial { peer: PeerId, message: String },
     #[error("the peer-to-peer task has stopped")]
     Stopped,
 }
@@ -691,9 +694,12 @@ impl SwarmTask {
                 ..
             } => {
                 if let Some(reply) = self.requests.remove(&request_id) {
-                    let _ = reply.send(Err(PeersError::Request {
-                        peer,
-                        message: error.to_string(),
+                    let message = error.to_string();
+                    let _ = reply.send(Err(match error {
+                        request_response::OutboundFailure::DialFailure => {
+                            PeersError::Dial { peer, message }
+                        }
+                        _ => PeersError::Request { peer, message },
                     }));
                 }
             }
