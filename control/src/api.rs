@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::error::ControlError;
-use crate::manager::Manager;
+use crate::lifecycle::Manager;
 use crate::tokens::Tokens;
 
 type Body = BoxBody<Bytes, Infallible>;

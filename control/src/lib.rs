@@ -5,11 +5,12 @@
 pub mod activity;
 pub mod api;
 pub mod cli;
+mod clock;
 pub mod cluster;
 pub mod cluster_key;
 pub mod engine;
 pub mod error;
-pub mod manager;
+pub mod lifecycle;
 pub mod peers;
 pub mod ports;
 pub mod process;
@@ -29,7 +30,7 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::engine::EngineEnv;
-use crate::manager::Manager;
+use crate::lifecycle::Manager;
 use crate::peers::Peers;
 use crate::ports::PortAllocator;
 use crate::system::SystemDb;

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -48,6 +48,7 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
+use crate::clock::now_ms;
 use crate::cluster::{NodeRequest, NodeResponse};
 
 /// The gossipsub topic of the heartbeats.
@@ -950,13 +951,6 @@ fn addrs_of(heartbeat: &Heartbeat) -> Vec<Multiaddr> {
         .iter()
         .filter_map(|a| Multiaddr::from_str(a).ok())
         .collect()
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The node's key from `<data_dir>/p2p_key`, made (owner-only) on first use.

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use rouse_control_api::access::TOKENS_DIR;
 use rouse_control_api::{Role, TokenCreated, TokenInfo};
 
+use crate::clock::now_ms;
 use crate::error::{ControlError, Result};
-use crate::manager::now_ms;
 use crate::secrets::{hash_bearer_secret, new_token, write_private};
 use crate::store::Store;
 

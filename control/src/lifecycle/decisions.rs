@@ -1,0 +1,135 @@
+//! The coordinator's decisions about an existing database: wake, hibernate
+//! and drop, each under the database's decision lock.
+
+use super::settings::patroni_setting;
+use super::Manager;
+use crate::clock::now_ms;
+use crate::cluster::{LocalStart, Notice};
+use crate::error::{ControlError, Result};
+use rouse_control_api::*;
+use std::time::{Duration, Instant};
+use tracing::{error, info, warn};
+
+impl Manager {
+    pub(super) async fn wake_here(&self, key: &DbKey) -> Result<DatabaseInfo> {
+        let asked = Instant::now();
+        let slot = self.slot(key);
+        let _deciding = slot.deciding.lock().await;
+        let rec = self.record(key).await?;
+        if self.is_up(key, &rec) {
+            return Ok(self.info(&rec));
+        }
+        let waited = asked.elapsed();
+        self.transition(key, DatabaseStatus::Waking, None, Vec::new())
+            .await?;
+        info!(database = %key, "waking database");
+        self.notify(Notice::Waking { key: key.clone() });
+        let result = async {
+            let (rec, raft_moved) = self.reallocate(&rec).await?;
+            let start = LocalStart {
+                bootstrap: false,
+                raft_moved,
+            };
+            match self.start_everywhere(&rec, start).await {
+                Ok(endpoints) => Ok((rec, endpoints)),
+                Err(e) => {
+                    self.release(&rec.replicas);
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok((rec, endpoints)) => {
+                let took = asked.elapsed();
+                let now = now_ms();
+                self.activity.touch(key, now);
+                metrics::histogram!("rouse_wake_duration_seconds", "engine" => rec.engine.as_str(), "phase" => "wait")
+                    .record(waited.as_secs_f64());
+                self.store
+                    .set_activity(key, now, Some(took.as_millis() as u64))
+                    .await?;
+                self.transition(key, DatabaseStatus::Active, None, endpoints.clone())
+                    .await?;
+                self.publish(Event::Leader {
+                    app: key.app.clone(),
+                    name: key.db.clone(),
+                    endpoints,
+                });
+                info!(database = %key, wake_ms = took.as_millis() as u64, "database woke up");
+                // Replicas left behind on dead nodes get their replacements now.
+                if let Err(e) = self.replace_dead(&rec).await {
+                    warn!(database = %key, error = %e, "could not replace replicas of dead nodes");
+                }
+                self.status(key).await
+            }
+            Err(e) => {
+                error!(database = %key, error = %e, "wake failed");
+                let reason = e.to_string();
+                self.transition(key, DatabaseStatus::Failed, Some(&reason), Vec::new())
+                    .await?;
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) async fn hibernate_here(&self, key: &DbKey, force: bool) -> Result<DatabaseInfo> {
+        let slot = self.slot(key);
+        let _deciding = slot.deciding.lock().await;
+        let rec = self.record(key).await?;
+        if rec.engine == Engine::Patroni {
+            return Err(ControlError::BadRequest(format!(
+                "database {} is a registered Patroni cluster, which rouse does not hibernate",
+                key.db
+            )));
+        }
+        if !self.is_up(key, &rec) {
+            return Ok(self.info(&rec));
+        }
+        let open = self.activity.open_sessions(key);
+        if open > 0 && !force {
+            return Err(ControlError::InUse(format!(
+                "database {} of app {} has {open} open sessions; use force to hibernate anyway",
+                key.db, key.app
+            )));
+        }
+        self.stop_everywhere(&rec, false).await;
+        let last = self
+            .activity
+            .last_activity(key)
+            .unwrap_or(0)
+            .max(rec.last_activity);
+        self.store.set_activity(key, last, None).await?;
+        self.transition(key, DatabaseStatus::Hibernating, None, Vec::new())
+            .await?;
+        let idle = now_ms().saturating_sub(last);
+        info!(database = %key, idle_time = ?Duration::from_millis(idle), "database hibernated");
+        self.status(key).await
+    }
+
+    pub(super) async fn drop_here(&self, key: &DbKey) -> Result<()> {
+        let slot = self.slot(key);
+        let _deciding = slot.deciding.lock().await;
+        let rec = self.record(key).await?;
+        // Deleted first, so that no holder starts its replica again meanwhile.
+        self.store.delete_database(key).await?;
+        self.stop_everywhere(&rec, true).await;
+        if self
+            .patroni
+            .lock()
+            .expect("patroni poisoned")
+            .remove(key)
+            .is_some()
+        {
+            self.store.delete_setting(&patroni_setting(key)).await?;
+        }
+        self.stop_local(key, true).await;
+        self.forget(key);
+        self.publish(Event::Dropped {
+            app: key.app.clone(),
+            name: key.db.clone(),
+        });
+        info!(database = %key, "database dropped");
+        Ok(())
+    }
+}

@@ -1,0 +1,145 @@
+//! Work on every node that holds a replica: start and stop a database on
+//! all its holders (this node directly, others over libp2p), and attach a
+//! registered Patroni cluster.
+
+use super::Manager;
+use crate::cluster::{self, LocalStart, NodeRequest, NodeResponse};
+use crate::engine::{self, Instance};
+use crate::error::{ControlError, Result};
+use crate::store::{DatabaseRecord, ReplicaRecord};
+use rouse_control_api::*;
+use std::time::Instant;
+use tracing::warn;
+
+impl Manager {
+    /// Has every live holder start its replicas, then waits until the
+    /// database answers (leader first in the endpoints). Holders that are
+    /// down are left out while the others still make a quorum.
+    pub(super) async fn start_everywhere(
+        &self,
+        rec: &DatabaseRecord,
+        start: LocalStart,
+    ) -> Result<Vec<Endpoint>> {
+        if rec.engine == Engine::Patroni {
+            return self.attach_patroni(rec).await;
+        }
+        let membership = self.membership().await;
+        let live: Vec<ReplicaRecord> = rec
+            .replicas
+            .iter()
+            .filter(|r| membership.is_live(&r.node_id))
+            .cloned()
+            .collect();
+        if live.len() * 2 <= rec.replicas.len() {
+            let down: Vec<&str> = rec
+                .replicas
+                .iter()
+                .filter(|r| !membership.is_live(&r.node_id))
+                .map(|r| r.node_id.as_str())
+                .collect();
+            return Err(ControlError::Peer(format!(
+                "database {}: {} of {} replicas are on nodes that are down ({}): no quorum",
+                rec.key,
+                down.len(),
+                rec.replicas.len(),
+                down.join(", ")
+            )));
+        }
+        let t0 = Instant::now();
+        let started = futures::future::join_all(cluster::holders(&live).into_iter().map(|node| {
+            let request = NodeRequest::Start {
+                key: rec.key.clone(),
+                start,
+            };
+            let here = async {
+                self.start_local(&rec.key, start)
+                    .await
+                    .map(|_| NodeResponse::Done)
+            };
+            async move { self.on_node(&node, request, here).await }
+        }))
+        .await;
+        if let Some(Err(e)) = started.into_iter().find(Result::is_err) {
+            self.stop_everywhere(rec, false).await;
+            return Err(e);
+        }
+        let spawned = t0.elapsed();
+        let label = rec.key.internal();
+        let inst = Instance {
+            label: &label,
+            dir: self.db_dir(&rec.key).join(rec.engine.as_str()),
+            replicas: &live,
+            node_id: &self.node_id,
+            secret: &rec.secret,
+            first_start: false,
+            raft_moved: false,
+            join: Vec::new(),
+            non_voter: false,
+            raft_id: None,
+        };
+        let ready = async {
+            let endpoints = self.engines.wait_ready(rec.engine, &inst).await?;
+            if rec.engine == Engine::Postgres {
+                let users = self.store.users(&rec.key.app).await?;
+                self.engines
+                    .after_start(rec.engine, &inst, rec.key.db.as_str(), &users)
+                    .await?;
+            }
+            Ok(endpoints)
+        }
+        .await;
+        match ready {
+            Ok(endpoints) => {
+                let answered = t0.elapsed();
+                let engine = rec.engine.as_str();
+                metrics::histogram!("rouse_wake_duration_seconds", "engine" => engine, "phase" => "start")
+                    .record(spawned.as_secs_f64());
+                metrics::histogram!("rouse_wake_duration_seconds", "engine" => engine, "phase" => "first_answer")
+                    .record((answered - spawned).as_secs_f64());
+                Ok(endpoints)
+            }
+            Err(e) => {
+                self.stop_everywhere(rec, false).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Has every live holder stop its replicas (and remove their data).
+    pub(super) async fn stop_everywhere(&self, rec: &DatabaseRecord, remove_data: bool) {
+        if rec.engine == Engine::Patroni {
+            return;
+        }
+        let membership = self.membership().await;
+        let holders: Vec<String> = cluster::holders(&rec.replicas)
+            .into_iter()
+            .filter(|n| membership.is_live(n))
+            .collect();
+        futures::future::join_all(holders.into_iter().map(|node| {
+            let request = NodeRequest::Stop {
+                key: rec.key.clone(),
+                remove_data,
+            };
+            let here = async {
+                self.stop_local(&rec.key, remove_data).await;
+                Ok(NodeResponse::Done)
+            };
+            async move {
+                if let Err(e) = self.on_node(&node, request, here).await {
+                    warn!(database = %rec.key, node_id = %node, error = %e, "could not stop a replica");
+                }
+            }
+        }))
+        .await;
+    }
+
+    /// A registered Patroni cluster "starts" when its leader takes the
+    /// app's users; nothing runs here.
+    pub(super) async fn attach_patroni(&self, rec: &DatabaseRecord) -> Result<Vec<Endpoint>> {
+        let reg = self.load_patroni(&rec.key).await?;
+        let users = self.store.users(&rec.key.app).await?;
+        engine::patroni::apply_users(&rec.key.app, &rec.replicas, &reg, &rec.secret, &users)
+            .await?;
+        Ok(engine::patroni::endpoints(&rec.replicas, &reg))
+    }
+}

@@ -1,0 +1,356 @@
+//! The lifecycle of databases: create, wake, hibernate, drop, crash
+//! handling, replacing replicas of dead nodes and, at start, re-adoption and
+//! orphan removal.
+//!
+//! Decisions are made on the coordinator (see [`crate::cluster`]); every
+//! other node forwards them there. The work on replicas is done by the node
+//! that holds them. Each database has a slot with two async locks: one
+//! serialises decisions about it, which is what coalesces concurrent wakes
+//! (the first caller starts the engine, the others find it running when they
+//! get the lock); the other guards this node's processes of it.
+
+mod catalog;
+mod coordinator;
+mod create;
+mod decisions;
+mod everywhere;
+mod inbound;
+mod local;
+mod membership;
+mod nodes;
+mod placement;
+mod replace;
+mod settings;
+mod upkeep;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use rouse_control_api::config::Config;
+use rouse_control_api::*;
+use tokio::sync::broadcast;
+
+use crate::activity::ActivityTracker;
+use crate::cluster::Notice;
+use crate::engine::{self, EngineEnv};
+use crate::error::{ControlError, Result};
+use crate::peers::{Peers, CLUSTER_TOPIC, EVENTS_TOPIC};
+use crate::ports::PortAllocator;
+use crate::process::Supervised;
+use crate::store::{DatabaseRecord, ReplicaRecord, Store};
+
+/// The running processes of one database.
+struct Running {
+    processes: Vec<Supervised>,
+    ports: Vec<u16>,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// Held by a decision about the database (on the coordinator).
+    deciding: tokio::sync::Mutex<()>,
+    /// This node's processes of the database.
+    running: tokio::sync::Mutex<Option<Running>>,
+    /// Stopped on request (a hibernation under way): the upkeep loop must
+    /// not start it again before the decision is recorded.
+    held_down: std::sync::atomic::AtomicBool,
+    /// Readable while a lifecycle operation holds `running`.
+    view: Mutex<SlotView>,
+}
+
+#[derive(Default, Clone)]
+struct SlotView {
+    status: Option<DatabaseStatus>,
+    endpoints: Vec<Endpoint>,
+}
+
+pub struct Manager {
+    config: Config,
+    node_id: String,
+    store: Store,
+    engines: EngineEnv,
+    ports: Arc<PortAllocator>,
+    peers: Peers,
+    events: broadcast::Sender<Event>,
+    pub activity: ActivityTracker,
+    slots: Mutex<HashMap<DbKey, Arc<Slot>>>,
+    /// Pool modes other than the default, as stored in `_system`.
+    pool_modes: Mutex<HashMap<DbKey, PoolMode>>,
+    /// Registered Patroni clusters, as stored in `_system`.
+    patroni: Mutex<HashMap<DbKey, engine::patroni::Registration>>,
+    /// Each database's secret as last read, to seal logins into answers.
+    secrets: Mutex<HashMap<DbKey, String>>,
+    /// Serialises the capacity check and insert of creates.
+    creating: tokio::sync::Mutex<()>,
+    /// Per-app database count and create rate.
+    quotas: crate::quota::Quotas,
+    started: Instant,
+    /// Peer ids recorded in `_system` as members, and when each unknown
+    /// peer last made this node read them again.
+    members: Mutex<Members>,
+    me: Weak<Manager>,
+}
+
+/// The cluster's members as last read from `_system`.
+#[derive(Default)]
+struct Members {
+    known: HashSet<libp2p::PeerId>,
+    /// When each unknown peer last made this node read them again.
+    asked: HashMap<libp2p::PeerId, Instant>,
+}
+
+impl Manager {
+    pub fn new(
+        config: Config,
+        node_id: String,
+        store: Store,
+        engines: EngineEnv,
+        ports: Arc<PortAllocator>,
+        peers: Peers,
+    ) -> Arc<Manager> {
+        let (events, _) = broadcast::channel(4096);
+        let quotas = crate::quota::Quotas::new(config.apps.clone());
+        Arc::new_cyclic(|me| Manager {
+            quotas,
+            config,
+            node_id,
+            store,
+            engines,
+            ports,
+            peers,
+            events,
+            activity: ActivityTracker::default(),
+            slots: Mutex::new(HashMap::new()),
+            pool_modes: Mutex::new(HashMap::new()),
+            secrets: Mutex::new(HashMap::new()),
+            members: Mutex::new(Members::default()),
+            patroni: Mutex::new(HashMap::new()),
+            creating: tokio::sync::Mutex::new(()),
+            started: Instant::now(),
+            me: me.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Announces an event to this node's subscribers and, over gossipsub,
+    /// to every other node's.
+    pub fn publish(&self, event: Event) {
+        self.peers.gossip(
+            EVENTS_TOPIC,
+            serde_json::to_vec(&event).expect("events serialise"),
+        );
+        let _ = self.events.send(event);
+    }
+
+    /// Tells every other node what the coordinator is doing.
+    fn notify(&self, notice: Notice) {
+        self.peers.gossip(
+            CLUSTER_TOPIC,
+            serde_json::to_vec(&notice).expect("notices serialise"),
+        );
+    }
+
+    /// Whether the database runs, as the last decision about it says.
+    fn is_up(&self, key: &DbKey, rec: &DatabaseRecord) -> bool {
+        let view = self.slot(key).view.lock().expect("view poisoned").status;
+        view.map_or(rec.status == DatabaseStatus::Active, |s| {
+            s == DatabaseStatus::Active
+        })
+    }
+
+    fn slot(&self, key: &DbKey) -> Arc<Slot> {
+        self.slots
+            .lock()
+            .expect("slots poisoned")
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Every slot, so that it can be worked on without holding the map.
+    fn all_slots(&self) -> Vec<(DbKey, Arc<Slot>)> {
+        self.slots
+            .lock()
+            .expect("slots poisoned")
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect()
+    }
+
+    fn db_dir(&self, key: &DbKey) -> PathBuf {
+        self.config.node.data_dir.join(key.internal())
+    }
+
+    fn set_view(&self, key: &DbKey, status: DatabaseStatus, endpoints: Vec<Endpoint>) {
+        let slot = self.slot(key);
+        *slot.view.lock().expect("view poisoned") = SlotView {
+            status: Some(status),
+            endpoints,
+        };
+        self.update_status_gauges();
+    }
+
+    /// Records a status in the store and the slot, and announces it.
+    async fn transition(
+        &self,
+        key: &DbKey,
+        status: DatabaseStatus,
+        reason: Option<&str>,
+        endpoints: Vec<Endpoint>,
+    ) -> Result<()> {
+        self.set_view(key, status, endpoints);
+        self.publish(Event::Status {
+            app: key.app.clone(),
+            name: key.db.clone(),
+            status,
+            reason: reason.map(str::to_string),
+        });
+        self.store.set_status(key, status, reason).await
+    }
+
+    fn update_status_gauges(&self) {
+        let slots = self.slots.lock().expect("slots poisoned");
+        let mut counts: HashMap<DatabaseStatus, u64> = HashMap::new();
+        for s in slots.values() {
+            if let Some(st) = s.view.lock().expect("view poisoned").status {
+                *counts.entry(st).or_default() += 1;
+            }
+        }
+        for st in DatabaseStatus::ALL {
+            metrics::gauge!("rouse_databases", "status" => st.as_str())
+                .set(counts.get(&st).copied().unwrap_or(0) as f64);
+        }
+    }
+
+    pub fn info(&self, rec: &DatabaseRecord) -> DatabaseInfo {
+        let view = self
+            .slots
+            .lock()
+            .expect("slots poisoned")
+            .get(&rec.key)
+            .map(|s| s.view.lock().expect("view poisoned").clone())
+            .unwrap_or_default();
+        let status = view.status.unwrap_or(rec.status);
+        let endpoints = match status {
+            DatabaseStatus::Active if !view.endpoints.is_empty() => view.endpoints,
+            // Started by another node (or before this one ran): where the
+            // replicas are, leader unknown (rqlite followers forward).
+            DatabaseStatus::Active => match rec.engine {
+                Engine::Rqlite => {
+                    engine::endpoints(&rec.replicas, None, self.engines.engine_https.is_some())
+                }
+                Engine::Postgres => engine::endpoints(&rec.replicas, Some(0), false),
+                Engine::Patroni => self
+                    .patroni_registration(&rec.key)
+                    .map(|reg| engine::patroni::endpoints(&rec.replicas, &reg))
+                    .unwrap_or_default(),
+            },
+            _ => Vec::new(),
+        };
+        let info = DatabaseInfo {
+            app: rec.key.app.clone(),
+            name: rec.key.db.clone(),
+            engine: rec.engine,
+            replication_factor: rec.replication_factor,
+            status,
+            reason: rec
+                .reason
+                .clone()
+                .filter(|_| status == DatabaseStatus::Failed),
+            endpoints,
+            ports: rec.replicas.iter().flat_map(ReplicaRecord::ports).collect(),
+            created_at: rec.created_at,
+            last_activity: self
+                .activity
+                .last_activity(&rec.key)
+                .unwrap_or(0)
+                .max(rec.last_activity),
+            last_wake_ms: rec.last_wake_ms,
+            open_sessions: self.activity.open_sessions(&rec.key),
+            pool_mode: self
+                .pool_modes
+                .lock()
+                .expect("pool modes poisoned")
+                .get(&rec.key)
+                .copied()
+                .unwrap_or_default(),
+            engine_login: None,
+        };
+        self.secrets
+            .lock()
+            .expect("secrets poisoned")
+            .insert(rec.key.clone(), rec.secret.clone());
+        info
+    }
+
+    /// The CA that engine certificates chain to.
+    pub fn engine_ca(&self) -> &str {
+        self.engines.node_tls.ca_pem()
+    }
+
+    /// The engine login `role` may use on the database of `info`: the
+    /// proxies' data-plane login of an rqlite database for `proxy`, the
+    /// engine's superuser for `admin`, nothing otherwise.
+    pub fn engine_login(&self, info: &DatabaseInfo, role: &Role) -> Option<BackendCredentials> {
+        let key = DbKey::new(info.app.clone(), info.name.clone());
+        let secret = self
+            .secrets
+            .lock()
+            .expect("secrets poisoned")
+            .get(&key)
+            .cloned()?;
+        let user = match (role, info.engine) {
+            (Role::Proxy, Engine::Rqlite) => return Some(engine::rqlite::proxy_login(&secret)),
+            (Role::Admin, Engine::Rqlite) => engine::rqlite::ENGINE_USER.to_string(),
+            (Role::Admin, Engine::Postgres) => engine::postgres::ADMIN_USER.to_string(),
+            (Role::Admin, Engine::Patroni) => self.patroni_registration(&key)?.admin_user,
+            _ => return None,
+        };
+        Some(BackendCredentials {
+            user,
+            password: secret,
+        })
+    }
+
+    async fn record(&self, key: &DbKey) -> Result<DatabaseRecord> {
+        self.store.database(key).await?.ok_or_else(|| {
+            ControlError::NotFound(format!(
+                "database {} of app {} does not exist",
+                key.db, key.app
+            ))
+        })
+    }
+
+    pub async fn status(&self, key: &DbKey) -> Result<DatabaseInfo> {
+        Ok(self.info(&self.record(key).await?))
+    }
+
+    pub async fn list(&self, app: Option<&Name>) -> Result<Vec<DatabaseInfo>> {
+        let recs = self.store.databases(app).await?;
+        Ok(recs.iter().map(|r| self.info(r)).collect())
+    }
+
+    fn forget(&self, key: &DbKey) {
+        self.activity.forget(key);
+        self.slots.lock().expect("slots poisoned").remove(key);
+        self.secrets.lock().expect("secrets poisoned").remove(key);
+        self.update_status_gauges();
+    }
+}

@@ -1,0 +1,138 @@
+//! Replacing the replicas a dead node held, so a database keeps its
+//! replication factor.
+
+use super::Manager;
+use crate::cluster::{self, LocalStart, NodeRequest, NodeResponse, Notice};
+use crate::engine::{self};
+use crate::error::Result;
+use crate::rqlite::RqliteClient;
+use crate::store::{DatabaseRecord, ReplicaRecord};
+use rouse_control_api::*;
+use std::collections::HashSet;
+use tracing::{info, warn};
+
+impl Manager {
+    /// Gives each replica of `rec` that sits on a dead node a replacement on
+    /// a live node with capacity. The new placement is recorded in `_system`
+    /// first; then the dead member leaves the Raft configuration and the new
+    /// replica joins and syncs. Run with the database's decision lock held,
+    /// on a running database.
+    pub(super) async fn replace_dead(&self, rec: &DatabaseRecord) -> Result<()> {
+        let membership = self.membership().await;
+        let dead: Vec<ReplicaRecord> = rec
+            .replicas
+            .iter()
+            .filter(|r| !membership.is_live(&r.node_id))
+            .cloned()
+            .collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        if rec.engine != Engine::Rqlite {
+            warn!(database = %rec.key, "the node holding this database is down; its engine keeps one copy, so it waits for that node");
+            return Ok(());
+        }
+        let mut load = cluster::load(&self.store.databases(None).await?);
+        let mut replicas = rec.replicas.clone();
+        for gone in dead {
+            let holding: HashSet<String> = replicas.iter().map(|r| r.node_id.clone()).collect();
+            let target = match membership.place(1, &load, &holding) {
+                Ok(mut m) => m.remove(0),
+                Err(e) => {
+                    warn!(database = %rec.key, dead_node = %gone.node_id, error = %e, "no node can take a replacement replica");
+                    metrics::counter!("rouse_replica_replacements_total", "result" => "no_capacity").increment(1);
+                    continue;
+                }
+            };
+            self.notify(Notice::ReplacementNeeded {
+                key: rec.key.clone(),
+                dead_node: gone.node_id.clone(),
+            });
+            let idx = replicas.iter().map(|r| r.idx).max().unwrap_or(0) + 1;
+            let new = self
+                .allocate_on(&target.node_id, &rec.key, rec.engine, idx, None)
+                .await?;
+            replicas.retain(|r| r.idx != gone.idx);
+            replicas.push(new.clone());
+            // The decision first: a node that cannot record it (cut off from
+            // the `_system` quorum) does not act on it.
+            self.store.set_replicas(&rec.key, &replicas).await?;
+            let detail = format!(
+                "{} on {} replaced by {} on {}",
+                engine::rqlite::node_id(&gone),
+                gone.node_id,
+                engine::rqlite::node_id(&new),
+                new.node_id
+            );
+            self.record_decision(&rec.key, "replace", &detail).await;
+            *load.entry(new.node_id.clone()).or_default() += 1;
+            info!(database = %rec.key, dead_node = %gone.node_id, new_node = %new.node_id, "replacing a replica of a dead node");
+            // The live members keep a quorum without the dead one. They may
+            // still be electing a leader when the dead node held it.
+            let survivors: Vec<RqliteClient> = replicas
+                .iter()
+                .filter(|r| r.idx != new.idx)
+                .map(|r| engine::rqlite::client(&self.engines, r, &rec.secret))
+                .collect();
+            let dead_member = engine::rqlite::node_id(&gone);
+            engine::poll_until(
+                tokio::time::Instant::now() + self.engines.start_timeout,
+                "removing the dead member",
+                || async {
+                    let mut last = String::from("no live member");
+                    for client in &survivors {
+                        match client.remove_node(&dead_member).await {
+                            Ok(()) => return Ok(()),
+                            Err(e) => last = e.to_string(),
+                        }
+                    }
+                    Err(last)
+                },
+            )
+            .await?;
+            let start = LocalStart {
+                bootstrap: false,
+                raft_moved: false,
+            };
+            self.on_node(
+                &new.node_id,
+                NodeRequest::Start {
+                    key: rec.key.clone(),
+                    start,
+                },
+                async {
+                    self.start_local(&rec.key, start)
+                        .await
+                        .map(|_| NodeResponse::Done)
+                },
+            )
+            .await?;
+            let client = engine::rqlite::client(&self.engines, &new, &rec.secret);
+            engine::poll_until(
+                tokio::time::Instant::now() + self.engines.start_timeout,
+                "replacement replica",
+                || async {
+                    if client.ready().await {
+                        Ok(())
+                    } else {
+                        Err(format!("{} has not joined yet", client.addr()))
+                    }
+                },
+            )
+            .await?;
+            metrics::counter!("rouse_replica_replacements_total", "result" => "done").increment(1);
+            self.notify(Notice::Replaced {
+                key: rec.key.clone(),
+                dead_node: gone.node_id.clone(),
+                new_node: new.node_id.clone(),
+            });
+            info!(database = %rec.key, new_node = %new.node_id, "replacement replica joined");
+        }
+        let rec = DatabaseRecord {
+            replicas,
+            ..rec.clone()
+        };
+        self.announce_leader(&rec).await;
+        Ok(())
+    }
+}
