@@ -11,7 +11,6 @@ pub mod cluster_key;
 pub mod engine;
 pub mod error;
 pub mod lifecycle;
-pub mod peers;
 pub mod ports;
 pub mod process;
 pub mod quota;
@@ -29,9 +28,9 @@ use rouse_control_api::config::Config;
 use tokio::net::TcpListener;
 use tracing::info;
 
+use crate::cluster::Peers;
 use crate::engine::EngineEnv;
 use crate::lifecycle::Manager;
-use crate::peers::Peers;
 use crate::ports::PortAllocator;
 use crate::system::SystemDb;
 

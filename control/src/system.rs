@@ -9,10 +9,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use crate::cluster::{Peers, SystemMember};
 use crate::cluster_key::ClusterKey;
 use crate::engine::{self, EngineEnv, Instance};
 use crate::error::{ControlError, Result};
-use crate::peers::{Peers, SystemMember};
 use crate::ports::PortAllocator;
 use crate::process::{ProcessEvent, Supervised};
 use crate::rqlite::RqliteClient;

@@ -1,15 +1,16 @@
 //! Apps, their API keys and their Postgres users. A user saved while a
 //! database of the app runs is applied to it at once.
 
+use rouse_control_api::*;
+use tracing::info;
+
 use super::settings::first_access_setting;
 use super::Manager;
 use crate::clock::now_ms;
-use crate::engine::{self};
+use crate::engine;
 use crate::error::{ControlError, Result};
 use crate::secrets;
 use crate::store::UserRecord;
-use rouse_control_api::*;
-use tracing::info;
 
 impl Manager {
     pub(super) async fn require_app(&self, app: &Name) -> Result<()> {

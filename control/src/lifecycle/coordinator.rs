@@ -2,12 +2,14 @@
 //! decided here when this node coordinates, or asked of the coordinator over
 //! libp2p; `handle` answers the requests peers send this node.
 
+use std::time::Duration;
+
+use rouse_control_api::*;
+use tracing::debug;
+
 use super::Manager;
 use crate::cluster::{NodeRequest, NodeResponse};
 use crate::error::{ControlError, Result};
-use rouse_control_api::*;
-use std::time::Duration;
-use tracing::debug;
 
 impl Manager {
     /// Creates a database; `first_access` when a proxy creates it because a
@@ -99,7 +101,7 @@ impl Manager {
             match self.peers.request(peer, request.clone()).await {
                 Ok(NodeResponse::Failed(e)) => return Err(e),
                 Ok(answer) => return Ok(answer),
-                Err(e @ crate::peers::PeersError::Dial { .. }) if tries < 2 => {
+                Err(e @ crate::cluster::PeersError::Dial { .. }) if tries < 2 => {
                     tries += 1;
                     debug!(peer_id = %peer, error = %e, "request to a peer failed; trying again");
                     tokio::time::sleep(Duration::from_millis(250)).await;

@@ -1,19 +1,21 @@
 //! Creating a database: quota and capacity checks, placement, the
 //! `_system` record and the decision log, then the first start.
 
+use std::collections::HashSet;
+use std::time::Instant;
+
+use rouse_control_api::*;
+use tracing::{error, info, warn};
+
 use super::placement::placement;
 use super::settings::{first_access_setting, patroni_setting};
 use super::Manager;
 use crate::clock::now_ms;
 use crate::cluster::{self, LocalStart};
-use crate::engine::{self};
+use crate::engine;
 use crate::error::{ControlError, Result};
 use crate::secrets;
 use crate::store::{DatabaseRecord, ReplicaRecord};
-use rouse_control_api::*;
-use std::collections::HashSet;
-use std::time::Instant;
-use tracing::{error, info, warn};
 
 impl Manager {
     pub(super) async fn create_here(

@@ -1,14 +1,16 @@
 //! The coordinator's decisions about an existing database: wake, hibernate
 //! and drop, each under the database's decision lock.
 
+use std::time::{Duration, Instant};
+
+use rouse_control_api::*;
+use tracing::{error, info, warn};
+
 use super::settings::patroni_setting;
 use super::Manager;
 use crate::clock::now_ms;
 use crate::cluster::{LocalStart, Notice};
 use crate::error::{ControlError, Result};
-use rouse_control_api::*;
-use std::time::{Duration, Instant};
-use tracing::{error, info, warn};
 
 impl Manager {
     pub(super) async fn wake_here(&self, key: &DbKey) -> Result<DatabaseInfo> {

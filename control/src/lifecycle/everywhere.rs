@@ -2,14 +2,16 @@
 //! all its holders (this node directly, others over libp2p), and attach a
 //! registered Patroni cluster.
 
+use std::time::Instant;
+
+use rouse_control_api::*;
+use tracing::warn;
+
 use super::Manager;
 use crate::cluster::{self, LocalStart, NodeRequest, NodeResponse};
 use crate::engine::{self, Instance};
 use crate::error::{ControlError, Result};
 use crate::store::{DatabaseRecord, ReplicaRecord};
-use rouse_control_api::*;
-use std::time::Instant;
-use tracing::warn;
 
 impl Manager {
     /// Has every live holder start its replicas, then waits until the

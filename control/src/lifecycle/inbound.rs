@@ -2,15 +2,17 @@
 //! (checked against `_system` before it is believed), and proxies' activity
 //! reports.
 
-use super::Manager;
-use crate::cluster::{self, NodeResponse, Notice};
-use crate::error::{ControlError, Result};
-use crate::peers::{Inbound, ACTIVITY_TOPIC, CLUSTER_TOPIC, EVENTS_TOPIC};
-use rouse_control_api::*;
 use std::collections::HashSet;
 use std::sync::Arc;
+
+use rouse_control_api::*;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
+
+use super::Manager;
+use crate::cluster::{self, NodeResponse, Notice};
+use crate::cluster::{Inbound, ACTIVITY_TOPIC, CLUSTER_TOPIC, EVENTS_TOPIC};
+use crate::error::{ControlError, Result};
 
 impl Manager {
     /// Applies a proxy's activity report and shares it with the other

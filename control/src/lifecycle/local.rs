@@ -1,6 +1,12 @@
 //! This node's replicas: starting and stopping engine processes, following
 //! their exits, and announcing a new leader.
 
+use std::time::Duration;
+
+use rouse_control_api::*;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
 use super::Manager;
 use super::{Running, Slot};
 use crate::cluster::LocalStart;
@@ -8,10 +14,6 @@ use crate::engine::{self, Instance};
 use crate::error::{ControlError, Result};
 use crate::process::{log_tail, ProcessEvent, Supervised};
 use crate::store::{DatabaseRecord, ReplicaRecord};
-use rouse_control_api::*;
-use std::time::Duration;
-use tokio::sync::mpsc;
-use tracing::{error, info, warn};
 
 impl Manager {
     /// Starts this node's replicas of a database (idempotent) and waits

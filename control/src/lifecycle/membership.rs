@@ -2,13 +2,15 @@
 //! the live membership used for placement and coordination. A peer not yet
 //! recorded makes this node read the members again, at most once a while.
 
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
 use super::Manager;
 use crate::clock::now_ms;
 use crate::cluster::Membership;
 use crate::error::Result;
-use std::collections::HashSet;
-use std::time::{Duration, Instant};
-use tracing::{debug, warn};
 
 impl Manager {
     /// The cluster as this node sees it now; healthy peers not yet known

@@ -34,9 +34,9 @@ use tokio::sync::broadcast;
 
 use crate::activity::ActivityTracker;
 use crate::cluster::Notice;
+use crate::cluster::{Peers, CLUSTER_TOPIC, EVENTS_TOPIC};
 use crate::engine::{self, EngineEnv};
 use crate::error::{ControlError, Result};
-use crate::peers::{Peers, CLUSTER_TOPIC, EVENTS_TOPIC};
 use crate::ports::PortAllocator;
 use crate::process::Supervised;
 use crate::store::{DatabaseRecord, ReplicaRecord, Store};

@@ -1,13 +1,14 @@
 //! Choosing the nodes and ports a database's replicas get, and giving
 //! them back.
 
+use rouse_control_api::*;
+use tracing::info;
+
 use super::Manager;
 use crate::cluster::{NodeRequest, NodeResponse};
 use crate::engine;
 use crate::error::{ControlError, Result};
 use crate::store::{DatabaseRecord, ReplicaRecord};
-use rouse_control_api::*;
-use tracing::info;
 
 /// Where the replicas of a database are, for logs and the decision log.
 pub(super) fn placement(replicas: &[ReplicaRecord]) -> String {

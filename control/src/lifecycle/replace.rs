@@ -1,15 +1,17 @@
 //! Replacing the replicas a dead node held, so a database keeps its
 //! replication factor.
 
+use std::collections::HashSet;
+
+use rouse_control_api::*;
+use tracing::{info, warn};
+
 use super::Manager;
 use crate::cluster::{self, LocalStart, NodeRequest, NodeResponse, Notice};
-use crate::engine::{self};
+use crate::engine;
 use crate::error::Result;
 use crate::rqlite::RqliteClient;
 use crate::store::{DatabaseRecord, ReplicaRecord};
-use rouse_control_api::*;
-use std::collections::HashSet;
-use tracing::{info, warn};
 
 impl Manager {
     /// Gives each replica of `rec` that sits on a dead node a replacement on

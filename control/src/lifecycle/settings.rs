@@ -1,11 +1,12 @@
 //! Per-database and per-cluster settings kept in `_system`'s settings table:
 //! the replication target, pool modes and Patroni registrations.
 
-use super::Manager;
-use crate::engine::{self};
-use crate::error::{ControlError, Result};
 use rouse_control_api::*;
 use tracing::info;
+
+use super::Manager;
+use crate::engine;
+use crate::error::{ControlError, Result};
 
 pub(super) const REPLICATION_TARGET: &str = "replication_target";
 

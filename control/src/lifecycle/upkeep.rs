@@ -1,17 +1,19 @@
 //! The background work: re-adoption at start, the idle reaper, the upkeep
 //! loop that keeps this node's replicas as `_system` says, and shutdown.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rouse_control_api::*;
+use tracing::{debug, error, info, warn};
+
 use super::settings::pool_mode_setting;
 use super::Manager;
 use crate::clock::now_ms;
 use crate::cluster::LocalStart;
 use crate::error::Result;
 use crate::store::DatabaseRecord;
-use rouse_control_api::*;
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::time::Duration;
-use tracing::{debug, error, info, warn};
 
 impl Manager {
     /// At start: remove orphaned data directories (unless the metadata store

@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant};
 
 use rouse_control::cluster::{NodeRequest, NodeResponse};
+use rouse_control::cluster::{Peers, EVENTS_TOPIC};
 use rouse_control::cluster_key::ClusterKey;
-use rouse_control::peers::{Peers, EVENTS_TOPIC};
 use rouse_control_api::config::Config;
 use rouse_control_api::*;
 use rouse_tests::{Control, ControlBuilder, Proxy};

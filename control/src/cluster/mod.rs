@@ -8,97 +8,24 @@
 //! them, at the coordinator's request. A single node is its own coordinator
 //! and the holder of every replica, through the same code.
 
+mod key;
+mod peers;
+mod protocol;
+mod swarm;
+mod wire;
+
+pub use peers::Peers;
+pub use protocol::*;
+pub use wire::{Heartbeat, Inbound, PeerView, PeersError, SystemMember};
+
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use rouse_control_api::{CreateDatabase, DatabaseInfo, DbKey, Endpoint, Engine};
-use serde::{Deserialize, Serialize};
+use rouse_control_api::Endpoint;
 
 use crate::error::{ControlError, Result};
-use crate::peers::{PeerView, Peers, MISSED_CHECKS};
 use crate::store::{DatabaseRecord, ReplicaRecord};
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum NodeRequest {
-    // Decisions, sent to the coordinator.
-    Create {
-        request: CreateDatabase,
-        first_access: bool,
-    },
-    Wake {
-        key: DbKey,
-    },
-    Hibernate {
-        key: DbKey,
-        force: bool,
-    },
-    Drop {
-        key: DbKey,
-    },
-    // Work on the receiving node's replicas, sent by the coordinator.
-    /// Ports for replica `idx`, preferring `previous`'s.
-    Allocate {
-        key: DbKey,
-        engine: Engine,
-        idx: u32,
-        previous: Option<ReplicaRecord>,
-    },
-    /// Start this node's replicas of the database as `_system` records them.
-    Start {
-        key: DbKey,
-        start: LocalStart,
-    },
-    /// Stop this node's replicas, and remove their data if asked.
-    Stop {
-        key: DbKey,
-        remove_data: bool,
-    },
-}
-
-/// What the coordinator tells every node it is doing, on gossipsub
-/// [`crate::peers::CLUSTER_TOPIC`]: each node logs it, so that any node's
-/// log tells the cluster's story.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Notice {
-    /// A wake of the database, asked at any node, is under way.
-    Waking { key: DbKey },
-    /// A replica sits on a dead node and needs a replacement.
-    ReplacementNeeded { key: DbKey, dead_node: String },
-    /// The replacement joined the database's Raft cluster.
-    Replaced {
-        key: DbKey,
-        dead_node: String,
-        new_node: String,
-    },
-}
-
-/// How a holder starts its replicas.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-pub struct LocalStart {
-    /// A new database: replicas without data bootstrap a cluster together.
-    /// Otherwise a replica without data joins the running cluster.
-    pub bootstrap: bool,
-    /// The Raft addresses changed since the last run.
-    pub raft_moved: bool,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub enum NodeResponse {
-    Info(Box<DatabaseInfo>),
-    Replica(ReplicaRecord),
-    Done,
-    Failed(ControlError),
-}
-
-impl NodeResponse {
-    pub fn from_result<T>(result: Result<T>, ok: impl FnOnce(T) -> NodeResponse) -> NodeResponse {
-        match result {
-            Ok(v) => ok(v),
-            Err(e) => NodeResponse::Failed(e.portable()),
-        }
-    }
-}
 
 /// A node that can take replicas.
 #[derive(Debug, Clone)]
