@@ -96,7 +96,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Thousands of client sockets, here and in the servers started from here.
-    rouse_control_api::server::raise_open_file_limit();
+    rouse_runtime::server::raise_open_file_limit();
     match Args::parse().command {
         Command::All { quick, out } => {
             let sizes = if quick {

@@ -38,7 +38,7 @@ pub async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
-    rouse_control_api::server::serve_http(
+    rouse_runtime::server::serve_http(
         listener,
         tls,
         "control",
@@ -72,13 +72,13 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 }
 
 fn from_error(e: ControlError) -> Response<Body> {
-    metrics::counter!("rouse_control_errors_total", "kind" => e.kind(), "code" => e.code())
+    metrics::counter!("rouse_control_errors_total", "kind" => e.kind(), "code" => e.code().as_str())
         .increment(1);
     let mut resp = json(
         e.status(),
         &ErrorBody {
             error: e.to_string(),
-            code: e.code().to_string(),
+            code: e.code(),
         },
     );
     if matches!(e, ControlError::Unauthorized) {
@@ -218,7 +218,7 @@ async fn route(
             return Ok(full(
                 S::OK,
                 "text/plain; version=0.0.4",
-                rouse_control_api::telemetry::render_metrics(),
+                rouse_runtime::telemetry::render_metrics(),
             ))
         }
         (_, ["api", "v1", rest @ ..]) => rest,

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use hmac::{Hmac, Mac};
-use rouse_control_api::config::Config;
+use rouse_config::Config;
 use sha2::Sha256;
 
 use crate::error::{ControlError, Result};

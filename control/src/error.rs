@@ -3,7 +3,7 @@
 //! `rouse_control_errors_total`.
 
 use hyper::StatusCode;
-use rouse_control_api::NameError;
+use rouse_control_api::{ErrorCode, NameError};
 
 /// Serialisable so that a peer's refusal reaches the caller as it was made
 /// (see [`ControlError::portable`]).
@@ -76,31 +76,31 @@ impl ControlError {
         }
     }
 
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ControlError::InvalidName(_) => "invalid_name",
-            ControlError::BadRequest(_) => "bad_request",
-            ControlError::BodyTooLarge(_) => "body_too_large",
-            ControlError::Unauthorized => "unauthorized",
-            ControlError::Forbidden { .. } => "forbidden",
-            ControlError::NotFound(_) => "not_found",
-            ControlError::AlreadyExists(_) => "already_exists",
-            ControlError::InUse(_) => "in_use",
+            ControlError::InvalidName(_) => ErrorCode::InvalidName,
+            ControlError::BadRequest(_) => ErrorCode::BadRequest,
+            ControlError::BodyTooLarge(_) => ErrorCode::BodyTooLarge,
+            ControlError::Unauthorized => ErrorCode::Unauthorized,
+            ControlError::Forbidden { .. } => ErrorCode::Forbidden,
+            ControlError::NotFound(_) => ErrorCode::NotFound,
+            ControlError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            ControlError::InUse(_) => ErrorCode::InUse,
             ControlError::AppLimit {
                 limit: AppLimit::MaxDatabases,
                 ..
-            } => rouse_control_api::apps::DATABASE_LIMIT_CODE,
+            } => ErrorCode::AppDatabaseLimit,
             ControlError::AppLimit {
                 limit: AppLimit::CreatesPerMinute,
                 ..
-            } => rouse_control_api::apps::CREATE_RATE_CODE,
-            ControlError::MaxDatabases { .. } => "max_databases",
-            ControlError::PortsExhausted { .. } => "ports_exhausted",
-            ControlError::InsufficientNodes { .. } => "insufficient_nodes",
-            ControlError::Engine(_) => "engine_failed",
-            ControlError::Store(_) => "store_unavailable",
-            ControlError::Peer(_) => "peer_unavailable",
-            ControlError::Internal(_) => "internal",
+            } => ErrorCode::AppCreateRate,
+            ControlError::MaxDatabases { .. } => ErrorCode::MaxDatabases,
+            ControlError::PortsExhausted { .. } => ErrorCode::PortsExhausted,
+            ControlError::InsufficientNodes { .. } => ErrorCode::InsufficientNodes,
+            ControlError::Engine(_) => ErrorCode::EngineFailed,
+            ControlError::Store(_) => ErrorCode::StoreUnavailable,
+            ControlError::Peer(_) => ErrorCode::PeerUnavailable,
+            ControlError::Internal(_) => ErrorCode::Internal,
         }
     }
 

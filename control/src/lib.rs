@@ -5,7 +5,6 @@
 pub mod activity;
 pub mod api;
 pub mod cli;
-mod clock;
 pub mod cluster;
 pub mod cluster_key;
 pub mod engine;
@@ -24,7 +23,7 @@ pub mod tokens;
 use std::future::Future;
 use std::sync::Arc;
 
-use rouse_control_api::config::Config;
+use rouse_config::Config;
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -42,12 +41,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    rouse_control_api::telemetry::metrics();
+    rouse_runtime::telemetry::metrics();
     let api_tls = config
         .control
         .tls
         .as_ref()
-        .map(rouse_control_api::server::tls_acceptor)
+        .map(rouse_runtime::server::tls_acceptor)
         .transpose()
         .map_err(|e| anyhow::anyhow!("control.tls: {e}"))?;
     // Everything control and its engines create is the node's alone:

@@ -2,10 +2,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use rouse_config::Config;
 use rouse_control::cli;
-use rouse_control_api::config::Config;
-use rouse_control_api::server::exit_code;
-use rouse_control_api::telemetry::{init_logs, LogFormat};
+use rouse_runtime::server::exit_code;
+use rouse_runtime::telemetry::{init_logs, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -55,7 +55,7 @@ async fn main() -> ExitCode {
     };
     match args.command {
         Command::Serve => {
-            rouse_control_api::server::raise_open_file_limit();
+            rouse_runtime::server::raise_open_file_limit();
             let listener = match tokio::net::TcpListener::bind(config.control.api_addr).await {
                 Ok(l) => l,
                 Err(e) => {
@@ -66,7 +66,7 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let shutdown = rouse_control_api::server::shutdown_signal();
+            let shutdown = rouse_runtime::server::shutdown_signal();
             tokio::spawn(ignore_hangups());
             exit_code(
                 "rouse-control",

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rouse_control_api::apps::AppsConfig;
+use rouse_config::AppsConfig;
 use rouse_control_api::Name;
 
 use crate::error::{AppLimit, ControlError, Result};
@@ -62,7 +62,7 @@ impl Quotas {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rouse_control_api::apps::AppLimits;
+    use rouse_config::AppLimits;
 
     #[test]
     fn each_app_has_its_own_count_and_rate() {

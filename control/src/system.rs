@@ -17,7 +17,7 @@ use crate::ports::PortAllocator;
 use crate::process::{ProcessEvent, Supervised};
 use crate::rqlite::RqliteClient;
 use crate::store::{ReplicaRecord, Store};
-use rouse_control_api::config::Config;
+use rouse_config::Config;
 use rouse_control_api::Engine;
 
 #[derive(Serialize, Deserialize, PartialEq)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use hyper::header::{HeaderMap, AUTHORIZATION};
 use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
-use rouse_control_api::config::AuthConfig;
+use rouse_config::AuthConfig;
 use std::sync::Arc;
 
 use redis::AsyncCommands;

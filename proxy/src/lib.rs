@@ -41,7 +41,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rouse_control_api::config::{Config, ConfigError, MemberRole};
+use rouse_config::{Config, ConfigError, MemberRole};
 use rouse_control_api::{Client, DbKey};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -70,7 +70,7 @@ pub fn check_config(path: Option<&std::path::Path>) -> Result<serde_json::Value,
 /// Threads serving clients: `proxy.worker_threads`, or by default half the
 /// cores (at least one), since a sidecar shares its machine with the app and
 /// the database, and fewer threads mean fewer cross-thread wake-ups.
-pub fn worker_threads(config: &rouse_control_api::config::ProxyConfig) -> usize {
+pub fn worker_threads(config: &rouse_config::ProxyConfig) -> usize {
     match config.worker_threads {
         0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
         n => n,
@@ -181,7 +181,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     mut reloads: tokio::sync::mpsc::UnboundedReceiver<Config>,
 ) -> anyhow::Result<()> {
-    rouse_control_api::telemetry::metrics();
+    rouse_runtime::telemetry::metrics();
     let p = config.proxy.clone();
     let sockets = listeners.sockets(&config);
     let mut control = Client::new(&p.control_url);
@@ -335,7 +335,7 @@ pub async fn run(
     );
     for (listener, bound) in data_planes {
         let proxy = proxy.clone();
-        servers.push(tokio::spawn(rouse_control_api::server::serve_http(
+        servers.push(tokio::spawn(rouse_runtime::server::serve_http(
             listener,
             None,
             "http",
@@ -350,7 +350,7 @@ pub async fn run(
             },
         )));
     }
-    servers.push(tokio::spawn(rouse_control_api::server::serve_http(
+    servers.push(tokio::spawn(rouse_runtime::server::serve_http(
         listeners.stats,
         None,
         "stats",

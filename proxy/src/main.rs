@@ -2,8 +2,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rouse_control_api::config::Config;
-use rouse_control_api::telemetry::{init_logs, LogFormat};
+use rouse_config::Config;
+use rouse_runtime::telemetry::{init_logs, LogFormat};
 
 /// A request allocates many small buffers; mimalloc serves them faster than
 /// the system allocator.
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            rouse_control_api::server::raise_open_file_limit();
+            rouse_runtime::server::raise_open_file_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(rouse_proxy::worker_threads(&config.proxy))
                 .enable_all()
@@ -114,10 +114,10 @@ async fn serve(config: Config, path: Option<PathBuf>, upgrade: bool) -> ExitCode
             handover.serving();
         });
     }
-    let shutdown = rouse_control_api::server::shutdown_signal();
+    let shutdown = rouse_runtime::server::shutdown_signal();
     let (reload_tx, reloads) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(reload_on_sighup(path, reload_tx));
-    rouse_control_api::server::exit_code(
+    rouse_runtime::server::exit_code(
         "rouse-proxy",
         rouse_proxy::run(config, listeners, shutdown, reloads).await,
     )

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use rouse_control_api::config::{MemberRole, PatroniChecks};
+use rouse_config::{MemberRole, PatroniChecks};
 use rouse_control_api::PatroniMember;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

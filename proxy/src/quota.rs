@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rouse_control_api::apps::AppsConfig;
+use rouse_config::AppsConfig;
 use rouse_control_api::{DbKey, Name};
 
 use crate::error::ProxyError;
@@ -115,7 +115,7 @@ impl AppQuotas {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rouse_control_api::apps::AppLimits;
+    use rouse_config::AppLimits;
 
     fn key(app: &str, db: &str) -> DbKey {
         DbKey::new(Name::new(app).unwrap(), Name::new(db).unwrap())

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rouse_control_api::config::{Config, PatroniCluster};
+use rouse_config::{Config, PatroniCluster};
 use tokio::sync::watch;
 use tracing::{info, warn};
 

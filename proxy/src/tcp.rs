@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use rouse_control_api::config::MemberRole;
+use rouse_config::MemberRole;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;

@@ -10,11 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::{self, BoxFuture, FutureExt};
-use rouse_control_api::apps::{CREATE_RATE_CODE, DATABASE_LIMIT_CODE};
 use rouse_control_api::event;
 use rouse_control_api::{
     Client, ClientError, CreateDatabase, DatabaseInfo, DatabaseStatus, DbKey, Endpoint, Engine,
-    Event,
+    ErrorCode, Event,
 };
 use tracing::{debug, info, warn};
 
@@ -425,11 +424,17 @@ async fn resolve(waker: &Waker, key: &DbKey, auto_create: bool) -> Result<Target
     let backend = |e: ClientError| match e {
         e if e.is_not_found() => ProxyError::NotFound,
         // Control's words stay inside; the limit is named by its code.
-        ClientError::Api { code, .. } if code == DATABASE_LIMIT_CODE => ProxyError::AppLimit {
+        ClientError::Api {
+            code: ErrorCode::AppDatabaseLimit,
+            ..
+        } => ProxyError::AppLimit {
             app: key.app.to_string(),
             limit: "max_databases".into(),
         },
-        ClientError::Api { code, .. } if code == CREATE_RATE_CODE => ProxyError::AppLimit {
+        ClientError::Api {
+            code: ErrorCode::AppCreateRate,
+            ..
+        } => ProxyError::AppLimit {
             app: key.app.to_string(),
             limit: "creates_per_minute".into(),
         },

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::access::{CreateToken, Role, TokenCreated, TokenInfo};
+use crate::error::{ErrorBody, ErrorCode};
 use crate::name::Name;
 use crate::sealed::SealKey;
 use crate::types::*;
@@ -16,7 +17,7 @@ pub enum ClientError {
     #[error("{message} ({code}, HTTP {status})")]
     Api {
         status: u16,
-        code: String,
+        code: ErrorCode,
         message: String,
     },
     #[error("control unreachable at {url}: {source}")]
@@ -31,9 +32,9 @@ pub enum ClientError {
 
 impl ClientError {
     /// The machine code of an API error (`not_found`, `conflict`, ...).
-    pub fn code(&self) -> Option<&str> {
+    pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            ClientError::Api { code, .. } => Some(code),
+            ClientError::Api { code, .. } => Some(*code),
             _ => None,
         }
     }

@@ -6,13 +6,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::name::Name;
 
-/// Error body of every failed call: `{"error": "<message>", "code": "<machine_code>"}`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ErrorBody {
-    pub error: String,
-    pub code: String,
-}
-
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {

@@ -29,7 +29,7 @@ use futures::stream::FuturesUnordered;
 use libp2p::gossipsub::IdentTopic;
 use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
-use rouse_control_api::config::Config;
+use rouse_config::Config;
 use rouse_control_api::types::NodeInfo;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;

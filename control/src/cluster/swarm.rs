@@ -30,7 +30,7 @@ use super::protocol::{
     MISSED_CHECKS, PROTOCOL_VERSION, RPC_PROTOCOL,
 };
 use super::wire::{Heartbeat, Inbound, PeersError};
-use crate::clock::now_ms;
+use rouse_runtime::clock::now_ms;
 
 /// Intervals below this would flood the network for nothing.
 pub(super) const MIN_INTERVAL: Duration = Duration::from_millis(50);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rouse_control_api::config::ControlConfig;
+use rouse_config::ControlConfig;
 use rouse_control_api::{Endpoint, Engine};
 
 use crate::error::{ControlError, Result};

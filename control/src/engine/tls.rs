@@ -131,7 +131,7 @@ mod tests {
     use super::*;
 
     fn key(dir: &Path) -> ClusterKey {
-        let mut config = rouse_control_api::config::Config::default();
+        let mut config = rouse_config::Config::default();
         config.node.data_dir = dir.to_path_buf();
         ClusterKey::load(&config).unwrap()
     }

@@ -6,11 +6,11 @@ use tracing::info;
 
 use super::settings::first_access_setting;
 use super::Manager;
-use crate::clock::now_ms;
 use crate::engine;
 use crate::error::{ControlError, Result};
 use crate::secrets;
 use crate::store::UserRecord;
+use rouse_runtime::clock::now_ms;
 
 impl Manager {
     pub(super) async fn require_app(&self, app: &Name) -> Result<()> {

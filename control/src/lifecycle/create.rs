@@ -10,12 +10,12 @@ use tracing::{error, info, warn};
 use super::placement::placement;
 use super::settings::{first_access_setting, patroni_setting};
 use super::Manager;
-use crate::clock::now_ms;
 use crate::cluster::{self, LocalStart};
 use crate::engine;
 use crate::error::{ControlError, Result};
 use crate::secrets;
 use crate::store::{DatabaseRecord, ReplicaRecord};
+use rouse_runtime::clock::now_ms;
 
 impl Manager {
     pub(super) async fn create_here(

@@ -8,9 +8,9 @@ use tracing::{error, info, warn};
 
 use super::settings::patroni_setting;
 use super::Manager;
-use crate::clock::now_ms;
 use crate::cluster::{LocalStart, Notice};
 use crate::error::{ControlError, Result};
+use rouse_runtime::clock::now_ms;
 
 impl Manager {
     pub(super) async fn wake_here(&self, key: &DbKey) -> Result<DatabaseInfo> {

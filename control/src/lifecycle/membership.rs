@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use super::Manager;
-use crate::clock::now_ms;
 use crate::cluster::Membership;
 use crate::error::Result;
+use rouse_runtime::clock::now_ms;
 
 impl Manager {
     /// The cluster as this node sees it now; healthy peers not yet known

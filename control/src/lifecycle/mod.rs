@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
-use rouse_control_api::config::Config;
+use rouse_config::Config;
 use rouse_control_api::*;
 use tokio::sync::broadcast;
 

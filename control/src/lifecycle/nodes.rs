@@ -4,8 +4,8 @@ use rouse_control_api::*;
 
 use super::settings::REPLICATION_TARGET;
 use super::Manager;
-use crate::clock::now_ms;
 use crate::error::{ControlError, Result};
+use rouse_runtime::clock::now_ms;
 
 impl Manager {
     pub async fn scale(&self, req: &ScaleRequest) -> Result<ScalePlan> {

@@ -10,10 +10,10 @@ use tracing::{debug, error, info, warn};
 
 use super::settings::pool_mode_setting;
 use super::Manager;
-use crate::clock::now_ms;
 use crate::cluster::LocalStart;
 use crate::error::Result;
 use crate::store::DatabaseRecord;
+use rouse_runtime::clock::now_ms;
 
 impl Manager {
     /// At start: remove orphaned data directories (unless the metadata store

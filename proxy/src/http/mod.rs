@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE, HOST, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Request, Response, StatusCode};
-use rouse_control_api::config::ProxyConfig;
+use rouse_config::ProxyConfig;
 use rouse_control_api::{Client, DbKey, Name};
 use serde::Serialize;
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::BufMut;
 use bytes::BytesMut;
-use rouse_control_api::config::{MemberRole, PatroniChecks};
+use rouse_config::{MemberRole, PatroniChecks};
 use rouse_control_api::{Client, DbKey, Engine, Name, PoolMode};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
@@ -235,11 +235,11 @@ impl PgFront {
         activity: Arc<Activity>,
         shared: Arc<Shared>,
         admission: crate::quota::Admission,
-        config: &rouse_control_api::config::ProxyConfig,
+        config: &rouse_config::ProxyConfig,
     ) -> anyhow::Result<Arc<PgFront>> {
         let tls = match &config.tls {
             Some(t) => {
-                Some(rouse_control_api::server::tls_acceptor(t).map_err(|e| anyhow::anyhow!(e))?)
+                Some(rouse_runtime::server::tls_acceptor(t).map_err(|e| anyhow::anyhow!(e))?)
             }
             None => None,
         };

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use hyper::header::HeaderValue;
 use hyper::StatusCode;
 use redis::AsyncCommands;
-use rouse_control_api::config::CachedDatabase;
+use rouse_config::CachedDatabase;
 use rouse_control_api::DbKey;
 
 use super::{digest, Shared};

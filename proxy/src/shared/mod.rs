@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
-use rouse_control_api::config::RedisConfig;
+use rouse_config::RedisConfig;
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rouse_control_api::config::{Limit, ProtocolLimits};
+use rouse_config::{Limit, ProtocolLimits};
 use rouse_control_api::Name;
 
 use super::Shared;

@@ -232,7 +232,7 @@ impl Stats {
             "/metrics" => (
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                rouse_control_api::telemetry::render_metrics(),
+                rouse_runtime::telemetry::render_metrics(),
             ),
             "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
             _ => (

@@ -249,7 +249,11 @@ async fn replicas_go_to_distinct_nodes_and_a_new_node_takes_new_databases() -> R
         .create_database(&rqlite_db("wide", 4))
         .await
         .expect_err("4 replicas on 3 nodes");
-    assert_eq!(err.code(), Some("insufficient_nodes"), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(rouse_control_api::ErrorCode::InsufficientNodes),
+        "{err}"
+    );
     assert!(err.to_string().contains("got 3, need 4"), "{err}");
     assert!(api.database(&name(APP), &name("wide")).await.is_err());
 

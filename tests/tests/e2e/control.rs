@@ -444,7 +444,7 @@ async fn orphaned_directories_are_removed_and_live_ones_kept() {
 
 async fn api_error<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String) {
     match r {
-        Err(ClientError::Api { status, code, .. }) => (status, code),
+        Err(ClientError::Api { status, code, .. }) => (status, code.as_str().to_string()),
         other => panic!("expected an API error, got {other:?}"),
     }
 }

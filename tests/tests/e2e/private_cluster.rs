@@ -8,10 +8,10 @@
 
 use std::time::{Duration, Instant};
 
+use rouse_config::Config;
 use rouse_control::cluster::{NodeRequest, NodeResponse};
 use rouse_control::cluster::{Peers, EVENTS_TOPIC};
 use rouse_control::cluster_key::ClusterKey;
-use rouse_control_api::config::Config;
 use rouse_control_api::*;
 use rouse_tests::{Control, ControlBuilder, Proxy};
 use serde_json::json;

@@ -44,7 +44,7 @@ pub fn format(d: Duration) -> String {
     }
 }
 
-/// `#[serde(with = "rouse_control_api::duration")]`
+/// `#[serde(with = "rouse_config::duration")]`
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]

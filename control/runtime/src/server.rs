@@ -4,9 +4,8 @@
 
 use std::sync::Arc;
 
+use rouse_config::TlsConfig;
 use tokio_rustls::TlsAcceptor;
-
-use crate::config::TlsConfig;
 
 /// A TLS acceptor for the certificate chain and key of `tls` (PEM).
 pub fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, String> {

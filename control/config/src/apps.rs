@@ -7,11 +7,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// Control's error code for a create past the app's `max_databases`.
-pub const DATABASE_LIMIT_CODE: &str = "app_database_limit";
-/// Control's error code for a create past the app's `creates_per_minute`.
-pub const CREATE_RATE_CODE: &str = "app_create_rate";
-
 /// The State Pillar's server plans, by the connections they carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,0 +1,8 @@
+//! What both daemons share at run time and nothing else needs: serving
+//! HTTP on an already-bound listener, TLS from PEM files, signals, the
+//! open-file limit, logs and Prometheus metrics, and the wall clock as the
+//! metadata keeps it.
+
+pub mod clock;
+pub mod server;
+pub mod telemetry;
