@@ -2,23 +2,25 @@
 //! (create, hibernate, wake, drop, restart on crash) and serves the control
 //! API that proxies and operators use.
 
-pub mod activity;
-pub mod api;
+mod activity;
+mod api;
 pub mod cli;
 pub mod cluster;
 pub mod cluster_key;
-pub mod engine;
-pub mod error;
-pub mod lifecycle;
-pub mod ports;
-pub mod process;
-pub mod quota;
-pub mod rqlite;
-pub mod sandbox;
-pub mod secrets;
-pub mod store;
-pub mod system;
-pub mod tokens;
+mod engine;
+mod error;
+mod lifecycle;
+mod meta;
+mod model;
+mod ports;
+mod process;
+mod quota;
+mod rqlite;
+mod sandbox;
+mod secrets;
+mod tokens;
+
+pub use engine::tls::NodeTls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,8 +32,8 @@ use tracing::info;
 use crate::cluster::Peers;
 use crate::engine::EngineEnv;
 use crate::lifecycle::Manager;
+use crate::meta::SystemDb;
 use crate::ports::PortAllocator;
-use crate::system::SystemDb;
 
 /// Runs the daemon on an already-bound API listener until `shutdown`
 /// resolves, then stops every engine (their status is kept, so the next run
@@ -55,7 +57,7 @@ pub async fn run(
     unsafe { libc::umask(0o077) };
     std::fs::create_dir_all(&config.node.data_dir)?;
     restrict_data_dir(&config.node.data_dir)?;
-    let node_id = system::node_id(&config.node.data_dir)?;
+    let node_id = meta::node_id(&config.node.data_dir)?;
     let cluster_key = cluster_key::ClusterKey::load(&config)?;
     let engines = EngineEnv::from_config(&config.control, &config.node.data_dir, &cluster_key)?;
     let ports = Arc::new(PortAllocator::default());

@@ -65,8 +65,6 @@ pub struct StmtResult {
     #[serde(default)]
     pub error: Option<String>,
     #[serde(default)]
-    pub columns: Vec<String>,
-    #[serde(default)]
     pub values: Vec<Vec<Value>>,
     #[serde(default)]
     pub rows_affected: u64,

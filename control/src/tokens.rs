@@ -15,8 +15,8 @@ use rouse_control_api::access::TOKENS_DIR;
 use rouse_control_api::{Role, TokenCreated, TokenInfo};
 
 use crate::error::{ControlError, Result};
+use crate::meta::Store;
 use crate::secrets::{hash_bearer_secret, new_token, write_private};
-use crate::store::Store;
 use rouse_runtime::clock::now_ms;
 
 /// How long a checked token is believed without asking `_system` again:

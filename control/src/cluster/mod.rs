@@ -25,7 +25,7 @@ use libp2p::PeerId;
 use rouse_control_api::Endpoint;
 
 use crate::error::{ControlError, Result};
-use crate::store::{DatabaseRecord, ReplicaRecord};
+use crate::model::{DatabaseRecord, ReplicaRecord};
 
 /// A node that can take replicas.
 #[derive(Debug, Clone)]

@@ -5,7 +5,7 @@ use rouse_control_api::{CreateDatabase, DatabaseInfo, DbKey, Engine};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ControlError, Result};
-use crate::store::ReplicaRecord;
+use crate::model::ReplicaRecord;
 
 /// The gossipsub topic of the heartbeats.
 pub const HEALTH_TOPIC: &str = "rouse/health";

@@ -15,9 +15,9 @@ use rouse_config::ControlConfig;
 use rouse_control_api::{Endpoint, Engine};
 
 use crate::error::{ControlError, Result};
+use crate::model::{ReplicaRecord, UserRecord};
 use crate::process::{lookup_user, ProcessSpec};
 use crate::sandbox::Sandbox;
-use crate::store::{ReplicaRecord, UserRecord};
 
 /// Binaries and tunables shared by all databases of this node.
 pub struct EngineEnv {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::postgres::{connect_as, sync_users};
 use crate::error::{ControlError, Result};
-use crate::store::{ReplicaRecord, UserRecord};
+use crate::model::{ReplicaRecord, UserRecord};
 
 /// What control keeps of a registration beyond the database record: the
 /// REST API of each member (in replica order) and the admin user; the

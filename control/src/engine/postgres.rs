@@ -11,8 +11,8 @@ use rouse_control_api::Endpoint;
 
 use super::{poll_until, EngineEnv, Instance};
 use crate::error::{ControlError, Result};
+use crate::model::{ReplicaRecord, UserRecord};
 use crate::process::chown_tree;
-use crate::store::{ReplicaRecord, UserRecord};
 
 /// The engine's superuser, used by control and, for the backend leg, by proxies.
 pub const ADMIN_USER: &str = "rouse_admin";

@@ -7,8 +7,8 @@ use serde_json::json;
 
 use super::{poll_until, EngineEnv, Instance};
 use crate::error::{ControlError, Result};
+use crate::model::ReplicaRecord;
 use crate::rqlite::{RqliteClient, Stmt};
-use crate::store::ReplicaRecord;
 
 /// Control's login on a tenant database's rqlited (`-auth`); its password
 /// is the database's secret, sealed in `_system`.

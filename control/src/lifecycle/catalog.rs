@@ -8,8 +8,8 @@ use super::settings::first_access_setting;
 use super::Manager;
 use crate::engine;
 use crate::error::{ControlError, Result};
+use crate::model::UserRecord;
 use crate::secrets;
-use crate::store::UserRecord;
 use rouse_runtime::clock::now_ms;
 
 impl Manager {

@@ -13,8 +13,8 @@ use super::Manager;
 use crate::cluster::{self, LocalStart};
 use crate::engine;
 use crate::error::{ControlError, Result};
+use crate::model::{DatabaseRecord, ReplicaRecord};
 use crate::secrets;
-use crate::store::{DatabaseRecord, ReplicaRecord};
 use rouse_runtime::clock::now_ms;
 
 impl Manager {

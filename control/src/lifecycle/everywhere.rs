@@ -11,7 +11,7 @@ use super::Manager;
 use crate::cluster::{self, LocalStart, NodeRequest, NodeResponse};
 use crate::engine::{self, Instance};
 use crate::error::{ControlError, Result};
-use crate::store::{DatabaseRecord, ReplicaRecord};
+use crate::model::{DatabaseRecord, ReplicaRecord};
 
 impl Manager {
     /// Has every live holder start its replicas, then waits until the

@@ -12,8 +12,8 @@ use super::{Running, Slot};
 use crate::cluster::LocalStart;
 use crate::engine::{self, Instance};
 use crate::error::{ControlError, Result};
+use crate::model::{DatabaseRecord, ReplicaRecord};
 use crate::process::{log_tail, ProcessEvent, Supervised};
-use crate::store::{DatabaseRecord, ReplicaRecord};
 
 impl Manager {
     /// Starts this node's replicas of a database (idempotent) and waits

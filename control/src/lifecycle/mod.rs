@@ -37,9 +37,10 @@ use crate::cluster::Notice;
 use crate::cluster::{Peers, CLUSTER_TOPIC, EVENTS_TOPIC};
 use crate::engine::{self, EngineEnv};
 use crate::error::{ControlError, Result};
+use crate::meta::Store;
+use crate::model::{DatabaseRecord, ReplicaRecord};
 use crate::ports::PortAllocator;
 use crate::process::Supervised;
-use crate::store::{DatabaseRecord, ReplicaRecord, Store};
 
 /// The running processes of one database.
 struct Running {
@@ -133,16 +134,8 @@ impl Manager {
         })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
     pub fn node_id(&self) -> &str {
         &self.node_id
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {

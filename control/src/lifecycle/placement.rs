@@ -8,7 +8,7 @@ use super::Manager;
 use crate::cluster::{NodeRequest, NodeResponse};
 use crate::engine;
 use crate::error::{ControlError, Result};
-use crate::store::{DatabaseRecord, ReplicaRecord};
+use crate::model::{DatabaseRecord, ReplicaRecord};
 
 /// Where the replicas of a database are, for logs and the decision log.
 pub(super) fn placement(replicas: &[ReplicaRecord]) -> String {

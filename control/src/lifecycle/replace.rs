@@ -10,8 +10,8 @@ use super::Manager;
 use crate::cluster::{self, LocalStart, NodeRequest, NodeResponse, Notice};
 use crate::engine;
 use crate::error::Result;
+use crate::model::{DatabaseRecord, ReplicaRecord};
 use crate::rqlite::RqliteClient;
-use crate::store::{DatabaseRecord, ReplicaRecord};
 
 impl Manager {
     /// Gives each replica of `rec` that sits on a dead node a replacement on

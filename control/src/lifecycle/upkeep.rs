@@ -12,7 +12,7 @@ use super::settings::pool_mode_setting;
 use super::Manager;
 use crate::cluster::LocalStart;
 use crate::error::Result;
-use crate::store::DatabaseRecord;
+use crate::model::DatabaseRecord;
 use rouse_runtime::clock::now_ms;
 
 impl Manager {

@@ -474,7 +474,7 @@ async fn engines_speak_tls_to_control_and_proxies_when_asked() {
     let other = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.node.data_dir = other.path().to_path_buf();
-    let stranger_ca = rouse_control::engine::tls::NodeTls::new(&ClusterKey::load(&config).unwrap())
+    let stranger_ca = rouse_control::NodeTls::new(&ClusterKey::load(&config).unwrap())
         .unwrap()
         .ca_pem()
         .to_string();

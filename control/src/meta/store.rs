@@ -4,10 +4,11 @@
 //! from the cluster key, so that a copy of `_system` alone gives none away. rqlite's Raft, not home-made
 //! consistency, keeps it safe (one node here, three across nodes).
 
-use rouse_control_api::{DatabaseStatus, DbKey, Engine, Name, Role, SealKey, Sealed, TokenInfo};
+use rouse_control_api::{DatabaseStatus, DbKey, Name, Role, SealKey, Sealed, TokenInfo};
 use serde_json::Value;
 
 use crate::error::{ControlError, Result};
+use crate::model::{DatabaseRecord, ReplicaRecord, UserRecord};
 use crate::rqlite::{RqliteClient, RqliteError, Stmt};
 
 const SCHEMA: [&str; 9] = [
@@ -21,45 +22,6 @@ const SCHEMA: [&str; 9] = [
     "CREATE TABLE IF NOT EXISTS members (peer_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, recorded_at INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS decisions (at INTEGER NOT NULL, coordinator TEXT NOT NULL, kind TEXT NOT NULL, app TEXT NOT NULL, db TEXT NOT NULL, detail TEXT NOT NULL)",
 ];
-
-/// Where one replica of a database runs (or ran, while hibernating).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ReplicaRecord {
-    pub idx: u32,
-    /// The control node that holds this replica.
-    pub node_id: String,
-    pub host: String,
-    pub port: u16,
-    pub raft_port: Option<u16>,
-}
-
-impl ReplicaRecord {
-    pub fn ports(&self) -> impl Iterator<Item = u16> {
-        std::iter::once(self.port).chain(self.raft_port)
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct DatabaseRecord {
-    pub key: DbKey,
-    pub engine: Engine,
-    pub replication_factor: u32,
-    pub status: DatabaseStatus,
-    pub reason: Option<String>,
-    pub created_at: u64,
-    pub last_activity: u64,
-    pub last_wake_ms: Option<u64>,
-    /// Password of the engine's own superuser (in clear here, sealed in
-    /// `_system`).
-    pub secret: String,
-    pub replicas: Vec<ReplicaRecord>,
-}
-
-#[derive(Debug, Clone)]
-pub struct UserRecord {
-    pub name: String,
-    pub verifier: String,
-}
 
 impl From<RqliteError> for ControlError {
     fn from(e: RqliteError) -> Self {
@@ -494,23 +456,6 @@ impl Store {
             .arg(detail)])
             .await?;
         Ok(())
-    }
-
-    /// The decisions about one database, oldest first:
-    /// `(at, coordinator, kind, detail)`.
-    pub async fn decisions(&self, key: &DbKey) -> Result<Vec<(u64, String, String, String)>> {
-        let r = self
-            .db
-            .query(
-                Stmt::new("SELECT at, coordinator, kind, detail FROM decisions WHERE app = ? AND db = ? ORDER BY at")
-                    .arg(key.app.as_str())
-                    .arg(key.db.as_str()),
-            )
-            .await?;
-        Ok(r.values
-            .iter()
-            .map(|row| (int(&row[0]), text(&row[1]), text(&row[2]), text(&row[3])))
-            .collect())
     }
 
     pub async fn setting(&self, key: &str) -> Result<Option<String>> {

@@ -13,10 +13,11 @@ use crate::cluster::{Peers, SystemMember};
 use crate::cluster_key::ClusterKey;
 use crate::engine::{self, EngineEnv, Instance};
 use crate::error::{ControlError, Result};
+use crate::meta::Store;
+use crate::model::ReplicaRecord;
 use crate::ports::PortAllocator;
 use crate::process::{ProcessEvent, Supervised};
 use crate::rqlite::RqliteClient;
-use crate::store::{ReplicaRecord, Store};
 use rouse_config::Config;
 use rouse_control_api::Engine;
 

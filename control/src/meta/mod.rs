@@ -1,0 +1,9 @@
+//! The metadata: the `_system` rqlite database this daemon runs and joins
+//! (`system.rs`), and its tables (`store.rs`). Nothing else in control
+//! speaks to `_system`.
+
+mod store;
+mod system;
+
+pub use store::Store;
+pub use system::{node_id, SystemDb};
