@@ -4,6 +4,7 @@
 //! Everything under `/api/v1` needs a bearer token (see [`Tokens`]); each
 //! route says which roles may call it.
 
+use crate::metrics::{CONTROL_ERRORS, CONTROL_REQUESTS, WAKE_REQUESTS};
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -72,7 +73,8 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 }
 
 fn from_error(e: ControlError) -> Response<Body> {
-    metrics::counter!("rouse_control_errors_total", "kind" => e.kind(), "code" => e.code().as_str())
+    CONTROL_ERRORS
+        .counter([e.kind().label().into(), e.code().as_str().into()])
         .increment(1);
     let mut resp = json(
         e.status(),
@@ -133,7 +135,9 @@ async fn handle(m: &Arc<Manager>, tokens: &Tokens, req: Request<Incoming>) -> Re
     let resp = route(m, tokens, req, &method, &path)
         .await
         .unwrap_or_else(from_error);
-    metrics::counter!("rouse_control_requests_total", "status" => resp.status().as_u16().to_string()).increment(1);
+    CONTROL_REQUESTS
+        .counter([resp.status().as_u16().to_string().into()])
+        .increment(1);
     resp
 }
 
@@ -329,7 +333,7 @@ async fn route(
             let key = db_key(app, db)?;
             c.reader(&key.app, "wake databases of this app")?;
             // How many wakes reach control: proxies coordinate to send one.
-            metrics::counter!("rouse_wake_requests_total").increment(1);
+            WAKE_REQUESTS.counter([]).increment(1);
             let info = detached(m, move |m| async move { m.wake(&key).await }).await;
             reply(S::OK, info.map(|i| c.present(m, i)))
         }

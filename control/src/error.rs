@@ -4,6 +4,7 @@
 
 use hyper::StatusCode;
 use rouse_control_api::{ErrorCode, NameError};
+use rouse_runtime::error_kind::ErrorKind;
 
 /// Serialisable so that a peer's refusal reaches the caller as it was made
 /// (see [`ControlError::portable`]).
@@ -104,9 +105,9 @@ impl ControlError {
         }
     }
 
-    /// Whose fault: `user` (the request, its token included), `capacity`, `backend` (an engine
-    /// or the store) or `internal`.
-    pub fn kind(&self) -> &'static str {
+    /// Whose fault: the request (its token included), capacity, a backend
+    /// (an engine, the store or a peer) or control itself.
+    pub fn kind(&self) -> ErrorKind {
         match self {
             ControlError::InvalidName(_)
             | ControlError::BadRequest(_)
@@ -116,12 +117,14 @@ impl ControlError {
             | ControlError::NotFound(_)
             | ControlError::AlreadyExists(_)
             | ControlError::InUse(_)
-            | ControlError::AppLimit { .. } => "user",
+            | ControlError::AppLimit { .. } => ErrorKind::User,
             ControlError::MaxDatabases { .. }
             | ControlError::PortsExhausted { .. }
-            | ControlError::InsufficientNodes { .. } => "capacity",
-            ControlError::Engine(_) | ControlError::Store(_) | ControlError::Peer(_) => "backend",
-            ControlError::Internal(_) => "internal",
+            | ControlError::InsufficientNodes { .. } => ErrorKind::Capacity,
+            ControlError::Engine(_) | ControlError::Store(_) | ControlError::Peer(_) => {
+                ErrorKind::Backend
+            }
+            ControlError::Internal(_) => ErrorKind::Internal,
         }
     }
 }

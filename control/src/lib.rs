@@ -11,6 +11,7 @@ mod engine;
 mod error;
 mod lifecycle;
 mod meta;
+mod metrics;
 mod model;
 mod ports;
 mod process;
@@ -21,6 +22,8 @@ mod secrets;
 mod tokens;
 
 pub use engine::tls::NodeTls;
+/// Every metric control records besides the shared ones of `rouse_runtime`.
+pub use metrics::CATALOGUE as METRICS;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -44,6 +47,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     rouse_runtime::telemetry::metrics();
+    rouse_runtime::metric::describe(rouse_runtime::metric::CATALOGUE);
+    rouse_runtime::metric::describe(metrics::CATALOGUE);
     let api_tls = config
         .control
         .tls

@@ -2,6 +2,7 @@
 //! and how fast it creates them. Creates are decided on the coordinator,
 //! so the rate is counted there, in memory.
 
+use crate::metrics::APP_LIMIT_REFUSALS;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -31,7 +32,8 @@ impl Quotas {
     pub fn admit_create(&self, app: &Name, held: usize) -> Result<()> {
         let limits = self.apps.limits(app.as_str());
         let refuse = |limit: AppLimit, max: u32| {
-            metrics::counter!("rouse_app_limit_refusals_total", "limit" => limit.key())
+            APP_LIMIT_REFUSALS
+                .counter([limit.key().into()])
                 .increment(1);
             Err(ControlError::AppLimit {
                 app: app.to_string(),

@@ -4,5 +4,7 @@
 //! metadata keeps it.
 
 pub mod clock;
+pub mod error_kind;
+pub mod metric;
 pub mod server;
 pub mod telemetry;

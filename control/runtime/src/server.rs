@@ -96,7 +96,7 @@ pub async fn serve_http<F, S, B>(
         };
         let _ = stream.set_nodelay(true);
         let (svc, watcher, tls) = (service(peer), graceful.watcher(), tls.clone());
-        let open = metrics::gauge!("rouse_client_connections", "protocol" => protocol);
+        let open = crate::metric::CLIENT_CONNECTIONS.gauge([protocol.into()]);
         open.increment(1.0);
         tokio::spawn(async move {
             let served = match tls {

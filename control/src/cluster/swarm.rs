@@ -1,6 +1,7 @@
 //! The libp2p event loop: listening, dialling bootstrap peers and re-dialling
 //! known ones, heartbeats, gossip in and out, and node-to-node requests.
 
+use crate::metrics::PEER_REFUSALS;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -521,7 +522,7 @@ impl SwarmTask {
 
 /// Logs and counts what a peer outside `discovery.allowed_peers` tried.
 fn refused(what: &'static str, peer: &PeerId) {
-    metrics::counter!("rouse_peer_refusals_total", "what" => what).increment(1);
+    PEER_REFUSALS.counter([what.into()]).increment(1);
     warn!(peer_id = %peer, what, "refused a peer outside discovery.allowed_peers");
 }
 

@@ -1,6 +1,7 @@
 //! The coordinator's decisions about an existing database: wake, hibernate
 //! and drop, each under the database's decision lock.
 
+use rouse_runtime::metric::WAKE_DURATION;
 use std::time::{Duration, Instant};
 
 use rouse_control_api::*;
@@ -46,7 +47,8 @@ impl Manager {
                 let took = asked.elapsed();
                 let now = now_ms();
                 self.activity.touch(key, now);
-                metrics::histogram!("rouse_wake_duration_seconds", "engine" => rec.engine.as_str(), "phase" => "wait")
+                WAKE_DURATION
+                    .histogram([rec.engine.as_str().into(), "wait".into()])
                     .record(waited.as_secs_f64());
                 self.store
                     .set_activity(key, now, Some(took.as_millis() as u64))

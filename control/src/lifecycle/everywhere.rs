@@ -2,6 +2,7 @@
 //! all its holders (this node directly, others over libp2p), and attach a
 //! registered Patroni cluster.
 
+use rouse_runtime::metric::WAKE_DURATION;
 use std::time::Instant;
 
 use rouse_control_api::*;
@@ -94,9 +95,11 @@ impl Manager {
             Ok(endpoints) => {
                 let answered = t0.elapsed();
                 let engine = rec.engine.as_str();
-                metrics::histogram!("rouse_wake_duration_seconds", "engine" => engine, "phase" => "start")
+                WAKE_DURATION
+                    .histogram([engine.into(), "start".into()])
                     .record(spawned.as_secs_f64());
-                metrics::histogram!("rouse_wake_duration_seconds", "engine" => engine, "phase" => "first_answer")
+                WAKE_DURATION
+                    .histogram([engine.into(), "first_answer".into()])
                     .record((answered - spawned).as_secs_f64());
                 Ok(endpoints)
             }

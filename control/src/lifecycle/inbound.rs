@@ -2,6 +2,7 @@
 //! (checked against `_system` before it is believed), and proxies' activity
 //! reports.
 
+use crate::metrics::PEER_REFUSALS;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -83,7 +84,7 @@ impl Manager {
                     return;
                 };
                 if !self.agrees_with_system(&event).await {
-                    metrics::counter!("rouse_peer_refusals_total", "what" => "event").increment(1);
+                    PEER_REFUSALS.counter(["event".into()]).increment(1);
                     warn!(?event, "ignored a peer's event that _system contradicts");
                     return;
                 }

@@ -1,6 +1,7 @@
 //! This node's replicas: starting and stopping engine processes, following
 //! their exits, and announcing a new leader.
 
+use crate::metrics::PROCESS_RESTARTS;
 use std::time::Duration;
 
 use rouse_control_api::*;
@@ -162,7 +163,7 @@ impl Manager {
                 attempt,
             } => {
                 warn!(database = %key, replica, status = %status, attempt, "engine process exited unexpectedly; restarting");
-                metrics::counter!("rouse_process_restarts_total").increment(1);
+                PROCESS_RESTARTS.counter([]).increment(1);
             }
             ProcessEvent::Restarted { replica } => {
                 info!(database = %key, replica, "engine process restarted");

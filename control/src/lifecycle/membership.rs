@@ -2,6 +2,7 @@
 //! the live membership used for placement and coordination. A peer not yet
 //! recorded makes this node read the members again, at most once a while.
 
+use crate::metrics::PEER_REFUSALS;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -106,7 +107,7 @@ impl Manager {
     ) -> bool {
         let member = self.is_member(peer, eager).await;
         if !member {
-            metrics::counter!("rouse_peer_refusals_total", "what" => "not_a_member").increment(1);
+            PEER_REFUSALS.counter(["not_a_member".into()]).increment(1);
             warn!(peer_id = %peer, what, "ignored a peer that is not a member recorded in _system");
         }
         member

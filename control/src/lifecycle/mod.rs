@@ -23,6 +23,7 @@ mod replace;
 mod settings;
 mod upkeep;
 
+use crate::metrics::DATABASES;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
@@ -227,7 +228,8 @@ impl Manager {
             }
         }
         for st in DatabaseStatus::ALL {
-            metrics::gauge!("rouse_databases", "status" => st.as_str())
+            DATABASES
+                .gauge([st.as_str().into()])
                 .set(counts.get(&st).copied().unwrap_or(0) as f64);
         }
     }

@@ -1,6 +1,7 @@
 //! Replacing the replicas a dead node held, so a database keeps its
 //! replication factor.
 
+use crate::metrics::REPLICA_REPLACEMENTS;
 use std::collections::HashSet;
 
 use rouse_control_api::*;
@@ -42,7 +43,9 @@ impl Manager {
                 Ok(mut m) => m.remove(0),
                 Err(e) => {
                     warn!(database = %rec.key, dead_node = %gone.node_id, error = %e, "no node can take a replacement replica");
-                    metrics::counter!("rouse_replica_replacements_total", "result" => "no_capacity").increment(1);
+                    REPLICA_REPLACEMENTS
+                        .counter(["no_capacity".into()])
+                        .increment(1);
                     continue;
                 }
             };
@@ -122,7 +125,7 @@ impl Manager {
                 },
             )
             .await?;
-            metrics::counter!("rouse_replica_replacements_total", "result" => "done").increment(1);
+            REPLICA_REPLACEMENTS.counter(["done".into()]).increment(1);
             self.notify(Notice::Replaced {
                 key: rec.key.clone(),
                 dead_node: gone.node_id.clone(),

@@ -1,6 +1,7 @@
 //! The background work: re-adoption at start, the idle reaper, the upkeep
 //! loop that keeps this node's replicas as `_system` says, and shutdown.
 
+use crate::metrics::PEERS;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,8 +168,9 @@ impl Manager {
             }
             let peers = self.peers.peers();
             let healthy = peers.iter().filter(|p| p.healthy).count();
-            metrics::gauge!("rouse_peers", "health" => "healthy").set(healthy as f64);
-            metrics::gauge!("rouse_peers", "health" => "unhealthy")
+            PEERS.gauge(["healthy".into()]).set(healthy as f64);
+            PEERS
+                .gauge(["unhealthy".into()])
                 .set((peers.len() - healthy) as f64);
             let Ok(records) = self.store.databases(None).await else {
                 continue;

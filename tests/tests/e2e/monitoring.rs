@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use rouse_control_api::{CreateDatabase, Engine, Name};
+use rouse_runtime::metric::Kind;
 use rouse_tests::{Control, Proxy};
 use serde_json::Value;
 
@@ -37,27 +38,28 @@ fn read(path: &Path) -> String {
 // ---------------------------------------------------------------------------
 // What the sources export.
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Counter,
-    Gauge,
-    Histogram,
-}
-
-impl Kind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-            Kind::Histogram => "histogram",
-        }
-    }
-}
-
 #[derive(Debug)]
 struct Metric {
     kind: Kind,
     labels: BTreeSet<String>,
+}
+
+/// Every metric the daemons declare in their catalogues.
+fn catalogue() -> BTreeMap<String, Metric> {
+    rouse_runtime::metric::CATALOGUE
+        .iter()
+        .chain(rouse_control::METRICS)
+        .map(|m| {
+            let labels = m.labels.iter().map(|l| l.to_string()).collect();
+            (
+                m.name.to_string(),
+                Metric {
+                    kind: m.kind,
+                    labels,
+                },
+            )
+        })
+        .collect()
 }
 
 /// Every metric recorded by a `metrics::` macro in the `.rs` files under
@@ -881,7 +883,23 @@ fn promql_uses() {
 
 #[tokio::test]
 async fn monitoring_uses_only_exported_metrics() {
-    let exported = source_metrics(&[repo().join("proxy/src"), repo().join("control")]);
+    let mut exported = catalogue();
+    for (name, m) in source_metrics(&[repo().join("proxy/src")]) {
+        if let Some(declared) = exported.get(&name) {
+            assert_eq!(
+                declared.kind, m.kind,
+                "{name}: kind in the sources and the catalogue"
+            );
+            assert!(
+                m.labels.is_subset(&declared.labels),
+                "{name}: labels {:?} in the sources, {:?} declared",
+                m.labels,
+                declared.labels
+            );
+        } else {
+            exported.insert(name, m);
+        }
+    }
     for core in [
         "rouse_requests_total",
         "rouse_request_duration_seconds",
