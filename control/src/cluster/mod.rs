@@ -63,13 +63,29 @@ impl Membership {
         let mut views = peers.peers();
         views.retain(|p| members.contains(&p.peer_id));
         let settle = peers.health_check_interval() * (MISSED_CHECKS * 2);
+        Membership::of(
+            (me, peers.peer_id(), max_databases),
+            views,
+            started.elapsed() > settle.max(Duration::from_secs(1)),
+            has_bootstrap,
+        )
+    }
+
+    /// This node (`me`: node id, peer id, capacity) and the member peers it
+    /// sees; `settled` once unheard-of peers count as down.
+    fn of(
+        (me, my_peer, my_max): (&str, PeerId, u32),
+        peers: Vec<PeerView>,
+        settled: bool,
+        has_bootstrap: bool,
+    ) -> Membership {
         Membership {
             me: me.to_string(),
-            my_peer: peers.peer_id(),
-            my_max: max_databases,
-            clustered: has_bootstrap || !views.is_empty(),
-            peers: views,
-            settled: started.elapsed() > settle.max(Duration::from_secs(1)),
+            my_peer,
+            my_max,
+            clustered: has_bootstrap || !peers.is_empty(),
+            peers,
+            settled,
         }
     }
 
@@ -226,5 +242,131 @@ mod tests {
             &replicas,
             &[endpoint("127.0.0.2", 5001), endpoint("10.0.0.1", 5003)]
         ));
+    }
+
+    fn peer(node: &str, max_databases: u32, healthy: bool) -> PeerView {
+        let peer_id = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        PeerView {
+            peer_id,
+            healthy,
+            heartbeat: Heartbeat {
+                node_id: node.into(),
+                peer_id: peer_id.to_string(),
+                api_addr: String::new(),
+                max_databases,
+                databases: 0,
+                active_databases: 0,
+                addresses: Vec::new(),
+                replica_host: String::new(),
+                system: None,
+            },
+        }
+    }
+
+    fn me() -> PeerId {
+        libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+    }
+
+    fn nodes(members: &[Member]) -> Vec<&str> {
+        members.iter().map(|m| m.node_id.as_str()).collect()
+    }
+
+    #[test]
+    fn placement_takes_the_least_loaded_live_nodes_with_room() {
+        let peers = vec![
+            peer("b", 10, true),
+            peer("c", 10, true),
+            peer("d", 10, false),
+        ];
+        let m = Membership::of(("a", me(), 10), peers, true, true);
+        let load = HashMap::from([("a".to_string(), 5), ("b".to_string(), 1)]);
+        let none = HashSet::new();
+        // c holds nothing, b one, a five; d is down.
+        assert_eq!(nodes(&m.place(2, &load, &none).unwrap()), ["c", "b"]);
+        assert_eq!(nodes(&m.place(3, &load, &none).unwrap()), ["c", "b", "a"]);
+        // A replacement skips the nodes that already hold the database.
+        let held = HashSet::from(["c".to_string()]);
+        assert_eq!(nodes(&m.place(1, &load, &held).unwrap()), ["b"]);
+        // Ties go by node id, so that every coordinator places alike.
+        let even = HashMap::new();
+        assert_eq!(nodes(&m.place(2, &even, &none).unwrap()), ["a", "b"]);
+    }
+
+    #[test]
+    fn placement_refuses_when_too_few_nodes_have_room() {
+        let peers = vec![peer("b", 1, true), peer("c", 10, false)];
+        let m = Membership::of(("a", me(), 2), peers, true, true);
+        let full = HashMap::from([("a".to_string(), 2), ("b".to_string(), 0)]);
+        match m.place(2, &full, &HashSet::new()) {
+            Err(ControlError::InsufficientNodes { got: 1, need: 2 }) => {}
+            other => panic!("expected insufficient nodes, got {other:?}"),
+        }
+        assert_eq!(nodes(&m.place(1, &full, &HashSet::new()).unwrap()), ["b"]);
+    }
+
+    #[test]
+    fn the_lowest_healthy_peer_id_coordinates() {
+        let peers = vec![
+            peer("b", 10, true),
+            peer("c", 10, true),
+            peer("d", 10, false),
+        ];
+        let lowest_healthy = peers
+            .iter()
+            .filter(|p| p.healthy)
+            .map(|p| p.peer_id)
+            .min()
+            .unwrap();
+        let mine = me();
+        let m = Membership::of(("a", mine, 10), peers.clone(), true, true);
+        match m.coordinator() {
+            None => assert!(
+                mine < lowest_healthy,
+                "this node coordinates only when lowest"
+            ),
+            Some(c) => assert_eq!(c, lowest_healthy),
+        }
+        // Alone, a node is its own coordinator and not clustered.
+        let alone = Membership::of(("a", mine, 10), Vec::new(), true, false);
+        assert_eq!(alone.coordinator(), None);
+        assert!(!alone.clustered());
+    }
+
+    #[test]
+    fn an_unheard_of_node_counts_as_live_only_until_the_view_settles() {
+        let peers = vec![peer("b", 10, false)];
+        let early = Membership::of(("a", me(), 10), peers.clone(), false, true);
+        assert!(early.is_live("a") && early.is_live("x") && !early.is_live("b"));
+        let settled = Membership::of(("a", me(), 10), peers, true, true);
+        assert!(settled.is_live("a") && !settled.is_live("x") && !settled.is_live("b"));
+    }
+
+    #[test]
+    fn load_counts_each_database_once_per_node() {
+        let mut three = vec![replica(0, 5001), replica(1, 5003), replica(2, 5005)];
+        three[2].node_id = "n0".into();
+        let rec = |replicas: Vec<ReplicaRecord>| DatabaseRecord {
+            key: rouse_control_api::DbKey::new(
+                rouse_control_api::Name::new("shop").unwrap(),
+                rouse_control_api::Name::new("db").unwrap(),
+            ),
+            engine: rouse_control_api::Engine::Rqlite,
+            replication_factor: replicas.len() as u32,
+            status: rouse_control_api::DatabaseStatus::Active,
+            reason: None,
+            created_at: 0,
+            last_activity: 0,
+            last_wake_ms: None,
+            secret: String::new(),
+            replicas,
+        };
+        let load = load(&[rec(three), rec(vec![replica(1, 5007)])]);
+        assert_eq!(load.get("n0"), Some(&1));
+        assert_eq!(load.get("n1"), Some(&2));
+        assert_eq!(load.get("n2"), None);
     }
 }

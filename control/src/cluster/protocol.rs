@@ -110,3 +110,64 @@ impl NodeResponse {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rouse_control_api::Name;
+
+    use super::*;
+
+    fn key() -> DbKey {
+        DbKey::new(Name::new("shop").unwrap(), Name::new("orders").unwrap())
+    }
+
+    /// What crosses libp2p is JSON: each request and answer reads back as
+    /// it was sent, errors with their kind and code.
+    #[test]
+    fn requests_and_answers_survive_the_wire() {
+        let requests = [
+            NodeRequest::Wake { key: key() },
+            NodeRequest::Hibernate {
+                key: key(),
+                force: true,
+            },
+            NodeRequest::Start {
+                key: key(),
+                start: LocalStart {
+                    bootstrap: true,
+                    raft_moved: false,
+                },
+            },
+            NodeRequest::Allocate {
+                key: key(),
+                engine: Engine::Rqlite,
+                idx: 2,
+                previous: Some(ReplicaRecord {
+                    idx: 2,
+                    node_id: "n2".into(),
+                    host: "127.0.0.3".into(),
+                    port: 5003,
+                    raft_port: Some(7003),
+                }),
+            },
+        ];
+        for request in requests {
+            let json = serde_json::to_string(&request).unwrap();
+            let back: NodeRequest = serde_json::from_str(&json).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        }
+
+        let failed = NodeResponse::from_result::<()>(
+            Err(ControlError::InvalidName(Name::new("").unwrap_err())),
+            |_| NodeResponse::Done,
+        );
+        let json = serde_json::to_string(&failed).unwrap();
+        match serde_json::from_str::<NodeResponse>(&json).unwrap() {
+            // A name error travels as a bad request, which any node reads.
+            NodeResponse::Failed(e @ ControlError::BadRequest(_)) => {
+                assert_eq!(e.code(), rouse_control_api::ErrorCode::BadRequest)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
