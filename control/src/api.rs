@@ -4,7 +4,6 @@
 //! Everything under `/api/v1` needs a bearer token (see [`Tokens`]); each
 //! route says which roles may call it.
 
-use crate::metrics::{CONTROL_ERRORS, CONTROL_REQUESTS, WAKE_REQUESTS};
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -23,6 +22,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::error::ControlError;
 use crate::lifecycle::Manager;
+use crate::metrics::{CONTROL_ERRORS, CONTROL_REQUESTS, WAKE_REQUESTS};
 use crate::tokens::Tokens;
 
 type Body = BoxBody<Bytes, Infallible>;

@@ -2,7 +2,6 @@
 //! and how fast it creates them. Creates are decided on the coordinator,
 //! so the rate is counted there, in memory.
 
-use crate::metrics::APP_LIMIT_REFUSALS;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -11,6 +10,7 @@ use rouse_config::AppsConfig;
 use rouse_control_api::Name;
 
 use crate::error::{AppLimit, ControlError, Result};
+use crate::metrics::APP_LIMIT_REFUSALS;
 
 const MINUTE: Duration = Duration::from_secs(60);
 

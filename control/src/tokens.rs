@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use rouse_control_api::access::TOKENS_DIR;
 use rouse_control_api::{Role, TokenCreated, TokenInfo};
+use rouse_runtime::clock::now_ms;
 
 use crate::error::{ControlError, Result};
 use crate::meta::Store;
 use crate::secrets::{hash_bearer_secret, new_token, write_private};
-use rouse_runtime::clock::now_ms;
 
 /// How long a checked token is believed without asking `_system` again:
 /// a token revoked on another node stops working within this time (at

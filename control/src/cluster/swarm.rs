@@ -1,7 +1,6 @@
 //! The libp2p event loop: listening, dialling bootstrap peers and re-dialling
 //! known ones, heartbeats, gossip in and out, and node-to-node requests.
 
-use crate::metrics::PEER_REFUSALS;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -21,6 +20,7 @@ use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     identify, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, Transport,
 };
+use rouse_runtime::clock::now_ms;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
@@ -31,7 +31,7 @@ use super::protocol::{
     MISSED_CHECKS, PROTOCOL_VERSION, RPC_PROTOCOL,
 };
 use super::wire::{Heartbeat, Inbound, PeersError};
-use rouse_runtime::clock::now_ms;
+use crate::metrics::PEER_REFUSALS;
 
 /// Intervals below this would flood the network for nothing.
 pub(super) const MIN_INTERVAL: Duration = Duration::from_millis(50);

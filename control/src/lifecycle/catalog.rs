@@ -2,6 +2,7 @@
 //! database of the app runs is applied to it at once.
 
 use rouse_control_api::*;
+use rouse_runtime::clock::now_ms;
 use tracing::info;
 
 use super::settings::first_access_setting;
@@ -10,7 +11,6 @@ use crate::engine;
 use crate::error::{ControlError, Result};
 use crate::model::UserRecord;
 use crate::secrets;
-use rouse_runtime::clock::now_ms;
 
 impl Manager {
     pub(super) async fn require_app(&self, app: &Name) -> Result<()> {

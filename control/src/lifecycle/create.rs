@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use rouse_control_api::*;
+use rouse_runtime::clock::now_ms;
 use tracing::{error, info, warn};
 
 use super::placement::placement;
@@ -15,7 +16,6 @@ use crate::engine;
 use crate::error::{ControlError, Result};
 use crate::model::{DatabaseRecord, ReplicaRecord};
 use crate::secrets;
-use rouse_runtime::clock::now_ms;
 
 impl Manager {
     pub(super) async fn create_here(

@@ -1,17 +1,17 @@
 //! The coordinator's decisions about an existing database: wake, hibernate
 //! and drop, each under the database's decision lock.
 
-use rouse_runtime::metric::WAKE_DURATION;
 use std::time::{Duration, Instant};
 
 use rouse_control_api::*;
+use rouse_runtime::clock::now_ms;
+use rouse_runtime::metric::WAKE_DURATION;
 use tracing::{error, info, warn};
 
 use super::settings::patroni_setting;
 use super::Manager;
 use crate::cluster::{LocalStart, Notice};
 use crate::error::{ControlError, Result};
-use rouse_runtime::clock::now_ms;
 
 impl Manager {
     pub(super) async fn wake_here(&self, key: &DbKey) -> Result<DatabaseInfo> {

@@ -2,10 +2,10 @@
 //! all its holders (this node directly, others over libp2p), and attach a
 //! registered Patroni cluster.
 
-use rouse_runtime::metric::WAKE_DURATION;
 use std::time::Instant;
 
 use rouse_control_api::*;
+use rouse_runtime::metric::WAKE_DURATION;
 use tracing::warn;
 
 use super::Manager;

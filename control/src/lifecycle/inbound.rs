@@ -2,7 +2,6 @@
 //! (checked against `_system` before it is believed), and proxies' activity
 //! reports.
 
-use crate::metrics::PEER_REFUSALS;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -14,6 +13,7 @@ use super::Manager;
 use crate::cluster::{self, NodeResponse, Notice};
 use crate::cluster::{Inbound, ACTIVITY_TOPIC, CLUSTER_TOPIC, EVENTS_TOPIC};
 use crate::error::{ControlError, Result};
+use crate::metrics::PEER_REFUSALS;
 
 impl Manager {
     /// Applies a proxy's activity report and shares it with the other

@@ -1,7 +1,6 @@
 //! This node's replicas: starting and stopping engine processes, following
 //! their exits, and announcing a new leader.
 
-use crate::metrics::PROCESS_RESTARTS;
 use std::time::Duration;
 
 use rouse_control_api::*;
@@ -13,6 +12,7 @@ use super::{Running, Slot};
 use crate::cluster::LocalStart;
 use crate::engine::{self, Instance};
 use crate::error::{ControlError, Result};
+use crate::metrics::PROCESS_RESTARTS;
 use crate::model::{DatabaseRecord, ReplicaRecord};
 use crate::process::{log_tail, ProcessEvent, Supervised};
 

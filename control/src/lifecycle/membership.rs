@@ -2,16 +2,16 @@
 //! the live membership used for placement and coordination. A peer not yet
 //! recorded makes this node read the members again, at most once a while.
 
-use crate::metrics::PEER_REFUSALS;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use rouse_runtime::clock::now_ms;
 use tracing::{debug, warn};
 
 use super::Manager;
 use crate::cluster::Membership;
 use crate::error::Result;
-use rouse_runtime::clock::now_ms;
+use crate::metrics::PEER_REFUSALS;
 
 impl Manager {
     /// The cluster as this node sees it now; healthy peers not yet known

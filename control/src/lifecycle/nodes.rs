@@ -1,11 +1,11 @@
 //! The cluster as operators see it: the node list and the scaling plan.
 
 use rouse_control_api::*;
+use rouse_runtime::clock::now_ms;
 
 use super::settings::REPLICATION_TARGET;
 use super::Manager;
 use crate::error::{ControlError, Result};
-use rouse_runtime::clock::now_ms;
 
 impl Manager {
     pub async fn scale(&self, req: &ScaleRequest) -> Result<ScalePlan> {

@@ -1,7 +1,6 @@
 //! Replacing the replicas a dead node held, so a database keeps its
 //! replication factor.
 
-use crate::metrics::REPLICA_REPLACEMENTS;
 use std::collections::HashSet;
 
 use rouse_control_api::*;
@@ -11,6 +10,7 @@ use super::Manager;
 use crate::cluster::{self, LocalStart, NodeRequest, NodeResponse, Notice};
 use crate::engine;
 use crate::error::Result;
+use crate::metrics::REPLICA_REPLACEMENTS;
 use crate::model::{DatabaseRecord, ReplicaRecord};
 use crate::rqlite::RqliteClient;
 

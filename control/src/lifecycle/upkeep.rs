@@ -1,20 +1,20 @@
 //! The background work: re-adoption at start, the idle reaper, the upkeep
 //! loop that keeps this node's replicas as `_system` says, and shutdown.
 
-use crate::metrics::PEERS;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rouse_control_api::*;
+use rouse_runtime::clock::now_ms;
 use tracing::{debug, error, info, warn};
 
 use super::settings::pool_mode_setting;
 use super::Manager;
 use crate::cluster::LocalStart;
 use crate::error::Result;
+use crate::metrics::PEERS;
 use crate::model::DatabaseRecord;
-use rouse_runtime::clock::now_ms;
 
 impl Manager {
     /// At start: remove orphaned data directories (unless the metadata store

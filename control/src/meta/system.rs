@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use rouse_config::Config;
+use rouse_control_api::Engine;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -18,8 +20,6 @@ use crate::model::ReplicaRecord;
 use crate::ports::PortAllocator;
 use crate::process::{ProcessEvent, Supervised};
 use crate::rqlite::RqliteClient;
-use rouse_config::Config;
-use rouse_control_api::Engine;
 
 #[derive(Serialize, Deserialize, PartialEq)]
 struct SavedAddr {
