@@ -52,6 +52,44 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The service of one connection, as both daemons write it.
+pub trait Handler<B>:
+    hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+        Response = hyper::Response<B>,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Send
+    + 'static
+{
+}
+
+impl<S, B> Handler<B> for S where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
+/// A response body hyper can send from any thread.
+pub trait ResponseBody:
+    hyper::body::Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + 'static
+{
+}
+
+impl<B> ResponseBody for B where
+    B: hyper::body::Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static
+{
+}
+
 /// Serves HTTP/1.1 (over TLS when `tls` is given) on an already-bound
 /// listener until `shutdown` resolves; open connections then get `drain`
 /// to finish. `service` makes the service of one connection from the
@@ -68,16 +106,8 @@ pub async fn serve_http<F, S, B>(
     service: F,
 ) where
     F: Fn(std::net::SocketAddr) -> S,
-    S: hyper::service::Service<
-            hyper::Request<hyper::body::Incoming>,
-            Response = hyper::Response<B>,
-            Error = std::convert::Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Handler<B>,
+    B: ResponseBody,
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -131,16 +161,8 @@ async fn serve_one<I, S, B>(
 ) -> Result<(), String>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<
-            hyper::Request<hyper::body::Incoming>,
-            Response = hyper::Response<B>,
-            Error = std::convert::Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Handler<B>,
+    B: ResponseBody,
 {
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
