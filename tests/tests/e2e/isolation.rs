@@ -9,13 +9,9 @@ use std::path::{Path, PathBuf};
 
 use reqwest::{RequestBuilder, StatusCode};
 use rouse_control_api::*;
-use rouse_tests::{Control, Proxy};
+use rouse_tests::{name, Control, Proxy};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
 
 /// Two apps with a key each; `rival` keeps a secret in its database `vault`.
 struct Tenants {

@@ -7,13 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use rouse_control_api::*;
-use rouse_tests::{metric, postgres_bin_dir, run_ok, Control, Proxy};
-
-const APP: &str = "shop";
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
+use rouse_tests::{metric, name, postgres_bin_dir, run_ok, Control, Proxy, APP};
 
 fn hangup(proxy: &Proxy) {
     // SAFETY: kill(2) with a pid we started; no memory is involved.

@@ -7,14 +7,8 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use rouse_control_api::*;
-use rouse_tests::{pids_mentioning, run_ok, Control, Proxy};
+use rouse_tests::{name, pids_mentioning, run_ok, Control, Proxy, APP};
 use serde_json::{json, Value};
-
-const APP: &str = "shop";
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
 
 struct Stack {
     control: Control,

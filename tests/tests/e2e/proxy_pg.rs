@@ -5,15 +5,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rouse_control_api::*;
-use rouse_tests::{run_ok, Control, Proxy};
+use rouse_tests::{name, run_ok, Control, Proxy, APP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
-
-const APP: &str = "shop";
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
 
 struct Stack {
     control: Control,

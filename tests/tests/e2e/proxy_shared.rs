@@ -9,14 +9,8 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use rouse_control_api::*;
-use rouse_tests::{metric, Control, Proxy, ProxyBuilder, Redis};
+use rouse_tests::{metric, name, Control, Proxy, ProxyBuilder, Redis, APP};
 use serde_json::{json, Value};
-
-const APP: &str = "shop";
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
 
 /// Control, one Redis, and proxies that share it.
 struct Fleet {

@@ -6,13 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use rouse_control_api::*;
-use rouse_tests::{run_ok, Control, Proxy};
-
-const APP: &str = "shop";
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
+use rouse_tests::{name, run_ok, Control, Proxy, APP};
 
 fn chromium() -> PathBuf {
     std::env::var_os("CHROMIUM").map_or_else(|| "chromium".into(), PathBuf::from)
