@@ -14,6 +14,7 @@ mod redis;
 mod relay;
 mod rqlite;
 mod sentinel;
+mod stack;
 
 use std::fs::Permissions;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
@@ -35,6 +36,7 @@ pub use redis::{redis_cli, Redis, RedisBuilder, TlsFiles};
 pub use relay::Relay;
 pub use rqlite::{engine_curl_args, engine_url, rqlite_execute, rqlite_query, Rqlited};
 pub use sentinel::{Sentinel, SentinelBuilder};
+pub use stack::{name, Stack, StackBuilder, APP};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 

@@ -11,14 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use rouse_control_api::*;
-use rouse_tests::{engine_curl_args, engine_url, Cluster, Control, ControlBuilder, Network, Proxy};
+use rouse_tests::{
+    engine_curl_args, engine_url, name, Cluster, Control, ControlBuilder, Network, Proxy, APP,
+};
 use serde_json::{json, Value};
-
-const APP: &str = "shop";
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
 
 /// Checks every 200 ms: a dead node is noticed in about 0.6 s.
 fn fast(b: ControlBuilder) -> ControlBuilder {

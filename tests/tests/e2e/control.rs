@@ -8,14 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use rouse_control_api::*;
 use rouse_tests::{
-    engine_url, pids_mentioning, port_is_free, rqlite_execute, rqlite_query, Control,
+    engine_url, name, pids_mentioning, port_is_free, rqlite_execute, rqlite_query, Control, APP,
 };
-
-const APP: &str = "shop";
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
 
 fn create_req(db: &str, engine: Engine, rf: Option<u32>) -> CreateDatabase {
     CreateDatabase {

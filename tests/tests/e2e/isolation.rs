@@ -9,13 +9,9 @@ use std::path::{Path, PathBuf};
 
 use reqwest::{RequestBuilder, StatusCode};
 use rouse_control_api::*;
-use rouse_tests::{Control, Proxy};
+use rouse_tests::{name, Control, Proxy, Stack};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
 
 /// Two apps with a key each; `rival` keeps a secret in its database `vault`.
 struct Tenants {
@@ -361,23 +357,6 @@ async fn read_message(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
     (tag, body)
 }
 
-/// Control with app `shop`, its API key and the Postgres login `alice`.
-async fn shop_with_alice() -> (Control, String) {
-    let control = Control::builder()
-        .hibernation_timeout("0")
-        .start()
-        .await
-        .unwrap();
-    let client = control.client();
-    client.create_app(&name("shop")).await.unwrap();
-    let key = client.create_key(&name("shop")).await.unwrap().key;
-    client
-        .create_user(&name("shop"), "alice", "wonderland")
-        .await
-        .unwrap();
-    (control, key)
-}
-
 /// The salt a proxy shows in its first SCRAM message for `user`, or the
 /// FATAL message when it answers with an error instead.
 async fn scram_salt(addr: std::net::SocketAddr, user: &str) -> Result<String, String> {
@@ -416,9 +395,8 @@ async fn scram_salt(addr: std::net::SocketAddr, user: &str) -> Result<String, St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_names_from_the_wire_never_reach_control_unchecked() {
-    let (mut control, _) = shop_with_alice().await;
-    let proxy = Proxy::builder(&control).start().await.unwrap();
-    let addr = proxy.postgres_addr();
+    let mut s = Stack::builder().start().await;
+    let addr = s.proxy().postgres_addr();
     // A known role, an unknown one and names that are no role at all each
     // show one salt, the same every time: nothing tells them apart.
     for user in [
@@ -437,7 +415,7 @@ async fn postgres_names_from_the_wire_never_reach_control_unchecked() {
     );
     // With control gone, a client hears that the database is unavailable,
     // not what control or the network said.
-    control.stop().await.unwrap();
+    s.control.stop().await.unwrap();
     let err = tokio_postgres::connect(
         &format!("postgres://newcomer.shop:pw@{addr}/main?sslmode=disable"),
         tokio_postgres::NoTls,
@@ -565,14 +543,15 @@ async fn entries_forged_in_the_shared_redis_grant_nothing() {
 /// logging in, cost the guesser's own address and nobody else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guessers_and_silent_clients_wait_while_everyone_else_is_served() {
-    let (control, key) = shop_with_alice().await;
-    let proxy = Proxy::builder(&control)
-        .set("failed_login_limit", "5")
-        .set("max_pending_logins", "3")
-        .set("header_read_timeout", "2s")
+    let s = Stack::builder()
+        .proxy(|p| {
+            p.set("failed_login_limit", "5")
+                .set("max_pending_logins", "3")
+                .set("header_read_timeout", "2s")
+        })
         .start()
-        .await
-        .unwrap();
+        .await;
+    let (proxy, key) = (s.proxy(), s.key.as_str());
     let from = |ip: [u8; 4]| {
         reqwest::Client::builder()
             .local_address(std::net::IpAddr::from(ip))
@@ -606,7 +585,7 @@ async fn guessers_and_silent_clients_wait_while_everyone_else_is_served() {
         let resp = list(&guesser, &format!("ak_guess{i:0>26}")).await.unwrap();
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     }
-    let resp = list(&guesser, &key).await.unwrap();
+    let resp = list(&guesser, key).await.unwrap();
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(resp.headers().contains_key("retry-after"));
     let body: Value = resp.json().await.unwrap();
@@ -628,7 +607,7 @@ async fn guessers_and_silent_clients_wait_while_everyone_else_is_served() {
         refused.code(),
         Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS)
     );
-    assert_eq!(list(&honest, &key).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(list(&honest, key).await.unwrap().status(), StatusCode::OK);
 
     // Silent connections hold at most max_pending_logins slots, each only
     // until the login timeout; the next one is told so at once.
@@ -665,26 +644,15 @@ async fn guessers_and_silent_clients_wait_while_everyone_else_is_served() {
             "a silent client kept its slot past the login timeout"
         );
     }
-    let body: Value = list(&honest, &key).await.unwrap().json().await.unwrap();
+    let body: Value = list(&honest, key).await.unwrap().json().await.unwrap();
     assert!(body["databases"].is_array(), "{body}");
 }
 
-/// `shop_with_alice` with a managed PostgreSQL database `main`, and a proxy.
-async fn shop_postgres() -> (Control, Proxy) {
-    let (control, _) = shop_with_alice().await;
-    control
-        .client()
-        .create_database(&CreateDatabase {
-            app: name("shop"),
-            name: name("main"),
-            engine: Engine::Postgres,
-            replication_factor: None,
-            patroni: None,
-        })
-        .await
-        .unwrap();
-    let proxy = Proxy::builder(&control).start().await.unwrap();
-    (control, proxy)
+/// The stack with a managed PostgreSQL database `main`.
+async fn shop_postgres() -> Stack {
+    let s = Stack::builder().start().await;
+    s.create("main", Engine::Postgres).await;
+    s
 }
 
 /// `alice.shop` on database `main` at `addr`.
@@ -703,7 +671,8 @@ async fn pg_connect(addr: std::net::SocketAddr) -> tokio_postgres::Client {
 /// programs, whatever it asks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_tenant_reaches_no_server_file_or_program() {
-    let (_control, proxy) = shop_postgres().await;
+    let s = shop_postgres().await;
+    let proxy = s.proxy();
     let pg = pg_connect(proxy.postgres_addr()).await;
     let superuser: String = pg.query_one("SHOW is_superuser", &[]).await.unwrap().get(0);
     assert_eq!(superuser, "off");
@@ -746,7 +715,8 @@ async fn a_postgres_tenant_reaches_no_server_file_or_program() {
 /// to make itself writable, in session and in transaction pooling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_read_only_port_cannot_write_whatever_it_sends() {
-    let (control, proxy) = shop_postgres().await;
+    let s = shop_postgres().await;
+    let (control, proxy) = (&s.control, s.proxy());
     let rw = pg_connect(proxy.postgres_addr()).await;
     rw.batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
         .await
@@ -956,21 +926,9 @@ async fn engine_ports_answer_only_their_own_login() {
 /// several proxies tells nothing either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_role_shows_one_salt_at_every_proxy_of_a_fleet() {
-    let redis = rouse_tests::Redis::start().await.unwrap();
-    let url = format!("redis://{}", redis.addr());
-    let (control, _) = shop_with_alice().await;
-    let mut proxies = Vec::new();
-    for _ in 0..2 {
-        proxies.push(
-            Proxy::builder(&control)
-                .redis_url(&url, &[])
-                .start()
-                .await
-                .unwrap(),
-        );
-    }
+    let s = Stack::builder().proxies(2).redis().start().await;
     let salts = |user: &'static str| {
-        let addrs: Vec<_> = proxies.iter().map(|p| p.postgres_addr()).collect();
+        let addrs: Vec<_> = s.proxies.iter().map(|p| p.postgres_addr()).collect();
         async move {
             let mut out = Vec::new();
             for addr in addrs {

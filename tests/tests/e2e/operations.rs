@@ -7,13 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use rouse_control_api::*;
-use rouse_tests::{metric, postgres_bin_dir, run_ok, Control, Proxy};
-
-const APP: &str = "shop";
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
+use rouse_tests::{metric, postgres_bin_dir, run_ok, Control, Proxy, Stack, APP};
 
 fn hangup(proxy: &Proxy) {
     // SAFETY: kill(2) with a pid we started; no memory is involved.
@@ -27,38 +21,17 @@ fn rewrite(config: &PathBuf, original: &str, extra: &str) {
     std::fs::write(config, text).unwrap();
 }
 
-/// Control with app `shop`, its user alice, an API key, an rqlite database
-/// `live` and a PostgreSQL database `orders`.
-async fn stack() -> (Control, String) {
-    let control = Control::builder()
-        .hibernation_timeout("0")
-        .start()
-        .await
-        .unwrap();
-    let api = control.client();
-    api.create_app(&name(APP)).await.unwrap();
-    api.create_user(&name(APP), "alice", "wonderland")
-        .await
-        .unwrap();
-    let key = api.create_key(&name(APP)).await.unwrap().key;
-    for (db, engine) in [("live", Engine::Rqlite), ("orders", Engine::Postgres)] {
-        api.create_database(&CreateDatabase {
-            app: name(APP),
-            name: name(db),
-            engine,
-            replication_factor: Some(1),
-            patroni: None,
-        })
-        .await
-        .unwrap();
-    }
-    (control, key)
+/// An rqlite database `live` and a PostgreSQL database `orders`, for the load.
+async fn live_and_orders(s: &Stack) {
+    s.create("live", Engine::Rqlite).await;
+    s.create("orders", Engine::Postgres).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_under_load_drop_nothing_and_a_bad_config_is_refused() {
-    let (control, key) = stack().await;
-    let proxy = Proxy::builder(&control).start().await.unwrap();
+    let s = Stack::builder().start().await;
+    live_and_orders(&s).await;
+    let (proxy, key) = (s.proxy(), &s.key);
     let config = proxy.dir().join("proxy.yaml");
     let original = std::fs::read_to_string(&config).unwrap();
     let reloads = |result: &str| {
@@ -102,12 +75,12 @@ async fn reloads_under_load_drop_nothing_and_a_bad_config_is_refused() {
             &original,
             &format!("  wake_timeout: {}s\n", 20 + i),
         );
-        hangup(&proxy);
+        hangup(proxy);
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
     // A configuration with a mistake is refused; the proxy goes on.
     std::fs::write(&config, format!("{original}  wake_timeuot: 5s\n")).unwrap();
-    hangup(&proxy);
+    hangup(proxy);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let wrk = wrk.wait_with_output().unwrap();
@@ -138,13 +111,13 @@ async fn reloads_under_load_drop_nothing_and_a_bad_config_is_refused() {
         &original,
         "  rate_limits: {http: {per_app: {rate: 0.5, burst: 1}}}\n",
     );
-    hangup(&proxy);
+    hangup(proxy);
     let http = reqwest::Client::new();
     let mut limited = false;
     for _ in 0..50 {
         let status = http
             .post(format!("{}/{APP}/live/db/query", proxy.url()))
-            .bearer_auth(&key)
+            .bearer_auth(key)
             .json(&serde_json::json!(["SELECT 1"]))
             .send()
             .await
@@ -161,12 +134,12 @@ async fn reloads_under_load_drop_nothing_and_a_bad_config_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upgrade_under_load_refuses_no_connection_and_drains_sessions() {
-    let (control, key) = stack().await;
-    let mut proxy = Proxy::builder(&control)
-        .set("drain_grace", "3s")
+    let mut s = Stack::builder()
+        .proxy(|p| p.set("drain_grace", "3s"))
         .start()
-        .await
-        .unwrap();
+        .await;
+    live_and_orders(&s).await;
+    let (proxy, key) = (&mut s.proxies[0], &s.key);
     let old_pid = proxy.pid();
     let pg_url = format!(
         "postgres://alice.{APP}:wonderland@{}/orders?sslmode=disable",

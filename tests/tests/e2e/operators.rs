@@ -6,12 +6,8 @@ use std::path::Path;
 
 use reqwest::Method;
 use rouse_control_api::*;
-use rouse_tests::{rqlite_execute, rqlite_query, Control, Proxy};
+use rouse_tests::{name, rqlite_execute, rqlite_query, Control, Proxy};
 use serde_json::{json, Value};
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
 
 fn db(app: &str, db: &str, engine: Engine) -> CreateDatabase {
     CreateDatabase {

@@ -13,12 +13,8 @@ use rouse_control::cluster::{NodeRequest, NodeResponse};
 use rouse_control::cluster::{Peers, EVENTS_TOPIC};
 use rouse_control::cluster_key::ClusterKey;
 use rouse_control_api::*;
-use rouse_tests::{Control, ControlBuilder, Proxy};
+use rouse_tests::{name, Control, ControlBuilder, Proxy};
 use serde_json::json;
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
 
 /// An rqlite database `db` of `app` with `replicas` replicas.
 fn rqlite_db(app: &str, db: &str, replicas: u32) -> CreateDatabase {

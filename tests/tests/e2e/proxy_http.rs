@@ -7,81 +7,12 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use rouse_control_api::*;
-use rouse_tests::{pids_mentioning, run_ok, Control, Proxy};
+use rouse_tests::{name, pids_mentioning, run_ok, Proxy, Stack, APP};
 use serde_json::{json, Value};
-
-const APP: &str = "shop";
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
-
-struct Stack {
-    control: Control,
-    proxy: Proxy,
-    key: String,
-    http: reqwest::Client,
-}
-
-impl Stack {
-    async fn start(
-        hibernation: &str,
-        proxy: impl FnOnce(rouse_tests::ProxyBuilder) -> rouse_tests::ProxyBuilder,
-    ) -> Stack {
-        let control = Control::builder()
-            .hibernation_timeout(hibernation)
-            .start()
-            .await
-            .unwrap();
-        let client = control.client();
-        client.create_app(&name(APP)).await.unwrap();
-        let key = client.create_key(&name(APP)).await.unwrap().key;
-        let proxy = proxy(Proxy::builder(&control)).start().await.unwrap();
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(600)
-            .build()
-            .unwrap();
-        Stack {
-            control,
-            proxy,
-            key,
-            http,
-        }
-    }
-
-    async fn gateway(&self, op: &str, body: Value) -> (StatusCode, Value) {
-        let resp = self
-            .http
-            .post(format!("{}/v1/database/{op}", self.proxy.url()))
-            .bearer_auth(&self.key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (resp.status(), resp.json().await.unwrap_or(Value::Null))
-    }
-
-    /// An rqlite API call through the path prefix.
-    async fn rqlite(&self, db: &str, path: &str, body: Value) -> (StatusCode, Value) {
-        let resp = self
-            .http
-            .post(format!("{}/{APP}/{db}{path}", self.proxy.url()))
-            .header("Authorization", format!("ApiKey {}", self.key))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (resp.status(), resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn control_metric(&self, series: &str) -> f64 {
-        rouse_tests::metric(&format!("{}/metrics", self.control.api_url()), series).await
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_api_executes_queries_and_transacts() {
-    let s = Stack::start("0", |p| p).await;
+    let s = Stack::builder().start().await;
     // First access creates the database.
     let (st, r) = s
         .gateway("create-table", json!({"database": "users", "schema": "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT UNIQUE)"}))
@@ -130,7 +61,7 @@ async fn gateway_api_executes_queries_and_transacts() {
         .http
         .get(format!(
             "{}/v1/database/schema?database=users",
-            s.proxy.url()
+            s.proxy().url()
         ))
         .header("X-API-Key", &s.key)
         .send()
@@ -176,7 +107,7 @@ async fn gateway_api_executes_queries_and_transacts() {
     .await;
     let resp = s
         .http
-        .get(format!("{}/v1/database/list", s.proxy.url()))
+        .get(format!("{}/v1/database/list", s.proxy().url()))
         .bearer_auth(&s.key)
         .send()
         .await
@@ -208,8 +139,11 @@ async fn gateway_api_executes_queries_and_transacts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_rqlite_clients_work_through_every_kind_of_routing() {
-    let s = Stack::start("0", |p| p.static_listener(APP, "sidecar")).await;
-    let port = s.proxy.http_addr().port();
+    let s = Stack::builder()
+        .proxy(|p| p.static_listener(APP, "sidecar"))
+        .start()
+        .await;
+    let port = s.proxy().http_addr().port();
     let key = &s.key;
 
     // pyrqlite, routed by its basic-auth user <db>.<app>.
@@ -251,7 +185,7 @@ async fn real_rqlite_clients_work_through_every_kind_of_routing() {
             "-H",
             "127.0.0.1",
             "-p",
-            &s.proxy.static_addr(0).port().to_string(),
+            &s.proxy().static_addr(0).port().to_string(),
             "-u",
             &format!("me:{key}"),
         ])
@@ -316,7 +250,7 @@ async fn real_rqlite_clients_work_through_every_kind_of_routing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_requests_wake_a_hibernated_database_once() {
-    let s = Stack::start("0", |p| p).await;
+    let s = Stack::builder().start().await;
     s.gateway(
         "exec",
         json!({"database": "herd", "sql": "CREATE TABLE t (x)"}),
@@ -350,7 +284,7 @@ async fn five_hundred_requests_wake_a_hibernated_database_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_survive_the_loss_of_the_leader_without_a_visible_redirect() {
-    let s = Stack::start("0", |p| p).await;
+    let s = Stack::builder().start().await;
     let client = s.control.client();
     client
         .create_database(&CreateDatabase {
@@ -429,11 +363,13 @@ fn now() -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_app_never_reaches_another_apps_databases() {
     const SECRET: &str = "isolation-secret";
-    let s = Stack::start("0", |p| {
-        p.auth("jwt_hs256_secret", SECRET)
-            .static_listener("rival", "vault")
-    })
-    .await;
+    let s = Stack::builder()
+        .proxy(|p| {
+            p.auth("jwt_hs256_secret", SECRET)
+                .static_listener("rival", "vault")
+        })
+        .start()
+        .await;
     let client = s.control.client();
     client.create_app(&name("rival")).await.unwrap();
     let rival_key = client.create_key(&name("rival")).await.unwrap().key;
@@ -464,7 +400,7 @@ async fn one_app_never_reaches_another_apps_databases() {
         .unwrap();
 
     let token = jwt_hs256(SECRET, json!({"namespace": APP, "exp": now() + 600}));
-    let port = s.proxy.http_addr().port();
+    let port = s.proxy().http_addr().port();
     let basic = |user: &str| {
         format!(
             "Basic {}",
@@ -516,7 +452,7 @@ async fn one_app_never_reaches_another_apps_databases() {
                         Some(basic(&format!("{target}.rival"))),
                     ),
                     (
-                        format!("http://{}{path}", s.proxy.static_addr(0)),
+                        format!("http://{}{path}", s.proxy().static_addr(0)),
                         None,
                         None,
                     ),
@@ -566,7 +502,7 @@ async fn one_app_never_reaches_another_apps_databases() {
     assert!(r["error"].as_str().unwrap().contains("no such table"));
     let resp = s
         .http
-        .get(format!("{}/v1/database/list", s.proxy.url()))
+        .get(format!("{}/v1/database/list", s.proxy().url()))
         .bearer_auth(&s.key)
         .send()
         .await
@@ -601,7 +537,7 @@ async fn one_app_never_reaches_another_apps_databases() {
     // The rival's own key still works where ours did not.
     let resp = s
         .http
-        .post(format!("http://{}/db/query", s.proxy.static_addr(0)))
+        .post(format!("http://{}/db/query", s.proxy().static_addr(0)))
         .header("x-api-key", rival_key)
         .json(&json!(["SELECT s FROM secrets"]))
         .send()
@@ -614,14 +550,16 @@ async fn one_app_never_reaches_another_apps_databases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_errors_and_harms_nothing_else() {
     const SECRET: &str = "bad-input-secret";
-    let s = Stack::start("0", |p| {
-        p.auth("jwt_hs256_secret", SECRET)
-            .set("max_body_bytes", "65536")
-            .set("header_read_timeout", "1s")
-            .set("body_read_timeout", "1s")
-    })
-    .await;
-    let url = s.proxy.url();
+    let s = Stack::builder()
+        .proxy(|p| {
+            p.auth("jwt_hs256_secret", SECRET)
+                .set("max_body_bytes", "65536")
+                .set("header_read_timeout", "1s")
+                .set("body_read_timeout", "1s")
+        })
+        .start()
+        .await;
+    let url = s.proxy().url();
     s.gateway(
         "exec",
         json!({"database": "main", "sql": "CREATE TABLE t (x)"}),
@@ -732,7 +670,7 @@ async fn bad_input_gets_clear_errors_and_harms_nothing_else() {
 
     // A client that stalls mid-request is cut off; others are served meanwhile.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut slow = tokio::net::TcpStream::connect(s.proxy.http_addr())
+    let mut slow = tokio::net::TcpStream::connect(s.proxy().http_addr())
         .await
         .unwrap();
     slow.write_all(b"POST /v1/database/query HTTP/1.1\r\nHost: x\r\n")
@@ -749,7 +687,7 @@ async fn bad_input_gets_clear_errors_and_harms_nothing_else() {
     let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf)).await;
     assert!(closed.is_ok(), "a stalled client is not kept forever");
     // One that sends its head but stalls in its body gets 408.
-    let mut slow = tokio::net::TcpStream::connect(s.proxy.http_addr())
+    let mut slow = tokio::net::TcpStream::connect(s.proxy().http_addr())
         .await
         .unwrap();
     let head = format!("POST /v1/database/query HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 100\r\n\r\n{{", s.key);
@@ -762,7 +700,7 @@ async fn bad_input_gets_clear_errors_and_harms_nothing_else() {
         String::from_utf8_lossy(&buf)
     );
 
-    let metrics = s.proxy.metrics().await.unwrap();
+    let metrics = s.proxy().metrics().await.unwrap();
     assert!(
         metrics.contains(r#"outcome="auth""#) && metrics.contains(r#"outcome="user""#),
         "{metrics}"
@@ -771,18 +709,11 @@ async fn bad_input_gets_clear_errors_and_harms_nothing_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_is_bounded_by_time_and_queue_length() {
-    let s = Stack::start("0", |p| p.set("wake_timeout", "1ms")).await;
-    s.control
-        .client()
-        .create_database(&CreateDatabase {
-            app: name(APP),
-            name: name("slow"),
-            engine: Engine::Rqlite,
-            replication_factor: Some(1),
-            patroni: None,
-        })
-        .await
-        .unwrap();
+    let s = Stack::builder()
+        .proxy(|p| p.set("wake_timeout", "1ms"))
+        .start()
+        .await;
+    s.create("slow", Engine::Rqlite).await;
     s.control
         .client()
         .hibernate(&name(APP), &name("slow"), true)
@@ -790,7 +721,7 @@ async fn waiting_is_bounded_by_time_and_queue_length() {
         .unwrap();
     let resp = s
         .http
-        .post(format!("{}/{APP}/slow/db/query", s.proxy.url()))
+        .post(format!("{}/{APP}/slow/db/query", s.proxy().url()))
         .bearer_auth(&s.key)
         .json(&json!(["SELECT 1"]))
         .send()
@@ -810,18 +741,11 @@ async fn waiting_is_bounded_by_time_and_queue_length() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let s = Stack::start("0", |p| p.set("max_waiting", "1")).await;
-    s.control
-        .client()
-        .create_database(&CreateDatabase {
-            app: name(APP),
-            name: name("busy"),
-            engine: Engine::Rqlite,
-            replication_factor: Some(1),
-            patroni: None,
-        })
-        .await
-        .unwrap();
+    let s = Stack::builder()
+        .proxy(|p| p.set("max_waiting", "1"))
+        .start()
+        .await;
+    s.create("busy", Engine::Rqlite).await;
     s.control
         .client()
         .hibernate(&name(APP), &name("busy"), true)
@@ -847,7 +771,11 @@ async fn waiting_is_bounded_by_time_and_queue_length() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activity_keeps_a_database_awake_and_idleness_hibernates_it() {
-    let s = Stack::start("3s", |p| p.set("activity_interval", "200ms")).await;
+    let s = Stack::builder()
+        .hibernation("3s")
+        .proxy(|p| p.set("activity_interval", "200ms"))
+        .start()
+        .await;
     s.gateway(
         "exec",
         json!({"database": "busy", "sql": "CREATE TABLE t (x)"}),
@@ -903,7 +831,7 @@ async fn activity_keeps_a_database_awake_and_idleness_hibernates_it() {
     // /status and /nodes name the proxy, not the engine.
     let resp = s
         .http
-        .get(format!("{}/{APP}/busy/nodes?ver=2", s.proxy.url()))
+        .get(format!("{}/{APP}/busy/nodes?ver=2", s.proxy().url()))
         .bearer_auth(&s.key)
         .send()
         .await
@@ -911,7 +839,7 @@ async fn activity_keeps_a_database_awake_and_idleness_hibernates_it() {
     let nodes: Value = resp.json().await.unwrap();
     assert_eq!(
         nodes["nodes"][0]["api_addr"],
-        format!("{}/{APP}/busy", s.proxy.url())
+        format!("{}/{APP}/busy", s.proxy().url())
     );
 }
 
@@ -949,10 +877,10 @@ async fn rs256_tokens_are_checked_against_the_configured_public_key() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let s = Stack::start("0", |p| {
-        p.auth("jwt_rs256_public_key_file", public.to_str().unwrap())
-    })
-    .await;
+    let s = Stack::builder()
+        .proxy(|p| p.auth("jwt_rs256_public_key_file", public.to_str().unwrap()))
+        .start()
+        .await;
     s.gateway(
         "exec",
         json!({"database": "main", "sql": "CREATE TABLE t (x)"}),
@@ -973,7 +901,7 @@ async fn rs256_tokens_are_checked_against_the_configured_public_key() {
     ] {
         let resp = s
             .http
-            .post(format!("{}/{APP}/main/db/query", s.proxy.url()))
+            .post(format!("{}/{APP}/main/db/query", s.proxy().url()))
             .bearer_auth(token)
             .json(&json!(["SELECT count(*) FROM t"]))
             .send()
@@ -1026,7 +954,7 @@ async fn rs256_tokens_are_checked_against_the_configured_public_key() {
     // An HS256 token is refused when no HS256 secret is configured.
     let resp = s
         .http
-        .post(format!("{}/{APP}/main/db/query", s.proxy.url()))
+        .post(format!("{}/{APP}/main/db/query", s.proxy().url()))
         .bearer_auth(jwt_hs256(
             "guess",
             json!({"namespace": APP, "exp": now() + 600}),
@@ -1040,7 +968,7 @@ async fn rs256_tokens_are_checked_against_the_configured_public_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_may_forbid_creating_databases_on_first_access() {
-    let s = Stack::start("0", |p| p).await;
+    let s = Stack::builder().start().await;
     let client = s.control.client();
     client
         .create_app_with(&CreateApp {
@@ -1052,7 +980,7 @@ async fn an_app_may_forbid_creating_databases_on_first_access() {
     let key = client.create_key(&name("strict")).await.unwrap().key;
     let resp = s
         .http
-        .post(format!("{}/v1/database/exec", s.proxy.url()))
+        .post(format!("{}/v1/database/exec", s.proxy().url()))
         .bearer_auth(&key)
         .json(&json!({"database": "adhoc", "sql": "CREATE TABLE t (x)"}))
         .send()
@@ -1061,7 +989,7 @@ async fn an_app_may_forbid_creating_databases_on_first_access() {
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     let resp = s
         .http
-        .post(format!("{}/strict/adhoc/db/query", s.proxy.url()))
+        .post(format!("{}/strict/adhoc/db/query", s.proxy().url()))
         .bearer_auth(&key)
         .json(&json!(["SELECT 1"]))
         .send()
@@ -1087,7 +1015,7 @@ async fn an_app_may_forbid_creating_databases_on_first_access() {
         .unwrap();
     let resp = s
         .http
-        .post(format!("{}/strict/adhoc/db/query", s.proxy.url()))
+        .post(format!("{}/strict/adhoc/db/query", s.proxy().url()))
         .bearer_auth(&key)
         .json(&json!(["SELECT 1"]))
         .send()

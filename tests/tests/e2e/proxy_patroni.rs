@@ -8,14 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rouse_control_api::*;
-use rouse_tests::{postgres_bin_dir, Control, PatroniCluster, Proxy};
+use rouse_tests::{name, postgres_bin_dir, Control, PatroniCluster, Proxy, APP};
 
-const APP: &str = "shop";
 const DB: &str = "orders";
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
 
 async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;

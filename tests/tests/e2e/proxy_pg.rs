@@ -5,83 +5,17 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rouse_control_api::*;
-use rouse_tests::{run_ok, Control, Proxy};
+use rouse_tests::{name, run_ok, Stack, APP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
 
-const APP: &str = "shop";
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
-
-struct Stack {
-    control: Control,
-    proxy: Proxy,
-}
-
-impl Stack {
-    async fn start(
-        proxy: impl FnOnce(rouse_tests::ProxyBuilder) -> rouse_tests::ProxyBuilder,
-    ) -> Stack {
-        let control = Control::builder()
-            .hibernation_timeout("0")
-            .start()
-            .await
-            .unwrap();
-        let client = control.client();
-        client.create_app(&name(APP)).await.unwrap();
-        client
-            .create_user(&name(APP), "alice", "wonderland")
-            .await
-            .unwrap();
-        let proxy = proxy(Proxy::builder(&control)).start().await.unwrap();
-        Stack { control, proxy }
-    }
-
-    async fn create(&self, db: &str) {
-        let req = CreateDatabase {
-            app: name(APP),
-            name: name(db),
-            engine: Engine::Postgres,
-            replication_factor: None,
-            patroni: None,
-        };
-        self.control.client().create_database(&req).await.unwrap();
-    }
-
-    fn url(&self, user: &str, password: &str, db: &str) -> String {
-        format!(
-            "postgres://{user}:{password}@{}/{db}",
-            self.proxy.postgres_addr()
-        )
-    }
-
-    async fn connect(
-        &self,
-        user: &str,
-        password: &str,
-        db: &str,
-    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, conn) = tokio_postgres::connect(
-            &format!("{}?sslmode=disable", self.url(user, password, db)),
-            tokio_postgres::NoTls,
-        )
-        .await?;
-        tokio::spawn(conn);
-        Ok(client)
-    }
-
-    async fn starts(&self) -> f64 {
-        let series = r#"rouse_wake_duration_seconds_count{engine="postgres",phase="start"}"#;
-        rouse_tests::metric(&format!("{}/metrics", self.control.api_url()), series).await
-    }
-}
+/// Control's count of PostgreSQL databases started by a wake.
+const STARTS: &str = r#"rouse_wake_duration_seconds_count{engine="postgres",phase="start"}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordinary_clients_connect_and_a_hibernated_database_wakes_on_connect() {
-    let s = Stack::start(|p| p).await;
-    s.create("users").await;
+    let s = Stack::builder().start().await;
+    s.create("users", Engine::Postgres).await;
     s.control
         .client()
         .hibernate(&name(APP), &name("users"), true)
@@ -92,7 +26,7 @@ async fn ordinary_clients_connect_and_a_hibernated_database_wakes_on_connect() {
     for sslmode in ["disable", "prefer"] {
         let url = format!(
             "{}?sslmode={sslmode}",
-            s.url("alice.shop", "wonderland", "users")
+            s.pg_url("alice.shop", "wonderland", "users")
         );
         run_ok(Command::new("psql").args([
             &url,
@@ -110,14 +44,14 @@ async fn ordinary_clients_connect_and_a_hibernated_database_wakes_on_connect() {
          with psycopg.connect('{}', options='-c rouse.app={APP}') as c:\n\
          \x20   c.execute(\"INSERT INTO notes VALUES ('psycopg')\")\n\
          \x20   print(c.execute('SELECT count(*) FROM notes').fetchone()[0])\n",
-        s.url("alice", "wonderland", "users")
+        s.pg_url("alice", "wonderland", "users")
     );
     assert!(run_ok(Command::new("python3").args(["-c", &script]))
         .trim()
         .ends_with('3'));
     // tokio-postgres, with extended-protocol statements and parameters.
     let c = s
-        .connect("alice.shop", "wonderland", "users")
+        .pg_connect("alice.shop", "wonderland", "users")
         .await
         .unwrap();
     let rows = c
@@ -144,16 +78,16 @@ async fn ordinary_clients_connect_and_a_hibernated_database_wakes_on_connect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_connects_to_a_hibernated_database_wake_it_once() {
-    let s = Stack::start(|p| p).await;
-    s.create("herd").await;
+    let s = Stack::builder().start().await;
+    s.create("herd", Engine::Postgres).await;
     s.control
         .client()
         .hibernate(&name(APP), &name("herd"), true)
         .await
         .unwrap();
-    let before = s.starts().await;
+    let before = s.control_metric(STARTS).await;
     let connects = (0..200).map(|_| async {
-        let c = s.connect("alice.shop", "wonderland", "herd").await?;
+        let c = s.pg_connect("alice.shop", "wonderland", "herd").await?;
         c.query_one("SELECT 1", &[])
             .await
             .map(|r| r.get::<_, i32>(0))
@@ -162,14 +96,17 @@ async fn two_hundred_connects_to_a_hibernated_database_wake_it_once() {
     for r in &results {
         assert_eq!(r.as_ref().map_err(|e| format!("{e:?}")), Ok(&1));
     }
-    assert_eq!(s.starts().await - before, 1.0);
+    assert_eq!(s.control_metric(STARTS).await - before, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_query_is_cancelled_with_the_clients_cancel_key() {
-    let s = Stack::start(|p| p).await;
-    s.create("slow").await;
-    let c = s.connect("alice.shop", "wonderland", "slow").await.unwrap();
+    let s = Stack::builder().start().await;
+    s.create("slow", Engine::Postgres).await;
+    let c = s
+        .pg_connect("alice.shop", "wonderland", "slow")
+        .await
+        .unwrap();
     let token = c.cancel_token();
     let started = Instant::now();
     let sleeper = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
@@ -182,8 +119,11 @@ async fn a_long_query_is_cancelled_with_the_clients_cancel_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_connections_get_postgres_errors_and_harm_nobody() {
-    let s = Stack::start(|p| p.set("header_read_timeout", "1s").set("wake_timeout", "2s")).await;
-    s.create("main").await;
+    let s = Stack::builder()
+        .proxy(|p| p.set("header_read_timeout", "1s").set("wake_timeout", "2s"))
+        .start()
+        .await;
+    s.create("main", Engine::Postgres).await;
     s.control.client().create_app(&name("rival")).await.unwrap();
     s.control
         .client()
@@ -206,38 +146,41 @@ async fn bad_connections_get_postgres_errors_and_harm_nobody() {
         r.err().and_then(|e| e.code().cloned())
     };
     assert_eq!(
-        code(s.connect("alice.shop", "nope", "main").await),
+        code(s.pg_connect("alice.shop", "nope", "main").await),
         Some(SqlState::INVALID_PASSWORD)
     );
     assert_eq!(
-        code(s.connect("nobody.shop", "x", "main").await),
+        code(s.pg_connect("nobody.shop", "x", "main").await),
         Some(SqlState::INVALID_PASSWORD)
     );
     assert_eq!(
-        code(s.connect("alice.ghost", "wonderland", "main").await),
+        code(s.pg_connect("alice.ghost", "wonderland", "main").await),
         Some(SqlState::INVALID_PASSWORD)
     );
     assert_eq!(
-        code(s.connect("alice.shop", "wonderland", "missing").await),
+        code(s.pg_connect("alice.shop", "wonderland", "missing").await),
         Some(SqlState::INVALID_CATALOG_NAME)
     );
     assert_eq!(
-        code(s.connect("alice", "wonderland", "main").await),
+        code(s.pg_connect("alice", "wonderland", "main").await),
         Some(SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
     );
     // Another app's database is not there for this app, whoever asks.
     assert_eq!(
-        code(s.connect("alice.shop", "wonderland", "vault").await),
+        code(s.pg_connect("alice.shop", "wonderland", "vault").await),
         Some(SqlState::INVALID_CATALOG_NAME)
     );
     assert_eq!(
-        code(s.connect("mallory.shop", "secret", "vault").await),
+        code(s.pg_connect("mallory.shop", "secret", "vault").await),
         Some(SqlState::INVALID_PASSWORD)
     );
-    assert!(s.connect("mallory.rival", "secret", "vault").await.is_ok());
+    assert!(s
+        .pg_connect("mallory.rival", "secret", "vault")
+        .await
+        .is_ok());
 
     // Malformed, oversized and stalled startups: an error, and the others go on.
-    let pg_addr = s.proxy.postgres_addr();
+    let pg_addr = s.proxy().postgres_addr();
     let raw = |bytes: Vec<u8>| async move {
         let mut sock = tokio::net::TcpStream::connect(pg_addr).await.unwrap();
         sock.write_all(&bytes).await.unwrap();
@@ -252,14 +195,17 @@ async fn bad_connections_get_postgres_errors_and_harm_nobody() {
     );
     let oversized = raw(vec![0, 16, 0, 0, 0, 3, 0, 0]).await;
     assert!(oversized.contains("08P01"), "{oversized}");
-    let mut stalled = tokio::net::TcpStream::connect(s.proxy.postgres_addr())
+    let mut stalled = tokio::net::TcpStream::connect(s.proxy().postgres_addr())
         .await
         .unwrap();
     stalled
         .write_all(&[0, 0, 0, 40, 0, 3, 0, 0, b'u'])
         .await
         .unwrap();
-    let c = s.connect("alice.shop", "wonderland", "main").await.unwrap();
+    let c = s
+        .pg_connect("alice.shop", "wonderland", "main")
+        .await
+        .unwrap();
     assert_eq!(
         c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
         1
@@ -269,24 +215,27 @@ async fn bad_connections_get_postgres_errors_and_harm_nobody() {
     assert!(done.is_ok(), "a stalled handshake is cut off");
 
     // Past max_client_connections: 53300, and room again once one leaves.
-    let small = Stack::start(|p| p.set("max_client_connections", "2")).await;
-    small.create("tiny").await;
+    let small = Stack::builder()
+        .proxy(|p| p.set("max_client_connections", "2"))
+        .start()
+        .await;
+    small.create("tiny", Engine::Postgres).await;
     let first = small
-        .connect("alice.shop", "wonderland", "tiny")
+        .pg_connect("alice.shop", "wonderland", "tiny")
         .await
         .unwrap();
     let second = small
-        .connect("alice.shop", "wonderland", "tiny")
+        .pg_connect("alice.shop", "wonderland", "tiny")
         .await
         .unwrap();
     assert_eq!(
-        code(small.connect("alice.shop", "wonderland", "tiny").await),
+        code(small.pg_connect("alice.shop", "wonderland", "tiny").await),
         Some(SqlState::TOO_MANY_CONNECTIONS)
     );
     drop((first, second));
     let deadline = Instant::now() + Duration::from_secs(5);
     while small
-        .connect("alice.shop", "wonderland", "tiny")
+        .pg_connect("alice.shop", "wonderland", "tiny")
         .await
         .is_err()
     {
@@ -295,15 +244,18 @@ async fn bad_connections_get_postgres_errors_and_harm_nobody() {
     }
 
     // A wake that does not finish in time is 57P03, not a bare disconnect.
-    let slow = Stack::start(|p| p.set("wake_timeout", "1ms")).await;
-    slow.create("sleepy").await;
+    let slow = Stack::builder()
+        .proxy(|p| p.set("wake_timeout", "1ms"))
+        .start()
+        .await;
+    slow.create("sleepy", Engine::Postgres).await;
     slow.control
         .client()
         .hibernate(&name(APP), &name("sleepy"), true)
         .await
         .unwrap();
     assert_eq!(
-        code(slow.connect("alice.shop", "wonderland", "sleepy").await),
+        code(slow.pg_connect("alice.shop", "wonderland", "sleepy").await),
         Some(SqlState::CANNOT_CONNECT_NOW)
     );
 }
@@ -335,8 +287,8 @@ async fn tls_is_offered_and_the_server_name_can_name_the_app() {
         cert.display(),
         key.display()
     );
-    let s = Stack::start(|p| p.set("tls", &tls)).await;
-    s.create("secure").await;
+    let s = Stack::builder().proxy(|p| p.set("tls", &tls)).start().await;
+    s.create("secure", Engine::Postgres).await;
     s.control
         .client()
         .hibernate(&name(APP), &name("secure"), true)
@@ -345,7 +297,7 @@ async fn tls_is_offered_and_the_server_name_can_name_the_app() {
 
     let url = format!(
         "{}?sslmode=require",
-        s.url("alice.shop", "wonderland", "secure")
+        s.pg_url("alice.shop", "wonderland", "secure")
     );
     let out = run_ok(Command::new("psql").args([&url, "-At", "-c", "SELECT 'encrypted'"]));
     assert!(out.contains("encrypted"), "{out}");
@@ -379,7 +331,7 @@ async fn tls_is_offered_and_the_server_name_can_name_the_app() {
     );
 
     // The app from the TLS server name <db>.<app>.<base_domain>.
-    let port = s.proxy.postgres_addr().port();
+    let port = s.proxy().postgres_addr().port();
     let conninfo = format!("host=secure.{APP}.localhost hostaddr=127.0.0.1 port={port} user=alice password=wonderland dbname=secure sslmode=require");
     let out =
         run_ok(Command::new("psql").args([&conninfo, "-At", "-c", "SELECT current_database()"]));
@@ -400,8 +352,11 @@ async fn tls_is_offered_and_the_server_name_can_name_the_app() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_pooling_shares_few_backends_and_keeps_prepared_statements() {
-    let s = Stack::start(|p| p.set("pool_size", "4")).await;
-    s.create("pooled").await;
+    let s = Stack::builder()
+        .proxy(|p| p.set("pool_size", "4"))
+        .start()
+        .await;
+    s.create("pooled", Engine::Postgres).await;
     let info = s
         .control
         .client()
@@ -416,7 +371,7 @@ async fn transaction_pooling_shares_few_backends_and_keeps_prepared_statements()
     // they hold every backend.
     let conninfo = format!(
         "host=127.0.0.1 port={} user=alice.shop dbname=pooled sslmode=disable",
-        s.proxy.postgres_addr().port()
+        s.proxy().postgres_addr().port()
     );
     let pgbench = rouse_tests::postgres_bin_dir().unwrap().join("pgbench");
     run_ok(
@@ -433,7 +388,7 @@ async fn transaction_pooling_shares_few_backends_and_keeps_prepared_statements()
     );
     assert!(out.contains("number of failed transactions: 0"), "{out}");
     let c = s
-        .connect("alice.shop", "wonderland", "pooled")
+        .pg_connect("alice.shop", "wonderland", "pooled")
         .await
         .unwrap();
     let row = c
@@ -457,11 +412,11 @@ async fn transaction_pooling_shares_few_backends_and_keeps_prepared_statements()
     // Two clients whose statements share names (tokio-postgres calls them s0, s1, ...)
     // keep getting their own statements on whichever backend serves them.
     let a = s
-        .connect("alice.shop", "wonderland", "pooled")
+        .pg_connect("alice.shop", "wonderland", "pooled")
         .await
         .unwrap();
     let b = s
-        .connect("alice.shop", "wonderland", "pooled")
+        .pg_connect("alice.shop", "wonderland", "pooled")
         .await
         .unwrap();
     let plus = a.prepare("SELECT $1::int + 1").await.unwrap();
@@ -477,15 +432,18 @@ async fn transaction_pooling_shares_few_backends_and_keeps_prepared_statements()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_state_does_not_leak_to_the_next_pooled_client() {
     // One backend connection: every client gets the same one in turn.
-    let s = Stack::start(|p| p.set("pool_size", "1")).await;
-    s.create("shared").await;
+    let s = Stack::builder()
+        .proxy(|p| p.set("pool_size", "1"))
+        .start()
+        .await;
+    s.create("shared", Engine::Postgres).await;
     s.control
         .client()
         .set_pool_mode(&name(APP), &name("shared"), PoolMode::Transaction)
         .await
         .unwrap();
     let a = s
-        .connect("alice.shop", "wonderland", "shared")
+        .pg_connect("alice.shop", "wonderland", "shared")
         .await
         .unwrap();
     let backend_pid = |c: tokio_postgres::Client| async move {
@@ -508,7 +466,7 @@ async fn session_state_does_not_leak_to_the_next_pooled_client() {
     drop(a);
 
     let b = s
-        .connect("alice.shop", "wonderland", "shared")
+        .pg_connect("alice.shop", "wonderland", "shared")
         .await
         .unwrap();
     let row = b
@@ -530,7 +488,7 @@ async fn session_state_does_not_leak_to_the_next_pooled_client() {
     assert!(row.get::<_, bool>(4), "client A's temporary table is gone");
     // The reset kept the connection: no new login.
     let c = s
-        .connect("alice.shop", "wonderland", "shared")
+        .pg_connect("alice.shop", "wonderland", "shared")
         .await
         .unwrap();
     assert_eq!(backend_pid(c).await, pid);
@@ -594,53 +552,28 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 /// after a hibernation; checking them out alive is the pools' own work.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_on_a_stale_route_wakes_the_database_and_gets_in() {
-    let control = Control::builder()
-        .hibernation_timeout("0")
-        .start()
-        .await
-        .unwrap();
-    let admin = control.client();
-    admin.create_app(&name(APP)).await.unwrap();
-    admin
-        .create_user(&name(APP), "alice", "wonderland")
-        .await
-        .unwrap();
+    let mut s = Stack::builder().proxies(0).start().await;
     let relay =
-        rouse_tests::Relay::start(control.api_url().trim_start_matches("http://").into()).await;
-    let proxy = Proxy::builder(&control)
+        rouse_tests::Relay::start(s.control.api_url().trim_start_matches("http://").into()).await;
+    let proxy = s
+        .proxy_builder()
         .control_url(&format!("http://{}", relay.addr()))
         .start()
         .await
         .unwrap();
-    let metrics = format!("http://{}/metrics", proxy.stats_addr());
-    let retries = || {
-        rouse_tests::metric(
-            &metrics,
-            r#"rouse_stale_route_retries_total{protocol="postgres"}"#,
-        )
-    };
-    let req = CreateDatabase {
-        app: name(APP),
-        name: name("orders"),
-        engine: Engine::Postgres,
-        replication_factor: None,
-        patroni: None,
-    };
-    admin.create_database(&req).await.unwrap();
-    let url = format!(
-        "postgres://alice.{APP}:wonderland@{}/orders?sslmode=disable",
-        proxy.postgres_addr()
-    );
+    s.proxies.push(proxy);
+    let retries = || s.proxy_metric(0, r#"rouse_stale_route_retries_total{protocol="postgres"}"#);
+    s.create("orders", Engine::Postgres).await;
     let query = || async {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
+        let client = s.pg_connect("alice.shop", "wonderland", "orders").await?;
         client.simple_query("SELECT 1").await
     };
     query().await.unwrap();
     relay.block_events(true);
     // The relay closes the open event stream within 20 ms.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    admin
+    s.control
+        .client()
         .hibernate(&name(APP), &name("orders"), true)
         .await
         .unwrap();

@@ -9,100 +9,20 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use rouse_control_api::*;
-use rouse_tests::{metric, Control, Proxy, ProxyBuilder, Redis};
+use rouse_tests::{name, Stack, APP};
 use serde_json::{json, Value};
 
-const APP: &str = "shop";
+/// Control's count of wake calls that reached it.
+const WAKES: &str = "rouse_wake_requests_total";
 
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
-
-/// Control, one Redis, and proxies that share it.
-struct Fleet {
-    control: Control,
-    redis: Redis,
-    proxies: Vec<Proxy>,
-    key: String,
-    http: reqwest::Client,
-}
-
-impl Fleet {
-    async fn start(proxies: usize, configure: impl Fn(ProxyBuilder) -> ProxyBuilder) -> Fleet {
-        let redis = Redis::start().await.unwrap();
-        let control = Control::builder()
-            .hibernation_timeout("0")
-            .start()
-            .await
-            .unwrap();
-        let api = control.client();
-        api.create_app(&name(APP)).await.unwrap();
-        api.create_user(&name(APP), "alice", "wonderland")
-            .await
-            .unwrap();
-        let key = api.create_key(&name(APP)).await.unwrap().key;
-        let url = format!("redis://{}", redis.addr());
-        let mut started = Vec::new();
-        for _ in 0..proxies {
-            let builder = configure(Proxy::builder(&control).redis_url(&url, &[]));
-            started.push(builder.start().await.unwrap());
-        }
-        Fleet {
-            control,
-            redis,
-            proxies: started,
-            key,
-            http: reqwest::Client::builder()
-                .pool_max_idle_per_host(600)
-                .build()
-                .unwrap(),
-        }
-    }
-
-    async fn create(&self, db: &str, engine: Engine) {
-        self.control
-            .client()
-            .create_database(&CreateDatabase {
-                app: name(APP),
-                name: name(db),
-                engine,
-                replication_factor: Some(1),
-                patroni: None,
-            })
-            .await
-            .unwrap();
-    }
-
-    /// An rqlite API call through proxy `i` with `credential` as bearer.
-    async fn rqlite(
-        &self,
-        i: usize,
-        credential: &str,
-        db: &str,
-        path: &str,
-        body: Value,
-    ) -> reqwest::Response {
-        self.http
-            .post(format!("{}/{APP}/{db}{path}", self.proxies[i].url()))
-            .bearer_auth(credential)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn proxy_metric(&self, i: usize, series: &str) -> f64 {
-        let url = format!("http://{}/metrics", self.proxies[i].stats_addr());
-        metric(&url, series).await
-    }
-
-    async fn wakes(&self) -> f64 {
-        metric(
-            &format!("{}/metrics", self.control.api_url()),
-            "rouse_wake_requests_total",
-        )
+/// Two proxies sharing one Redis, each with `key: value` under `proxy:`.
+async fn fleet_with(key: &str, value: &str) -> Stack {
+    Stack::builder()
+        .proxies(2)
+        .redis()
+        .proxy(|p| p.set(key, value))
+        .start()
         .await
-    }
 }
 
 /// Polls `check` until it holds, failing after `within`; how long it took.
@@ -122,14 +42,19 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_credential_is_validated_once_and_revoked_everywhere_within_a_second() {
     let secret = "fleet-secret";
-    let f = Fleet::start(2, |p| p.auth("jwt_hs256_secret", secret)).await;
+    let f = Stack::builder()
+        .proxies(2)
+        .redis()
+        .proxy(|p| p.auth("jwt_hs256_secret", secret))
+        .start()
+        .await;
     f.create("notes", Engine::Rqlite).await;
     let read = json!(["SELECT 1"]);
 
     // The key: proxy 0 asks control, proxy 1 finds it in Redis.
     for i in 0..2 {
         let resp = f
-            .rqlite(i, &f.key, "notes", "/db/query", read.clone())
+            .rqlite_via(i, &f.key, "notes", "/db/query", read.clone())
             .await;
         assert_eq!(resp.status(), StatusCode::OK);
     }
@@ -153,7 +78,7 @@ async fn a_credential_is_validated_once_and_revoked_everywhere_within_a_second()
         within(left, "key revoked", || {
             let (f, read) = (&f, read.clone());
             async move {
-                f.rqlite(i, &f.key, "notes", "/db/query", read)
+                f.rqlite_via(i, &f.key, "notes", "/db/query", read)
                     .await
                     .status()
                     == StatusCode::UNAUTHORIZED
@@ -176,7 +101,7 @@ async fn a_credential_is_validated_once_and_revoked_everywhere_within_a_second()
     .unwrap();
     for i in 0..2 {
         let resp = f
-            .rqlite(i, &token, "notes", "/db/query", read.clone())
+            .rqlite_via(i, &token, "notes", "/db/query", read.clone())
             .await;
         assert_eq!(resp.status(), StatusCode::OK);
     }
@@ -191,7 +116,7 @@ async fn a_credential_is_validated_once_and_revoked_everywhere_within_a_second()
     let took = within(Duration::from_secs(1), "token revoked", || {
         let (f, token, read) = (&f, &token, read.clone());
         async move {
-            f.rqlite(1, token, "notes", "/db/query", read)
+            f.rqlite_via(1, token, "notes", "/db/query", read)
                 .await
                 .status()
                 == StatusCode::UNAUTHORIZED
@@ -200,8 +125,8 @@ async fn a_credential_is_validated_once_and_revoked_everywhere_within_a_second()
     .await;
     println!("token revocation reached the other proxy in {took:?}");
     // A proxy started after the logout refuses the token as well.
-    let late = Proxy::builder(&f.control)
-        .redis_url(&format!("redis://{}", f.redis.addr()), &[])
+    let late = f
+        .proxy_builder()
         .auth("jwt_hs256_secret", secret)
         .start()
         .await
@@ -221,12 +146,10 @@ async fn a_credential_is_validated_once_and_revoked_everywhere_within_a_second()
 async fn a_rate_limit_holds_across_two_proxies() {
     const RATE: f64 = 40.0;
     const SECONDS: f64 = 5.0;
-    let f = Fleet::start(2, |p| {
-        p.set(
-            "rate_limits",
-            &format!("{{http: {{per_app: {{rate: {RATE}, burst: 1}}}}}}"),
-        )
-    })
+    let f = fleet_with(
+        "rate_limits",
+        &format!("{{http: {{per_app: {{rate: {RATE}, burst: 1}}}}}}"),
+    )
     .await;
     f.create("busy", Engine::Rqlite).await;
     let admitted = Arc::new(AtomicU64::new(0));
@@ -239,7 +162,7 @@ async fn a_rate_limit_holds_across_two_proxies() {
         load.push(tokio::spawn(async move {
             while Instant::now() < end {
                 let resp = f
-                    .rqlite(worker % 2, &f.key, "busy", "/db/query", json!(["SELECT 1"]))
+                    .rqlite_via(worker % 2, &f.key, "busy", "/db/query", json!(["SELECT 1"]))
                     .await;
                 match resp.status() {
                     StatusCode::OK => admitted.fetch_add(1, Ordering::Relaxed),
@@ -270,20 +193,20 @@ async fn a_rate_limit_holds_across_two_proxies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_proxies_wake_a_database_with_one_call_to_control() {
-    let f = Fleet::start(2, |p| p).await;
+    let f = Stack::builder().proxies(2).redis().start().await;
     f.create("sleepy", Engine::Rqlite).await;
     f.control
         .client()
         .hibernate(&name(APP), &name("sleepy"), true)
         .await
         .unwrap();
-    let before = f.wakes().await;
+    let before = f.control_metric(WAKES).await;
     let f = Arc::new(f);
     let mut herd = Vec::new();
     for i in 0..500 {
         let f = f.clone();
         herd.push(tokio::spawn(async move {
-            f.rqlite(i % 2, &f.key, "sleepy", "/db/query", json!(["SELECT 1"]))
+            f.rqlite_via(i % 2, &f.key, "sleepy", "/db/query", json!(["SELECT 1"]))
                 .await
                 .status()
         }));
@@ -292,7 +215,7 @@ async fn two_proxies_wake_a_database_with_one_call_to_control() {
         assert_eq!(h.await.unwrap(), StatusCode::OK);
     }
     assert_eq!(
-        f.wakes().await - before,
+        f.control_metric(WAKES).await - before,
         1.0,
         "wake calls that reached control"
     );
@@ -300,16 +223,12 @@ async fn two_proxies_wake_a_database_with_one_call_to_control() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancel_sent_to_the_other_proxy_cancels_the_query() {
-    let f = Fleet::start(2, |p| p).await;
+    let f = Stack::builder().proxies(2).redis().start().await;
     f.create("slow", Engine::Postgres).await;
-    let url = format!(
-        "postgres://alice.{APP}:wonderland@{}/slow?sslmode=disable",
-        f.proxies[0].postgres_addr()
-    );
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+    let client = f
+        .pg_connect("alice.shop", "wonderland", "slow")
         .await
         .unwrap();
-    tokio::spawn(conn);
     let cancel = client.cancel_token();
     let started = Instant::now();
     let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
@@ -332,17 +251,15 @@ async fn a_cancel_sent_to_the_other_proxy_cancels_the_query() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cached_reads_skip_rqlite_and_a_write_anywhere_invalidates_them() {
-    let f = Fleet::start(2, |p| {
-        p.set(
-            "response_cache",
-            &format!("[{{app: {APP}, database: cached, ttl: 60s}}]"),
-        )
-    })
+    let f = fleet_with(
+        "response_cache",
+        &format!("[{{app: {APP}, database: cached, ttl: 60s}}]"),
+    )
     .await;
     f.create("cached", Engine::Rqlite).await;
     let write = |v: &str| json!([["INSERT INTO t VALUES (?)", v]]);
     let resp = f
-        .rqlite(
+        .rqlite_via(
             1,
             &f.key,
             "cached",
@@ -351,11 +268,11 @@ async fn cached_reads_skip_rqlite_and_a_write_anywhere_invalidates_them() {
         )
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
-    f.rqlite(1, &f.key, "cached", "/db/execute", write("one"))
+    f.rqlite_via(1, &f.key, "cached", "/db/execute", write("one"))
         .await;
     let read = || async {
         let resp = f
-            .rqlite(
+            .rqlite_via(
                 0,
                 &f.key,
                 "cached",
@@ -376,22 +293,22 @@ async fn cached_reads_skip_rqlite_and_a_write_anywhere_invalidates_them() {
     api.hibernate(&name(APP), &name("cached"), true)
         .await
         .unwrap();
-    let wakes = f.wakes().await;
+    let wakes = f.control_metric(WAKES).await;
     assert_eq!(read().await, json!([["one"]]));
     let status = api.database(&name(APP), &name("cached")).await.unwrap();
     assert_eq!(status.status, DatabaseStatus::Hibernating);
-    assert_eq!(f.wakes().await, wakes);
+    assert_eq!(f.control_metric(WAKES).await, wakes);
 
     // A write through the other proxy: the next read is fresh.
     let resp = f
-        .rqlite(1, &f.key, "cached", "/db/execute", write("two"))
+        .rqlite_via(1, &f.key, "cached", "/db/execute", write("two"))
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(read().await, json!([["one"], ["two"]]));
     // A strong read is never cached.
     for _ in 0..2 {
         let resp = f
-            .rqlite(
+            .rqlite_via(
                 0,
                 &f.key,
                 "cached",
@@ -407,17 +324,15 @@ async fn cached_reads_skip_rqlite_and_a_write_anywhere_invalidates_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_go_on_while_redis_is_down_and_redis_is_used_again_when_back() {
     // A generous limit, so that every request asks Redis (and none is refused).
-    let f = Fleet::start(2, |p| {
-        p.set(
-            "rate_limits",
-            "{http: {per_app: {rate: 100000, burst: 100000}}}",
-        )
-    })
+    let f = fleet_with(
+        "rate_limits",
+        "{http: {per_app: {rate: 100000, burst: 100000}}}",
+    )
     .await;
     f.create("steady", Engine::Rqlite).await;
     let fallbacks = r#"rouse_redis_fallback_total{what="rate_limit"}"#;
     let warm_up: Vec<_> = (0..50)
-        .map(|i| f.rqlite(i % 2, &f.key, "steady", "/db/query", json!(["SELECT 1"])))
+        .map(|i| f.rqlite_via(i % 2, &f.key, "steady", "/db/query", json!(["SELECT 1"])))
         .collect();
     for resp in futures::future::join_all(warm_up).await {
         assert_eq!(resp.status(), StatusCode::OK);
@@ -436,7 +351,7 @@ async fn requests_go_on_while_redis_is_down_and_redis_is_used_again_when_back() 
             while !stop.load(Ordering::Relaxed) {
                 let f = f.read().await;
                 let resp = f
-                    .rqlite(
+                    .rqlite_via(
                         worker % 2,
                         &f.key,
                         "steady",
@@ -453,7 +368,7 @@ async fn requests_go_on_while_redis_is_down_and_redis_is_used_again_when_back() 
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    f.write().await.redis.kill();
+    f.write().await.redis_mut().kill();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let during = served.load(Ordering::Relaxed);
     {
@@ -464,7 +379,7 @@ async fn requests_go_on_while_redis_is_down_and_redis_is_used_again_when_back() 
         );
     }
     // Redis comes back (empty): the proxies use it again by themselves.
-    f.write().await.redis.restart().await.unwrap();
+    f.write().await.redis_mut().restart().await.unwrap();
     let back = Instant::now();
     {
         let f = f.read().await;
@@ -472,7 +387,7 @@ async fn requests_go_on_while_redis_is_down_and_redis_is_used_again_when_back() 
             Duration::from_secs(10),
             "rate limits in Redis again",
             || async {
-                f.redis
+                f.redis()
                     .cli(&["KEYS", "rouse:rl:*"])
                     .await
                     .unwrap()
@@ -499,29 +414,21 @@ async fn requests_go_on_while_redis_is_down_and_redis_is_used_again_when_back() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_connect_over_the_limit_gets_53300() {
-    let f = Fleet::start(2, |p| {
-        p.set(
-            "rate_limits",
-            "{postgres: {per_app: {rate: 0.2, burst: 1}}}",
-        )
-    })
+    let f = fleet_with(
+        "rate_limits",
+        "{postgres: {per_app: {rate: 0.2, burst: 1}}}",
+    )
     .await;
     f.create("limited", Engine::Postgres).await;
-    let url = |i: usize| {
-        format!(
-            "postgres://alice.{APP}:wonderland@{}/limited?sslmode=disable",
-            f.proxies[i].postgres_addr()
-        )
-    };
-    let (first, conn) = tokio_postgres::connect(&url(0), tokio_postgres::NoTls)
+    let first = f
+        .pg_connect_via(0, "alice.shop", "wonderland", "limited")
         .await
         .unwrap();
-    tokio::spawn(conn);
     // The limit is the app's across proxies: the other proxy refuses too.
-    let err = tokio_postgres::connect(&url(1), tokio_postgres::NoTls)
+    let err = f
+        .pg_connect_via(1, "alice.shop", "wonderland", "limited")
         .await
-        .err()
-        .expect("a second connection within the limit's interval");
+        .expect_err("a second connection within the limit's interval");
     assert_eq!(
         err.as_db_error().map(|e| e.code().clone()),
         Some(tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),

@@ -6,13 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use rouse_control_api::*;
-use rouse_tests::{run_ok, Control, Proxy};
-
-const APP: &str = "shop";
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
+use rouse_tests::{name, run_ok, Stack, APP};
 
 fn chromium() -> PathBuf {
     std::env::var_os("CHROMIUM").map_or_else(|| "chromium".into(), PathBuf::from)
@@ -53,29 +47,17 @@ fn status_of(dom: &str, db: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stats_page_follows_a_database_from_hibernating_to_active() {
-    let control = Control::builder()
-        .hibernation_timeout("0")
-        .start()
-        .await
-        .unwrap();
-    let api = control.client();
-    api.create_app(&name(APP)).await.unwrap();
-    let key = api.create_key(&name(APP)).await.unwrap().key;
+    let s = Stack::builder().proxies(0).start().await;
     for db in ["board", "ledger"] {
-        api.create_database(&CreateDatabase {
-            app: name(APP),
-            name: name(db),
-            engine: Engine::Rqlite,
-            replication_factor: Some(1),
-            patroni: None,
-        })
-        .await
-        .unwrap();
+        s.create(db, Engine::Rqlite).await;
     }
-    api.hibernate(&name(APP), &name("board"), true)
+    s.control
+        .client()
+        .hibernate(&name(APP), &name("board"), true)
         .await
         .unwrap();
-    let proxy = Proxy::builder(&control).start().await.unwrap();
+    // The proxy starts on databases that are already there.
+    let proxy = s.proxy_builder().start().await.unwrap();
     let page = format!("http://{}/", proxy.stats_addr());
     let profile = tempfile::tempdir().unwrap();
 
@@ -87,7 +69,7 @@ async fn the_stats_page_follows_a_database_from_hibernating_to_active() {
     // A request wakes the database; the page shows it active, and the wake.
     let resp = reqwest::Client::new()
         .post(format!("{}/{APP}/board/db/query", proxy.url()))
-        .bearer_auth(&key)
+        .bearer_auth(&s.key)
         .json(&serde_json::json!(["SELECT 1"]))
         .send()
         .await
