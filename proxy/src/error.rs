@@ -49,8 +49,8 @@ pub enum ProxyError {
     SharedState,
 }
 
-impl From<crate::shared::Unavailable> for ProxyError {
-    fn from(_: crate::shared::Unavailable) -> Self {
+impl From<crate::fleet::Unavailable> for ProxyError {
+    fn from(_: crate::fleet::Unavailable) -> Self {
         ProxyError::SharedState
     }
 }

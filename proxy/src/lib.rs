@@ -8,31 +8,31 @@
 //! - [`pg`]: the PostgreSQL front
 //! - [`patroni`]: following Patroni clusters; [`tcp`]: plain L4 listeners to them
 //! - [`redis_front`]: `REDIS_URL` at the proxy, always to the current master
-//! - [`shared`]: sessions, limits, wakes and cache shared through Redis
+//! - [`fleet`]: sessions, limits, wakes and cache shared through Redis
 //! - [`sql`]: the statement filter (no SQL that names files or loads code)
 //! - [`activity`]: what control is told about use
 
-pub mod activity;
-pub mod auth;
-pub mod error;
+mod activity;
+mod auth;
+mod error;
+mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod http;
-pub mod listen;
-pub mod patroni;
-pub mod pg;
-pub mod quota;
-pub mod redis_front;
-pub mod reload;
-pub mod route;
-pub mod shared;
-pub mod sql;
-pub mod stats;
-pub mod stream;
-pub mod tcp;
-pub mod throttle;
+mod http;
+mod listen;
+mod patroni;
+mod pg;
+mod quota;
+mod redis_front;
+mod reload;
+mod route;
+mod sql;
+mod stats;
+mod stream;
+mod tcp;
+mod throttle;
 pub mod upgrade;
-pub mod wake;
+mod wake;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -49,13 +49,13 @@ use tracing::{error, info, warn};
 
 use crate::activity::Activity;
 use crate::auth::Authenticator;
+use crate::fleet::ratelimit::RateLimits;
+use crate::fleet::Fleet;
 use crate::http::upstream::Upstream;
 use crate::http::Proxy;
+use crate::http::ResponseCache;
 use crate::patroni::{Cluster, PatroniError};
 use crate::reload::Reloader;
-use crate::shared::cache::ResponseCache;
-use crate::shared::ratelimit::RateLimits;
-use crate::shared::Shared;
 use crate::stats::Stats;
 use crate::upgrade::Inherited;
 use crate::wake::Routes;
@@ -199,17 +199,13 @@ pub async fn run(
             control
         }
     };
-    let shared = Arc::new(Shared::new(&config.redis, &config.node.data_dir)?);
-    let auth = Arc::new(Authenticator::new(
-        control.clone(),
-        shared.clone(),
-        &p.auth,
-    )?);
+    let fleet = Arc::new(Fleet::new(&config.redis, &config.node.data_dir)?);
+    let auth = Arc::new(Authenticator::new(control.clone(), fleet.clone(), &p.auth)?);
     let proxy_id = format!("{}-{}", hostname(), std::process::id());
     let quotas = quota::AppQuotas::new(config.apps.clone());
     let routes = Routes::new(
         control.clone(),
-        shared.clone(),
+        fleet.clone(),
         proxy_id.clone(),
         p.wake_timeout,
         p.max_waiting as usize,
@@ -218,8 +214,8 @@ pub async fn run(
     );
     let activity = Arc::new(Activity::default());
     let revocations = {
-        let (shared, auth) = (shared.clone(), auth.clone());
-        async move { shared.follow_revocations(|r| auth.forget(&r)).await }
+        let (fleet, auth) = (fleet.clone(), auth.clone());
+        async move { fleet.follow_revocations(|r| auth.forget(&r)).await }
     };
     let upstream = Arc::new(Upstream::default());
     let tasks = [
@@ -241,7 +237,7 @@ pub async fn run(
         control.clone(),
         routes.clone(),
         activity.clone(),
-        shared.clone(),
+        fleet.clone(),
         quota::Admission {
             limits: limits.clone(),
             failed_logins: failed_logins.clone(),
@@ -253,7 +249,7 @@ pub async fn run(
         config: p.clone(),
         control,
         auth: auth.clone(),
-        shared: shared.clone(),
+        fleet: fleet.clone(),
         limits: limits.clone(),
         cache: ResponseCache::new(&p.response_cache),
         routes,

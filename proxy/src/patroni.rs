@@ -189,11 +189,6 @@ impl Cluster {
         members.iter().map(|m| m.config.clone()).collect()
     }
 
-    /// Who holds which role now.
-    pub fn view(&self) -> View {
-        self.view.borrow().clone()
-    }
-
     /// A member in `role`, waiting up to `failover_hold` for one.
     pub async fn pick(&self, role: MemberRole) -> Result<Pick, PatroniError> {
         let mut rx = self.view.subscribe();

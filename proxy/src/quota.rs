@@ -14,7 +14,7 @@ use crate::error::ProxyError;
 /// credential: rate limits, failed-login throttling and the app's limits.
 #[derive(Clone)]
 pub struct Admission {
-    pub limits: Arc<crate::shared::ratelimit::RateLimits>,
+    pub limits: Arc<crate::fleet::ratelimit::RateLimits>,
     pub failed_logins: Arc<crate::throttle::FailedLogins>,
     pub quotas: Arc<AppQuotas>,
 }

@@ -20,9 +20,8 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Authenticator;
 use crate::error::{ProxyError, Result};
-use crate::shared::Shared;
+use crate::fleet::{Fleet, Holder};
 use crate::stats::WakeHistory;
-use redis::AsyncCommands;
 
 /// A database's running replicas, leader first.
 #[derive(Debug, Clone)]
@@ -40,7 +39,7 @@ type Cache = Arc<Mutex<HashMap<DbKey, Target>>>;
 pub struct Routes {
     control: Client,
     /// One wake per database across proxies, when Redis is there.
-    shared: Arc<Shared>,
+    fleet: Arc<Fleet>,
     /// This proxy's name in wake locks.
     proxy_id: String,
     cache: Cache,
@@ -70,7 +69,7 @@ impl Drop for Waiter {
 impl Routes {
     pub fn new(
         control: Client,
-        shared: Arc<Shared>,
+        fleet: Arc<Fleet>,
         proxy_id: String,
         wake_timeout: Duration,
         max_waiting: usize,
@@ -79,7 +78,7 @@ impl Routes {
     ) -> Arc<Routes> {
         Arc::new(Routes {
             control,
-            shared,
+            fleet,
             proxy_id,
             cache: Arc::default(),
             wakes: Arc::default(),
@@ -135,7 +134,7 @@ impl Routes {
         }
         let waker = Waker {
             control: self.control.clone(),
-            shared: self.shared.clone(),
+            fleet: self.fleet.clone(),
             proxy_id: self.proxy_id.clone(),
             seen: self.wakes_seen.clone(),
         };
@@ -314,19 +313,12 @@ fn target_of(control: &Client, info: &rouse_control_api::DatabaseInfo) -> Target
 /// which of them asks control.
 struct Waker {
     control: Client,
-    shared: Arc<Shared>,
+    fleet: Arc<Fleet>,
     proxy_id: String,
     /// Where each wake's duration is kept for the stats page.
     seen: Arc<WakeHistory>,
 }
 
-/// How long a wake lock holds if its proxy dies mid-wake.
-const WAKE_LEASE: Duration = Duration::from_secs(30);
-/// Deletes a lock if its value is still ours.
-const RELEASE_LOCK: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
 /// How often a proxy waiting on another's wake looks at the database.
 const WAKE_POLL: Duration = Duration::from_millis(50);
 
@@ -344,44 +336,13 @@ impl Waker {
     }
 
     async fn wake_once(&self, key: &DbKey) -> std::result::Result<DatabaseInfo, ClientError> {
-        let lock = format!("rouse:wake:{}", key.internal());
-        // Holders are proven by the seal: a lock set by anyone else is no
-        // reason to wait.
-        let me = self.shared.seal(&lock, self.proxy_id.as_bytes());
+        let lock = self.fleet.wake_lock(key, &self.proxy_id);
         loop {
-            let taken = self
-                .shared
-                .call("wake_lock", |mut c| {
-                    let (lock, me) = (lock.clone(), me.clone());
-                    async move {
-                        let set: Option<String> = redis::cmd("SET")
-                            .arg(&lock)
-                            .arg(&me)
-                            .arg("NX")
-                            .arg("PX")
-                            .arg(WAKE_LEASE.as_millis() as u64)
-                            .query_async(&mut c)
-                            .await?;
-                        Ok(set.is_some())
-                    }
-                })
-                .await
-                .ok()
-                .flatten();
-            match taken {
+            match lock.take().await {
                 None => return self.control.wake(&key.app, &key.db).await,
                 Some(true) => {
                     let woke = self.control.wake(&key.app, &key.db).await;
-                    // Only our own lock: a slow wake may have outlived its lease.
-                    let script = redis::Script::new(RELEASE_LOCK);
-                    let mut release = script.prepare_invoke();
-                    release.key(&lock).arg(&me);
-                    let _ = self
-                        .shared
-                        .call("wake_lock", |mut c| async move {
-                            release.invoke_async::<i64>(&mut c).await
-                        })
-                        .await;
+                    lock.release().await;
                     return woke;
                 }
                 Some(false) => {
@@ -392,25 +353,14 @@ impl Waker {
                         if info.status == DatabaseStatus::Active && !info.endpoints.is_empty() {
                             return Ok(info);
                         }
-                        let holder = self
-                            .shared
-                            .call("wake_lock", |mut c| {
-                                let lock = lock.clone();
-                                async move { c.get::<_, Option<Vec<u8>>>(lock).await }
-                            })
-                            .await
-                            .ok()
-                            .flatten();
-                        match holder {
-                            // Still held by a proxy of this fleet.
-                            Some(Some(sealed))
-                                if self.shared.open("wake_lock", &lock, &sealed).is_some() => {}
+                        match lock.holder().await {
+                            Holder::Fleet => {}
                             // A lock no proxy of this fleet set: wake without it
                             // (control is idempotent).
-                            Some(Some(_)) => return self.control.wake(&key.app, &key.db).await,
+                            Holder::Stranger => return self.control.wake(&key.app, &key.db).await,
                             // The lock went (the wake failed or its proxy died)
                             // or Redis did: take over.
-                            _ => break,
+                            Holder::Nobody => break,
                         }
                     }
                 }

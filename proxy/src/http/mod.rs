@@ -1,6 +1,7 @@
 //! The HTTP front (port 8080 and static listeners): credentials, routing,
 //! then the gateway API or the rqlite API.
 
+mod cache;
 pub mod gateway;
 pub mod rqlite;
 pub mod upstream;
@@ -21,11 +22,11 @@ use serde::Serialize;
 use crate::activity::Activity;
 use crate::auth::{self, Authenticator, Credential};
 use crate::error::{ProxyError, Result};
+use crate::fleet::ratelimit::{Protocol, RateLimits};
+use crate::fleet::Fleet;
 use crate::route::{self, Route, RouteError, RouteInput};
-use crate::shared::cache::{self, ResponseCache};
-use crate::shared::ratelimit::{Protocol, RateLimits};
-use crate::shared::Shared;
 use crate::wake::{Routes, Target};
+pub(crate) use cache::ResponseCache;
 use upstream::{Upstream, UpstreamError};
 
 pub type Body = Full<Bytes>;
@@ -35,9 +36,9 @@ pub struct Proxy {
     pub config: ProxyConfig,
     pub control: Client,
     pub auth: Arc<Authenticator>,
-    pub shared: Arc<Shared>,
+    pub fleet: Arc<Fleet>,
     pub limits: Arc<RateLimits>,
-    pub cache: ResponseCache,
+    pub(crate) cache: ResponseCache,
     pub routes: Arc<Routes>,
     pub upstream: Arc<Upstream>,
     pub activity: Arc<Activity>,
@@ -162,7 +163,7 @@ async fn dispatch(
         })?;
     proxy
         .limits
-        .check(&proxy.shared, Protocol::Http, &app, || {
+        .check(&proxy.fleet, Protocol::Http, &app, || {
             presented.credential.id()
         })
         .await?;
@@ -224,7 +225,7 @@ impl Proxy {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut slot = match self
             .cache
-            .lookup(&self.shared, key, method, path_and_query, &body)
+            .lookup(&self.fleet, key, method, path_and_query, &body)
             .await
         {
             // Served without waking or touching the database.
@@ -273,10 +274,10 @@ impl Proxy {
             }
         };
         if let Some(slot) = slot.take() {
-            self.cache.store(&self.shared, key, slot, &reply).await;
+            self.cache.store(&self.fleet, key, slot, &reply).await;
         }
         if cache::is_write(path_and_query) {
-            self.cache.invalidate(&self.shared, key).await;
+            self.cache.invalidate(&self.fleet, key).await;
         }
         Ok(reply)
     }

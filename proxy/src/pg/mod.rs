@@ -26,14 +26,13 @@ use tracing::{debug, info, warn};
 
 use crate::activity::Activity;
 use crate::error::ProxyError;
+use crate::fleet::ratelimit::{Protocol, RateLimits};
+use crate::fleet::Fleet;
 use crate::listen::accept_forever;
 use crate::patroni::{Cluster, ConnectError, Pick};
-use crate::shared::ratelimit::{Protocol, RateLimits};
-use crate::shared::Shared;
 use crate::wake::Routes;
 use conn::Conn;
 use frame::{read_frame, typed, FrameError, MAX_AUTH_MESSAGE, MAX_STARTUP};
-use redis::AsyncCommands;
 use scram::{ClientExchange, ScramError, ServerExchange, Verifier};
 use startup::Startup;
 
@@ -208,7 +207,7 @@ pub struct PgFront {
     /// Registered Patroni clusters being checked, by database.
     clusters: Mutex<HashMap<DbKey, Arc<Cluster>>>,
     checks: PatroniChecks,
-    shared: Arc<Shared>,
+    fleet: Arc<Fleet>,
     limits: Arc<RateLimits>,
     /// Where other proxies forward cancel requests for this one's sessions.
     advertised: std::sync::OnceLock<SocketAddr>,
@@ -233,7 +232,7 @@ impl PgFront {
         control: Client,
         routes: Arc<Routes>,
         activity: Arc<Activity>,
-        shared: Arc<Shared>,
+        fleet: Arc<Fleet>,
         admission: crate::quota::Admission,
         config: &rouse_control_api::config::ProxyConfig,
     ) -> anyhow::Result<Arc<PgFront>> {
@@ -251,12 +250,12 @@ impl PgFront {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(30))
                 .build(),
-            mock_key: shared.derive_key("unknown-role salt"),
+            mock_key: fleet.derive_key("unknown-role salt"),
             cancels: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
             clusters: Mutex::new(HashMap::new()),
             checks: config.patroni.clone(),
-            shared,
+            fleet,
             limits: admission.limits,
             advertised: std::sync::OnceLock::new(),
             advertise_config: config.advertise_postgres_addr,
@@ -389,33 +388,15 @@ impl PgFront {
             .lock()
             .expect("cancels poisoned")
             .remove(&started.cancel);
-        if self.shared.enabled() {
-            let key = cancel_key(started.cancel);
-            let _ = self
-                .shared
-                .call(
-                    "cancel_key",
-                    |mut c| async move { c.del::<_, ()>(key).await },
-                )
-                .await;
-        }
+        self.fleet.drop_cancel_key(started.cancel).await;
     }
 
     /// Files a session's cancel key in Redis, so that a cancel request
     /// arriving at any proxy is forwarded here.
     async fn share_cancel_key(&self, cancel: (i32, i32)) {
-        let Some(addr) = self.advertised.get().map(|a| a.to_string()) else {
-            return;
-        };
-        let key = cancel_key(cancel);
-        let sealed = self.shared.seal(&key, addr.as_bytes());
-        let _ = self
-            .shared
-            .call("cancel_key", |mut c| async move {
-                c.set_ex::<_, _, ()>(key, sealed, CANCEL_KEY_TTL.as_secs())
-                    .await
-            })
-            .await;
+        if let Some(addr) = self.advertised.get() {
+            self.fleet.share_cancel_key(cancel, *addr).await;
+        }
     }
 
     /// Startup, authentication, wake and backend login. `None` when the
@@ -461,7 +442,7 @@ impl PgFront {
                         self.cancel(pid, secret).await;
                         return Ok(None);
                     }
-                    Startup::Startup(params) => break Ok(Some(params)),
+                    Startup::Params(params) => break Ok(Some(params)),
                 }
             }
         })
@@ -503,7 +484,7 @@ impl PgFront {
         let (verifier, client_key) = client_key;
         drop(pending);
         self.limits
-            .check(&self.shared, Protocol::Postgres, &app, || role.clone())
+            .check(&self.fleet, Protocol::Postgres, &app, || role.clone())
             .await
             .map_err(|e| match e {
                 ProxyError::RateLimited(wait) => PgError::RateLimited(wait),
@@ -774,20 +755,7 @@ impl PgFront {
     /// A cancel key this proxy did not hand out: the proxy that did, as
     /// Redis knows it, gets the request.
     async fn forward_cancel(&self, pid: i32, secret: i32) {
-        let key = cancel_key((pid, secret));
-        let sealed: Option<Vec<u8>> = self
-            .shared
-            .call("cancel_key", |mut c| {
-                let key = key.clone();
-                async move { c.get(key).await }
-            })
-            .await
-            .ok()
-            .flatten()
-            .flatten();
-        // A forged owner would have this proxy send bytes anywhere.
-        let owner = sealed.and_then(|s| self.shared.open_str("cancel_key", &key, &s));
-        let Some(owner) = owner.and_then(|o| o.parse::<SocketAddr>().ok()) else {
+        let Some(owner) = self.fleet.cancel_key_owner((pid, secret)).await else {
             return;
         };
         if Some(&owner) == self.advertised.get() {
@@ -840,13 +808,6 @@ async fn relay_session(
                 .await;
         }
     }
-}
-
-/// How long a cancel key stays in Redis should its session's end go unnoticed.
-const CANCEL_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
-
-fn cancel_key((pid, secret): (i32, i32)) -> String {
-    format!("rouse:cancel:{pid}:{secret}")
 }
 
 fn endpoint_addr(target: &crate::wake::Target) -> Result<SocketAddr, PgError> {

@@ -14,8 +14,12 @@ pub const PROTOCOL_3: u32 = 196_608;
 pub enum Startup {
     SslRequest,
     GssEncRequest,
-    Cancel { pid: i32, secret: i32 },
-    Startup(BTreeMap<String, String>),
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
+    /// A StartupMessage's parameters.
+    Params(BTreeMap<String, String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,7 +44,7 @@ pub fn parse(mut frame: BytesMut) -> Result<Startup, StartupError> {
             pid: frame.get_i32(),
             secret: frame.get_i32(),
         }),
-        PROTOCOL_3 => parse_params(&frame).map(Startup::Startup),
+        PROTOCOL_3 => parse_params(&frame).map(Startup::Params),
         SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => Err(StartupError::Malformed),
         other => Err(StartupError::Version((other >> 16) as u16, other as u16)),
     }
@@ -97,7 +101,7 @@ mod tests {
             parse(frame(CANCEL_REQUEST, &[0, 0, 0, 7, 0, 0, 0, 9])),
             Ok(Startup::Cancel { pid: 7, secret: 9 })
         );
-        let Startup::Startup(p) =
+        let Startup::Params(p) =
             parse(frame(PROTOCOL_3, b"user\0alice.app\0database\0db\0\0")).unwrap()
         else {
             panic!()
