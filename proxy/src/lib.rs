@@ -19,7 +19,7 @@ mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http;
-mod listen;
+mod net;
 mod patroni;
 mod pg;
 mod quota;
@@ -28,7 +28,6 @@ mod reload;
 mod route;
 mod sql;
 mod stats;
-mod stream;
 mod tcp;
 mod throttle;
 pub mod upgrade;
@@ -54,6 +53,7 @@ use crate::fleet::Fleet;
 use crate::http::upstream::Upstream;
 use crate::http::Proxy;
 use crate::http::ResponseCache;
+use crate::net::Connections;
 use crate::patroni::{Cluster, PatroniError};
 use crate::reload::Reloader;
 use crate::stats::Stats;
@@ -275,12 +275,20 @@ pub async fn run(
         started: std::time::Instant::now(),
         auth: p.stats_auth.clone(),
     });
+    let connections = Arc::new(Connections::default());
     let mut servers = vec![
-        tokio::spawn(
-            pg.clone()
-                .serve(listeners.postgres, MemberRole::Primary, stopped()),
-        ),
-        tokio::spawn(pg.serve(listeners.postgres_ro, MemberRole::Replica, stopped())),
+        tokio::spawn(pg.clone().serve(
+            listeners.postgres,
+            MemberRole::Primary,
+            connections.clone(),
+            stopped(),
+        )),
+        tokio::spawn(pg.serve(
+            listeners.postgres_ro,
+            MemberRole::Replica,
+            connections.clone(),
+            stopped(),
+        )),
     ];
     let clusters = p
         .patroni_clusters
@@ -294,6 +302,7 @@ pub async fn run(
         servers.push(tokio::spawn(redis_front::serve(
             listener,
             backend.clone(),
+            connections.clone(),
             stopped(),
         )));
     }
@@ -303,6 +312,7 @@ pub async fn run(
             listener,
             cluster,
             t.role,
+            connections.clone(),
             stopped(),
         )));
     }
@@ -378,15 +388,10 @@ pub async fn run(
         let _ = s.await;
     }
     // Sessions (PostgreSQL, Redis, tcp) go on until they end or the grace does.
-    let drained = tokio::time::timeout(p.drain_grace, async {
-        while listen::open_connections() > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    let drained = tokio::time::timeout(p.drain_grace, connections.drained()).await;
     if drained.is_err() {
         info!(
-            open = listen::open_connections(),
+            open = connections.count(),
             "drain grace over: closing the remaining sessions"
         );
     }

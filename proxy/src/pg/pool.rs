@@ -14,11 +14,13 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::conn::Conn;
-use super::frame::{has_frame, read_frame, FrameError};
-use super::messages;
+use super::backend::{connect_backend, BackendSession};
+use super::cancel::CancelSlot;
+use super::error::{closed, PgError};
+use super::proto::frame::{has_frame, read_frame, FrameError};
+use super::proto::messages;
 use super::scram::Verifier;
-use super::{connect_backend, BackendSession, PgError};
+use crate::net::MaybeTls;
 
 /// Largest message relayed in transaction mode (PostgreSQL's own limit is 1 GB).
 const MAX_MESSAGE: usize = 256 << 20;
@@ -26,7 +28,7 @@ const MAX_MESSAGE: usize = 256 << 20;
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One backend connection of a pool.
-pub struct Backend {
+pub(crate) struct Pooled {
     session: BackendSession,
     /// Named statements prepared on it: name -> the Parse body that made it.
     prepared: HashMap<String, Bytes>,
@@ -36,7 +38,7 @@ pub struct Backend {
     _permit: OwnedSemaphorePermit,
 }
 
-impl Backend {
+impl Pooled {
     /// `DISCARD ALL`, its answers kept from the client: session settings,
     /// temporary tables, advisory locks, prepared statements and cursors go.
     async fn reset(&mut self) -> Result<(), PgError> {
@@ -117,7 +119,7 @@ pub struct Pool {
     /// A key proven by a client of this role: what logs new backends in.
     client_key: Mutex<[u8; 32]>,
     /// Idle connections keep their permit: permits bound all connections.
-    idle: Mutex<Vec<Backend>>,
+    idle: Mutex<Vec<Pooled>>,
     permits: Arc<Semaphore>,
     returned: tokio::sync::Notify,
     /// ParameterStatus messages of the first backend, sent to each client.
@@ -161,7 +163,7 @@ impl Pool {
 
     /// An idle connection to `addr`, else a new one while the pool has
     /// room, else the next one returned.
-    pub async fn checkout(&self, addr: SocketAddr) -> Result<Backend, PgError> {
+    pub async fn checkout(&self, addr: SocketAddr) -> Result<Pooled, PgError> {
         let deadline = tokio::time::Instant::now() + CHECKOUT_TIMEOUT;
         loop {
             let returned = self.returned.notified();
@@ -187,7 +189,7 @@ impl Pool {
         &self,
         addr: SocketAddr,
         permit: OwnedSemaphorePermit,
-    ) -> Result<Backend, PgError> {
+    ) -> Result<Pooled, PgError> {
         let key = *self.client_key.lock().expect("pool poisoned");
         let params: &[(&str, &str)] = if self.read_only {
             &[("default_transaction_read_only", "on")]
@@ -209,7 +211,7 @@ impl Pool {
                 *greeting = session.greeting.clone();
             }
         }
-        Ok(Backend {
+        Ok(Pooled {
             session,
             prepared: HashMap::new(),
             dirty: false,
@@ -217,14 +219,11 @@ impl Pool {
         })
     }
 
-    pub fn checkin(&self, b: Backend) {
+    pub fn checkin(&self, b: Pooled) {
         self.idle.lock().expect("pool poisoned").push(b);
         self.returned.notify_one();
     }
 }
-
-/// Where a cancel for this client goes right now.
-pub type CancelSlot = Arc<Mutex<Option<(SocketAddr, i32, i32)>>>;
 
 /// A response the client must not see, because the proxy caused it.
 struct Hidden {
@@ -235,7 +234,7 @@ struct Hidden {
 
 /// Relays one client in transaction mode until it leaves.
 pub async fn relay(
-    client: &mut Conn,
+    client: &mut MaybeTls,
     cbuf: &mut BytesMut,
     pool: &Pool,
     addr: impl Fn() -> futures::future::BoxFuture<'static, Result<SocketAddr, PgError>>,
@@ -273,7 +272,7 @@ pub async fn relay(
 /// One backend connection lent to a client, from the first message of a
 /// transaction until ReadyForQuery says idle.
 struct Lease<'a> {
-    client: &'a mut Conn,
+    client: &'a mut MaybeTls,
     cbuf: &'a mut BytesMut,
     pool: &'a Pool,
     cancel: &'a CancelSlot,
@@ -401,16 +400,16 @@ fn close_statement(name: &str) -> BytesMut {
 }
 
 /// Writes what was gathered for the client, through TLS when there is TLS.
-async fn send(client: &mut Conn, gathered: &[u8]) -> Result<(), PgError> {
-    client.write_all(gathered).await.map_err(super::closed)?;
-    client.flush().await.map_err(super::closed)
+async fn send(client: &mut MaybeTls, gathered: &[u8]) -> Result<(), PgError> {
+    client.write_all(gathered).await.map_err(closed)?;
+    client.flush().await.map_err(closed)
 }
 
 /// Adds a client message for the backend to `out`, preparing the statements
 /// it uses first.
 fn forward(
     frame: BytesMut,
-    b: &mut Backend,
+    b: &mut Pooled,
     statements: &mut HashMap<String, BytesMut>,
     responses: &mut VecDeque<Hidden>,
     batches_sent: &mut u64,

@@ -8,8 +8,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use super::link::{Dialer, Link};
+use super::link::Dialer;
 use super::resp::{self, Reply, RespError};
+use crate::net::MaybeTls;
 
 /// A check that has not answered within this time failed.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -125,7 +126,7 @@ impl Checker {
         .await
     }
 
-    async fn connect(&self, addr: &str) -> Result<Link, CheckError> {
+    async fn connect(&self, addr: &str) -> Result<MaybeTls, CheckError> {
         self.dialer
             .connect(addr)
             .await
@@ -157,7 +158,7 @@ fn auth<'a>(username: Option<&'a str>, password: Option<&'a str>) -> Option<Vec<
 
 /// Sends AUTH (if any) and `command` in one write; the reply to `command`.
 async fn ask(
-    link: &mut Link,
+    link: &mut MaybeTls,
     addr: &str,
     auth: Option<&[&[u8]]>,
     command: &[&[u8]],

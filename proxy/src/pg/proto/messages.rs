@@ -25,7 +25,7 @@ pub fn message(tag: u8, body: impl FnOnce(&mut BytesMut)) -> BytesMut {
 pub fn auth_sasl() -> BytesMut {
     message(b'R', |b| {
         b.put_u32(10);
-        b.put_slice(super::scram::MECHANISM.as_bytes());
+        b.put_slice(crate::pg::scram::MECHANISM.as_bytes());
         b.put_slice(b"\0\0");
     })
 }
@@ -42,6 +42,11 @@ pub fn auth_sasl_final(data: &str) -> BytesMut {
         b.put_u32(12);
         b.put_slice(data.as_bytes());
     })
+}
+
+/// ReadyForQuery, idle (outside a transaction).
+pub fn ready_for_query_idle() -> BytesMut {
+    message(b'Z', |b| b.put_u8(b'I'))
 }
 
 pub fn auth_ok() -> BytesMut {
@@ -94,7 +99,7 @@ pub fn cancel_request(pid: i32, secret: i32) -> BytesMut {
 
 pub fn sasl_initial_response(data: &str) -> BytesMut {
     message(b'p', |b| {
-        b.put_slice(super::scram::MECHANISM.as_bytes());
+        b.put_slice(crate::pg::scram::MECHANISM.as_bytes());
         b.put_u8(0);
         b.put_i32(data.len() as i32);
         b.put_slice(data.as_bytes());

@@ -32,8 +32,8 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use self::check::{CheckError, Checker, Role};
-use self::link::{Dialer, Link};
-use crate::listen::accept_forever;
+use self::link::Dialer;
+use crate::net::{accept_forever, Connections, MaybeTls};
 
 /// How long a client waits for a master before it is dropped.
 pub const MASTER_WAIT: Duration = Duration::from_secs(30);
@@ -69,7 +69,12 @@ struct Front {
     resolve_now: Arc<Notify>,
 }
 
-pub async fn serve(listener: TcpListener, backend: RedisBackend, stop: impl Future<Output = ()>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    backend: RedisBackend,
+    connections: Arc<Connections>,
+    stop: impl Future<Output = ()>,
+) {
     let dialer = match Dialer::new(backend.tls_ca_file.as_deref()) {
         Ok(d) => Arc::new(d),
         Err(e) => {
@@ -93,7 +98,7 @@ pub async fn serve(listener: TcpListener, backend: RedisBackend, stop: impl Futu
         resolve_now: Arc::new(Notify::new()),
     });
     tokio::spawn(resolve_forever(Arc::downgrade(&front)));
-    accept_forever(listener, "redis", stop, move |client, peer| {
+    accept_forever(listener, "redis", connections, stop, move |client, peer| {
         front.clone().session(client, peer)
     })
     .await
@@ -269,7 +274,7 @@ impl Front {
 
     /// A link to the current master, waiting up to [`MASTER_WAIT`] for one
     /// that accepts it.
-    async fn connect(&self) -> Result<(Link, Master), ConnectError> {
+    async fn connect(&self) -> Result<(MaybeTls, Master), ConnectError> {
         let deadline = Instant::now() + MASTER_WAIT;
         let mut rx = self.master.subscribe();
         loop {
