@@ -3,7 +3,7 @@
 //!
 //! - [`route`]: which database a request is for
 //! - [`auth`]: which app a credential belongs to
-//! - [`wake`]: where a database runs, and waking it
+//! - [`resolve`]: where a database runs, and waking it
 //! - [`http`]: the gateway API and the rqlite API
 //! - [`pg`]: the PostgreSQL front
 //! - [`patroni`]: following Patroni clusters; [`tcp`]: plain L4 listeners to them
@@ -15,9 +15,11 @@
 mod activity;
 mod auth;
 mod error;
+mod events;
 mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
+mod health;
 mod http;
 mod net;
 mod patroni;
@@ -25,13 +27,13 @@ mod pg;
 mod quota;
 mod redis_front;
 mod reload;
+mod resolve;
 mod route;
 mod sql;
 mod stats;
 mod tcp;
 mod throttle;
 pub mod upgrade;
-mod wake;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -50,15 +52,16 @@ use crate::activity::Activity;
 use crate::auth::Authenticator;
 use crate::fleet::ratelimit::RateLimits;
 use crate::fleet::Fleet;
+use crate::health::Health;
 use crate::http::upstream::Upstream;
 use crate::http::Proxy;
 use crate::http::ResponseCache;
 use crate::net::Connections;
 use crate::patroni::{Cluster, PatroniError};
 use crate::reload::Reloader;
+use crate::resolve::{Bounds, Resolver};
 use crate::stats::Stats;
 use crate::upgrade::Inherited;
-use crate::wake::Routes;
 
 /// Loads and checks a configuration file as the proxy would at start, and
 /// returns the proxy section as the proxy would use it.
@@ -203,15 +206,18 @@ pub async fn run(
     let auth = Arc::new(Authenticator::new(control.clone(), fleet.clone(), &p.auth)?);
     let proxy_id = format!("{}-{}", hostname(), std::process::id());
     let quotas = quota::AppQuotas::new(config.apps.clone());
-    let routes = Routes::new(
+    let resolver = Resolver::new(
         control.clone(),
         fleet.clone(),
         proxy_id.clone(),
-        p.wake_timeout,
-        p.max_waiting as usize,
-        p.auto_create,
+        Bounds {
+            wake_timeout: p.wake_timeout,
+            max_waiting: p.max_waiting as usize,
+            auto_create: p.auto_create,
+        },
         quotas.clone(),
     );
+    let health = Arc::new(Health::default());
     let activity = Arc::new(Activity::default());
     let revocations = {
         let (fleet, auth) = (fleet.clone(), auth.clone());
@@ -221,7 +227,11 @@ pub async fn run(
     let tasks = [
         tokio::spawn(learn_engine_ca(control.clone(), upstream.clone())),
         tokio::spawn(revocations),
-        tokio::spawn(routes.clone().follow_events(auth.clone())),
+        tokio::spawn(events::follow(
+            control.clone(),
+            resolver.clone(),
+            auth.clone(),
+        )),
         tokio::spawn(activity.clone().report_forever(
             control.clone(),
             proxy_id.clone(),
@@ -235,9 +245,10 @@ pub async fn run(
     let failed_logins = Arc::new(throttle::FailedLogins::new(p.failed_login_limit));
     let pg = pg::PgFront::new(
         control.clone(),
-        routes.clone(),
+        resolver.clone(),
         activity.clone(),
         fleet.clone(),
+        health.clone(),
         quota::Admission {
             limits: limits.clone(),
             failed_logins: failed_logins.clone(),
@@ -252,7 +263,7 @@ pub async fn run(
         fleet: fleet.clone(),
         limits: limits.clone(),
         cache: ResponseCache::new(&p.response_cache),
-        routes,
+        resolver,
         upstream,
         activity,
         metrics: Default::default(),
@@ -269,7 +280,8 @@ pub async fn run(
     info!(proxy_id = %proxy_id, http = %listeners.http.local_addr()?, postgres = %listeners.postgres.local_addr()?, postgres_ro = %listeners.postgres_ro.local_addr()?, stats = %listeners.stats.local_addr()?, "rouse-proxy ready");
     let stats = Arc::new(Stats {
         control: proxy.control.clone(),
-        routes: proxy.routes.clone(),
+        resolver: proxy.resolver.clone(),
+        health: health.clone(),
         activity: proxy.activity.clone(),
         proxy_id: proxy_id.clone(),
         started: std::time::Instant::now(),
@@ -294,7 +306,7 @@ pub async fn run(
         .patroni_clusters
         .iter()
         .map(|c| {
-            let cluster = Cluster::start(&c.name, &c.members, &p.patroni)?;
+            let cluster = Cluster::start(&c.name, &c.members, &p.patroni, health.clone())?;
             Ok((c.name.clone(), watch::Sender::new(cluster)))
         })
         .collect::<Result<HashMap<_, _>, PatroniError>>()?;
@@ -302,6 +314,7 @@ pub async fn run(
         servers.push(tokio::spawn(redis_front::serve(
             listener,
             backend.clone(),
+            health.clone(),
             connections.clone(),
             stopped(),
         )));
@@ -316,7 +329,13 @@ pub async fn run(
             stopped(),
         )));
     }
-    let reloader = Reloader::new(config.clone(), auth.clone(), proxy.clone(), clusters);
+    let reloader = Reloader::new(
+        config.clone(),
+        auth.clone(),
+        proxy.clone(),
+        clusters,
+        health.clone(),
+    );
     let reloading = tokio::spawn(async move {
         while let Some(new) = reloads.recv().await {
             match reloader.apply(new) {

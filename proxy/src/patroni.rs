@@ -19,6 +19,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
+use crate::health::Health;
+
 /// Longest check answer read: the status line is all that counts.
 const MAX_CHECK_ANSWER: usize = 4096;
 
@@ -73,7 +75,7 @@ pub struct Pick {
 
 /// One role's check state of one member (HAProxy's rise/fall counter).
 #[derive(Debug, Clone, Copy, Default)]
-struct Health {
+struct RiseFall {
     /// `None` until the first check answered.
     up: Option<bool>,
     /// Results in a row that disagree with `up`.
@@ -82,13 +84,13 @@ struct Health {
     since: Option<Instant>,
 }
 
-impl Health {
+impl RiseFall {
     /// Takes a check result; true when the state changed.
     fn record(&mut self, passed: bool, rise: u32, fall: u32) -> bool {
         match self.up {
             // The first answer decides at once, so a fresh proxy knows the leader.
             None => {
-                *self = Health {
+                *self = RiseFall {
                     up: Some(passed),
                     streak: 0,
                     since: Some(Instant::now()),
@@ -103,7 +105,7 @@ impl Health {
                 self.streak += 1;
                 let needed = if up { fall } else { rise };
                 if self.streak >= needed {
-                    *self = Health {
+                    *self = RiseFall {
                         up: Some(passed),
                         streak: 0,
                         since: Some(Instant::now()),
@@ -129,8 +131,8 @@ struct Member {
     config: PatroniMember,
     /// `host:port` of the REST API and the path prefix before `/primary`.
     api: (String, String),
-    primary: Health,
-    replica: Health,
+    primary: RiseFall,
+    replica: RiseFall,
     /// Wakes the member's checker at once (a connect to it just failed).
     recheck: Arc<Notify>,
 }
@@ -141,6 +143,8 @@ pub struct Cluster {
     members: Mutex<Vec<Member>>,
     view: watch::Sender<View>,
     next_replica: AtomicUsize,
+    /// Where each member's check state is shown.
+    health: Arc<Health>,
 }
 
 impl Cluster {
@@ -149,6 +153,7 @@ impl Cluster {
         name: &str,
         members: &[PatroniMember],
         checks: &PatroniChecks,
+        health: Arc<Health>,
     ) -> Result<Arc<Cluster>, PatroniError> {
         let members = members
             .iter()
@@ -160,8 +165,8 @@ impl Cluster {
                         url: m.api.clone(),
                     })?,
                     config: m.clone(),
-                    primary: Health::default(),
-                    replica: Health::default(),
+                    primary: RiseFall::default(),
+                    replica: RiseFall::default(),
                     recheck: Arc::new(Notify::new()),
                 })
             })
@@ -173,6 +178,7 @@ impl Cluster {
             members: Mutex::new(members),
             view: watch::Sender::new(View::default()),
             next_replica: AtomicUsize::new(0),
+            health,
         });
         for i in 0..count {
             tokio::spawn(check_forever(Arc::downgrade(&cluster), i));
@@ -303,7 +309,7 @@ impl Cluster {
                 ("replica", m.replica, changed_replica),
             ] {
                 if changed {
-                    crate::stats::backend_state(&self.name, &name, role, health.is_up());
+                    self.health.record(&self.name, &name, role, health.is_up());
                 }
             }
             let view = view_of(&members);
@@ -434,7 +440,7 @@ mod tests {
 
     #[test]
     fn rise_and_fall_count_results_in_a_row() {
-        let mut h = Health::default();
+        let mut h = RiseFall::default();
         assert!(h.record(true, 2, 3), "the first answer decides");
         assert!(h.is_up());
         assert!(!h.record(false, 2, 3));
@@ -483,12 +489,12 @@ mod tests {
                 api: "http://127.0.0.1:2".into(),
             },
             api: ("127.0.0.1:2".into(), String::new()),
-            primary: Health {
+            primary: RiseFall {
                 up: Some(primary.is_some()),
                 streak: 0,
                 since: primary,
             },
-            replica: Health {
+            replica: RiseFall {
                 up: Some(replica),
                 streak: 0,
                 since: None,

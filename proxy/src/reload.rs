@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::auth::{Authenticator, JwtKeys};
+use crate::health::Health;
 use crate::http::Proxy;
 use crate::patroni::Cluster;
 
@@ -34,6 +35,8 @@ pub struct Reloader {
     proxy: Arc<Proxy>,
     /// The cluster each plain TCP listener sends to, by cluster name.
     clusters: HashMap<String, watch::Sender<Arc<Cluster>>>,
+    /// Where replaced clusters show their members' checks.
+    health: Arc<Health>,
 }
 
 impl Reloader {
@@ -42,12 +45,14 @@ impl Reloader {
         auth: Arc<Authenticator>,
         proxy: Arc<Proxy>,
         clusters: HashMap<String, watch::Sender<Arc<Cluster>>>,
+        health: Arc<Health>,
     ) -> Reloader {
         Reloader {
             current: Mutex::new(config),
             auth,
             proxy,
             clusters,
+            health,
         }
     }
 
@@ -65,7 +70,7 @@ impl Reloader {
             .set(p.rate_limits.http.clone(), p.rate_limits.postgres.clone());
         self.proxy.cache.set(&p.response_cache);
         self.proxy
-            .routes
+            .resolver
             .set_bounds(p.wake_timeout, p.max_waiting as usize);
         for (name, cluster) in clusters {
             info!(cluster = %name, "Patroni cluster replaced: new connections use its members");
@@ -100,7 +105,7 @@ impl Reloader {
             }
             out.push((
                 c.name.clone(),
-                Cluster::start(&c.name, &c.members, &new.proxy.patroni)?,
+                Cluster::start(&c.name, &c.members, &new.proxy.patroni, self.health.clone())?,
             ));
         }
         Ok(out)

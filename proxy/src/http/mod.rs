@@ -24,8 +24,8 @@ use crate::auth::{self, Authenticator, Credential};
 use crate::error::{ProxyError, Result};
 use crate::fleet::ratelimit::{Protocol, RateLimits};
 use crate::fleet::Fleet;
+use crate::resolve::{Resolver, Target};
 use crate::route::{self, Route, RouteError, RouteInput};
-use crate::wake::{Routes, Target};
 pub(crate) use cache::ResponseCache;
 use upstream::{Upstream, UpstreamError};
 
@@ -39,7 +39,7 @@ pub struct Proxy {
     pub fleet: Arc<Fleet>,
     pub limits: Arc<RateLimits>,
     pub(crate) cache: ResponseCache,
-    pub routes: Arc<Routes>,
+    pub resolver: Arc<Resolver>,
     pub upstream: Arc<Upstream>,
     pub activity: Arc<Activity>,
     pub metrics: RequestMetrics,
@@ -235,7 +235,7 @@ impl Proxy {
         };
         let target = self.target(key).await?;
         let sent = self
-            .routes
+            .resolver
             .connect_with_wake(
                 key,
                 target,
@@ -283,7 +283,7 @@ impl Proxy {
     }
 
     async fn target(&self, key: &DbKey) -> Result<Target> {
-        let target = self.routes.target(key).await?;
+        let target = self.resolver.target(key).await?;
         if target.engine != rouse_control_api::Engine::Rqlite {
             return Err(ProxyError::BadRequest(format!(
                 "database {} is a PostgreSQL database: connect to the Postgres port",

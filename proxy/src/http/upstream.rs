@@ -14,7 +14,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::wake::Target;
+use crate::resolve::Target;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderValue, CONTENT_TYPE, LOCATION};

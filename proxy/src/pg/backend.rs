@@ -22,7 +22,7 @@ use super::proto::messages;
 use super::scram::{ClientExchange, Verifier};
 use super::{pool, Mode, PgFront};
 use crate::patroni::{Cluster, ConnectError};
-use crate::wake::{Routes, Target};
+use crate::resolve::{Resolver, Target};
 
 /// Where a database's backend connections go.
 #[derive(Clone)]
@@ -35,10 +35,10 @@ pub(super) enum BackendTarget {
 
 impl BackendTarget {
     /// The address for a new backend connection.
-    pub(super) async fn addr(&self, routes: &Routes) -> Result<SocketAddr, PgError> {
+    pub(super) async fn addr(&self, resolver: &Resolver) -> Result<SocketAddr, PgError> {
         match self {
             BackendTarget::Managed(key) => {
-                let t = routes
+                let t = resolver
                     .target(key)
                     .await
                     .map_err(|e| PgError::Backend(e.to_string()))?;
@@ -166,7 +166,7 @@ impl PgFront {
                             .await?
                     }
                     BackendTarget::Cluster(..) => {
-                        pool.checkout(upstream.addr(&self.routes).await?).await?
+                        pool.checkout(upstream.addr(&self.resolver).await?).await?
                     }
                 };
                 pool.checkin(b);
@@ -192,7 +192,7 @@ impl PgFront {
     where
         Fut: Future<Output = Result<T, PgError>>,
     {
-        self.routes
+        self.resolver
             .connect_with_wake(
                 &login.key,
                 target.clone(),
@@ -250,7 +250,7 @@ impl PgFront {
                 return Ok(c.clone());
             }
         }
-        let cluster = Cluster::start(&key.internal(), &members, &self.checks)
+        let cluster = Cluster::start(&key.internal(), &members, &self.checks, self.health.clone())
             .map_err(|e| PgError::Backend(e.to_string()))?;
         clusters.insert(key.clone(), cluster.clone());
         Ok(cluster)

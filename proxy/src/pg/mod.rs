@@ -31,9 +31,10 @@ use tracing::{debug, info, warn};
 use crate::activity::Activity;
 use crate::fleet::ratelimit::{Protocol, RateLimits};
 use crate::fleet::Fleet;
+use crate::health::Health;
 use crate::net::{accept_forever, Connections, MaybeTls};
 use crate::patroni::{Cluster, Pick};
-use crate::wake::Routes;
+use crate::resolve::Resolver;
 use backend::{BackendSession, BackendTarget};
 use cancel::Cancels;
 use error::{closed, PgError};
@@ -71,7 +72,7 @@ enum Mode {
 
 pub(crate) struct PgFront {
     control: Client,
-    routes: Arc<Routes>,
+    resolver: Arc<Resolver>,
     activity: Arc<Activity>,
     verifiers: moka::future::Cache<(Name, String), Option<Arc<Verifier>>>,
     /// Derives the stable salt shown for unknown roles, alike on every
@@ -83,6 +84,8 @@ pub(crate) struct PgFront {
     /// Registered Patroni clusters being checked, by database.
     clusters: Mutex<HashMap<DbKey, Arc<Cluster>>>,
     checks: PatroniChecks,
+    /// Where the Patroni members' check states are shown.
+    health: Arc<Health>,
     fleet: Arc<Fleet>,
     limits: Arc<RateLimits>,
     advertise_config: Option<SocketAddr>,
@@ -104,9 +107,10 @@ impl PgFront {
     /// The front as `proxy.*` configures it (TLS, limits, pool size).
     pub(crate) fn new(
         control: Client,
-        routes: Arc<Routes>,
+        resolver: Arc<Resolver>,
         activity: Arc<Activity>,
         fleet: Arc<Fleet>,
+        health: Arc<Health>,
         admission: crate::quota::Admission,
         config: &rouse_control_api::config::ProxyConfig,
     ) -> anyhow::Result<Arc<PgFront>> {
@@ -117,7 +121,7 @@ impl PgFront {
             .transpose()?;
         Ok(Arc::new(PgFront {
             control,
-            routes,
+            resolver,
             activity,
             verifiers: moka::future::Cache::builder()
                 .max_capacity(100_000)
@@ -128,6 +132,7 @@ impl PgFront {
             pools: Mutex::new(HashMap::new()),
             clusters: Mutex::new(HashMap::new()),
             checks: config.patroni.clone(),
+            health,
             fleet,
             limits: admission.limits,
             advertise_config: config.advertise_postgres_addr,
@@ -246,11 +251,11 @@ impl PgFront {
             }
             Mode::Transaction(pool, upstream) => {
                 let slot = self.cancels.slot(started.cancel).unwrap_or_default();
-                let (routes, upstream) = (self.routes.clone(), upstream.clone());
+                let (resolver, upstream) = (self.resolver.clone(), upstream.clone());
                 let addr =
                     move || -> futures::future::BoxFuture<'static, Result<SocketAddr, PgError>> {
-                        let (routes, upstream) = (routes.clone(), upstream.clone());
-                        Box::pin(async move { upstream.addr(&routes).await })
+                        let (resolver, upstream) = (resolver.clone(), upstream.clone());
+                        Box::pin(async move { upstream.addr(&resolver).await })
                     };
                 if let Err(e) = pool::relay(client, buf, pool, addr, &slot).await {
                     debug!(database = %key, error = %e, "pooled postgres session ended");
@@ -296,7 +301,7 @@ impl PgFront {
             .map_err(PgError::admitting)?;
 
         let target = self
-            .routes
+            .resolver
             .target(key)
             .await
             .map_err(|e| PgError::resolving(e, &login.database))?;

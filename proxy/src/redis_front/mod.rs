@@ -33,6 +33,7 @@ use tracing::{debug, error, info, warn};
 
 use self::check::{CheckError, Checker, Role};
 use self::link::Dialer;
+use crate::health::Health;
 use crate::net::{accept_forever, Connections, MaybeTls};
 
 /// How long a client waits for a master before it is dropped.
@@ -67,11 +68,14 @@ struct Front {
     checker: Checker,
     master: watch::Sender<Option<Master>>,
     resolve_now: Arc<Notify>,
+    /// Whether each server is the master, in metrics and on the stats page.
+    health: Arc<Health>,
 }
 
 pub(crate) async fn serve(
     listener: TcpListener,
     backend: RedisBackend,
+    health: Arc<Health>,
     connections: Arc<Connections>,
     stop: impl Future<Output = ()>,
 ) {
@@ -83,7 +87,7 @@ pub(crate) async fn serve(
         }
     };
     for server in &backend.servers {
-        master_state(server, false);
+        health.record("redis", server, "master", false);
     }
     let front = Arc::new(Front {
         checker: Checker::new(
@@ -96,17 +100,13 @@ pub(crate) async fn serve(
         dialer,
         master: watch::Sender::new(None),
         resolve_now: Arc::new(Notify::new()),
+        health,
     });
     tokio::spawn(resolve_forever(Arc::downgrade(&front)));
     accept_forever(listener, "redis", connections, stop, move |client, peer| {
         front.clone().session(client, peer)
     })
     .await
-}
-
-/// Whether `member` is the master, in metrics and on the stats page.
-fn master_state(member: &str, up: bool) {
-    crate::stats::backend_state("redis", member, "master", up);
 }
 
 /// What one round of checks learned.
@@ -237,10 +237,10 @@ impl Front {
 
     fn publish(&self, master: Option<Master>) {
         if let Some(new) = &master {
-            master_state(&new.addr, true);
+            self.health.record("redis", &new.addr, "master", true);
         }
         if let Some(old) = self.master.send_replace(master) {
-            master_state(&old.addr, false);
+            self.health.record("redis", &old.addr, "master", false);
         }
     }
 
