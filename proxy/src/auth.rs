@@ -19,14 +19,14 @@ use crate::error::{ProxyError, Result};
 use crate::fleet::{digest, Fleet, Revocation};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Credential {
+pub(crate) enum Credential {
     ApiKey(String),
     Jwt(String),
 }
 
 impl Credential {
     /// A name for the credential that does not reveal it: for rate limits.
-    pub fn id(&self) -> String {
+    pub(crate) fn id(&self) -> String {
         let (Credential::ApiKey(s) | Credential::Jwt(s)) = self;
         digest(s.as_bytes())[..16].to_string()
     }
@@ -34,13 +34,13 @@ impl Credential {
 
 /// A credential and, for basic auth, the user name (`<db>.<app>` routes).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Presented {
-    pub credential: Credential,
-    pub basic_user: Option<String>,
+pub(crate) struct Presented {
+    pub(crate) credential: Credential,
+    pub(crate) basic_user: Option<String>,
 }
 
 /// Reads `Authorization: Bearer|ApiKey|Basic ...` or `X-API-Key`.
-pub fn presented(headers: &HeaderMap) -> Option<Presented> {
+pub(crate) fn presented(headers: &HeaderMap) -> Option<Presented> {
     if let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         let (scheme, rest) = value.trim().split_once(' ')?;
         let rest = rest.trim();
@@ -106,7 +106,7 @@ struct Claims {
 /// How long a validated credential is trusted without asking again.
 const SESSION_TTL: Duration = Duration::from_secs(300);
 
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     control: Client,
     fleet: Arc<Fleet>,
     /// sha256(credential) -> session, in front of Redis.
@@ -121,7 +121,7 @@ pub struct Authenticator {
 }
 
 /// What JWTs are verified with.
-pub struct JwtKeys {
+pub(crate) struct JwtKeys {
     hs256: Option<DecodingKey>,
     rs256: Option<DecodingKey>,
     jwks: Option<JwkSet>,
@@ -129,7 +129,7 @@ pub struct JwtKeys {
 
 impl JwtKeys {
     /// The keys `config` names; a file that cannot be read is an error.
-    pub fn load(config: &AuthConfig) -> anyhow::Result<JwtKeys> {
+    pub(crate) fn load(config: &AuthConfig) -> anyhow::Result<JwtKeys> {
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
         };
@@ -166,7 +166,7 @@ fn now_secs() -> u64 {
 }
 
 impl Authenticator {
-    pub fn new(
+    pub(crate) fn new(
         control: Client,
         fleet: Arc<Fleet>,
         config: &AuthConfig,
@@ -193,14 +193,14 @@ impl Authenticator {
 
     /// New JWT keys (a reload): what was validated with the old ones is
     /// validated again.
-    pub fn set_keys(&self, keys: JwtKeys) {
+    pub(crate) fn set_keys(&self, keys: JwtKeys) {
         *self.keys.write().expect("keys poisoned") = Arc::new(keys);
         self.forget_all();
     }
 
     /// The app a credential belongs to: from this proxy's cache, else from
     /// Redis (another proxy validated it), else validated here.
-    pub async fn app_of(&self, credential: &Credential) -> Result<Name> {
+    pub(crate) async fn app_of(&self, credential: &Credential) -> Result<Name> {
         let secret = match credential {
             Credential::ApiKey(key) if !key.starts_with("ak_") || key.len() > 128 => {
                 return Err(ProxyError::Unauthorized)
@@ -292,7 +292,7 @@ impl Authenticator {
     }
 
     /// Applies a revocation to this proxy's cache.
-    pub fn forget(&self, revocation: &Revocation) {
+    pub(crate) fn forget(&self, revocation: &Revocation) {
         match revocation {
             Revocation::Key(id) => {
                 let id = id.clone();
@@ -312,7 +312,7 @@ impl Authenticator {
     }
 
     /// Forgets every cached credential (after missed control events).
-    pub fn forget_all(&self) {
+    pub(crate) fn forget_all(&self) {
         self.sessions.invalidate_all();
         self.rejected.invalidate_all();
     }

@@ -25,7 +25,7 @@ use crate::health::Health;
 const MAX_CHECK_ANSWER: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
-pub enum PatroniError {
+pub(crate) enum PatroniError {
     #[error("cluster {cluster}: no {role} passed its health check within {waited:?}")]
     NoMember {
         cluster: String,
@@ -42,7 +42,7 @@ pub enum PatroniError {
 
 /// Why [`Cluster::connect`] gave up.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError<E> {
+pub(crate) enum ConnectError<E> {
     #[error(transparent)]
     NoMember(PatroniError),
     #[error("{0}")]
@@ -51,9 +51,9 @@ pub enum ConnectError<E> {
 
 /// Which members hold which role, as the checks last decided.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct View {
-    pub leader: Option<usize>,
-    pub replicas: Vec<usize>,
+pub(crate) struct View {
+    pub(crate) leader: Option<usize>,
+    pub(crate) replicas: Vec<usize>,
 }
 
 impl View {
@@ -67,10 +67,10 @@ impl View {
 
 /// A member chosen for a connection.
 #[derive(Debug, Clone, Copy)]
-pub struct Pick {
-    pub member: usize,
-    pub addr: SocketAddr,
-    pub role: MemberRole,
+pub(crate) struct Pick {
+    pub(crate) member: usize,
+    pub(crate) addr: SocketAddr,
+    pub(crate) role: MemberRole,
 }
 
 /// One role's check state of one member (HAProxy's rise/fall counter).
@@ -137,7 +137,7 @@ struct Member {
     recheck: Arc<Notify>,
 }
 
-pub struct Cluster {
+pub(crate) struct Cluster {
     name: String,
     checks: PatroniChecks,
     members: Mutex<Vec<Member>>,
@@ -149,7 +149,7 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts checking `members`; the checks stop when the cluster is dropped.
-    pub fn start(
+    pub(crate) fn start(
         name: &str,
         members: &[PatroniMember],
         checks: &PatroniChecks,
@@ -186,17 +186,17 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
-    pub fn members(&self) -> Vec<PatroniMember> {
+    pub(crate) fn members(&self) -> Vec<PatroniMember> {
         let members = self.members.lock().expect("members poisoned");
         members.iter().map(|m| m.config.clone()).collect()
     }
 
     /// A member in `role`, waiting up to `failover_hold` for one.
-    pub async fn pick(&self, role: MemberRole) -> Result<Pick, PatroniError> {
+    pub(crate) async fn pick(&self, role: MemberRole) -> Result<Pick, PatroniError> {
         let mut rx = self.view.subscribe();
         let chosen = tokio::time::timeout(self.checks.failover_hold, async {
             loop {
@@ -240,7 +240,7 @@ impl Cluster {
     /// it is checked again at once and another pick follows, until
     /// `failover_hold` ends: clients wait through a failover instead of
     /// seeing a refusal. The last failure is returned when time is up.
-    pub async fn connect<T, E, F, Fut>(
+    pub(crate) async fn connect<T, E, F, Fut>(
         &self,
         role: MemberRole,
         connect: F,
@@ -282,7 +282,7 @@ impl Cluster {
     }
 
     /// Checks a member again now: a connection to it just failed.
-    pub fn suspect(&self, member: usize) {
+    pub(crate) fn suspect(&self, member: usize) {
         if let Some(m) = self.members.lock().expect("members poisoned").get(member) {
             m.recheck.notify_one();
         }
@@ -290,7 +290,7 @@ impl Cluster {
 
     /// Resolves when `pick`'s member no longer holds its role: the session
     /// on it must close (HAProxy's `on-marked-down shutdown-sessions`).
-    pub async fn lost(&self, pick: Pick) {
+    pub(crate) async fn lost(&self, pick: Pick) {
         let mut rx = self.view.subscribe();
         let _ = rx.wait_for(|v| !v.holds(pick.member, pick.role)).await;
     }

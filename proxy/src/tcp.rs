@@ -18,7 +18,7 @@ use crate::patroni::Cluster;
 
 /// Serves `listener`; each connection goes to the cluster `cluster` holds
 /// when it arrives (a reload may replace it).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     cluster: watch::Receiver<Arc<Cluster>>,
     role: MemberRole,

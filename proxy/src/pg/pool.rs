@@ -66,7 +66,7 @@ impl Pooled {
 /// Whether SQL a client sends may leave state in the session beyond its
 /// transaction. Errs on the side of a reset; the backend's ParameterStatus
 /// messages catch reported settings changed any other way.
-pub fn leaves_session_state(sql: &str) -> bool {
+pub(crate) fn leaves_session_state(sql: &str) -> bool {
     let lower = sql.to_ascii_lowercase();
     if lower.contains("pg_advisory_lock") || lower.contains("pg_try_advisory_lock") {
         return true;
@@ -110,7 +110,7 @@ fn strip_comments(sql: &str) -> String {
     out
 }
 
-pub struct Pool {
+pub(crate) struct Pool {
     role: String,
     database: String,
     /// Backends of the read-only port: `default_transaction_read_only`.
@@ -127,7 +127,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(
+    pub(crate) fn new(
         role: &str,
         database: &str,
         verifier: Arc<Verifier>,
@@ -149,7 +149,7 @@ impl Pool {
     }
 
     /// Accepts a newly proven key (the password may have changed).
-    pub fn renew(&self, verifier: &Verifier, client_key: [u8; 32]) -> bool {
+    pub(crate) fn renew(&self, verifier: &Verifier, client_key: [u8; 32]) -> bool {
         if *verifier != *self.verifier {
             return false;
         }
@@ -157,13 +157,13 @@ impl Pool {
         true
     }
 
-    pub fn greeting(&self) -> Vec<BytesMut> {
+    pub(crate) fn greeting(&self) -> Vec<BytesMut> {
         self.greeting.lock().expect("pool poisoned").clone()
     }
 
     /// An idle connection to `addr`, else a new one while the pool has
     /// room, else the next one returned.
-    pub async fn checkout(&self, addr: SocketAddr) -> Result<Pooled, PgError> {
+    pub(crate) async fn checkout(&self, addr: SocketAddr) -> Result<Pooled, PgError> {
         let deadline = tokio::time::Instant::now() + CHECKOUT_TIMEOUT;
         loop {
             let returned = self.returned.notified();
@@ -219,7 +219,7 @@ impl Pool {
         })
     }
 
-    pub fn checkin(&self, b: Pooled) {
+    pub(crate) fn checkin(&self, b: Pooled) {
         self.idle.lock().expect("pool poisoned").push(b);
         self.returned.notify_one();
     }
@@ -233,7 +233,7 @@ struct Hidden {
 }
 
 /// Relays one client in transaction mode until it leaves.
-pub async fn relay(
+pub(crate) async fn relay(
     client: &mut MaybeTls,
     cbuf: &mut BytesMut,
     pool: &Pool,

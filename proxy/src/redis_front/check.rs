@@ -13,10 +13,10 @@ use super::resp::{self, Reply, RespError};
 use crate::net::MaybeTls;
 
 /// A check that has not answered within this time failed.
-pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     Master,
     Replica,
     /// A sentinel, say: not a server to send clients to.
@@ -24,7 +24,7 @@ pub enum Role {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum CheckError {
+pub(crate) enum CheckError {
     #[error("{addr}: cannot connect: {source}")]
     Connect {
         addr: String,
@@ -47,7 +47,7 @@ pub enum CheckError {
 }
 
 /// Asks servers and sentinels, with the credentials the config gives.
-pub struct Checker {
+pub(crate) struct Checker {
     dialer: Arc<Dialer>,
     username: Option<String>,
     password: Option<String>,
@@ -55,7 +55,7 @@ pub struct Checker {
 }
 
 impl Checker {
-    pub fn new(
+    pub(crate) fn new(
         dialer: Arc<Dialer>,
         username: Option<String>,
         password: Option<String>,
@@ -70,7 +70,7 @@ impl Checker {
     }
 
     /// The role server `addr` says it has.
-    pub async fn role(&self, addr: &str) -> Result<Role, CheckError> {
+    pub(crate) async fn role(&self, addr: &str) -> Result<Role, CheckError> {
         let auth = auth(self.username.as_deref(), self.password.as_deref());
         self.timed(addr, async {
             let mut link = self.connect(addr).await?;
@@ -102,7 +102,11 @@ impl Checker {
     }
 
     /// The master's address (`host:port`) as sentinel `addr` knows it.
-    pub async fn sentinel_master(&self, addr: &str, name: &str) -> Result<String, CheckError> {
+    pub(crate) async fn sentinel_master(
+        &self,
+        addr: &str,
+        name: &str,
+    ) -> Result<String, CheckError> {
         let auth = auth(None, self.sentinel_password.as_deref());
         self.timed(addr, async {
             let mut link = self.connect(addr).await?;

@@ -12,12 +12,12 @@ use crate::net::tls::{self, TlsSetupError};
 use crate::net::MaybeTls;
 
 /// Opens links, TLS or not, the same way for checks and relayed clients.
-pub struct Dialer {
+pub(crate) struct Dialer {
     tls: Option<TlsConnector>,
 }
 
 impl Dialer {
-    pub fn new(tls_ca_file: Option<&Path>) -> Result<Dialer, TlsSetupError> {
+    pub(crate) fn new(tls_ca_file: Option<&Path>) -> Result<Dialer, TlsSetupError> {
         Ok(Dialer {
             tls: tls_ca_file.map(tls::connector).transpose()?,
         })
@@ -25,7 +25,7 @@ impl Dialer {
 
     /// Connects to `addr` (`host:port`); with TLS, the host is the name
     /// the server's certificate must carry.
-    pub async fn connect(&self, addr: &str) -> io::Result<MaybeTls> {
+    pub(crate) async fn connect(&self, addr: &str) -> io::Result<MaybeTls> {
         let tcp = TcpStream::connect(addr).await?;
         let _ = tcp.set_nodelay(true);
         let Some(tls) = &self.tls else {

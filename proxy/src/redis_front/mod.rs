@@ -37,7 +37,7 @@ use crate::health::Health;
 use crate::net::{accept_forever, Connections, MaybeTls};
 
 /// How long a client waits for a master before it is dropped.
-pub const MASTER_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const MASTER_WAIT: Duration = Duration::from_secs(30);
 /// Connecting to the master for a client, TLS handshake included.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Rounds in a row without an answering master before the known one is

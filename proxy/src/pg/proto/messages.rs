@@ -4,7 +4,7 @@
 use bytes::{Buf, BufMut, BytesMut};
 
 /// A simple Query.
-pub fn query(sql: &str) -> BytesMut {
+pub(crate) fn query(sql: &str) -> BytesMut {
     message(b'Q', |b| {
         b.put_slice(sql.as_bytes());
         b.put_u8(0);
@@ -12,7 +12,7 @@ pub fn query(sql: &str) -> BytesMut {
 }
 
 /// Messages the proxy sends, each as one complete frame.
-pub fn message(tag: u8, body: impl FnOnce(&mut BytesMut)) -> BytesMut {
+pub(crate) fn message(tag: u8, body: impl FnOnce(&mut BytesMut)) -> BytesMut {
     let mut b = BytesMut::with_capacity(64);
     b.put_u8(tag);
     b.put_u32(0);
@@ -22,7 +22,7 @@ pub fn message(tag: u8, body: impl FnOnce(&mut BytesMut)) -> BytesMut {
     b
 }
 
-pub fn auth_sasl() -> BytesMut {
+pub(crate) fn auth_sasl() -> BytesMut {
     message(b'R', |b| {
         b.put_u32(10);
         b.put_slice(crate::pg::scram::MECHANISM.as_bytes());
@@ -30,14 +30,14 @@ pub fn auth_sasl() -> BytesMut {
     })
 }
 
-pub fn auth_sasl_continue(data: &str) -> BytesMut {
+pub(crate) fn auth_sasl_continue(data: &str) -> BytesMut {
     message(b'R', |b| {
         b.put_u32(11);
         b.put_slice(data.as_bytes());
     })
 }
 
-pub fn auth_sasl_final(data: &str) -> BytesMut {
+pub(crate) fn auth_sasl_final(data: &str) -> BytesMut {
     message(b'R', |b| {
         b.put_u32(12);
         b.put_slice(data.as_bytes());
@@ -45,15 +45,15 @@ pub fn auth_sasl_final(data: &str) -> BytesMut {
 }
 
 /// ReadyForQuery, idle (outside a transaction).
-pub fn ready_for_query_idle() -> BytesMut {
+pub(crate) fn ready_for_query_idle() -> BytesMut {
     message(b'Z', |b| b.put_u8(b'I'))
 }
 
-pub fn auth_ok() -> BytesMut {
+pub(crate) fn auth_ok() -> BytesMut {
     message(b'R', |b| b.put_u32(0))
 }
 
-pub fn backend_key_data(pid: i32, secret: i32) -> BytesMut {
+pub(crate) fn backend_key_data(pid: i32, secret: i32) -> BytesMut {
     message(b'K', |b| {
         b.put_i32(pid);
         b.put_i32(secret);
@@ -61,7 +61,7 @@ pub fn backend_key_data(pid: i32, secret: i32) -> BytesMut {
 }
 
 /// A FATAL ErrorResponse with a SQLSTATE.
-pub fn fatal(code: &str, text: &str) -> BytesMut {
+pub(crate) fn fatal(code: &str, text: &str) -> BytesMut {
     message(b'E', |b| {
         for (field, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', code), (b'M', text)] {
             b.put_u8(field);
@@ -72,7 +72,7 @@ pub fn fatal(code: &str, text: &str) -> BytesMut {
     })
 }
 
-pub fn startup(params: &[(&str, &str)]) -> BytesMut {
+pub(crate) fn startup(params: &[(&str, &str)]) -> BytesMut {
     let mut b = BytesMut::new();
     b.put_u32(0);
     b.put_u32(super::startup::PROTOCOL_3);
@@ -88,7 +88,7 @@ pub fn startup(params: &[(&str, &str)]) -> BytesMut {
     b
 }
 
-pub fn cancel_request(pid: i32, secret: i32) -> BytesMut {
+pub(crate) fn cancel_request(pid: i32, secret: i32) -> BytesMut {
     let mut b = BytesMut::new();
     b.put_u32(16);
     b.put_u32(super::startup::CANCEL_REQUEST);
@@ -97,7 +97,7 @@ pub fn cancel_request(pid: i32, secret: i32) -> BytesMut {
     b
 }
 
-pub fn sasl_initial_response(data: &str) -> BytesMut {
+pub(crate) fn sasl_initial_response(data: &str) -> BytesMut {
     message(b'p', |b| {
         b.put_slice(crate::pg::scram::MECHANISM.as_bytes());
         b.put_u8(0);
@@ -106,12 +106,12 @@ pub fn sasl_initial_response(data: &str) -> BytesMut {
     })
 }
 
-pub fn sasl_response(data: &str) -> BytesMut {
+pub(crate) fn sasl_response(data: &str) -> BytesMut {
     message(b'p', |b| b.put_slice(data.as_bytes()))
 }
 
 /// SASLInitialResponse body: mechanism and client-first-message.
-pub fn parse_sasl_initial(mut body: BytesMut) -> Option<(String, String)> {
+pub(crate) fn parse_sasl_initial(mut body: BytesMut) -> Option<(String, String)> {
     let nul = body.iter().position(|b| *b == 0)?;
     let mechanism = String::from_utf8(body.split_to(nul).to_vec()).ok()?;
     body.advance(1);
@@ -126,7 +126,7 @@ pub fn parse_sasl_initial(mut body: BytesMut) -> Option<(String, String)> {
 }
 
 /// An Authentication message's code and data.
-pub fn parse_auth(mut body: BytesMut) -> Option<(u32, BytesMut)> {
+pub(crate) fn parse_auth(mut body: BytesMut) -> Option<(u32, BytesMut)> {
     (body.len() >= 4).then(|| (body.get_u32(), body))
 }
 

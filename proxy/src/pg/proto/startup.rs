@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 
 use bytes::{Buf, BytesMut};
 
-pub const SSL_REQUEST: u32 = 80_877_103;
-pub const GSSENC_REQUEST: u32 = 80_877_104;
-pub const CANCEL_REQUEST: u32 = 80_877_102;
-pub const PROTOCOL_3: u32 = 196_608;
+pub(crate) const SSL_REQUEST: u32 = 80_877_103;
+pub(crate) const GSSENC_REQUEST: u32 = 80_877_104;
+pub(crate) const CANCEL_REQUEST: u32 = 80_877_102;
+pub(crate) const PROTOCOL_3: u32 = 196_608;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Startup {
+pub(crate) enum Startup {
     SslRequest,
     GssEncRequest,
     Cancel {
@@ -23,7 +23,7 @@ pub enum Startup {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StartupError {
+pub(crate) enum StartupError {
     #[error("unsupported protocol version {0}.{1}")]
     Version(u16, u16),
     #[error("malformed startup packet")]
@@ -31,7 +31,7 @@ pub enum StartupError {
 }
 
 /// Parses a whole startup frame (length included).
-pub fn parse(mut frame: BytesMut) -> Result<Startup, StartupError> {
+pub(crate) fn parse(mut frame: BytesMut) -> Result<Startup, StartupError> {
     if frame.len() < 8 {
         return Err(StartupError::Malformed);
     }
