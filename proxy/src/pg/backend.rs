@@ -19,6 +19,7 @@ use super::error::{backend_err, PgError};
 use super::login::Login;
 use super::proto::frame::{read_frame, typed, MAX_STARTUP};
 use super::proto::messages;
+use super::proto::tags::{backend, error_field, AuthCode};
 use super::scram::{ClientExchange, Verifier};
 use super::{pool, Mode, PgFront};
 use crate::patroni::{Cluster, ConnectError};
@@ -285,11 +286,11 @@ pub(crate) async fn connect_backend(
             .await
             .map_err(|e| PgError::Backend(e.to_string()))?;
         match frame[0] {
-            b'K' => {
+            backend::BACKEND_KEY_DATA => {
                 let (_, mut body) = typed(frame);
                 (pid, secret) = (body.get_i32(), body.get_i32());
             }
-            b'Z' => {
+            backend::READY_FOR_QUERY => {
                 return Ok(BackendSession {
                     stream,
                     buf,
@@ -300,7 +301,7 @@ pub(crate) async fn connect_backend(
                     ready: frame,
                 })
             }
-            b'E' => {
+            backend::ERROR_RESPONSE => {
                 return Err(PgError::Backend(format!(
                     "database refused the session: {}",
                     error_text(&frame)
@@ -324,13 +325,13 @@ async fn backend_login(
             .await
             .map_err(|e| PgError::Backend(e.to_string()))?;
         let (tag, body) = typed(frame.clone());
-        if tag == b'E' {
+        if tag == backend::ERROR_RESPONSE {
             return Err(PgError::Backend(format!(
                 "database refused the login: {}",
                 error_text(&frame)
             )));
         }
-        if tag != b'R' {
+        if tag != backend::AUTHENTICATION {
             return Err(PgError::Backend(format!(
                 "unexpected message {:?} during login",
                 tag as char
@@ -339,12 +340,12 @@ async fn backend_login(
         let (code, data) = messages::parse_auth(body)
             .ok_or_else(|| PgError::Backend("malformed authentication message".into()))?;
         match code {
-            0 => return Ok(()),
-            10 => backend
+            AuthCode::Ok => return Ok(()),
+            AuthCode::Sasl => backend
                 .write_all(&messages::sasl_initial_response(&first))
                 .await
                 .map_err(backend_err)?,
-            11 => {
+            AuthCode::SaslContinue => {
                 let server_first = String::from_utf8_lossy(&data);
                 let last = exchange
                     .respond(verifier, client_key, &server_first)
@@ -354,10 +355,10 @@ async fn backend_login(
                     .await
                     .map_err(backend_err)?;
             }
-            12 => exchange
+            AuthCode::SaslFinal => exchange
                 .verify(&String::from_utf8_lossy(&data))
                 .map_err(|e| PgError::Backend(e.to_string()))?,
-            other => {
+            AuthCode::Other(other) => {
                 return Err(PgError::Backend(format!(
                     "the database asks for authentication method {other}, expected SCRAM-SHA-256"
                 )))
@@ -372,7 +373,7 @@ fn error_text(frame: &[u8]) -> String {
         .get(5..)
         .unwrap_or_default()
         .split(|b| *b == 0)
-        .find_map(|f| f.strip_prefix(b"M"))
+        .find_map(|f| f.strip_prefix(&[error_field::MESSAGE]))
         .map(|m| String::from_utf8_lossy(m).into_owned())
         .unwrap_or_default()
 }

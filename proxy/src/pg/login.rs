@@ -15,6 +15,7 @@ use super::error::{closed, PgError};
 use super::proto::frame::{read_frame, typed, MAX_AUTH_MESSAGE, MAX_STARTUP};
 use super::proto::messages;
 use super::proto::startup::{self, Startup};
+use super::proto::tags::frontend;
 use super::scram::{self, ScramError, ServerExchange, Verifier};
 use super::PgFront;
 use crate::net::MaybeTls;
@@ -229,7 +230,7 @@ async fn authenticate(
         .await
         .map_err(closed)?;
     let (tag, body) = typed(read_frame(client, buf, true, MAX_AUTH_MESSAGE).await?);
-    if tag != b'p' {
+    if tag != frontend::SASL_RESPONSE {
         return Err(PgError::Protocol("expected a SASLInitialResponse".into()));
     }
     let (mechanism, first) = messages::parse_sasl_initial(body)
@@ -251,7 +252,7 @@ async fn authenticate(
         .await
         .map_err(closed)?;
     let (tag, body) = typed(read_frame(client, buf, true, MAX_AUTH_MESSAGE).await?);
-    if tag != b'p' {
+    if tag != frontend::SASL_RESPONSE {
         return Err(PgError::Protocol("expected a SASLResponse".into()));
     }
     let last = String::from_utf8(body.to_vec()).map_err(|_| wrong())?;

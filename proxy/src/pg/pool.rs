@@ -19,6 +19,7 @@ use super::cancel::CancelSlot;
 use super::error::{closed, PgError};
 use super::proto::frame::{has_frame, read_frame, FrameError};
 use super::proto::messages;
+use super::proto::tags::{backend, frontend};
 use super::scram::Verifier;
 use crate::net::MaybeTls;
 
@@ -52,8 +53,10 @@ impl Pooled {
                 .await
                 .map_err(|e| PgError::Backend(e.to_string()))?;
             match frame[0] {
-                b'E' => return Err(PgError::Backend("DISCARD ALL failed".into())),
-                b'Z' => break,
+                backend::ERROR_RESPONSE => {
+                    return Err(PgError::Backend("DISCARD ALL failed".into()))
+                }
+                backend::READY_FOR_QUERY => break,
                 _ => {}
             }
         }
@@ -251,7 +254,7 @@ pub(crate) async fn relay(
             Err(FrameError::Closed) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        if frame[0] == b'X' {
+        if frame[0] == frontend::TERMINATE {
             return Ok(());
         }
         // Boxed: a transaction's state lives on the heap while it runs, so
@@ -315,7 +318,7 @@ impl Lease<'_> {
                 );
                 if has_frame(cbuf, true, MAX_MESSAGE) {
                     frame = Some(read_frame(client, cbuf, true, MAX_MESSAGE).await?);
-                    if frame.as_ref().is_some_and(|f| f[0] == b'X') {
+                    if frame.as_ref().is_some_and(|f| f[0] == frontend::TERMINATE) {
                         return Ok(false);
                     }
                     continue;
@@ -330,7 +333,7 @@ impl Lease<'_> {
             tokio::select! {
                 read = read_frame(client, cbuf, true, MAX_MESSAGE) => {
                     match read {
-                        Ok(f) if f[0] != b'X' => frame = Some(f),
+                        Ok(f) if f[0] != frontend::TERMINATE => frame = Some(f),
                         // The client left mid-transaction: its backend cannot be reused.
                         _ => return Ok(false),
                     };
@@ -338,29 +341,29 @@ impl Lease<'_> {
                 read = read_frame(&mut b.session.stream, &mut b.session.buf, true, MAX_MESSAGE) => {
                     let frame = read.map_err(|e| PgError::Backend(e.to_string()))?;
                     match frame[0] {
-                        b'1' | b'3' => {
+                        backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE => {
                             let hide = responses.pop_front().is_some_and(|r| r.hide);
                             if !hide {
                                 to_client.extend_from_slice(&frame);
                             }
                         }
-                        b'E' => {
+                        backend::ERROR_RESPONSE => {
                             // What was prepared in this batch may not have been.
                             b.prepared.clear();
                             to_client.extend_from_slice(&frame);
                         }
-                        b'S' => {
+                        backend::PARAMETER_STATUS => {
                             // A reported setting changed: it must not reach the next client.
                             b.dirty = true;
                             to_client.extend_from_slice(&frame);
                         }
-                        b'Z' => {
+                        backend::READY_FOR_QUERY => {
                             batches_done += 1;
                             // Responses of messages skipped after an error never come.
                             while responses.front().is_some_and(|r| r.batch < batches_done) {
                                 responses.pop_front();
                             }
-                            let in_transaction = frame.get(5).is_some_and(|s| *s != b'I');
+                            let in_transaction = frame.get(5).is_some_and(|s| *s != backend::IDLE);
                             to_client.extend_from_slice(&frame);
                             if batches_done == batches_sent && !in_transaction {
                                 *cancel.lock().expect("cancel poisoned") = None;
@@ -392,8 +395,8 @@ fn cstr(body: &[u8]) -> Option<(&str, &[u8])> {
 }
 
 fn close_statement(name: &str) -> BytesMut {
-    messages::message(b'C', |b| {
-        b.put_u8(b'S');
+    messages::message(frontend::CLOSE, |b| {
+        b.put_u8(frontend::STATEMENT);
         b.put_slice(name.as_bytes());
         b.put_u8(0);
     })
@@ -432,7 +435,7 @@ fn forward(
         }
     };
     match frame[0] {
-        b'P' => {
+        frontend::PARSE => {
             if let Some((_, rest)) = cstr(body) {
                 b.dirty |= cstr(rest).is_some_and(|(sql, _)| leaves_session_state(sql));
             }
@@ -447,20 +450,20 @@ fn forward(
             }
             responses.push_back(Hidden { batch, hide: false });
         }
-        b'B' => {
+        frontend::BIND => {
             if let Some((_portal, rest)) = cstr(body) {
                 if let Some((stmt, _)) = cstr(rest) {
                     ensure(stmt, out, responses);
                 }
             }
         }
-        b'D' if body.first() == Some(&b'S') => {
+        frontend::DESCRIBE if body.first() == Some(&frontend::STATEMENT) => {
             if let Some((stmt, _)) = cstr(&body[1..]) {
                 ensure(stmt, out, responses);
             }
         }
-        b'C' => {
-            if body.first() == Some(&b'S') {
+        frontend::CLOSE => {
+            if body.first() == Some(&frontend::STATEMENT) {
                 if let Some((stmt, _)) = cstr(&body[1..]) {
                     statements.remove(stmt);
                     b.prepared.remove(stmt);
@@ -468,11 +471,11 @@ fn forward(
             }
             responses.push_back(Hidden { batch, hide: false });
         }
-        b'Q' => {
+        frontend::QUERY => {
             b.dirty |= cstr(body).is_some_and(|(sql, _)| leaves_session_state(sql));
             *batches_sent += 1
         }
-        b'S' => *batches_sent += 1,
+        frontend::SYNC => *batches_sent += 1,
         _ => {}
     }
     out.extend_from_slice(&frame);

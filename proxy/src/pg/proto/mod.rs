@@ -5,3 +5,4 @@
 pub(crate) mod frame;
 pub(crate) mod messages;
 pub(crate) mod startup;
+pub(crate) mod tags;

@@ -5,10 +5,7 @@ use std::collections::BTreeMap;
 
 use bytes::{Buf, BytesMut};
 
-pub(crate) const SSL_REQUEST: u32 = 80_877_103;
-pub(crate) const GSSENC_REQUEST: u32 = 80_877_104;
-pub(crate) const CANCEL_REQUEST: u32 = 80_877_102;
-pub(crate) const PROTOCOL_3: u32 = 196_608;
+use super::tags::{CANCEL_REQUEST, GSSENC_REQUEST, PROTOCOL_3, SSL_REQUEST};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Startup {
