@@ -244,9 +244,7 @@ impl Fleet {
             Err(Unavailable)
         }
     }
-}
 
-impl Fleet {
     /// The raw (still sealed) value at `key`; `Ok(None)` when there is none
     /// or Redis may be done without.
     async fn get(&self, what: &'static str, key: &str) -> Result<Option<Vec<u8>>, Unavailable> {
