@@ -21,19 +21,12 @@ struct Counters {
 }
 
 #[derive(Default)]
-pub struct Activity {
+pub(crate) struct Activity {
     dbs: Mutex<HashMap<DbKey, Counters>>,
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// A request in flight; it ends when dropped.
-pub struct InFlight {
+pub(crate) struct InFlight {
     activity: Arc<Activity>,
     key: DbKey,
 }
@@ -43,13 +36,13 @@ impl Drop for InFlight {
         let mut dbs = self.activity.dbs.lock().expect("activity poisoned");
         if let Some(c) = dbs.get_mut(&self.key) {
             c.open = c.open.saturating_sub(1);
-            c.last_activity = now_ms();
+            c.last_activity = rouse_runtime::clock::now_ms();
         }
     }
 }
 
 impl Activity {
-    pub fn begin(self: &Arc<Self>, key: &DbKey) -> InFlight {
+    pub(crate) fn begin(self: &Arc<Self>, key: &DbKey) -> InFlight {
         let mut dbs = self.dbs.lock().expect("activity poisoned");
         // No key clone on the hot path once the database is known.
         let c = match dbs.get_mut(key) {
@@ -59,7 +52,7 @@ impl Activity {
         c.open += 1;
         c.requests += 1;
         c.total += 1;
-        c.last_activity = now_ms();
+        c.last_activity = rouse_runtime::clock::now_ms();
         InFlight {
             activity: self.clone(),
             key: key.clone(),
@@ -88,14 +81,14 @@ impl Activity {
     }
 
     /// Per database: requests since start, and requests in flight.
-    pub fn totals(&self) -> HashMap<DbKey, (u64, u64)> {
+    pub(crate) fn totals(&self) -> HashMap<DbKey, (u64, u64)> {
         let dbs = self.dbs.lock().expect("activity poisoned");
         dbs.iter()
             .map(|(k, c)| (k.clone(), (c.total, c.open)))
             .collect()
     }
 
-    pub async fn report_forever(
+    pub(crate) async fn report_forever(
         self: Arc<Self>,
         control: Client,
         proxy_id: String,

@@ -1,8 +1,8 @@
 //! Credentials: API keys (verified by control) and JWTs (HS256 secret,
 //! RS256 public key or JWKS, verified locally). Either names exactly one
 //! app. A validated credential is cached in-process and in Redis, so that
-//! a fleet of proxies validates it once; revocations reach every proxy
-//! through Redis.
+//! a fleet of proxies validates it once (see `fleet::sessions`);
+//! revocations reach every proxy through Redis.
 
 use std::time::Duration;
 
@@ -12,22 +12,21 @@ use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
 use rouse_config::AuthConfig;
 use std::sync::Arc;
 
-use redis::AsyncCommands;
 use rouse_control_api::{Client, Name};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ProxyError, Result};
-use crate::shared::{digest, Revocation, Shared};
+use crate::fleet::{digest, Fleet, Revocation};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Credential {
+pub(crate) enum Credential {
     ApiKey(String),
     Jwt(String),
 }
 
 impl Credential {
     /// A name for the credential that does not reveal it: for rate limits.
-    pub fn id(&self) -> String {
+    pub(crate) fn id(&self) -> String {
         let (Credential::ApiKey(s) | Credential::Jwt(s)) = self;
         digest(s.as_bytes())[..16].to_string()
     }
@@ -35,13 +34,13 @@ impl Credential {
 
 /// A credential and, for basic auth, the user name (`<db>.<app>` routes).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Presented {
-    pub credential: Credential,
-    pub basic_user: Option<String>,
+pub(crate) struct Presented {
+    pub(crate) credential: Credential,
+    pub(crate) basic_user: Option<String>,
 }
 
 /// Reads `Authorization: Bearer|ApiKey|Basic ...` or `X-API-Key`.
-pub fn presented(headers: &HeaderMap) -> Option<Presented> {
+pub(crate) fn presented(headers: &HeaderMap) -> Option<Presented> {
     if let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         let (scheme, rest) = value.trim().split_once(' ')?;
         let rest = rest.trim();
@@ -91,7 +90,9 @@ impl Session {
     /// they expire.
     fn ttl(&self) -> u64 {
         match self.exp {
-            Some(exp) => exp.saturating_sub(now_secs()).min(SESSION_TTL.as_secs()),
+            Some(exp) => exp
+                .saturating_sub(rouse_runtime::clock::now_secs())
+                .min(SESSION_TTL.as_secs()),
             None => SESSION_TTL.as_secs(),
         }
     }
@@ -107,9 +108,9 @@ struct Claims {
 /// How long a validated credential is trusted without asking again.
 const SESSION_TTL: Duration = Duration::from_secs(300);
 
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     control: Client,
-    shared: Arc<Shared>,
+    fleet: Arc<Fleet>,
     /// sha256(credential) -> session, in front of Redis.
     sessions: moka::future::Cache<String, Session>,
     /// sha256 of revoked tokens still within their lifetime.
@@ -122,7 +123,7 @@ pub struct Authenticator {
 }
 
 /// What JWTs are verified with.
-pub struct JwtKeys {
+pub(crate) struct JwtKeys {
     hs256: Option<DecodingKey>,
     rs256: Option<DecodingKey>,
     jwks: Option<JwkSet>,
@@ -130,7 +131,7 @@ pub struct JwtKeys {
 
 impl JwtKeys {
     /// The keys `config` names; a file that cannot be read is an error.
-    pub fn load(config: &AuthConfig) -> anyhow::Result<JwtKeys> {
+    pub(crate) fn load(config: &AuthConfig) -> anyhow::Result<JwtKeys> {
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
         };
@@ -160,33 +161,15 @@ const REJECTED_TTL: Duration = Duration::from_secs(5);
 /// Clock skew tolerated on `exp` and `nbf`.
 const JWT_LEEWAY_SECS: u64 = 60;
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn session_key(hash: &str) -> String {
-    format!("rouse:sess:{hash}")
-}
-
-fn key_sessions_key(id: &str) -> String {
-    format!("rouse:keysess:{id}")
-}
-
-fn revoked_key(hash: &str) -> String {
-    format!("rouse:revoked:{hash}")
-}
-
 impl Authenticator {
-    pub fn new(
+    pub(crate) fn new(
         control: Client,
-        shared: Arc<Shared>,
+        fleet: Arc<Fleet>,
         config: &AuthConfig,
     ) -> anyhow::Result<Authenticator> {
         Ok(Authenticator {
             control,
-            shared,
+            fleet,
             sessions: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(SESSION_TTL)
@@ -206,14 +189,14 @@ impl Authenticator {
 
     /// New JWT keys (a reload): what was validated with the old ones is
     /// validated again.
-    pub fn set_keys(&self, keys: JwtKeys) {
+    pub(crate) fn set_keys(&self, keys: JwtKeys) {
         *self.keys.write().expect("keys poisoned") = Arc::new(keys);
         self.forget_all();
     }
 
     /// The app a credential belongs to: from this proxy's cache, else from
     /// Redis (another proxy validated it), else validated here.
-    pub async fn app_of(&self, credential: &Credential) -> Result<Name> {
+    pub(crate) async fn app_of(&self, credential: &Credential) -> Result<Name> {
         let secret = match credential {
             Credential::ApiKey(key) if !key.starts_with("ak_") || key.len() > 128 => {
                 return Err(ProxyError::Unauthorized)
@@ -235,7 +218,7 @@ impl Authenticator {
         let session = session?;
         if session
             .exp
-            .is_some_and(|exp| exp + JWT_LEEWAY_SECS < now_secs())
+            .is_some_and(|exp| exp + JWT_LEEWAY_SECS < rouse_runtime::clock::now_secs())
         {
             self.sessions.invalidate(&hash).await;
             return Err(ProxyError::Unauthorized);
@@ -244,18 +227,8 @@ impl Authenticator {
     }
 
     async fn validate(&self, credential: &Credential, hash: &str) -> Result<Session> {
-        let key = session_key(hash);
-        let stored = self
-            .shared
-            .call("session", |mut c| {
-                let key = key.clone();
-                async move { c.get::<_, Option<Vec<u8>>>(key).await }
-            })
-            .await?
-            .flatten()
-            .and_then(|sealed| self.shared.open_str("session", &key, &sealed))
-            .and_then(|json| serde_json::from_str::<Session>(&json).ok());
-        if let Some(session) = stored {
+        let stored = self.fleet.session(hash).await?;
+        if let Some(session) = stored.and_then(|json| serde_json::from_str::<Session>(&json).ok()) {
             metrics::counter!("rouse_auth_validations_total", "source" => "redis").increment(1);
             return Ok(session);
         }
@@ -277,17 +250,7 @@ impl Authenticator {
                 metrics::counter!("rouse_auth_validations_total", "source" => "token").increment(1);
                 let session = self.jwt_session(token)?;
                 // Revoked before this proxy heard of it.
-                let marker = revoked_key(hash);
-                let revoked = self
-                    .shared
-                    .call("session", |mut c| {
-                        let marker = marker.clone();
-                        async move { c.get::<_, Option<Vec<u8>>>(marker).await }
-                    })
-                    .await?
-                    .flatten()
-                    .and_then(|sealed| self.shared.open("revocation", &marker, &sealed).map(drop));
-                if revoked.is_some() {
+                if self.fleet.token_revoked(hash).await? {
                     self.revoked.insert(hash.to_string(), ()).await;
                     return Err(ProxyError::Unauthorized);
                 }
@@ -295,80 +258,37 @@ impl Authenticator {
             }
         };
         let json = serde_json::to_string(&session).expect("a session serialises");
-        let sealed = self.shared.seal(&key, json.as_bytes());
-        let (ttl, key_id) = (session.ttl(), session.key_id.clone());
-        self.shared
-            .call("session", |mut c| {
-                let hash = hash.to_string();
-                async move {
-                    let mut pipe = redis::pipe();
-                    pipe.set_ex(&key, sealed, ttl).ignore();
-                    if let Some(id) = key_id {
-                        let index = key_sessions_key(&id);
-                        pipe.sadd(&index, hash)
-                            .ignore()
-                            .expire(&index, SESSION_TTL.as_secs() as i64)
-                            .ignore();
-                    }
-                    pipe.query_async::<()>(&mut c).await
-                }
-            })
+        self.fleet
+            .store_session(
+                hash,
+                &json,
+                session.ttl(),
+                session.key_id.as_deref(),
+                SESSION_TTL.as_secs(),
+            )
             .await?;
         Ok(session)
     }
 
     /// Forgets an API key's sessions here and in Redis, and tells every
     /// proxy (control announced the deletion).
-    pub async fn revoke_key(&self, key_id: &str) {
+    pub(crate) async fn revoke_key(&self, key_id: &str) {
         self.forget(&Revocation::Key(key_id.to_string()));
-        let index = key_sessions_key(key_id);
-        let _ = self
-            .shared
-            .call("revocation", |mut c| async move {
-                let hashes: Vec<String> = c.smembers(&index).await?;
-                let mut pipe = redis::pipe();
-                for h in &hashes {
-                    pipe.del(session_key(h)).ignore();
-                }
-                pipe.del(&index).ignore();
-                pipe.query_async::<()>(&mut c).await
-            })
-            .await;
-        let _ = self
-            .shared
-            .publish(&Revocation::Key(key_id.to_string()))
-            .await;
+        self.fleet.revoke_key(key_id).await;
     }
 
     /// Revokes a token until it expires (logout), on every proxy.
-    pub async fn revoke_token(&self, token: &str) -> Result<()> {
+    pub(crate) async fn revoke_token(&self, token: &str) -> Result<()> {
         let session = self.jwt_session(token)?;
         let hash = digest(token.as_bytes());
         self.revoked.insert(hash.clone(), ()).await;
         self.sessions.invalidate(&hash).await;
-        let ttl = session.ttl().max(1);
-        let marker = revoked_key(&hash);
-        let sealed = self.shared.seal(&marker, b"1");
-        self.shared
-            .call("revocation", |mut c| {
-                let hash = hash.clone();
-                async move {
-                    redis::pipe()
-                        .set_ex(marker, sealed, ttl)
-                        .ignore()
-                        .del(session_key(&hash))
-                        .ignore()
-                        .query_async::<()>(&mut c)
-                        .await
-                }
-            })
-            .await?;
-        self.shared.publish(&Revocation::Token(hash)).await?;
+        self.fleet.revoke_token(&hash, session.ttl().max(1)).await?;
         Ok(())
     }
 
     /// Applies a revocation to this proxy's cache.
-    pub fn forget(&self, revocation: &Revocation) {
+    pub(crate) fn forget(&self, revocation: &Revocation) {
         match revocation {
             Revocation::Key(id) => {
                 let id = id.clone();
@@ -388,7 +308,7 @@ impl Authenticator {
     }
 
     /// Forgets every cached credential (after missed control events).
-    pub fn forget_all(&self) {
+    pub(crate) fn forget_all(&self) {
         self.sessions.invalidate_all();
         self.rejected.invalidate_all();
     }

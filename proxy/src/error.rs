@@ -7,7 +7,7 @@ use std::time::Duration;
 use hyper::StatusCode;
 
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     #[error("missing or invalid credentials")]
     Unauthorized,
     /// Unknown database, or another app's: the same answer for both.
@@ -49,14 +49,14 @@ pub enum ProxyError {
     SharedState,
 }
 
-impl From<crate::shared::Unavailable> for ProxyError {
-    fn from(_: crate::shared::Unavailable) -> Self {
+impl From<crate::fleet::Unavailable> for ProxyError {
+    fn from(_: crate::fleet::Unavailable) -> Self {
         ProxyError::SharedState
     }
 }
 
 impl ProxyError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::NotFound | ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
@@ -77,7 +77,7 @@ impl ProxyError {
         }
     }
 
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             ProxyError::Unauthorized => "unauthorized",
             ProxyError::NotFound => "not_found",
@@ -100,7 +100,7 @@ impl ProxyError {
     }
 
     /// `user`, `auth`, `wake_timeout`, `backend`, `rate_limit`: the outcome label.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             ProxyError::Unauthorized => "auth",
             ProxyError::NotFound
@@ -123,7 +123,7 @@ impl ProxyError {
 
     /// What the client is told: a backend's or control's own words (which
     /// may name hosts, paths or other tenants) stay in the log.
-    pub fn client_message(&self) -> String {
+    pub(crate) fn client_message(&self) -> String {
         match self {
             ProxyError::Backend { db, .. } => format!("database {db} is unavailable, try again"),
             ProxyError::Control(_) => "the proxy cannot reach control, try again".into(),
@@ -132,7 +132,7 @@ impl ProxyError {
     }
 
     /// Seconds a client should wait before retrying, where that helps.
-    pub fn retry_after(&self) -> Option<u64> {
+    pub(crate) fn retry_after(&self) -> Option<u64> {
         match self {
             ProxyError::WakeTimeout { .. }
             | ProxyError::QueueFull(_)
@@ -157,4 +157,4 @@ impl From<crate::sql::BodyError> for ProxyError {
     }
 }
 
-pub type Result<T, E = ProxyError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = ProxyError> = std::result::Result<T, E>;

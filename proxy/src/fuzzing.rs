@@ -6,7 +6,8 @@
 use bytes::BytesMut;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::pg::{frame, messages, scram, startup};
+use crate::pg::proto::{frame, messages, startup};
+use crate::pg::scram;
 
 /// PostgreSQL startup framing (untyped) and the startup packet.
 pub fn pg_startup(data: &[u8]) {

@@ -1,3 +1,6 @@
+//! The `rouse-proxy` command line: `serve` (optionally taking over the
+//! listening sockets of a running proxy) and `check-config`.
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -19,11 +19,13 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
+use crate::health::Health;
+
 /// Longest check answer read: the status line is all that counts.
 const MAX_CHECK_ANSWER: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
-pub enum PatroniError {
+pub(crate) enum PatroniError {
     #[error("cluster {cluster}: no {role} passed its health check within {waited:?}")]
     NoMember {
         cluster: String,
@@ -40,7 +42,7 @@ pub enum PatroniError {
 
 /// Why [`Cluster::connect`] gave up.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError<E> {
+pub(crate) enum ConnectError<E> {
     #[error(transparent)]
     NoMember(PatroniError),
     #[error("{0}")]
@@ -49,9 +51,9 @@ pub enum ConnectError<E> {
 
 /// Which members hold which role, as the checks last decided.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct View {
-    pub leader: Option<usize>,
-    pub replicas: Vec<usize>,
+pub(crate) struct View {
+    pub(crate) leader: Option<usize>,
+    pub(crate) replicas: Vec<usize>,
 }
 
 impl View {
@@ -65,15 +67,15 @@ impl View {
 
 /// A member chosen for a connection.
 #[derive(Debug, Clone, Copy)]
-pub struct Pick {
-    pub member: usize,
-    pub addr: SocketAddr,
-    pub role: MemberRole,
+pub(crate) struct Pick {
+    pub(crate) member: usize,
+    pub(crate) addr: SocketAddr,
+    pub(crate) role: MemberRole,
 }
 
 /// One role's check state of one member (HAProxy's rise/fall counter).
 #[derive(Debug, Clone, Copy, Default)]
-struct Health {
+struct RiseFall {
     /// `None` until the first check answered.
     up: Option<bool>,
     /// Results in a row that disagree with `up`.
@@ -82,13 +84,13 @@ struct Health {
     since: Option<Instant>,
 }
 
-impl Health {
+impl RiseFall {
     /// Takes a check result; true when the state changed.
     fn record(&mut self, passed: bool, rise: u32, fall: u32) -> bool {
         match self.up {
             // The first answer decides at once, so a fresh proxy knows the leader.
             None => {
-                *self = Health {
+                *self = RiseFall {
                     up: Some(passed),
                     streak: 0,
                     since: Some(Instant::now()),
@@ -103,7 +105,7 @@ impl Health {
                 self.streak += 1;
                 let needed = if up { fall } else { rise };
                 if self.streak >= needed {
-                    *self = Health {
+                    *self = RiseFall {
                         up: Some(passed),
                         streak: 0,
                         since: Some(Instant::now()),
@@ -129,26 +131,29 @@ struct Member {
     config: PatroniMember,
     /// `host:port` of the REST API and the path prefix before `/primary`.
     api: (String, String),
-    primary: Health,
-    replica: Health,
+    primary: RiseFall,
+    replica: RiseFall,
     /// Wakes the member's checker at once (a connect to it just failed).
     recheck: Arc<Notify>,
 }
 
-pub struct Cluster {
+pub(crate) struct Cluster {
     name: String,
     checks: PatroniChecks,
     members: Mutex<Vec<Member>>,
     view: watch::Sender<View>,
     next_replica: AtomicUsize,
+    /// Where each member's check state is shown.
+    health: Arc<Health>,
 }
 
 impl Cluster {
     /// Starts checking `members`; the checks stop when the cluster is dropped.
-    pub fn start(
+    pub(crate) fn start(
         name: &str,
         members: &[PatroniMember],
         checks: &PatroniChecks,
+        health: Arc<Health>,
     ) -> Result<Arc<Cluster>, PatroniError> {
         let members = members
             .iter()
@@ -160,8 +165,8 @@ impl Cluster {
                         url: m.api.clone(),
                     })?,
                     config: m.clone(),
-                    primary: Health::default(),
-                    replica: Health::default(),
+                    primary: RiseFall::default(),
+                    replica: RiseFall::default(),
                     recheck: Arc::new(Notify::new()),
                 })
             })
@@ -173,6 +178,7 @@ impl Cluster {
             members: Mutex::new(members),
             view: watch::Sender::new(View::default()),
             next_replica: AtomicUsize::new(0),
+            health,
         });
         for i in 0..count {
             tokio::spawn(check_forever(Arc::downgrade(&cluster), i));
@@ -180,22 +186,17 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
-    pub fn members(&self) -> Vec<PatroniMember> {
+    pub(crate) fn members(&self) -> Vec<PatroniMember> {
         let members = self.members.lock().expect("members poisoned");
         members.iter().map(|m| m.config.clone()).collect()
     }
 
-    /// Who holds which role now.
-    pub fn view(&self) -> View {
-        self.view.borrow().clone()
-    }
-
     /// A member in `role`, waiting up to `failover_hold` for one.
-    pub async fn pick(&self, role: MemberRole) -> Result<Pick, PatroniError> {
+    pub(crate) async fn pick(&self, role: MemberRole) -> Result<Pick, PatroniError> {
         let mut rx = self.view.subscribe();
         let chosen = tokio::time::timeout(self.checks.failover_hold, async {
             loop {
@@ -239,7 +240,7 @@ impl Cluster {
     /// it is checked again at once and another pick follows, until
     /// `failover_hold` ends: clients wait through a failover instead of
     /// seeing a refusal. The last failure is returned when time is up.
-    pub async fn connect<T, E, F, Fut>(
+    pub(crate) async fn connect<T, E, F, Fut>(
         &self,
         role: MemberRole,
         connect: F,
@@ -281,7 +282,7 @@ impl Cluster {
     }
 
     /// Checks a member again now: a connection to it just failed.
-    pub fn suspect(&self, member: usize) {
+    pub(crate) fn suspect(&self, member: usize) {
         if let Some(m) = self.members.lock().expect("members poisoned").get(member) {
             m.recheck.notify_one();
         }
@@ -289,7 +290,7 @@ impl Cluster {
 
     /// Resolves when `pick`'s member no longer holds its role: the session
     /// on it must close (HAProxy's `on-marked-down shutdown-sessions`).
-    pub async fn lost(&self, pick: Pick) {
+    pub(crate) async fn lost(&self, pick: Pick) {
         let mut rx = self.view.subscribe();
         let _ = rx.wait_for(|v| !v.holds(pick.member, pick.role)).await;
     }
@@ -308,7 +309,7 @@ impl Cluster {
                 ("replica", m.replica, changed_replica),
             ] {
                 if changed {
-                    crate::stats::backend_state(&self.name, &name, role, health.is_up());
+                    self.health.record(&self.name, &name, role, health.is_up());
                 }
             }
             let view = view_of(&members);
@@ -439,7 +440,7 @@ mod tests {
 
     #[test]
     fn rise_and_fall_count_results_in_a_row() {
-        let mut h = Health::default();
+        let mut h = RiseFall::default();
         assert!(h.record(true, 2, 3), "the first answer decides");
         assert!(h.is_up());
         assert!(!h.record(false, 2, 3));
@@ -488,12 +489,12 @@ mod tests {
                 api: "http://127.0.0.1:2".into(),
             },
             api: ("127.0.0.1:2".into(), String::new()),
-            primary: Health {
+            primary: RiseFall {
                 up: Some(primary.is_some()),
                 streak: 0,
                 since: primary,
             },
-            replica: Health {
+            replica: RiseFall {
                 up: Some(replica),
                 streak: 0,
                 since: None,

@@ -13,10 +13,10 @@ use crate::error::ProxyError;
 /// Everything that decides whether a client may come in, beyond its
 /// credential: rate limits, failed-login throttling and the app's limits.
 #[derive(Clone)]
-pub struct Admission {
-    pub limits: Arc<crate::shared::ratelimit::RateLimits>,
-    pub failed_logins: Arc<crate::throttle::FailedLogins>,
-    pub quotas: Arc<AppQuotas>,
+pub(crate) struct Admission {
+    pub(crate) limits: Arc<crate::fleet::ratelimit::RateLimits>,
+    pub(crate) failed_logins: Arc<crate::throttle::FailedLogins>,
+    pub(crate) quotas: Arc<AppQuotas>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -26,14 +26,14 @@ enum Counter {
     Waiting(Name),
 }
 
-pub struct AppQuotas {
+pub(crate) struct AppQuotas {
     apps: AppsConfig,
     /// Only counters above zero are kept.
     counts: Mutex<HashMap<Counter, usize>>,
 }
 
 /// Held while a session lives or a request waits; gives its place back when dropped.
-pub struct Slot {
+pub(crate) struct Slot {
     quotas: Arc<AppQuotas>,
     counters: Vec<Counter>,
 }
@@ -53,7 +53,7 @@ impl Drop for Slot {
 }
 
 impl AppQuotas {
-    pub fn new(apps: AppsConfig) -> Arc<AppQuotas> {
+    pub(crate) fn new(apps: AppsConfig) -> Arc<AppQuotas> {
         Arc::new(AppQuotas {
             apps,
             counts: Mutex::default(),
@@ -61,7 +61,7 @@ impl AppQuotas {
     }
 
     /// A PostgreSQL session of `key`'s app on `key`.
-    pub fn session(self: &Arc<Self>, key: &DbKey) -> Result<Slot, ProxyError> {
+    pub(crate) fn session(self: &Arc<Self>, key: &DbKey) -> Result<Slot, ProxyError> {
         let limits = self.apps.limits(key.app.as_str());
         self.take(
             &key.app,
@@ -81,7 +81,7 @@ impl AppQuotas {
     }
 
     /// A request of `app` waiting for a wake.
-    pub fn wait(self: &Arc<Self>, app: &Name) -> Result<Slot, ProxyError> {
+    pub(crate) fn wait(self: &Arc<Self>, app: &Name) -> Result<Slot, ProxyError> {
         let max = self.apps.limits(app.as_str()).max_waiting;
         self.take(app, &[(Counter::Waiting(app.clone()), "max_waiting", max)])
     }

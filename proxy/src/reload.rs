@@ -13,8 +13,8 @@ use rouse_config::{Config, PatroniCluster};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::auth::{Authenticator, JwtKeys};
-use crate::http::Proxy;
+use crate::app::Services;
+use crate::auth::JwtKeys;
 use crate::patroni::Cluster;
 
 /// Proxy settings that a reload applies.
@@ -28,44 +28,40 @@ const RELOADED: [&str; 7] = [
     "patroni_clusters",
 ];
 
-pub struct Reloader {
+pub(crate) struct Reloader {
     current: Mutex<Config>,
-    auth: Arc<Authenticator>,
-    proxy: Arc<Proxy>,
+    services: Arc<Services>,
     /// The cluster each plain TCP listener sends to, by cluster name.
     clusters: HashMap<String, watch::Sender<Arc<Cluster>>>,
 }
 
 impl Reloader {
-    pub fn new(
+    pub(crate) fn new(
         config: Config,
-        auth: Arc<Authenticator>,
-        proxy: Arc<Proxy>,
+        services: Arc<Services>,
         clusters: HashMap<String, watch::Sender<Arc<Cluster>>>,
     ) -> Reloader {
         Reloader {
             current: Mutex::new(config),
-            auth,
-            proxy,
+            services,
             clusters,
         }
     }
 
     /// Applies `new` where it differs from the running configuration, or
     /// refuses it whole.
-    pub fn apply(&self, new: Config) -> anyhow::Result<()> {
+    pub(crate) fn apply(&self, new: Config) -> anyhow::Result<()> {
         let p = &new.proxy;
         // Everything that can fail comes first.
         let keys = JwtKeys::load(&p.auth)?;
         let clusters = self.changed_clusters(&new)?;
 
-        self.auth.set_keys(keys);
-        self.proxy
-            .limits
+        let s = &self.services;
+        s.auth.set_keys(keys);
+        s.limits
             .set(p.rate_limits.http.clone(), p.rate_limits.postgres.clone());
-        self.proxy.cache.set(&p.response_cache);
-        self.proxy
-            .routes
+        s.cache.set(&p.response_cache);
+        s.resolver
             .set_bounds(p.wake_timeout, p.max_waiting as usize);
         for (name, cluster) in clusters {
             info!(cluster = %name, "Patroni cluster replaced: new connections use its members");
@@ -100,7 +96,12 @@ impl Reloader {
             }
             out.push((
                 c.name.clone(),
-                Cluster::start(&c.name, &c.members, &new.proxy.patroni)?,
+                Cluster::start(
+                    &c.name,
+                    &c.members,
+                    &new.proxy.patroni,
+                    self.services.health.clone(),
+                )?,
             ));
         }
         Ok(out)

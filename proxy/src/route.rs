@@ -16,7 +16,7 @@ const RQLITE_PATHS: [&str; 6] = [
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     /// `/v1/database/<op>`
     Gateway(String),
     /// `/v1/auth/revoke`: the presented token is revoked (logout).
@@ -30,26 +30,26 @@ pub enum Route {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RouteError {
+pub(crate) enum RouteError {
     /// An rqlite path, but nothing says which database.
     NoDatabase,
     /// Neither the gateway nor the rqlite API.
     Unknown,
 }
 
-pub struct RouteInput<'a> {
-    pub path: &'a str,
-    pub host: Option<&'a str>,
-    pub basic_user: Option<&'a str>,
-    pub bound: Option<&'a DbKey>,
-    pub base_domain: Option<&'a str>,
+pub(crate) struct RouteInput<'a> {
+    pub(crate) path: &'a str,
+    pub(crate) host: Option<&'a str>,
+    pub(crate) basic_user: Option<&'a str>,
+    pub(crate) bound: Option<&'a DbKey>,
+    pub(crate) base_domain: Option<&'a str>,
 }
 
 fn is_rqlite_path(path: &str) -> bool {
     RQLITE_PATHS.contains(&path)
 }
 
-pub fn route(input: &RouteInput<'_>) -> Result<Route, RouteError> {
+pub(crate) fn route(input: &RouteInput<'_>) -> Result<Route, RouteError> {
     let path = input.path;
     if path == "/v1/auth/revoke" {
         return Ok(Route::RevokeToken);

@@ -13,18 +13,19 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::listen::accept_forever;
+use crate::net::{accept_forever, Connections};
 use crate::patroni::Cluster;
 
 /// Serves `listener`; each connection goes to the cluster `cluster` holds
 /// when it arrives (a reload may replace it).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     cluster: watch::Receiver<Arc<Cluster>>,
     role: MemberRole,
+    connections: Arc<Connections>,
     stop: impl Future<Output = ()>,
 ) {
-    accept_forever(listener, "tcp", stop, move |mut client, peer| {
+    accept_forever(listener, "tcp", connections, stop, move |mut client, peer| {
         let cluster = cluster.borrow().clone();
         async move {
             let outcome = |o: &'static str| {

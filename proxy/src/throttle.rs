@@ -9,16 +9,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How long failures are remembered, counted from an address's first one.
-pub const WINDOW: Duration = Duration::from_secs(10);
+pub(crate) const WINDOW: Duration = Duration::from_secs(10);
 
-pub struct FailedLogins {
+pub(crate) struct FailedLogins {
     counts: moka::sync::Cache<IpAddr, Arc<AtomicU32>>,
     limit: u32,
 }
 
 impl FailedLogins {
     /// `limit` failures per address and window; 0 turns the throttle off.
-    pub fn new(limit: u32) -> FailedLogins {
+    pub(crate) fn new(limit: u32) -> FailedLogins {
         FailedLogins {
             counts: moka::sync::Cache::builder()
                 .max_capacity(100_000)
@@ -29,7 +29,7 @@ impl FailedLogins {
     }
 
     /// `Err(wait)` while `ip` is over its limit.
-    pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
+    pub(crate) fn check(&self, ip: IpAddr) -> Result<(), Duration> {
         let over = self.limit > 0
             && self
                 .counts
@@ -43,7 +43,7 @@ impl FailedLogins {
         }
     }
 
-    pub fn record(&self, ip: IpAddr) {
+    pub(crate) fn record(&self, ip: IpAddr) {
         self.counts
             .get_with(ip, || Arc::new(AtomicU32::new(0)))
             .fetch_add(1, Ordering::Relaxed);

@@ -25,7 +25,7 @@ const MAX_SOCKETS: usize = 256;
 /// Their names, as JSON.
 const MAX_NAMES: usize = 64 << 10;
 /// How long a new process may take from taking the sockets to serving.
-pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub(crate) const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The sockets a new process took over, by name (see `Listeners`).
 pub type Inherited = HashMap<String, std::net::TcpListener>;
@@ -64,7 +64,7 @@ impl Handover {
 
 /// The running proxy's side: offers `sockets` to the next process that
 /// connects to `path`, and resolves once that process serves on them.
-pub async fn offer(path: PathBuf, sockets: Vec<(String, RawFd)>) -> std::io::Result<()> {
+pub(crate) async fn offer(path: PathBuf, sockets: Vec<(String, RawFd)>) -> std::io::Result<()> {
     // A socket file left by an earlier process is taken over, not an error.
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;

@@ -8,3 +8,7 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+pub fn now_secs() -> u64 {
+    now_ms() / 1000
+}

@@ -1,9 +1,10 @@
 //! The HTTP front (port 8080 and static listeners): credentials, routing,
 //! then the gateway API or the rqlite API.
 
-pub mod gateway;
-pub mod rqlite;
-pub mod upstream;
+mod cache;
+pub(crate) mod gateway;
+pub(crate) mod rqlite;
+pub(crate) mod upstream;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,29 +22,29 @@ use serde::Serialize;
 use crate::activity::Activity;
 use crate::auth::{self, Authenticator, Credential};
 use crate::error::{ProxyError, Result};
+use crate::fleet::ratelimit::{Protocol, RateLimits};
+use crate::fleet::Fleet;
+use crate::resolve::{Resolver, Target};
 use crate::route::{self, Route, RouteError, RouteInput};
-use crate::shared::cache::{self, ResponseCache};
-use crate::shared::ratelimit::{Protocol, RateLimits};
-use crate::shared::Shared;
-use crate::wake::{Routes, Target};
+pub(crate) use cache::ResponseCache;
 use upstream::{Upstream, UpstreamError};
 
-pub type Body = Full<Bytes>;
+pub(crate) type Body = Full<Bytes>;
 
 /// Everything a request needs, shared by all listeners.
-pub struct Proxy {
-    pub config: ProxyConfig,
-    pub control: Client,
-    pub auth: Arc<Authenticator>,
-    pub shared: Arc<Shared>,
-    pub limits: Arc<RateLimits>,
-    pub cache: ResponseCache,
-    pub routes: Arc<Routes>,
-    pub upstream: Arc<Upstream>,
-    pub activity: Arc<Activity>,
-    pub metrics: RequestMetrics,
+pub(crate) struct Proxy {
+    pub(crate) config: ProxyConfig,
+    pub(crate) control: Client,
+    pub(crate) auth: Arc<Authenticator>,
+    pub(crate) fleet: Arc<Fleet>,
+    pub(crate) limits: Arc<RateLimits>,
+    pub(crate) cache: Arc<ResponseCache>,
+    pub(crate) resolver: Arc<Resolver>,
+    pub(crate) upstream: Arc<Upstream>,
+    pub(crate) activity: Arc<Activity>,
+    pub(crate) metrics: RequestMetrics,
     /// Shared with the PostgreSQL front: one count per client address.
-    pub failed_logins: Arc<crate::throttle::FailedLogins>,
+    pub(crate) failed_logins: Arc<crate::throttle::FailedLogins>,
 }
 
 /// How one request was served, for metrics.
@@ -52,7 +53,7 @@ struct Served {
     outcome: &'static str,
 }
 
-pub async fn handle(
+pub(crate) async fn handle(
     proxy: Arc<Proxy>,
     bound: Option<Arc<DbKey>>,
     peer: std::net::IpAddr,
@@ -87,7 +88,7 @@ type MetricHandles = std::collections::HashMap<
 >;
 
 #[derive(Default)]
-pub struct RequestMetrics {
+pub(crate) struct RequestMetrics {
     handles: std::sync::RwLock<MetricHandles>,
 }
 
@@ -162,7 +163,7 @@ async fn dispatch(
         })?;
     proxy
         .limits
-        .check(&proxy.shared, Protocol::Http, &app, || {
+        .check(&proxy.fleet, Protocol::Http, &app, || {
             presented.credential.id()
         })
         .await?;
@@ -192,7 +193,7 @@ async fn dispatch(
 }
 
 /// The request body, at most `max_body_bytes`, within `body_read_timeout`.
-pub async fn read_body(proxy: &Proxy, req: Request<Incoming>) -> Result<Bytes> {
+pub(crate) async fn read_body(proxy: &Proxy, req: Request<Incoming>) -> Result<Bytes> {
     let limit = proxy.config.max_body_bytes;
     let within = proxy.config.body_read_timeout;
     let collected = tokio::time::timeout(within, Limited::new(req.into_body(), limit).collect())
@@ -212,7 +213,7 @@ pub async fn read_body(proxy: &Proxy, req: Request<Incoming>) -> Result<Bytes> {
 impl Proxy {
     /// Sends to the database, waking it first when needed; a stale route
     /// (nothing accepts connections) is dropped and resolved once more.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         key: &DbKey,
         method: &hyper::Method,
@@ -224,7 +225,7 @@ impl Proxy {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut slot = match self
             .cache
-            .lookup(&self.shared, key, method, path_and_query, &body)
+            .lookup(&self.fleet, key, method, path_and_query, &body)
             .await
         {
             // Served without waking or touching the database.
@@ -234,7 +235,7 @@ impl Proxy {
         };
         let target = self.target(key).await?;
         let sent = self
-            .routes
+            .resolver
             .connect_with_wake(
                 key,
                 target,
@@ -273,16 +274,16 @@ impl Proxy {
             }
         };
         if let Some(slot) = slot.take() {
-            self.cache.store(&self.shared, key, slot, &reply).await;
+            self.cache.store(&self.fleet, key, slot, &reply).await;
         }
         if cache::is_write(path_and_query) {
-            self.cache.invalidate(&self.shared, key).await;
+            self.cache.invalidate(&self.fleet, key).await;
         }
         Ok(reply)
     }
 
     async fn target(&self, key: &DbKey) -> Result<Target> {
-        let target = self.routes.target(key).await?;
+        let target = self.resolver.target(key).await?;
         if target.engine != rouse_control_api::Engine::Rqlite {
             return Err(ProxyError::BadRequest(format!(
                 "database {} is a PostgreSQL database: connect to the Postgres port",
@@ -293,7 +294,7 @@ impl Proxy {
     }
 }
 
-pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     let body = serde_json::to_vec(value).expect("responses serialise");
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
@@ -302,7 +303,7 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     resp
 }
 
-pub fn error_response(e: &ProxyError) -> Response<Body> {
+pub(crate) fn error_response(e: &ProxyError) -> Response<Body> {
     let mut resp = json(
         e.status(),
         &serde_json::json!({"error": e.client_message(), "code": e.code()}),
@@ -321,7 +322,7 @@ pub fn error_response(e: &ProxyError) -> Response<Body> {
 }
 
 /// The app a gateway request acts for: always the credential's.
-pub fn database_key(app: &Name, database: &str) -> Result<DbKey> {
+pub(crate) fn database_key(app: &Name, database: &str) -> Result<DbKey> {
     let db = Name::new(database)
         .map_err(|e| ProxyError::BadRequest(format!("invalid database name: {e}")))?;
     Ok(DbKey::new(app.clone(), db))

@@ -19,7 +19,7 @@ use crate::error::Result;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub async fn handle(
+pub(crate) async fn handle(
     proxy: &Arc<Proxy>,
     key: &DbKey,
     path: &str,

@@ -14,7 +14,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::wake::Target;
+use crate::resolve::Target;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderValue, CONTENT_TYPE, LOCATION};
@@ -23,14 +23,14 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
-pub struct Reply {
-    pub status: StatusCode,
-    pub content_type: Option<HeaderValue>,
-    pub body: Bytes,
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) content_type: Option<HeaderValue>,
+    pub(crate) body: Bytes,
 }
 
 #[derive(Debug)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     /// No replica answered: the route is stale.
     Unreachable(String),
     Timeout,
@@ -41,7 +41,7 @@ pub enum UpstreamError {
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-pub struct Upstream {
+pub(crate) struct Upstream {
     client: Client<HttpConnector, Full<Bytes>>,
     /// To engines over TLS; made once the engine CA is known.
     tls: OnceLock<HttpsClient>,
@@ -86,7 +86,7 @@ impl Default for Upstream {
 impl Upstream {
     /// Engines over TLS are checked against this configuration (see
     /// `rouse_control_api::engine_tls`) from now on.
-    pub fn trust_engines(&self, config: Arc<rustls::ClientConfig>) {
+    pub(crate) fn trust_engines(&self, config: Arc<rustls::ClientConfig>) {
         let mut http = connector();
         http.enforce_http(false);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -118,7 +118,7 @@ impl Upstream {
     }
 
     /// Sends one request to the database, by the rules above, until `deadline`.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         target: &Target,
         method: &Method,

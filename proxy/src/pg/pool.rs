@@ -14,11 +14,14 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::conn::Conn;
-use super::frame::{has_frame, read_frame, FrameError};
-use super::messages;
+use super::backend::{connect_backend, BackendSession};
+use super::cancel::CancelSlot;
+use super::error::{closed, PgError};
+use super::proto::frame::{has_frame, read_frame, FrameError};
+use super::proto::messages;
+use super::proto::tags::{backend, frontend};
 use super::scram::Verifier;
-use super::{connect_backend, BackendSession, PgError};
+use crate::net::MaybeTls;
 
 /// Largest message relayed in transaction mode (PostgreSQL's own limit is 1 GB).
 const MAX_MESSAGE: usize = 256 << 20;
@@ -26,7 +29,7 @@ const MAX_MESSAGE: usize = 256 << 20;
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One backend connection of a pool.
-pub struct Backend {
+pub(crate) struct Pooled {
     session: BackendSession,
     /// Named statements prepared on it: name -> the Parse body that made it.
     prepared: HashMap<String, Bytes>,
@@ -36,7 +39,7 @@ pub struct Backend {
     _permit: OwnedSemaphorePermit,
 }
 
-impl Backend {
+impl Pooled {
     /// `DISCARD ALL`, its answers kept from the client: session settings,
     /// temporary tables, advisory locks, prepared statements and cursors go.
     async fn reset(&mut self) -> Result<(), PgError> {
@@ -50,8 +53,10 @@ impl Backend {
                 .await
                 .map_err(|e| PgError::Backend(e.to_string()))?;
             match frame[0] {
-                b'E' => return Err(PgError::Backend("DISCARD ALL failed".into())),
-                b'Z' => break,
+                backend::ERROR_RESPONSE => {
+                    return Err(PgError::Backend("DISCARD ALL failed".into()))
+                }
+                backend::READY_FOR_QUERY => break,
                 _ => {}
             }
         }
@@ -64,7 +69,7 @@ impl Backend {
 /// Whether SQL a client sends may leave state in the session beyond its
 /// transaction. Errs on the side of a reset; the backend's ParameterStatus
 /// messages catch reported settings changed any other way.
-pub fn leaves_session_state(sql: &str) -> bool {
+pub(crate) fn leaves_session_state(sql: &str) -> bool {
     let lower = sql.to_ascii_lowercase();
     if lower.contains("pg_advisory_lock") || lower.contains("pg_try_advisory_lock") {
         return true;
@@ -108,7 +113,7 @@ fn strip_comments(sql: &str) -> String {
     out
 }
 
-pub struct Pool {
+pub(crate) struct Pool {
     role: String,
     database: String,
     /// Backends of the read-only port: `default_transaction_read_only`.
@@ -117,7 +122,7 @@ pub struct Pool {
     /// A key proven by a client of this role: what logs new backends in.
     client_key: Mutex<[u8; 32]>,
     /// Idle connections keep their permit: permits bound all connections.
-    idle: Mutex<Vec<Backend>>,
+    idle: Mutex<Vec<Pooled>>,
     permits: Arc<Semaphore>,
     returned: tokio::sync::Notify,
     /// ParameterStatus messages of the first backend, sent to each client.
@@ -125,7 +130,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(
+    pub(crate) fn new(
         role: &str,
         database: &str,
         verifier: Arc<Verifier>,
@@ -147,7 +152,7 @@ impl Pool {
     }
 
     /// Accepts a newly proven key (the password may have changed).
-    pub fn renew(&self, verifier: &Verifier, client_key: [u8; 32]) -> bool {
+    pub(crate) fn renew(&self, verifier: &Verifier, client_key: [u8; 32]) -> bool {
         if *verifier != *self.verifier {
             return false;
         }
@@ -155,13 +160,13 @@ impl Pool {
         true
     }
 
-    pub fn greeting(&self) -> Vec<BytesMut> {
+    pub(crate) fn greeting(&self) -> Vec<BytesMut> {
         self.greeting.lock().expect("pool poisoned").clone()
     }
 
     /// An idle connection to `addr`, else a new one while the pool has
     /// room, else the next one returned.
-    pub async fn checkout(&self, addr: SocketAddr) -> Result<Backend, PgError> {
+    pub(crate) async fn checkout(&self, addr: SocketAddr) -> Result<Pooled, PgError> {
         let deadline = tokio::time::Instant::now() + CHECKOUT_TIMEOUT;
         loop {
             let returned = self.returned.notified();
@@ -187,7 +192,7 @@ impl Pool {
         &self,
         addr: SocketAddr,
         permit: OwnedSemaphorePermit,
-    ) -> Result<Backend, PgError> {
+    ) -> Result<Pooled, PgError> {
         let key = *self.client_key.lock().expect("pool poisoned");
         let params: &[(&str, &str)] = if self.read_only {
             &[("default_transaction_read_only", "on")]
@@ -209,7 +214,7 @@ impl Pool {
                 *greeting = session.greeting.clone();
             }
         }
-        Ok(Backend {
+        Ok(Pooled {
             session,
             prepared: HashMap::new(),
             dirty: false,
@@ -217,14 +222,11 @@ impl Pool {
         })
     }
 
-    pub fn checkin(&self, b: Backend) {
+    pub(crate) fn checkin(&self, b: Pooled) {
         self.idle.lock().expect("pool poisoned").push(b);
         self.returned.notify_one();
     }
 }
-
-/// Where a cancel for this client goes right now.
-pub type CancelSlot = Arc<Mutex<Option<(SocketAddr, i32, i32)>>>;
 
 /// A response the client must not see, because the proxy caused it.
 struct Hidden {
@@ -234,8 +236,8 @@ struct Hidden {
 }
 
 /// Relays one client in transaction mode until it leaves.
-pub async fn relay(
-    client: &mut Conn,
+pub(crate) async fn relay(
+    client: &mut MaybeTls,
     cbuf: &mut BytesMut,
     pool: &Pool,
     addr: impl Fn() -> futures::future::BoxFuture<'static, Result<SocketAddr, PgError>>,
@@ -252,7 +254,7 @@ pub async fn relay(
             Err(FrameError::Closed) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        if frame[0] == b'X' {
+        if frame[0] == frontend::TERMINATE {
             return Ok(());
         }
         // Boxed: a transaction's state lives on the heap while it runs, so
@@ -273,7 +275,7 @@ pub async fn relay(
 /// One backend connection lent to a client, from the first message of a
 /// transaction until ReadyForQuery says idle.
 struct Lease<'a> {
-    client: &'a mut Conn,
+    client: &'a mut MaybeTls,
     cbuf: &'a mut BytesMut,
     pool: &'a Pool,
     cancel: &'a CancelSlot,
@@ -316,7 +318,7 @@ impl Lease<'_> {
                 );
                 if has_frame(cbuf, true, MAX_MESSAGE) {
                     frame = Some(read_frame(client, cbuf, true, MAX_MESSAGE).await?);
-                    if frame.as_ref().is_some_and(|f| f[0] == b'X') {
+                    if frame.as_ref().is_some_and(|f| f[0] == frontend::TERMINATE) {
                         return Ok(false);
                     }
                     continue;
@@ -331,7 +333,7 @@ impl Lease<'_> {
             tokio::select! {
                 read = read_frame(client, cbuf, true, MAX_MESSAGE) => {
                     match read {
-                        Ok(f) if f[0] != b'X' => frame = Some(f),
+                        Ok(f) if f[0] != frontend::TERMINATE => frame = Some(f),
                         // The client left mid-transaction: its backend cannot be reused.
                         _ => return Ok(false),
                     };
@@ -339,29 +341,29 @@ impl Lease<'_> {
                 read = read_frame(&mut b.session.stream, &mut b.session.buf, true, MAX_MESSAGE) => {
                     let frame = read.map_err(|e| PgError::Backend(e.to_string()))?;
                     match frame[0] {
-                        b'1' | b'3' => {
+                        backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE => {
                             let hide = responses.pop_front().is_some_and(|r| r.hide);
                             if !hide {
                                 to_client.extend_from_slice(&frame);
                             }
                         }
-                        b'E' => {
+                        backend::ERROR_RESPONSE => {
                             // What was prepared in this batch may not have been.
                             b.prepared.clear();
                             to_client.extend_from_slice(&frame);
                         }
-                        b'S' => {
+                        backend::PARAMETER_STATUS => {
                             // A reported setting changed: it must not reach the next client.
                             b.dirty = true;
                             to_client.extend_from_slice(&frame);
                         }
-                        b'Z' => {
+                        backend::READY_FOR_QUERY => {
                             batches_done += 1;
                             // Responses of messages skipped after an error never come.
                             while responses.front().is_some_and(|r| r.batch < batches_done) {
                                 responses.pop_front();
                             }
-                            let in_transaction = frame.get(5).is_some_and(|s| *s != b'I');
+                            let in_transaction = frame.get(5).is_some_and(|s| *s != backend::IDLE);
                             to_client.extend_from_slice(&frame);
                             if batches_done == batches_sent && !in_transaction {
                                 *cancel.lock().expect("cancel poisoned") = None;
@@ -393,24 +395,24 @@ fn cstr(body: &[u8]) -> Option<(&str, &[u8])> {
 }
 
 fn close_statement(name: &str) -> BytesMut {
-    messages::message(b'C', |b| {
-        b.put_u8(b'S');
+    messages::message(frontend::CLOSE, |b| {
+        b.put_u8(frontend::STATEMENT);
         b.put_slice(name.as_bytes());
         b.put_u8(0);
     })
 }
 
 /// Writes what was gathered for the client, through TLS when there is TLS.
-async fn send(client: &mut Conn, gathered: &[u8]) -> Result<(), PgError> {
-    client.write_all(gathered).await.map_err(super::closed)?;
-    client.flush().await.map_err(super::closed)
+async fn send(client: &mut MaybeTls, gathered: &[u8]) -> Result<(), PgError> {
+    client.write_all(gathered).await.map_err(closed)?;
+    client.flush().await.map_err(closed)
 }
 
 /// Adds a client message for the backend to `out`, preparing the statements
 /// it uses first.
 fn forward(
     frame: BytesMut,
-    b: &mut Backend,
+    b: &mut Pooled,
     statements: &mut HashMap<String, BytesMut>,
     responses: &mut VecDeque<Hidden>,
     batches_sent: &mut u64,
@@ -433,7 +435,7 @@ fn forward(
         }
     };
     match frame[0] {
-        b'P' => {
+        frontend::PARSE => {
             if let Some((_, rest)) = cstr(body) {
                 b.dirty |= cstr(rest).is_some_and(|(sql, _)| leaves_session_state(sql));
             }
@@ -448,20 +450,20 @@ fn forward(
             }
             responses.push_back(Hidden { batch, hide: false });
         }
-        b'B' => {
+        frontend::BIND => {
             if let Some((_portal, rest)) = cstr(body) {
                 if let Some((stmt, _)) = cstr(rest) {
                     ensure(stmt, out, responses);
                 }
             }
         }
-        b'D' if body.first() == Some(&b'S') => {
+        frontend::DESCRIBE if body.first() == Some(&frontend::STATEMENT) => {
             if let Some((stmt, _)) = cstr(&body[1..]) {
                 ensure(stmt, out, responses);
             }
         }
-        b'C' => {
-            if body.first() == Some(&b'S') {
+        frontend::CLOSE => {
+            if body.first() == Some(&frontend::STATEMENT) {
                 if let Some((stmt, _)) = cstr(&body[1..]) {
                     statements.remove(stmt);
                     b.prepared.remove(stmt);
@@ -469,11 +471,11 @@ fn forward(
             }
             responses.push_back(Hidden { batch, hide: false });
         }
-        b'Q' => {
+        frontend::QUERY => {
             b.dirty |= cstr(body).is_some_and(|(sql, _)| leaves_session_state(sql));
             *batches_sent += 1
         }
-        b'S' => *batches_sent += 1,
+        frontend::SYNC => *batches_sent += 1,
         _ => {}
     }
     out.extend_from_slice(&frame);

@@ -10,10 +10,10 @@ use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-pub const MECHANISM: &str = "SCRAM-SHA-256";
+pub(crate) const MECHANISM: &str = "SCRAM-SHA-256";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ScramError {
+pub(crate) enum ScramError {
     #[error("malformed SCRAM message")]
     Malformed,
     #[error("channel binding is not supported")]
@@ -30,9 +30,9 @@ pub enum ScramError {
 
 /// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verifier {
-    pub iterations: u32,
-    pub salt: Vec<u8>,
+pub(crate) struct Verifier {
+    pub(crate) iterations: u32,
+    pub(crate) salt: Vec<u8>,
     stored_key: [u8; 32],
     server_key: [u8; 32],
 }
@@ -42,7 +42,7 @@ fn key32(b64: &str) -> Option<[u8; 32]> {
 }
 
 impl Verifier {
-    pub fn parse(s: &str) -> Option<Verifier> {
+    pub(crate) fn parse(s: &str) -> Option<Verifier> {
         let rest = s.strip_prefix("SCRAM-SHA-256$")?;
         let (params, keys) = rest.split_once('$')?;
         let (iterations, salt) = params.split_once(':')?;
@@ -59,7 +59,7 @@ impl Verifier {
     /// wrong password, so user names cannot be probed. Its salt is derived
     /// from `who` with a key of the proxy's, so that asking twice shows
     /// the same salt, as for a real user.
-    pub fn impossible(mock_key: &[u8; 32], who: &str) -> Verifier {
+    pub(crate) fn impossible(mock_key: &[u8; 32], who: &str) -> Verifier {
         let salt = hmac(mock_key, who)[..16].to_vec();
         let mut stored_key = [0u8; 32];
         rand::rng().fill_bytes(&mut stored_key);
@@ -95,7 +95,7 @@ fn attr(msg: &str, key: char) -> Option<&str> {
 }
 
 /// The proxy as SCRAM server, towards the client.
-pub struct ServerExchange {
+pub(crate) struct ServerExchange {
     client_first_bare: String,
     server_first: String,
     nonce: String,
@@ -103,7 +103,7 @@ pub struct ServerExchange {
 
 impl ServerExchange {
     /// Takes the client-first-message, returns the server-first-message.
-    pub fn start(
+    pub(crate) fn start(
         verifier: &Verifier,
         client_first: &str,
     ) -> Result<(ServerExchange, String), ScramError> {
@@ -140,7 +140,7 @@ impl ServerExchange {
 
     /// Checks the client-final-message; returns the ClientKey the client
     /// proved and the server-final-message.
-    pub fn finish(
+    pub(crate) fn finish(
         self,
         verifier: &Verifier,
         client_final: &str,
@@ -177,7 +177,7 @@ impl ServerExchange {
 }
 
 /// The proxy as SCRAM client, towards the backend, with a proven ClientKey.
-pub struct ClientExchange {
+pub(crate) struct ClientExchange {
     client_first_bare: String,
     nonce: String,
     expected_signature: Option<[u8; 32]>,
@@ -185,7 +185,7 @@ pub struct ClientExchange {
 
 impl ClientExchange {
     /// The client-first-message.
-    pub fn start() -> (ClientExchange, String) {
+    pub(crate) fn start() -> (ClientExchange, String) {
         let nonce = nonce();
         let bare = format!("n=,r={nonce}");
         let first = format!("n,,{bare}");
@@ -200,7 +200,7 @@ impl ClientExchange {
     }
 
     /// Takes the server-first-message, returns the client-final-message.
-    pub fn respond(
+    pub(crate) fn respond(
         &mut self,
         verifier: &Verifier,
         client_key: &[u8; 32],
@@ -227,7 +227,7 @@ impl ClientExchange {
     }
 
     /// Checks the server-final-message.
-    pub fn verify(&self, server_final: &str) -> Result<(), ScramError> {
+    pub(crate) fn verify(&self, server_final: &str) -> Result<(), ScramError> {
         let got = attr(server_final, 'v')
             .and_then(|v| B64.decode(v).ok())
             .ok_or(ScramError::Malformed)?;

@@ -8,14 +8,15 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use super::link::{Dialer, Link};
+use super::link::Dialer;
 use super::resp::{self, Reply, RespError};
+use crate::net::MaybeTls;
 
 /// A check that has not answered within this time failed.
-pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     Master,
     Replica,
     /// A sentinel, say: not a server to send clients to.
@@ -23,7 +24,7 @@ pub enum Role {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum CheckError {
+pub(crate) enum CheckError {
     #[error("{addr}: cannot connect: {source}")]
     Connect {
         addr: String,
@@ -46,7 +47,7 @@ pub enum CheckError {
 }
 
 /// Asks servers and sentinels, with the credentials the config gives.
-pub struct Checker {
+pub(crate) struct Checker {
     dialer: Arc<Dialer>,
     username: Option<String>,
     password: Option<String>,
@@ -54,7 +55,7 @@ pub struct Checker {
 }
 
 impl Checker {
-    pub fn new(
+    pub(crate) fn new(
         dialer: Arc<Dialer>,
         username: Option<String>,
         password: Option<String>,
@@ -69,7 +70,7 @@ impl Checker {
     }
 
     /// The role server `addr` says it has.
-    pub async fn role(&self, addr: &str) -> Result<Role, CheckError> {
+    pub(crate) async fn role(&self, addr: &str) -> Result<Role, CheckError> {
         let auth = auth(self.username.as_deref(), self.password.as_deref());
         self.timed(addr, async {
             let mut link = self.connect(addr).await?;
@@ -101,7 +102,11 @@ impl Checker {
     }
 
     /// The master's address (`host:port`) as sentinel `addr` knows it.
-    pub async fn sentinel_master(&self, addr: &str, name: &str) -> Result<String, CheckError> {
+    pub(crate) async fn sentinel_master(
+        &self,
+        addr: &str,
+        name: &str,
+    ) -> Result<String, CheckError> {
         let auth = auth(None, self.sentinel_password.as_deref());
         self.timed(addr, async {
             let mut link = self.connect(addr).await?;
@@ -125,7 +130,7 @@ impl Checker {
         .await
     }
 
-    async fn connect(&self, addr: &str) -> Result<Link, CheckError> {
+    async fn connect(&self, addr: &str) -> Result<MaybeTls, CheckError> {
         self.dialer
             .connect(addr)
             .await
@@ -157,7 +162,7 @@ fn auth<'a>(username: Option<&'a str>, password: Option<&'a str>) -> Option<Vec<
 
 /// Sends AUTH (if any) and `command` in one write; the reply to `command`.
 async fn ask(
-    link: &mut Link,
+    link: &mut MaybeTls,
     addr: &str,
     auth: Option<&[&[u8]]>,
     command: &[&[u8]],

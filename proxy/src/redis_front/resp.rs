@@ -7,19 +7,19 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// A header line: type byte, length or short text, CRLF.
-pub const MAX_LINE: usize = 4096;
+pub(crate) const MAX_LINE: usize = 4096;
 /// A bulk string: `INFO replication` of a master with many replicas is
 /// the largest the checks ask for.
-pub const MAX_BULK: usize = 64 << 10;
+pub(crate) const MAX_BULK: usize = 64 << 10;
 /// Elements of one array: `ROLE` of a master lists each replica.
-pub const MAX_ELEMENTS: usize = 1024;
+pub(crate) const MAX_ELEMENTS: usize = 1024;
 /// Arrays in arrays: `ROLE` nests three deep.
-pub const MAX_DEPTH: usize = 4;
+pub(crate) const MAX_DEPTH: usize = 4;
 /// A whole reply, however it is nested.
-pub const MAX_REPLY: usize = 256 << 10;
+pub(crate) const MAX_REPLY: usize = 256 << 10;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
+pub(crate) enum Reply {
     Simple(Vec<u8>),
     Error(String),
     Integer(i64),
@@ -31,7 +31,7 @@ pub enum Reply {
 
 impl Reply {
     /// The bytes of a simple or bulk string.
-    pub fn text(&self) -> Option<&[u8]> {
+    pub(crate) fn text(&self) -> Option<&[u8]> {
         match self {
             Reply::Simple(s) | Reply::Bulk(Some(s)) => Some(s),
             _ => None,
@@ -40,7 +40,7 @@ impl Reply {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum RespError {
+pub(crate) enum RespError {
     #[error("reply line longer than {MAX_LINE} bytes")]
     LineTooLong,
     #[error("unknown reply type {0:?}")]
@@ -64,7 +64,7 @@ pub enum RespError {
 }
 
 /// One command, as Redis reads commands from clients.
-pub fn command(out: &mut BytesMut, args: &[&[u8]]) {
+pub(crate) fn command(out: &mut BytesMut, args: &[&[u8]]) {
     out.put_slice(format!("*{}\r\n", args.len()).as_bytes());
     for arg in args {
         out.put_slice(format!("${}\r\n", arg.len()).as_bytes());
@@ -75,7 +75,7 @@ pub fn command(out: &mut BytesMut, args: &[&[u8]]) {
 
 /// The reply at the start of `buf` and its length in bytes, once all of it
 /// is there. A header over a limit fails at once, before its payload arrives.
-pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, RespError> {
+pub(crate) fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, RespError> {
     let mut pos = 0;
     Ok(parse_at(buf, &mut pos, 0)?.map(|reply| (reply, pos)))
 }
@@ -163,7 +163,7 @@ fn length(digits: &[u8], what: &'static str, limit: usize) -> Result<Option<usiz
 
 /// Reads one whole reply (at most [`MAX_REPLY`] bytes), leaving whatever
 /// follows it in `buf`.
-pub async fn read_reply<R: AsyncRead + Unpin>(
+pub(crate) async fn read_reply<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
 ) -> Result<Reply, RespError> {

@@ -5,7 +5,7 @@
 
 /// One token of SQLite SQL.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Token<'a> {
+pub(crate) enum Token<'a> {
     /// A bare identifier or keyword, as written.
     Word(&'a str),
     /// `"x"`, `` `x` `` or `[x]`: always an identifier to SQLite, never a
@@ -30,7 +30,7 @@ fn id_char(b: u8) -> bool {
 /// The tokens of `sql`. Whitespace and comments produce none. An
 /// unterminated string or identifier runs to the end, as SQLite then
 /// refuses the statement anyway.
-pub fn tokens(sql: &str) -> Vec<Token<'_>> {
+pub(crate) fn tokens(sql: &str) -> Vec<Token<'_>> {
     let bytes = sql.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;

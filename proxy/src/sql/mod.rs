@@ -8,8 +8,8 @@
 mod lexer;
 mod rqlite_body;
 
-pub use lexer::{tokens, Token};
-pub use rqlite_body::{checked_body, checked_query, BodyError};
+pub(crate) use lexer::{tokens, Token};
+pub(crate) use rqlite_body::{checked_body, checked_query, BodyError};
 
 /// Names refused wherever they appear as an identifier, a function or a
 /// pragma: they read or write files, load code, or disclose host paths.
@@ -42,7 +42,7 @@ const FORBIDDEN_NAMES: &[&str] = &[
 
 /// Why a statement was refused; the text is shown to the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Forbidden {
+pub(crate) enum Forbidden {
     #[error("{0} is not allowed: it names a database file")]
     Keyword(&'static str),
     #[error("VACUUM INTO is not allowed: it writes a file")]
@@ -52,7 +52,7 @@ pub enum Forbidden {
 }
 
 /// Refuses `sql` when any statement in it names a file or loads code.
-pub fn check(sql: &str) -> Result<(), Forbidden> {
+pub(crate) fn check(sql: &str) -> Result<(), Forbidden> {
     let tokens = tokens(sql);
     for (i, token) in tokens.iter().enumerate() {
         let name = match token {

@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::{check, Forbidden};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     #[error(transparent)]
     Forbidden(#[from] Forbidden),
     #[error("{0}")]
@@ -19,7 +19,7 @@ pub enum BodyError {
 
 /// The body to send on: statements checked, JSON re-encoded. An empty body
 /// (a GET query) stays empty.
-pub fn checked_body(body: &[u8]) -> Result<Bytes, BodyError> {
+pub(crate) fn checked_body(body: &[u8]) -> Result<Bytes, BodyError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Bytes::new());
     }
@@ -58,7 +58,7 @@ pub fn checked_body(body: &[u8]) -> Result<Bytes, BodyError> {
 /// was checked. Other pairs keep their spelling (rqlite reads `associative`
 /// and `associative=` alike, but not every client knows that) when their
 /// key is a plain word, and are re-encoded otherwise.
-pub fn checked_query(query: &str) -> Result<String, BodyError> {
+pub(crate) fn checked_query(query: &str) -> Result<String, BodyError> {
     let mut out = Vec::new();
     for raw in query.split('&').filter(|s| !s.is_empty()) {
         let raw_key = raw.split_once('=').map_or(raw, |(k, _)| k);

@@ -6,104 +6,35 @@
 //! set, and is shown to loopback clients only when it is not. `/metrics`
 //! and `/healthz` answer everyone, for scrapers and probes.
 
-use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::net::IpAddr;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use rouse_control_api::{Client, DbKey};
-use serde::Serialize;
 use serde_json::json;
 
 use crate::activity::Activity;
+use crate::health::Health;
 use crate::http::Body;
-use crate::wake::Routes;
+use crate::resolve::Resolver;
 
 const PAGE: &str = include_str!("page.html");
 
-/// (cluster, member, role)
-type BackendId = (String, String, String);
-
-/// Check state of every backend the proxy follows (Patroni members, the
-/// Redis master).
-static BACKENDS: LazyLock<Mutex<BTreeMap<BackendId, BackendState>>> =
-    LazyLock::new(Default::default);
-
-#[derive(Debug, Clone, Serialize)]
-struct BackendState {
-    up: bool,
-    /// Unix ms of the last change.
-    since: u64,
-}
-
-/// Records a backend's check state: in `rouse_backend_up` (HAProxy-style
-/// up/down, for alerts) and on the stats page.
-pub fn backend_state(cluster: &str, member: &str, role: &'static str, up: bool) {
-    metrics::gauge!("rouse_backend_up", "cluster" => cluster.to_string(), "member" => member.to_string(), "role" => role)
-        .set(if up { 1.0 } else { 0.0 });
-    BACKENDS.lock().expect("backends poisoned").insert(
-        (cluster.to_string(), member.to_string(), role.to_string()),
-        BackendState {
-            up,
-            since: crate::activity::now_ms(),
-        },
-    );
-}
-
-/// One wake this proxy waited for.
-#[derive(Debug, Clone, Serialize)]
-pub struct Wake {
-    pub db: String,
-    /// Unix ms when it ended.
-    pub at: u64,
-    pub ms: u64,
-    pub ok: bool,
-}
-
-/// The last wakes, oldest first.
-#[derive(Default)]
-pub struct WakeHistory(Mutex<VecDeque<Wake>>);
-
-impl WakeHistory {
-    const KEPT: usize = 200;
-
-    pub fn record(&self, db: &DbKey, took: std::time::Duration, ok: bool) {
-        let mut h = self.0.lock().expect("wake history poisoned");
-        if h.len() == Self::KEPT {
-            h.pop_front();
-        }
-        h.push_back(Wake {
-            db: db.internal(),
-            at: crate::activity::now_ms(),
-            ms: took.as_millis() as u64,
-            ok,
-        });
-    }
-
-    pub fn all(&self) -> Vec<Wake> {
-        self.0
-            .lock()
-            .expect("wake history poisoned")
-            .iter()
-            .cloned()
-            .collect()
-    }
-}
-
 /// What the page shows, from control (every database), the wake path and
 /// this proxy's own counters.
-pub struct Stats {
-    pub control: Client,
-    pub routes: Arc<Routes>,
-    pub activity: Arc<Activity>,
-    pub proxy_id: String,
-    pub started: Instant,
+pub(crate) struct Stats {
+    pub(crate) control: Client,
+    pub(crate) resolver: Arc<Resolver>,
+    pub(crate) activity: Arc<Activity>,
+    pub(crate) health: Arc<Health>,
+    pub(crate) proxy_id: String,
+    pub(crate) started: Instant,
     /// `user:password` the page asks for (`proxy.stats_auth`).
-    pub auth: Option<String>,
+    pub(crate) auth: Option<String>,
 }
 
 /// Whether a client at `peer` sending `authorization` may see the page.
@@ -149,7 +80,7 @@ impl Stats {
             Ok(list) => (list.databases, None),
             Err(e) => (Vec::new(), Some(e.to_string())),
         };
-        let waiting = self.routes.waiting_counts();
+        let waiting = self.resolver.waiting_counts();
         let local = self.activity.totals();
         let databases: Vec<serde_json::Value> = databases
             .iter()
@@ -174,29 +105,22 @@ impl Stats {
                 })
             })
             .collect();
-        let backends: Vec<serde_json::Value> = BACKENDS
-            .lock()
-            .expect("backends poisoned")
-            .iter()
-            .map(|((cluster, member, role), s)| {
-                json!({"cluster": cluster, "member": member, "role": role, "up": s.up, "since": s.since})
-            })
-            .collect();
+        let backends = self.health.backends();
         json!({
             "proxy": {
                 "id": self.proxy_id,
                 "uptime_s": self.started.elapsed().as_secs(),
-                "now": crate::activity::now_ms(),
+                "now": rouse_runtime::clock::now_ms(),
             },
             "control_error": control_error,
             "databases": databases,
             "backends": backends,
-            "wakes": self.routes.wake_history(),
+            "wakes": self.resolver.wake_history(),
         })
     }
 
     /// Serves the stats address.
-    pub async fn handle(
+    pub(crate) async fn handle(
         self: Arc<Self>,
         peer: IpAddr,
         req: Request<hyper::body::Incoming>,
@@ -261,17 +185,6 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backend_states_are_kept_by_cluster_member_and_role() {
-        backend_state("pillar", "pg1", "primary", true);
-        backend_state("pillar", "pg1", "primary", false);
-        backend_state("pillar", "pg1", "replica", true);
-        let b = BACKENDS.lock().unwrap();
-        let key = |role: &str| ("pillar".to_string(), "pg1".to_string(), role.to_string());
-        assert!(!b[&key("primary")].up);
-        assert!(b[&key("replica")].up);
-    }
 
     #[test]
     fn the_page_needs_stats_auth_or_a_local_client() {

@@ -1,26 +1,29 @@
 //! What a fleet of proxies shares through Redis (`redis.url`): validated
 //! credentials and their revocation, rate limits, one wake per database,
-//! cancel keys and the response cache. When Redis does not answer, a proxy
-//! goes on with in-process state as `redis.fail_open` allows, counts each
-//! fallback in `rouse_redis_fallback_total`, and tries Redis again a moment
-//! later.
+//! cancel keys and the response cache. This module is the only one that
+//! speaks to Redis. When Redis does not answer, a proxy goes on with
+//! in-process state as `redis.fail_open` allows, counts each fallback in
+//! `rouse_redis_fallback_total`, and tries Redis again a moment later.
 
-pub mod cache;
-pub mod ratelimit;
+mod cache_store;
+mod cancel_keys;
+mod keys;
+pub(crate) mod ratelimit;
+mod sessions;
+mod wake_lock;
+
+pub(crate) use sessions::Revocation;
+pub(crate) use wake_lock::Holder;
 
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use redis::aio::ConnectionManager;
-use redis::AsyncCommands;
 use rouse_config::RedisConfig;
 use tokio::sync::OnceCell;
-use tracing::{info, warn};
+use tracing::warn;
 
-/// Channel on which revocations reach every proxy.
-pub const REVOCATIONS: &str = "rouse:revocations";
 /// How long Redis is left alone after it failed a call.
 const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
@@ -28,35 +31,11 @@ const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// going on without it.
 #[derive(Debug, thiserror::Error)]
 #[error("shared state (Redis) is unavailable")]
-pub struct Unavailable;
+pub(crate) struct Unavailable;
 
-/// A revocation as published on [`REVOCATIONS`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Revocation {
-    /// Every session of an API key, by key id.
-    Key(String),
-    /// One token, by its sha256.
-    Token(String),
-}
-
-impl Revocation {
-    fn encode(&self) -> String {
-        match self {
-            Revocation::Key(id) => format!("key:{id}"),
-            Revocation::Token(hash) => format!("token:{hash}"),
-        }
-    }
-
-    fn decode(text: &str) -> Option<Revocation> {
-        match text.split_once(':')? {
-            ("key", id) => Some(Revocation::Key(id.into())),
-            ("token", hash) => Some(Revocation::Token(hash.into())),
-            _ => None,
-        }
-    }
-}
-
-pub struct Shared {
+/// This proxy's side of the shared state: Redis when configured, the
+/// fallback policy and the fleet's seal.
+pub(crate) struct Fleet {
     redis: Option<Redis>,
     fail_open: bool,
     seal: Seal,
@@ -145,10 +124,10 @@ struct Redis {
     paused_until: Mutex<Option<Instant>>,
 }
 
-impl Shared {
+impl Fleet {
     /// In-process state only.
-    pub fn local() -> Shared {
-        Shared {
+    pub(crate) fn local() -> Fleet {
+        Fleet {
             redis: None,
             fail_open: true,
             seal: Seal {
@@ -159,14 +138,14 @@ impl Shared {
 
     /// Shared state at `redis.url`; the connection is made in the background,
     /// so a proxy starts (and serves, if the policy allows) without Redis.
-    pub fn new(config: &RedisConfig, data_dir: &std::path::Path) -> anyhow::Result<Shared> {
+    pub(crate) fn new(config: &RedisConfig, data_dir: &std::path::Path) -> anyhow::Result<Fleet> {
         let Some(url) = &config.url else {
-            return Ok(Shared::local());
+            return Ok(Fleet::local());
         };
         let secret = load_secret(config, data_dir)?;
         let client = redis::Client::open(url.as_str())
             .map_err(|e| anyhow::anyhow!("redis.url {url:?}: {e}"))?;
-        Ok(Shared {
+        Ok(Fleet {
             redis: Some(Redis {
                 client,
                 conn: OnceCell::new(),
@@ -179,13 +158,18 @@ impl Shared {
     }
 
     /// `value` with its HMAC, to be stored under `name`.
-    pub fn seal(&self, name: &str, value: &[u8]) -> Vec<u8> {
+    pub(crate) fn seal(&self, name: &str, value: &[u8]) -> Vec<u8> {
         self.seal.seal(name, value)
     }
 
     /// The value of an entry read back from `name`, if this fleet wrote it;
     /// anything else is counted as tampering under `what` and ignored.
-    pub fn open<'a>(&self, what: &'static str, name: &str, sealed: &'a [u8]) -> Option<&'a [u8]> {
+    pub(crate) fn open<'a>(
+        &self,
+        what: &'static str,
+        name: &str,
+        sealed: &'a [u8],
+    ) -> Option<&'a [u8]> {
         let opened = self.seal.open(name, sealed);
         if opened.is_none() {
             metrics::counter!("rouse_redis_tampered_total", "what" => what).increment(1);
@@ -201,27 +185,27 @@ impl Shared {
     /// A key for `purpose` that every proxy of this fleet derives alike
     /// (from the Redis secret), so that what it shapes looks the same
     /// whichever proxy a client reaches.
-    pub fn derive_key(&self, purpose: &str) -> [u8; 32] {
+    pub(crate) fn derive_key(&self, purpose: &str) -> [u8; 32] {
         let mac = self.seal.mac(purpose, b"derived key");
         let mut key = [0u8; 32];
         hex::decode_to_slice(&mac, &mut key).expect("a MAC is 64 hex digits");
         key
     }
 
-    /// [`Shared::open`] for text values.
-    pub fn open_str(&self, what: &'static str, name: &str, sealed: &[u8]) -> Option<String> {
+    /// [`Fleet::open`] for text values.
+    pub(crate) fn open_str(&self, what: &'static str, name: &str, sealed: &[u8]) -> Option<String> {
         self.open(what, name, sealed)
             .and_then(|v| String::from_utf8(v.to_vec()).ok())
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.redis.is_some()
     }
 
     /// Runs `call` on Redis. `Ok(None)`: no Redis configured, or it failed
     /// and the proxy may go on with its own state (counted as a fallback
     /// under `what`).
-    pub async fn call<T, F, Fut>(
+    pub(crate) async fn call<T, F, Fut>(
         &self,
         what: &'static str,
         call: F,
@@ -261,43 +245,16 @@ impl Shared {
         }
     }
 
-    /// Publishes a revocation to every proxy (this one included).
-    pub async fn publish(&self, revocation: &Revocation) -> Result<(), Unavailable> {
-        let message = self.seal(REVOCATIONS, revocation.encode().as_bytes());
-        self.call("revocation", |mut c| async move {
-            c.publish::<_, _, ()>(REVOCATIONS, message).await
-        })
-        .await
-        .map(drop)
-    }
-
-    /// Hands every revocation published by any proxy to `apply`, for the
-    /// life of the proxy (resubscribing after Redis comes back).
-    pub async fn follow_revocations(&self, apply: impl Fn(Revocation)) {
-        let Some(r) = &self.redis else {
-            return std::future::pending().await;
-        };
-        loop {
-            match r.client.get_async_pubsub().await {
-                Ok(mut pubsub) => match pubsub.subscribe(REVOCATIONS).await {
-                    Ok(()) => {
-                        info!("following revocations through Redis");
-                        let mut messages = pubsub.on_message();
-                        while let Some(msg) = messages.next().await {
-                            let sealed: Vec<u8> = msg.get_payload().unwrap_or_default();
-                            let text = self.open_str("revocation", REVOCATIONS, &sealed);
-                            if let Some(rev) = text.as_deref().and_then(Revocation::decode) {
-                                apply(rev);
-                            }
-                        }
-                        warn!("Redis revocation channel closed; resubscribing");
-                    }
-                    Err(e) => warn!(error = %e, "cannot subscribe to revocations"),
-                },
-                Err(e) => tracing::debug!(error = %e, "Redis unavailable for revocations"),
-            }
-            tokio::time::sleep(PAUSE_AFTER_FAILURE).await;
-        }
+    /// The raw (still sealed) value at `key`; `Ok(None)` when there is none
+    /// or Redis may be done without.
+    async fn get(&self, what: &'static str, key: &str) -> Result<Option<Vec<u8>>, Unavailable> {
+        let got = self
+            .call(what, |mut c| {
+                let key = key.to_string();
+                async move { redis::AsyncCommands::get::<_, Option<Vec<u8>>>(&mut c, key).await }
+            })
+            .await?;
+        Ok(got.flatten())
     }
 }
 
@@ -327,7 +284,7 @@ impl Redis {
 
 /// sha256 of a credential or statement, hex: what Redis keys carry instead
 /// of secrets.
-pub fn digest(text: &[u8]) -> String {
+pub(crate) fn digest(text: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(text))
 }
@@ -357,17 +314,5 @@ mod tests {
         assert_eq!(other.open("rouse:sess:aa", &sealed), None);
         assert_eq!(seal.open("rouse:sess:aa", b"{\"app\":\"rival\"}"), None);
         assert_eq!(seal.open("rouse:sess:aa", b""), None);
-    }
-
-    #[test]
-    fn revocations_round_trip() {
-        for r in [
-            Revocation::Key("k_1".into()),
-            Revocation::Token("ab12".into()),
-        ] {
-            assert_eq!(Revocation::decode(&r.encode()), Some(r));
-        }
-        assert_eq!(Revocation::decode("nonsense"), None);
-        assert_eq!(Revocation::decode("user:x"), None);
     }
 }

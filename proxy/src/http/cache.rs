@@ -1,9 +1,9 @@
 //! The response cache of rqlite reads, opt-in per database
-//! (`proxy.response_cache`). Reads at `level=none|weak` are kept in Redis
-//! by method, path, parameters and body, for the database's TTL. Every
-//! database has a generation (`rouse:cachegen:<db>`) that is part of each
-//! entry's key; a write through any proxy bumps it, so that no proxy finds
-//! an entry written before it. Without Redis nothing is cached.
+//! (`proxy.response_cache`): which requests are cached (reads at
+//! `level=none|weak`, by method, path, parameters and body), for how long
+//! (the database's TTL), and which requests retire a database's entries
+//! (any write, through any proxy). The entries live in the fleet's Redis
+//! (see `fleet::cache_store`); without Redis nothing is cached.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,63 +11,46 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::header::HeaderValue;
 use hyper::StatusCode;
-use redis::AsyncCommands;
 use rouse_config::CachedDatabase;
 use rouse_control_api::DbKey;
 
-use super::{digest, Shared};
-use crate::http::upstream::Reply;
+use super::upstream::Reply;
+use crate::fleet::{digest, Fleet};
 
-/// The generation and, under it, the entry: one round trip.
-const LOOKUP: &str = r#"
-local generation = redis.call('GET', KEYS[1]) or '0'
-return {generation, redis.call('GET', ARGV[1] .. generation .. ':' .. ARGV[2])}
-"#;
-
-pub struct ResponseCache {
+pub(crate) struct ResponseCache {
     /// Replaced as a whole on reload.
     ttls: std::sync::RwLock<HashMap<DbKey, Duration>>,
-    lookup: redis::Script,
 }
 
 /// A read that may be cached: where its answer is filed.
-pub struct Cacheable {
+pub(crate) struct Cacheable {
     generation: String,
     fingerprint: String,
     ttl: Duration,
 }
 
-fn generation_key(key: &DbKey) -> String {
-    format!("rouse:cachegen:{}", key.internal())
-}
-
-fn entry_prefix(key: &DbKey) -> String {
-    format!("rouse:cache:{}:", key.internal())
-}
-
 impl ResponseCache {
-    pub fn new(databases: &[CachedDatabase]) -> ResponseCache {
+    pub(crate) fn new(databases: &[CachedDatabase]) -> ResponseCache {
         ResponseCache {
             ttls: std::sync::RwLock::new(ttls_of(databases)),
-            lookup: redis::Script::new(LOOKUP),
         }
     }
 
     /// New cached databases and TTLs (a reload).
-    pub fn set(&self, databases: &[CachedDatabase]) {
+    pub(crate) fn set(&self, databases: &[CachedDatabase]) {
         *self.ttls.write().expect("ttls poisoned") = ttls_of(databases);
     }
 
     /// Whether this database's requests concern the cache at all.
-    pub fn covers(&self, key: &DbKey) -> bool {
+    fn covers(&self, key: &DbKey) -> bool {
         self.ttls.read().expect("ttls poisoned").contains_key(key)
     }
 
     /// The cached answer to a read, or where to file its answer. `None`
     /// when the request is no cacheable read or Redis does not answer.
-    pub async fn lookup(
+    pub(crate) async fn lookup(
         &self,
-        shared: &Shared,
+        fleet: &Fleet,
         key: &DbKey,
         method: &hyper::Method,
         path_and_query: &str,
@@ -84,21 +67,8 @@ impl ResponseCache {
         request.push(b'\n');
         request.extend_from_slice(body);
         let fingerprint = digest(&request);
-        let mut invocation = self.lookup.prepare_invoke();
-        invocation
-            .key(generation_key(key))
-            .arg(entry_prefix(key))
-            .arg(&fingerprint);
-        let (generation, entry): (String, Option<Vec<u8>>) = shared
-            .call("cache", |mut c| async move {
-                invocation.invoke_async(&mut c).await
-            })
-            .await
-            .ok()
-            .flatten()?;
-        let entry_key = format!("{}{generation}:{fingerprint}", entry_prefix(key));
-        let opened = entry.and_then(|e| shared.open("cache", &entry_key, &e).and_then(decode));
-        match opened {
+        let (generation, entry) = fleet.cached(key, &fingerprint).await?;
+        match entry.as_deref().and_then(decode) {
             Some(reply) => {
                 metrics::counter!("rouse_cache_total", "db" => key.internal(), "result" => "hit")
                     .increment(1);
@@ -116,38 +86,27 @@ impl ResponseCache {
         }
     }
 
-    /// Files a successful answer under the generation its lookup saw: if a
-    /// write came in between, the entry is never found.
-    pub async fn store(&self, shared: &Shared, key: &DbKey, slot: Cacheable, reply: &Reply) {
+    /// Files a successful answer where its lookup said.
+    pub(crate) async fn store(&self, fleet: &Fleet, key: &DbKey, slot: Cacheable, reply: &Reply) {
         if reply.status != StatusCode::OK {
             return;
         }
-        let entry_key = format!(
-            "{}{}:{}",
-            entry_prefix(key),
-            slot.generation,
-            slot.fingerprint
-        );
-        let value = shared.seal(&entry_key, &encode(reply));
-        let ttl_ms = slot.ttl.as_millis().max(1) as u64;
-        let _ = shared
-            .call("cache", |mut c| async move {
-                c.pset_ex::<_, _, ()>(entry_key, value, ttl_ms).await
-            })
+        fleet
+            .cache(
+                key,
+                &slot.generation,
+                &slot.fingerprint,
+                &encode(reply),
+                slot.ttl,
+            )
             .await;
     }
 
     /// After a write: every proxy's entries of this database are stale.
-    pub async fn invalidate(&self, shared: &Shared, key: &DbKey) {
-        if !self.covers(key) {
-            return;
+    pub(crate) async fn invalidate(&self, fleet: &Fleet, key: &DbKey) {
+        if self.covers(key) {
+            fleet.bump_cache_generation(key).await;
         }
-        let generation = generation_key(key);
-        let _ = shared
-            .call("cache", |mut c| async move {
-                c.incr::<_, _, ()>(generation, 1).await
-            })
-            .await;
     }
 }
 
@@ -171,7 +130,7 @@ fn is_cacheable_read(path_and_query: &str) -> bool {
 }
 
 /// Whether a request to rqlite may change data.
-pub fn is_write(path_and_query: &str) -> bool {
+pub(crate) fn is_write(path_and_query: &str) -> bool {
     let path = path_and_query.split('?').next().unwrap_or_default();
     path == "/db/execute" || path == "/db/request"
 }

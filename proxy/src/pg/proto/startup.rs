@@ -5,21 +5,22 @@ use std::collections::BTreeMap;
 
 use bytes::{Buf, BytesMut};
 
-pub const SSL_REQUEST: u32 = 80_877_103;
-pub const GSSENC_REQUEST: u32 = 80_877_104;
-pub const CANCEL_REQUEST: u32 = 80_877_102;
-pub const PROTOCOL_3: u32 = 196_608;
+use super::tags::{CANCEL_REQUEST, GSSENC_REQUEST, PROTOCOL_3, SSL_REQUEST};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Startup {
+pub(crate) enum Startup {
     SslRequest,
     GssEncRequest,
-    Cancel { pid: i32, secret: i32 },
-    Startup(BTreeMap<String, String>),
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
+    /// A StartupMessage's parameters.
+    Params(BTreeMap<String, String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StartupError {
+pub(crate) enum StartupError {
     #[error("unsupported protocol version {0}.{1}")]
     Version(u16, u16),
     #[error("malformed startup packet")]
@@ -27,7 +28,7 @@ pub enum StartupError {
 }
 
 /// Parses a whole startup frame (length included).
-pub fn parse(mut frame: BytesMut) -> Result<Startup, StartupError> {
+pub(crate) fn parse(mut frame: BytesMut) -> Result<Startup, StartupError> {
     if frame.len() < 8 {
         return Err(StartupError::Malformed);
     }
@@ -40,7 +41,7 @@ pub fn parse(mut frame: BytesMut) -> Result<Startup, StartupError> {
             pid: frame.get_i32(),
             secret: frame.get_i32(),
         }),
-        PROTOCOL_3 => parse_params(&frame).map(Startup::Startup),
+        PROTOCOL_3 => parse_params(&frame).map(Startup::Params),
         SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => Err(StartupError::Malformed),
         other => Err(StartupError::Version((other >> 16) as u16, other as u16)),
     }
@@ -97,7 +98,7 @@ mod tests {
             parse(frame(CANCEL_REQUEST, &[0, 0, 0, 7, 0, 0, 0, 9])),
             Ok(Startup::Cancel { pid: 7, secret: 9 })
         );
-        let Startup::Startup(p) =
+        let Startup::Params(p) =
             parse(frame(PROTOCOL_3, b"user\0alice.app\0database\0db\0\0")).unwrap()
         else {
             panic!()

@@ -6,12 +6,12 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The limit PostgreSQL itself puts on a startup packet.
-pub const MAX_STARTUP: usize = 10_000;
+pub(crate) const MAX_STARTUP: usize = 10_000;
 /// Messages during authentication are small.
-pub const MAX_AUTH_MESSAGE: usize = 8_192;
+pub(crate) const MAX_AUTH_MESSAGE: usize = 8_192;
 
 #[derive(Debug, thiserror::Error)]
-pub enum FrameError {
+pub(crate) enum FrameError {
     #[error("connection closed")]
     Closed,
     #[error("message length {0} outside 4..={1}")]
@@ -22,7 +22,11 @@ pub enum FrameError {
 
 /// Length of the frame starting at `buf` (header included), once known.
 /// `typed`: regular messages have a one-byte type before the length.
-pub fn frame_len(buf: &[u8], typed: bool, limit: usize) -> Result<Option<usize>, FrameError> {
+pub(crate) fn frame_len(
+    buf: &[u8],
+    typed: bool,
+    limit: usize,
+) -> Result<Option<usize>, FrameError> {
     let off = usize::from(typed);
     if buf.len() < off + 4 {
         return Ok(None);
@@ -35,7 +39,7 @@ pub fn frame_len(buf: &[u8], typed: bool, limit: usize) -> Result<Option<usize>,
 }
 
 /// Whether a whole frame is buffered (a bad length counts: reading it fails at once).
-pub fn has_frame(buf: &[u8], typed: bool, limit: usize) -> bool {
+pub(crate) fn has_frame(buf: &[u8], typed: bool, limit: usize) -> bool {
     match frame_len(buf, typed, limit) {
         Ok(Some(n)) => buf.len() >= n,
         Ok(None) => false,
@@ -44,7 +48,7 @@ pub fn has_frame(buf: &[u8], typed: bool, limit: usize) -> bool {
 }
 
 /// Reads one whole frame into `buf` and splits it off (header included).
-pub async fn read_frame<R: AsyncRead + Unpin>(
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
     typed: bool,
@@ -63,7 +67,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 }
 
 /// A typed message: its type byte and payload.
-pub fn typed(mut frame: BytesMut) -> (u8, BytesMut) {
+pub(crate) fn typed(mut frame: BytesMut) -> (u8, BytesMut) {
     let tag = frame[0];
     frame.advance(5);
     (tag, frame)

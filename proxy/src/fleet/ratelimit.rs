@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rouse_config::{Limit, ProtocolLimits};
 use rouse_control_api::Name;
 
-use super::Shared;
+use super::{keys, Fleet};
 use crate::error::ProxyError;
 
 /// KEYS: the limits; ARGV: per key its emission interval and tolerance in
@@ -39,7 +39,7 @@ return 0
 
 /// Which front a request came through: each has its own limits.
 #[derive(Debug, Clone, Copy)]
-pub enum Protocol {
+pub(crate) enum Protocol {
     Http,
     Postgres,
 }
@@ -53,7 +53,7 @@ impl Protocol {
     }
 }
 
-pub struct RateLimits {
+pub(crate) struct RateLimits {
     /// HTTP and PostgreSQL limits, replaced as a whole on reload.
     limits: std::sync::RwLock<std::sync::Arc<(ProtocolLimits, ProtocolLimits)>>,
     script: redis::Script,
@@ -63,7 +63,7 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
-    pub fn new(http: ProtocolLimits, postgres: ProtocolLimits) -> RateLimits {
+    pub(crate) fn new(http: ProtocolLimits, postgres: ProtocolLimits) -> RateLimits {
         RateLimits {
             limits: std::sync::RwLock::new(std::sync::Arc::new((http, postgres))),
             script: redis::Script::new(GCRA),
@@ -75,9 +75,9 @@ impl RateLimits {
     /// Admits one request of `app` with the credential `credential` names
     /// (asked only when there is a per-credential limit), or says how long
     /// to wait.
-    pub async fn check(
+    pub(crate) async fn check(
         &self,
-        shared: &Shared,
+        fleet: &Fleet,
         protocol: Protocol,
         app: &Name,
         credential: impl FnOnce() -> String,
@@ -92,11 +92,11 @@ impl RateLimits {
             limits
                 .per_app
                 .as_ref()
-                .map(|l| (format!("rouse:rl:{app}:{p}"), l)),
+                .map(|l| (keys::rate_limit(app, p, None), l)),
             limits
                 .per_credential
                 .as_ref()
-                .map(|l| (format!("rouse:rl:{app}:{p}:{}", credential()), l)),
+                .map(|l| (keys::rate_limit(app, p, Some(&credential())), l)),
         ]
         .into_iter()
         .flatten()
@@ -109,7 +109,7 @@ impl RateLimits {
             let (interval, tolerance) = cell(limit);
             invocation.key(key).arg(interval).arg(tolerance);
         }
-        let wait_ms = match shared
+        let wait_ms = match fleet
             .call("rate_limit", |mut c| async move {
                 invocation.invoke_async::<u64>(&mut c).await
             })
@@ -127,7 +127,7 @@ impl RateLimits {
     }
 
     /// New limits (a reload); what was admitted so far still counts.
-    pub fn set(&self, http: ProtocolLimits, postgres: ProtocolLimits) {
+    pub(crate) fn set(&self, http: ProtocolLimits, postgres: ProtocolLimits) {
         *self.limits.write().expect("limits poisoned") = std::sync::Arc::new((http, postgres));
     }
 
@@ -182,14 +182,14 @@ mod tests {
     async fn a_burst_then_the_rate() {
         let l = limits(10.0, 5);
         let app = Name::new("shop").unwrap();
-        let shared = Shared::local();
+        let fleet = Fleet::local();
         for _ in 0..5 {
-            l.check(&shared, Protocol::Http, &app, || "k".into())
+            l.check(&fleet, Protocol::Http, &app, || "k".into())
                 .await
                 .unwrap();
         }
         let err = l
-            .check(&shared, Protocol::Http, &app, || "k".into())
+            .check(&fleet, Protocol::Http, &app, || "k".into())
             .await
             .unwrap_err();
         let ProxyError::RateLimited(wait) = err else {
@@ -198,12 +198,12 @@ mod tests {
         assert!(wait <= Duration::from_millis(100), "{wait:?}");
         // Postgres has no limit here.
         for _ in 0..50 {
-            l.check(&shared, Protocol::Postgres, &app, || "k".into())
+            l.check(&fleet, Protocol::Postgres, &app, || "k".into())
                 .await
                 .unwrap();
         }
         tokio::time::sleep(Duration::from_millis(110)).await;
-        l.check(&shared, Protocol::Http, &app, || "k".into())
+        l.check(&fleet, Protocol::Http, &app, || "k".into())
             .await
             .unwrap();
     }

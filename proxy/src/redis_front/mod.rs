@@ -32,11 +32,12 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use self::check::{CheckError, Checker, Role};
-use self::link::{Dialer, Link};
-use crate::listen::accept_forever;
+use self::link::Dialer;
+use crate::health::Health;
+use crate::net::{accept_forever, Connections, MaybeTls};
 
 /// How long a client waits for a master before it is dropped.
-pub const MASTER_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const MASTER_WAIT: Duration = Duration::from_secs(30);
 /// Connecting to the master for a client, TLS handshake included.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Rounds in a row without an answering master before the known one is
@@ -67,9 +68,17 @@ struct Front {
     checker: Checker,
     master: watch::Sender<Option<Master>>,
     resolve_now: Arc<Notify>,
+    /// Whether each server is the master, in metrics and on the stats page.
+    health: Arc<Health>,
 }
 
-pub async fn serve(listener: TcpListener, backend: RedisBackend, stop: impl Future<Output = ()>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    backend: RedisBackend,
+    health: Arc<Health>,
+    connections: Arc<Connections>,
+    stop: impl Future<Output = ()>,
+) {
     let dialer = match Dialer::new(backend.tls_ca_file.as_deref()) {
         Ok(d) => Arc::new(d),
         Err(e) => {
@@ -78,7 +87,7 @@ pub async fn serve(listener: TcpListener, backend: RedisBackend, stop: impl Futu
         }
     };
     for server in &backend.servers {
-        master_state(server, false);
+        health.record("redis", server, "master", false);
     }
     let front = Arc::new(Front {
         checker: Checker::new(
@@ -91,17 +100,13 @@ pub async fn serve(listener: TcpListener, backend: RedisBackend, stop: impl Futu
         dialer,
         master: watch::Sender::new(None),
         resolve_now: Arc::new(Notify::new()),
+        health,
     });
     tokio::spawn(resolve_forever(Arc::downgrade(&front)));
-    accept_forever(listener, "redis", stop, move |client, peer| {
+    accept_forever(listener, "redis", connections, stop, move |client, peer| {
         front.clone().session(client, peer)
     })
     .await
-}
-
-/// Whether `member` is the master, in metrics and on the stats page.
-fn master_state(member: &str, up: bool) {
-    crate::stats::backend_state("redis", member, "master", up);
 }
 
 /// What one round of checks learned.
@@ -232,10 +237,10 @@ impl Front {
 
     fn publish(&self, master: Option<Master>) {
         if let Some(new) = &master {
-            master_state(&new.addr, true);
+            self.health.record("redis", &new.addr, "master", true);
         }
         if let Some(old) = self.master.send_replace(master) {
-            master_state(&old.addr, false);
+            self.health.record("redis", &old.addr, "master", false);
         }
     }
 
@@ -269,7 +274,7 @@ impl Front {
 
     /// A link to the current master, waiting up to [`MASTER_WAIT`] for one
     /// that accepts it.
-    async fn connect(&self) -> Result<(Link, Master), ConnectError> {
+    async fn connect(&self) -> Result<(MaybeTls, Master), ConnectError> {
         let deadline = Instant::now() + MASTER_WAIT;
         let mut rx = self.master.subscribe();
         loop {

@@ -3,16 +3,18 @@
 
 use bytes::{Buf, BufMut, BytesMut};
 
+use super::tags::{backend, error_field, frontend, AuthCode, CANCEL_REQUEST, PROTOCOL_3};
+
 /// A simple Query.
-pub fn query(sql: &str) -> BytesMut {
-    message(b'Q', |b| {
+pub(crate) fn query(sql: &str) -> BytesMut {
+    message(frontend::QUERY, |b| {
         b.put_slice(sql.as_bytes());
         b.put_u8(0);
     })
 }
 
 /// Messages the proxy sends, each as one complete frame.
-pub fn message(tag: u8, body: impl FnOnce(&mut BytesMut)) -> BytesMut {
+pub(crate) fn message(tag: u8, body: impl FnOnce(&mut BytesMut)) -> BytesMut {
     let mut b = BytesMut::with_capacity(64);
     b.put_u8(tag);
     b.put_u32(0);
@@ -22,43 +24,53 @@ pub fn message(tag: u8, body: impl FnOnce(&mut BytesMut)) -> BytesMut {
     b
 }
 
-pub fn auth_sasl() -> BytesMut {
-    message(b'R', |b| {
-        b.put_u32(10);
-        b.put_slice(super::scram::MECHANISM.as_bytes());
+pub(crate) fn auth_sasl() -> BytesMut {
+    message(backend::AUTHENTICATION, |b| {
+        b.put_u32(AuthCode::Sasl.code());
+        b.put_slice(crate::pg::scram::MECHANISM.as_bytes());
         b.put_slice(b"\0\0");
     })
 }
 
-pub fn auth_sasl_continue(data: &str) -> BytesMut {
-    message(b'R', |b| {
-        b.put_u32(11);
+pub(crate) fn auth_sasl_continue(data: &str) -> BytesMut {
+    message(backend::AUTHENTICATION, |b| {
+        b.put_u32(AuthCode::SaslContinue.code());
         b.put_slice(data.as_bytes());
     })
 }
 
-pub fn auth_sasl_final(data: &str) -> BytesMut {
-    message(b'R', |b| {
-        b.put_u32(12);
+pub(crate) fn auth_sasl_final(data: &str) -> BytesMut {
+    message(backend::AUTHENTICATION, |b| {
+        b.put_u32(AuthCode::SaslFinal.code());
         b.put_slice(data.as_bytes());
     })
 }
 
-pub fn auth_ok() -> BytesMut {
-    message(b'R', |b| b.put_u32(0))
+/// ReadyForQuery, idle (outside a transaction).
+pub(crate) fn ready_for_query_idle() -> BytesMut {
+    message(backend::READY_FOR_QUERY, |b| b.put_u8(backend::IDLE))
 }
 
-pub fn backend_key_data(pid: i32, secret: i32) -> BytesMut {
-    message(b'K', |b| {
+pub(crate) fn auth_ok() -> BytesMut {
+    message(backend::AUTHENTICATION, |b| b.put_u32(AuthCode::Ok.code()))
+}
+
+pub(crate) fn backend_key_data(pid: i32, secret: i32) -> BytesMut {
+    message(backend::BACKEND_KEY_DATA, |b| {
         b.put_i32(pid);
         b.put_i32(secret);
     })
 }
 
 /// A FATAL ErrorResponse with a SQLSTATE.
-pub fn fatal(code: &str, text: &str) -> BytesMut {
-    message(b'E', |b| {
-        for (field, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', code), (b'M', text)] {
+pub(crate) fn fatal(code: &str, text: &str) -> BytesMut {
+    message(backend::ERROR_RESPONSE, |b| {
+        for (field, value) in [
+            (error_field::SEVERITY, "FATAL"),
+            (error_field::SEVERITY_V, "FATAL"),
+            (error_field::CODE, code),
+            (error_field::MESSAGE, text),
+        ] {
             b.put_u8(field);
             b.put_slice(value.as_bytes());
             b.put_u8(0);
@@ -67,10 +79,10 @@ pub fn fatal(code: &str, text: &str) -> BytesMut {
     })
 }
 
-pub fn startup(params: &[(&str, &str)]) -> BytesMut {
+pub(crate) fn startup(params: &[(&str, &str)]) -> BytesMut {
     let mut b = BytesMut::new();
     b.put_u32(0);
-    b.put_u32(super::startup::PROTOCOL_3);
+    b.put_u32(PROTOCOL_3);
     for (k, v) in params {
         b.put_slice(k.as_bytes());
         b.put_u8(0);
@@ -83,30 +95,30 @@ pub fn startup(params: &[(&str, &str)]) -> BytesMut {
     b
 }
 
-pub fn cancel_request(pid: i32, secret: i32) -> BytesMut {
+pub(crate) fn cancel_request(pid: i32, secret: i32) -> BytesMut {
     let mut b = BytesMut::new();
     b.put_u32(16);
-    b.put_u32(super::startup::CANCEL_REQUEST);
+    b.put_u32(CANCEL_REQUEST);
     b.put_i32(pid);
     b.put_i32(secret);
     b
 }
 
-pub fn sasl_initial_response(data: &str) -> BytesMut {
-    message(b'p', |b| {
-        b.put_slice(super::scram::MECHANISM.as_bytes());
+pub(crate) fn sasl_initial_response(data: &str) -> BytesMut {
+    message(frontend::SASL_RESPONSE, |b| {
+        b.put_slice(crate::pg::scram::MECHANISM.as_bytes());
         b.put_u8(0);
         b.put_i32(data.len() as i32);
         b.put_slice(data.as_bytes());
     })
 }
 
-pub fn sasl_response(data: &str) -> BytesMut {
-    message(b'p', |b| b.put_slice(data.as_bytes()))
+pub(crate) fn sasl_response(data: &str) -> BytesMut {
+    message(frontend::SASL_RESPONSE, |b| b.put_slice(data.as_bytes()))
 }
 
 /// SASLInitialResponse body: mechanism and client-first-message.
-pub fn parse_sasl_initial(mut body: BytesMut) -> Option<(String, String)> {
+pub(crate) fn parse_sasl_initial(mut body: BytesMut) -> Option<(String, String)> {
     let nul = body.iter().position(|b| *b == 0)?;
     let mechanism = String::from_utf8(body.split_to(nul).to_vec()).ok()?;
     body.advance(1);
@@ -121,8 +133,8 @@ pub fn parse_sasl_initial(mut body: BytesMut) -> Option<(String, String)> {
 }
 
 /// An Authentication message's code and data.
-pub fn parse_auth(mut body: BytesMut) -> Option<(u32, BytesMut)> {
-    (body.len() >= 4).then(|| (body.get_u32(), body))
+pub(crate) fn parse_auth(mut body: BytesMut) -> Option<(AuthCode, BytesMut)> {
+    (body.len() >= 4).then(|| (AuthCode::from_code(body.get_u32()), body))
 }
 
 #[cfg(test)]
@@ -133,7 +145,7 @@ mod tests {
     #[test]
     fn frames_carry_their_length() {
         let m = fatal("28P01", "nope");
-        assert_eq!(m[0], b'E');
+        assert_eq!(m[0], backend::ERROR_RESPONSE);
         assert_eq!(
             u32::from_be_bytes([m[1], m[2], m[3], m[4]]) as usize,
             m.len() - 1

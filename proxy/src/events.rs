@@ -1,0 +1,71 @@
+//! Following control's event stream (`/events`) for the life of the proxy:
+//! status changes and drops make the resolver read a database afresh, a
+//! new leader reorders its cached endpoints, a deleted API key is revoked
+//! across the fleet. After a reconnect or a resync, events may have been
+//! missed, so every cached route and credential is forgotten.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rouse_control_api::{event, Client, DbKey, Event};
+use tracing::{debug, warn};
+
+use crate::auth::Authenticator;
+use crate::resolve::Resolver;
+
+pub(crate) async fn follow(control: Client, resolver: Arc<Resolver>, auth: Arc<Authenticator>) {
+    let forget_all = || {
+        resolver.clear();
+        auth.forget_all();
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match control.events().await {
+            Ok(mut resp) if resp.status().is_success() => {
+                forget_all();
+                backoff = Duration::from_millis(100);
+                let mut frames = event::Decoder::default();
+                while let Ok(Some(chunk)) = resp.chunk().await {
+                    let frames = match frames.push(&chunk) {
+                        Ok(frames) => frames,
+                        Err(e) => {
+                            warn!(error = %e, "control's event stream is broken");
+                            break;
+                        }
+                    };
+                    for frame in frames {
+                        match frame {
+                            event::Frame::Event(event) => apply(&event, &resolver, &auth),
+                            event::Frame::Resync => forget_all(),
+                            event::Frame::Other => {}
+                        }
+                    }
+                }
+                warn!("control event stream ended; reconnecting");
+            }
+            Ok(resp) => warn!(status = %resp.status(), "control refused the event stream"),
+            Err(e) => debug!(error = %e, "control event stream unavailable"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn apply(event: &Event, resolver: &Resolver, auth: &Arc<Authenticator>) {
+    match event {
+        // Any change of status or settings: read the database afresh.
+        Event::Status { app, name, .. } | Event::Dropped { app, name } => {
+            resolver.invalidate(&DbKey::new(app.clone(), name.clone()))
+        }
+        Event::Leader {
+            app,
+            name,
+            endpoints,
+        } => resolver.set_endpoints(&DbKey::new(app.clone(), name.clone()), endpoints),
+        Event::KeyRevoked { id, .. } => {
+            let (auth, id) = (auth.clone(), id.clone());
+            tokio::spawn(async move { auth.revoke_key(&id).await });
+        }
+        Event::UserChanged { .. } => {}
+    }
+}

@@ -1,0 +1,379 @@
+//! The backend leg: where a database's backend connections go (its managed
+//! instance, or a Patroni cluster's member), and logging in there as the
+//! client's role with the key the client proved (SCRAM as the client),
+//! up to the greeting and ReadyForQuery.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Buf, BytesMut};
+use rouse_config::MemberRole;
+use rouse_control_api::{DbKey, PoolMode};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::cancel::CancelSlot;
+use super::error::{backend_err, PgError};
+use super::login::Login;
+use super::proto::frame::{read_frame, typed, MAX_STARTUP};
+use super::proto::messages;
+use super::proto::tags::{backend, error_field, AuthCode};
+use super::scram::{ClientExchange, Verifier};
+use super::{pool, Mode, PgFront};
+use crate::patroni::{Cluster, ConnectError};
+use crate::resolve::{Resolver, Target};
+
+/// Where a database's backend connections go.
+#[derive(Clone)]
+pub(super) enum BackendTarget {
+    /// A database control runs: its (only) instance, as control reports it.
+    Managed(DbKey),
+    /// A Patroni cluster: its leader or a replica, by the health checks.
+    Cluster(Arc<Cluster>, MemberRole),
+}
+
+impl BackendTarget {
+    /// The address for a new backend connection.
+    pub(super) async fn addr(&self, resolver: &Resolver) -> Result<SocketAddr, PgError> {
+        match self {
+            BackendTarget::Managed(key) => {
+                let t = resolver
+                    .target(key)
+                    .await
+                    .map_err(|e| PgError::Backend(e.to_string()))?;
+                endpoint_addr(&t)
+            }
+            BackendTarget::Cluster(cluster, role) => cluster
+                .pick(*role)
+                .await
+                .map(|p| p.addr)
+                .map_err(|e| PgError::Backend(e.to_string())),
+        }
+    }
+}
+
+/// A logged-in backend connection.
+pub(crate) struct BackendSession {
+    pub(crate) stream: TcpStream,
+    /// What the backend sent beyond ReadyForQuery.
+    pub(crate) buf: BytesMut,
+    pub(crate) addr: SocketAddr,
+    pub(crate) pid: i32,
+    pub(crate) secret: i32,
+    /// ParameterStatus and notices of the login.
+    pub(crate) greeting: Vec<BytesMut>,
+    /// The login's ReadyForQuery.
+    pub(crate) ready: BytesMut,
+}
+
+pub(super) fn endpoint_addr(target: &Target) -> Result<SocketAddr, PgError> {
+    let endpoint = target
+        .endpoints
+        .first()
+        .ok_or_else(|| PgError::Backend("no endpoint".into()))?;
+    endpoint
+        .addr()
+        .parse()
+        .map_err(|_| PgError::Backend(format!("bad endpoint {}", endpoint.addr())))
+}
+
+/// A session's way to its backend, as just connected: the mode, what the
+/// client is greeted with, and where its cancel requests go.
+pub(super) struct Connected {
+    pub(super) mode: Mode,
+    /// ParameterStatus and notices of a backend's login.
+    pub(super) greeting: Vec<BytesMut>,
+    /// The ReadyForQuery that ends the client's login.
+    pub(super) ready: BytesMut,
+    pub(super) cancel: CancelSlot,
+}
+
+impl PgFront {
+    /// Connects `login` to its database at `target` in the database's pool
+    /// mode, as `backend_role`. A managed database's route that turns out
+    /// stale is resolved again (waking the database) and tried once more.
+    pub(super) async fn connect_upstream(
+        &self,
+        login: &Login,
+        target: &Target,
+        upstream: BackendTarget,
+        backend_role: &str,
+        port: MemberRole,
+    ) -> Result<Connected, PgError> {
+        let Login {
+            key,
+            database,
+            params,
+            verifier,
+            client_key,
+            ..
+        } = login;
+        let slot: CancelSlot = Arc::new(Mutex::new(None));
+        match target.pool_mode {
+            PoolMode::Session => {
+                let mut passed: Vec<(&str, &str)> = params
+                    .iter()
+                    .filter(|(k, _)| *k != "user" && *k != "database")
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                // One instance serves both ports; the read-only port keeps it so.
+                if matches!(upstream, BackendTarget::Managed(_)) && port == MemberRole::Replica {
+                    passed.push(("default_transaction_read_only", "on"));
+                }
+                let connect = |addr| {
+                    connect_backend(addr, backend_role, database, &passed, verifier, client_key)
+                };
+                let (session, member) = match &upstream {
+                    BackendTarget::Managed(_) => {
+                        (self.connect_managed(login, target, connect).await?, None)
+                    }
+                    BackendTarget::Cluster(cluster, role) => {
+                        let (session, pick) =
+                            cluster.connect(*role, connect).await.map_err(|e| match e {
+                                ConnectError::NoMember(e) => {
+                                    debug!(database = %key, error = %e, "no member to connect to");
+                                    PgError::Waking(database.clone())
+                                }
+                                ConnectError::Member(e) => e,
+                            })?;
+                        (session, Some((cluster.clone(), pick)))
+                    }
+                };
+                *slot.lock().expect("cancel poisoned") =
+                    Some((session.addr, session.pid, session.secret));
+                Ok(Connected {
+                    greeting: session.greeting.clone(),
+                    ready: session.ready.clone(),
+                    mode: Mode::Session(Box::new(session), member),
+                    cancel: slot,
+                })
+            }
+            PoolMode::Transaction => {
+                let read_only = port == MemberRole::Replica;
+                let pool = self.pool(
+                    key,
+                    backend_role,
+                    database,
+                    verifier,
+                    *client_key,
+                    read_only,
+                );
+                // A first login checks the route and fills the pool's greeting.
+                let b = match &upstream {
+                    BackendTarget::Managed(_) => {
+                        self.connect_managed(login, target, |addr| pool.checkout(addr))
+                            .await?
+                    }
+                    BackendTarget::Cluster(..) => {
+                        pool.checkout(upstream.addr(&self.resolver).await?).await?
+                    }
+                };
+                pool.checkin(b);
+                Ok(Connected {
+                    greeting: pool.greeting(),
+                    ready: messages::ready_for_query_idle(),
+                    mode: Mode::Transaction(pool, upstream),
+                    cancel: slot,
+                })
+            }
+        }
+    }
+
+    /// Connects to a managed database's instance with `connect`. A route
+    /// that turns out stale (nothing takes the connection) is resolved
+    /// again, which wakes the database, and `connect` is tried once more.
+    async fn connect_managed<T, Fut>(
+        &self,
+        login: &Login,
+        target: &Target,
+        connect: impl Fn(SocketAddr) -> Fut,
+    ) -> Result<T, PgError>
+    where
+        Fut: Future<Output = Result<T, PgError>>,
+    {
+        self.resolver
+            .connect_with_wake(
+                &login.key,
+                target.clone(),
+                "postgres",
+                |e: &PgError| matches!(e, PgError::Unreachable(_)),
+                |e| PgError::resolving(e, &login.database),
+                |target| {
+                    let connecting = endpoint_addr(&target).map(&connect);
+                    async move { connecting?.await }
+                },
+            )
+            .await
+    }
+
+    fn pool(
+        &self,
+        key: &DbKey,
+        role: &str,
+        database: &str,
+        verifier: &Arc<Verifier>,
+        client_key: [u8; 32],
+        read_only: bool,
+    ) -> Arc<pool::Pool> {
+        let mut pools = self.pools.lock().expect("pools poisoned");
+        let id = (key.clone(), role.to_string(), read_only);
+        if let Some(p) = pools.get(&id) {
+            if p.renew(verifier, client_key) {
+                return p.clone();
+            }
+        }
+        // New, or the role's password changed: a fresh pool.
+        let p = Arc::new(pool::Pool::new(
+            role,
+            database,
+            verifier.clone(),
+            client_key,
+            self.pool_size,
+            read_only,
+        ));
+        pools.insert(id, p.clone());
+        p
+    }
+
+    /// The health-checked cluster of a registered Patroni database; a new
+    /// one when its members changed.
+    pub(super) fn cluster(&self, key: &DbKey, target: &Target) -> Result<Arc<Cluster>, PgError> {
+        let members: Vec<_> = target
+            .endpoints
+            .iter()
+            .filter_map(|e| e.patroni_member())
+            .collect();
+        let mut clusters = self.clusters.lock().expect("clusters poisoned");
+        if let Some(c) = clusters.get(key) {
+            if c.members() == members {
+                return Ok(c.clone());
+            }
+        }
+        let cluster = Cluster::start(&key.internal(), &members, &self.checks, self.health.clone())
+            .map_err(|e| PgError::Backend(e.to_string()))?;
+        clusters.insert(key.clone(), cluster.clone());
+        Ok(cluster)
+    }
+}
+
+/// Connects and logs in to the backend as `role`, with the key a client
+/// proved, and reads its greeting up to ReadyForQuery.
+pub(crate) async fn connect_backend(
+    addr: SocketAddr,
+    role: &str,
+    database: &str,
+    params: &[(&str, &str)],
+    verifier: &Verifier,
+    client_key: &[u8; 32],
+) -> Result<BackendSession, PgError> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| PgError::Unreachable(format!("cannot reach database \"{database}\": {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut startup = vec![("user", role), ("database", database)];
+    startup.extend_from_slice(params);
+    stream
+        .write_all(&messages::startup(&startup))
+        .await
+        .map_err(backend_err)?;
+    backend_login(&mut stream, &mut buf, verifier, client_key).await?;
+    let (mut pid, mut secret, mut greeting) = (0, 0, Vec::new());
+    loop {
+        let frame = read_frame(&mut stream, &mut buf, true, MAX_STARTUP * 10)
+            .await
+            .map_err(|e| PgError::Backend(e.to_string()))?;
+        match frame[0] {
+            backend::BACKEND_KEY_DATA => {
+                let (_, mut body) = typed(frame);
+                (pid, secret) = (body.get_i32(), body.get_i32());
+            }
+            backend::READY_FOR_QUERY => {
+                return Ok(BackendSession {
+                    stream,
+                    buf,
+                    addr,
+                    pid,
+                    secret,
+                    greeting,
+                    ready: frame,
+                })
+            }
+            backend::ERROR_RESPONSE => {
+                return Err(PgError::Backend(format!(
+                    "database refused the session: {}",
+                    error_text(&frame)
+                )))
+            }
+            _ => greeting.push(frame),
+        }
+    }
+}
+
+/// Logs in to the backend as the client's role with the proven ClientKey.
+async fn backend_login(
+    backend: &mut TcpStream,
+    buf: &mut BytesMut,
+    verifier: &Verifier,
+    client_key: &[u8; 32],
+) -> Result<(), PgError> {
+    let (mut exchange, first) = ClientExchange::start();
+    loop {
+        let frame = read_frame(backend, buf, true, MAX_STARTUP)
+            .await
+            .map_err(|e| PgError::Backend(e.to_string()))?;
+        let (tag, body) = typed(frame.clone());
+        if tag == backend::ERROR_RESPONSE {
+            return Err(PgError::Backend(format!(
+                "database refused the login: {}",
+                error_text(&frame)
+            )));
+        }
+        if tag != backend::AUTHENTICATION {
+            return Err(PgError::Backend(format!(
+                "unexpected message {:?} during login",
+                tag as char
+            )));
+        }
+        let (code, data) = messages::parse_auth(body)
+            .ok_or_else(|| PgError::Backend("malformed authentication message".into()))?;
+        match code {
+            AuthCode::Ok => return Ok(()),
+            AuthCode::Sasl => backend
+                .write_all(&messages::sasl_initial_response(&first))
+                .await
+                .map_err(backend_err)?,
+            AuthCode::SaslContinue => {
+                let server_first = String::from_utf8_lossy(&data);
+                let last = exchange
+                    .respond(verifier, client_key, &server_first)
+                    .map_err(|e| PgError::Backend(e.to_string()))?;
+                backend
+                    .write_all(&messages::sasl_response(&last))
+                    .await
+                    .map_err(backend_err)?;
+            }
+            AuthCode::SaslFinal => exchange
+                .verify(&String::from_utf8_lossy(&data))
+                .map_err(|e| PgError::Backend(e.to_string()))?,
+            AuthCode::Other(other) => {
+                return Err(PgError::Backend(format!(
+                    "the database asks for authentication method {other}, expected SCRAM-SHA-256"
+                )))
+            }
+        }
+    }
+}
+
+/// The `M` field of an ErrorResponse frame.
+fn error_text(frame: &[u8]) -> String {
+    frame
+        .get(5..)
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .find_map(|f| f.strip_prefix(&[error_field::MESSAGE]))
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .unwrap_or_default()
+}

@@ -1,3 +1,0 @@
-//! A client connection, plain or TLS (after an SSLRequest answered `S`).
-
-pub use crate::stream::Stream as Conn;

@@ -1,0 +1,144 @@
+//! One wake: control is asked for the database, creates it on first access
+//! when allowed, and wakes it when it is not running, with one call to
+//! control across the fleet (the proxy that takes the database's wake lock
+//! asks; the others watch the database).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rouse_control_api::{
+    ClientError, CreateDatabase, DatabaseInfo, DatabaseStatus, DbKey, Engine, ErrorCode,
+};
+use tracing::{debug, info};
+
+use super::{ControlApi, Target, WakeHistory};
+use crate::error::{ProxyError, Result};
+use crate::fleet::{Fleet, Holder};
+
+/// What a wake needs: control, and the fleet to agree with other proxies
+/// on which of them asks control.
+pub(super) struct WakeCall<C> {
+    pub(super) control: C,
+    pub(super) fleet: Arc<Fleet>,
+    pub(super) proxy_id: String,
+    /// Where each wake's duration is kept for the stats page.
+    pub(super) seen: Arc<WakeHistory>,
+}
+
+/// How often a proxy waiting on another's wake looks at the database.
+const WAKE_POLL: Duration = Duration::from_millis(50);
+
+fn is_active(info: &DatabaseInfo) -> bool {
+    info.status == DatabaseStatus::Active && !info.endpoints.is_empty()
+}
+
+impl<C: ControlApi> WakeCall<C> {
+    /// Asks control for the database, waking or creating it as needed.
+    pub(super) async fn resolve(&self, key: &DbKey, auto_create: bool) -> Result<Target> {
+        let control = &self.control;
+        let failed = |e| resolve_error(key, e);
+        let info = match control.database(key).await {
+            Ok(info) => info,
+            Err(e) if e.is_not_found() && auto_create => {
+                let req = CreateDatabase {
+                    app: key.app.clone(),
+                    name: key.db.clone(),
+                    engine: Engine::Rqlite,
+                    replication_factor: None,
+                    patroni: None,
+                };
+                match control.create_on_first_access(&req).await {
+                    Ok(info) => {
+                        info!(database = %key, "created on first access");
+                        info
+                    }
+                    // Another proxy created it meanwhile.
+                    Err(ClientError::Api { status: 409, .. }) => {
+                        self.wake(key).await.map_err(failed)?
+                    }
+                    Err(e) => return Err(failed(e)),
+                }
+            }
+            Err(e) => return Err(failed(e)),
+        };
+        if is_active(&info) {
+            return Ok(Target::of(control, &info));
+        }
+        let started = Instant::now();
+        let info = self.wake(key).await.map_err(failed)?;
+        info!(database = %key, waited_ms = started.elapsed().as_millis() as u64, "woke database for waiting requests");
+        Ok(Target::of(control, &info))
+    }
+
+    /// Wakes the database with one call to control across all proxies: the
+    /// proxy that takes `rouse:wake:<db>` calls control; the others watch
+    /// the database until it is active (or the lock goes without it,
+    /// and they try to take it). Without Redis, each proxy calls control,
+    /// which is idempotent.
+    async fn wake(&self, key: &DbKey) -> std::result::Result<DatabaseInfo, ClientError> {
+        let started = Instant::now();
+        let woke = self.wake_once(key).await;
+        self.seen.record(key, started.elapsed(), woke.is_ok());
+        woke
+    }
+
+    async fn wake_once(&self, key: &DbKey) -> std::result::Result<DatabaseInfo, ClientError> {
+        let lock = self.fleet.wake_lock(key, &self.proxy_id);
+        loop {
+            match lock.take().await {
+                None => return self.control.wake(key).await,
+                Some(true) => {
+                    let woke = self.control.wake(key).await;
+                    lock.release().await;
+                    return woke;
+                }
+                Some(false) => {
+                    debug!(database = %key, "another proxy is waking the database");
+                    loop {
+                        tokio::time::sleep(WAKE_POLL).await;
+                        let info = self.control.database(key).await?;
+                        if is_active(&info) {
+                            return Ok(info);
+                        }
+                        match lock.holder().await {
+                            Holder::Fleet => {}
+                            // A lock no proxy of this fleet set: wake without it
+                            // (control is idempotent).
+                            Holder::Stranger => return self.control.wake(key).await,
+                            // The lock went (the wake failed or its proxy died)
+                            // or Redis did: take over.
+                            Holder::Nobody => break,
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a client is told when control could not give `key`'s database:
+/// control's own words stay inside; an app's limit is named by its code.
+fn resolve_error(key: &DbKey, e: ClientError) -> ProxyError {
+    match e {
+        e if e.is_not_found() => ProxyError::NotFound,
+        ClientError::Api {
+            code: ErrorCode::AppDatabaseLimit,
+            ..
+        } => ProxyError::AppLimit {
+            app: key.app.to_string(),
+            limit: "max_databases".into(),
+        },
+        ClientError::Api {
+            code: ErrorCode::AppCreateRate,
+            ..
+        } => ProxyError::AppLimit {
+            app: key.app.to_string(),
+            limit: "creates_per_minute".into(),
+        },
+        ClientError::Api { message, .. } => ProxyError::Backend {
+            db: key.db.to_string(),
+            reason: message,
+        },
+        other => ProxyError::Control(other.to_string()),
+    }
+}
