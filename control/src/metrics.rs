@@ -30,13 +30,6 @@ pub const WAKE_REQUESTS: Metric = Metric {
     help: "Wake calls that reached control (proxies coordinate to send one per database).",
 };
 
-pub const APP_LIMIT_REFUSALS: Metric = Metric {
-    name: "rouse_app_limit_refusals_total",
-    kind: Kind::Counter,
-    labels: &["limit"],
-    help: "Creates refused by an app's limits (apps:), by limit.",
-};
-
 pub const PEER_REFUSALS: Metric = Metric {
     name: "rouse_peer_refusals_total",
     kind: Kind::Counter,
@@ -72,7 +65,6 @@ pub const CATALOGUE: &[&Metric] = &[
     &CONTROL_REQUESTS,
     &CONTROL_ERRORS,
     &WAKE_REQUESTS,
-    &APP_LIMIT_REFUSALS,
     &PEER_REFUSALS,
     &PEERS,
     &PROCESS_RESTARTS,

@@ -10,7 +10,7 @@ use rouse_config::AppsConfig;
 use rouse_control_api::Name;
 
 use crate::error::{AppLimit, ControlError, Result};
-use crate::metrics::APP_LIMIT_REFUSALS;
+use rouse_runtime::metric::APP_LIMIT_REFUSALS;
 
 const MINUTE: Duration = Duration::from_secs(60);
 

@@ -22,6 +22,7 @@ use crate::health::Health;
 use crate::http::upstream::Upstream;
 use crate::http::{Proxy, ResponseCache};
 use crate::listeners::Listeners;
+use crate::metrics::CONFIG_RELOADS;
 use crate::net::Connections;
 use crate::patroni::{Cluster, PatroniError};
 use crate::pg::PgFront;
@@ -139,6 +140,8 @@ pub async fn run(
     reloads: mpsc::UnboundedReceiver<Config>,
 ) -> anyhow::Result<()> {
     rouse_runtime::telemetry::metrics();
+    rouse_runtime::metric::describe(rouse_runtime::metric::CATALOGUE);
+    rouse_runtime::metric::describe(crate::metrics::CATALOGUE);
     let p = config.proxy.clone();
     let sockets = listeners.sockets(&config);
     let services = Arc::new(Services::build(&config)?);
@@ -317,11 +320,11 @@ async fn reload_forever(reloader: Reloader, mut reloads: mpsc::UnboundedReceiver
         match reloader.apply(new) {
             Ok(()) => {
                 info!("configuration reloaded");
-                metrics::counter!("rouse_config_reloads_total", "result" => "applied").increment(1);
+                CONFIG_RELOADS.counter(["applied".into()]).increment(1);
             }
             Err(e) => {
                 error!(error = %e, "new configuration refused; the running one stays");
-                metrics::counter!("rouse_config_reloads_total", "result" => "refused").increment(1);
+                CONFIG_RELOADS.counter(["refused".into()]).increment(1);
             }
         }
     }

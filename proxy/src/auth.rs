@@ -4,19 +4,19 @@
 //! a fleet of proxies validates it once (see `fleet::sessions`);
 //! revocations reach every proxy through Redis.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
 use hyper::header::{HeaderMap, AUTHORIZATION};
 use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
 use rouse_config::AuthConfig;
-use std::sync::Arc;
-
 use rouse_control_api::{Client, Name};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ProxyError, Result};
 use crate::fleet::{digest, Fleet, Revocation};
+use crate::metrics::AUTH_VALIDATIONS;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Credential {
@@ -229,13 +229,12 @@ impl Authenticator {
     async fn validate(&self, credential: &Credential, hash: &str) -> Result<Session> {
         let stored = self.fleet.session(hash).await?;
         if let Some(session) = stored.and_then(|json| serde_json::from_str::<Session>(&json).ok()) {
-            metrics::counter!("rouse_auth_validations_total", "source" => "redis").increment(1);
+            AUTH_VALIDATIONS.counter(["redis".into()]).increment(1);
             return Ok(session);
         }
         let session = match credential {
             Credential::ApiKey(key) => {
-                metrics::counter!("rouse_auth_validations_total", "source" => "control")
-                    .increment(1);
+                AUTH_VALIDATIONS.counter(["control".into()]).increment(1);
                 match self.control.verify_key(key).await {
                     Ok(o) => Session {
                         app: o.app,
@@ -247,7 +246,7 @@ impl Authenticator {
                 }
             }
             Credential::Jwt(token) => {
-                metrics::counter!("rouse_auth_validations_total", "source" => "token").increment(1);
+                AUTH_VALIDATIONS.counter(["token".into()]).increment(1);
                 let session = self.jwt_session(token)?;
                 // Revoked before this proxy heard of it.
                 if self.fleet.token_revoked(hash).await? {

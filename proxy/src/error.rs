@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use hyper::StatusCode;
+use rouse_runtime::error_kind::ErrorKind;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum ProxyError {
@@ -47,12 +48,6 @@ pub(crate) enum ProxyError {
     /// Redis is down and `redis.fail_open` is off.
     #[error("shared state unavailable")]
     SharedState,
-}
-
-impl From<crate::fleet::Unavailable> for ProxyError {
-    fn from(_: crate::fleet::Unavailable) -> Self {
-        ProxyError::SharedState
-    }
 }
 
 impl ProxyError {
@@ -99,25 +94,25 @@ impl ProxyError {
         }
     }
 
-    /// `user`, `auth`, `wake_timeout`, `backend`, `rate_limit`: the outcome label.
-    pub(crate) fn kind(&self) -> &'static str {
+    /// Whose fault it is; its label is the `outcome` of the request metrics.
+    pub(crate) fn kind(&self) -> ErrorKind {
         match self {
-            ProxyError::Unauthorized => "auth",
+            ProxyError::Unauthorized => ErrorKind::Auth,
             ProxyError::NotFound
             | ProxyError::NoRoute(_)
             | ProxyError::BadRequest(_)
             | ProxyError::PayloadTooLarge(_)
             | ProxyError::SlowBody(_)
             | ProxyError::Sql(_)
-            | ProxyError::ForbiddenStatement(_) => "user",
-            ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => "wake_timeout",
+            | ProxyError::ForbiddenStatement(_) => ErrorKind::User,
+            ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => ErrorKind::WakeTimeout,
             ProxyError::UpstreamTimeout(_)
             | ProxyError::Backend { .. }
             | ProxyError::Control(_)
-            | ProxyError::SharedState => "backend",
+            | ProxyError::SharedState => ErrorKind::Backend,
             ProxyError::RateLimited(_)
             | ProxyError::FailedLogins(_)
-            | ProxyError::AppLimit { .. } => "rate_limit",
+            | ProxyError::AppLimit { .. } => ErrorKind::RateLimit,
         }
     }
 

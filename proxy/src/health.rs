@@ -8,6 +8,8 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+use crate::metrics::BACKEND_UP;
+
 /// (cluster, member, role)
 type BackendId = (String, String, String);
 
@@ -29,7 +31,12 @@ pub(crate) struct BackendState {
 impl Health {
     /// Records a backend's check state.
     pub(crate) fn record(&self, cluster: &str, member: &str, role: &'static str, up: bool) {
-        metrics::gauge!("rouse_backend_up", "cluster" => cluster.to_string(), "member" => member.to_string(), "role" => role)
+        BACKEND_UP
+            .gauge([
+                cluster.to_string().into(),
+                member.to_string().into(),
+                role.into(),
+            ])
             .set(if up { 1.0 } else { 0.0 });
         let id = (cluster.to_string(), member.to_string(), role.to_string());
         let state = BackendState {

@@ -25,6 +25,7 @@ pub mod fuzzing;
 mod health;
 mod http;
 mod listeners;
+mod metrics;
 mod net;
 mod patroni;
 mod pg;
@@ -41,3 +42,6 @@ pub mod upgrade;
 
 pub use app::run;
 pub use listeners::{check_config, worker_threads, Listeners};
+/// Every metric the proxy records besides the shared ones of `rouse_runtime`.
+pub use metrics::CATALOGUE as METRICS;
+pub use reload::reload_on_sighup;

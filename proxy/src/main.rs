@@ -119,33 +119,9 @@ async fn serve(config: Config, path: Option<PathBuf>, upgrade: bool) -> ExitCode
     }
     let shutdown = rouse_runtime::server::shutdown_signal();
     let (reload_tx, reloads) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(reload_on_sighup(path, reload_tx));
+    tokio::spawn(rouse_proxy::reload_on_sighup(path, reload_tx));
     rouse_runtime::server::exit_code(
         "rouse-proxy",
         rouse_proxy::run(config, listeners, shutdown, reloads).await,
     )
-}
-
-/// Reads the configuration again on every SIGHUP; one that does not load is
-/// refused and the running one stays.
-async fn reload_on_sighup(
-    path: Option<PathBuf>,
-    reloads: tokio::sync::mpsc::UnboundedSender<Config>,
-) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot catch SIGHUP: no configuration reload");
-        return;
-    };
-    while hangups.recv().await.is_some() {
-        match Config::load(path.as_deref()) {
-            Ok(config) => {
-                let _ = reloads.send(config);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "new configuration refused; the running one stays");
-                metrics::counter!("rouse_config_reloads_total", "result" => "refused").increment(1);
-            }
-        }
-    }
 }

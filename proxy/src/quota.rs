@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use rouse_config::AppsConfig;
 use rouse_control_api::{DbKey, Name};
+use rouse_runtime::metric::APP_LIMIT_REFUSALS;
 
 use crate::error::ProxyError;
 
@@ -95,7 +96,7 @@ impl AppQuotas {
         let mut counts = self.counts.lock().expect("quotas poisoned");
         for (counter, limit, max) in wanted {
             if counts.get(counter).copied().unwrap_or(0) >= *max {
-                metrics::counter!("rouse_app_limit_refusals_total", "limit" => *limit).increment(1);
+                APP_LIMIT_REFUSALS.counter([(*limit).into()]).increment(1);
                 return Err(ProxyError::AppLimit {
                     app: app.to_string(),
                     limit: format!("{limit} = {max}"),

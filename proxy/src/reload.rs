@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::app::Services;
 use crate::auth::JwtKeys;
+use crate::metrics::CONFIG_RELOADS;
 use crate::patroni::Cluster;
 
 /// Proxy settings that a reload applies.
@@ -126,6 +127,30 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         out.push("redis".into());
     }
     out
+}
+
+/// Reads the configuration again on every SIGHUP; one that does not load is
+/// refused and the running one stays.
+pub async fn reload_on_sighup(
+    path: Option<std::path::PathBuf>,
+    reloads: tokio::sync::mpsc::UnboundedSender<Config>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        warn!("cannot catch SIGHUP: no configuration reload");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match Config::load(path.as_deref()) {
+            Ok(config) => {
+                let _ = reloads.send(config);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "new configuration refused; the running one stays");
+                CONFIG_RELOADS.counter(["refused".into()]).increment(1);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

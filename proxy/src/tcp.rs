@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::metrics::REQUESTS;
 use crate::net::{accept_forever, Connections};
 use crate::patroni::Cluster;
 
@@ -29,7 +30,7 @@ pub(crate) async fn serve(
         let cluster = cluster.borrow().clone();
         async move {
             let outcome = |o: &'static str| {
-                metrics::counter!("rouse_requests_total", "app" => "", "db" => cluster.name().to_string(), "protocol" => "tcp", "outcome" => o)
+                REQUESTS.counter(["".into(), cluster.name().to_string().into(), "tcp".into(), o.into()])
                     .increment(1)
             };
             let (mut backend, pick) = match cluster.connect(role, TcpStream::connect).await {

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::metrics::FAILED_LOGIN_REFUSALS;
+
 /// How long failures are remembered, counted from an address's first one.
 pub(crate) const WINDOW: Duration = Duration::from_secs(10);
 
@@ -36,7 +38,7 @@ impl FailedLogins {
                 .get(&ip)
                 .is_some_and(|n| n.load(Ordering::Relaxed) >= self.limit);
         if over {
-            metrics::counter!("rouse_failed_login_refusals_total").increment(1);
+            FAILED_LOGIN_REFUSALS.counter([]).increment(1);
             Err(WINDOW)
         } else {
             Ok(())

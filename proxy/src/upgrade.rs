@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use sendfd::{RecvWithFd, SendWithFd};
 use tracing::{info, warn};
 
+use crate::metrics::UPGRADE_REFUSALS;
+
 /// Sent by the new process once it serves on the sockets it took.
 const READY: u8 = b'R';
 /// More listeners than a proxy ever has.
@@ -77,7 +79,7 @@ pub(crate) async fn offer(path: PathBuf, sockets: Vec<(String, RawFd)>) -> std::
         match stream.peer_cred() {
             Ok(cred) if cred.uid() == me => {}
             other => {
-                metrics::counter!("rouse_upgrade_refusals_total").increment(1);
+                UPGRADE_REFUSALS.counter([]).increment(1);
                 warn!(peer = ?other.map(|c| c.uid()).ok(), "refused an upgrade from another user");
                 continue;
             }

@@ -87,5 +87,12 @@ pub const WAKE_DURATION: Metric = Metric {
     help: "Time a wake took, split into phases: wait (a request held until its database answered), start (engine processes started), first_answer (from start to the first answered query).",
 };
 
+pub const APP_LIMIT_REFUSALS: Metric = Metric {
+    name: "rouse_app_limit_refusals_total",
+    kind: Kind::Counter,
+    labels: &["limit"],
+    help: "Requests refused by an app's limits (apps:): creates in control, sessions and waiting requests in the proxy, by limit.",
+};
+
 /// The metrics of this crate, recorded by both daemons.
-pub const CATALOGUE: &[&Metric] = &[&CLIENT_CONNECTIONS, &WAKE_DURATION];
+pub const CATALOGUE: &[&Metric] = &[&CLIENT_CONNECTIONS, &WAKE_DURATION, &APP_LIMIT_REFUSALS];

@@ -15,6 +15,8 @@ mod wake_lock;
 pub(crate) use sessions::Revocation;
 pub(crate) use wake_lock::Holder;
 
+use crate::error::ProxyError;
+use crate::metrics::{REDIS_FALLBACK, REDIS_TAMPERED};
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -32,6 +34,12 @@ const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 #[error("shared state (Redis) is unavailable")]
 pub(crate) struct Unavailable;
+
+impl From<Unavailable> for ProxyError {
+    fn from(_: Unavailable) -> Self {
+        ProxyError::SharedState
+    }
+}
 
 /// This proxy's side of the shared state: Redis when configured, the
 /// fallback policy and the fleet's seal.
@@ -172,7 +180,7 @@ impl Fleet {
     ) -> Option<&'a [u8]> {
         let opened = self.seal.open(name, sealed);
         if opened.is_none() {
-            metrics::counter!("rouse_redis_tampered_total", "what" => what).increment(1);
+            REDIS_TAMPERED.counter([what.into()]).increment(1);
             warn!(
                 what,
                 key = name,
@@ -237,7 +245,7 @@ impl Fleet {
             }
             *paused = Some(Instant::now() + PAUSE_AFTER_FAILURE);
         }
-        metrics::counter!("rouse_redis_fallback_total", "what" => what).increment(1);
+        REDIS_FALLBACK.counter([what.into()]).increment(1);
         if self.fail_open {
             Ok(None)
         } else {

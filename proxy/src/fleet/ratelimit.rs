@@ -13,6 +13,7 @@ use rouse_control_api::Name;
 
 use super::{keys, Fleet};
 use crate::error::ProxyError;
+use crate::metrics::RATE_LIMITED;
 
 /// KEYS: the limits; ARGV: per key its emission interval and tolerance in
 /// milliseconds. Returns 0 when admitted (and records it), else the wait.
@@ -121,7 +122,8 @@ impl RateLimits {
         if wait_ms == 0 {
             return Ok(());
         }
-        metrics::counter!("rouse_rate_limited_total", "app" => app.to_string(), "protocol" => p)
+        RATE_LIMITED
+            .counter([app.to_string().into(), p.into()])
             .increment(1);
         Err(ProxyError::RateLimited(Duration::from_millis(wait_ms)))
     }

@@ -16,6 +16,7 @@ use rouse_control_api::DbKey;
 
 use super::upstream::Reply;
 use crate::fleet::{digest, Fleet};
+use crate::metrics::CACHE;
 
 pub(crate) struct ResponseCache {
     /// Replaced as a whole on reload.
@@ -70,12 +71,14 @@ impl ResponseCache {
         let (generation, entry) = fleet.cached(key, &fingerprint).await?;
         match entry.as_deref().and_then(decode) {
             Some(reply) => {
-                metrics::counter!("rouse_cache_total", "db" => key.internal(), "result" => "hit")
+                CACHE
+                    .counter([key.internal().into(), "hit".into()])
                     .increment(1);
                 Some(Ok(reply))
             }
             None => {
-                metrics::counter!("rouse_cache_total", "db" => key.internal(), "result" => "miss")
+                CACHE
+                    .counter([key.internal().into(), "miss".into()])
                     .increment(1);
                 Some(Err(Cacheable {
                     generation,

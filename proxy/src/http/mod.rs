@@ -6,6 +6,8 @@ pub(crate) mod gateway;
 pub(crate) mod rqlite;
 pub(crate) mod upstream;
 
+use crate::metrics::{REQUESTS, REQUEST_DURATION};
+use rouse_runtime::error_kind::ErrorKind;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
@@ -67,8 +69,8 @@ pub(crate) async fn handle(
     let resp = match dispatch(&proxy, bound.as_deref(), peer, req, &mut served).await {
         Ok(resp) => resp,
         Err(e) => {
-            served.outcome = e.kind();
-            if e.kind() == "backend" {
+            served.outcome = e.kind().label();
+            if e.kind() == ErrorKind::Backend {
                 tracing::warn!(error = %e, "request failed");
             }
             error_response(&e)
@@ -105,8 +107,8 @@ impl RequestMetrics {
             .as_ref()
             .map(|k| (k.app.to_string(), k.db.to_string()))
             .unwrap_or_default();
-        let count = metrics::counter!("rouse_requests_total", "app" => app, "db" => db, "protocol" => "http", "outcome" => outcome);
-        let duration = metrics::histogram!("rouse_request_duration_seconds", "protocol" => "http", "outcome" => outcome);
+        let count = REQUESTS.counter([app.into(), db.into(), "http".into(), outcome.into()]);
+        let duration = REQUEST_DURATION.histogram(["http".into(), outcome.into()]);
         count.increment(1);
         duration.record(took.as_secs_f64());
         self.handles

@@ -14,7 +14,6 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::resolve::Target;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderValue, CONTENT_TYPE, LOCATION};
@@ -22,6 +21,9 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
+
+use crate::metrics::ENGINE_LOGIN_REFUSALS;
+use crate::resolve::Target;
 
 pub(crate) struct Reply {
     pub(crate) status: StatusCode,
@@ -172,7 +174,7 @@ impl Upstream {
             };
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED {
-                metrics::counter!("rouse_engine_login_refusals_total").increment(1);
+                ENGINE_LOGIN_REFUSALS.counter([]).increment(1);
                 tracing::warn!(engine = %addr, "an engine refused this database's login: not serving its answer");
                 refused += 1;
                 next += 1;

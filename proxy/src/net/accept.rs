@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use rouse_runtime::metric::CLIENT_CONNECTIONS;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tracing::warn;
@@ -83,7 +84,7 @@ struct OpenConnection {
 
 impl OpenConnection {
     fn new(protocol: &'static str, connections: Arc<Connections>) -> OpenConnection {
-        let gauge = metrics::gauge!("rouse_client_connections", "protocol" => protocol);
+        let gauge = CLIENT_CONNECTIONS.gauge([protocol.into()]);
         gauge.increment(1.0);
         connections.open.fetch_add(1, Ordering::AcqRel);
         OpenConnection { gauge, connections }

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
+use rouse_runtime::error_kind::ErrorKind;
 
 use super::proto::frame::FrameError;
 use super::proto::messages;
@@ -77,17 +78,19 @@ impl PgError {
     }
 
     /// The outcome label of `rouse_requests_total`.
-    pub(crate) fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> ErrorKind {
         match self {
-            PgError::Protocol(_) | PgError::UnknownDatabase(_) | PgError::Closed(_) => "user",
-            PgError::Password(_) | PgError::Authorization(_) => "auth",
-            PgError::Waking(_) => "wake_timeout",
-            PgError::Backend(_) | PgError::Unreachable(_) => "backend",
+            PgError::Protocol(_) | PgError::UnknownDatabase(_) | PgError::Closed(_) => {
+                ErrorKind::User
+            }
+            PgError::Password(_) | PgError::Authorization(_) => ErrorKind::Auth,
+            PgError::Waking(_) => ErrorKind::WakeTimeout,
+            PgError::Backend(_) | PgError::Unreachable(_) => ErrorKind::Backend,
             PgError::TooManyClients
             | PgError::RateLimited(_)
             | PgError::FailedLogins(_)
             | PgError::PendingLogins
-            | PgError::AppLimit(_) => "rate_limit",
+            | PgError::AppLimit(_) => ErrorKind::RateLimit,
         }
     }
 }

@@ -15,6 +15,7 @@ pub(crate) mod proto;
 pub(crate) mod scram;
 mod session;
 
+use crate::metrics::REQUESTS;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -215,7 +216,14 @@ impl PgFront {
                     PgError::Backend(_) => warn!(%peer, error = %e, "postgres connection failed"),
                     _ => debug!(%peer, error = %e, "postgres connection refused"),
                 }
-                metrics::counter!("rouse_requests_total", "app" => "", "db" => "", "protocol" => "postgres", "outcome" => e.kind()).increment(1);
+                REQUESTS
+                    .counter([
+                        "".into(),
+                        "".into(),
+                        "postgres".into(),
+                        e.kind().label().into(),
+                    ])
+                    .increment(1);
                 e
             }
             Err(_) => PgError::Protocol("startup not completed in time".into()),
@@ -235,7 +243,14 @@ impl PgFront {
             started,
         } = &mut *opened;
         let key = &started.key;
-        metrics::counter!("rouse_requests_total", "app" => key.app.to_string(), "db" => key.db.to_string(), "protocol" => "postgres", "outcome" => "ok").increment(1);
+        REQUESTS
+            .counter([
+                key.app.to_string().into(),
+                key.db.to_string().into(),
+                "postgres".into(),
+                "ok".into(),
+            ])
+            .increment(1);
         let _in_session = self.activity.begin(key);
         match &mut started.mode {
             // Boxed, so that the transaction-mode clients' tasks stay small.

@@ -17,6 +17,7 @@ mod check;
 mod link;
 pub(crate) mod resp;
 
+use crate::metrics::REQUESTS;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -248,7 +249,8 @@ impl Front {
     /// master changes.
     async fn session(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
         let outcome = |o: &'static str| {
-            metrics::counter!("rouse_requests_total", "app" => "", "db" => "redis", "protocol" => "redis", "outcome" => o)
+            REQUESTS
+                .counter(["".into(), "redis".into(), "redis".into(), o.into()])
                 .increment(1)
         };
         let (mut backend, master) = match self.connect().await {

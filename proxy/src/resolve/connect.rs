@@ -7,6 +7,7 @@ use tracing::debug;
 
 use super::{ControlApi, Resolver, Target};
 use crate::error::ProxyError;
+use crate::metrics::STALE_ROUTE_RETRIES;
 
 impl<C: ControlApi> Resolver<C> {
     /// Connects to `key`'s database with `connect`, starting from `target`,
@@ -30,8 +31,7 @@ impl<C: ControlApi> Resolver<C> {
         match connect(target).await {
             Err(e) if stale(&e) => {
                 self.invalidate(key);
-                metrics::counter!("rouse_stale_route_retries_total", "protocol" => protocol)
-                    .increment(1);
+                STALE_ROUTE_RETRIES.counter([protocol.into()]).increment(1);
                 debug!(database = %key, "route looked stale: resolving it again");
                 let target = self.target(key).await.map_err(resolve_error)?;
                 connect(target).await

@@ -12,6 +12,8 @@ mod history;
 mod tests;
 mod wake;
 
+use crate::metrics::WAITING_REQUESTS;
+use rouse_runtime::metric::WAKE_DURATION;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -131,7 +133,9 @@ struct Waiter {
 impl Drop for Waiter {
     fn drop(&mut self) {
         let now = self.count.fetch_sub(1, Ordering::Relaxed) - 1;
-        metrics::gauge!("rouse_waiting_requests", "db" => self.key.internal()).set(now as f64);
+        WAITING_REQUESTS
+            .gauge([self.key.internal().into()])
+            .set(now as f64);
     }
 }
 
@@ -183,7 +187,9 @@ impl<C: ControlApi> Resolver<C> {
             key: key.clone(),
             count,
         };
-        metrics::gauge!("rouse_waiting_requests", "db" => key.internal()).set(now as f64);
+        WAITING_REQUESTS
+            .gauge([key.internal().into()])
+            .set(now as f64);
         let (wake_timeout, max_waiting) = *self.bounds.lock().expect("bounds poisoned");
         if now > max_waiting {
             return Err(ProxyError::QueueFull(key.db.to_string()));
@@ -191,7 +197,8 @@ impl<C: ControlApi> Resolver<C> {
         let started = Instant::now();
         let wake = self.wake_future(key);
         let result = tokio::time::timeout(wake_timeout, wake).await;
-        metrics::histogram!("rouse_wake_duration_seconds", "engine" => "any", "phase" => "wait")
+        WAKE_DURATION
+            .histogram(["any".into(), "wait".into()])
             .record(started.elapsed().as_secs_f64());
         match result {
             Ok(result) => result,
