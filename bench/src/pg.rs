@@ -274,7 +274,9 @@ pub async fn idle(clients: usize) -> Result<IdleResults> {
     // As PgBouncer's max_client_conn below: the app's own limit too.
     let proxy = Proxy::builder(&control)
         .set("max_client_connections", "20000")
-        .section("apps:\n  default: {max_connections: 20000, max_connections_per_database: 20000}\n")
+        .section(
+            "apps:\n  default: {max_connections: 20000, max_connections_per_database: 20000}\n",
+        )
         .start()
         .await?;
     let dir = tempfile::Builder::new()
