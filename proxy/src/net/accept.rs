@@ -104,7 +104,7 @@ impl Drop for OpenConnection {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_drain_ends_when_the_last_connection_closes() {
         let connections = Arc::new(Connections::default());
         connections.drained().await;
@@ -123,7 +123,7 @@ mod tests {
         drop(b);
         tokio::time::timeout(Duration::from_secs(1), drain)
             .await
-            .expect("drained at once")
+            .expect("drained once the last connection closed")
             .unwrap();
     }
 }
