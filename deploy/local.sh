@@ -23,7 +23,8 @@ wait_for() { # url pid name
   echo "$3 did not answer at $1" >&2; exit 1
 }
 
-"$bin/rouse-control" --config "$config" serve & pids+=($!)
+# The local stack stops its databases with it (in production they outlive control).
+ROUSE_CONTROL__STOP_ENGINES_ON_EXIT=true "$bin/rouse-control" --config "$config" serve & pids+=($!)
 wait_for "http://$api/healthz" "${pids[0]}" rouse-control
 "$bin/rouse-proxy" --config "$config" serve & pids+=($!)
 wait_for "http://$(setting stats_addr)/healthz" "${pids[1]}" rouse-proxy

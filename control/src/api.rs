@@ -213,10 +213,18 @@ async fn route(
     use StatusCode as S;
     let rest = match (method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => {
-            return Ok(json(
-                S::OK,
-                &serde_json::json!({"status": "ok", "node_id": m.node_id()}),
-            ))
+            let problems = m.health_problems().await;
+            return Ok(if problems.is_empty() {
+                json(
+                    S::OK,
+                    &serde_json::json!({"status": "ok", "node_id": m.node_id()}),
+                )
+            } else {
+                json(
+                    S::SERVICE_UNAVAILABLE,
+                    &serde_json::json!({"status": "unhealthy", "node_id": m.node_id(), "problems": problems}),
+                )
+            });
         }
         (&Method::GET, ["metrics"]) => {
             return Ok(full(

@@ -19,6 +19,7 @@ mod quota;
 mod rqlite;
 mod sandbox;
 mod secrets;
+mod start_gate;
 mod tokens;
 
 pub use engine::tls::NodeTls;
@@ -39,8 +40,8 @@ use crate::meta::SystemDb;
 use crate::ports::PortAllocator;
 
 /// Runs the daemon on an already-bound API listener until `shutdown`
-/// resolves, then stops every engine (their status is kept, so the next run
-/// starts them again).
+/// resolves; its engines keep running for the next daemon to adopt (or
+/// stop, with `control.stop_engines_on_exit`).
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -84,6 +85,7 @@ pub async fn run(
     }
     let system = SystemDb::start(&config, &node_id, &engines, &ports, &peers, &cluster_key).await?;
     let grace = config.control.stop_grace;
+    let stop_engines = config.control.stop_engines_on_exit;
     // A node without bootstrap peers founded (or alone runs) `_system`.
     let config_founds_cluster = config.discovery.bootstrap_peers.is_empty();
     let data_dir = config.node.data_dir.clone();
@@ -100,19 +102,29 @@ pub async fn run(
     if config_founds_cluster {
         tokens.found(&data_dir).await?;
     }
-    let serving_peers = tokio::spawn(manager.clone().serve_peers(inbound));
+    let tasks = &manager.tasks;
+    tasks.once("peer_requests", manager.clone().serve_peers(inbound));
+    let swarm_abort = swarm.abort_handle();
+    tasks.once("swarm", async move {
+        let _ = swarm.await;
+    });
     manager.adopt(!system.fresh).await?;
-    let upkeep = tokio::spawn(manager.clone().run_upkeep());
-    let reaper = tokio::spawn(manager.clone().run_idle_reaper());
+    let m = manager.clone();
+    tasks.restarting("upkeep", move || m.clone().run_upkeep());
+    let m = manager.clone();
+    tasks.restarting("idle_reaper", move || m.clone().run_idle_reaper());
+    let m = manager.clone();
+    tasks.restarting("engine_logs", move || m.clone().rotate_engine_logs());
     info!(node_id = %node_id, api_addr = %listener.local_addr()?, "rouse-control ready");
     api::serve(listener, manager.clone(), tokens, api_tls, shutdown).await;
-    info!("shutting down: stopping engines");
-    reaper.abort();
-    upkeep.abort();
-    serving_peers.abort();
-    swarm.abort();
+    info!(
+        stop_engines,
+        "shutting down: engines {}",
+        if stop_engines { "stop" } else { "keep running" }
+    );
+    swarm_abort.abort();
     manager.shutdown().await;
-    system.stop(grace).await;
+    system.stop(grace, !stop_engines).await;
     Ok(())
 }
 

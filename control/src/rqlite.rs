@@ -171,8 +171,19 @@ impl RqliteClient {
     /// A read at `level=strong`: it goes through Raft, so it proves there is
     /// a working leader.
     pub async fn query(&self, stmt: Stmt) -> Result<StmtResult, RqliteError> {
+        self.query_at(stmt, "strong").await
+    }
+
+    /// A read of this member's own copy (`level=none`): no trip through
+    /// Raft, possibly a moment behind. For background scans, where a stale
+    /// row is seen again at the next turn.
+    pub async fn query_local(&self, stmt: Stmt) -> Result<StmtResult, RqliteError> {
+        self.query_at(stmt, "none").await
+    }
+
+    async fn query_at(&self, stmt: Stmt, level: &str) -> Result<StmtResult, RqliteError> {
         let body = Value::Array(vec![stmt.to_json()]);
-        let mut results = self.post("/db/query?level=strong", body).await?;
+        let mut results = self.post(&format!("/db/query?level={level}"), body).await?;
         Ok(results.pop().unwrap_or_default())
     }
 

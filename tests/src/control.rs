@@ -500,8 +500,8 @@ impl Control {
         self.process.kill();
     }
 
-    /// SIGTERM to the daemon alone, which should stop its databases, then
-    /// waits up to 30 s for it to exit.
+    /// SIGTERM to the daemon alone, then waits up to 30 s for it to exit;
+    /// its engines keep running unless `control.stop_engines_on_exit` is set.
     pub async fn stop(&mut self) -> Result<()> {
         self.process.terminate(STOP_TIMEOUT).await
     }

@@ -37,6 +37,12 @@ impl<'a> StackBuilder<'a> {
         self
     }
 
+    /// Settings of control, applied after the hibernation timeout.
+    pub fn control(mut self, configure: impl FnOnce(ControlBuilder) -> ControlBuilder) -> Self {
+        self.control = configure(self.control);
+        self
+    }
+
     /// How many proxies to start (1 unless set).
     pub fn proxies(mut self, n: usize) -> Self {
         self.proxies = n;

@@ -48,6 +48,17 @@ pub struct ControlConfig {
     /// use `https://` and trust its CA (`proxy.control_ca_file`,
     /// `ROUSE_CONTROL_CA` for the command line).
     pub tls: Option<TlsConfig>,
+    /// Stop every engine when the daemon stops. Off by default: engines
+    /// outlive the daemon, and the next daemon (a restart, an upgrade)
+    /// adopts them, so tenants never notice control going away.
+    pub stop_engines_on_exit: bool,
+    /// Engine starts (wakes, restarts) under way at once on this node,
+    /// granted in turn across apps; 0: four per CPU.
+    pub max_concurrent_starts: usize,
+    /// An engine's log is rotated when it grows past this many bytes.
+    pub engine_log_max_bytes: u64,
+    /// Rotated engine logs kept (`node-0.log.1` …).
+    pub engine_log_keep: u32,
 }
 
 impl Default for ControlConfig {
@@ -68,6 +79,20 @@ impl Default for ControlConfig {
             sandbox: true,
             engine_https: None,
             tls: None,
+            stop_engines_on_exit: false,
+            max_concurrent_starts: 0,
+            engine_log_max_bytes: 10 * 1024 * 1024,
+            engine_log_keep: 3,
+        }
+    }
+}
+
+impl ControlConfig {
+    /// `max_concurrent_starts`, with 0 resolved for this machine.
+    pub fn concurrent_starts(&self) -> usize {
+        match self.max_concurrent_starts {
+            0 => 4 * std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
         }
     }
 }

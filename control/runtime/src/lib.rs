@@ -7,4 +7,5 @@ pub mod clock;
 pub mod error_kind;
 pub mod metric;
 pub mod server;
+pub mod tasks;
 pub mod telemetry;

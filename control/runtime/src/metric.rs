@@ -94,5 +94,17 @@ pub const APP_LIMIT_REFUSALS: Metric = Metric {
     help: "Requests refused by an app's limits (apps:): creates in control, sessions and waiting requests in the proxy, by limit.",
 };
 
+pub const TASK_RESTARTS: Metric = Metric {
+    name: "rouse_task_restarts_total",
+    kind: Kind::Counter,
+    labels: &["task"],
+    help: "Background loops that ended or panicked and were started again, by loop.",
+};
+
 /// The metrics of this crate, recorded by both daemons.
-pub const CATALOGUE: &[&Metric] = &[&CLIENT_CONNECTIONS, &WAKE_DURATION, &APP_LIMIT_REFUSALS];
+pub const CATALOGUE: &[&Metric] = &[
+    &CLIENT_CONNECTIONS,
+    &WAKE_DURATION,
+    &APP_LIMIT_REFUSALS,
+    &TASK_RESTARTS,
+];

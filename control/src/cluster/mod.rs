@@ -25,7 +25,7 @@ use libp2p::PeerId;
 use rouse_control_api::Endpoint;
 
 use crate::error::{ControlError, Result};
-use crate::model::{DatabaseRecord, ReplicaRecord};
+use crate::model::ReplicaRecord;
 
 /// A node that can take replicas.
 #[derive(Debug, Clone)]
@@ -168,18 +168,6 @@ impl Membership {
         fit.truncate(count as usize);
         Ok(fit)
     }
-}
-
-/// How many databases each node holds a replica of.
-pub fn load(records: &[DatabaseRecord]) -> HashMap<String, u32> {
-    let mut out: HashMap<String, u32> = HashMap::new();
-    for rec in records {
-        let holders: HashSet<&str> = rec.replicas.iter().map(|r| r.node_id.as_str()).collect();
-        for h in holders {
-            *out.entry(h.to_string()).or_default() += 1;
-        }
-    }
-    out
 }
 
 /// Whether every endpoint is one of `replicas` (host and port): a peer's
@@ -343,30 +331,5 @@ mod tests {
         assert!(early.is_live("a") && early.is_live("x") && !early.is_live("b"));
         let settled = Membership::of(("a", me(), 10), peers, true, true);
         assert!(settled.is_live("a") && !settled.is_live("x") && !settled.is_live("b"));
-    }
-
-    #[test]
-    fn load_counts_each_database_once_per_node() {
-        let mut three = vec![replica(0, 5001), replica(1, 5003), replica(2, 5005)];
-        three[2].node_id = "n0".into();
-        let rec = |replicas: Vec<ReplicaRecord>| DatabaseRecord {
-            key: rouse_control_api::DbKey::new(
-                rouse_control_api::Name::new("shop").unwrap(),
-                rouse_control_api::Name::new("db").unwrap(),
-            ),
-            engine: rouse_control_api::Engine::Rqlite,
-            replication_factor: replicas.len() as u32,
-            status: rouse_control_api::DatabaseStatus::Active,
-            reason: None,
-            created_at: 0,
-            last_activity: 0,
-            last_wake_ms: None,
-            secret: String::new(),
-            replicas,
-        };
-        let load = load(&[rec(three), rec(vec![replica(1, 5007)])]);
-        assert_eq!(load.get("n0"), Some(&1));
-        assert_eq!(load.get("n1"), Some(&2));
-        assert_eq!(load.get("n2"), None);
     }
 }

@@ -77,8 +77,8 @@ impl Instance<'_> {
         self.dir.join(format!("node-{}.log", r.idx))
     }
 
-    fn pid_file(&self, r: &ReplicaRecord) -> PathBuf {
-        self.dir.join(format!("node-{}.pid", r.idx))
+    pub fn pid_file(&self, r: &ReplicaRecord) -> PathBuf {
+        pid_file(&self.dir, r)
     }
 }
 
@@ -146,18 +146,12 @@ impl EngineEnv {
         inst: &Instance<'_>,
         r: &ReplicaRecord,
     ) -> Result<ProcessSpec> {
-        let (program, args, user, stop_signal) = match engine {
-            Engine::Rqlite => (
-                self.rqlited.clone(),
-                rqlite::args(self, inst, r),
-                None,
-                libc::SIGTERM,
-            ),
+        let (program, args, user) = match engine {
+            Engine::Rqlite => (self.rqlited.clone(), rqlite::args(self, inst, r), None),
             Engine::Postgres => (
                 self.postgres_bin()?.join("postgres"),
                 postgres::args(inst, r, self.postgres_max_connections),
                 self.postgres_user,
-                libc::SIGINT,
             ),
             Engine::Patroni => return Err(not_run_here()),
         };
@@ -175,7 +169,7 @@ impl EngineEnv {
             log: inst.log_file(r),
             pid_file: inst.pid_file(r),
             user,
-            stop_signal,
+            stop_signal: stop_signal(engine),
             sandbox,
         })
     }
@@ -222,6 +216,20 @@ impl EngineEnv {
                 "PostgreSQL server binaries not found: install postgresql or set control.postgres_bin_dir".into(),
             )
         })
+    }
+}
+
+/// Where a replica's process writes its pid, under `<data_dir>/<app>_<db>/<engine>/`.
+pub fn pid_file(engine_dir: &Path, r: &ReplicaRecord) -> PathBuf {
+    engine_dir.join(format!("node-{}.pid", r.idx))
+}
+
+/// The graceful stop signal: SIGTERM for rqlited, SIGINT (fast shutdown,
+/// which does not wait for clients) for PostgreSQL.
+pub fn stop_signal(engine: Engine) -> i32 {
+    match engine {
+        Engine::Postgres => libc::SIGINT,
+        Engine::Rqlite | Engine::Patroni => libc::SIGTERM,
     }
 }
 

@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 use super::placement::placement;
 use super::settings::{first_access_setting, patroni_setting};
 use super::Manager;
-use crate::cluster::{self, LocalStart};
+use crate::cluster::LocalStart;
 use crate::engine;
 use crate::error::{ControlError, Result};
 use crate::model::{DatabaseRecord, ReplicaRecord};
@@ -84,13 +84,13 @@ impl Manager {
                     key.db, key.app
                 )));
             }
-            let all = self.store.databases(None).await?;
-            let held_by_app = all.iter().filter(|d| d.key.app == key.app).count();
-            self.quotas.admit_create(&key.app, held_by_app)?;
+            let (held, held_by_app) = self.store.count(&key.app).await?;
+            self.quotas.admit_create(&key.app, held_by_app as usize)?;
             let replicas = match &registration {
                 Some((members, _)) => members.clone(),
                 None if membership.clustered() => {
-                    let placed = membership.place(rf, &cluster::load(&all), &HashSet::new())?;
+                    let placed =
+                        membership.place(rf, &self.store.load().await?, &HashSet::new())?;
                     let mut out = Vec::new();
                     for (idx, node) in placed.iter().enumerate() {
                         out.push(
@@ -101,7 +101,6 @@ impl Manager {
                     out
                 }
                 None => {
-                    let held = all.len() as u32;
                     let max = self.config.database.max_databases;
                     if held >= max {
                         return Err(ControlError::MaxDatabases { held, max });

@@ -28,6 +28,9 @@ impl Manager {
         info!(database = %key, "waking database");
         self.notify(Notice::Waking { key: key.clone() });
         let result = async {
+            // Held until the database answers: a storm of wakes starts
+            // engines in bounded number, apps in turn.
+            let _start = self.starts.acquire(&key.app).await;
             let (rec, raft_moved) = self.reallocate(&rec).await?;
             let start = LocalStart {
                 bootstrap: false,

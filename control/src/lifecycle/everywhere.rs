@@ -67,31 +67,7 @@ impl Manager {
             return Err(e);
         }
         let spawned = t0.elapsed();
-        let label = rec.key.internal();
-        let inst = Instance {
-            label: &label,
-            dir: self.db_dir(&rec.key).join(rec.engine.as_str()),
-            replicas: &live,
-            node_id: &self.node_id,
-            secret: &rec.secret,
-            first_start: false,
-            raft_moved: false,
-            join: Vec::new(),
-            non_voter: false,
-            raft_id: None,
-        };
-        let ready = async {
-            let endpoints = self.engines.wait_ready(rec.engine, &inst).await?;
-            if rec.engine == Engine::Postgres {
-                let users = self.store.users(&rec.key.app).await?;
-                self.engines
-                    .after_start(rec.engine, &inst, rec.key.db.as_str(), &users)
-                    .await?;
-            }
-            Ok(endpoints)
-        }
-        .await;
-        match ready {
+        match self.ready_everywhere(rec, &live).await {
             Ok(endpoints) => {
                 let answered = t0.elapsed();
                 let engine = rec.engine.as_str();
@@ -108,6 +84,37 @@ impl Manager {
                 Err(e)
             }
         }
+    }
+
+    /// Waits until the started replicas `live` answer a real query, and
+    /// gives a Postgres database the app's roles; the endpoints, leader
+    /// first.
+    pub(super) async fn ready_everywhere(
+        &self,
+        rec: &DatabaseRecord,
+        live: &[ReplicaRecord],
+    ) -> Result<Vec<Endpoint>> {
+        let label = rec.key.internal();
+        let inst = Instance {
+            label: &label,
+            dir: self.db_dir(&rec.key).join(rec.engine.as_str()),
+            replicas: live,
+            node_id: &self.node_id,
+            secret: &rec.secret,
+            first_start: false,
+            raft_moved: false,
+            join: Vec::new(),
+            non_voter: false,
+            raft_id: None,
+        };
+        let endpoints = self.engines.wait_ready(rec.engine, &inst).await?;
+        if rec.engine == Engine::Postgres {
+            let users = self.store.users(&rec.key.app).await?;
+            self.engines
+                .after_start(rec.engine, &inst, rec.key.db.as_str(), &users)
+                .await?;
+        }
+        Ok(endpoints)
     }
 
     /// Has every live holder stop its replicas (and remove their data).

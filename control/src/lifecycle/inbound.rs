@@ -2,7 +2,6 @@
 //! (checked against `_system` before it is believed), and proxies' activity
 //! reports.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use rouse_control_api::*;
@@ -19,13 +18,12 @@ impl Manager {
     /// Applies a proxy's activity report and shares it with the other
     /// nodes, so that the coordinator sees every proxy.
     pub async fn report_activity(&self, report: &ActivityReport) -> Result<usize> {
-        let known: HashSet<DbKey> = self
-            .store
-            .databases(None)
-            .await?
-            .into_iter()
-            .map(|r| r.key)
+        let reported: Vec<DbKey> = report
+            .databases
+            .iter()
+            .map(|d| DbKey::new(d.app.clone(), d.name.clone()))
             .collect();
+        let known = self.store.existing(&reported).await?;
         // Checked here once; the other nodes take what is passed on as it is.
         let known_only = ActivityReport {
             proxy_id: report.proxy_id.clone(),

@@ -62,13 +62,17 @@ impl Manager {
             ..inst
         };
         self.engines.prepare(rec.engine, &inst).await?;
+        let ports: Vec<u16> = inst.local().flat_map(ReplicaRecord::ports).collect();
+        // Allocated by the coordinator; held here too once this node
+        // restarted, so that no other database is given them.
+        ports.iter().for_each(|p| self.ports.hold(*p));
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut processes = Vec::new();
         for r in inst.local() {
             let spec = self.engines.process(rec.engine, &inst, r)?;
             match Supervised::start(spec.clone(), r.idx as usize, tx.clone()).await {
                 Ok(p) => {
-                    info!(database = %label, pid = p.pid(), host = %r.host, port = r.port, raft_port = ?r.raft_port, joining = inst.first_start && !inst.join.is_empty(), "engine process started");
+                    info!(database = %label, pid = p.pid(), adopted = p.adopted(), host = %r.host, port = r.port, raft_port = ?r.raft_port, joining = inst.first_start && !inst.join.is_empty(), "engine process started");
                     processes.push(p);
                 }
                 Err(e) => {
@@ -93,7 +97,6 @@ impl Manager {
                 ProcessEvent::Restarted { replica } => format!("replica {replica} restarted during start"),
             })),
         };
-        let ports: Vec<u16> = inst.local().flat_map(ReplicaRecord::ports).collect();
         if let Err(e) = alive {
             self.stop_all(processes).await;
             self.ports.release(ports);

@@ -89,6 +89,13 @@ pub struct Manager {
     /// Per-app database count and create rate.
     quotas: crate::quota::Quotas,
     started: Instant,
+    /// Each database's status as `_system` last said, for the status gauge
+    /// of databases this node has not touched since it started.
+    recorded: Mutex<HashMap<DbKey, DatabaseStatus>>,
+    /// The background loops, watched; `/healthz` reports dead ones.
+    pub tasks: rouse_runtime::tasks::Tasks,
+    /// Engine starts at once, granted in turn across apps.
+    starts: crate::start_gate::StartGate,
     /// Peer ids recorded in `_system` as members, and when each unknown
     /// peer last made this node read them again.
     members: Mutex<Members>,
@@ -114,6 +121,7 @@ impl Manager {
     ) -> Arc<Manager> {
         let (events, _) = broadcast::channel(4096);
         let quotas = crate::quota::Quotas::new(config.apps.clone());
+        let starts = crate::start_gate::StartGate::new(config.control.concurrent_starts());
         Arc::new_cyclic(|me| Manager {
             quotas,
             config,
@@ -131,12 +139,30 @@ impl Manager {
             patroni: Mutex::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
             started: Instant::now(),
+            recorded: Mutex::new(HashMap::new()),
+            tasks: rouse_runtime::tasks::Tasks::default(),
+            starts,
             me: me.clone(),
         })
     }
 
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// What keeps this node from doing its work: `_system` out of reach,
+    /// background loops that died. Empty when healthy.
+    pub async fn health_problems(&self) -> Vec<String> {
+        let mut problems: Vec<String> = self
+            .tasks
+            .dead()
+            .into_iter()
+            .map(|t| format!("background loop {t} is not running"))
+            .collect();
+        if !self.store.reachable().await {
+            problems.push("the metadata store (_system) does not answer or has no leader".into());
+        }
+        problems
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
@@ -219,11 +245,29 @@ impl Manager {
         self.store.set_status(key, status, reason).await
     }
 
+    /// Takes the statuses `_system` holds now, and counts them.
+    fn set_recorded(&self, records: &[DatabaseRecord]) {
+        *self.recorded.lock().expect("recorded poisoned") =
+            records.iter().map(|r| (r.key.clone(), r.status)).collect();
+        self.update_status_gauges();
+    }
+
+    /// `rouse_databases{status}`: what this node decided last, else what
+    /// `_system` said.
     fn update_status_gauges(&self) {
         let slots = self.slots.lock().expect("slots poisoned");
+        let recorded = self.recorded.lock().expect("recorded poisoned");
+        let view = |key: &DbKey| {
+            slots
+                .get(key)
+                .and_then(|s| s.view.lock().expect("view poisoned").status)
+        };
         let mut counts: HashMap<DatabaseStatus, u64> = HashMap::new();
-        for s in slots.values() {
-            if let Some(st) = s.view.lock().expect("view poisoned").status {
+        for (key, st) in recorded.iter() {
+            *counts.entry(view(key).unwrap_or(*st)).or_default() += 1;
+        }
+        for key in slots.keys().filter(|k| !recorded.contains_key(*k)) {
+            if let Some(st) = view(key) {
                 *counts.entry(st).or_default() += 1;
             }
         }
@@ -344,6 +388,7 @@ impl Manager {
 
     fn forget(&self, key: &DbKey) {
         self.activity.forget(key);
+        self.recorded.lock().expect("recorded poisoned").remove(key);
         self.slots.lock().expect("slots poisoned").remove(key);
         self.secrets.lock().expect("secrets poisoned").remove(key);
         self.update_status_gauges();

@@ -32,7 +32,7 @@ impl Manager {
         self.store
             .set_setting(REPLICATION_TARGET, &req.min_ha_nodes.to_string())
             .await?;
-        let current = self.store.databases(None).await?.len() as u32;
+        let current = self.store.databases_local(None).await?.len() as u32;
         let capacity: u32 = membership.live().iter().map(|m| m.max_databases).sum();
         let mut notes = vec![format!(
             "new rqlite databases get {} replicas unless they ask otherwise",

@@ -7,7 +7,7 @@ use rouse_control_api::*;
 use tracing::{info, warn};
 
 use super::Manager;
-use crate::cluster::{self, LocalStart, NodeRequest, NodeResponse, Notice};
+use crate::cluster::{LocalStart, NodeRequest, NodeResponse, Notice};
 use crate::engine;
 use crate::error::Result;
 use crate::metrics::REPLICA_REPLACEMENTS;
@@ -35,7 +35,7 @@ impl Manager {
             warn!(database = %rec.key, "the node holding this database is down; its engine keeps one copy, so it waits for that node");
             return Ok(());
         }
-        let mut load = cluster::load(&self.store.databases(None).await?);
+        let mut load = self.store.load().await?;
         let mut replicas = rec.replicas.clone();
         for gone in dead {
             let holding: HashSet<String> = replicas.iter().map(|r| r.node_id.clone()).collect();

@@ -12,16 +12,20 @@ use tracing::{debug, error, info, warn};
 use super::settings::pool_mode_setting;
 use super::Manager;
 use crate::cluster::LocalStart;
+use crate::engine;
 use crate::error::Result;
 use crate::metrics::PEERS;
 use crate::model::DatabaseRecord;
+use crate::process::{self, Supervised};
 
 impl Manager {
     /// At start: remove orphaned data directories (unless the metadata store
-    /// is new) and start what should run. Metadata that cannot be read
-    /// aborts this, so nothing is removed then.
+    /// is new), adopt the engines an earlier daemon left running, stop those
+    /// that should not run, and start what should run and does not.
+    /// Metadata that cannot be read aborts this, so nothing is removed then.
     pub async fn adopt(&self, remove_orphans: bool) -> Result<()> {
         let records = self.store.databases(None).await?;
+        self.set_recorded(&records);
         let mine: HashSet<String> = records
             .iter()
             .filter(|r| r.replicas.iter().any(|p| p.node_id == self.node_id))
@@ -46,6 +50,7 @@ impl Manager {
                 } else {
                     warn!(dir = %entry.path().display(), "removing orphaned data directory: no database in metadata");
                 }
+                stop_left_running(&entry.path()).await;
                 if let Err(e) = std::fs::remove_dir_all(entry.path()) {
                     error!(dir = %entry.path().display(), error = %e, "could not remove orphaned directory");
                 }
@@ -66,45 +71,57 @@ impl Manager {
                 }
             }
         }
-        let mut to_wake = Vec::new();
-        let mut to_rejoin = Vec::new();
+        let mut starts = Vec::new();
         for rec in &records {
+            if !mine.contains(&rec.key.internal()) || rec.engine == Engine::Patroni {
+                continue;
+            }
             let should_run = matches!(
                 rec.status,
                 DatabaseStatus::Active | DatabaseStatus::Waking | DatabaseStatus::Initializing
             );
-            if !should_run || !mine.contains(&rec.key.internal()) {
+            if !should_run {
+                // Hibernated or failed while the last daemon was going away.
+                stop_left_running(&self.db_dir(&rec.key)).await;
                 continue;
             }
-            if rec.replicas.iter().all(|r| r.node_id == self.node_id) {
+            let start = if rec.replicas.iter().any(|r| r.node_id != self.node_id) {
+                // Spread over nodes: this node's replicas rejoin their cluster.
+                Restart::Rejoin
+            } else if rec.status == DatabaseStatus::Active && self.left_running(rec) {
+                Restart::Adopt
+            } else {
                 // Until its restart is done, a database that should run is waking.
                 self.set_view(&rec.key, DatabaseStatus::Waking, Vec::new());
-                to_wake.push(rec.key.clone());
-            } else {
-                // Spread over nodes: this node's replicas rejoin their cluster.
-                to_rejoin.push(rec.key.clone());
-            }
+                Restart::Wake
+            };
+            starts.push((rec.clone(), start));
         }
         info!(
             databases = records.len(),
-            starting = to_wake.len() + to_rejoin.len(),
+            adopting = starts.iter().filter(|(_, s)| *s == Restart::Adopt).count(),
+            starting = starts.iter().filter(|(_, s)| *s != Restart::Adopt).count(),
             "adopting databases"
         );
         let limit = Arc::new(tokio::sync::Semaphore::new(4));
-        for (key, rejoin) in to_wake
-            .into_iter()
-            .map(|k| (k, false))
-            .chain(to_rejoin.into_iter().map(|k| (k, true)))
-        {
+        for (rec, start) in starts {
             let me = self.me.clone();
             let limit = limit.clone();
             tokio::spawn(async move {
                 let _permit = limit.acquire().await;
                 let Some(m) = me.upgrade() else { return };
-                let result = if rejoin {
-                    m.start_local(&key, LocalStart::default()).await
-                } else {
-                    m.wake_here(&key).await.map(|_| ())
+                let key = &rec.key;
+                let result = match start {
+                    Restart::Rejoin => m.start_local(key, LocalStart::default()).await,
+                    Restart::Adopt => match m.readopt(&rec).await {
+                        Ok(()) => Ok(()),
+                        Err(e) => {
+                            warn!(database = %key, error = %e, "could not adopt the running engine; starting it again");
+                            m.set_view(key, DatabaseStatus::Waking, Vec::new());
+                            m.wake_here(key).await.map(|_| ())
+                        }
+                    },
+                    Restart::Wake => m.wake_here(key).await.map(|_| ()),
                 };
                 if let Err(e) = result {
                     error!(database = %key, error = %e, "could not restart database");
@@ -114,12 +131,44 @@ impl Manager {
         Ok(())
     }
 
+    /// Whether every replica of this node still runs as the last daemon
+    /// left it.
+    fn left_running(&self, rec: &DatabaseRecord) -> bool {
+        let dir = self.db_dir(&rec.key).join(rec.engine.as_str());
+        rec.replicas
+            .iter()
+            .filter(|r| r.node_id == self.node_id)
+            .all(|r| process::pidfile::live(&engine::pid_file(&dir, r)).is_some())
+    }
+
+    /// Takes over a database whose engines outlived the last daemon: its
+    /// processes are adopted and it stays active, with no status change
+    /// for the proxies to act on.
+    async fn readopt(&self, rec: &DatabaseRecord) -> Result<()> {
+        for r in rec.replicas.iter().filter(|r| r.node_id == self.node_id) {
+            for port in r.ports() {
+                self.ports.hold(port);
+            }
+        }
+        self.start_local(&rec.key, LocalStart::default()).await?;
+        let endpoints = self.ready_everywhere(rec, &rec.replicas).await?;
+        self.set_view(&rec.key, DatabaseStatus::Active, endpoints.clone());
+        self.publish(Event::Leader {
+            app: rec.key.app.clone(),
+            name: rec.key.db.clone(),
+            endpoints,
+        });
+        info!(database = %rec.key, "adopted the running engine");
+        Ok(())
+    }
+
     /// On the coordinator: hibernates databases idle for
     /// `hibernation_timeout` with no open session on any node's proxies.
     pub async fn run_idle_reaper(self: Arc<Self>) {
         let timeout = self.config.database.hibernation_timeout;
         if timeout.is_zero() {
-            return;
+            // Nothing to do, ever; ending would read as a failed loop.
+            return std::future::pending().await;
         }
         let tick = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
         let mut interval = tokio::time::interval(tick);
@@ -128,7 +177,13 @@ impl Manager {
             if self.membership().await.coordinator().is_some() {
                 continue;
             }
-            let Ok(records) = self.store.databases(None).await else {
+            // Only active databases can go to sleep: the work per turn grows
+            // with them, not with every database held.
+            let Ok(records) = self
+                .store
+                .databases_local(Some(DatabaseStatus::Active))
+                .await
+            else {
                 continue;
             };
             let now = now_ms();
@@ -172,9 +227,10 @@ impl Manager {
             PEERS
                 .gauge(["unhealthy".into()])
                 .set((peers.len() - healthy) as f64);
-            let Ok(records) = self.store.databases(None).await else {
+            let Ok(records) = self.store.databases_local(None).await else {
                 continue;
             };
+            self.set_recorded(&records);
             let mine: Vec<&DatabaseRecord> = records
                 .iter()
                 .filter(|r| r.replicas.iter().any(|p| p.node_id == self.node_id))
@@ -278,16 +334,85 @@ impl Manager {
         }
     }
 
-    /// Stops every engine, keeping each database's status so that the next
-    /// start brings back what ran.
+    /// Rotates the logs of this node's running engines (and `_system`'s)
+    /// once they pass `control.engine_log_max_bytes`.
+    pub async fn rotate_engine_logs(self: Arc<Self>) {
+        let (max, keep) = (
+            self.config.control.engine_log_max_bytes,
+            self.config.control.engine_log_keep,
+        );
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            let mut dirs = vec![self.config.node.data_dir.join("_system")];
+            for (key, slot) in self.all_slots() {
+                if slot.running.try_lock().is_ok_and(|r| r.is_some()) {
+                    dirs.push(self.db_dir(&key));
+                }
+            }
+            for dir in dirs {
+                for engine in [Engine::Rqlite, Engine::Postgres] {
+                    let Ok(entries) = std::fs::read_dir(dir.join(engine.as_str())) else {
+                        continue;
+                    };
+                    for path in entries.flatten().map(|e| e.path()) {
+                        if path.extension().is_some_and(|e| e == "log") {
+                            if let Err(e) = process::rotate_log(&path, max, keep) {
+                                warn!(log = %path.display(), error = %e, "could not rotate an engine log");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Leaves every engine running for the next daemon to adopt or, with
+    /// `control.stop_engines_on_exit`, stops them; either way each
+    /// database keeps its status, so the next start brings back what ran.
     pub async fn shutdown(&self) {
+        self.tasks.abort_all();
+        let stop = self.config.control.stop_engines_on_exit;
         let slots = self.all_slots();
         futures::future::join_all(slots.into_iter().map(|(key, slot)| async move {
-            if let Some(run) = slot.running.lock().await.take() {
+            let Some(run) = slot.running.lock().await.take() else {
+                return;
+            };
+            if stop {
                 info!(database = %key, "stopping engine for shutdown");
                 self.stop_all(run.processes).await;
+            } else {
+                run.processes.into_iter().for_each(Supervised::detach);
             }
         }))
         .await;
+    }
+}
+
+/// How a database that should run is brought back when the daemon starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restart {
+    /// Its engines outlived the last daemon: supervise them again.
+    Adopt,
+    /// Start it here (it was active but its engines are gone, or a wake or
+    /// create was under way).
+    Wake,
+    /// Start this node's replicas of a database spread over nodes.
+    Rejoin,
+}
+
+/// Stops every engine process an earlier daemon left running under a
+/// database's directory (`<dir>/<engine>/node-<i>.pid`).
+async fn stop_left_running(db_dir: &std::path::Path) {
+    for engine in [Engine::Rqlite, Engine::Postgres] {
+        let Ok(entries) = std::fs::read_dir(db_dir.join(engine.as_str())) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "pid") {
+                process::stop_survivor(&path, engine::stop_signal(engine)).await;
+            }
+        }
     }
 }

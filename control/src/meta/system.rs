@@ -18,7 +18,7 @@ use crate::error::{ControlError, Result};
 use crate::meta::Store;
 use crate::model::ReplicaRecord;
 use crate::ports::PortAllocator;
-use crate::process::{ProcessEvent, Supervised};
+use crate::process::{self, ProcessEvent, Supervised};
 use crate::rqlite::RqliteClient;
 
 #[derive(Serialize, Deserialize, PartialEq)]
@@ -81,22 +81,35 @@ impl SystemDb {
             .and_then(|b| serde_json::from_slice(&b).ok());
         let host = config.control.replica_hosts[0];
         let d = &config.database;
-        let http = ports.allocate(
-            d.port_range_http_start..=d.port_range_http_end,
-            host,
-            saved.as_ref().map(|s| s.http_port),
-        )?;
-        let raft = ports.allocate(
-            d.port_range_raft_start..=d.port_range_raft_end,
-            host,
-            saved.as_ref().map(|s| s.raft_port),
-        )?;
-        let replicas = [ReplicaRecord {
+        // A member left running by the daemon before this one keeps its
+        // ports: it is adopted, not started again.
+        let member = ReplicaRecord {
             idx: 0,
             node_id: node_id.to_string(),
             host: host.to_string(),
+            port: 0,
+            raft_port: None,
+        };
+        let adopting = process::pidfile::live(&engine::pid_file(&root.join("rqlite"), &member));
+        let port = |range: std::ops::RangeInclusive<u16>, preferred: Option<u16>| match preferred {
+            Some(p) if adopting.is_some() => {
+                ports.hold(p);
+                Ok(p)
+            }
+            _ => ports.allocate(range, host, preferred),
+        };
+        let http = port(
+            d.port_range_http_start..=d.port_range_http_end,
+            saved.as_ref().map(|s| s.http_port),
+        )?;
+        let raft = port(
+            d.port_range_raft_start..=d.port_range_raft_end,
+            saved.as_ref().map(|s| s.raft_port),
+        )?;
+        let replicas = [ReplicaRecord {
             port: http,
             raft_port: Some(raft),
+            ..member
         }];
         let probe = Instance {
             label: "_system",
@@ -197,8 +210,13 @@ impl SystemDb {
         })
     }
 
-    pub async fn stop(self, grace: std::time::Duration) {
-        self.process.stop(grace).await;
+    /// Stops this node's member, or leaves it running for the next daemon.
+    pub async fn stop(self, grace: std::time::Duration, leave_running: bool) {
+        if leave_running {
+            self.process.detach();
+        } else {
+            self.process.stop(grace).await;
+        }
     }
 }
 

@@ -18,4 +18,5 @@ mod proxy_patroni;
 mod proxy_pg;
 mod proxy_redis_front;
 mod proxy_shared;
+mod restarts;
 mod stats_page;

@@ -1,7 +1,12 @@
 //! Engine processes: spawned with their output in a log file, restarted with
 //! backoff when they die unexpectedly, stopped gracefully (signal, grace
-//! period, SIGKILL). A child also dies with the daemon (parent-death signal),
-//! so a killed daemon leaves no orphans behind.
+//! period, SIGKILL). They outlive the daemon: a daemon that restarts (a crash,
+//! an upgrade) adopts the processes its pid files name, when they are still
+//! the processes it started with the command line it would use now, and
+//! supervises them again without a restart.
+
+mod handle;
+pub mod pidfile;
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -11,8 +16,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot};
+
+use handle::{signal, Handle};
 
 /// How to run one engine process.
 #[derive(Debug, Clone)]
@@ -47,9 +54,11 @@ pub enum ProcessEvent {
     GaveUp { replica: usize, reason: String },
 }
 
-/// A running, supervised process. Dropping it without `stop` kills it.
+/// A running, supervised process. Dropping it without `stop` or `detach`
+/// kills it.
 pub struct Supervised {
     pid: Arc<AtomicU32>,
+    adopted: bool,
     stop_tx: Option<oneshot::Sender<(Duration, oneshot::Sender<()>)>>,
 }
 
@@ -58,32 +67,47 @@ const MAX_FAST_FAILURES: u32 = 5;
 const HEALTHY_RUN: Duration = Duration::from_secs(10);
 
 impl Supervised {
-    /// Spawns the process now (so a missing binary is an immediate error),
-    /// then supervises it.
+    /// Adopts the process an earlier daemon left running for this spec, or
+    /// spawns it now (so a missing binary is an immediate error); then
+    /// supervises it.
     pub async fn start(
         spec: ProcessSpec,
         replica: usize,
         events: mpsc::UnboundedSender<ProcessEvent>,
     ) -> std::io::Result<Supervised> {
-        let child = spawn(&spec).await?;
-        let pid = Arc::new(AtomicU32::new(child.id().unwrap_or(0)));
+        let adopted = match adoptable(&spec) {
+            Some(pid) => Handle::adopt(pid).ok(),
+            None => None,
+        };
+        let is_adopted = adopted.is_some();
+        let handle = match adopted {
+            Some(h) => h,
+            None => Handle::Child(spawn(&spec).await?),
+        };
+        let pid = Arc::new(AtomicU32::new(handle.pid()));
         let (stop_tx, stop_rx) = oneshot::channel();
         tokio::spawn(supervise(
             spec,
             replica,
-            child,
+            handle,
             pid.clone(),
             stop_rx,
             events,
         ));
         Ok(Supervised {
             pid,
+            adopted: is_adopted,
             stop_tx: Some(stop_tx),
         })
     }
 
     pub fn pid(&self) -> u32 {
         self.pid.load(Ordering::Relaxed)
+    }
+
+    /// Whether it was left running by an earlier daemon and adopted.
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     /// Stops the process: its stop signal, then SIGKILL after `grace`.
@@ -95,6 +119,12 @@ impl Supervised {
             }
         }
     }
+
+    /// Leaves the process running, unsupervised, for the next daemon to adopt.
+    pub fn detach(mut self) {
+        // The supervisor sees its channel close without an order and returns.
+        self.stop_tx.take();
+    }
 }
 
 impl Drop for Supervised {
@@ -105,10 +135,21 @@ impl Drop for Supervised {
     }
 }
 
+/// The pid of a process an earlier daemon started for this spec: its pid
+/// file names a live process with the recorded start time and command line,
+/// and that runs the spec's program. Its arguments may be those of its first
+/// start (a join) or of an older config: they apply at its next start.
+/// Anything else is stopped and started afresh.
+fn adoptable(spec: &ProcessSpec) -> Option<u32> {
+    let pid = pidfile::live(&spec.pid_file)?;
+    let program = pidfile::command_line(pid).into_iter().next()?;
+    (program == spec.program.as_os_str()).then_some(pid)
+}
+
 async fn supervise(
     spec: ProcessSpec,
     replica: usize,
-    mut child: Child,
+    mut process: Handle,
     pid: Arc<AtomicU32>,
     mut stop_rx: oneshot::Receiver<(Duration, oneshot::Sender<()>)>,
     events: mpsc::UnboundedSender<ProcessEvent>,
@@ -118,16 +159,14 @@ async fn supervise(
     loop {
         tokio::select! {
             stop = &mut stop_rx => {
-                let grace = stop.as_ref().map(|(g, _)| *g).unwrap_or(Duration::ZERO);
-                terminate(&mut child, spec.stop_signal, grace).await;
+                // Closed without an order: detached, or dropped (which killed it).
+                let Ok((grace, done)) = stop else { return };
+                process.terminate(spec.stop_signal, grace).await;
                 let _ = std::fs::remove_file(&spec.pid_file);
-                if let Ok((_, done)) = stop {
-                    let _ = done.send(());
-                }
+                let _ = done.send(());
                 return;
             }
-            status = child.wait() => {
-                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            status = process.wait() => {
                 if started.elapsed() >= HEALTHY_RUN {
                     fast_failures = 0;
                 }
@@ -156,8 +195,8 @@ async fn supervise(
                 }
                 match spawn(&spec).await {
                     Ok(c) => {
-                        child = c;
-                        pid.store(child.id().unwrap_or(0), Ordering::Relaxed);
+                        process = Handle::Child(c);
+                        pid.store(process.pid(), Ordering::Relaxed);
                         started = Instant::now();
                         let _ = events.send(ProcessEvent::Restarted { replica });
                     }
@@ -173,18 +212,7 @@ async fn supervise(
     }
 }
 
-async fn terminate(child: &mut Child, stop_signal: i32, grace: Duration) {
-    if let Some(pid) = child.id() {
-        signal(pid, stop_signal);
-        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
-            return;
-        }
-        tracing::warn!(pid, grace = ?grace, "process did not stop in time, killing it");
-    }
-    let _ = child.kill().await;
-}
-
-async fn spawn(spec: &ProcessSpec) -> std::io::Result<Child> {
+async fn spawn(spec: &ProcessSpec) -> std::io::Result<tokio::process::Child> {
     stop_survivor(&spec.pid_file, spec.stop_signal).await;
     let log = File::options().create(true).append(true).open(&spec.log)?;
     let mut cmd = Command::new(&spec.program);
@@ -193,33 +221,22 @@ async fn spawn(spec: &ProcessSpec) -> std::io::Result<Child> {
         .stdout(log.try_clone()?)
         .stderr(log)
         // Its own process group: a Ctrl-C meant for the daemon must not
-        // reach the engines before the daemon stops them in order.
+        // reach the engines, which outlive it.
         .process_group(0);
     if let Some((uid, gid)) = spec.user {
         cmd.uid(uid).gid(gid);
     }
-    if let Some(sandbox) = &spec.sandbox {
+    if let Some(sandbox) = spec.sandbox.clone() {
         cmd.env("TMPDIR", sandbox.dir());
-    }
-    let death_signal = spec.stop_signal;
-    let sandbox = spec.sandbox.clone();
-    // SAFETY: prctl and the sandbox's entry are plain syscalls; they run in
-    // the child after the uid change (which would otherwise clear the
-    // death signal) and before exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(sandbox) = &sandbox {
-                sandbox.enter()?;
-            }
-            Ok(())
-        });
+        // SAFETY: the sandbox's entry is plain syscalls; it runs in the
+        // child after the uid change and before exec.
+        unsafe {
+            cmd.pre_exec(move || sandbox.enter());
+        }
     }
     let child = cmd.spawn()?;
     if let Some(pid) = child.id() {
-        let _ = std::fs::write(&spec.pid_file, pid.to_string());
+        pidfile::write(&spec.pid_file, pid);
     }
     Ok(child)
 }
@@ -227,18 +244,15 @@ async fn spawn(spec: &ProcessSpec) -> std::io::Result<Child> {
 /// A process left from an earlier daemon (its pid file names a live process
 /// whose command line mentions the pid file's directory) is stopped first,
 /// so that it releases its ports and data directory.
-async fn stop_survivor(pid_file: &Path, stop_signal: i32) {
-    let Some(pid) = std::fs::read_to_string(pid_file)
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-    else {
+pub async fn stop_survivor(pid_file: &Path, stop_signal: i32) {
+    let Some(pid) = pidfile::pid(pid_file) else {
         return;
     };
     let Some(dir) = pid_file.parent().and_then(|d| d.to_str()) else {
         return;
     };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if !String::from_utf8_lossy(&cmdline).contains(dir) {
+    let cmdline = pidfile::command_line(pid);
+    if !cmdline.iter().any(|a| a.to_string_lossy().contains(dir)) {
         return;
     }
     tracing::warn!(pid, pid_file = %pid_file.display(), "stopping a process left by an earlier run");
@@ -250,13 +264,29 @@ async fn stop_survivor(pid_file: &Path, stop_signal: i32) {
     signal(pid, libc::SIGKILL);
 }
 
-fn signal(pid: u32, sig: i32) {
-    if pid > 0 {
-        // SAFETY: plain syscall on a pid we started.
-        unsafe {
-            libc::kill(pid as libc::pid_t, sig);
-        }
+/// Rotates an engine's log once it is larger than `max` bytes: `log.1` …
+/// `log.<keep>` keep older content, and the log itself is emptied in place,
+/// since the engine holds it open for appending (copy and truncate).
+/// Whether it rotated.
+pub fn rotate_log(log: &Path, max: u64, keep: u32) -> std::io::Result<bool> {
+    if std::fs::metadata(log)?.len() <= max {
+        return Ok(false);
     }
+    let numbered = |i: u32| {
+        let mut name = log.as_os_str().to_owned();
+        name.push(format!(".{i}"));
+        PathBuf::from(name)
+    };
+    if keep > 0 {
+        for i in (1..keep).rev() {
+            if numbered(i).exists() {
+                std::fs::rename(numbered(i), numbered(i + 1))?;
+            }
+        }
+        std::fs::copy(log, numbered(1))?;
+    }
+    File::options().write(true).open(log)?.set_len(0)?;
+    Ok(true)
 }
 
 /// The last `n` lines of a log file, joined with " | ".
@@ -290,4 +320,38 @@ pub fn chown_tree(path: &Path, (uid, gid): (u32, u32)) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_large_log_is_rotated_and_the_writer_keeps_appending() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("node-0.log");
+        // The engine's view: one descriptor opened for appending, kept.
+        let mut engine = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        for round in 1..=4u8 {
+            engine.write_all(&[b'0' + round; 100]).unwrap();
+            assert!(rotate_log(&log, 50, 2).unwrap());
+        }
+        assert!(!rotate_log(&log, 50, 2).unwrap(), "an empty log stays");
+        engine.write_all(b"after").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"after");
+        assert_eq!(
+            std::fs::read(dir.path().join("node-0.log.1")).unwrap(),
+            [b'4'; 100]
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("node-0.log.2")).unwrap(),
+            [b'3'; 100]
+        );
+        assert!(!dir.path().join("node-0.log.3").exists(), "only two kept");
+    }
 }
