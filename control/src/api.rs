@@ -402,6 +402,10 @@ async fn route(
             c.proxy("list nodes")?;
             reply(S::OK, m.nodes().await)
         }
+        (&Method::GET, ["capacity"]) => {
+            c.proxy("read capacity")?;
+            reply(S::OK, m.capacity().await)
+        }
         _ => return Err(not_routed(method, path)),
     })
 }

@@ -36,6 +36,8 @@ pub enum Command {
     },
     /// Control nodes and their capacity.
     Nodes,
+    /// What each node holds and how much more it can take.
+    Capacity,
 }
 
 #[derive(Subcommand, Debug)]
@@ -263,6 +265,7 @@ pub async fn run(client: &Client, cmd: Command) -> Result<(), ClientError> {
             TokenCmd::Revoke { id } => print(&client.revoke_token(&id).await?),
         },
         Command::Nodes => print(&client.nodes().await?),
+        Command::Capacity => print(&client.capacity().await?),
     }
     Ok(())
 }

@@ -50,6 +50,15 @@ impl PortAllocator {
         self.held.lock().expect("port set poisoned").insert(port);
     }
 
+    /// Ports of `range` that are neither held here nor bound by anything
+    /// else on `host` (each one probed).
+    pub fn free_in(&self, range: RangeInclusive<u16>, host: IpAddr) -> u32 {
+        let held = self.held.lock().expect("port set poisoned").clone();
+        range
+            .filter(|p| !held.contains(p) && bind_probe(host, *p))
+            .count() as u32
+    }
+
     pub fn release(&self, ports: impl IntoIterator<Item = u16>) {
         let mut held = self.held.lock().expect("port set poisoned");
         for p in ports {

@@ -314,6 +314,10 @@ impl Client {
         self.get("/nodes").await
     }
 
+    pub async fn capacity(&self) -> Result<Capacity, ClientError> {
+        self.get("/capacity").await
+    }
+
     pub async fn create_token(&self, role: &Role) -> Result<TokenCreated, ClientError> {
         self.post("/tokens", &CreateToken { role: role.clone() })
             .await

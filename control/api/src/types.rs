@@ -383,6 +383,54 @@ pub struct NodeInfo {
     pub addresses: Vec<String>,
 }
 
+/// `GET /capacity`: what each node holds and how much more it can take.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Capacity {
+    pub nodes: Vec<NodeCapacity>,
+}
+
+/// One node's load and room, as it measured them at its last health check
+/// (the answering node: now).
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct NodeCapacity {
+    pub node_id: String,
+    pub healthy: bool,
+    /// Databases with a replica here, and how many of them run / sleep.
+    pub databases: u32,
+    pub active: u32,
+    pub hibernating: u32,
+    pub max_databases: u32,
+    /// Proportional set size of the engine processes running here
+    /// (PostgreSQL with its backends).
+    pub engine_memory_bytes: u64,
+    /// The machine's available memory (`MemAvailable`).
+    pub memory_available_bytes: u64,
+    /// Free ports left in each configured range.
+    pub ports_left: PortsLeft,
+    /// How many more databases fit, by each bound, at the current averages.
+    pub room: Room,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct PortsLeft {
+    pub rqlite_http: u32,
+    pub rqlite_raft: u32,
+    pub postgres: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct Room {
+    /// `max_databases` minus the databases held.
+    pub databases: u32,
+    /// More databases that could run at once in the available memory, at
+    /// the average engine memory of those running (absent while none runs).
+    pub active_by_memory: Option<u32>,
+    /// More rqlite databases (one HTTP and one Raft port each) and
+    /// PostgreSQL databases the port ranges allow running at once.
+    pub rqlite_by_ports: u32,
+    pub postgres_by_ports: u32,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeList {
     pub nodes: Vec<NodeInfo>,

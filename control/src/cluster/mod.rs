@@ -249,6 +249,7 @@ mod tests {
                 addresses: Vec::new(),
                 replica_host: String::new(),
                 system: None,
+                capacity: None,
             },
         }
     }

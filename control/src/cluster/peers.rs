@@ -190,6 +190,7 @@ impl Peers {
                 addresses: Vec::new(),
                 replica_host: config.control.replica_hosts[0].to_string(),
                 system: None,
+                capacity: None,
             }),
         });
         let (commands, rx) = mpsc::unbounded_channel();
@@ -233,10 +234,11 @@ impl Peers {
     }
 
     /// Updates what this node's heartbeats say about its load.
-    pub fn set_load(&self, databases: u32, active_databases: u32) {
+    pub fn set_load(&self, capacity: rouse_control_api::NodeCapacity) {
         let mut local = self.shared.local.lock().unwrap_or_else(|e| e.into_inner());
-        local.databases = databases;
-        local.active_databases = active_databases;
+        local.databases = capacity.databases;
+        local.active_databases = capacity.active;
+        local.capacity = Some(capacity);
     }
 
     /// Announces this node's `_system` member in its heartbeats.

@@ -58,6 +58,9 @@ pub struct Heartbeat {
     /// The sender's member of the `_system` cluster, once it runs one.
     #[serde(default)]
     pub system: Option<SystemMember>,
+    /// The sender's load and room, as its last health check measured them.
+    #[serde(default)]
+    pub capacity: Option<rouse_control_api::NodeCapacity>,
 }
 
 /// A node's member of the `_system` rqlite cluster.

@@ -9,6 +9,7 @@
 //! (the first caller starts the engine, the others find it running when they
 //! get the lock); the other guards this node's processes of it.
 
+mod capacity;
 mod catalog;
 mod coordinator;
 mod create;

@@ -235,11 +235,8 @@ impl Manager {
                 .iter()
                 .filter(|r| r.replicas.iter().any(|p| p.node_id == self.node_id))
                 .collect();
-            let active = mine
-                .iter()
-                .filter(|r| self.info(r).status == DatabaseStatus::Active)
-                .count();
-            self.peers.set_load(mine.len() as u32, active as u32);
+            let capacity = self.measure_capacity(&mine).await;
+            self.peers.set_load(capacity);
             self.keep_local_replicas(&records).await;
             let membership = self.membership().await;
             if !membership.clustered() || membership.coordinator().is_some() {

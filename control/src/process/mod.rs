@@ -7,6 +7,7 @@
 
 mod handle;
 pub mod pidfile;
+pub mod usage;
 
 use std::ffi::OsString;
 use std::fs::File;

@@ -853,6 +853,68 @@ async fn the_command_line_drives_the_daemon() {
     assert!(!control.data_dir().join("cli_notes").exists());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_says_what_the_node_holds_and_how_much_more_fits() {
+    let control = Control::builder()
+        .hibernation_timeout("0")
+        .max_databases(10)
+        .port_ranges((16600, 16799), (23600, 23799), (30600, 30799))
+        .start()
+        .await
+        .unwrap();
+    let client = with_app(&control).await;
+    for db in ["awake", "asleep"] {
+        client
+            .create_database(&create_req(db, Engine::Rqlite, Some(1)))
+            .await
+            .unwrap();
+    }
+    client
+        .create_database(&create_req("pg", Engine::Postgres, None))
+        .await
+        .unwrap();
+    client
+        .hibernate(&name(APP), &name("asleep"), false)
+        .await
+        .unwrap();
+    let capacity = client.capacity().await.unwrap();
+    let node = &capacity.nodes[0];
+    assert_eq!(capacity.nodes.len(), 1);
+    assert_eq!(
+        (
+            node.databases,
+            node.active,
+            node.hibernating,
+            node.max_databases
+        ),
+        (3, 2, 1, 10)
+    );
+    assert_eq!(node.room.databases, 7);
+    // Two running engines, rqlited and a postmaster with its backends.
+    assert!(
+        node.engine_memory_bytes > 10 * 1024 * 1024,
+        "{}",
+        node.engine_memory_bytes
+    );
+    let per_engine = node.engine_memory_bytes / 2;
+    let by_memory = node.room.active_by_memory.unwrap();
+    assert_eq!(by_memory as u64, node.memory_available_bytes / per_engine);
+    // _system and the awake rqlite database hold a port pair; a hibernated
+    // database holds none. (Other tests' engines may take a few more.)
+    let left = node.ports_left.rqlite_http;
+    assert!((180..=198).contains(&left), "{left} of 200 HTTP ports left");
+    assert_eq!(
+        node.room.rqlite_by_ports,
+        left.min(node.ports_left.rqlite_raft)
+    );
+    assert!((180..=199).contains(&node.ports_left.postgres));
+
+    let (ok, out, err) = control_cli(&control, &["capacity"]).unwrap();
+    assert!(ok, "{err}");
+    let printed: rouse_control_api::Capacity = serde_json::from_str(&out).unwrap();
+    assert_eq!(printed.nodes[0].databases, 3);
+}
+
 #[test]
 fn a_bad_config_is_refused_with_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
