@@ -105,6 +105,12 @@ impl Stats {
                 })
             })
             .collect();
+        let capacity = self
+            .control
+            .capacity()
+            .await
+            .map(|c| c.nodes)
+            .unwrap_or_default();
         let backends = self.health.backends();
         json!({
             "proxy": {
@@ -116,6 +122,7 @@ impl Stats {
             "databases": databases,
             "backends": backends,
             "wakes": self.resolver.wake_history(),
+            "capacity": capacity,
         })
     }
 

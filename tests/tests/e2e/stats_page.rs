@@ -65,6 +65,17 @@ async fn the_stats_page_follows_a_database_from_hibernating_to_active() {
     assert!(dom.contains("Databases"), "{dom}");
     assert_eq!(status_of(&dom, "board"), "hibernating");
     assert_eq!(status_of(&dom, "ledger"), "active");
+    // The capacity section: this node holds two databases, one running.
+    let node_id = s.control.client().capacity().await.unwrap().nodes[0]
+        .node_id
+        .clone();
+    let capacity = dom
+        .split(&format!("<td>{node_id}</td>"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no capacity row for {node_id} in:\n{dom}"));
+    let row = &capacity[..capacity.find("</tr>").unwrap()];
+    assert!(row.contains("2 / "), "two databases held: {row}");
+    assert!(row.contains("by max_databases"), "{row}");
 
     // A request wakes the database; the page shows it active, and the wake.
     let resp = reqwest::Client::new()
