@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod cluster_key;
 mod engine;
 mod error;
+mod instance;
 mod lifecycle;
 mod meta;
 mod metrics;
@@ -39,6 +40,14 @@ use crate::lifecycle::Manager;
 use crate::meta::SystemDb;
 use crate::ports::PortAllocator;
 
+/// Before binding: with `upgrade`, stops the daemon running on this
+/// config's data directory (it leaves its engines for this one to adopt);
+/// without, refuses to start while one runs there.
+pub async fn make_way(config: &Config, upgrade: bool) -> anyhow::Result<()> {
+    let wait = config.control.stop_grace + std::time::Duration::from_secs(30);
+    Ok(instance::make_way(&config.node.data_dir, upgrade, wait).await?)
+}
+
 /// Runs the daemon on an already-bound API listener until `shutdown`
 /// resolves; its engines keep running for the next daemon to adopt (or
 /// stop, with `control.stop_engines_on_exit`).
@@ -63,6 +72,7 @@ pub async fn run(
     unsafe { libc::umask(0o077) };
     std::fs::create_dir_all(&config.node.data_dir)?;
     restrict_data_dir(&config.node.data_dir)?;
+    instance::claim(&config.node.data_dir);
     let node_id = meta::node_id(&config.node.data_dir)?;
     let cluster_key = cluster_key::ClusterKey::load(&config)?;
     let engines = EngineEnv::from_config(&config.control, &config.node.data_dir, &cluster_key)?;

@@ -33,7 +33,12 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon.
-    Serve,
+    Serve {
+        /// Take over from the daemon running on the same data directory:
+        /// it stops, its engines keep running and this one adopts them.
+        #[arg(long)]
+        upgrade: bool,
+    },
     #[command(flatten)]
     Client(cli::Command),
 }
@@ -54,8 +59,12 @@ async fn main() -> ExitCode {
         }
     };
     match args.command {
-        Command::Serve => {
+        Command::Serve { upgrade } => {
             rouse_runtime::server::raise_open_file_limit();
+            if let Err(e) = rouse_control::make_way(&config, upgrade).await {
+                eprintln!("rouse-control: {e}");
+                return ExitCode::from(2);
+            }
             let listener = match tokio::net::TcpListener::bind(config.control.api_addr).await {
                 Ok(l) => l,
                 Err(e) => {

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -334,6 +334,11 @@ struct Launch {
 
 impl Launch {
     fn spawn(&self) -> Result<ServerProcess> {
+        self.spawn_with(&[])
+    }
+
+    /// The daemon with extra arguments after `serve`.
+    fn spawn_with(&self, serve_args: &[&str]) -> Result<ServerProcess> {
         // `ip netns exec` execs the daemon itself: the pid is the daemon's.
         let mut cmd = match &self.netns {
             Some(ns) => {
@@ -346,6 +351,7 @@ impl Launch {
         cmd.arg("--config")
             .arg(&self.config)
             .arg("serve")
+            .args(serve_args)
             .envs(self.env.iter().map(|(key, value)| (key, value)));
         if let Some(dir) = self.config.parent() {
             cmd.current_dir(dir);
@@ -514,6 +520,30 @@ impl Control {
         // group gets SIGKILLed.
         self.process = self.launch.spawn()?;
         wait_healthy(&mut self.process, &self.api_url, self.api_ca.as_deref()).await
+    }
+}
+
+impl Control {
+    /// Starts a second daemon on the same data directory and config, as an
+    /// upgrade would (`serve --upgrade` when `take_over`), and waits for it:
+    /// with `take_over`, until it serves (it then replaces this one);
+    /// without, until it exits, giving its status and log.
+    pub async fn start_another(&mut self, take_over: bool) -> Result<Option<(ExitStatus, String)>> {
+        if take_over {
+            let mut new = self.launch.spawn_with(&["--upgrade"])?;
+            wait_healthy(&mut new, &self.api_url, self.api_ca.as_deref()).await?;
+            let old = std::mem::replace(&mut self.process, new);
+            // The old daemon exits by itself once the new one took over.
+            let mut old = old;
+            old.exit_within_secs(30).await?;
+            return Ok(None);
+        }
+        let mut second = self.launch.spawn_with(&[])?;
+        let status = second
+            .exit_within_secs(30)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the second daemon did not exit"))?;
+        Ok(Some((status, second.log_tail(20))))
     }
 }
 

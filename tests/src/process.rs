@@ -115,6 +115,11 @@ impl ServerProcess {
         Ok(())
     }
 
+    /// The leader's exit status, unless it still runs after `secs` seconds.
+    pub async fn exit_within_secs(&mut self, secs: u64) -> Result<Option<ExitStatus>> {
+        self.exit_within(Duration::from_secs(secs)).await
+    }
+
     /// The leader's exit status, unless it still runs after `timeout`.
     /// Polled: std's `Child`, which Drop can reap without a runtime, has no
     /// async wait.

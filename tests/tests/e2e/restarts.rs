@@ -267,3 +267,68 @@ async fn a_storm_of_wakes_from_two_apps_is_answered_in_turn() {
             .collect::<Vec<_>>()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_upgrade_takes_over_from_the_running_control_without_restarting_an_engine() {
+    let mut s = Stack::builder().start().await;
+    s.create("lite", Engine::Rqlite).await;
+    s.create("pg", Engine::Postgres).await;
+    let pids_before = [
+        engine_pid(&s, "lite", Engine::Rqlite),
+        engine_pid(&s, "pg", Engine::Postgres),
+    ];
+    // A second daemon on the same data directory is refused.
+    let (status, log) = s.control.start_another(false).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("another rouse-control"), "{log}");
+
+    // Reads go on through the proxy while the new daemon takes over.
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let reads = {
+        let (http, key, stop, tally) = (s.http.clone(), s.key.clone(), stop.clone(), tally.clone());
+        let url = format!("{}/{APP}/lite/db/query", s.proxy().url());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let sent = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&json!(["SELECT 1"]))
+                    .send()
+                    .await;
+                let r = match sent {
+                    Ok(resp) if resp.status().is_success() => Ok(()),
+                    Ok(resp) => Err(resp.status().to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                tally.record("read", r);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.control.start_another(true).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    reads.await.unwrap();
+    let errors = tally.errors.lock().unwrap().clone();
+    assert_eq!(tally.failed.load(Ordering::Relaxed), 0, "{errors:#?}");
+
+    let pids_after = [
+        engine_pid(&s, "lite", Engine::Rqlite),
+        engine_pid(&s, "pg", Engine::Postgres),
+    ];
+    assert_eq!(pids_after, pids_before, "the same engine processes run");
+    let info = s
+        .control
+        .client()
+        .database(&name(APP), &name("pg"))
+        .await
+        .unwrap();
+    assert_eq!(info.status, rouse_control_api::DatabaseStatus::Active);
+    let pg = s
+        .pg_connect("alice.shop", "wonderland", "pg")
+        .await
+        .unwrap();
+    pg.simple_query("SELECT 1").await.unwrap();
+}
