@@ -915,6 +915,50 @@ async fn capacity_says_what_the_node_holds_and_how_much_more_fits() {
     assert_eq!(printed.nodes[0].databases, 3);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_fails_while_the_metadata_store_does_not_answer() {
+    let control = Control::builder()
+        .hibernation_timeout("0")
+        .start()
+        .await
+        .unwrap();
+    let healthz = || async {
+        let resp = reqwest::get(format!("{}/healthz", control.api_url()))
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    };
+    assert_eq!(healthz().await.0, 200);
+    let pid_file = control.data_dir().join("_system/rqlite/node-0.pid");
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // A wedged _system member: alive, answering nothing.
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let resume = Resume(pid);
+    let (status, body) = healthz().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("_system"), "{body}");
+    drop(resume);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while healthz().await.0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "healthy again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[test]
 fn a_bad_config_is_refused_with_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
