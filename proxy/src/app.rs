@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use rouse_config::{Config, MemberRole};
 use rouse_control_api::Client;
+use rouse_runtime::tasks::Tasks;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -146,25 +147,27 @@ pub async fn run(
     let sockets = listeners.sockets(&config);
     let services = Arc::new(Services::build(&config)?);
     let s = &services;
-    let revocations = {
-        let (fleet, auth) = (s.fleet.clone(), s.auth.clone());
-        async move { fleet.follow_revocations(|r| auth.forget(&r)).await }
-    };
     let upstream = Arc::new(Upstream::default());
-    let tasks = [
-        tokio::spawn(learn_engine_ca(s.control.clone(), upstream.clone())),
-        tokio::spawn(revocations),
-        tokio::spawn(events::follow(
-            s.control.clone(),
-            s.resolver.clone(),
-            s.auth.clone(),
-        )),
-        tokio::spawn(s.activity.clone().report_forever(
-            s.control.clone(),
-            s.proxy_id.clone(),
-            p.activity_interval,
-        )),
-    ];
+    let learning = tokio::spawn(learn_engine_ca(s.control.clone(), upstream.clone()));
+    // Watched: a loop that ends or panics starts again, and /healthz says
+    // so while it is down.
+    let loops = Arc::new(Tasks::default());
+    let (fleet, auth) = (s.fleet.clone(), s.auth.clone());
+    loops.restarting("revocations", move || {
+        let (fleet, auth) = (fleet.clone(), auth.clone());
+        async move { fleet.follow_revocations(|r| auth.forget(&r)).await }
+    });
+    let (control, resolver, auth) = (s.control.clone(), s.resolver.clone(), s.auth.clone());
+    loops.restarting("control_events", move || {
+        events::follow(control.clone(), resolver.clone(), auth.clone())
+    });
+    let (activity, control, proxy_id) = (s.activity.clone(), s.control.clone(), s.proxy_id.clone());
+    let every = p.activity_interval;
+    loops.restarting("activity_report", move || {
+        activity
+            .clone()
+            .report_forever(control.clone(), proxy_id.clone(), every)
+    });
     let pg = PgFront::new(
         s.control.clone(),
         s.resolver.clone(),
@@ -208,6 +211,7 @@ pub async fn run(
         proxy_id: s.proxy_id.clone(),
         started: std::time::Instant::now(),
         auth: p.stats_auth.clone(),
+        loops: loops.clone(),
     });
     let connections = Arc::new(Connections::default());
     let mut servers = vec![
@@ -307,9 +311,8 @@ pub async fn run(
     }
     let _ = stop_tx.send(true);
     drain(servers, &connections, p.drain_grace).await;
-    for t in tasks {
-        t.abort();
-    }
+    learning.abort();
+    loops.abort_all();
     reloading.abort();
     Ok(())
 }

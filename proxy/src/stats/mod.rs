@@ -35,6 +35,8 @@ pub(crate) struct Stats {
     pub(crate) started: Instant,
     /// `user:password` the page asks for (`proxy.stats_auth`).
     pub(crate) auth: Option<String>,
+    /// The background loops; `/healthz` fails while one is down.
+    pub(crate) loops: Arc<rouse_runtime::tasks::Tasks>,
 }
 
 /// Whether a client at `peer` sending `authorization` may see the page.
@@ -165,7 +167,14 @@ impl Stats {
                 "text/plain; version=0.0.4",
                 rouse_runtime::telemetry::render_metrics(),
             ),
-            "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+            "/healthz" => match self.loops.dead() {
+                dead if dead.is_empty() => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+                dead => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("background loops not running: {}\n", dead.join(", ")),
+                ),
+            },
             _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",
