@@ -430,11 +430,12 @@ fn not_routed(method: &Method, path: &str) -> ControlError {
 }
 
 /// Server-sent events: one `event: <kind>` per lifecycle event, a comment
-/// every 15 s to keep proxies' connections alive, and `resync` when a slow
-/// reader missed events (it should drop all its cached routes).
+/// every few seconds, by which proxies know the stream is alive, and
+/// `resync` when a slow reader missed events (it should drop all its cached
+/// routes).
 fn events(m: &Arc<Manager>) -> Response<Body> {
     let rx = m.subscribe();
-    let tick = tokio::time::interval(Duration::from_secs(15));
+    let tick = tokio::time::interval(rouse_control_api::event::KEEP_ALIVE_EVERY);
     let stream = futures::stream::unfold((rx, tick), |(mut rx, mut tick)| async move {
         let chunk = tokio::select! {
             ev = rx.recv() => match ev {

@@ -92,7 +92,7 @@ impl Services {
 /// and the proxy's token.
 fn control_client(config: &Config) -> anyhow::Result<Client> {
     let p = &config.proxy;
-    let mut control = Client::new(&p.control_url);
+    let mut control = Client::new(&p.control_url).with_timeout(p.control_timeout);
     if let Some(file) = &p.control_ca_file {
         let pem = std::fs::read(file)
             .map_err(|e| anyhow::anyhow!("proxy.control_ca_file {}: {e}", file.display()))?;
@@ -181,6 +181,8 @@ pub async fn run(
         },
         &p,
     )?;
+    let front = pg.clone();
+    loops.restarting("pg_pools", move || front.clone().keep_pools());
     let proxy = Arc::new(Proxy {
         config: p.clone(),
         control: s.control.clone(),

@@ -20,12 +20,18 @@ pub(crate) async fn follow(control: Client, resolver: Arc<Resolver>, auth: Arc<A
     };
     let mut backoff = Duration::from_millis(100);
     loop {
-        match control.events().await {
-            Ok(mut resp) if resp.status().is_success() => {
+        let connected = tokio::time::timeout(event::SILENT_FOR, control.events()).await;
+        match connected {
+            Err(_) => debug!("control does not answer for its event stream"),
+            Ok(Ok(mut resp)) if resp.status().is_success() => {
                 forget_all();
                 backoff = Duration::from_millis(100);
                 let mut frames = event::Decoder::default();
-                while let Ok(Some(chunk)) = resp.chunk().await {
+                // Control sends a keep-alive every few seconds: silence means
+                // it is wedged or out of reach, and events may be missed.
+                while let Ok(Ok(Some(chunk))) =
+                    tokio::time::timeout(event::SILENT_FOR, resp.chunk()).await
+                {
                     let frames = match frames.push(&chunk) {
                         Ok(frames) => frames,
                         Err(e) => {
@@ -43,8 +49,8 @@ pub(crate) async fn follow(control: Client, resolver: Arc<Resolver>, auth: Arc<A
                 }
                 warn!("control event stream ended; reconnecting");
             }
-            Ok(resp) => warn!(status = %resp.status(), "control refused the event stream"),
-            Err(e) => debug!(error = %e, "control event stream unavailable"),
+            Ok(Ok(resp)) => warn!(status = %resp.status(), "control refused the event stream"),
+            Ok(Err(e)) => debug!(error = %e, "control event stream unavailable"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));

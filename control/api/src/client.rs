@@ -45,6 +45,16 @@ impl ClientError {
         matches!(self, ClientError::Api { status: 404, .. })
     }
 
+    /// Control could not answer: unreachable, timed out, or a gateway in
+    /// front of it said so. Worth asking again; its own refusals are not.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            ClientError::Transport { .. } => true,
+            ClientError::Protocol { status, .. } => matches!(status, 502..=504),
+            ClientError::Api { .. } => false,
+        }
+    }
+
     pub fn status(&self) -> Option<u16> {
         match self {
             ClientError::Api { status, .. } | ClientError::Protocol { status, .. } => Some(*status),
@@ -59,6 +69,8 @@ pub struct Client {
     http: reqwest::Client,
     /// The bearer token sent with every call.
     token: Option<String>,
+    /// How long a call may take (a wake: see [`Client::wake_within`]).
+    timeout: Option<Duration>,
 }
 
 impl Client {
@@ -71,6 +83,7 @@ impl Client {
             base: base.trim_end_matches('/').to_string(),
             http,
             token: None,
+            timeout: None,
         }
     }
 
@@ -93,6 +106,13 @@ impl Client {
             .fold(Self::builder(), |b, cert| b.add_root_certificate(cert));
         self.http = builder.build().map_err(|e| e.to_string())?;
         Ok(self)
+    }
+
+    /// Every call fails after `timeout` without an answer (a wedged control
+    /// must not hold its callers forever). The event stream is exempt.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
     }
 
     /// Calls with `Authorization: Bearer <token>` (see [`crate::Role`]).
@@ -120,9 +140,21 @@ impl Client {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
+        self.send_within(req, self.timeout).await
+    }
+
+    async fn send_within<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        timeout: Option<Duration>,
+    ) -> Result<T, ClientError> {
         let transport = |source| ClientError::Transport {
             url: self.base.clone(),
             source,
+        };
+        let req = match timeout {
+            Some(t) => req.timeout(t),
+            None => req,
         };
         let resp = self.authorized(req).send().await.map_err(transport)?;
         let status = resp.status().as_u16();
@@ -248,11 +280,22 @@ impl Client {
     }
 
     pub async fn wake(&self, app: &Name, db: &Name) -> Result<DatabaseInfo, ClientError> {
-        self.post(
-            &format!("/databases/{app}/{db}/wake"),
-            &serde_json::json!({}),
-        )
-        .await
+        self.wake_within(app, db, None).await
+    }
+
+    /// [`Client::wake`] that gives up after `limit` (a start may take
+    /// longer than other calls' timeout).
+    pub async fn wake_within(
+        &self,
+        app: &Name,
+        db: &Name,
+        limit: Option<Duration>,
+    ) -> Result<DatabaseInfo, ClientError> {
+        let req = self
+            .http
+            .post(self.url(&format!("/databases/{app}/{db}/wake")))
+            .json(&serde_json::json!({}));
+        self.send_within(req, limit).await
     }
 
     pub async fn hibernate(

@@ -17,8 +17,15 @@ pub enum Frame {
     Other,
 }
 
-/// Sent every so often on an idle stream.
+/// Sent every [`KEEP_ALIVE_EVERY`] on an idle stream.
 pub const KEEP_ALIVE: &str = ": keep-alive\n\n";
+
+/// How often control sends [`KEEP_ALIVE`].
+pub const KEEP_ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A stream silent this long is dead (a wedged control, a lost network):
+/// readers connect again.
+pub const SILENT_FOR: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The longest frame a reader takes; a longer one is a broken stream.
 pub const MAX_FRAME: usize = 1 << 20;

@@ -36,6 +36,10 @@ pub struct ProxyConfig {
     #[serde(with = "crate::duration")]
     pub wake_timeout: Duration,
     pub max_waiting: u32,
+    /// How long one call to control may take (a wake: `wake_timeout`). A
+    /// call that gets no answer is asked again while a request waits.
+    #[serde(with = "crate::duration")]
+    pub control_timeout: Duration,
     /// Credentials other than API keys.
     pub auth: AuthConfig,
     /// TLS for the PostgreSQL front (SSLRequest answered `S`); absent: `N`.
@@ -69,6 +73,14 @@ pub struct ProxyConfig {
     pub failed_login_limit: u32,
     /// Backend connections per database and role in transaction pooling.
     pub pool_size: usize,
+    /// A pooled backend connection unused this long is closed (PgBouncer's
+    /// `server_idle_timeout`).
+    #[serde(with = "crate::duration")]
+    pub server_idle_timeout: Duration,
+    /// A pooled backend connection this old is closed when it comes back
+    /// (PgBouncer's `server_lifetime`).
+    #[serde(with = "crate::duration")]
+    pub server_lifetime: Duration,
     /// How Patroni members are checked; every cluster uses these.
     pub patroni: PatroniChecks,
     /// Patroni clusters the proxy follows by their members' REST API.
@@ -134,6 +146,7 @@ impl Default for ProxyConfig {
             base_domain: None,
             wake_timeout: Duration::from_secs(30),
             max_waiting: 10_000,
+            control_timeout: Duration::from_secs(5),
             auth: AuthConfig::default(),
             tls: None,
             static_listeners: Vec::new(),
@@ -147,6 +160,8 @@ impl Default for ProxyConfig {
             max_pending_logins: 1_000,
             failed_login_limit: 50,
             pool_size: 20,
+            server_idle_timeout: Duration::from_secs(600),
+            server_lifetime: Duration::from_secs(3600),
             patroni: PatroniChecks::default(),
             patroni_clusters: Vec::new(),
             tcp_listeners: Vec::new(),

@@ -15,9 +15,9 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::cancel::CancelSlot;
-use super::error::{backend_err, PgError};
+use super::error::PgError;
 use super::login::Login;
-use super::proto::frame::{read_frame, typed, MAX_STARTUP};
+use super::proto::frame::{read_frame, typed, FrameError, MAX_STARTUP};
 use super::proto::messages;
 use super::proto::tags::{backend, error_field, AuthCode};
 use super::scram::{ClientExchange, Verifier};
@@ -35,10 +35,19 @@ pub(super) enum BackendTarget {
 }
 
 impl BackendTarget {
-    /// The address for a new backend connection.
-    pub(super) async fn addr(&self, resolver: &Resolver) -> Result<SocketAddr, PgError> {
+    /// The address for a new backend connection; `stale`: the last one
+    /// there was gone, so the route is resolved afresh (and the database
+    /// woken if it went to sleep).
+    pub(super) async fn addr(
+        &self,
+        resolver: &Resolver,
+        stale: bool,
+    ) -> Result<SocketAddr, PgError> {
         match self {
             BackendTarget::Managed(key) => {
+                if stale {
+                    resolver.invalidate(key);
+                }
                 let t = resolver
                     .target(key)
                     .await
@@ -167,7 +176,8 @@ impl PgFront {
                             .await?
                     }
                     BackendTarget::Cluster(..) => {
-                        pool.checkout(upstream.addr(&self.resolver).await?).await?
+                        pool.checkout(upstream.addr(&self.resolver, false).await?)
+                            .await?
                     }
                 };
                 pool.checkin(b);
@@ -231,10 +241,36 @@ impl PgFront {
             verifier.clone(),
             client_key,
             self.pool_size,
+            self.pool_times,
             read_only,
         ));
         pools.insert(id, p.clone());
         p
+    }
+
+    /// Every few seconds: closes pooled connections that went stale or
+    /// idle too long, and drops pools nobody uses (those of databases that
+    /// hibernated, moved or went away).
+    pub(crate) async fn keep_pools(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let pools: Vec<_> = {
+                let pools = self.pools.lock().expect("pools poisoned");
+                pools
+                    .iter()
+                    .map(|(id, p)| (id.clone(), p.clone()))
+                    .collect()
+            };
+            let unused: Vec<_> = pools.into_iter().filter(|(_, p)| p.sweep()).collect();
+            let mut pools = self.pools.lock().expect("pools poisoned");
+            for (id, pool) in unused {
+                // Unless a client took it up meanwhile.
+                if pools.get(&id).is_some_and(|p| Arc::ptr_eq(p, &pool)) && pool.sweep() {
+                    pools.remove(&id);
+                }
+            }
+        }
     }
 
     /// The health-checked cluster of a registered Patroni database; a new
@@ -278,13 +314,13 @@ pub(crate) async fn connect_backend(
     stream
         .write_all(&messages::startup(&startup))
         .await
-        .map_err(backend_err)?;
+        .map_err(|e| went_away(e.into()))?;
     backend_login(&mut stream, &mut buf, verifier, client_key).await?;
     let (mut pid, mut secret, mut greeting) = (0, 0, Vec::new());
     loop {
         let frame = read_frame(&mut stream, &mut buf, true, MAX_STARTUP * 10)
             .await
-            .map_err(|e| PgError::Backend(e.to_string()))?;
+            .map_err(went_away)?;
         match frame[0] {
             backend::BACKEND_KEY_DATA => {
                 let (_, mut body) = typed(frame);
@@ -301,12 +337,7 @@ pub(crate) async fn connect_backend(
                     ready: frame,
                 })
             }
-            backend::ERROR_RESPONSE => {
-                return Err(PgError::Backend(format!(
-                    "database refused the session: {}",
-                    error_text(&frame)
-                )))
-            }
+            backend::ERROR_RESPONSE => return Err(refused("session", &frame)),
             _ => greeting.push(frame),
         }
     }
@@ -323,13 +354,10 @@ async fn backend_login(
     loop {
         let frame = read_frame(backend, buf, true, MAX_STARTUP)
             .await
-            .map_err(|e| PgError::Backend(e.to_string()))?;
+            .map_err(went_away)?;
         let (tag, body) = typed(frame.clone());
         if tag == backend::ERROR_RESPONSE {
-            return Err(PgError::Backend(format!(
-                "database refused the login: {}",
-                error_text(&frame)
-            )));
+            return Err(refused("login", &frame));
         }
         if tag != backend::AUTHENTICATION {
             return Err(PgError::Backend(format!(
@@ -344,7 +372,7 @@ async fn backend_login(
             AuthCode::Sasl => backend
                 .write_all(&messages::sasl_initial_response(&first))
                 .await
-                .map_err(backend_err)?,
+                .map_err(|e| went_away(e.into()))?,
             AuthCode::SaslContinue => {
                 let server_first = String::from_utf8_lossy(&data);
                 let last = exchange
@@ -353,7 +381,7 @@ async fn backend_login(
                 backend
                     .write_all(&messages::sasl_response(&last))
                     .await
-                    .map_err(backend_err)?;
+                    .map_err(|e| went_away(e.into()))?;
             }
             AuthCode::SaslFinal => exchange
                 .verify(&String::from_utf8_lossy(&data))
@@ -367,13 +395,33 @@ async fn backend_login(
     }
 }
 
+/// The connection broke during login: the database went away (it is
+/// stopping), to be resolved again and woken; a malformed answer is the
+/// backend's fault.
+fn went_away(e: FrameError) -> PgError {
+    match e {
+        FrameError::Closed | FrameError::Io(_) => PgError::Unreachable(format!(
+            "the database closed the connection during login: {e}"
+        )),
+        FrameError::BadLength(..) => PgError::Backend(e.to_string()),
+    }
+}
+
+/// A refusal at login. A database that is shutting down or starting up
+/// (SQLSTATE class 57P: admin or crash shutdown, cannot connect now) is
+/// unreachable for now, to be resolved again and woken; anything else is
+/// the backend's answer.
+fn refused(what: &str, frame: &[u8]) -> PgError {
+    let text = format!("database refused the {what}: {}", error_text(frame));
+    match messages::error_field(frame, error_field::CODE) {
+        Some(code) if code.starts_with(b"57P") => PgError::Unreachable(text),
+        _ => PgError::Backend(text),
+    }
+}
+
 /// The `M` field of an ErrorResponse frame.
 fn error_text(frame: &[u8]) -> String {
-    frame
-        .get(5..)
-        .unwrap_or_default()
-        .split(|b| *b == 0)
-        .find_map(|f| f.strip_prefix(&[error_field::MESSAGE]))
+    messages::error_field(frame, error_field::MESSAGE)
         .map(|m| String::from_utf8_lossy(m).into_owned())
         .unwrap_or_default()
 }

@@ -129,7 +129,3 @@ impl From<FrameError> for PgError {
 pub(super) fn closed(e: std::io::Error) -> PgError {
     PgError::Closed(e.to_string())
 }
-
-pub(super) fn backend_err(e: std::io::Error) -> PgError {
-    PgError::Backend(e.to_string())
-}

@@ -91,6 +91,7 @@ pub(crate) struct PgFront {
     limits: Arc<RateLimits>,
     advertise_config: Option<SocketAddr>,
     pool_size: usize,
+    pool_times: pool::PoolTimes,
     startup_timeout: Duration,
     tls: Option<TlsAcceptor>,
     base_domain: Option<String>,
@@ -138,6 +139,10 @@ impl PgFront {
             limits: admission.limits,
             advertise_config: config.advertise_postgres_addr,
             pool_size: config.pool_size,
+            pool_times: pool::PoolTimes {
+                server_idle_timeout: config.server_idle_timeout,
+                server_lifetime: config.server_lifetime,
+            },
             // The startup includes the wake.
             startup_timeout: config.header_read_timeout + config.wake_timeout,
             tls,
@@ -267,11 +272,13 @@ impl PgFront {
             Mode::Transaction(pool, upstream) => {
                 let slot = self.cancels.slot(started.cancel).unwrap_or_default();
                 let (resolver, upstream) = (self.resolver.clone(), upstream.clone());
-                let addr =
-                    move || -> futures::future::BoxFuture<'static, Result<SocketAddr, PgError>> {
-                        let (resolver, upstream) = (resolver.clone(), upstream.clone());
-                        Box::pin(async move { upstream.addr(&resolver).await })
-                    };
+                let addr = move |stale| -> futures::future::BoxFuture<
+                    'static,
+                    Result<SocketAddr, PgError>,
+                > {
+                    let (resolver, upstream) = (resolver.clone(), upstream.clone());
+                    Box::pin(async move { upstream.addr(&resolver, stale).await })
+                };
                 if let Err(e) = pool::relay(client, buf, pool, addr, &slot).await {
                     debug!(database = %key, error = %e, "pooled postgres session ended");
                     let _ = client.write_all(&e.frame()).await;

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -19,7 +19,7 @@ use super::cancel::CancelSlot;
 use super::error::{closed, PgError};
 use super::proto::frame::{has_frame, read_frame, FrameError};
 use super::proto::messages;
-use super::proto::tags::{backend, frontend};
+use super::proto::tags::{backend, error_field, frontend};
 use super::scram::Verifier;
 use crate::net::MaybeTls;
 
@@ -27,6 +27,18 @@ use crate::net::MaybeTls;
 const MAX_MESSAGE: usize = 256 << 20;
 /// How long a client waits for a free backend connection.
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A transaction whose backend went away before the client heard anything
+/// is sent again on another one, at most this many times.
+const MAX_REPLAYS: u32 = 6;
+
+/// How long pooled backend connections live (PgBouncer's names).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolTimes {
+    /// An idle connection is closed after this long unused.
+    pub(crate) server_idle_timeout: Duration,
+    /// A connection is closed when it comes back after living this long.
+    pub(crate) server_lifetime: Duration,
+}
 
 /// One backend connection of a pool.
 pub(crate) struct Pooled {
@@ -36,10 +48,28 @@ pub(crate) struct Pooled {
     /// The current lease left session state behind (a `SET`, a temporary
     /// table, a session advisory lock...): reset before the next client.
     dirty: bool,
+    born: Instant,
+    idle_since: Instant,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Pooled {
+    /// Still fit to lend: neither idle nor alive too long, and nothing
+    /// arrived on it unasked. A backend that was stopped (a hibernation, a
+    /// restart) sends FATAL and closes; such a connection is dropped here,
+    /// so no client ever gets it.
+    fn usable(&self, times: &PoolTimes) -> bool {
+        let mut byte = [0u8; 1];
+        let quiet = matches!(
+            self.session.stream.try_read(&mut byte),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        );
+        quiet
+            && self.session.buf.is_empty()
+            && self.idle_since.elapsed() < times.server_idle_timeout
+            && self.born.elapsed() < times.server_lifetime
+    }
+
     /// `DISCARD ALL`, its answers kept from the client: session settings,
     /// temporary tables, advisory locks, prepared statements and cursors go.
     async fn reset(&mut self) -> Result<(), PgError> {
@@ -124,6 +154,10 @@ pub(crate) struct Pool {
     /// Idle connections keep their permit: permits bound all connections.
     idle: Mutex<Vec<Pooled>>,
     permits: Arc<Semaphore>,
+    size: usize,
+    times: PoolTimes,
+    /// The last checkout: a pool nobody uses is dropped.
+    last_used: Mutex<Instant>,
     returned: tokio::sync::Notify,
     /// ParameterStatus messages of the first backend, sent to each client.
     greeting: Mutex<Vec<BytesMut>>,
@@ -136,6 +170,7 @@ impl Pool {
         verifier: Arc<Verifier>,
         client_key: [u8; 32],
         size: usize,
+        times: PoolTimes,
         read_only: bool,
     ) -> Pool {
         Pool {
@@ -146,6 +181,9 @@ impl Pool {
             client_key: Mutex::new(client_key),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(size)),
+            size,
+            times,
+            last_used: Mutex::new(Instant::now()),
             returned: tokio::sync::Notify::new(),
             greeting: Mutex::new(Vec::new()),
         }
@@ -168,14 +206,16 @@ impl Pool {
     /// room, else the next one returned.
     pub(crate) async fn checkout(&self, addr: SocketAddr) -> Result<Pooled, PgError> {
         let deadline = tokio::time::Instant::now() + CHECKOUT_TIMEOUT;
+        *self.last_used.lock().expect("pool poisoned") = Instant::now();
         loop {
             let returned = self.returned.notified();
             loop {
                 let Some(b) = self.idle.lock().expect("pool poisoned").pop() else {
                     break;
                 };
-                // Connections to where the database used to run are dropped.
-                if b.session.addr == addr {
+                // Connections to where the database used to run, or that
+                // went stale, are dropped.
+                if b.session.addr == addr && b.usable(&self.times) {
                     return Ok(b);
                 }
             }
@@ -214,17 +254,35 @@ impl Pool {
                 *greeting = session.greeting.clone();
             }
         }
+        let now = Instant::now();
         Ok(Pooled {
             session,
             prepared: HashMap::new(),
             dirty: false,
+            born: now,
+            idle_since: now,
             _permit: permit,
         })
     }
 
-    pub(crate) fn checkin(&self, b: Pooled) {
-        self.idle.lock().expect("pool poisoned").push(b);
+    pub(crate) fn checkin(&self, mut b: Pooled) {
+        if b.born.elapsed() < self.times.server_lifetime {
+            b.idle_since = Instant::now();
+            self.idle.lock().expect("pool poisoned").push(b);
+        }
         self.returned.notify_one();
+    }
+
+    /// Closes idle connections that went stale or idle too long; whether
+    /// the pool is now empty and unused, so it can go (the database
+    /// hibernated, moved or was dropped, or its clients left).
+    pub(crate) fn sweep(&self) -> bool {
+        let mut idle = self.idle.lock().expect("pool poisoned");
+        idle.retain(|b| b.usable(&self.times));
+        idle.is_empty()
+            && self.permits.available_permits() == self.size
+            && self.last_used.lock().expect("pool poisoned").elapsed()
+                >= self.times.server_idle_timeout
     }
 }
 
@@ -235,12 +293,26 @@ struct Hidden {
     hide: bool,
 }
 
-/// Relays one client in transaction mode until it leaves.
+/// How a lease ended.
+enum Leased {
+    /// The transaction is over; the client goes on.
+    Done,
+    /// The client left.
+    ClientLeft,
+    /// The backend went away before the client heard anything of this
+    /// transaction (its database was stopped or restarted): the client's
+    /// messages, to be sent again on another backend.
+    Again(Vec<BytesMut>),
+}
+
+/// Relays one client in transaction mode until it leaves. `addr(stale)`
+/// is where new backend connections go; `stale` says the last one was
+/// gone (the route is resolved again, waking the database if need be).
 pub(crate) async fn relay(
     client: &mut MaybeTls,
     cbuf: &mut BytesMut,
     pool: &Pool,
-    addr: impl Fn() -> futures::future::BoxFuture<'static, Result<SocketAddr, PgError>>,
+    addr: impl Fn(bool) -> futures::future::BoxFuture<'static, Result<SocketAddr, PgError>>,
     cancel: &CancelSlot,
 ) -> Result<(), PgError> {
     let mut statements: HashMap<String, BytesMut> = HashMap::new();
@@ -257,17 +329,41 @@ pub(crate) async fn relay(
         if frame[0] == frontend::TERMINATE {
             return Ok(());
         }
-        // Boxed: a transaction's state lives on the heap while it runs, so
-        // an idle client holds only what is above.
-        let lease = Lease {
-            client: &mut *client,
-            cbuf: &mut *cbuf,
-            pool,
-            cancel,
-            statements: &mut statements,
-        };
-        if !Box::pin(lease.run(addr().await?, frame)).await? {
-            return Ok(());
+        let mut frame = frame;
+        let mut replays = 0;
+        loop {
+            // Boxed: a transaction's state lives on the heap while it runs,
+            // so an idle client holds only what is above.
+            let lease = Lease {
+                client: &mut *client,
+                cbuf: &mut *cbuf,
+                pool,
+                cancel,
+                statements: &mut statements,
+            };
+            match Box::pin(lease.run(addr(replays > 0).await?, frame)).await? {
+                Leased::Done => break,
+                Leased::ClientLeft => return Ok(()),
+                Leased::Again(_) if replays == MAX_REPLAYS => {
+                    return Err(PgError::Backend(
+                        "the database connection was lost and could not be made again".into(),
+                    ))
+                }
+                Leased::Again(mut sent) => {
+                    replays += 1;
+                    // Its database is stopping or starting: give it a moment.
+                    tokio::time::sleep(Duration::from_millis(50 << replays.min(4))).await;
+                    // The first message opens the lease again; the others
+                    // are read again from the client's buffer.
+                    let mut rest = BytesMut::new();
+                    for f in sent.drain(1..) {
+                        rest.extend_from_slice(&f);
+                    }
+                    rest.extend_from_slice(cbuf);
+                    *cbuf = rest;
+                    frame = sent.pop().expect("a lease starts with a message");
+                }
+            }
         }
     }
 }
@@ -284,8 +380,8 @@ struct Lease<'a> {
 }
 
 impl Lease<'_> {
-    /// Serves the transaction that `frame` opens; false when the client left.
-    async fn run(self, addr: SocketAddr, frame: BytesMut) -> Result<bool, PgError> {
+    /// Serves the transaction that `frame` opens.
+    async fn run(self, addr: SocketAddr, frame: BytesMut) -> Result<Leased, PgError> {
         let Lease {
             client,
             cbuf,
@@ -293,7 +389,18 @@ impl Lease<'_> {
             cancel,
             statements,
         } = self;
-        let mut leased = pool.checkout(addr).await?;
+        let mut leased = match pool.checkout(addr).await {
+            Ok(b) => b,
+            Err(PgError::Unreachable(_)) => return Ok(Leased::Again(vec![frame])),
+            Err(e) => return Err(e),
+        };
+        // The client's messages until it hears the first answer: what is
+        // sent again should this backend turn out to be gone.
+        let mut unanswered: Option<Vec<BytesMut>> = Some(Vec::new());
+        let gone = |unanswered: &mut Option<Vec<BytesMut>>, e: String| match unanswered.take() {
+            Some(sent) => Ok(Leased::Again(sent)),
+            None => Err(PgError::Backend(e)),
+        };
         *cancel.lock().expect("cancel poisoned") = Some((
             leased.session.addr,
             leased.session.pid,
@@ -308,6 +415,9 @@ impl Lease<'_> {
         let mut frame = Some(frame);
         loop {
             if let Some(f) = frame.take() {
+                if let Some(sent) = unanswered.as_mut() {
+                    sent.push(f.clone());
+                }
                 forward(
                     f,
                     b,
@@ -319,15 +429,13 @@ impl Lease<'_> {
                 if has_frame(cbuf, true, MAX_MESSAGE) {
                     frame = Some(read_frame(client, cbuf, true, MAX_MESSAGE).await?);
                     if frame.as_ref().is_some_and(|f| f[0] == frontend::TERMINATE) {
-                        return Ok(false);
+                        return Ok(Leased::ClientLeft);
                     }
                     continue;
                 }
-                b.session
-                    .stream
-                    .write_all(&to_backend)
-                    .await
-                    .map_err(|e| PgError::Backend(e.to_string()))?;
+                if let Err(e) = b.session.stream.write_all(&to_backend).await {
+                    return gone(&mut unanswered, e.to_string());
+                }
                 to_backend.clear();
             }
             tokio::select! {
@@ -335,11 +443,21 @@ impl Lease<'_> {
                     match read {
                         Ok(f) if f[0] != frontend::TERMINATE => frame = Some(f),
                         // The client left mid-transaction: its backend cannot be reused.
-                        _ => return Ok(false),
+                        _ => return Ok(Leased::ClientLeft),
                     };
                 }
                 read = read_frame(&mut b.session.stream, &mut b.session.buf, true, MAX_MESSAGE) => {
-                    let frame = read.map_err(|e| PgError::Backend(e.to_string()))?;
+                    let frame = match read {
+                        Ok(frame) => frame,
+                        Err(e) => return gone(&mut unanswered, e.to_string()),
+                    };
+                    // A backend that is being stopped says FATAL, then closes.
+                    if frame[0] == backend::ERROR_RESPONSE
+                        && unanswered.is_some()
+                        && messages::error_field(&frame, error_field::SEVERITY_V) == Some(b"FATAL")
+                    {
+                        return gone(&mut unanswered, "the backend ended the session".into());
+                    }
                     match frame[0] {
                         backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE => {
                             let hide = responses.pop_front().is_some_and(|r| r.hide);
@@ -374,6 +492,8 @@ impl Lease<'_> {
                         _ => to_client.extend_from_slice(&frame),
                     }
                     if !has_frame(&b.session.buf, true, MAX_MESSAGE) {
+                        // Once the client heard something, nothing is sent again.
+                        unanswered = None;
                         send(client, &to_client).await?;
                         to_client.clear();
                     }
@@ -384,7 +504,7 @@ impl Lease<'_> {
         if !leased.dirty || leased.reset().await.is_ok() {
             pool.checkin(leased);
         }
-        Ok(true)
+        Ok(Leased::Done)
     }
 }
 

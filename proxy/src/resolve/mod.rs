@@ -44,8 +44,13 @@ pub(crate) trait ControlApi: Clone + Send + Sync + 'static {
         &self,
         req: &CreateDatabase,
     ) -> impl Future<Output = Result<DatabaseInfo, ClientError>> + Send;
-    /// Returns once the database is active, or fails with the reason.
-    fn wake(&self, key: &DbKey) -> impl Future<Output = Result<DatabaseInfo, ClientError>> + Send;
+    /// Returns once the database is active, or fails with the reason;
+    /// gives up after `within`.
+    fn wake(
+        &self,
+        key: &DbKey,
+        within: Duration,
+    ) -> impl Future<Output = Result<DatabaseInfo, ClientError>> + Send;
     /// `Authorization` for an rqlite database's engines, from the login
     /// control sealed for this proxy's token.
     fn rqlite_login(&self, info: &DatabaseInfo) -> Option<HeaderValue>;
@@ -66,8 +71,12 @@ impl ControlApi for Client {
         self.create_database_on_first_access(req)
     }
 
-    fn wake(&self, key: &DbKey) -> impl Future<Output = Result<DatabaseInfo, ClientError>> + Send {
-        Client::wake(self, &key.app, &key.db)
+    fn wake(
+        &self,
+        key: &DbKey,
+        within: Duration,
+    ) -> impl Future<Output = Result<DatabaseInfo, ClientError>> + Send {
+        self.wake_within(&key.app, &key.db, Some(within))
     }
 
     fn rqlite_login(&self, info: &DatabaseInfo) -> Option<HeaderValue> {
@@ -195,7 +204,7 @@ impl<C: ControlApi> Resolver<C> {
             return Err(ProxyError::QueueFull(key.db.to_string()));
         }
         let started = Instant::now();
-        let wake = self.wake_future(key);
+        let wake = self.wake_future(key, wake_timeout);
         let result = tokio::time::timeout(wake_timeout, wake).await;
         WAKE_DURATION
             .histogram(["any".into(), "wait".into()])
@@ -209,7 +218,7 @@ impl<C: ControlApi> Resolver<C> {
         }
     }
 
-    fn wake_future(&self, key: &DbKey) -> WakeFuture {
+    fn wake_future(&self, key: &DbKey, wake_timeout: Duration) -> WakeFuture {
         let mut wakes = self.wakes.lock().expect("wakes poisoned");
         if let Some(f) = wakes.get(key) {
             return f.clone();
@@ -226,7 +235,7 @@ impl<C: ControlApi> Resolver<C> {
         // The wake files its own result: every waiter shares it, and the
         // next request after a failure tries again.
         let fut = async move {
-            let result = call.resolve(&k, auto_create).await;
+            let result = call.resolve(&k, auto_create, wake_timeout).await;
             if let Ok(t) = &result {
                 cache
                     .lock()

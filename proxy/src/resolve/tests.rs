@@ -42,6 +42,8 @@ struct State {
     wake_calls: AtomicUsize,
     create_calls: AtomicUsize,
     database_calls: AtomicUsize,
+    /// Calls that find control away (a restart) before it answers again.
+    away_for: AtomicUsize,
 }
 
 fn key() -> DbKey {
@@ -96,7 +98,14 @@ impl Control {
             wake_calls: AtomicUsize::new(0),
             create_calls: AtomicUsize::new(0),
             database_calls: AtomicUsize::new(0),
+            away_for: AtomicUsize::new(0),
         }))
+    }
+
+    /// Control is away for the next `calls` calls: a gateway says 503.
+    fn away(self, calls: usize) -> Control {
+        self.0.away_for.store(calls, Ordering::SeqCst);
+        self
     }
 
     fn refusing_creates(status: u16, code: ErrorCode) -> Control {
@@ -114,6 +123,14 @@ impl Control {
 impl ControlApi for Control {
     async fn database(&self, _: &DbKey) -> Result<DatabaseInfo, ClientError> {
         self.0.database_calls.fetch_add(1, Ordering::SeqCst);
+        let away = self.0.away_for.load(Ordering::SeqCst);
+        if away > 0 {
+            self.0.away_for.store(away - 1, Ordering::SeqCst);
+            return Err(ClientError::Protocol {
+                status: 503,
+                body: "no healthy upstream".into(),
+            });
+        }
         match *self.0.status.lock().unwrap() {
             Some(status) => Ok(info(status)),
             None => Err(api_error(404, ErrorCode::NotFound)),
@@ -136,7 +153,7 @@ impl ControlApi for Control {
         Ok(info(DatabaseStatus::Active))
     }
 
-    async fn wake(&self, _: &DbKey) -> Result<DatabaseInfo, ClientError> {
+    async fn wake(&self, _: &DbKey, _: Duration) -> Result<DatabaseInfo, ClientError> {
         self.0.wake_calls.fetch_add(1, Ordering::SeqCst);
         match self.0.wakes {
             Wakes::After(took) => tokio::time::sleep(took).await,
@@ -206,6 +223,34 @@ async fn many_waiters_share_one_wake() {
     let history = r.wake_history();
     assert_eq!(history.len(), 1);
     assert!(history[0].ok);
+}
+
+#[tokio::test]
+async fn requests_are_held_while_control_is_away_and_served_when_it_is_back() {
+    let control = Control::new(
+        Some(DatabaseStatus::Hibernating),
+        Wakes::After(Duration::from_millis(10)),
+    )
+    .away(5);
+    let r = resolver(&control, Duration::from_secs(30), 10_000);
+    let waiters = spawn_waiters(&r, 10);
+    for w in waiters {
+        w.await.unwrap().expect("served once control answers");
+    }
+    assert_eq!(control.wakes(), 1);
+    assert!(control.0.database_calls.load(Ordering::SeqCst) >= 6);
+}
+
+#[tokio::test]
+async fn a_control_that_stays_away_is_a_wake_timeout_not_a_gateway_error() {
+    let control = Control::new(Some(DatabaseStatus::Hibernating), Wakes::Never).away(usize::MAX);
+    let r = resolver(&control, Duration::from_millis(400), 10_000);
+    let err = r.target(&key()).await.unwrap_err();
+    assert!(matches!(err, ProxyError::WakeTimeout { .. }), "{err:?}");
+    assert!(
+        control.0.database_calls.load(Ordering::SeqCst) > 2,
+        "asked again while waiting"
+    );
 }
 
 #[tokio::test]

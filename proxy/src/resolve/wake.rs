@@ -27,6 +27,8 @@ pub(super) struct WakeCall<C> {
 
 /// How often a proxy waiting on another's wake looks at the database.
 const WAKE_POLL: Duration = Duration::from_millis(50);
+/// The longest pause between two calls to a control that does not answer.
+const MAX_PAUSE: Duration = Duration::from_secs(1);
 
 fn is_active(info: &DatabaseInfo) -> bool {
     info.status == DatabaseStatus::Active && !info.endpoints.is_empty()
@@ -34,9 +36,42 @@ fn is_active(info: &DatabaseInfo) -> bool {
 
 impl<C: ControlApi> WakeCall<C> {
     /// Asks control for the database, waking or creating it as needed.
-    pub(super) async fn resolve(&self, key: &DbKey, auto_create: bool) -> Result<Target> {
+    /// While control cannot answer (restarting, wedged), it asks again for
+    /// up to `wake_timeout`: the request is held, as during a wake, and
+    /// times out as a wake does.
+    pub(super) async fn resolve(
+        &self,
+        key: &DbKey,
+        auto_create: bool,
+        wake_timeout: Duration,
+    ) -> Result<Target> {
+        let deadline = Instant::now() + wake_timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.attempt(key, auto_create, deadline).await {
+                Err(e) if e.is_unavailable() => {
+                    if Instant::now() + pause >= deadline {
+                        return Err(ProxyError::WakeTimeout {
+                            db: key.db.to_string(),
+                            waited: wake_timeout,
+                        });
+                    }
+                    debug!(database = %key, error = %e, "control unavailable; asking again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
+                result => return result.map_err(|e| resolve_error(key, e)),
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        key: &DbKey,
+        auto_create: bool,
+        deadline: Instant,
+    ) -> std::result::Result<Target, ClientError> {
         let control = &self.control;
-        let failed = |e| resolve_error(key, e);
         let info = match control.database(key).await {
             Ok(info) => info,
             Err(e) if e.is_not_found() && auto_create => {
@@ -53,19 +88,17 @@ impl<C: ControlApi> WakeCall<C> {
                         info
                     }
                     // Another proxy created it meanwhile.
-                    Err(ClientError::Api { status: 409, .. }) => {
-                        self.wake(key).await.map_err(failed)?
-                    }
-                    Err(e) => return Err(failed(e)),
+                    Err(ClientError::Api { status: 409, .. }) => self.wake(key, deadline).await?,
+                    Err(e) => return Err(e),
                 }
             }
-            Err(e) => return Err(failed(e)),
+            Err(e) => return Err(e),
         };
         if is_active(&info) {
             return Ok(Target::of(control, &info));
         }
         let started = Instant::now();
-        let info = self.wake(key).await.map_err(failed)?;
+        let info = self.wake(key, deadline).await?;
         info!(database = %key, waited_ms = started.elapsed().as_millis() as u64, "woke database for waiting requests");
         Ok(Target::of(control, &info))
     }
@@ -75,20 +108,29 @@ impl<C: ControlApi> WakeCall<C> {
     /// the database until it is active (or the lock goes without it,
     /// and they try to take it). Without Redis, each proxy calls control,
     /// which is idempotent.
-    async fn wake(&self, key: &DbKey) -> std::result::Result<DatabaseInfo, ClientError> {
+    async fn wake(
+        &self,
+        key: &DbKey,
+        deadline: Instant,
+    ) -> std::result::Result<DatabaseInfo, ClientError> {
         let started = Instant::now();
-        let woke = self.wake_once(key).await;
+        let woke = self.wake_once(key, deadline).await;
         self.seen.record(key, started.elapsed(), woke.is_ok());
         woke
     }
 
-    async fn wake_once(&self, key: &DbKey) -> std::result::Result<DatabaseInfo, ClientError> {
+    async fn wake_once(
+        &self,
+        key: &DbKey,
+        deadline: Instant,
+    ) -> std::result::Result<DatabaseInfo, ClientError> {
+        let within = || deadline.saturating_duration_since(Instant::now());
         let lock = self.fleet.wake_lock(key, &self.proxy_id);
         loop {
             match lock.take().await {
-                None => return self.control.wake(key).await,
+                None => return self.control.wake(key, within()).await,
                 Some(true) => {
-                    let woke = self.control.wake(key).await;
+                    let woke = self.control.wake(key, within()).await;
                     lock.release().await;
                     return woke;
                 }
@@ -104,7 +146,7 @@ impl<C: ControlApi> WakeCall<C> {
                             Holder::Fleet => {}
                             // A lock no proxy of this fleet set: wake without it
                             // (control is idempotent).
-                            Holder::Stranger => return self.control.wake(key).await,
+                            Holder::Stranger => return self.control.wake(key, within()).await,
                             // The lock went (the wake failed or its proxy died)
                             // or Redis did: take over.
                             Holder::Nobody => break,

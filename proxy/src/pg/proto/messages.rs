@@ -137,6 +137,15 @@ pub(crate) fn parse_auth(mut body: BytesMut) -> Option<(AuthCode, BytesMut)> {
     (body.len() >= 4).then(|| (AuthCode::from_code(body.get_u32()), body))
 }
 
+/// A field of an ErrorResponse frame (tag and length included), e.g.
+/// [`error_field::SEVERITY_V`].
+pub(crate) fn error_field(frame: &[u8], field: u8) -> Option<&[u8]> {
+    frame
+        .get(5..)?
+        .split(|b| *b == 0)
+        .find_map(|f| f.strip_prefix(&[field]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
