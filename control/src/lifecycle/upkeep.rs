@@ -5,6 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use rouse_control_api::*;
 use rouse_runtime::clock::now_ms;
 use tracing::{debug, error, info, warn};
@@ -92,7 +94,6 @@ impl Manager {
                 Restart::Adopt
             } else {
                 // Until its restart is done, a database that should run is waking.
-                self.set_view(&rec.key, DatabaseStatus::Waking, Vec::new());
                 Restart::Wake
             };
             starts.push((rec.clone(), start));
@@ -103,8 +104,38 @@ impl Manager {
             starting = starts.iter().filter(|(_, s)| *s != Restart::Adopt).count(),
             "adopting databases"
         );
+        // Adoption is done before the API answers (it takes milliseconds per
+        // database), so that nobody sees an adopted database without its
+        // leader; one that cannot be adopted in time is started again.
+        let (adopt, start): (Vec<_>, Vec<_>) =
+            starts.into_iter().partition(|(_, s)| *s == Restart::Adopt);
+        let adopted = futures::stream::iter(adopt)
+            .map(|(rec, _)| async move {
+                let adopted = tokio::time::timeout(ADOPT_WITHIN, self.readopt(&rec)).await;
+                match adopted {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => {
+                        warn!(database = %rec.key, error = %e, "could not adopt the running engine; starting it again");
+                        Some(rec)
+                    }
+                    Err(_) => {
+                        warn!(database = %rec.key, "the running engine did not answer in time; starting it again");
+                        Some(rec)
+                    }
+                }
+            })
+            .buffer_unordered(16)
+            .filter_map(|failed| async move { failed })
+            .collect::<Vec<_>>()
+            .await;
         let limit = Arc::new(tokio::sync::Semaphore::new(4));
-        for (rec, start) in starts {
+        let restarts = start
+            .into_iter()
+            .chain(adopted.into_iter().map(|rec| (rec, Restart::Wake)));
+        for (rec, start) in restarts {
+            if start == Restart::Wake {
+                self.set_view(&rec.key, DatabaseStatus::Waking, Vec::new());
+            }
             let me = self.me.clone();
             let limit = limit.clone();
             tokio::spawn(async move {
@@ -113,15 +144,7 @@ impl Manager {
                 let key = &rec.key;
                 let result = match start {
                     Restart::Rejoin => m.start_local(key, LocalStart::default()).await,
-                    Restart::Adopt => match m.readopt(&rec).await {
-                        Ok(()) => Ok(()),
-                        Err(e) => {
-                            warn!(database = %key, error = %e, "could not adopt the running engine; starting it again");
-                            m.set_view(key, DatabaseStatus::Waking, Vec::new());
-                            m.wake_here(key).await.map(|_| ())
-                        }
-                    },
-                    Restart::Wake => m.wake_here(key).await.map(|_| ()),
+                    _ => m.wake_here(key).await.map(|_| ()),
                 };
                 if let Err(e) = result {
                     error!(database = %key, error = %e, "could not restart database");
@@ -385,6 +408,10 @@ impl Manager {
         .await;
     }
 }
+
+/// How long adopting one running database may take before it is started
+/// again instead.
+const ADOPT_WITHIN: Duration = Duration::from_secs(10);
 
 /// How a database that should run is brought back when the daemon starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
