@@ -3,6 +3,7 @@
 
 mod chart;
 mod cluster;
+mod density;
 mod http;
 mod pg;
 mod redis;
@@ -43,6 +44,14 @@ enum Command {
         /// Hibernate/wake cycles per engine and side.
         #[arg(long, default_value_t = 20)]
         cycles: usize,
+    },
+    /// Thousands of rqlite databases on one node: create rate, control and
+    /// `_system` cost per stored database, engine memory per running one,
+    /// and a storm of 100 distinct wakes from two apps beside 100 bare
+    /// rqlited cold starts at once.
+    Density {
+        #[arg(long, default_value_t = 2000)]
+        databases: usize,
     },
     /// pgbench through rouse, HAProxy (mode tcp) and PgBouncer, beside the
     /// bare server.
@@ -108,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", out.join("README.md").display());
         }
         Command::Wake { cycles } => println!("{}", wake::run(cycles).await?),
+        Command::Density { databases } => println!("{}", density::run(databases).await?),
         Command::Cluster { cycles, kills } => println!("{}", cluster::run(cycles, kills).await?),
         Command::PgIdle { clients } => println!("{}", pg::idle(clients).await?),
         Command::Pg { rounds, seconds } => println!("{}", pg::run(rounds, seconds).await?),

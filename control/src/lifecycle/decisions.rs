@@ -46,18 +46,19 @@ impl Manager {
         }
         .await;
         match result {
-            Ok((rec, endpoints)) => {
+            Ok((mut rec, endpoints)) => {
                 let took = asked.elapsed();
                 let now = now_ms();
                 self.activity.touch(key, now);
                 WAKE_DURATION
                     .histogram([rec.engine.as_str().into(), "wait".into()])
                     .record(waited.as_secs_f64());
-                self.store
-                    .set_activity(key, now, Some(took.as_millis() as u64))
-                    .await?;
-                self.transition(key, DatabaseStatus::Active, None, endpoints.clone())
-                    .await?;
+                // One write for status and activity: in a storm of wakes
+                // every write to `_system` is a turn of its Raft log.
+                let wake_ms = took.as_millis() as u64;
+                self.store.set_woken(key, now, wake_ms).await?;
+                self.announce(key, DatabaseStatus::Active, None, endpoints.clone());
+                (rec.last_activity, rec.last_wake_ms) = (now, Some(wake_ms));
                 self.publish(Event::Leader {
                     app: key.app.clone(),
                     name: key.db.clone(),
@@ -68,7 +69,7 @@ impl Manager {
                 if let Err(e) = self.replace_dead(&rec).await {
                     warn!(database = %key, error = %e, "could not replace replicas of dead nodes");
                 }
-                self.status(key).await
+                Ok(self.info(&rec))
             }
             Err(e) => {
                 error!(database = %key, error = %e, "wake failed");

@@ -236,6 +236,19 @@ impl Manager {
         reason: Option<&str>,
         endpoints: Vec<Endpoint>,
     ) -> Result<()> {
+        self.announce(key, status, reason, endpoints);
+        self.store.set_status(key, status, reason).await
+    }
+
+    /// A new status in the slot and to every subscriber; the caller
+    /// records it in the store.
+    fn announce(
+        &self,
+        key: &DbKey,
+        status: DatabaseStatus,
+        reason: Option<&str>,
+        endpoints: Vec<Endpoint>,
+    ) {
         self.set_view(key, status, endpoints);
         self.publish(Event::Status {
             app: key.app.clone(),
@@ -243,7 +256,6 @@ impl Manager {
             status,
             reason: reason.map(str::to_string),
         });
-        self.store.set_status(key, status, reason).await
     }
 
     /// Takes the statuses `_system` holds now, and counts them.

@@ -361,6 +361,21 @@ impl Store {
         Ok(())
     }
 
+    /// A wake is done: active, with its duration and the time, in one write.
+    pub async fn set_woken(&self, key: &DbKey, now: u64, wake_ms: u64) -> Result<()> {
+        self.db
+            .execute(vec![Stmt::new(
+                "UPDATE databases SET status = ?, reason = NULL, last_activity = MAX(last_activity, ?), last_wake_ms = ? WHERE app = ? AND name = ?",
+            )
+            .arg(DatabaseStatus::Active.as_str())
+            .arg(now)
+            .arg(wake_ms)
+            .arg(key.app.as_str())
+            .arg(key.db.as_str())])
+            .await?;
+        Ok(())
+    }
+
     pub async fn set_activity(
         &self,
         key: &DbKey,

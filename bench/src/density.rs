@@ -1,0 +1,276 @@
+//! Density: one node holding thousands of mostly hibernated rqlite
+//! databases. How fast they are created, what control and `_system` cost
+//! per stored database, what a running engine costs, and a storm of 100
+//! distinct wakes from two apps through the proxy, beside 100 bare
+//! `rqlited` cold starts at once on the same data, ports and flags.
+
+use std::fmt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::{StreamExt, TryStreamExt};
+use rouse_control_api::{CreateDatabase, Engine};
+use rouse_tests::{Control, Proxy};
+
+use crate::stats::{ms, percentile, table};
+use crate::wake::{bare_start, name};
+
+const APPS: [&str; 2] = ["tenants-a", "tenants-b"];
+/// Databases woken at once in the storm, half per app.
+const STORM: usize = 100;
+/// Running databases whose engine memory is averaged.
+const SAMPLE_ACTIVE: usize = 20;
+/// Creates under way at once.
+const CREATING: usize = 8;
+
+pub struct DensityResults {
+    databases: usize,
+    create_rate: f64,
+    control_rss_kib: u64,
+    control_kib_per_db: f64,
+    system_kib_per_db: f64,
+    engine_mib_per_active: f64,
+    storm: Vec<Duration>,
+    storm_by_app: [Vec<Duration>; 2],
+    bare: Vec<Duration>,
+}
+
+impl fmt::Display for DensityResults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "### Density: {} rqlite databases on one node\n",
+            self.databases
+        )?;
+        let rows = vec![
+            vec![
+                "create rate (each created, then hibernated)".into(),
+                format!("{:.1} databases/s", self.create_rate),
+                String::new(),
+            ],
+            vec![
+                "control RSS per stored database".into(),
+                format!(
+                    "{:.1} KiB (control at {} MiB)",
+                    self.control_kib_per_db,
+                    self.control_rss_kib / 1024
+                ),
+                "≤ 10 KiB".into(),
+            ],
+            vec![
+                "`_system` on disk per stored database".into(),
+                format!("{:.1} KiB", self.system_kib_per_db),
+                String::new(),
+            ],
+            vec![
+                "engine RSS per active database".into(),
+                format!("{:.1} MiB", self.engine_mib_per_active),
+                String::new(),
+            ],
+        ];
+        writeln!(f, "{}", table(&["measure", "value", "target"], &rows))?;
+        let p99 = |s: &[Duration]| percentile(s, 99.0);
+        let ratio = p99(&self.storm).as_secs_f64() / p99(&self.bare).as_secs_f64().max(1e-9);
+        let line = |label: &str, s: &[Duration]| {
+            vec![
+                label.to_string(),
+                ms(percentile(s, 50.0)),
+                ms(p99(s)),
+                ms(s.iter().copied().max().unwrap_or_default()),
+            ]
+        };
+        let rows = vec![
+            line("storm through rouse, both apps", &self.storm),
+            line(&format!("… {}", APPS[0]), &self.storm_by_app[0]),
+            line(&format!("… {}", APPS[1]), &self.storm_by_app[1]),
+            line("100 bare rqlited cold starts at once", &self.bare),
+        ];
+        writeln!(
+            f,
+            "{} distinct hibernated databases woken at once, time to the first answer:\n",
+            STORM
+        )?;
+        writeln!(f, "{}", table(&["", "p50", "p99", "max"], &rows))?;
+        writeln!(f, "storm p99 ÷ bare p99: {ratio:.2}× (target ≤ 1.2×)")
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The engine pid a database's pid file names.
+fn engine_pid(control: &Control, app: &str, db: &str) -> Option<u32> {
+    let file = control
+        .data_dir()
+        .join(format!("{app}_{db}"))
+        .join("rqlite")
+        .join("node-0.pid");
+    std::fs::read_to_string(file)
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn db_name(i: usize) -> String {
+    format!("t{i:05}")
+}
+
+pub async fn run(databases: usize) -> Result<DensityResults> {
+    let databases = databases.max(STORM);
+    let control = Control::builder()
+        .hibernation_timeout("0")
+        .replication_factor(1)
+        .max_databases(databases as u32 + 10)
+        .port_ranges((11000, 12999), (18000, 19999), (25000, 25999))
+        // A platform's own limits: each app holds half the node, created at once.
+        .env("ROUSE_APPS__DEFAULT__MAX_DATABASES", databases.to_string())
+        .env(
+            "ROUSE_APPS__DEFAULT__CREATES_PER_MINUTE",
+            (100 * databases).to_string(),
+        )
+        .start()
+        .await?;
+    let client = control.client();
+    let mut keys = Vec::new();
+    for app in APPS {
+        client.create_app(&name(app)).await?;
+        keys.push(client.create_key(&name(app)).await?.key);
+    }
+    let rss_empty = rss_kib(control.pid());
+
+    // Created and put to sleep, a few at a time; database i is app i % 2's.
+    let started = Instant::now();
+    futures::stream::iter(0..databases)
+        .map(|i| {
+            let client = client.clone();
+            async move {
+                let (app, db) = (name(APPS[i % 2]), name(&db_name(i)));
+                client
+                    .create_database(&CreateDatabase {
+                        app: app.clone(),
+                        name: db.clone(),
+                        engine: Engine::Rqlite,
+                        replication_factor: Some(1),
+                        patroni: None,
+                    })
+                    .await
+                    .with_context(|| format!("create {db}"))?;
+                client.hibernate(&app, &db, false).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(CREATING)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let create_rate = databases as f64 / started.elapsed().as_secs_f64();
+    // Let control settle (an upkeep turn) before its memory is read.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let control_rss_kib = rss_kib(control.pid());
+    let system_bytes = dir_bytes(&control.data_dir().join("_system"));
+
+    // A running engine's memory.
+    let mut engine_kib = 0;
+    for i in 0..SAMPLE_ACTIVE {
+        let (app, db) = (APPS[i % 2], db_name(i));
+        client.wake(&name(app), &name(&db)).await?;
+        engine_kib += engine_pid(&control, app, &db).map_or(0, rss_kib);
+    }
+    for i in 0..SAMPLE_ACTIVE {
+        client
+            .hibernate(&name(APPS[i % 2]), &name(&db_name(i)), false)
+            .await?;
+    }
+
+    // The storm: the last STORM databases, through the proxy.
+    let proxy = Proxy::builder(&control).start().await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(STORM)
+        .build()?;
+    let storm_dbs: Vec<usize> = (databases - STORM..databases).collect();
+    let t0 = Instant::now();
+    let answers = futures::future::join_all(storm_dbs.iter().map(|&i| {
+        let app = APPS[i % 2];
+        let url = format!("{}/{app}/{}/db/query", proxy.url(), db_name(i));
+        let (http, key) = (http.clone(), keys[i % 2].clone());
+        async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(key)
+                .json(&serde_json::json!(["SELECT 1"]))
+                .send()
+                .await?;
+            anyhow::ensure!(
+                resp.status().is_success(),
+                "storm request: {}",
+                resp.status()
+            );
+            Ok((i % 2, t0.elapsed()))
+        }
+    }))
+    .await;
+    let mut storm = Vec::new();
+    let mut storm_by_app: [Vec<Duration>; 2] = Default::default();
+    for answer in answers {
+        let (app, took) = answer?;
+        storm.push(took);
+        storm_by_app[app].push(took);
+    }
+    drop(proxy);
+
+    // The same databases asleep again, then started bare, all at once.
+    let mut infos = Vec::new();
+    for &i in &storm_dbs {
+        let (app, db) = (name(APPS[i % 2]), name(&db_name(i)));
+        client.hibernate(&app, &db, true).await?;
+        infos.push((client.database(&app, &db).await?, i));
+    }
+    let bare = futures::future::try_join_all(infos.iter().map(|(info, i)| {
+        let dir = control
+            .data_dir()
+            .join(format!("{}_{}", APPS[i % 2], db_name(*i)))
+            .join("rqlite");
+        async move { bare_start(info, &dir).await }
+    }))
+    .await?;
+
+    Ok(DensityResults {
+        databases,
+        create_rate,
+        control_rss_kib,
+        control_kib_per_db: control_rss_kib.saturating_sub(rss_empty) as f64 / databases as f64,
+        system_kib_per_db: system_bytes as f64 / 1024.0 / databases as f64,
+        engine_mib_per_active: engine_kib as f64 / 1024.0 / SAMPLE_ACTIVE as f64,
+        storm,
+        storm_by_app,
+        bare,
+    })
+}
