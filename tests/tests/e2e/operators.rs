@@ -20,7 +20,7 @@ fn db(app: &str, db: &str, engine: Engine) -> CreateDatabase {
 }
 
 /// Every route of the control API, as (method, path, body).
-const ROUTES: [(&str, &str, &str); 20] = [
+const ROUTES: [(&str, &str, &str); 21] = [
     ("POST", "/api/v1/tokens", r#"{"role":"admin"}"#),
     ("GET", "/api/v1/tokens", ""),
     ("DELETE", "/api/v1/tokens/x", ""),
@@ -57,6 +57,7 @@ const ROUTES: [(&str, &str, &str); 20] = [
     ("GET", "/api/v1/events", ""),
     ("POST", "/api/v1/cluster/scale", r#"{"target_db_count":1}"#),
     ("GET", "/api/v1/nodes", ""),
+    ("GET", "/api/v1/capacity", ""),
 ];
 
 async fn call(
@@ -153,7 +154,7 @@ async fn each_role_reaches_only_what_it_is_for() {
     let shop = shop.token;
 
     // (route, allowed for proxy, allowed for app:shop)
-    let expect: [(usize, bool, bool); 20] = [
+    let expect: [(usize, bool, bool); 21] = [
         (0, false, false), // tokens
         (1, false, false),
         (2, false, false),
@@ -174,6 +175,7 @@ async fn each_role_reaches_only_what_it_is_for() {
         (17, true, false),  // events
         (18, false, false), // scale
         (19, true, false),  // nodes
+        (20, true, false),  // capacity: the whole node, not one app's
     ];
     for (i, proxy_may, app_may) in expect {
         if i == 15 {
