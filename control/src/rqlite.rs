@@ -11,6 +11,28 @@ use serde_json::Value;
 /// How long a statement waits for a leader to be elected.
 const ELECTION_WAIT: Duration = Duration::from_secs(5);
 
+/// How current a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// Through the Raft log: proves a working leader, costs a log entry.
+    Strong,
+    /// The leader's copy (`weak`): every acknowledged write, unless the
+    /// leader changed a moment ago; no log entry.
+    Leader,
+    /// This member's own copy (`none`): possibly a moment behind.
+    Local,
+}
+
+impl Level {
+    fn as_str(self) -> &'static str {
+        match self {
+            Level::Strong => "strong",
+            Level::Leader => "weak",
+            Level::Local => "none",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RqliteError {
     #[error("rqlite at {addr} unreachable: {source}")]
@@ -171,34 +193,45 @@ impl RqliteClient {
     /// A read at `level=strong`: it goes through Raft, so it proves there is
     /// a working leader.
     pub async fn query(&self, stmt: Stmt) -> Result<StmtResult, RqliteError> {
-        self.query_at(stmt, "strong").await
+        let mut results = self.read(vec![stmt], Level::Strong).await?;
+        Ok(results.pop().unwrap_or_default())
     }
 
     /// A read of this member's own copy (`level=none`): no trip through
     /// Raft, possibly a moment behind. For background scans, where a stale
     /// row is seen again at the next turn.
     pub async fn query_local(&self, stmt: Stmt) -> Result<StmtResult, RqliteError> {
-        self.query_at(stmt, "none").await
+        let mut results = self.read(vec![stmt], Level::Local).await?;
+        Ok(results.pop().unwrap_or_default())
     }
 
-    async fn query_at(&self, stmt: Stmt, level: &str) -> Result<StmtResult, RqliteError> {
-        let body = Value::Array(vec![stmt.to_json()]);
-        let mut results = self.post(&format!("/db/query?level={level}"), body).await?;
-        Ok(results.pop().unwrap_or_default())
+    /// Several reads in one request (one Raft entry at `Level::Strong`).
+    pub async fn read(
+        &self,
+        stmts: Vec<Stmt>,
+        level: Level,
+    ) -> Result<Vec<StmtResult>, RqliteError> {
+        let body = Value::Array(stmts.iter().map(Stmt::to_json).collect());
+        let results = self
+            .post(&format!("/db/query?level={}", level.as_str()), body)
+            .await?;
+        Ok(results)
     }
 
     /// `/readyz` is 200: the node runs and knows a leader.
     pub async fn ready(&self) -> bool {
-        let url = format!("{}://{}/readyz", self.scheme, self.addr);
-        matches!(
-            self.http.get(url).timeout(Duration::from_secs(1)).send().await,
-            Ok(r) if r.status().is_success()
-        )
+        self.answers("/readyz").await
     }
 
-    /// The node answers HTTP at all (it may not know a leader yet).
+    /// The node answers HTTP at all (it may not know a leader yet). Asked of
+    /// `/readyz`, not `/status`, whose document costs the node ~30 ms to
+    /// build: a storm of starting engines is polled every few milliseconds.
     pub async fn alive(&self) -> bool {
-        let url = format!("{}://{}/status", self.scheme, self.addr);
+        self.answers("/readyz?noleader").await
+    }
+
+    async fn answers(&self, path: &str) -> bool {
+        let url = format!("{}://{}{path}", self.scheme, self.addr);
         matches!(
             self.http.get(url).timeout(Duration::from_secs(1)).send().await,
             Ok(r) if r.status().is_success()

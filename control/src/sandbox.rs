@@ -4,14 +4,15 @@
 //! (`ATTACH`, `VACUUM INTO`) then gets a permission error from the kernel,
 //! whatever the proxy's statement filter let through.
 //!
-//! The ruleset is built in the daemon; the forked child only calls two
-//! async-signal-safe syscalls before exec ([`Sandbox::enter`]).
+//! The ruleset is built in the daemon; a short-lived thread enters it and
+//! starts the engine ([`Sandbox::spawn`]).
 
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const CREATE_RULESET_VERSION: u32 = 1;
 const RULE_PATH_BENEATH: u32 = 1;
@@ -172,10 +173,33 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Confines the calling process. Only raw syscalls: it runs in a forked
-    /// child before exec, where allocating could deadlock.
-    pub fn enter(&self) -> io::Result<()> {
-        // SAFETY: prctl and landlock_restrict_self are plain syscalls.
+    /// Starts `cmd` confined. The confinement is entered by a thread of its
+    /// own, which then spawns and ends: Landlock binds a thread and what it
+    /// starts, so the daemon stays free, and the child needs no code of
+    /// ours between fork and exec, which lets the standard library start
+    /// it with `posix_spawn` instead of copying the whole daemon with
+    /// `fork` (which serialises a storm of starts).
+    pub async fn spawn(
+        self: Arc<Self>,
+        mut cmd: tokio::process::Command,
+    ) -> io::Result<tokio::process::Child> {
+        let runtime = tokio::runtime::Handle::current();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("confined-spawn".into())
+            .spawn(move || {
+                // The child is registered with the runtime's reaper.
+                let _runtime = runtime.enter();
+                let _ = tx.send(self.enter().and_then(|()| cmd.spawn()));
+            })?;
+        rx.await
+            .map_err(|_| io::Error::other("the spawning thread ended without an answer"))?
+    }
+
+    /// Confines the calling thread and everything it starts from now on.
+    fn enter(&self) -> io::Result<()> {
+        // SAFETY: prctl and landlock_restrict_self are plain syscalls; both
+        // apply to the calling thread only.
         unsafe {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
@@ -200,7 +224,6 @@ fn canonical(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
 
     /// A confined `sh` reads and writes its own directory and nothing beside it.
     #[test]
@@ -214,17 +237,15 @@ mod tests {
         std::fs::create_dir_all(&own).unwrap();
         std::fs::create_dir_all(&other).unwrap();
         std::fs::write(other.join("db.sqlite"), "secret").unwrap();
-        let sandbox =
-            std::sync::Arc::new(Sandbox::new(&own, Path::new("/bin/sh"), root.path()).unwrap());
+        let sandbox = Arc::new(Sandbox::new(&own, Path::new("/bin/sh"), root.path()).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
         let run = |script: &str| {
-            let sandbox = sandbox.clone();
-            let mut cmd = Command::new("/bin/sh");
+            let mut cmd = tokio::process::Command::new("/bin/sh");
             cmd.arg("-c").arg(script);
-            // SAFETY: enter only makes syscalls.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || sandbox.enter());
-            }
-            cmd.output().unwrap().status.success()
+            runtime.block_on(async {
+                let child = sandbox.clone().spawn(cmd).await.unwrap();
+                child.wait_with_output().await.unwrap().status.success()
+            })
         };
         assert!(run(&format!("echo hi > {0}/x && cat {0}/x", own.display())));
         assert!(!run(&format!("cat {}/db.sqlite", other.display())));

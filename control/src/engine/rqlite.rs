@@ -177,32 +177,48 @@ pub(super) async fn wait_ready(
         .map(|r| client(env, r, inst.secret))
         .collect();
     let leader = poll_until(deadline, inst.label, || async {
-        for c in &clients {
-            if let Some(id) = c.leader_id().await {
-                let idx = inst
-                    .replicas
-                    .iter()
-                    .position(|r| node_id(r) == id)
-                    .ok_or_else(|| format!("unknown leader {id}"))?;
-                // A strong read goes through Raft: the leader really leads.
-                clients[idx]
-                    .query(Stmt::new("SELECT 1"))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                // Every replica is in the cluster: a new one has joined.
-                let members = clients[idx].members().await.unwrap_or_default();
-                if let Some(missing) = inst
-                    .replicas
-                    .iter()
-                    .map(node_id)
-                    .find(|id| !members.contains(id))
-                {
-                    return Err(format!("{missing} has not joined yet"));
+        // `/readyz` first: cheap enough to poll every few milliseconds.
+        if !futures::future::join_all(clients.iter().map(RqliteClient::ready))
+            .await
+            .contains(&true)
+        {
+            return Err("no leader yet".to_string());
+        }
+        let idx = if clients.len() == 1 {
+            0
+        } else {
+            let mut found = None;
+            for c in &clients {
+                if let Some(id) = c.leader_id().await {
+                    found = Some(
+                        inst.replicas
+                            .iter()
+                            .position(|r| node_id(r) == id)
+                            .ok_or_else(|| format!("unknown leader {id}"))?,
+                    );
+                    break;
                 }
-                return Ok(idx);
+            }
+            found.ok_or_else(|| "no leader yet".to_string())?
+        };
+        // A strong read goes through Raft: the leader really leads.
+        clients[idx]
+            .query(Stmt::new("SELECT 1"))
+            .await
+            .map_err(|e| e.to_string())?;
+        // Every replica is in the cluster: a new one has joined.
+        if clients.len() > 1 {
+            let members = clients[idx].members().await.unwrap_or_default();
+            if let Some(missing) = inst
+                .replicas
+                .iter()
+                .map(node_id)
+                .find(|id| !members.contains(id))
+            {
+                return Err(format!("{missing} has not joined yet"));
             }
         }
-        Err("no leader yet".to_string())
+        Ok(idx)
     })
     .await?;
     Ok(super::endpoints(

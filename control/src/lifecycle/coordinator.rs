@@ -150,10 +150,12 @@ impl Manager {
             } => self
                 .allocate_local(engine, idx, previous.as_ref())
                 .map(NodeResponse::Replica),
-            NodeRequest::Start { key, start } => self
-                .start_local(&key, start)
-                .await
-                .map(|_| NodeResponse::Done),
+            NodeRequest::Start { key, start } => {
+                let rec = self.record(&key).await?;
+                self.start_local(&rec, start)
+                    .await
+                    .map(|_| NodeResponse::Done)
+            }
             NodeRequest::Stop { key, remove_data } => {
                 self.stop_local(&key, remove_data).await;
                 Ok(NodeResponse::Done)

@@ -9,7 +9,7 @@ use rouse_runtime::metric::WAKE_DURATION;
 use tracing::{error, info, warn};
 
 use super::settings::patroni_setting;
-use super::Manager;
+use super::{not_found, Manager};
 use crate::cluster::{LocalStart, Notice};
 use crate::error::{ControlError, Result};
 
@@ -17,20 +17,25 @@ impl Manager {
     pub(super) async fn wake_here(&self, key: &DbKey) -> Result<DatabaseInfo> {
         let asked = Instant::now();
         let slot = self.slot(key);
-        let _deciding = slot.deciding.lock().await;
-        let rec = self.record(key).await?;
+        let deciding = slot.deciding.clone().lock_owned().await;
+        // The leader's copy, not a Raft entry: under the decision lock
+        // nobody else changes the record, and in a storm of wakes the
+        // engines' first writes queue up on the same disk as `_system`'s.
+        let rec = self
+            .store
+            .database_status(key)
+            .await?
+            .ok_or_else(|| not_found(key))?;
         if self.is_up(key, &rec) {
             return Ok(self.info(&rec));
         }
         let waited = asked.elapsed();
-        self.transition(key, DatabaseStatus::Waking, None, Vec::new())
-            .await?;
+        // Not written to `_system`: a wake is this daemon's work in hand
+        // (a restarted daemon wakes again on the next request).
+        self.announce(key, DatabaseStatus::Waking, None, Vec::new());
         info!(database = %key, "waking database");
         self.notify(Notice::Waking { key: key.clone() });
         let result = async {
-            // Held until the database answers: a storm of wakes starts
-            // engines in bounded number, apps in turn.
-            let _start = self.starts.acquire(&key.app).await;
             let (rec, raft_moved) = self.reallocate(&rec).await?;
             let start = LocalStart {
                 bootstrap: false,
@@ -53,22 +58,33 @@ impl Manager {
                 WAKE_DURATION
                     .histogram([rec.engine.as_str().into(), "wait".into()])
                     .record(waited.as_secs_f64());
-                // One write for status and activity: in a storm of wakes
-                // every write to `_system` is a turn of its Raft log.
-                let wake_ms = took.as_millis() as u64;
-                self.store.set_woken(key, now, wake_ms).await?;
                 self.announce(key, DatabaseStatus::Active, None, endpoints.clone());
+                let wake_ms = took.as_millis() as u64;
                 (rec.last_activity, rec.last_wake_ms) = (now, Some(wake_ms));
                 self.publish(Event::Leader {
                     app: key.app.clone(),
                     name: key.db.clone(),
                     endpoints,
                 });
-                info!(database = %key, wake_ms = took.as_millis() as u64, "database woke up");
-                // Replicas left behind on dead nodes get their replacements now.
-                if let Err(e) = self.replace_dead(&rec).await {
-                    warn!(database = %key, error = %e, "could not replace replicas of dead nodes");
-                }
+                info!(database = %key, wake_ms, "database woke up");
+                // The waiting clients are answered now; the record follows,
+                // still under the decision lock, so that no later decision
+                // about the database overtakes it. A daemon that dies before
+                // writing it finds the engine running for a hibernated
+                // database, stops it, and the next request wakes it again.
+                let me = self.me.clone();
+                let woken = rec.clone();
+                tokio::spawn(async move {
+                    let _deciding = deciding;
+                    let Some(m) = me.upgrade() else { return };
+                    if let Err(e) = m.store.set_woken(&woken.key, now, wake_ms).await {
+                        error!(database = %woken.key, error = %e, "could not record the wake");
+                    }
+                    // Replicas left behind on dead nodes get their replacements now.
+                    if let Err(e) = m.replace_dead(&woken).await {
+                        warn!(database = %woken.key, error = %e, "could not replace replicas of dead nodes");
+                    }
+                });
                 Ok(self.info(&rec))
             }
             Err(e) => {

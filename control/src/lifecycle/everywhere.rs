@@ -49,19 +49,24 @@ impl Manager {
             )));
         }
         let t0 = Instant::now();
+        // Held while the engines boot, the part of a start that takes CPU
+        // and disk: a storm of starts boots engines in bounded number, apps
+        // in turn, and their elections (mostly waiting) overlap freely.
+        let booting = self.starts.acquire(&rec.key.app).await;
         let started = futures::future::join_all(cluster::holders(&live).into_iter().map(|node| {
             let request = NodeRequest::Start {
                 key: rec.key.clone(),
                 start,
             };
             let here = async {
-                self.start_local(&rec.key, start)
+                self.start_local(rec, start)
                     .await
                     .map(|_| NodeResponse::Done)
             };
             async move { self.on_node(&node, request, here).await }
         }))
         .await;
+        drop(booting);
         if let Some(Err(e)) = started.into_iter().find(Result::is_err) {
             self.stop_everywhere(rec, false).await;
             return Err(e);

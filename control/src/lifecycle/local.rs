@@ -20,7 +20,8 @@ impl Manager {
     /// Starts this node's replicas of a database (idempotent) and waits
     /// until they answer. A replica without data bootstraps the cluster with
     /// the others (`start.bootstrap`) or joins the running one.
-    pub(super) async fn start_local(&self, key: &DbKey, start: LocalStart) -> Result<()> {
+    pub(super) async fn start_local(&self, rec: &DatabaseRecord, start: LocalStart) -> Result<()> {
+        let key = &rec.key;
         let slot = self.slot(key);
         let mut running = slot.running.lock().await;
         slot.held_down
@@ -28,7 +29,6 @@ impl Manager {
         if running.is_some() {
             return Ok(());
         }
-        let rec = self.record(key).await?;
         let label = key.internal();
         let join = if start.bootstrap || rec.engine != Engine::Rqlite {
             Vec::new()
@@ -103,7 +103,11 @@ impl Manager {
             return Err(e);
         }
         self.forward_process_events(key.clone(), rx);
-        *running = Some(Running { processes, ports });
+        *running = Some(Running {
+            processes,
+            ports,
+            started: std::time::Instant::now(),
+        });
         Ok(())
     }
 

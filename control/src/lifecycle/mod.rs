@@ -48,12 +48,14 @@ use crate::process::Supervised;
 struct Running {
     processes: Vec<Supervised>,
     ports: Vec<u16>,
+    started: Instant,
 }
 
 #[derive(Default)]
 struct Slot {
-    /// Held by a decision about the database (on the coordinator).
-    deciding: tokio::sync::Mutex<()>,
+    /// Held by a decision about the database (on the coordinator), and by
+    /// the recording of a finished wake that outlives its answer.
+    deciding: Arc<tokio::sync::Mutex<()>>,
     /// This node's processes of the database.
     running: tokio::sync::Mutex<Option<Running>>,
     /// Stopped on request (a hibernation under way): the upkeep loop must
@@ -382,16 +384,19 @@ impl Manager {
     }
 
     async fn record(&self, key: &DbKey) -> Result<DatabaseRecord> {
-        self.store.database(key).await?.ok_or_else(|| {
-            ControlError::NotFound(format!(
-                "database {} of app {} does not exist",
-                key.db, key.app
-            ))
-        })
+        self.store
+            .database(key)
+            .await?
+            .ok_or_else(|| not_found(key))
     }
 
     pub async fn status(&self, key: &DbKey) -> Result<DatabaseInfo> {
-        Ok(self.info(&self.record(key).await?))
+        let rec = self
+            .store
+            .database_status(key)
+            .await?
+            .ok_or_else(|| not_found(key))?;
+        Ok(self.info(&rec))
     }
 
     pub async fn list(&self, app: Option<&Name>) -> Result<Vec<DatabaseInfo>> {
@@ -406,4 +411,11 @@ impl Manager {
         self.secrets.lock().expect("secrets poisoned").remove(key);
         self.update_status_gauges();
     }
+}
+
+fn not_found(key: &DbKey) -> ControlError {
+    ControlError::NotFound(format!(
+        "database {} of app {} does not exist",
+        key.db, key.app
+    ))
 }

@@ -106,7 +106,11 @@ impl Manager {
                     start,
                 },
                 async {
-                    self.start_local(&rec.key, start)
+                    let rec = DatabaseRecord {
+                        replicas: replicas.clone(),
+                        ..rec.clone()
+                    };
+                    self.start_local(&rec, start)
                         .await
                         .map(|_| NodeResponse::Done)
                 },

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
@@ -143,7 +143,7 @@ impl Manager {
                 let Some(m) = me.upgrade() else { return };
                 let key = &rec.key;
                 let result = match start {
-                    Restart::Rejoin => m.start_local(key, LocalStart::default()).await,
+                    Restart::Rejoin => m.start_local(&rec, LocalStart::default()).await,
                     _ => m.wake_here(key).await.map(|_| ()),
                 };
                 if let Err(e) = result {
@@ -173,7 +173,7 @@ impl Manager {
                 self.ports.hold(port);
             }
         }
-        self.start_local(&rec.key, LocalStart::default()).await?;
+        self.start_local(rec, LocalStart::default()).await?;
         let endpoints = self.ready_everywhere(rec, &rec.replicas).await?;
         self.set_view(&rec.key, DatabaseStatus::Active, endpoints.clone());
         self.publish(Event::Leader {
@@ -300,7 +300,13 @@ impl Manager {
             let Ok(mut running) = slot.running.try_lock() else {
                 continue;
             };
-            if running.is_none() || self.needs_stop(by_key.get(&key).copied()).is_none() {
+            let Some(started) = running.as_ref().map(|r| r.started) else {
+                continue;
+            };
+            if self
+                .needs_stop(by_key.get(&key).copied(), started)
+                .is_none()
+            {
                 continue;
             }
             // The snapshot may be older than a start that just happened (a
@@ -309,7 +315,7 @@ impl Manager {
             let Ok(fresh) = self.store.database(&key).await else {
                 continue;
             };
-            if let Some((why, remove_data)) = self.needs_stop(fresh.as_ref()) {
+            if let Some((why, remove_data)) = self.needs_stop(fresh.as_ref(), started) {
                 warn!(database = %key, "{why}");
                 self.stop_held(&key, &slot, &mut running, remove_data).await;
             }
@@ -328,7 +334,12 @@ impl Manager {
                     .map(|r| r.is_none())
                     .unwrap_or(false);
             if idle {
-                if let Err(e) = self.start_local(&rec.key, LocalStart::default()).await {
+                // The scan read this node's copy; the start needs the record as it is.
+                let started = match self.record(&rec.key).await {
+                    Ok(fresh) => self.start_local(&fresh, LocalStart::default()).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = started {
                     warn!(database = %rec.key, error = %e, "could not start this node's replica");
                 }
             }
@@ -337,7 +348,11 @@ impl Manager {
 
     /// Why this node's running replica of a database (as `rec` says it is
     /// now) must stop, and whether its data goes too.
-    pub(super) fn needs_stop(&self, rec: Option<&DatabaseRecord>) -> Option<(&'static str, bool)> {
+    pub(super) fn needs_stop(
+        &self,
+        rec: Option<&DatabaseRecord>,
+        started: Instant,
+    ) -> Option<(&'static str, bool)> {
         match rec {
             None => Some((
                 "stopping a replica of a database that no longer exists",
@@ -347,7 +362,13 @@ impl Manager {
                 "stopping and removing a replica that was replaced while this node was away",
                 true,
             )),
-            Some(rec) if rec.status == DatabaseStatus::Hibernating => {
+            // A wake is recorded once the database answers: a replica
+            // started within a start's time (and its recording) belongs to
+            // a wake in hand.
+            Some(rec)
+                if rec.status == DatabaseStatus::Hibernating
+                    && started.elapsed() > self.engines.start_timeout * 2 =>
+            {
                 Some(("stopping a replica of a database that hibernated", false))
             }
             Some(_) => None,

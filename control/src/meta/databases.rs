@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::store::{corrupt, int, text, Store};
 use crate::error::Result;
 use crate::model::{DatabaseRecord, ReplicaRecord};
-use crate::rqlite::Stmt;
+use crate::rqlite::{Level, Stmt};
 
 /// Which databases a read is about.
 enum Which<'a> {
@@ -18,12 +18,6 @@ enum Which<'a> {
     App(&'a Name),
     Status(DatabaseStatus),
     All,
-}
-
-/// Through Raft, or this member's own copy.
-enum Read {
-    Strong,
-    Local,
 }
 
 fn db_key(app: &Value, name: &Value) -> Result<DbKey> {
@@ -34,14 +28,22 @@ fn db_key(app: &Value, name: &Value) -> Result<DbKey> {
 }
 
 impl Store {
+    /// One database, through Raft: what decisions about it start from.
     pub async fn database(&self, key: &DbKey) -> Result<Option<DatabaseRecord>> {
-        let mut found = self.databases_where(Which::Key(key), Read::Strong).await?;
+        let mut found = self.databases_where(Which::Key(key), Level::Strong).await?;
+        Ok(found.pop())
+    }
+
+    /// One database as the `_system` leader has it: for status answers,
+    /// which cost no Raft entry (a wake storm asks for hundreds at once).
+    pub async fn database_status(&self, key: &DbKey) -> Result<Option<DatabaseRecord>> {
+        let mut found = self.databases_where(Which::Key(key), Level::Leader).await?;
         Ok(found.pop())
     }
 
     pub async fn databases(&self, app: Option<&Name>) -> Result<Vec<DatabaseRecord>> {
         let which = app.map_or(Which::All, Which::App);
-        self.databases_where(which, Read::Strong).await
+        self.databases_where(which, Level::Strong).await
     }
 
     /// Every database (or those with `status`) as this node's copy of
@@ -52,7 +54,7 @@ impl Store {
         status: Option<DatabaseStatus>,
     ) -> Result<Vec<DatabaseRecord>> {
         let which = status.map_or(Which::All, Which::Status);
-        self.databases_where(which, Read::Local).await
+        self.databases_where(which, Level::Local).await
     }
 
     /// Which of `keys` name databases (this node's copy of `_system`).
@@ -100,7 +102,7 @@ impl Store {
             .collect())
     }
 
-    async fn databases_where(&self, which: Which<'_>, read: Read) -> Result<Vec<DatabaseRecord>> {
+    async fn databases_where(&self, which: Which<'_>, level: Level) -> Result<Vec<DatabaseRecord>> {
         const COLS: &str = "SELECT app, name, engine, replication_factor, status, reason, created_at, last_activity, last_wake_ms, secret FROM databases d";
         const RCOLS: &str = "SELECT app, db, idx, node_id, host, port, raft_port FROM replicas r";
         let (dbs, reps) = match which {
@@ -128,12 +130,10 @@ impl Store {
                 Stmt::new(format!("{RCOLS} ORDER BY app, db, idx")),
             ),
         };
-        let (dbs, reps) = match read {
-            Read::Strong => (self.db.query(dbs).await?, self.db.query(reps).await?),
-            Read::Local => (
-                self.db.query_local(dbs).await?,
-                self.db.query_local(reps).await?,
-            ),
+        // Both in one request: one Raft entry, one snapshot of both tables.
+        let mut results = self.db.read(vec![dbs, reps], level).await?.into_iter();
+        let (Some(dbs), Some(reps)) = (results.next(), results.next()) else {
+            return Err(corrupt("databases"));
         };
         let mut replicas: HashMap<DbKey, Vec<ReplicaRecord>> = HashMap::new();
         for r in &reps.values {

@@ -227,15 +227,17 @@ async fn spawn(spec: &ProcessSpec) -> std::io::Result<tokio::process::Child> {
     if let Some((uid, gid)) = spec.user {
         cmd.uid(uid).gid(gid);
     }
-    if let Some(sandbox) = spec.sandbox.clone() {
-        cmd.env("TMPDIR", sandbox.dir());
-        // SAFETY: the sandbox's entry is plain syscalls; it runs in the
-        // child after the uid change and before exec.
-        unsafe {
-            cmd.pre_exec(move || sandbox.enter());
+    // A spawn waits until the child has exec'd, which takes long when a
+    // storm of starting engines holds the CPUs: off the runtime's workers.
+    let child = match spec.sandbox.clone() {
+        Some(sandbox) => {
+            cmd.env("TMPDIR", sandbox.dir());
+            sandbox.spawn(cmd).await?
         }
-    }
-    let child = cmd.spawn()?;
+        None => tokio::task::spawn_blocking(move || cmd.spawn())
+            .await
+            .map_err(std::io::Error::other)??,
+    };
     if let Some(pid) = child.id() {
         pidfile::write(&spec.pid_file, pid);
     }

@@ -38,6 +38,7 @@ fn leader(info: &DatabaseInfo) -> String {
 }
 
 async fn wait_for_status(
+    control: &Control,
     client: &Client,
     db: &str,
     want: DatabaseStatus,
@@ -51,8 +52,9 @@ async fn wait_for_status(
         }
         assert!(
             Instant::now() < deadline,
-            "{db} still {:?}, expected {want:?}",
-            info.status
+            "{db} still {:?}, expected {want:?}; control's log ends with:\n{}",
+            info.status,
+            control.log_tail(60)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -186,6 +188,7 @@ async fn hibernate_and_wake(engine: Engine, rf: Option<u32>) {
     report_sessions(&client, "orders", 0).await;
 
     wait_for_status(
+        &control,
         &client,
         "orders",
         DatabaseStatus::Hibernating,
@@ -364,8 +367,14 @@ async fn restarting_the_daemon_keeps_every_database() {
         }
         control.restart().await.unwrap();
         for db in ["lite", "trio", "pg"] {
-            let info =
-                wait_for_status(&client, db, DatabaseStatus::Active, Duration::from_secs(30)).await;
+            let info = wait_for_status(
+                &control,
+                &client,
+                db,
+                DatabaseStatus::Active,
+                Duration::from_secs(30),
+            )
+            .await;
             assert_eq!(
                 read_rows(&info).await.unwrap(),
                 vec!["before restart".to_string()],
@@ -406,6 +415,7 @@ async fn orphaned_directories_are_removed_and_live_ones_kept() {
 
     control.restart().await.unwrap();
     let live = wait_for_status(
+        &control,
         &client,
         "live",
         DatabaseStatus::Active,
