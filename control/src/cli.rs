@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use rouse_control_api::{
     BackendCredentials, Client, ClientError, CreateApp, CreateDatabase, DatabaseInfo, Engine, Name,
-    PatroniMember, PatroniRegistration, PoolMode, Role,
+    PatroniMember, PatroniRegistration, PoolMode, RestoreRequest, Role,
 };
 use serde::Serialize;
 
@@ -145,6 +145,33 @@ pub enum DbCmd {
         name: Name,
         mode: PoolMode,
     },
+    /// Back a database up now.
+    Backup {
+        app: Name,
+        name: Name,
+    },
+    /// A database's backups, oldest first (also of a dropped one).
+    Backups {
+        app: Name,
+        name: Name,
+    },
+    /// Put a backup back: the latest, a given one, or (PostgreSQL) a point
+    /// in time; into the database itself or, with --as, a new one.
+    Restore {
+        app: Name,
+        name: Name,
+        #[arg(long)]
+        backup: Option<String>,
+        /// PostgreSQL: RFC 3339, e.g. 2026-12-03T23:15:00Z.
+        #[arg(long)]
+        time: Option<String>,
+        /// Restore into this database (created when it does not exist).
+        #[arg(long = "as")]
+        as_name: Option<Name>,
+        /// Overwrite a database that has data.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn print<T: Serialize>(v: &T) {
@@ -258,6 +285,29 @@ pub async fn run(client: &Client, cmd: Command) -> Result<(), ClientError> {
             DbCmd::PoolMode { app, name, mode } => {
                 print(&client.set_pool_mode(&app, &name, mode).await?)
             }
+            DbCmd::Backup { app, name } => print(&client.backup(&app, &name).await?),
+            DbCmd::Backups { app, name } => print(&client.backups(&app, &name).await?),
+            DbCmd::Restore {
+                app,
+                name,
+                backup,
+                time,
+                as_name,
+                force,
+            } => print(
+                &client
+                    .restore(
+                        &app,
+                        &name,
+                        &RestoreRequest {
+                            backup,
+                            time,
+                            as_name,
+                            force,
+                        },
+                    )
+                    .await?,
+            ),
         },
         Command::Token { cmd } => match cmd {
             TokenCmd::Create { role } => print(&client.create_token(&role).await?),

@@ -53,6 +53,15 @@ pub enum ControlError {
     Engine(String),
     #[error("metadata store unavailable: {0}")]
     Store(String),
+    /// The backup destination failed (unreachable, refused, not found).
+    #[error("backup: {0}")]
+    Backup(String),
+    /// A backup that does not match its checksum.
+    #[error("backup {id} is corrupt: {why}; it is not restored")]
+    CorruptBackup { id: String, why: String },
+    /// A restore that would overwrite data, without `force`.
+    #[error("{0} has data; restore with force to overwrite it")]
+    HasData(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -65,7 +74,11 @@ impl ControlError {
             ControlError::Unauthorized => StatusCode::UNAUTHORIZED,
             ControlError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
-            ControlError::AlreadyExists(_) | ControlError::InUse(_) => StatusCode::CONFLICT,
+            ControlError::AlreadyExists(_) | ControlError::InUse(_) | ControlError::HasData(_) => {
+                StatusCode::CONFLICT
+            }
+            ControlError::CorruptBackup { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ControlError::Backup(_) => StatusCode::BAD_GATEWAY,
             ControlError::AppLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
             ControlError::MaxDatabases { .. }
             | ControlError::PortsExhausted { .. }
@@ -101,6 +114,9 @@ impl ControlError {
             ControlError::Engine(_) => ErrorCode::EngineFailed,
             ControlError::Store(_) => ErrorCode::StoreUnavailable,
             ControlError::Peer(_) => ErrorCode::PeerUnavailable,
+            ControlError::Backup(_) => ErrorCode::BackupFailed,
+            ControlError::CorruptBackup { .. } => ErrorCode::BackupCorrupt,
+            ControlError::HasData(_) => ErrorCode::HasData,
             ControlError::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -117,13 +133,16 @@ impl ControlError {
             | ControlError::NotFound(_)
             | ControlError::AlreadyExists(_)
             | ControlError::InUse(_)
+            | ControlError::HasData(_)
             | ControlError::AppLimit { .. } => ErrorKind::User,
             ControlError::MaxDatabases { .. }
             | ControlError::PortsExhausted { .. }
             | ControlError::InsufficientNodes { .. } => ErrorKind::Capacity,
-            ControlError::Engine(_) | ControlError::Store(_) | ControlError::Peer(_) => {
-                ErrorKind::Backend
-            }
+            ControlError::Engine(_)
+            | ControlError::Store(_)
+            | ControlError::Peer(_)
+            | ControlError::Backup(_)
+            | ControlError::CorruptBackup { .. } => ErrorKind::Backend,
             ControlError::Internal(_) => ErrorKind::Internal,
         }
     }

@@ -4,6 +4,7 @@
 
 mod activity;
 mod api;
+mod backup;
 pub mod cli;
 pub mod cluster;
 pub mod cluster_key;
@@ -99,6 +100,7 @@ pub async fn run(
     // A node without bootstrap peers founded (or alone runs) `_system`.
     let config_founds_cluster = config.discovery.bootstrap_peers.is_empty();
     let data_dir = config.node.data_dir.clone();
+    let backups = backup::Backups::open(&config.backups, &data_dir, engines.postgres_user)?;
     let manager = Manager::new(
         config,
         node_id.clone(),
@@ -106,6 +108,7 @@ pub async fn run(
         engines,
         ports,
         peers.clone(),
+        backups,
     );
     manager.record_membership().await?;
     let tokens = Arc::new(tokens::Tokens::new(system.store.clone()));
@@ -125,6 +128,8 @@ pub async fn run(
     tasks.restarting("idle_reaper", move || m.clone().run_idle_reaper());
     let m = manager.clone();
     tasks.restarting("engine_logs", move || m.clone().rotate_engine_logs());
+    let m = manager.clone();
+    tasks.restarting("backups", move || m.clone().run_backup_schedule());
     info!(node_id = %node_id, api_addr = %listener.local_addr()?, "rouse-control ready");
     api::serve(listener, manager.clone(), tokens, api_tls, shutdown).await;
     info!(

@@ -59,6 +59,42 @@ pub const REPLICA_REPLACEMENTS: Metric = Metric {
         "Replicas of dead nodes replaced (done) or left for want of a node with room (no_capacity).",
 };
 
+pub const BACKUPS: Metric = Metric {
+    name: "rouse_backups_total",
+    kind: Kind::Counter,
+    labels: &["engine", "reason", "result"],
+    help: "Backups attempted, by why (manual, scheduled, hibernate) and result (done, unchanged, failed).",
+};
+
+pub const BACKUP_LAST_SUCCESS: Metric = Metric {
+    name: "rouse_backup_last_success_timestamp_seconds",
+    kind: Kind::Gauge,
+    labels: &["app", "db"],
+    help:
+        "When each database's last backup succeeded (Unix seconds), as this node made or found it.",
+};
+
+pub const BACKUP_FAILURES: Metric = Metric {
+    name: "rouse_backup_failures_total",
+    kind: Kind::Counter,
+    labels: &["app", "db"],
+    help: "Backups of each database that failed.",
+};
+
+pub const BACKUP_BYTES: Metric = Metric {
+    name: "rouse_backup_bytes_total",
+    kind: Kind::Counter,
+    labels: &["engine"],
+    help: "Bytes written to the backup destination.",
+};
+
+pub const BACKUP_DURATION: Metric = Metric {
+    name: "rouse_backup_duration_seconds",
+    kind: Kind::Histogram,
+    labels: &["engine", "op"],
+    help: "How long backups and restores took (op: backup, restore).",
+};
+
 /// Control's own metrics; the shared ones are in [`rouse_runtime::metric::CATALOGUE`].
 pub const CATALOGUE: &[&Metric] = &[
     &DATABASES,
@@ -69,4 +105,9 @@ pub const CATALOGUE: &[&Metric] = &[
     &PEERS,
     &PROCESS_RESTARTS,
     &REPLICA_REPLACEMENTS,
+    &BACKUPS,
+    &BACKUP_LAST_SUCCESS,
+    &BACKUP_FAILURES,
+    &BACKUP_BYTES,
+    &BACKUP_DURATION,
 ];

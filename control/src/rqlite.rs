@@ -8,6 +8,9 @@ use rouse_control_api::BackendCredentials;
 use serde::Deserialize;
 use serde_json::Value;
 
+/// How long a whole-database copy (`/db/backup`, `/db/load`) may take.
+const BULK_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// How long a statement waits for a leader to be elected.
 const ELECTION_WAIT: Duration = Duration::from_secs(5);
 
@@ -262,6 +265,66 @@ impl RqliteClient {
             status,
             body: resp.text().await.unwrap_or_default(),
         })
+    }
+
+    /// Sends a whole-database transfer (`/db/backup`, `/db/load`): the
+    /// response when it is 200.
+    async fn bulk(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, RqliteError> {
+        let resp = req
+            .timeout(BULK_TIMEOUT)
+            .send()
+            .await
+            .map_err(|source| self.transport(source))?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            return Err(RqliteError::Http {
+                addr: self.addr.clone(),
+                status,
+                body: resp.text().await.unwrap_or_default(),
+            });
+        }
+        Ok(resp)
+    }
+
+    fn transport(&self, source: reqwest::Error) -> RqliteError {
+        RqliteError::Transport {
+            addr: self.addr.clone(),
+            source,
+        }
+    }
+
+    /// A consistent copy of the whole database as an SQLite file
+    /// (`/db/backup`, asked of the leader), streamed into `out`.
+    pub async fn backup_to(&self, out: &mut tokio::fs::File) -> Result<u64, RqliteError> {
+        use tokio::io::AsyncWriteExt;
+        let url = format!("{}://{}/db/backup", self.scheme, self.addr);
+        let mut resp = self.bulk(self.http.get(url)).await?;
+        let mut size = 0u64;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport(e))? {
+            size += chunk.len() as u64;
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| RqliteError::Statement(format!("cannot write the backup: {e}")))?;
+        }
+        Ok(size)
+    }
+
+    /// Replaces the whole database with the SQLite file `sqlite`, through
+    /// Raft (`/db/load`, asked of the leader): every replica gets it.
+    pub async fn load(&self, sqlite: tokio::fs::File) -> Result<(), RqliteError> {
+        let url = format!("{}://{}/db/load", self.scheme, self.addr);
+        let req = self
+            .http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(reqwest::Body::from(sqlite));
+        self.bulk(req).await.map(|_| ())
+    }
+
+    /// The rqlited version, as `/status` reports it.
+    pub async fn version(&self) -> Option<String> {
+        let status = self.get_json("/status").await?;
+        status["build"]["version"].as_str().map(str::to_string)
     }
 
     /// The ids of the cluster's members, voting or not, as this node knows them.

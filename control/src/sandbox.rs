@@ -71,10 +71,16 @@ pub fn abi() -> Option<u32> {
 }
 
 impl Sandbox {
-    /// A ruleset granting all rights under `own_dir`, and read and execute
+    /// A ruleset granting all rights under `own_dir` and `also` (the
+    /// database's own socket and backup directories), and read and execute
     /// on the system directories and `binary`'s directory, except those
     /// that contain `data_root` (every tenant's data lies below it).
-    pub fn new(own_dir: &Path, binary: &Path, data_root: &Path) -> io::Result<Sandbox> {
+    pub fn new(
+        own_dir: &Path,
+        binary: &Path,
+        data_root: &Path,
+        also: &[PathBuf],
+    ) -> io::Result<Sandbox> {
         let abi = abi().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -109,6 +115,9 @@ impl Sandbox {
             dir: own_dir.to_path_buf(),
         };
         sandbox.allow(own_dir, handled)?;
+        for dir in also {
+            sandbox.allow(dir, handled)?;
+        }
         let data_root = canonical(data_root);
         let binary_dir = canonical(binary).parent().map(Path::to_path_buf);
         for dir in SYSTEM_DIRS.iter().map(PathBuf::from).chain(binary_dir) {
@@ -237,7 +246,7 @@ mod tests {
         std::fs::create_dir_all(&own).unwrap();
         std::fs::create_dir_all(&other).unwrap();
         std::fs::write(other.join("db.sqlite"), "secret").unwrap();
-        let sandbox = Arc::new(Sandbox::new(&own, Path::new("/bin/sh"), root.path()).unwrap());
+        let sandbox = Arc::new(Sandbox::new(&own, Path::new("/bin/sh"), root.path(), &[]).unwrap());
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let run = |script: &str| {
             let mut cmd = tokio::process::Command::new("/bin/sh");

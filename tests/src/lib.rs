@@ -13,6 +13,7 @@ mod proxy;
 mod redis;
 mod relay;
 mod rqlite;
+mod s3;
 mod sentinel;
 mod stack;
 
@@ -35,6 +36,7 @@ pub use proxy::{Proxy, ProxyBuilder};
 pub use redis::{redis_cli, Redis, RedisBuilder, TlsFiles};
 pub use relay::Relay;
 pub use rqlite::{engine_curl_args, engine_url, rqlite_execute, rqlite_query, Rqlited};
+pub use s3::S3;
 pub use sentinel::{Sentinel, SentinelBuilder};
 pub use stack::{name, Stack, StackBuilder, APP};
 

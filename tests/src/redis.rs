@@ -23,7 +23,7 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// A CA and a certificate for 127.0.0.1 that it signed.
+    /// A CA and a certificate for 127.0.0.1 (and `localhost`) that it signed.
     pub fn make(dir: &std::path::Path) -> TlsFiles {
         let files = TlsFiles {
             ca: dir.join("ca.pem"),
@@ -62,7 +62,7 @@ impl TlsFiles {
         );
         std::fs::write(
             &ext,
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
         )
         .unwrap();
         run_ok(

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::access::{CreateToken, Role, TokenCreated, TokenInfo};
+use crate::backup::{BackupInfo, BackupList, RestoreRequest, Restored};
 use crate::error::{ErrorBody, ErrorCode};
 use crate::name::Name;
 use crate::sealed::SealKey;
@@ -296,6 +297,33 @@ impl Client {
             .post(self.url(&format!("/databases/{app}/{db}/wake")))
             .json(&serde_json::json!({}));
         self.send_within(req, limit).await
+    }
+
+    /// Backs `app`/`db` up now (no time limit: a large database takes a while).
+    pub async fn backup(&self, app: &Name, db: &Name) -> Result<BackupInfo, ClientError> {
+        let req = self
+            .http
+            .post(self.url(&format!("/databases/{app}/{db}/backups")))
+            .json(&serde_json::json!({}));
+        self.send_within(req, None).await
+    }
+
+    /// The backups of `app`/`db`, oldest first (also of a dropped database).
+    pub async fn backups(&self, app: &Name, db: &Name) -> Result<BackupList, ClientError> {
+        self.get(&format!("/databases/{app}/{db}/backups")).await
+    }
+
+    pub async fn restore(
+        &self,
+        app: &Name,
+        db: &Name,
+        request: &RestoreRequest,
+    ) -> Result<Restored, ClientError> {
+        let req = self
+            .http
+            .post(self.url(&format!("/databases/{app}/{db}/restore")))
+            .json(request);
+        self.send_within(req, None).await
     }
 
     pub async fn hibernate(

@@ -32,6 +32,12 @@ pub enum ErrorCode {
     EngineFailed,
     StoreUnavailable,
     PeerUnavailable,
+    /// The backup destination refused or failed a backup or restore.
+    BackupFailed,
+    /// A backup whose checksum does not match: never restored.
+    BackupCorrupt,
+    /// A restore onto a database that has data, without `force`.
+    HasData,
     Internal,
     /// A code this client does not know (a newer control).
     #[serde(other)]
@@ -58,6 +64,9 @@ impl ErrorCode {
             ErrorCode::EngineFailed => "engine_failed",
             ErrorCode::StoreUnavailable => "store_unavailable",
             ErrorCode::PeerUnavailable => "peer_unavailable",
+            ErrorCode::BackupFailed => "backup_failed",
+            ErrorCode::BackupCorrupt => "backup_corrupt",
+            ErrorCode::HasData => "has_data",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }

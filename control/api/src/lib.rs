@@ -4,6 +4,7 @@
 //! beyond HTTP calls to control.
 
 pub mod access;
+pub mod backup;
 pub mod client;
 pub mod engine_tls;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod sealed;
 pub mod types;
 
 pub use access::{CreateToken, Role, TokenCreated, TokenInfo};
+pub use backup::{BackupInfo, BackupList, RestoreRequest, Restored};
 pub use client::{Client, ClientError};
 pub use error::{ErrorBody, ErrorCode};
 pub use name::{DbKey, Name, NameError};

@@ -1,6 +1,6 @@
 //! The configuration file shared by `rouse-control` and `rouse-proxy`: one
 //! YAML document with `node`, `database`, `discovery`, `control`, `proxy`
-//! and `redis` sections (each binary uses its own), the keys of the
+//! `redis`, `apps` and `backups` sections (each binary uses its own), the keys of the
 //! reference `node.yaml` loading as they are. Every key can be overridden by
 //! `ROUSE_<SECTION>__<KEY>` environment variables; `REDIS_URL` sets
 //! `redis.url`. Unknown keys are refused with the file, line and key.
@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod apps;
+mod backups;
 mod control;
 mod database;
 mod discovery;
@@ -20,6 +21,7 @@ mod proxy;
 mod redis;
 
 pub use apps::*;
+pub use backups::*;
 pub use control::*;
 pub use database::*;
 pub use discovery::*;
@@ -41,6 +43,7 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub redis: RedisConfig,
     pub apps: crate::apps::AppsConfig,
+    pub backups: BackupsConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +71,7 @@ pub enum ConfigError {
     Invalid { file: String, message: String },
 }
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "node",
     "database",
     "discovery",
@@ -76,6 +79,7 @@ const SECTIONS: [&str; 7] = [
     "proxy",
     "redis",
     "apps",
+    "backups",
 ];
 
 impl Config {
@@ -175,6 +179,7 @@ impl Config {
         if self.control.replica_hosts.is_empty() {
             return Err("control.replica_hosts must name at least one address".into());
         }
+        self.backups.validate()?;
         self.proxy.validate()
     }
 }

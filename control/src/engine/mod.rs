@@ -61,6 +61,8 @@ pub struct Instance<'a> {
     pub non_voter: bool,
     /// The Raft member id, when it is not `node-<idx>` (`_system`).
     pub raft_id: Option<&'a str>,
+    /// PostgreSQL: where its WAL is archived (pgBackRest).
+    pub archive: Option<crate::backup::pgbackrest::Archive>,
 }
 
 impl Instance<'_> {
@@ -157,9 +159,9 @@ impl EngineEnv {
         };
         let sandbox = match &self.sandbox_root {
             Some(root) => Some(Arc::new(
-                Sandbox::new(&inst.replica_dir(r), &program, root).map_err(|e| {
-                    ControlError::Internal(format!("cannot sandbox {}: {e}", inst.label))
-                })?,
+                Sandbox::new(&inst.replica_dir(r), &program, root, &extra_dirs(inst)).map_err(
+                    |e| ControlError::Internal(format!("cannot sandbox {}: {e}", inst.label)),
+                )?,
             )),
             None => None,
         };
@@ -217,6 +219,17 @@ impl EngineEnv {
             )
         })
     }
+}
+
+/// Directories an engine writes besides its own: the socket of
+/// PostgreSQL, and where its WAL is archived.
+fn extra_dirs(inst: &Instance<'_>) -> Vec<PathBuf> {
+    let mut dirs = vec![inst.dir.join("s")];
+    if let Some(archive) = &inst.archive {
+        dirs.extend(archive.writes.iter().cloned());
+    }
+    dirs.retain(|d| d.exists());
+    dirs
 }
 
 /// Where a replica's process writes its pid, under `<data_dir>/<app>_<db>/<engine>/`.

@@ -5,6 +5,7 @@
 
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::process::Stdio;
 
 use rouse_control_api::Endpoint;
@@ -18,6 +19,10 @@ use crate::process::chown_tree;
 pub const ADMIN_USER: &str = "rouse_admin";
 /// The role every app user acts as.
 const OWNER_ROLE: &str = "rouse_owner";
+/// Left in the instance's directory by a restore, holding the name the
+/// database was backed up under: at the next start the superuser's password
+/// is set anew and the database takes its new name.
+pub const RESTORED: &str = "restored-from";
 
 fn io(what: &str) -> impl Fn(std::io::Error) -> ControlError + '_ {
     move |e| ControlError::Internal(format!("{what}: {e}"))
@@ -41,6 +46,7 @@ pub(super) async fn prepare(env: &EngineEnv, inst: &Instance<'_>) -> Result<()> 
     for r in inst.local() {
         let dir = inst.replica_dir(r);
         if !inst.first_start && dir.join("PG_VERSION").exists() {
+            local_admin(env, inst, r)?;
             continue;
         }
         // A half-made directory from an interrupted create is made anew.
@@ -91,28 +97,94 @@ pub(super) async fn prepare(env: &EngineEnv, inst: &Instance<'_>) -> Result<()> 
         let mut rules = std::fs::read_to_string(&hba).map_err(io("read pg_hba.conf"))?;
         rules.push_str("\nhost all all all scram-sha-256\n");
         std::fs::write(&hba, rules).map_err(io("write pg_hba.conf"))?;
+        local_admin(env, inst, r)?;
     }
     Ok(())
 }
 
+/// Where the instance of replica `r` also listens on a Unix socket, for
+/// pgBackRest and control's own sessions; `None` where the socket's path
+/// would be longer than the kernel allows.
+pub fn socket_dir(inst: &Instance<'_>, r: &ReplicaRecord) -> Option<PathBuf> {
+    let dir = inst.dir.join("s");
+    let path = dir.join(format!(".s.PGSQL.{}", r.port));
+    (path.as_os_str().len() < 100).then_some(dir)
+}
+
+/// The map that lets control (and the server's own user, pgBackRest) log
+/// in as the superuser over the Unix socket without a password: a restored
+/// backup keeps the superuser password of the database it came from. The
+/// socket's directory is 0700, the server's user's.
+const PEER_RULE: &str = "local all rouse_admin peer map=rouse\n";
+
+fn local_admin(env: &EngineEnv, inst: &Instance<'_>, r: &ReplicaRecord) -> Result<()> {
+    let Some(socket) = socket_dir(inst, r) else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(&socket).map_err(io("cannot create the socket directory"))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o700))
+        .map_err(io("chmod"))?;
+    if let Some(user) = env.postgres_user {
+        chown_tree(&socket, user).map_err(io("chown socket directory"))?;
+    }
+    let dir = inst.replica_dir(r);
+    let hba = dir.join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).map_err(io("read pg_hba.conf"))?;
+    if !rules.contains(PEER_RULE) {
+        // First: the first rule that matches decides.
+        std::fs::write(&hba, format!("{PEER_RULE}{rules}")).map_err(io("write pg_hba.conf"))?;
+    }
+    // SAFETY: geteuid(2) has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let names: Vec<String> = [Some(me), env.postgres_user.map(|(uid, _)| uid)]
+        .into_iter()
+        .flatten()
+        .filter_map(crate::process::user_name)
+        .collect();
+    let ident = dir.join("pg_ident.conf");
+    let mut map = std::fs::read_to_string(&ident).unwrap_or_default();
+    for name in names {
+        let line = format!("rouse {name} {ADMIN_USER}\n");
+        if !map.contains(&line) {
+            map.push_str(&line);
+        }
+    }
+    std::fs::write(&ident, map).map_err(io("write pg_ident.conf"))
+}
+
 pub(super) fn args(inst: &Instance<'_>, r: &ReplicaRecord, max_connections: u32) -> Vec<OsString> {
-    vec![
+    let mut args: Vec<OsString> = vec![
         "-D".into(),
         inst.replica_dir(r).into(),
         "-p".into(),
         r.port.to_string().into(),
         "-c".into(),
         format!("listen_addresses={}", r.host).into(),
-        // TCP only: no socket files in shared directories.
+        // The only socket is in the database's own directory.
         "-c".into(),
-        "unix_socket_directories=".into(),
+        format!(
+            "unix_socket_directories={}",
+            socket_dir(inst, r)
+                .map(|d| d.display().to_string())
+                .unwrap_or_default()
+        )
+        .into(),
         "-c".into(),
         format!("max_connections={max_connections}").into(),
         // Shared memory segments as files in the data directory, not in
         // /dev/shm, which the sandbox does not open to engines.
         "-c".into(),
         "dynamic_shared_memory_type=mmap".into(),
-    ]
+    ];
+    if let Some(archive) = &inst.archive {
+        args.extend([
+            "-c".into(),
+            "archive_mode=on".into(),
+            "-c".into(),
+            format!("archive_command={}", archive.command).into(),
+        ]);
+    }
+    args
 }
 
 async fn connect(
@@ -123,20 +195,32 @@ async fn connect(
     connect_as(r, ADMIN_USER, secret, db).await
 }
 
-/// A session as `user` on the replica's instance.
-pub(super) async fn connect_as(
+/// Control's superuser session on this node's replica: over the Unix
+/// socket where there is one (no password needed), else TCP.
+pub(crate) async fn admin(
+    inst: &Instance<'_>,
     r: &ReplicaRecord,
-    user: &str,
-    password: &str,
     db: &str,
 ) -> std::result::Result<tokio_postgres::Client, String> {
+    let mut cfg = session(ADMIN_USER, inst.secret, db);
+    match socket_dir(inst, r).filter(|d| d.join(format!(".s.PGSQL.{}", r.port)).exists()) {
+        Some(dir) => cfg.host_path(&dir),
+        None => cfg.host(&r.host),
+    };
+    open(cfg.port(r.port)).await
+}
+
+fn session(user: &str, password: &str, db: &str) -> tokio_postgres::Config {
     let mut cfg = tokio_postgres::Config::new();
-    cfg.host(&r.host)
-        .port(r.port)
-        .user(user)
+    cfg.user(user)
         .password(password)
         .dbname(db)
         .connect_timeout(std::time::Duration::from_secs(2));
+    cfg
+}
+
+/// Connects, the connection driven by a task of its own.
+async fn open(cfg: &tokio_postgres::Config) -> std::result::Result<tokio_postgres::Client, String> {
     let (client, conn) = cfg
         .connect(tokio_postgres::NoTls)
         .await
@@ -147,6 +231,16 @@ pub(super) async fn connect_as(
     Ok(client)
 }
 
+/// A session as `user` on the replica's instance.
+pub(super) async fn connect_as(
+    r: &ReplicaRecord,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> std::result::Result<tokio_postgres::Client, String> {
+    open(session(user, password, db).host(&r.host).port(r.port)).await
+}
+
 pub(super) async fn wait_ready(
     inst: &Instance<'_>,
     deadline: tokio::time::Instant,
@@ -155,12 +249,19 @@ pub(super) async fn wait_ready(
         .replicas
         .first()
         .ok_or_else(|| ControlError::Internal("database without replica".into()))?;
+    let local = inst.local().next().unwrap_or(r);
     poll_until(deadline, inst.label, || async {
-        let client = connect(r, inst.secret, "postgres").await?;
-        client
-            .simple_query("SELECT 1")
+        let client = admin(inst, local, "postgres").await?;
+        // A restored backup answers while it still replays WAL; it is
+        // ready once it accepts writes.
+        let recovering: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .get(0);
+        if recovering {
+            return Err("still recovering".into());
+        }
         Ok(())
     })
     .await?;
@@ -192,7 +293,35 @@ pub(super) async fn after_start(
 ) -> Result<()> {
     let r = &inst.replicas[0];
     let engine = |e: String| ControlError::Engine(format!("{}: {e}", inst.label));
-    let admin = connect(r, inst.secret, "postgres").await.map_err(engine)?;
+    let admin = admin(inst, inst.local().next().unwrap_or(r), "postgres")
+        .await
+        .map_err(engine)?;
+    // Restored from a backup of another database (or of one dropped since):
+    // its superuser takes this database's password.
+    // It holds the database of the name it was backed up under.
+    let reset = inst.dir.join(RESTORED);
+    if let Ok(restored_name) = std::fs::read_to_string(&reset) {
+        let password = verifier_literal(&crate::secrets::scram_verifier(inst.secret))?;
+        let mut sql = format!("ALTER ROLE {ADMIN_USER} PASSWORD {password};");
+        let renamed = restored_name != db_name
+            && admin
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db_name])
+                .await
+                .map_err(|e| engine(e.to_string()))?
+                .is_none();
+        if renamed {
+            sql.push_str(&format!(
+                "ALTER DATABASE {} RENAME TO {};",
+                quote_ident(&restored_name),
+                quote_ident(db_name)
+            ));
+        }
+        admin
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| engine(e.to_string()))?;
+        std::fs::remove_file(&reset).map_err(io("remove the restore mark"))?;
+    }
     let exists = |sql: &'static str, name: String| {
         let admin = &admin;
         async move {
@@ -286,6 +415,21 @@ async fn upsert_login(
         format!("CREATE ROLE {role} LOGIN PASSWORD {password} {on_create}")
     };
     admin.batch_execute(&sql).await.map_err(|e| e.to_string())
+}
+
+/// Whether database `db` of the instance holds a table or view of its users.
+pub async fn has_user_tables(r: &ReplicaRecord, secret: &str, db: &str) -> Result<bool> {
+    let client = connect(r, secret, db).await.map_err(ControlError::Engine)?;
+    let row = client
+        .query_opt(
+            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'v', 'm', 'p') \
+             AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(|e| ControlError::Engine(e.to_string()))?;
+    Ok(row.is_some())
 }
 
 /// Applies the app's users to a running instance (after a user was added).

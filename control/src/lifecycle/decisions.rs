@@ -98,6 +98,11 @@ impl Manager {
     }
 
     pub(super) async fn hibernate_here(&self, key: &DbKey, force: bool) -> Result<DatabaseInfo> {
+        // Before the decision lock: a wake that comes meanwhile is not
+        // held up by the copy.
+        if force || self.activity.open_sessions(key) == 0 {
+            self.backup_before_sleep(key).await;
+        }
         let slot = self.slot(key);
         let _deciding = slot.deciding.lock().await;
         let rec = self.record(key).await?;

@@ -111,6 +111,7 @@ impl Manager {
             join: Vec::new(),
             non_voter: false,
             raft_id: None,
+            archive: None,
         };
         let endpoints = self.engines.wait_ready(rec.engine, &inst).await?;
         if rec.engine == Engine::Postgres {

@@ -17,6 +17,33 @@ use crate::model::{DatabaseRecord, ReplicaRecord};
 use crate::process::{log_tail, ProcessEvent, Supervised};
 
 impl Manager {
+    /// How this node's PostgreSQL replica archives its WAL. A destination
+    /// that cannot be set up does not keep the database from starting.
+    fn archive(
+        &self,
+        rec: &DatabaseRecord,
+        inst: &Instance<'_>,
+    ) -> Option<crate::backup::pgbackrest::Archive> {
+        if rec.engine != Engine::Postgres {
+            return None;
+        }
+        let r = inst.local().next()?;
+        let socket = engine::postgres::socket_dir(inst, r);
+        match self.backups.pg_archive(
+            &rec.key,
+            &inst.dir,
+            &inst.replica_dir(r),
+            r.port,
+            socket.as_deref(),
+        ) {
+            Ok(archive) => archive,
+            Err(e) => {
+                error!(database = %rec.key, error = %e, "WAL archiving is off: backups of this database will fail");
+                None
+            }
+        }
+    }
+
     /// Starts this node's replicas of a database (idempotent) and waits
     /// until they answer. A replica without data bootstraps the cluster with
     /// the others (`start.bootstrap`) or joins the running one.
@@ -50,6 +77,7 @@ impl Manager {
             join,
             non_voter: false,
             raft_id: None,
+            archive: None,
         };
         if inst.local().next().is_none() {
             return Err(ControlError::Internal(format!(
@@ -62,6 +90,10 @@ impl Manager {
             ..inst
         };
         self.engines.prepare(rec.engine, &inst).await?;
+        let inst = Instance {
+            archive: self.archive(rec, &inst),
+            ..inst
+        };
         let ports: Vec<u16> = inst.local().flat_map(ReplicaRecord::ports).collect();
         // Allocated by the coordinator; held here too once this node
         // restarted, so that no other database is given them.

@@ -9,6 +9,7 @@
 //! (the first caller starts the engine, the others find it running when they
 //! get the lock); the other guards this node's processes of it.
 
+mod backups;
 mod capacity;
 mod catalog;
 mod coordinator;
@@ -19,6 +20,7 @@ mod inbound;
 mod local;
 mod membership;
 mod nodes;
+mod pg_backups;
 mod placement;
 mod replace;
 mod settings;
@@ -58,6 +60,8 @@ struct Slot {
     deciding: Arc<tokio::sync::Mutex<()>>,
     /// This node's processes of the database.
     running: tokio::sync::Mutex<Option<Running>>,
+    /// Held by a backup of the database: one at a time.
+    backing_up: tokio::sync::Mutex<()>,
     /// Stopped on request (a hibernation under way): the upkeep loop must
     /// not start it again before the decision is recorded.
     held_down: std::sync::atomic::AtomicBool,
@@ -99,6 +103,8 @@ pub struct Manager {
     pub tasks: rouse_runtime::tasks::Tasks,
     /// Engine starts at once, granted in turn across apps.
     starts: crate::start_gate::StartGate,
+    backups: crate::backup::Backups,
+    last_backups: backups::LastBackups,
     /// Peer ids recorded in `_system` as members, and when each unknown
     /// peer last made this node read them again.
     members: Mutex<Members>,
@@ -121,6 +127,7 @@ impl Manager {
         engines: EngineEnv,
         ports: Arc<PortAllocator>,
         peers: Peers,
+        backups: crate::backup::Backups,
     ) -> Arc<Manager> {
         let (events, _) = broadcast::channel(4096);
         let quotas = crate::quota::Quotas::new(config.apps.clone());
@@ -145,6 +152,8 @@ impl Manager {
             recorded: Mutex::new(HashMap::new()),
             tasks: rouse_runtime::tasks::Tasks::default(),
             starts,
+            backups,
+            last_backups: Default::default(),
             me: me.clone(),
         })
     }

@@ -122,6 +122,7 @@ impl SystemDb {
             join: Vec::new(),
             non_voter: false,
             raft_id: None,
+            archive: None,
         };
         let has_data = engine::has_data(Engine::Rqlite, &probe);
         let (join, voter) = match &saved {

@@ -314,6 +314,23 @@ pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
     }
 }
 
+/// The name of user `uid`, as the password database has it.
+pub fn user_name(uid: u32) -> Option<String> {
+    // SAFETY: getpwuid returns a pointer into static storage or null; the
+    // name is copied out at once.
+    unsafe {
+        let pw = libc::getpwuid(uid);
+        if pw.is_null() {
+            return None;
+        }
+        Some(
+            std::ffi::CStr::from_ptr((*pw).pw_name)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+}
+
 /// Gives `path` (recursively) to `user`.
 pub fn chown_tree(path: &Path, (uid, gid): (u32, u32)) -> std::io::Result<()> {
     std::os::unix::fs::chown(path, Some(uid), Some(gid))?;

@@ -11,7 +11,7 @@ use rouse_tests::{
     engine_url, name, pids_mentioning, port_is_free, rqlite_execute, rqlite_query, Control, APP,
 };
 
-fn create_req(db: &str, engine: Engine, rf: Option<u32>) -> CreateDatabase {
+pub(crate) fn create_req(db: &str, engine: Engine, rf: Option<u32>) -> CreateDatabase {
     CreateDatabase {
         app: name(APP),
         name: name(db),
@@ -21,7 +21,7 @@ fn create_req(db: &str, engine: Engine, rf: Option<u32>) -> CreateDatabase {
     }
 }
 
-async fn with_app(control: &Control) -> Client {
+pub(crate) async fn with_app(control: &Control) -> Client {
     let client = control.client();
     client.create_app(&name(APP)).await.unwrap();
     client
@@ -37,7 +37,7 @@ fn leader(info: &DatabaseInfo) -> String {
     engine_url(info, e)
 }
 
-async fn wait_for_status(
+pub(crate) async fn wait_for_status(
     control: &Control,
     client: &Client,
     db: &str,
@@ -81,7 +81,7 @@ async fn report_sessions(client: &Client, db: &str, open: u64) {
         .unwrap();
 }
 
-fn db_dir(control: &Control, db: &str) -> String {
+pub(crate) fn db_dir(control: &Control, db: &str) -> String {
     control
         .data_dir()
         .join(format!("{APP}_{db}"))
@@ -101,7 +101,7 @@ fn addrs(info: &DatabaseInfo) -> Vec<SocketAddr> {
         .collect()
 }
 
-async fn pg_client(
+pub(crate) async fn pg_client(
     info: &DatabaseInfo,
     user: &str,
     password: &str,
@@ -119,7 +119,7 @@ async fn pg_client(
     Ok(client)
 }
 
-async fn write_row(info: &DatabaseInfo, value: &str) -> Result<()> {
+pub(crate) async fn write_row(info: &DatabaseInfo, value: &str) -> Result<()> {
     match info.engine {
         Engine::Rqlite => {
             rqlite_execute(
@@ -145,7 +145,7 @@ async fn write_row(info: &DatabaseInfo, value: &str) -> Result<()> {
     Ok(())
 }
 
-async fn read_rows(info: &DatabaseInfo) -> Result<Vec<String>> {
+pub(crate) async fn read_rows(info: &DatabaseInfo) -> Result<Vec<String>> {
     Ok(match info.engine {
         Engine::Rqlite => rqlite_query(&leader(info), "SELECT body FROM notes")
             .await?

@@ -2,6 +2,7 @@
 //! process) with a module per area. Every test starts real servers through
 //! the harness (`rouse_tests`) on free loopback ports and stops them after.
 
+mod backups;
 mod cluster;
 mod control;
 mod deploy;
