@@ -1,6 +1,7 @@
 //! `rouse-bench`: side-by-side measurements of rouse against the bare
 //! engines (and, for the data plane, HAProxy and PgBouncer), in one run.
 
+mod backups;
 mod chart;
 mod cluster;
 mod density;
@@ -52,6 +53,17 @@ enum Command {
     Density {
         #[arg(long, default_value_t = 2000)]
         databases: usize,
+    },
+    /// Backup and restore time of a large rqlite database and a pgbench
+    /// PostgreSQL database, and what `backups.on_hibernate` adds to a
+    /// hibernation.
+    Backups {
+        /// Size of the rqlite database.
+        #[arg(long, default_value_t = 1024)]
+        rqlite_mib: usize,
+        /// pgbench scale of the PostgreSQL database.
+        #[arg(long, default_value_t = 50)]
+        pg_scale: u32,
     },
     /// pgbench through rouse, HAProxy (mode tcp) and PgBouncer, beside the
     /// bare server.
@@ -118,6 +130,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Wake { cycles } => println!("{}", wake::run(cycles).await?),
         Command::Density { databases } => println!("{}", density::run(databases).await?),
+        Command::Backups {
+            rqlite_mib,
+            pg_scale,
+        } => println!("{}", backups::run(rqlite_mib, pg_scale).await?),
         Command::Cluster { cycles, kills } => println!("{}", cluster::run(cycles, kills).await?),
         Command::PgIdle { clients } => println!("{}", pg::idle(clients).await?),
         Command::Pg { rounds, seconds } => println!("{}", pg::run(rounds, seconds).await?),

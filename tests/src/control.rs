@@ -512,6 +512,14 @@ impl Control {
         self.process.terminate(STOP_TIMEOUT).await
     }
 
+    /// [`Control::restart`] with the environment variable `key` set to
+    /// `value` from now on (a changed setting).
+    pub async fn restart_with(&mut self, key: &str, value: &str) -> Result<()> {
+        self.launch.env.retain(|(k, _)| k != key);
+        self.launch.env.push((key.into(), value.into()));
+        self.restart().await
+    }
+
     /// Stops the daemon (if still running) and starts it again with the same
     /// config, data directory and API address.
     pub async fn restart(&mut self) -> Result<()> {

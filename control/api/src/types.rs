@@ -243,6 +243,10 @@ pub struct DatabaseInfo {
     pub last_activity: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_wake_ms: Option<u64>,
+    /// When its last backup was made, Unix milliseconds, as the node that
+    /// answers knows it (it made it, or listed it since it started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<u64>,
     pub open_sessions: u64,
     /// The engine login this caller may use ([`BackendCredentials`] as
     /// JSON), sealed for its bearer token ([`crate::SealKey::for_bearer`]):

@@ -153,22 +153,18 @@ impl Backups {
         version: String,
     ) -> Result<BackupInfo> {
         let started = Instant::now();
-        let gz = self.temp()?;
-        let (raw, gz, data_sha256) = {
-            let gz_path = gz.path().to_path_buf();
-            tokio::task::spawn_blocking(move || {
-                compress(raw.path(), &gz_path).map(|sha| (raw, gz, sha))
-            })
-            .await
-            .map_err(|e| ControlError::Internal(e.to_string()))??
-        };
-        drop(raw);
+        // Hashed first: an unchanged database is neither compressed nor stored.
+        let (raw, data_sha256) =
+            blocking(move || sha256_file(raw.path()).map(|sha| (raw, sha))).await?;
         let previous = self.manifests(key).await?;
         if let Some(last) = previous.last().filter(|m| m.data_sha256 == data_sha256) {
             info!(database = %key, backup = %last.info.id, reason = reason.as_str(), "unchanged since the last backup");
             record(Engine::Rqlite, reason, "unchanged");
             return Ok(last.info.clone());
         }
+        let gz = self.temp()?;
+        let gz_path = gz.path().to_path_buf();
+        blocking(move || compress(raw.path(), &gz_path)).await?;
         let time_ms = now_ms();
         let id = manifest::id_at(time_ms);
         let (size, sha256) = self
@@ -302,13 +298,12 @@ impl Backups {
         }
         let raw = self.temp()?;
         let raw_path = raw.path().to_path_buf();
-        let data_sha256 = tokio::task::spawn_blocking(move || decompress(gz.path(), &raw_path))
-            .await
-            .map_err(|e| ControlError::Internal(e.to_string()))?
-            .map_err(|why| ControlError::CorruptBackup {
-                id: id.clone(),
-                why,
-            })?;
+        let unpacking = id.clone();
+        let data_sha256 = blocking(move || {
+            decompress(gz.path(), &raw_path)
+                .map_err(|why| ControlError::CorruptBackup { id: unpacking, why })
+        })
+        .await?;
         if data_sha256 != m.data_sha256 {
             return Err(ControlError::CorruptBackup {
                 id,
@@ -343,6 +338,15 @@ fn io(e: std::io::Error) -> ControlError {
     ControlError::Internal(e.to_string())
 }
 
+/// Runs file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ControlError::Internal(e.to_string()))?
+}
+
 /// Counts a backup attempt.
 pub fn record(engine: Engine, reason: Reason, result: &'static str) {
     BACKUPS
@@ -368,44 +372,42 @@ pub fn failed(key: &DbKey, engine: Engine, reason: Reason) {
     record(engine, reason, "failed");
 }
 
-/// gzip of `from` into `to`; the SHA-256 of `from`.
-fn compress(from: &Path, to: &Path) -> Result<String> {
-    let mut input = std::fs::File::open(from).map_err(io)?;
-    let out = std::fs::File::create(to).map_err(io)?;
-    let mut gz =
-        flate2::write::GzEncoder::new(std::io::BufWriter::new(out), flate2::Compression::fast());
+/// Copies `from` into `to`; the SHA-256 of what went through.
+fn copy_hashing(mut from: impl Read, mut to: impl Write) -> std::io::Result<String> {
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = input.read(&mut buf).map_err(io)?;
+        let n = from.read(&mut buf)?;
         if n == 0 {
             break;
         }
         hash.update(&buf[..n]);
-        gz.write_all(&buf[..n]).map_err(io)?;
+        to.write_all(&buf[..n])?;
     }
-    gz.finish().and_then(|mut w| w.flush()).map_err(io)?;
+    to.flush()?;
     Ok(hex::encode(hash.finalize()))
+}
+
+/// The SHA-256 of the file `path`.
+fn sha256_file(path: &Path) -> Result<String> {
+    let file = std::fs::File::open(path).map_err(io)?;
+    copy_hashing(std::io::BufReader::new(file), std::io::sink()).map_err(io)
+}
+
+/// gzip of `from` into `to`.
+fn compress(from: &Path, to: &Path) -> Result<()> {
+    let input = std::fs::File::open(from).map_err(io)?;
+    let out = std::io::BufWriter::new(std::fs::File::create(to).map_err(io)?);
+    let mut gz = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
+    copy_hashing(input, &mut gz).map_err(io)?;
+    gz.finish().and_then(|mut w| w.flush()).map_err(io)
 }
 
 /// Unpacks gzip `from` into `to`; the SHA-256 of what came out, or why it
 /// is not gzip.
 fn decompress(from: &Path, to: &Path) -> std::result::Result<String, String> {
     let input = std::fs::File::open(from).map_err(|e| e.to_string())?;
-    let mut gz = flate2::read::GzDecoder::new(std::io::BufReader::new(input));
-    let mut out = std::io::BufWriter::new(std::fs::File::create(to).map_err(|e| e.to_string())?);
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = gz
-            .read(&mut buf)
-            .map_err(|e| format!("it does not unpack: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        hash.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(|e| e.to_string())?;
-    }
-    out.flush().map_err(|e| e.to_string())?;
-    Ok(hex::encode(hash.finalize()))
+    let gz = flate2::read::GzDecoder::new(std::io::BufReader::new(input));
+    let out = std::io::BufWriter::new(std::fs::File::create(to).map_err(|e| e.to_string())?);
+    copy_hashing(gz, out).map_err(|e| format!("it does not unpack: {e}"))
 }

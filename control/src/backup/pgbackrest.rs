@@ -30,6 +30,8 @@ const STANZA: &str = "db";
 /// The configuration's directory, inside the database's engine directory.
 const WORK_DIR: &str = "pgbackrest";
 const CONF: &str = "pgbackrest.conf";
+/// The configuration of a restore, kept until the restored server started.
+const RESTORE_CONF: &str = "restore.conf";
 
 /// How a PostgreSQL server archives its WAL.
 #[derive(Debug, Clone)]
@@ -224,10 +226,12 @@ impl Backups {
         let repo = self.repo(key, &system);
         let work = engine_dir.join(WORK_DIR);
         let conf = self.write_conf(&work, CONF, &repo, Some((pgdata, port, socket)))?;
-        let mut writes = vec![work];
+        let mut writes = vec![work.clone()];
         if let Repo::Dir(path) = repo {
             writes.push(path);
         }
+        // A restore under way reads WAL from the repository it came from.
+        writes.extend(restoring_from(&work));
         Ok(Some(Archive {
             command: format!(
                 "pgbackrest --config={} --stanza={STANZA} archive-push %p",
@@ -235,6 +239,12 @@ impl Backups {
             ),
             writes,
         }))
+    }
+
+    /// After a restore's first start: its configuration goes, and with it
+    /// the server's access to the repository it came from (at its next start).
+    pub fn pg_restored(&self, engine_dir: &Path) {
+        let _ = std::fs::remove_file(engine_dir.join(WORK_DIR).join(RESTORE_CONF));
     }
 
     /// Runs pgBackRest as the server's user; its standard output.
@@ -434,7 +444,7 @@ impl Backups {
         } = point;
         let conf = self.write_conf(
             &work,
-            "restore.conf",
+            RESTORE_CONF,
             &self.repo(source, system),
             Some((pgdata, port, None)),
         )?;
@@ -486,6 +496,17 @@ pub struct RestorePoint<'a> {
     pub system: &'a str,
     pub label: Option<&'a str>,
     pub time_ms: Option<u64>,
+}
+
+/// The directory repository a restore in `work` reads WAL from.
+fn restoring_from(work: &Path) -> Option<PathBuf> {
+    let conf = std::fs::read_to_string(work.join(RESTORE_CONF)).ok()?;
+    if !conf.lines().any(|l| l == "repo1-type=posix") {
+        return None;
+    }
+    conf.lines()
+        .find_map(|l| l.strip_prefix("repo1-path="))
+        .map(PathBuf::from)
 }
 
 /// Splits a PostgreSQL backup id into its repository and pgBackRest label.

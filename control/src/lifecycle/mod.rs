@@ -346,6 +346,12 @@ impl Manager {
                 .unwrap_or(0)
                 .max(rec.last_activity),
             last_wake_ms: rec.last_wake_ms,
+            last_backup: self
+                .last_backups
+                .lock()
+                .expect("backups poisoned")
+                .get(&rec.key)
+                .copied(),
             open_sessions: self.activity.open_sessions(&rec.key),
             pool_mode: self
                 .pool_modes

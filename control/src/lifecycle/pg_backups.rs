@@ -134,14 +134,21 @@ impl Manager {
             .map_err(|e| ControlError::Internal(format!("cannot mark the restore: {e}")))?;
         }
         let database = self.wake(target).await?;
+        self.backups
+            .pg_restored(&self.db_dir(target).join(Engine::Postgres.as_str()));
         info!(database = %target, backup = %chosen.id, from = %source, time = ?request.time, "restored");
         // Its own line of backups from here (a restore into another name
-        // archives into a new repository).
-        if let Ok(rec) = self.record(target).await {
-            if let Err(e) = self.backup(&rec, Reason::Restore).await {
-                warn!(database = %target, error = %e, "the restored database could not be backed up yet");
+        // archives into a new repository), after the answer.
+        let me = self.me.clone();
+        let restored = target.clone();
+        tokio::spawn(async move {
+            let Some(m) = me.upgrade() else { return };
+            if let Ok(rec) = m.record(&restored).await {
+                if let Err(e) = m.backup(&rec, Reason::Restore).await {
+                    warn!(database = %restored, error = %e, "the restored database could not be backed up yet");
+                }
             }
-        }
+        });
         Ok(Restored {
             backup: chosen.id.clone(),
             database,

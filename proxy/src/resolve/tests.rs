@@ -75,6 +75,7 @@ fn info(status: DatabaseStatus) -> DatabaseInfo {
         created_at: 0,
         last_activity: 0,
         last_wake_ms: None,
+        last_backup: None,
         open_sessions: 0,
         engine_login: None,
         pool_mode: PoolMode::Session,

@@ -103,6 +103,7 @@ impl Stats {
                     "requests": requests,
                     "last_wake_ms": d.last_wake_ms,
                     "last_activity": d.last_activity,
+                    "last_backup": d.last_backup,
                     "pool_mode": d.pool_mode,
                 })
             })

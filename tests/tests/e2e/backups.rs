@@ -99,6 +99,12 @@ async fn hibernation_backs_up_once_and_an_unchanged_database_is_not_stored_again
     let list = client.backups(&app, &db).await.unwrap().backups;
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0].reason, "hibernate");
+    let status = client.database(&app, &db).await.unwrap();
+    assert_eq!(
+        status.last_backup,
+        Some(list[0].time_ms),
+        "shown with the database"
+    );
 
     // Woken and put to sleep again without a write: nothing new is stored,
     // and a manual backup of the sleeping database is the same backup.
@@ -409,4 +415,29 @@ fn backup_time_now() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_backup_in_a_directory_restores_as_it_finished_into_a_sandboxed_copy() {
+    let (control, client, info) =
+        with_database(Control::builder(), "ledger", Engine::Postgres).await;
+    let (app, db) = (name(APP), name("ledger"));
+    write_row(&info, "kept").await.unwrap();
+    let made = client.backup(&app, &db).await.unwrap();
+    write_row(&info, "later").await.unwrap();
+    // The copy's engine reads WAL from the original's repository through
+    // its sandbox, and stops at the end of the backup it was given.
+    let request = RestoreRequest {
+        backup: Some(made.id.clone()),
+        as_name: Some(name("ledger-copy")),
+        ..Default::default()
+    };
+    client
+        .restore(&app, &db, &request)
+        .await
+        .unwrap_or_else(|e| panic!("{e}; control's log ends with:\n{}", control.log_tail(30)));
+    assert_eq!(pg_rows(&client, "ledger-copy").await, vec!["kept"]);
+    assert_eq!(pg_rows(&client, "ledger").await, vec!["kept", "later"]);
+    let repos = control.data_dir().join("backups/postgres").join(APP);
+    assert!(repos.join("ledger").is_dir() && repos.join("ledger-copy").is_dir());
 }
