@@ -93,6 +93,9 @@ impl Manager {
             } else if rec.status == DatabaseStatus::Active && self.left_running(rec) {
                 Restart::Adopt
             } else {
+                // Started afresh: what is left of it would hold its ports
+                // and answer on them with the old processes.
+                stop_left_running(&self.db_dir(&rec.key)).await;
                 // Until its restart is done, a database that should run is waking.
                 Restart::Wake
             };

@@ -175,6 +175,15 @@ async fn restore_as_a_new_name_leaves_the_original_and_data_is_never_overwritten
         .unwrap();
     assert_eq!(rows(&client, "orig").await, numbered(5));
 
+    // Dropped, its backups stay: it comes back under its name.
+    client.drop_database(&app, &orig).await.unwrap();
+    assert_eq!(client.backups(&app, &orig).await.unwrap().backups.len(), 1);
+    client
+        .restore(&app, &orig, &RestoreRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(rows(&client, "orig").await, numbered(5));
+
     // Another app's token sees none of it.
     client.create_app(&name("other")).await.unwrap();
     let other = control.anonymous_client().with_token(
