@@ -56,6 +56,8 @@ pub struct Backups {
     destination: rouse_config::BackupDestination,
     /// uid/gid PostgreSQL (and so pgBackRest) runs as when control is root.
     engine_user: Option<(u32, u32)>,
+    /// The `pgbackrest` program; without it PostgreSQL does not archive.
+    pgbackrest: Option<PathBuf>,
     /// Temporary files of backups and restores under way.
     scratch: PathBuf,
     /// Backups under way at once.
@@ -88,6 +90,7 @@ impl Backups {
                 .destination(data_dir)
                 .map_err(ControlError::BadRequest)?,
             engine_user,
+            pgbackrest: crate::engine::find_on_path("pgbackrest"),
             scratch,
             slots: tokio::sync::Semaphore::new(config.max_concurrent),
         })

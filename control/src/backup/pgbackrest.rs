@@ -18,7 +18,7 @@ use std::time::Instant;
 use rouse_config::BackupDestination;
 use rouse_control_api::{BackupInfo, DbKey, Engine};
 use serde_json::Value;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{manifest, Backups, Reason};
 use crate::error::{ControlError, Result};
@@ -223,6 +223,11 @@ impl Backups {
         let Some(system) = system_id(pgdata) else {
             return Ok(None);
         };
+        let Some(program) = &self.pgbackrest else {
+            // Archiving that cannot succeed would keep every WAL segment.
+            warn!(database = %key, "pgbackrest is not installed: WAL is not archived and backups of PostgreSQL fail");
+            return Ok(None);
+        };
         let repo = self.repo(key, &system);
         let work = engine_dir.join(WORK_DIR);
         let conf = self.write_conf(&work, CONF, &repo, Some((pgdata, port, socket)))?;
@@ -234,7 +239,8 @@ impl Backups {
         writes.extend(restoring_from(&work));
         Ok(Some(Archive {
             command: format!(
-                "pgbackrest --config={} --stanza={STANZA} archive-push %p",
+                "{} --config={} --stanza={STANZA} archive-push %p",
+                program.display(),
                 conf.display()
             ),
             writes,
@@ -254,7 +260,10 @@ impl Backups {
         args: &[String],
         password: Option<&str>,
     ) -> Result<String> {
-        let mut cmd = tokio::process::Command::new("pgbackrest");
+        let program = self.pgbackrest.as_ref().ok_or_else(|| {
+            ControlError::Backup("pgbackrest is not installed (Debian package pgbackrest)".into())
+        })?;
+        let mut cmd = tokio::process::Command::new(program);
         cmd.arg(format!("--config={}", conf.display()))
             .arg(format!("--stanza={STANZA}"))
             .args(args)
@@ -268,11 +277,10 @@ impl Backups {
         if let Some((uid, gid)) = self.engine_user {
             cmd.uid(uid).gid(gid);
         }
-        let out = cmd.output().await.map_err(|e| {
-            ControlError::Backup(format!(
-                "cannot run pgbackrest (install the pgbackrest package): {e}"
-            ))
-        })?;
+        let out = cmd
+            .output()
+            .await
+            .map_err(|e| ControlError::Backup(format!("cannot run pgbackrest: {e}")))?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             let last = err
@@ -477,8 +485,13 @@ impl Backups {
         }
         // WAL comes from the repository restored from, whatever the
         // database archives into afterwards.
+        let program = self
+            .pgbackrest
+            .as_deref()
+            .unwrap_or(Path::new("pgbackrest"));
         args.push(format!(
-            "--recovery-option=restore_command=pgbackrest --config={} --stanza={STANZA} archive-get %f \"%p\"",
+            "--recovery-option=restore_command={} --config={} --stanza={STANZA} archive-get %f \"%p\"",
+            program.display(),
             conf.display()
         ));
         self.pgbackrest(&conf, &args, None).await?;

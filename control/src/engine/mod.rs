@@ -283,7 +283,7 @@ fn not_run_here() -> ControlError {
     ControlError::Internal("control does not run the processes of a Patroni cluster".into())
 }
 
-fn find_on_path(program: &str) -> Option<PathBuf> {
+pub(crate) fn find_on_path(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')
