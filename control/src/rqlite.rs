@@ -55,6 +55,7 @@ pub enum RqliteError {
 }
 
 /// SQL with positional `?` arguments.
+#[derive(Clone)]
 pub struct Stmt {
     sql: String,
     args: Vec<Value>,

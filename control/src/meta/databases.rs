@@ -131,9 +131,17 @@ impl Store {
             ),
         };
         // Both in one request: one Raft entry, one snapshot of both tables.
-        let mut results = self.db.read(vec![dbs, reps], level).await?.into_iter();
-        let (Some(dbs), Some(reps)) = (results.next(), results.next()) else {
-            return Err(corrupt("databases"));
+        let both = self.db.read(vec![dbs.clone(), reps.clone()], level).await?;
+        let (dbs, reps) = match <[_; 2]>::try_from(both) {
+            Ok([dbs, reps]) => (dbs, reps),
+            // A member that has only just joined `_system` has been seen to
+            // answer such a request without its results: asked one by one.
+            Err(_) => {
+                let one = |stmt| async move { self.db.read(vec![stmt], level).await };
+                let dbs = one(dbs).await?.pop().ok_or_else(|| corrupt("databases"))?;
+                let reps = one(reps).await?.pop().ok_or_else(|| corrupt("replicas"))?;
+                (dbs, reps)
+            }
         };
         let mut replicas: HashMap<DbKey, Vec<ReplicaRecord>> = HashMap::new();
         for r in &reps.values {
