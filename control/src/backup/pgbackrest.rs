@@ -21,6 +21,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use super::{manifest, Backups, Reason};
+use crate::engine::postgres::Archive;
 use crate::error::{ControlError, Result};
 use crate::metrics::BACKUP_DURATION;
 use crate::process::chown_tree;
@@ -32,15 +33,6 @@ const WORK_DIR: &str = "pgbackrest";
 const CONF: &str = "pgbackrest.conf";
 /// The configuration of a restore, kept until the restored server started.
 const RESTORE_CONF: &str = "restore.conf";
-
-/// How a PostgreSQL server archives its WAL.
-#[derive(Debug, Clone)]
-pub struct Archive {
-    /// `archive_command`.
-    pub command: String,
-    /// Directories the (sandboxed) server and pgBackRest under it write.
-    pub writes: Vec<PathBuf>,
-}
 
 /// A database's repository.
 enum Repo {

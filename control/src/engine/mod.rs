@@ -62,7 +62,7 @@ pub struct Instance<'a> {
     /// The Raft member id, when it is not `node-<idx>` (`_system`).
     pub raft_id: Option<&'a str>,
     /// PostgreSQL: where its WAL is archived (pgBackRest).
-    pub archive: Option<crate::backup::pgbackrest::Archive>,
+    pub archive: Option<crate::engine::postgres::Archive>,
 }
 
 impl Instance<'_> {

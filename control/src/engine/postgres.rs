@@ -15,6 +15,16 @@ use crate::error::{ControlError, Result};
 use crate::model::{ReplicaRecord, UserRecord};
 use crate::process::chown_tree;
 
+/// How a server archives its WAL (set up by the backups, which own the
+/// destination).
+#[derive(Debug, Clone)]
+pub struct Archive {
+    /// `archive_command`.
+    pub command: String,
+    /// Directories the (sandboxed) server and what it runs write.
+    pub writes: Vec<PathBuf>,
+}
+
 /// The engine's superuser, used by control and, for the backend leg, by proxies.
 pub const ADMIN_USER: &str = "rouse_admin";
 /// The role every app user acts as.

@@ -23,7 +23,7 @@ impl Manager {
         &self,
         rec: &DatabaseRecord,
         inst: &Instance<'_>,
-    ) -> Option<crate::backup::pgbackrest::Archive> {
+    ) -> Option<crate::engine::postgres::Archive> {
         if rec.engine != Engine::Postgres {
             return None;
         }
