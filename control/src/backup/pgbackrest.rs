@@ -291,6 +291,19 @@ impl Backups {
 
     /// Backs up a running server whose configuration is in `engine_dir`
     /// (an incremental backup over the last full one, a full one first).
+    /// Makes the repository of a server just created, so that its WAL is
+    /// archived from the start (its first backup comes with the schedule).
+    pub async fn pg_stanza(&self, engine_dir: &Path, secret: &str) -> Result<()> {
+        let conf = engine_dir.join(WORK_DIR).join(CONF);
+        if !conf.exists() {
+            // Not archiving (no pgbackrest here): nothing to make.
+            return Ok(());
+        }
+        self.pgbackrest(&conf, &["stanza-create".into()], Some(secret))
+            .await
+            .map(|_| ())
+    }
+
     pub async fn pg_backup(
         &self,
         key: &DbKey,

@@ -169,6 +169,9 @@ impl Manager {
                 self.activity.touch(&key, now_ms());
                 self.transition(&key, DatabaseStatus::Active, None, endpoints.clone())
                     .await?;
+                if rec.engine == Engine::Postgres {
+                    self.make_pg_repository(&rec);
+                }
                 self.publish(Event::Leader {
                     app: key.app.clone(),
                     name: key.db.clone(),

@@ -26,6 +26,24 @@ impl Manager {
             })
     }
 
+    /// After a create, in the background: the new database's repository,
+    /// so that archiving works before its first backup.
+    pub(super) fn make_pg_repository(&self, rec: &DatabaseRecord) {
+        if self.pg_replica(rec).is_err() {
+            return;
+        }
+        let (me, rec) = (self.me.clone(), rec.clone());
+        tokio::spawn(async move {
+            let Some(m) = me.upgrade() else { return };
+            let slot = m.slot(&rec.key);
+            let _one = slot.backing_up.lock().await;
+            let engine_dir = m.db_dir(&rec.key).join(Engine::Postgres.as_str());
+            if let Err(e) = m.backups.pg_stanza(&engine_dir, &rec.secret).await {
+                warn!(database = %rec.key, error = %e, "the backup repository could not be made yet");
+            }
+        });
+    }
+
     pub(super) async fn backup_postgres(
         &self,
         rec: &DatabaseRecord,

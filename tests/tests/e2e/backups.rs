@@ -419,6 +419,16 @@ async fn postgres_restores_to_a_point_in_time_from_s3_and_into_a_new_name() {
     );
 }
 
+/// Whether a PostgreSQL repository under `repo` (one per system
+/// identifier) has its archive made.
+fn archive_info_exists(repo: &std::path::Path) -> bool {
+    std::fs::read_dir(repo)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|system| system.path().join("archive/db/archive.info").exists())
+}
+
 /// Now, as RFC 3339.
 fn backup_time_now() -> String {
     time::OffsetDateTime::now_utc()
@@ -431,6 +441,22 @@ async fn a_postgres_backup_in_a_directory_restores_as_it_finished_into_a_sandbox
     let (control, client, info) =
         with_database(Control::builder(), "ledger", Engine::Postgres).await;
     let (app, db) = (name(APP), name("ledger"));
+    // Its repository is made right after the create: WAL is archived
+    // before the first backup.
+    let repo = control
+        .data_dir()
+        .join("backups/postgres")
+        .join(APP)
+        .join("ledger");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !archive_info_exists(&repo) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no repository in {}",
+            repo.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     write_row(&info, "kept").await.unwrap();
     let made = client.backup(&app, &db).await.unwrap();
     write_row(&info, "later").await.unwrap();
