@@ -280,10 +280,11 @@ impl Backups {
                 .rev()
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or("no output");
+            let command = args.first().map(String::as_str).unwrap_or("");
+            // Its messages name host paths: for the operator's log only.
+            warn!(command, error = last.trim(), "pgbackrest failed");
             return Err(ControlError::Backup(format!(
-                "pgbackrest {} failed: {}",
-                args.first().map(String::as_str).unwrap_or(""),
-                last.trim()
+                "pgbackrest {command} failed; control's log has the details"
             )));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())

@@ -27,8 +27,17 @@ pub struct BackupStore {
     prefix: String,
 }
 
-fn failed(e: impl std::fmt::Display) -> ControlError {
+/// A destination that cannot be set up: the operator's error, at start.
+fn setup(e: impl std::fmt::Display) -> ControlError {
     ControlError::Backup(e.to_string())
+}
+
+/// A destination that failed at work. Its own message may name host paths
+/// or the bucket's layout: logged for the operator, not answered to a
+/// caller, who may be a tenant.
+fn failed(e: impl std::fmt::Display) -> ControlError {
+    tracing::warn!(error = %e, "the backup destination failed");
+    ControlError::Backup("the backup destination failed; control's log has the details".into())
 }
 
 impl BackupStore {
@@ -39,7 +48,7 @@ impl BackupStore {
         Ok(match destination {
             BackupDestination::Dir(dir) => {
                 std::fs::create_dir_all(&dir)
-                    .map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
+                    .map_err(|e| setup(format!("cannot create {}: {e}", dir.display())))?;
                 BackupStore {
                     inner: Arc::new(LocalFileSystem::new_with_prefix(&dir).map_err(failed)?),
                     describe: format!("file://{}", dir.display()),
@@ -68,13 +77,20 @@ impl BackupStore {
                 );
                 if let Some(ca) = &s3.ca_file {
                     let pem = std::fs::read(ca)
-                        .map_err(|e| failed(format!("backups.s3.ca_file {}: {e}", ca.display())))?;
+                        .map_err(|e| setup(format!("backups.s3.ca_file {}: {e}", ca.display())))?;
                     let cert = object_store::Certificate::from_pem(&pem).map_err(failed)?;
                     options = options.with_root_certificate(cert);
                 }
                 let store = builder
                     .with_virtual_hosted_style_request(!s3.path_style)
                     .with_client_options(options)
+                    // Backups run in the background and are tried again at
+                    // the next turn: a dead endpoint fails in seconds.
+                    .with_retry(object_store::RetryConfig {
+                        max_retries: 3,
+                        retry_timeout: std::time::Duration::from_secs(30),
+                        ..Default::default()
+                    })
                     .build()
                     .map_err(failed)?;
                 BackupStore {

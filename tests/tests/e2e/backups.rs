@@ -321,6 +321,16 @@ async fn backups_in_s3_restore_on_another_node_and_a_corrupted_one_is_refused() 
     let missing = other.database(&app, &name("victim")).await.unwrap_err();
     assert!(missing.is_not_found(), "{missing}");
     assert_eq!(rows(&other, "shared").await, numbered(12));
+
+    // The store gone: a clear refusal that names no host path or bucket layout.
+    drop(s3);
+    let e = other.backup(&app, &db).await.unwrap_err();
+    assert_eq!(api_code(&e), Some(ErrorCode::BackupFailed), "{e}");
+    let said = e.to_string();
+    assert!(
+        !said.contains("/tmp") && !said.contains("tenants/"),
+        "{said}"
+    );
 }
 
 /// The rows of the Postgres database `db`, sorted.
