@@ -102,7 +102,7 @@ impl Backups {
         };
         let mut c = format!(
             "[global]\nlog-path={w}/log\nlock-path={w}/lock\nspool-path={w}/spool\n\
-             log-level-console=warn\nlog-level-file=warn\nstart-fast=y\n\
+             log-level-console=warn\nlog-level-file=warn\nstart-fast=y\ncompress-type=lz4\n\
              repo1-retention-full={keep}\n",
             w = work.display()
         );
