@@ -45,74 +45,52 @@ impl fmt::Display for BackupResults {
             f,
             "### Backups and restores (destination: a local directory)\n"
         )?;
-        let rows: Vec<Vec<String>> = self
-            .rows
+        let rate = |took: Duration, mib: f64| {
+            format!("{} ({:.0} MiB/s)", secs(took), mib / took.as_secs_f64())
+        };
+        let added = |took: Duration, plain: Duration| {
+            format!("{} (+{})", secs(took), secs(took.saturating_sub(plain)))
+        };
+        let copies = self.rows(|r| {
+            vec![
+                format!("{:.0} MiB", r.data_mib),
+                rate(r.backup, r.data_mib),
+                format!("{:.0} MiB", r.stored_mib),
+                rate(r.restore, r.data_mib),
+            ]
+        });
+        let header = [
+            "database",
+            "data",
+            "backup",
+            "stored",
+            "restore into a new name",
+        ];
+        writeln!(f, "{}", table(&header, &copies))?;
+        let sleeps = self.rows(|r| {
+            vec![
+                secs(r.hibernate_plain),
+                added(r.hibernate_changed, r.hibernate_plain),
+                added(r.hibernate_unchanged, r.hibernate_plain),
+            ]
+        });
+        let header = [
+            "hibernate",
+            "without on_hibernate",
+            "with on_hibernate, one row changed",
+            "with on_hibernate, unchanged",
+        ];
+        write!(f, "{}", table(&header, &sleeps))
+    }
+}
+
+impl BackupResults {
+    /// One table row per engine: its label, then `cells`.
+    fn rows(&self, cells: impl Fn(&EngineRow) -> Vec<String>) -> Vec<Vec<String>> {
+        self.rows
             .iter()
-            .map(|r| {
-                vec![
-                    r.label.clone(),
-                    format!("{:.0} MiB", r.data_mib),
-                    format!(
-                        "{} ({:.0} MiB/s)",
-                        secs(r.backup),
-                        r.data_mib / r.backup.as_secs_f64()
-                    ),
-                    format!("{:.0} MiB", r.stored_mib),
-                    format!(
-                        "{} ({:.0} MiB/s)",
-                        secs(r.restore),
-                        r.data_mib / r.restore.as_secs_f64()
-                    ),
-                ]
-            })
-            .collect();
-        writeln!(
-            f,
-            "{}",
-            table(
-                &[
-                    "database",
-                    "data",
-                    "backup",
-                    "stored",
-                    "restore into a new name"
-                ],
-                &rows
-            )
-        )?;
-        let rows: Vec<Vec<String>> = self
-            .rows
-            .iter()
-            .map(|r| {
-                vec![
-                    r.label.clone(),
-                    secs(r.hibernate_plain),
-                    format!(
-                        "{} (+{})",
-                        secs(r.hibernate_changed),
-                        secs(r.hibernate_changed.saturating_sub(r.hibernate_plain))
-                    ),
-                    format!(
-                        "{} (+{})",
-                        secs(r.hibernate_unchanged),
-                        secs(r.hibernate_unchanged.saturating_sub(r.hibernate_plain))
-                    ),
-                ]
-            })
-            .collect();
-        write!(
-            f,
-            "{}",
-            table(
-                &[
-                    "hibernate",
-                    "without on_hibernate",
-                    "with on_hibernate, one row changed",
-                    "with on_hibernate, unchanged"
-                ],
-                &rows
-            )
-        )
+            .map(|r| std::iter::once(r.label.clone()).chain(cells(r)).collect())
+            .collect()
     }
 }
 
