@@ -219,6 +219,25 @@ async fn restore_as_a_new_name_leaves_the_original_and_data_is_never_overwritten
         .await
         .unwrap_err();
     assert_eq!(api_code(&bad), Some(ErrorCode::BadRequest), "{bad}");
+    // Bodies the typed client cannot send: a target name that is a path,
+    // a time that is not one, an unknown field. Each a clear 400.
+    let url = format!("{}/api/v1/databases/{APP}/orig/restore", control.api_url());
+    for body in [
+        serde_json::json!({"as": "../../etc"}),
+        serde_json::json!({"as": "other_app"}),
+        serde_json::json!({"time": "yesterday"}),
+        serde_json::json!({"backup": 7, "overwrite": true}),
+    ] {
+        let resp = rouse_tests::http_client()
+            .post(&url)
+            .bearer_auth(control.admin_token())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 400, "{body}");
+    }
+    assert_eq!(rows(&client, "orig").await, numbered(5), "nothing was touched");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
