@@ -237,7 +237,11 @@ async fn restore_as_a_new_name_leaves_the_original_and_data_is_never_overwritten
             .unwrap();
         assert_eq!(resp.status().as_u16(), 400, "{body}");
     }
-    assert_eq!(rows(&client, "orig").await, numbered(5), "nothing was touched");
+    assert_eq!(
+        rows(&client, "orig").await,
+        numbered(5),
+        "nothing was touched"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
