@@ -216,6 +216,10 @@ pub async fn run(
         loops: loops.clone(),
     });
     let connections = Arc::new(Connections::default());
+    let upgrade_listener = p.upgrade_socket.as_ref().map(|path| {
+        upgrade::bind(path)
+            .inspect_err(|e| error!(error = %e, socket = %path.display(), "no graceful upgrade"))
+    });
     let mut servers = vec![
         tokio::spawn(pg.clone().serve(
             listeners.postgres,
@@ -297,14 +301,14 @@ pub async fn run(
         },
     )));
     let upgraded = async {
-        match &p.upgrade_socket {
-            Some(path) => {
-                if let Err(e) = upgrade::offer(path.clone(), sockets).await {
-                    error!(error = %e, socket = %path.display(), "no graceful upgrade");
+        match upgrade_listener {
+            Some(Ok(listener)) => {
+                if let Err(e) = upgrade::offer(listener, sockets).await {
+                    error!(error = %e, "no graceful upgrade");
                     std::future::pending::<()>().await;
                 }
             }
-            None => std::future::pending().await,
+            _ => std::future::pending().await,
         }
     };
     tokio::select! {

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sendfd::{RecvWithFd, SendWithFd};
 use tracing::{info, warn};
@@ -66,12 +66,21 @@ impl Handover {
 
 /// The running proxy's side: offers `sockets` to the next process that
 /// connects to `path`, and resolves once that process serves on them.
-pub(crate) async fn offer(path: PathBuf, sockets: Vec<(String, RawFd)>) -> std::io::Result<()> {
+/// The upgrade socket at `path`, the proxy user's alone; bound before the
+/// proxy reports ready, so that an upgrade may follow at once.
+pub(crate) fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     // A socket file left by an earlier process is taken over, not an error.
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)?;
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub(crate) async fn offer(
+    listener: tokio::net::UnixListener,
+    sockets: Vec<(String, RawFd)>,
+) -> std::io::Result<()> {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     loop {
