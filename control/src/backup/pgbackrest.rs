@@ -10,7 +10,6 @@
 //! start; the server's `archive_command` pushes WAL with it, and control
 //! runs `backup`, `info` and `restore`, as the server's own user.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
@@ -24,7 +23,7 @@ use super::{manifest, Backups, Reason};
 use crate::engine::postgres::Archive;
 use crate::error::{ControlError, Result};
 use crate::metrics::BACKUP_DURATION;
-use crate::process::chown_tree;
+use crate::process::{chown_tree, open_to_traversal};
 
 /// The one stanza of each repository.
 const STANZA: &str = "db";
@@ -76,12 +75,7 @@ impl Backups {
         if let Some(user) = self.engine_user {
             let mut parent = dir.parent();
             while let Some(p) = parent.filter(|p| p.starts_with(top)) {
-                let mode = std::fs::metadata(p)
-                    .map_err(io("stat"))?
-                    .permissions()
-                    .mode();
-                std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode | 0o711))
-                    .map_err(io("chmod"))?;
+                open_to_traversal(p).map_err(io("chmod"))?;
                 parent = p.parent();
             }
             chown_tree(dir, user).map_err(io("chown"))?;

@@ -45,12 +45,7 @@ pub(super) async fn prepare(env: &EngineEnv, inst: &Instance<'_>) -> Result<()> 
     std::fs::create_dir_all(&inst.dir).map_err(io("cannot create data directory"))?;
     if env.postgres_user.is_some() {
         for d in [inst.dir.as_path(), inst.dir.parent().unwrap_or(&inst.dir)] {
-            let mode = std::fs::metadata(d)
-                .map_err(io("stat"))?
-                .permissions()
-                .mode();
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o711))
-                .map_err(io("chmod"))?;
+            crate::process::open_to_traversal(d).map_err(io("chmod"))?;
         }
     }
     for r in inst.local() {

@@ -331,6 +331,14 @@ pub fn user_name(uid: u32) -> Option<String> {
     }
 }
 
+/// Lets everyone pass through directory `dir` (adds `0o711`), so that an
+/// unprivileged engine reaches its own directory below it.
+pub fn open_to_traversal(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o711))
+}
+
 /// Gives `path` (recursively) to `user`.
 pub fn chown_tree(path: &Path, (uid, gid): (u32, u32)) -> std::io::Result<()> {
     std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
