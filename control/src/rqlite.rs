@@ -96,43 +96,67 @@ pub struct StmtResult {
     pub rows_affected: u64,
 }
 
+/// One HTTP transport for every rqlited this daemon talks to. Built once:
+/// building a client reads the system's certificate store, which a storm of
+/// wakes cannot afford per call; shared, so connections are reused.
+#[derive(Clone)]
+pub struct RqliteTransport {
+    http: reqwest::Client,
+    /// `http` or `https`.
+    scheme: &'static str,
+}
+
+impl RqliteTransport {
+    pub fn is_https(&self) -> bool {
+        self.scheme == "https"
+    }
+
+    /// Over TLS when `tls` is given.
+    pub fn new(tls: Option<std::sync::Arc<rustls::ClientConfig>>) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(30))
+            // An engine that went to sleep leaves its connections behind.
+            .pool_idle_timeout(Duration::from_secs(5))
+            .tls_built_in_root_certs(false);
+        let (http, scheme) = match tls {
+            Some(config) => (http.use_preconfigured_tls((*config).clone()), "https"),
+            None => (http, "http"),
+        };
+        RqliteTransport {
+            http: http.build().expect("an rqlite client builds"),
+            scheme,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct RqliteClient {
     addr: String,
-    /// `http` or `https`.
-    scheme: &'static str,
-    http: reqwest::Client,
+    /// Basic auth: every request logs in (rqlited runs with `-auth`).
+    login: reqwest::header::HeaderValue,
+    transport: RqliteTransport,
 }
 
 impl RqliteClient {
-    /// `addr` is `host:port` of the HTTP API; every request logs in
-    /// (rqlited runs with `-auth`), over TLS when `tls` is given.
-    pub fn new(
-        addr: &str,
-        login: &BackendCredentials,
-        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
-    ) -> Self {
-        let mut headers = reqwest::header::HeaderMap::new();
+    /// `addr` is `host:port` of the HTTP API.
+    pub fn new(addr: &str, login: &BackendCredentials, transport: RqliteTransport) -> Self {
         let mut value = reqwest::header::HeaderValue::from_str(&login.basic_auth())
             .expect("base64 is a valid header value");
         value.set_sensitive(true);
-        headers.insert(reqwest::header::AUTHORIZATION, value);
-        let mut http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(30))
-            .default_headers(headers);
-        let scheme = match tls {
-            Some(config) => {
-                http = http.use_preconfigured_tls((*config).clone());
-                "https"
-            }
-            None => "http",
-        };
         RqliteClient {
             addr: addr.to_string(),
-            scheme,
-            http: http.build().expect("an rqlite client builds"),
+            login: value,
+            transport,
         }
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let url = format!("{}://{}{path}", self.transport.scheme, self.addr);
+        self.transport
+            .http
+            .request(method, url)
+            .header(reqwest::header::AUTHORIZATION, self.login.clone())
     }
 
     pub fn addr(&self) -> &str {
@@ -156,14 +180,12 @@ impl RqliteClient {
     }
 
     async fn post_once(&self, path: &str, body: &Value) -> Result<Vec<StmtResult>, RqliteError> {
-        let url = format!("{}://{}{}", self.scheme, self.addr, path);
         let transport = |source| RqliteError::Transport {
             addr: self.addr.clone(),
             source,
         };
         let resp = self
-            .http
-            .post(url)
+            .request(reqwest::Method::POST, path)
             .json(body)
             .send()
             .await
@@ -235,9 +257,8 @@ impl RqliteClient {
     }
 
     async fn answers(&self, path: &str) -> bool {
-        let url = format!("{}://{}{path}", self.scheme, self.addr);
         matches!(
-            self.http.get(url).timeout(Duration::from_secs(1)).send().await,
+            self.request(reqwest::Method::GET, path).timeout(Duration::from_secs(1)).send().await,
             Ok(r) if r.status().is_success()
         )
     }
@@ -245,18 +266,12 @@ impl RqliteClient {
     /// Removes the member `id` from the Raft configuration (rqlite forwards
     /// this to the leader). A member that is already gone is no error.
     pub async fn remove_node(&self, id: &str) -> Result<(), RqliteError> {
-        let url = format!("{}://{}/remove", self.scheme, self.addr);
-        let transport = |source| RqliteError::Transport {
-            addr: self.addr.clone(),
-            source,
-        };
         let resp = self
-            .http
-            .delete(url)
+            .request(reqwest::Method::DELETE, "/remove")
             .json(&serde_json::json!({ "id": id }))
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(|e| self.transport(e))?;
         let status = resp.status().as_u16();
         if status == 200 || status == 404 {
             return Ok(());
@@ -298,8 +313,9 @@ impl RqliteClient {
     /// (`/db/backup`, asked of the leader), streamed into `out`.
     pub async fn backup_to(&self, out: &mut tokio::fs::File) -> Result<u64, RqliteError> {
         use tokio::io::AsyncWriteExt;
-        let url = format!("{}://{}/db/backup", self.scheme, self.addr);
-        let mut resp = self.bulk(self.http.get(url)).await?;
+        let mut resp = self
+            .bulk(self.request(reqwest::Method::GET, "/db/backup"))
+            .await?;
         let mut size = 0u64;
         while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport(e))? {
             size += chunk.len() as u64;
@@ -313,10 +329,8 @@ impl RqliteClient {
     /// Replaces the whole database with the SQLite file `sqlite`, through
     /// Raft (`/db/load`, asked of the leader): every replica gets it.
     pub async fn load(&self, sqlite: tokio::fs::File) -> Result<(), RqliteError> {
-        let url = format!("{}://{}/db/load", self.scheme, self.addr);
         let req = self
-            .http
-            .post(url)
+            .request(reqwest::Method::POST, "/db/load")
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(reqwest::Body::from(sqlite));
         self.bulk(req).await.map(|_| ())
@@ -342,8 +356,7 @@ impl RqliteClient {
 
     /// A status endpoint's JSON, or `None` when the node does not answer.
     async fn get_json(&self, path: &str) -> Option<Value> {
-        self.http
-            .get(format!("{}://{}{path}", self.scheme, self.addr))
+        self.request(reqwest::Method::GET, path)
             .timeout(Duration::from_secs(1))
             .send()
             .await

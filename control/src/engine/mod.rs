@@ -33,9 +33,9 @@ pub struct EngineEnv {
     pub sandbox_root: Option<PathBuf>,
     /// Certificates for TLS between the engines of different nodes.
     pub node_tls: std::sync::Arc<tls::NodeTls>,
-    /// How control reaches rqlite's HTTP API over TLS (`control.engine_https`);
-    /// `None`: plain HTTP.
-    pub engine_https: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// How control reaches every rqlited's HTTP API, `_system`'s included:
+    /// over TLS with `control.engine_https`.
+    pub rqlite_http: crate::rqlite::RqliteTransport,
 }
 
 /// One database's processes on this node, as one start sees them.
@@ -112,6 +112,11 @@ impl EngineEnv {
         } else {
             None
         };
+        let engine_https = c
+            .engine_https
+            .unwrap_or_else(|| c.replica_hosts.iter().any(|h| !h.is_loopback()))
+            .then(|| node_tls.client_config())
+            .transpose()?;
         Ok(EngineEnv {
             rqlited,
             postgres_bin,
@@ -122,11 +127,7 @@ impl EngineEnv {
             postgres_max_connections: c.postgres_max_connections,
             sandbox_root: c.sandbox.then(|| data_dir.to_path_buf()),
             node_tls: node_tls.clone(),
-            engine_https: c
-                .engine_https
-                .unwrap_or_else(|| c.replica_hosts.iter().any(|h| !h.is_loopback()))
-                .then(|| node_tls.client_config())
-                .transpose()?,
+            rqlite_http: crate::rqlite::RqliteTransport::new(engine_https),
         })
     }
 

@@ -29,7 +29,7 @@ pub fn client(env: &EngineEnv, r: &ReplicaRecord, secret: &str) -> RqliteClient 
     RqliteClient::new(
         &format!("{}:{}", r.host, r.port),
         &login(secret),
-        env.engine_https.clone(),
+        env.rqlite_http.clone(),
     )
 }
 
@@ -160,7 +160,7 @@ pub(super) fn args(env: &EngineEnv, inst: &Instance<'_>, r: &ReplicaRecord) -> V
     args.extend(["-auth".into(), inst.replica_dir(r).join(AUTH_FILE).into()]);
     args.extend(super::tls::NodeTls::rqlited_args(
         &inst.replica_dir(r),
-        env.engine_https.is_some(),
+        env.rqlite_http.is_https(),
     ));
     args.push(inst.replica_dir(r).into());
     args
@@ -224,7 +224,7 @@ pub(super) async fn wait_ready(
     Ok(super::endpoints(
         inst.replicas,
         Some(leader),
-        env.engine_https.is_some(),
+        env.rqlite_http.is_https(),
     ))
 }
 

@@ -247,7 +247,7 @@ impl Manager {
                 let endpoints = engine::endpoints(
                     &rec.replicas,
                     Some(leader),
-                    self.engines.engine_https.is_some(),
+                    self.engines.rqlite_http.is_https(),
                 );
                 self.set_view(&rec.key, DatabaseStatus::Active, endpoints.clone());
                 self.publish(Event::Leader {

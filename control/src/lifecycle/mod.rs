@@ -317,7 +317,7 @@ impl Manager {
             // replicas are, leader unknown (rqlite followers forward).
             DatabaseStatus::Active => match rec.engine {
                 Engine::Rqlite => {
-                    engine::endpoints(&rec.replicas, None, self.engines.engine_https.is_some())
+                    engine::endpoints(&rec.replicas, None, self.engines.rqlite_http.is_https())
                 }
                 Engine::Postgres => engine::endpoints(&rec.replicas, Some(0), false),
                 Engine::Patroni => self

@@ -177,7 +177,7 @@ impl SystemDb {
         let client = RqliteClient::new(
             &format!("{}:{http}", now.host),
             &engine::rqlite::login(&password),
-            engines.engine_https.clone(),
+            engines.rqlite_http.clone(),
         );
         engine::poll_until(
             tokio::time::Instant::now() + engines.start_timeout,
