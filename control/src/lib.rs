@@ -130,6 +130,7 @@ pub async fn run(
     tasks.restarting("engine_logs", move || m.clone().rotate_engine_logs());
     let m = manager.clone();
     tasks.restarting("backups", move || m.clone().run_backup_schedule());
+    tasks.restarting("memory_trim", rouse_runtime::memory::trim_forever);
     info!(node_id = %node_id, api_addr = %listener.local_addr()?, "rouse-control ready");
     api::serve(listener, manager.clone(), tokens, api_tls, shutdown).await;
     info!(

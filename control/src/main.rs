@@ -43,8 +43,17 @@ enum Command {
     Client(cli::Command),
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Before the runtime starts any thread.
+    rouse_runtime::memory::limit_arenas(2);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the runtime starts")
+        .block_on(run())
+}
+
+async fn run() -> ExitCode {
     let args = Args::parse();
     init_logs(if args.log_format == "json" {
         LogFormat::Json

@@ -183,6 +183,7 @@ pub async fn run(
     )?;
     let front = pg.clone();
     loops.restarting("pg_pools", move || front.clone().keep_pools());
+    loops.restarting("memory_trim", rouse_runtime::memory::trim_forever);
     let proxy = Arc::new(Proxy {
         config: p.clone(),
         control: s.control.clone(),
