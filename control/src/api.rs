@@ -227,11 +227,12 @@ async fn route(
             });
         }
         (&Method::GET, ["metrics"]) => {
+            m.update_status_gauges();
             return Ok(full(
                 S::OK,
                 "text/plain; version=0.0.4",
                 rouse_runtime::telemetry::render_metrics(),
-            ))
+            ));
         }
         (_, ["api", "v1", rest @ ..]) => rest,
         _ => return Err(not_routed(method, path)),

@@ -236,7 +236,6 @@ impl Manager {
             status: Some(status),
             endpoints,
         };
-        self.update_status_gauges();
     }
 
     /// Records a status in the store and the slot, and announces it.
@@ -273,12 +272,12 @@ impl Manager {
     fn set_recorded(&self, records: &[DatabaseRecord]) {
         *self.recorded.lock().expect("recorded poisoned") =
             records.iter().map(|r| (r.key.clone(), r.status)).collect();
-        self.update_status_gauges();
     }
 
     /// `rouse_databases{status}`: what this node decided last, else what
-    /// `_system` said.
-    fn update_status_gauges(&self) {
+    /// `_system` said. Counted when metrics are read, not at every change:
+    /// a count walks every database, and a storm changes hundreds at once.
+    pub fn update_status_gauges(&self) {
         let slots = self.slots.lock().expect("slots poisoned");
         let recorded = self.recorded.lock().expect("recorded poisoned");
         let view = |key: &DbKey| {
@@ -424,7 +423,6 @@ impl Manager {
         self.recorded.lock().expect("recorded poisoned").remove(key);
         self.slots.lock().expect("slots poisoned").remove(key);
         self.secrets.lock().expect("secrets poisoned").remove(key);
-        self.update_status_gauges();
     }
 }
 

@@ -236,7 +236,12 @@ async fn control_killed_and_restarted_under_load_fails_no_request_and_restarts_n
         engine_pid(&s, "pg", Engine::Postgres),
         engine_pid(&s, "pooled", Engine::Postgres),
     ];
-    assert_eq!(pids_after, pids_before, "the same engine processes run");
+    assert_eq!(
+        pids_after,
+        pids_before,
+        "the same engine processes run; control's log:\n{}",
+        s.control.log_tail(100)
+    );
     for pid in pids_after {
         assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
     }
