@@ -60,9 +60,10 @@ pub(crate) async fn follow(control: Client, resolver: Arc<Resolver>, auth: Arc<A
 fn apply(event: &Event, resolver: &Resolver, auth: &Arc<Authenticator>) {
     match event {
         // Any change of status or settings: read the database afresh.
-        Event::Status { app, name, .. } | Event::Dropped { app, name } => {
-            resolver.invalidate(&DbKey::new(app.clone(), name.clone()))
-        }
+        Event::Status {
+            app, name, status, ..
+        } => resolver.status_changed(&DbKey::new(app.clone(), name.clone()), *status),
+        Event::Dropped { app, name } => resolver.dropped(&DbKey::new(app.clone(), name.clone())),
         Event::Leader {
             app,
             name,

@@ -14,7 +14,7 @@ mod wake;
 
 use crate::metrics::WAITING_REQUESTS;
 use rouse_runtime::metric::WAKE_DURATION;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use futures::future::{self, BoxFuture, FutureExt};
 use hyper::header::HeaderValue;
 use rouse_control_api::{
-    Client, ClientError, CreateDatabase, DatabaseInfo, DbKey, Endpoint, Engine, PoolMode,
+    Client, ClientError, CreateDatabase, DatabaseInfo, DatabaseStatus, DbKey, Endpoint, Engine,
+    PoolMode,
 };
 
 use crate::error::{ProxyError, Result};
@@ -131,7 +132,15 @@ pub(crate) struct Resolver<C = Client> {
     wakes_seen: Arc<WakeHistory>,
     /// Each app's bound on waiting requests.
     quotas: Arc<AppQuotas>,
+    /// Databases control last said were put to sleep: their next request
+    /// asks control to wake them straight away, without first reading the
+    /// database (a read that, in a storm of wakes, waits on a busy `_system`).
+    asleep: Mutex<HashSet<DbKey>>,
 }
+
+/// At most this many databases are remembered asleep; past it, a request
+/// reads the database first, as for any other.
+const ASLEEP_MAX: usize = 65_536;
 
 /// Decrements a database's waiting count when a waiter leaves.
 struct Waiter {
@@ -175,6 +184,7 @@ impl<C: ControlApi> Resolver<C> {
             auto_create: bounds.auto_create,
             wakes_seen: Arc::default(),
             quotas,
+            asleep: Mutex::default(),
         })
     }
 
@@ -230,12 +240,13 @@ impl<C: ControlApi> Resolver<C> {
             seen: self.wakes_seen.clone(),
         };
         let auto_create = self.auto_create;
+        let asleep = self.asleep.lock().expect("asleep poisoned").contains(key);
         let (cache, all_wakes) = (self.cache.clone(), self.wakes.clone());
         let k = key.clone();
         // The wake files its own result: every waiter shares it, and the
         // next request after a failure tries again.
         let fut = async move {
-            let result = call.resolve(&k, auto_create, wake_timeout).await;
+            let result = call.resolve(&k, auto_create, asleep, wake_timeout).await;
             if let Ok(t) = &result {
                 cache
                     .lock()
@@ -261,6 +272,24 @@ impl<C> Resolver<C> {
         self.cache.lock().expect("route cache poisoned").remove(key);
     }
 
+    /// Control says the database's status changed: its route is read
+    /// afresh, and a database put to sleep is remembered as such.
+    pub(crate) fn status_changed(&self, key: &DbKey, status: DatabaseStatus) {
+        self.invalidate(key);
+        let mut asleep = self.asleep.lock().expect("asleep poisoned");
+        if status != DatabaseStatus::Hibernating {
+            asleep.remove(key);
+        } else if asleep.len() < ASLEEP_MAX {
+            asleep.insert(key.clone());
+        }
+    }
+
+    /// The database is gone.
+    pub(crate) fn dropped(&self, key: &DbKey) {
+        self.invalidate(key);
+        self.asleep.lock().expect("asleep poisoned").remove(key);
+    }
+
     /// A new leader: the cached endpoints, if any, in their new order.
     pub(crate) fn set_endpoints(&self, key: &DbKey, endpoints: &[Endpoint]) {
         let mut cache = self.cache.lock().expect("route cache poisoned");
@@ -272,6 +301,7 @@ impl<C> Resolver<C> {
     /// Forgets every database's endpoints (control's news may have been missed).
     pub(crate) fn clear(&self) {
         self.cache.lock().expect("route cache poisoned").clear();
+        self.asleep.lock().expect("asleep poisoned").clear();
     }
 
     /// New wait bounds (a reload); waiting requests keep theirs.

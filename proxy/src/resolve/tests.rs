@@ -386,3 +386,34 @@ async fn a_stale_route_is_resolved_again_and_tried_once_more() {
     // The route was forgotten and read afresh from control.
     assert_eq!(control.0.database_calls.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn a_database_control_put_to_sleep_is_woken_without_being_read_first() {
+    let control = Control::new(
+        Some(DatabaseStatus::Hibernating),
+        Wakes::After(Duration::ZERO),
+    );
+    let r = resolver(&control, Duration::from_secs(5), 10);
+    r.status_changed(&key(), DatabaseStatus::Hibernating);
+    let target = r.target(&key()).await.expect("woken");
+    assert_eq!(target.endpoints[0].port, 5001);
+    assert_eq!(control.wakes(), 1);
+    assert_eq!(control.0.database_calls.load(Ordering::SeqCst), 0);
+
+    // Awake again, it is read first as any other.
+    r.status_changed(&key(), DatabaseStatus::Active);
+    r.target(&key()).await.expect("active");
+    assert_eq!(control.wakes(), 1);
+    assert_eq!(control.0.database_calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_database_dropped_while_asleep_is_created_on_first_access_again() {
+    let control = Control::new(None, Wakes::After(Duration::ZERO));
+    let r = resolver(&control, Duration::from_secs(5), 10);
+    // Its drop was missed: the resolver still thinks it asleep.
+    r.status_changed(&key(), DatabaseStatus::Hibernating);
+    r.target(&key()).await.expect("created");
+    assert_eq!(control.wakes(), 1, "the wake found nothing");
+    assert_eq!(control.0.create_calls.load(Ordering::SeqCst), 1);
+}

@@ -35,7 +35,8 @@ fn is_active(info: &DatabaseInfo) -> bool {
 }
 
 impl<C: ControlApi> WakeCall<C> {
-    /// Asks control for the database, waking or creating it as needed.
+    /// Asks control for the database, waking or creating it as needed; a
+    /// database known to be `asleep` is woken without being read first.
     /// While control cannot answer (restarting, wedged), it asks again for
     /// up to `wake_timeout`: the request is held, as during a wake, and
     /// times out as a wake does.
@@ -43,12 +44,20 @@ impl<C: ControlApi> WakeCall<C> {
         &self,
         key: &DbKey,
         auto_create: bool,
+        mut asleep: bool,
         wake_timeout: Duration,
     ) -> Result<Target> {
         let deadline = Instant::now() + wake_timeout;
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.attempt(key, auto_create, deadline).await {
+            let attempt = if asleep {
+                self.wake_target(key, deadline).await
+            } else {
+                self.attempt(key, auto_create, deadline).await
+            };
+            match attempt {
+                // Dropped meanwhile: the usual way, which may create it.
+                Err(e) if asleep && e.is_not_found() => asleep = false,
                 Err(e) if e.is_unavailable() => {
                     if Instant::now() + pause >= deadline {
                         return Err(ProxyError::WakeTimeout {
@@ -97,10 +106,18 @@ impl<C: ControlApi> WakeCall<C> {
         if is_active(&info) {
             return Ok(Target::of(control, &info));
         }
+        self.wake_target(key, deadline).await
+    }
+
+    async fn wake_target(
+        &self,
+        key: &DbKey,
+        deadline: Instant,
+    ) -> std::result::Result<Target, ClientError> {
         let started = Instant::now();
         let info = self.wake(key, deadline).await?;
         info!(database = %key, waited_ms = started.elapsed().as_millis() as u64, "woke database for waiting requests");
-        Ok(Target::of(control, &info))
+        Ok(Target::of(&self.control, &info))
     }
 
     /// Wakes the database with one call to control across all proxies: the
