@@ -355,7 +355,38 @@ impl Event {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScaleRequest {
     pub target_db_count: u32,
-    pub min_ha_nodes: u32,
+    pub min_ha_nodes: HaNodes,
+}
+
+/// `min_ha_nodes`: replicas per database. A count, or a flag as the State
+/// Pillar's scaling call sends it: `true` for the smallest quorum that
+/// survives the loss of a node ([`HaNodes::QUORUM`]), `false` for none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct HaNodes(pub u32);
+
+impl HaNodes {
+    pub const QUORUM: u32 = 3;
+}
+
+impl<'de> Deserialize<'de> for HaNodes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Count(u32),
+            Flag(bool),
+        }
+        Ok(HaNodes(
+            match Given::deserialize(d).map_err(|_| {
+                serde::de::Error::custom("min_ha_nodes: a number of replicas, or true or false")
+            })? {
+                Given::Count(n) => n,
+                Given::Flag(true) => HaNodes::QUORUM,
+                Given::Flag(false) => 1,
+            },
+        ))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -9,7 +9,8 @@ use crate::error::{ControlError, Result};
 
 impl Manager {
     pub async fn scale(&self, req: &ScaleRequest) -> Result<ScalePlan> {
-        if req.min_ha_nodes == 0 {
+        let replicas = req.min_ha_nodes.0;
+        if replicas == 0 {
             return Err(ControlError::BadRequest(
                 "min_ha_nodes must be at least 1".into(),
             ));
@@ -23,24 +24,24 @@ impl Manager {
         } else {
             self.config.control.replica_hosts.len() as u32
         };
-        if req.min_ha_nodes > hosts {
+        if replicas > hosts {
             return Err(ControlError::InsufficientNodes {
                 got: hosts,
-                need: req.min_ha_nodes,
+                need: replicas,
             });
         }
         self.store
-            .set_setting(REPLICATION_TARGET, &req.min_ha_nodes.to_string())
+            .set_setting(REPLICATION_TARGET, &replicas.to_string())
             .await?;
         let current = self.store.databases_local(None).await?.len() as u32;
         let capacity: u32 = membership.live().iter().map(|m| m.max_databases).sum();
         let mut notes = vec![format!(
             "new rqlite databases get {} replicas unless they ask otherwise",
-            req.min_ha_nodes
+            replicas
         )];
         // Across nodes each replica takes a place on its node.
         let fits = if membership.clustered() {
-            req.target_db_count.saturating_mul(req.min_ha_nodes) <= capacity
+            req.target_db_count.saturating_mul(replicas) <= capacity
         } else {
             req.target_db_count <= capacity
         };
@@ -52,11 +53,11 @@ impl Manager {
         }
         Ok(ScalePlan {
             target_db_count: req.target_db_count,
-            replication_factor: req.min_ha_nodes,
+            replication_factor: replicas,
             nodes,
             capacity,
             current_databases: current,
-            replicas_needed: req.target_db_count.saturating_mul(req.min_ha_nodes),
+            replicas_needed: req.target_db_count.saturating_mul(replicas),
             fits,
             notes,
         })

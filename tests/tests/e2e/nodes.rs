@@ -164,3 +164,65 @@ async fn single_node_lists_itself() -> Result<()> {
     assert!(!list[0].peer_id.is_empty());
     Ok(())
 }
+
+/// The State Pillar's own scaling call, byte for byte as its docs send it
+/// (curl `-d`, no JSON content type): `true` asks for the HA quorum of 3
+/// replicas, and a database created afterwards gets them.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_state_pillar_scaling_call_sets_the_quorum_for_new_databases() -> Result<()> {
+    use rouse_control_api::{CreateDatabase, Engine};
+    use rouse_tests::{name, APP};
+    let control = Control::builder().start().await?;
+    let scale = |body: &'static str| {
+        reqwest::Client::new()
+            .post(format!("{}/api/v1/cluster/scale", control.api_url()))
+            .bearer_auth(control.admin_token())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+    };
+    let resp = scale(r#"{ "target_db_count": 3, "min_ha_nodes": true }"#).await?;
+    assert_eq!(resp.status(), 200);
+    let plan: serde_json::Value = resp.json().await?;
+    assert_eq!(plan["replication_factor"], 3, "{plan}");
+    assert_eq!(plan["target_db_count"], 3, "{plan}");
+    assert_eq!(plan["fits"], true, "{plan}");
+    assert!(
+        plan["notes"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("3 replicas"),
+        "{plan}"
+    );
+
+    let client = control.client();
+    client.create_app(&name(APP)).await?;
+    let info = client
+        .create_database(&CreateDatabase {
+            app: name(APP),
+            name: name("after-scale"),
+            engine: Engine::Rqlite,
+            replication_factor: None,
+            patroni: None,
+        })
+        .await?;
+    assert_eq!(info.replication_factor, 3);
+
+    // `false`: no HA, one copy; anything else is refused and changes nothing.
+    let plan: serde_json::Value = scale(r#"{"target_db_count": 3, "min_ha_nodes": false}"#)
+        .await?
+        .json()
+        .await?;
+    assert_eq!(plan["replication_factor"], 1, "{plan}");
+    let resp = scale(r#"{"target_db_count": 3, "min_ha_nodes": "yes"}"#).await?;
+    assert_eq!(resp.status(), 400);
+    let error: serde_json::Value = resp.json().await?;
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("min_ha_nodes"),
+        "{error}"
+    );
+    Ok(())
+}
