@@ -43,6 +43,25 @@ struct Round {
     storm: Vec<Duration>,
     storm_by_app: [Vec<Duration>; 2],
     bare: Vec<Duration>,
+    /// Control's mean time per wake phase during the storm.
+    phases: [Duration; PHASES.len()],
+}
+
+/// The phases of `rouse_wake_duration_seconds`, in the order they happen.
+const PHASES: [&str; 3] = ["wait", "start", "first_answer"];
+
+/// Sum and count of each wake phase in control's metrics so far.
+async fn phase_totals(control: &Control) -> [(f64, f64); PHASES.len()] {
+    let url = format!("{}/metrics", control.api_url());
+    let mut totals = [(0.0, 0.0); PHASES.len()];
+    for (total, phase) in totals.iter_mut().zip(PHASES) {
+        let series = format!("{{engine=\"rqlite\",phase=\"{phase}\"}}");
+        *total = (
+            rouse_tests::metric(&url, &format!("rouse_wake_duration_seconds_sum{series}")).await,
+            rouse_tests::metric(&url, &format!("rouse_wake_duration_seconds_count{series}")).await,
+        );
+    }
+    totals
 }
 
 fn p99(samples: &[Duration]) -> Duration {
@@ -128,13 +147,23 @@ impl fmt::Display for DensityResults {
                     ms(p99(&r.storm)),
                     ms(p99(&r.bare)),
                     format!("{:.2}×", r.ratio()),
+                    r.phases.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(" / "),
                 ]
             })
             .collect();
         writeln!(
             f,
             "{}",
-            table(&["round", "rouse p99", "bare p99", "ratio"], &rows)
+            table(
+                &[
+                    "round",
+                    "rouse p99",
+                    "bare p99",
+                    "ratio",
+                    "control's mean wait / start / first answer",
+                ],
+                &rows
+            )
         )?;
         let mut ratios: Vec<f64> = self.rounds.iter().map(Round::ratio).collect();
         ratios.sort_by(f64::total_cmp);
@@ -273,9 +302,14 @@ pub async fn run(databases: usize) -> Result<DensityResults> {
             r.bare = bare_storm(&control, &storm_dbs).await?;
         }
         hibernate_all(&control, &storm_dbs).await?;
+        let before = phase_totals(&control).await;
         for (app, took) in rouse_storm(&proxy, &http, &keys, &storm_dbs).await? {
             r.storm.push(took);
             r.storm_by_app[app].push(took);
+        }
+        let after = phase_totals(&control).await;
+        for ((mean, (s0, n0)), (s1, n1)) in r.phases.iter_mut().zip(before).zip(after) {
+            *mean = Duration::from_secs_f64((s1 - s0) / (n1 - n0).max(1.0));
         }
         if round % 2 == 0 {
             r.bare = bare_storm(&control, &storm_dbs).await?;

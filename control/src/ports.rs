@@ -50,12 +50,12 @@ impl PortAllocator {
         self.held.lock().expect("port set poisoned").insert(port);
     }
 
-    /// Ports of `range` that are neither held here nor bound by anything
-    /// else on `host` (each one probed).
-    pub fn free_in(&self, range: RangeInclusive<u16>, host: IpAddr) -> u32 {
-        let held = self.held.lock().expect("port set poisoned").clone();
+    /// Ports of `range` that are neither held here nor in `bound` (see
+    /// [`bound_ports`]).
+    pub fn free_in(&self, range: RangeInclusive<u16>, bound: &HashSet<u16>) -> u32 {
+        let held = self.held.lock().expect("port set poisoned");
         range
-            .filter(|p| !held.contains(p) && bind_probe(host, *p))
+            .filter(|p| !held.contains(p) && !bound.contains(p))
             .count() as u32
     }
 
@@ -70,6 +70,48 @@ impl PortAllocator {
 /// Whether `host:port` can be bound now.
 pub fn bind_probe(host: IpAddr, port: u16) -> bool {
     TcpListener::bind(SocketAddr::new(host, port)).is_ok()
+}
+
+/// TCP ports that sockets hold on `host` or on every address, as the
+/// kernel lists them: one read instead of a bind probe per port, for
+/// counting what is left (allocation still probes the port it hands out).
+/// Sockets in TIME_WAIT do not count: a listener binds over them.
+pub fn bound_ports(host: IpAddr) -> HashSet<u16> {
+    let mut bound = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        bound.extend(text.lines().skip(1).filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (addr, port) = fields.nth(1)?.split_once(':')?;
+            let state = fields.nth(1)?;
+            let on_host = addr.chars().all(|c| c == '0') || kernel_addr(addr) == Some(host);
+            (on_host && state != TIME_WAIT)
+                .then(|| u16::from_str_radix(port, 16).ok())
+                .flatten()
+        }));
+    }
+    bound
+}
+
+/// The state column's value for TIME_WAIT.
+const TIME_WAIT: &str = "06";
+
+/// An address as `/proc/net/tcp{,6}` writes it: 32-bit words in host order.
+fn kernel_addr(hex: &str) -> Option<IpAddr> {
+    let words: Vec<u32> = (0..hex.len() / 8)
+        .map(|i| u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok())
+        .collect::<Option<_>>()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    match bytes.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => {
+            let v6 = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?);
+            Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -99,6 +141,28 @@ mod tests {
         );
         ports.release([p]);
         assert_eq!(ports.allocate(p..=p, LO, None).unwrap(), p);
+    }
+
+    #[test]
+    fn counts_bound_and_held_ports_as_taken() {
+        let ports = PortAllocator::default();
+        let listener = TcpListener::bind((LO, 0)).unwrap();
+        let b = listener.local_addr().unwrap().port();
+        let bound = bound_ports(LO);
+        assert!(bound.contains(&b), "{b} is listening");
+        assert_eq!(ports.free_in(b..=b, &bound), 0);
+        drop(listener);
+        let p = free_port();
+        assert!(!bound_ports(LO).contains(&p), "{p} is free");
+        assert_eq!(ports.free_in(p..=p, &bound_ports(LO)), 1);
+        ports.hold(p);
+        assert_eq!(ports.free_in(p..=p, &bound_ports(LO)), 0);
+        // A port bound on another loopback address is free on this one.
+        let other = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+        let elsewhere = TcpListener::bind((other, 0)).unwrap();
+        let e = elsewhere.local_addr().unwrap().port();
+        assert!(bound_ports(other).contains(&e));
+        assert!(!bound_ports(LO).contains(&e));
     }
 
     #[test]

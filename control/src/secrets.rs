@@ -42,10 +42,20 @@ pub fn scram_verifier(password: &str) -> String {
 pub use rouse_control_api::name::validate_user_name;
 
 /// Writes `contents` to `path` readable by its owner only (0600), replacing
-/// what was there, without a moment in which others could open it.
+/// what was there, without a moment in which others could open it. A file
+/// that already is exactly that is left alone: engines' files are written
+/// at every start, and a storm of wakes would otherwise make the
+/// filesystem allocate hundreds of inodes.
 pub fn write_private(path: &std::path::Path, contents: &[u8]) -> crate::error::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    // SAFETY: geteuid(2) has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let ours = std::fs::symlink_metadata(path)
+        .is_ok_and(|m| m.is_file() && m.mode() & 0o7777 == 0o600 && m.uid() == me);
+    if ours && std::fs::read(path).is_ok_and(|old| old == contents) {
+        return Ok(());
+    }
     let _ = std::fs::remove_file(path);
     std::fs::OpenOptions::new()
         .write(true)
@@ -61,6 +71,32 @@ pub fn write_private(path: &std::path::Path, contents: &[u8]) -> crate::error::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_files_are_replaced_only_when_they_differ() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        let inode = || std::fs::metadata(&path).unwrap().ino();
+        write_private(&path, b"one").unwrap();
+        let first = inode();
+        write_private(&path, b"one").unwrap();
+        assert_eq!(inode(), first, "the same contents are left in place");
+        write_private(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&path, b"two").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600, "a file others could read is written anew");
+        // A link is replaced, never followed.
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"two").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        write_private(&path, b"two").unwrap();
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+    }
 
     #[test]
     fn keys_are_unique_and_hash_stably() {

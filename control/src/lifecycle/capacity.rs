@@ -65,11 +65,12 @@ impl Manager {
                 d.port_range_postgres_start..=d.port_range_postgres_end,
             ],
         );
-        // A thousand bind probes per range: off the async workers.
-        let [rqlite_http, rqlite_raft, postgres] =
-            tokio::task::spawn_blocking(move || ranges.map(|range| ports.free_in(range, host)))
-                .await
-                .unwrap_or_default();
+        let [rqlite_http, rqlite_raft, postgres] = tokio::task::spawn_blocking(move || {
+            let bound = crate::ports::bound_ports(host);
+            ranges.map(|range| ports.free_in(range, &bound))
+        })
+        .await
+        .unwrap_or_default();
         let ports_left = PortsLeft {
             rqlite_http,
             rqlite_raft,

@@ -163,7 +163,7 @@ async fn supervise(
                 // Closed without an order: detached, or dropped (which killed it).
                 let Ok((grace, done)) = stop else { return };
                 process.terminate(spec.stop_signal, grace).await;
-                let _ = std::fs::remove_file(&spec.pid_file);
+                pidfile::clear(&spec.pid_file);
                 let _ = done.send(());
                 return;
             }

@@ -19,6 +19,16 @@ pub fn write(path: &Path, pid: u32) {
     let _ = std::fs::write(path, out);
 }
 
+/// Empties the file of a process that was stopped. Emptied rather than
+/// removed: the next start writes it again, and a storm of wakes would
+/// otherwise have the filesystem free and allocate an inode for each.
+pub fn clear(path: &Path) {
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(0));
+}
+
 /// The pid the file names, if that process still runs as the one written:
 /// the same start time and the same command line. A pid file of the older
 /// format (the pid alone) names nothing adoptable.
@@ -100,6 +110,11 @@ mod tests {
         std::fs::write(&file, format!("{me}\n")).unwrap();
         assert_eq!(live(&file), None);
         assert_eq!(pid(&file), Some(me));
+
+        // Cleared at a stop: names nothing, to adopt or to stop.
+        write(&file, me);
+        clear(&file);
+        assert_eq!((live(&file), pid(&file)), (None, None));
     }
 
     #[test]
