@@ -43,19 +43,35 @@ struct Round {
     storm: Vec<Duration>,
     storm_by_app: [Vec<Duration>; 2],
     bare: Vec<Duration>,
-    /// Control's mean time per wake phase during the storm.
+    /// Mean time per wake phase during the storm: the proxy's whole wait,
+    /// then control's phases.
     phases: [Duration; PHASES.len()],
 }
 
-/// The phases of `rouse_wake_duration_seconds`, in the order they happen.
-const PHASES: [&str; 3] = ["wait", "start", "first_answer"];
+/// Where `rouse_wake_duration_seconds` is read for each column: the
+/// proxy's wait for control, then control's phases in the order they happen.
+const PHASES: [(Side, &str, &str); 4] = [
+    (Side::Proxy, "any", "wait"),
+    (Side::Control, "rqlite", "wait"),
+    (Side::Control, "rqlite", "start"),
+    (Side::Control, "rqlite", "first_answer"),
+];
 
-/// Sum and count of each wake phase in control's metrics so far.
-async fn phase_totals(control: &Control) -> [(f64, f64); PHASES.len()] {
-    let url = format!("{}/metrics", control.api_url());
+#[derive(Clone, Copy)]
+enum Side {
+    Proxy,
+    Control,
+}
+
+/// Sum and count of each of [`PHASES`] so far.
+async fn phase_totals(control: &Control, proxy: &Proxy) -> [(f64, f64); PHASES.len()] {
     let mut totals = [(0.0, 0.0); PHASES.len()];
-    for (total, phase) in totals.iter_mut().zip(PHASES) {
-        let series = format!("{{engine=\"rqlite\",phase=\"{phase}\"}}");
+    for (total, (side, engine, phase)) in totals.iter_mut().zip(PHASES) {
+        let url = match side {
+            Side::Proxy => format!("http://{}/metrics", proxy.stats_addr()),
+            Side::Control => format!("{}/metrics", control.api_url()),
+        };
+        let series = format!("{{engine=\"{engine}\",phase=\"{phase}\"}}");
         *total = (
             rouse_tests::metric(&url, &format!("rouse_wake_duration_seconds_sum{series}")).await,
             rouse_tests::metric(&url, &format!("rouse_wake_duration_seconds_count{series}")).await,
@@ -147,7 +163,16 @@ impl fmt::Display for DensityResults {
                     ms(p99(&r.storm)),
                     ms(p99(&r.bare)),
                     format!("{:.2}×", r.ratio()),
-                    r.phases.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(" / "),
+                    format!(
+                        "{}; {}; {}",
+                        ms(r.storm.iter().sum::<Duration>() / r.storm.len().max(1) as u32),
+                        ms(r.phases[0]),
+                        r.phases[1..]
+                            .iter()
+                            .map(|d| ms(*d))
+                            .collect::<Vec<_>>()
+                            .join(" / ")
+                    ),
                 ]
             })
             .collect();
@@ -160,7 +185,7 @@ impl fmt::Display for DensityResults {
                     "rouse p99",
                     "bare p99",
                     "ratio",
-                    "control's mean wait / start / first answer",
+                    "means: client; proxy's wait; control's wait / start / first answer",
                 ],
                 &rows
             )
@@ -302,12 +327,12 @@ pub async fn run(databases: usize) -> Result<DensityResults> {
             r.bare = bare_storm(&control, &storm_dbs).await?;
         }
         hibernate_all(&control, &storm_dbs).await?;
-        let before = phase_totals(&control).await;
+        let before = phase_totals(&control, &proxy).await;
         for (app, took) in rouse_storm(&proxy, &http, &keys, &storm_dbs).await? {
             r.storm.push(took);
             r.storm_by_app[app].push(took);
         }
-        let after = phase_totals(&control).await;
+        let after = phase_totals(&control, &proxy).await;
         for ((mean, (s0, n0)), (s1, n1)) in r.phases.iter_mut().zip(before).zip(after) {
             *mean = Duration::from_secs_f64((s1 - s0) / (n1 - n0).max(1.0));
         }

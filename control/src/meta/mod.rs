@@ -2,6 +2,7 @@
 //! (`system.rs`), and its tables (`store.rs`). Nothing else in control
 //! speaks to `_system`.
 
+mod batch;
 mod databases;
 mod store;
 mod system;

@@ -34,6 +34,8 @@ pub struct Store {
     pub(super) db: RqliteClient,
     /// Seals secrets at rest.
     sealing: SealKey,
+    /// Status writes, which come in bursts.
+    statuses: std::sync::Arc<super::batch::WriteBatch>,
 }
 
 pub(super) fn text(v: &Value) -> String {
@@ -54,7 +56,11 @@ impl Store {
     pub async fn open(db: RqliteClient, sealing: SealKey) -> Result<Store> {
         db.execute(SCHEMA.iter().map(|s| Stmt::new(*s)).collect())
             .await?;
-        let store = Store { db, sealing };
+        let store = Store {
+            db,
+            sealing,
+            statuses: Default::default(),
+        };
         store.seal_clear_secrets().await?;
         Ok(store)
     }
@@ -326,31 +332,26 @@ impl Store {
         status: DatabaseStatus,
         reason: Option<&str>,
     ) -> Result<()> {
-        self.db
-            .execute(vec![Stmt::new(
-                "UPDATE databases SET status = ?, reason = ? WHERE app = ? AND name = ?",
-            )
-            .arg(status.as_str())
-            .arg(reason.map(str::to_string))
-            .arg(key.app.as_str())
-            .arg(key.db.as_str())])
-            .await?;
-        Ok(())
+        let stmt =
+            Stmt::new("UPDATE databases SET status = ?, reason = ? WHERE app = ? AND name = ?")
+                .arg(status.as_str())
+                .arg(reason.map(str::to_string))
+                .arg(key.app.as_str())
+                .arg(key.db.as_str());
+        self.statuses.execute(&self.db, stmt).await
     }
 
     /// A wake is done: active, with its duration and the time, in one write.
     pub async fn set_woken(&self, key: &DbKey, now: u64, wake_ms: u64) -> Result<()> {
-        self.db
-            .execute(vec![Stmt::new(
-                "UPDATE databases SET status = ?, reason = NULL, last_activity = MAX(last_activity, ?), last_wake_ms = ? WHERE app = ? AND name = ?",
-            )
-            .arg(DatabaseStatus::Active.as_str())
-            .arg(now)
-            .arg(wake_ms)
-            .arg(key.app.as_str())
-            .arg(key.db.as_str())])
-            .await?;
-        Ok(())
+        let stmt = Stmt::new(
+            "UPDATE databases SET status = ?, reason = NULL, last_activity = MAX(last_activity, ?), last_wake_ms = ? WHERE app = ? AND name = ?",
+        )
+        .arg(DatabaseStatus::Active.as_str())
+        .arg(now)
+        .arg(wake_ms)
+        .arg(key.app.as_str())
+        .arg(key.db.as_str());
+        self.statuses.execute(&self.db, stmt).await
     }
 
     pub async fn set_activity(
