@@ -12,20 +12,27 @@ use super::settings::patroni_setting;
 use super::{not_found, Manager};
 use crate::cluster::{LocalStart, Notice};
 use crate::error::{ControlError, Result};
+use crate::model::DatabaseRecord;
 
 impl Manager {
     pub(super) async fn wake_here(&self, key: &DbKey) -> Result<DatabaseInfo> {
         let asked = Instant::now();
         let slot = self.slot(key);
         let deciding = slot.deciding.clone().lock_owned().await;
-        // The leader's copy, not a Raft entry: under the decision lock
-        // nobody else changes the record, and in a storm of wakes the
-        // engines' first writes queue up on the same disk as `_system`'s.
-        let rec = self
-            .store
-            .database_status(key)
-            .await?
-            .ok_or_else(|| not_found(key))?;
+        // What the hibernation wrote, if nothing was written since and this
+        // node is alone; else the leader's copy, not a Raft entry: under the
+        // decision lock nobody else changes the record, and in a storm of
+        // wakes the engines' first writes queue up on the same disk as
+        // `_system`'s.
+        let handed = self.store.take_handed_over(key);
+        let rec = match handed {
+            Some(rec) if !self.membership().await.clustered() => rec,
+            _ => self
+                .store
+                .database_status(key)
+                .await?
+                .ok_or_else(|| not_found(key))?,
+        };
         if self.is_up(key, &rec) {
             return Ok(self.info(&rec));
         }
@@ -133,7 +140,16 @@ impl Manager {
             .await?;
         let idle = now_ms().saturating_sub(last);
         info!(database = %key, idle_time = ?Duration::from_millis(idle), "database hibernated");
-        self.status(key).await
+        let slept = DatabaseRecord {
+            status: DatabaseStatus::Hibernating,
+            reason: None,
+            last_activity: last,
+            ..rec
+        };
+        if !self.membership().await.clustered() {
+            self.store.hand_over(slept.clone());
+        }
+        Ok(self.info(&slept))
     }
 
     pub(super) async fn drop_here(&self, key: &DbKey) -> Result<()> {

@@ -31,14 +31,20 @@ impl Manager {
             }
         }
         let members = self.members.lock().expect("members poisoned").known.clone();
-        Membership::new(
+        let membership = Membership::new(
             &self.peers,
             &members,
             &self.node_id,
             self.config.database.max_databases,
             self.started,
             !self.config.discovery.bootstrap_peers.is_empty(),
-        )
+        );
+        // Others may write `_system` from now on: nothing written while
+        // alone is taken for granted any more.
+        if membership.clustered() {
+            self.store.forget_handed_over();
+        }
+        membership
     }
 
     /// Records this node as a member of the cluster in `_system`.

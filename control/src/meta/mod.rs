@@ -4,6 +4,7 @@
 
 mod batch;
 mod databases;
+mod handoff;
 mod store;
 mod system;
 

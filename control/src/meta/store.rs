@@ -34,8 +34,10 @@ pub struct Store {
     pub(super) db: RqliteClient,
     /// Seals secrets at rest.
     sealing: SealKey,
-    /// Status writes, which come in bursts.
-    statuses: std::sync::Arc<super::batch::WriteBatch>,
+    /// Writes of one database's row, which come in bursts.
+    row_writes: std::sync::Arc<super::batch::WriteBatch>,
+    /// Records of hibernated databases for their next wake.
+    handoffs: std::sync::Arc<super::handoff::Handoffs>,
 }
 
 pub(super) fn text(v: &Value) -> String {
@@ -59,7 +61,8 @@ impl Store {
         let store = Store {
             db,
             sealing,
-            statuses: Default::default(),
+            row_writes: Default::default(),
+            handoffs: Default::default(),
         };
         store.seal_clear_secrets().await?;
         Ok(store)
@@ -298,7 +301,25 @@ impl Store {
             .collect())
     }
 
+    /// Keeps a hibernated database's record, as just written, for its next
+    /// wake; only while this node is the only writer of `_system`.
+    pub fn hand_over(&self, rec: DatabaseRecord) {
+        self.handoffs.keep(rec);
+    }
+
+    /// The record a hibernation handed over for `key`, if no write came
+    /// after it.
+    pub fn take_handed_over(&self, key: &DbKey) -> Option<DatabaseRecord> {
+        self.handoffs.take(key)
+    }
+
+    /// Drops every handed-over record: other nodes may write `_system` now.
+    pub fn forget_handed_over(&self) {
+        self.handoffs.clear();
+    }
+
     pub async fn insert_database(&self, rec: &DatabaseRecord) -> Result<()> {
+        self.handoffs.forget(&rec.key);
         let mut stmts = vec![Stmt::new(
             "INSERT INTO databases (app, name, engine, replication_factor, status, reason, created_at, last_activity, last_wake_ms, secret) \
              VALUES (?, ?, ?, ?, ?, NULL, ?, ?, NULL, ?)",
@@ -318,6 +339,7 @@ impl Store {
 
     /// Replaces where the replicas run (after a wake on other ports).
     pub async fn set_replicas(&self, key: &DbKey, replicas: &[ReplicaRecord]) -> Result<()> {
+        self.handoffs.forget(key);
         let mut stmts = vec![Stmt::new("DELETE FROM replicas WHERE app = ? AND db = ?")
             .arg(key.app.as_str())
             .arg(key.db.as_str())];
@@ -332,17 +354,19 @@ impl Store {
         status: DatabaseStatus,
         reason: Option<&str>,
     ) -> Result<()> {
+        self.handoffs.forget(key);
         let stmt =
             Stmt::new("UPDATE databases SET status = ?, reason = ? WHERE app = ? AND name = ?")
                 .arg(status.as_str())
                 .arg(reason.map(str::to_string))
                 .arg(key.app.as_str())
                 .arg(key.db.as_str());
-        self.statuses.execute(&self.db, stmt).await
+        self.row_writes.execute(&self.db, stmt).await
     }
 
     /// A wake is done: active, with its duration and the time, in one write.
     pub async fn set_woken(&self, key: &DbKey, now: u64, wake_ms: u64) -> Result<()> {
+        self.handoffs.forget(key);
         let stmt = Stmt::new(
             "UPDATE databases SET status = ?, reason = NULL, last_activity = MAX(last_activity, ?), last_wake_ms = ? WHERE app = ? AND name = ?",
         )
@@ -351,7 +375,7 @@ impl Store {
         .arg(wake_ms)
         .arg(key.app.as_str())
         .arg(key.db.as_str());
-        self.statuses.execute(&self.db, stmt).await
+        self.row_writes.execute(&self.db, stmt).await
     }
 
     pub async fn set_activity(
@@ -360,19 +384,19 @@ impl Store {
         last_activity: u64,
         last_wake_ms: Option<u64>,
     ) -> Result<()> {
-        self.db
-            .execute(vec![Stmt::new(
-                "UPDATE databases SET last_activity = MAX(last_activity, ?), last_wake_ms = COALESCE(?, last_wake_ms) WHERE app = ? AND name = ?",
-            )
-            .arg(last_activity)
-            .arg(last_wake_ms)
-            .arg(key.app.as_str())
-            .arg(key.db.as_str())])
-            .await?;
-        Ok(())
+        self.handoffs.forget(key);
+        let stmt = Stmt::new(
+            "UPDATE databases SET last_activity = MAX(last_activity, ?), last_wake_ms = COALESCE(?, last_wake_ms) WHERE app = ? AND name = ?",
+        )
+        .arg(last_activity)
+        .arg(last_wake_ms)
+        .arg(key.app.as_str())
+        .arg(key.db.as_str());
+        self.row_writes.execute(&self.db, stmt).await
     }
 
     pub async fn delete_database(&self, key: &DbKey) -> Result<()> {
+        self.handoffs.forget(key);
         self.db
             .execute(vec![
                 Stmt::new("DELETE FROM replicas WHERE app = ? AND db = ?")
