@@ -130,6 +130,28 @@ impl Checker {
         .await
     }
 
+    /// A link to sentinel `addr`, subscribed to `channel`.
+    pub(crate) async fn subscribe(
+        &self,
+        addr: &str,
+        channel: &str,
+    ) -> Result<MaybeTls, CheckError> {
+        let auth = auth(None, self.sentinel_password.as_deref());
+        self.timed(addr, async {
+            let mut link = self.connect(addr).await?;
+            let command: &[&[u8]] = &[b"SUBSCRIBE", channel.as_bytes()];
+            match ask(&mut link, addr, auth.as_deref(), command).await? {
+                Reply::Error(message) => Err(CheckError::Refused {
+                    addr: addr.into(),
+                    command: "SUBSCRIBE",
+                    message,
+                }),
+                _ => Ok(link),
+            }
+        })
+        .await
+    }
+
     async fn connect(&self, addr: &str) -> Result<MaybeTls, CheckError> {
         self.dialer
             .connect(addr)

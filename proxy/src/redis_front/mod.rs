@@ -2,7 +2,8 @@
 //! master, found through Sentinel or by `ROLE` over a static list.
 //!
 //! Every `check_interval` (and at once when a client arrives while no master
-//! is known, or cannot reach the known one) the sentinels are asked in turn
+//! is known, or cannot reach the known one, or a sentinel announces
+//! `+switch-master`) the sentinels are asked in turn
 //! for the master's address, which must then confirm with `ROLE`; without
 //! sentinels each listed server is asked its role. Clients are relayed byte
 //! for byte to the master of the moment, so they authenticate themselves;
@@ -16,6 +17,7 @@
 mod check;
 mod link;
 pub(crate) mod resp;
+mod switches;
 
 use crate::metrics::REQUESTS;
 use std::future::Future;
@@ -104,6 +106,9 @@ pub(crate) async fn serve(
         health,
     });
     tokio::spawn(resolve_forever(Arc::downgrade(&front)));
+    for sentinel in &front.backend.sentinels {
+        tokio::spawn(switches::follow(Arc::downgrade(&front), sentinel.clone()));
+    }
     accept_forever(listener, "redis", connections, stop, move |client, peer| {
         front.clone().session(client, peer)
     })

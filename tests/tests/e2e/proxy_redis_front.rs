@@ -192,6 +192,64 @@ async fn sentinel_failover_moves_clients_to_the_new_master() {
     );
 }
 
+/// With checks an hour apart, only Sentinel's `+switch-master`
+/// announcement can tell the front that the master moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_announcement_moves_the_front_before_its_next_check() {
+    let master = Redis::start().await.unwrap();
+    let replica = Redis::builder()
+        .replica_of(master.addr())
+        .start()
+        .await
+        .unwrap();
+    let sentinels = Sentinel::start_many(3, || Sentinel::builder(MASTER, master.addr()))
+        .await
+        .unwrap();
+    for s in &sentinels {
+        s.wait_for_peers(1, 2).await.unwrap();
+    }
+    let control = Control::builder().start().await.unwrap();
+    let proxy = Proxy::builder(&control)
+        .redis_backend(&format!(
+            "{{sentinels: [{}], master_name: {MASTER}, check_interval: 1h}}",
+            sentinel_list(&sentinels)
+        ))
+        .start()
+        .await
+        .unwrap();
+    let front = proxy.redis_addr();
+    assert_eq!(served_port(front, None).await, master.addr().port());
+
+    until(
+        "the sentinel accepts the failover",
+        Duration::from_secs(30),
+        || async {
+            let out = sentinels[0]
+                .cli(&["SENTINEL", "failover", MASTER])
+                .await
+                .unwrap();
+            (out == "OK").then_some(())
+        },
+    )
+    .await;
+    until(
+        "the sentinels name the replica",
+        Duration::from_secs(30),
+        || async { (sentinels[1].master_addr().await.ok() == Some(replica.addr())).then_some(()) },
+    )
+    .await;
+    // The old master still answers (as a replica now): nothing but the
+    // announcement sends the front to look again.
+    until(
+        "the proxy reaches the new master",
+        Duration::from_secs(10),
+        || async { (served_port(front, None).await == replica.addr().port()).then_some(()) },
+    )
+    .await;
+    let role = redis_cli(front, None, &["ROLE"]).await.unwrap();
+    assert!(role.starts_with("master"), "{role}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_servers_pick_the_master_and_follow_a_manual_swap() {
     let master = Redis::start().await.unwrap();
