@@ -107,27 +107,18 @@ impl Checker {
         addr: &str,
         name: &str,
     ) -> Result<String, CheckError> {
-        let auth = auth(None, self.sentinel_password.as_deref());
-        self.timed(addr, async {
-            let mut link = self.connect(addr).await?;
-            let command: &[&[u8]] = &[b"SENTINEL", b"get-master-addr-by-name", name.as_bytes()];
-            match ask(&mut link, addr, auth.as_deref(), command).await? {
-                Reply::Error(message) => Err(CheckError::Refused {
-                    addr: addr.into(),
-                    command: "SENTINEL get-master-addr-by-name",
-                    message,
-                }),
-                Reply::Array(None) | Reply::Bulk(None) => Err(CheckError::UnknownMaster {
-                    addr: addr.into(),
-                    name: name.into(),
-                }),
-                reply => master_addr(&reply).ok_or_else(|| CheckError::Unexpected {
-                    addr: addr.into(),
-                    command: "SENTINEL get-master-addr-by-name",
-                }),
-            }
-        })
-        .await
+        const COMMAND: &str = "SENTINEL get-master-addr-by-name";
+        let command: &[&[u8]] = &[b"SENTINEL", b"get-master-addr-by-name", name.as_bytes()];
+        match self.ask_sentinel(addr, COMMAND, command).await?.1 {
+            Reply::Array(None) | Reply::Bulk(None) => Err(CheckError::UnknownMaster {
+                addr: addr.into(),
+                name: name.into(),
+            }),
+            reply => master_addr(&reply).ok_or_else(|| CheckError::Unexpected {
+                addr: addr.into(),
+                command: COMMAND,
+            }),
+        }
     }
 
     /// A link to sentinel `addr`, subscribed to `channel`.
@@ -136,17 +127,28 @@ impl Checker {
         addr: &str,
         channel: &str,
     ) -> Result<MaybeTls, CheckError> {
+        let command: &[&[u8]] = &[b"SUBSCRIBE", channel.as_bytes()];
+        Ok(self.ask_sentinel(addr, "SUBSCRIBE", command).await?.0)
+    }
+
+    /// Sends `command` (called `what`) to sentinel `addr`, logged in; the
+    /// link and the reply, unless it is an error.
+    async fn ask_sentinel(
+        &self,
+        addr: &str,
+        what: &'static str,
+        command: &[&[u8]],
+    ) -> Result<(MaybeTls, Reply), CheckError> {
         let auth = auth(None, self.sentinel_password.as_deref());
         self.timed(addr, async {
             let mut link = self.connect(addr).await?;
-            let command: &[&[u8]] = &[b"SUBSCRIBE", channel.as_bytes()];
             match ask(&mut link, addr, auth.as_deref(), command).await? {
                 Reply::Error(message) => Err(CheckError::Refused {
                     addr: addr.into(),
-                    command: "SUBSCRIBE",
+                    command: what,
                     message,
                 }),
-                _ => Ok(link),
+                reply => Ok((link, reply)),
             }
         })
         .await

@@ -90,29 +90,85 @@ fn sentinel_list(sentinels: &[Sentinel]) -> String {
         .join(", ")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sentinel_failover_moves_clients_to_the_new_master() {
+/// A master and its replica.
+async fn master_and_replica() -> (Redis, Redis) {
     let master = Redis::start().await.unwrap();
     let replica = Redis::builder()
         .replica_of(master.addr())
         .start()
         .await
         .unwrap();
-    let sentinels = Sentinel::start_many(3, || Sentinel::builder(MASTER, master.addr()))
-        .await
-        .unwrap();
-    for s in &sentinels {
-        s.wait_for_peers(1, 2).await.unwrap();
+    (master, replica)
+}
+
+/// A master, its replica and three sentinels watching them, behind a proxy
+/// that checks every `check_interval`.
+struct SentinelSetup {
+    master: Redis,
+    replica: Redis,
+    sentinels: Vec<Sentinel>,
+    proxy: Proxy,
+    _control: Control,
+}
+
+impl SentinelSetup {
+    async fn start(check_interval: &str) -> SentinelSetup {
+        let (master, replica) = master_and_replica().await;
+        let sentinels = Sentinel::start_many(3, || Sentinel::builder(MASTER, master.addr()))
+            .await
+            .unwrap();
+        for s in &sentinels {
+            s.wait_for_peers(1, 2).await.unwrap();
+        }
+        let control = Control::builder().start().await.unwrap();
+        let proxy = Proxy::builder(&control)
+            .redis_backend(&format!(
+                "{{sentinels: [{}], master_name: {MASTER}, check_interval: {check_interval}}}",
+                sentinel_list(&sentinels)
+            ))
+            .start()
+            .await
+            .unwrap();
+        SentinelSetup {
+            master,
+            replica,
+            sentinels,
+            proxy,
+            _control: control,
+        }
     }
-    let control = Control::builder().start().await.unwrap();
-    let proxy = Proxy::builder(&control)
-        .redis_backend(&format!(
-            "{{sentinels: [{}], master_name: {MASTER}, check_interval: 200ms}}",
-            sentinel_list(&sentinels)
-        ))
-        .start()
-        .await
-        .unwrap();
+
+    /// A failover as an operator starts one, until the sentinels name the
+    /// replica.
+    async fn failover(&self) {
+        until(
+            "the sentinel accepts the failover",
+            Duration::from_secs(30),
+            || async {
+                let out = self.sentinels[0]
+                    .cli(&["SENTINEL", "failover", MASTER])
+                    .await
+                    .unwrap();
+                (out == "OK").then_some(())
+            },
+        )
+        .await;
+        until(
+            "the sentinels name the replica",
+            Duration::from_secs(30),
+            || async {
+                (self.sentinels[1].master_addr().await.ok() == Some(self.replica.addr()))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_moves_clients_to_the_new_master() {
+    let s = SentinelSetup::start("200ms").await;
+    let (master, replica, proxy) = (&s.master, &s.replica, &s.proxy);
     let front = proxy.redis_addr();
 
     // redis-cli and redis-rs through the proxy reach the master.
@@ -130,27 +186,10 @@ async fn sentinel_failover_moves_clients_to_the_new_master() {
     set(&mut con, "from-rs", "1").await;
     assert_eq!(get(&mut con, "from-rs").await.as_deref(), Some("1"));
     assert_eq!(served_port(front, None).await, master.addr().port());
-    assert_eq!(master_gauge(&proxy, master.addr()).await, Some(1.0));
+    assert_eq!(master_gauge(proxy, master.addr()).await, Some(1.0));
 
     // A failover, as an operator starts one.
-    until(
-        "the sentinel accepts the failover",
-        Duration::from_secs(30),
-        || async {
-            let out = sentinels[0]
-                .cli(&["SENTINEL", "failover", MASTER])
-                .await
-                .unwrap();
-            (out == "OK").then_some(())
-        },
-    )
-    .await;
-    until(
-        "the sentinels name the replica",
-        Duration::from_secs(30),
-        || async { (sentinels[1].master_addr().await.ok() == Some(replica.addr())).then_some(()) },
-    )
-    .await;
+    s.failover().await;
 
     // The session on the old master is closed; clients that reconnect
     // land on the former replica, now the master.
@@ -179,8 +218,8 @@ async fn sentinel_failover_moves_clients_to_the_new_master() {
         redis_cli(front, None, &["GET", "greeting"]).await.unwrap(),
         "hello"
     );
-    assert_eq!(master_gauge(&proxy, replica.addr()).await, Some(1.0));
-    assert_eq!(master_gauge(&proxy, master.addr()).await, Some(0.0));
+    assert_eq!(master_gauge(proxy, replica.addr()).await, Some(1.0));
+    assert_eq!(master_gauge(proxy, master.addr()).await, Some(0.0));
     let metrics = proxy.metrics().await.unwrap();
     assert!(
         metrics
@@ -196,54 +235,16 @@ async fn sentinel_failover_moves_clients_to_the_new_master() {
 /// announcement can tell the front that the master moved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_announcement_moves_the_front_before_its_next_check() {
-    let master = Redis::start().await.unwrap();
-    let replica = Redis::builder()
-        .replica_of(master.addr())
-        .start()
-        .await
-        .unwrap();
-    let sentinels = Sentinel::start_many(3, || Sentinel::builder(MASTER, master.addr()))
-        .await
-        .unwrap();
-    for s in &sentinels {
-        s.wait_for_peers(1, 2).await.unwrap();
-    }
-    let control = Control::builder().start().await.unwrap();
-    let proxy = Proxy::builder(&control)
-        .redis_backend(&format!(
-            "{{sentinels: [{}], master_name: {MASTER}, check_interval: 1h}}",
-            sentinel_list(&sentinels)
-        ))
-        .start()
-        .await
-        .unwrap();
-    let front = proxy.redis_addr();
-    assert_eq!(served_port(front, None).await, master.addr().port());
-
-    until(
-        "the sentinel accepts the failover",
-        Duration::from_secs(30),
-        || async {
-            let out = sentinels[0]
-                .cli(&["SENTINEL", "failover", MASTER])
-                .await
-                .unwrap();
-            (out == "OK").then_some(())
-        },
-    )
-    .await;
-    until(
-        "the sentinels name the replica",
-        Duration::from_secs(30),
-        || async { (sentinels[1].master_addr().await.ok() == Some(replica.addr())).then_some(()) },
-    )
-    .await;
+    let s = SentinelSetup::start("1h").await;
+    let front = s.proxy.redis_addr();
+    assert_eq!(served_port(front, None).await, s.master.addr().port());
+    s.failover().await;
     // The old master still answers (as a replica now): nothing but the
     // announcement sends the front to look again.
     until(
         "the proxy reaches the new master",
         Duration::from_secs(10),
-        || async { (served_port(front, None).await == replica.addr().port()).then_some(()) },
+        || async { (served_port(front, None).await == s.replica.addr().port()).then_some(()) },
     )
     .await;
     let role = redis_cli(front, None, &["ROLE"]).await.unwrap();
@@ -252,12 +253,7 @@ async fn a_sentinel_announcement_moves_the_front_before_its_next_check() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_servers_pick_the_master_and_follow_a_manual_swap() {
-    let master = Redis::start().await.unwrap();
-    let replica = Redis::builder()
-        .replica_of(master.addr())
-        .start()
-        .await
-        .unwrap();
+    let (master, replica) = master_and_replica().await;
     let control = Control::builder().start().await.unwrap();
     // The replica first: order must not matter, roles do.
     let proxy = Proxy::builder(&control)
@@ -290,12 +286,7 @@ async fn static_servers_pick_the_master_and_follow_a_manual_swap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_waits_for_a_master_instead_of_being_refused() {
-    let master = Redis::start().await.unwrap();
-    let replica = Redis::builder()
-        .replica_of(master.addr())
-        .start()
-        .await
-        .unwrap();
+    let (_master, replica) = master_and_replica().await;
     let control = Control::builder().start().await.unwrap();
     // Only the replica is listed: no master until it is promoted.
     let proxy = Proxy::builder(&control)
