@@ -177,14 +177,12 @@ pub(super) async fn wait_ready(
         .map(|r| client(env, r, inst.secret))
         .collect();
     let leader = poll_until(deadline, inst.label, || async {
-        // Several replicas: `/readyz` first, cheap enough to poll every few
-        // milliseconds, before the leader is looked for. One replica: the
-        // strong read below is the only question, one round trip per try
-        // (under a storm of wakes each trip waits for a CPU).
-        if clients.len() > 1
-            && !futures::future::join_all(clients.iter().map(RqliteClient::ready))
-                .await
-                .contains(&true)
+        // `/readyz` first: cheap enough to poll every few milliseconds. A
+        // strong read alone is not enough: a new node may answer one and
+        // then, for a moment, refuse writes for want of a leader.
+        if !futures::future::join_all(clients.iter().map(RqliteClient::ready))
+            .await
+            .contains(&true)
         {
             return Err("no leader yet".to_string());
         }
