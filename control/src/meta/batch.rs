@@ -4,7 +4,7 @@
 //! round of HTTP, Raft and disk that the starting engines wait behind.
 //! Every write still waits for its own outcome.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use tokio::sync::oneshot;
 
@@ -26,7 +26,7 @@ pub(super) struct WriteBatch {
 impl WriteBatch {
     /// Runs `stmt` in one transaction with whatever other writes are
     /// queued: the first writer to find nobody sending sends them all.
-    pub(super) async fn execute(self: &Arc<Self>, db: &RqliteClient, stmt: Stmt) -> Result<()> {
+    pub(super) async fn execute(&self, db: &RqliteClient, stmt: Stmt) -> Result<()> {
         let (done, mut outcome) = oneshot::channel();
         self.queue
             .lock()

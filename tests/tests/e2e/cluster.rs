@@ -400,10 +400,19 @@ async fn hibernation_waits_for_every_node_and_a_wake_anywhere_starts_every_repli
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["results"][0]["values"], json!([[7]]), "{body}");
     eprintln!("woken through another node in {:?}", woke.elapsed());
-    let info = cluster.nodes[2]
-        .client()
-        .database(&name(APP), &name("events"))
-        .await?;
+    // Every node hears of it: the news travels by gossip, a moment after
+    // the coordinator answered the waiting proxy.
+    let heard = Instant::now();
+    let info = loop {
+        let info = cluster.nodes[2]
+            .client()
+            .database(&name(APP), &name("events"))
+            .await?;
+        if info.status == DatabaseStatus::Active || heard.elapsed() > Duration::from_secs(5) {
+            break info;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(info.status, DatabaseStatus::Active);
     for e in &info.endpoints {
         assert!(listening(e).await, "replica {e:?} not started");
