@@ -52,6 +52,11 @@ pub enum RqliteError {
     },
     #[error("rqlite statement failed: {0}")]
     Statement(String),
+    /// The node could not run the request at all (leadership lost while
+    /// committing, the leader unreachable for a forward): rqlite says so in
+    /// a 200 whose body holds an `error` and no results.
+    #[error("rqlite at {addr} could not run the request: {message}")]
+    Unanswered { addr: String, message: String },
 }
 
 /// SQL with positional `?` arguments.
@@ -83,7 +88,10 @@ impl Stmt {
 
 #[derive(Debug, Deserialize)]
 struct Response {
+    #[serde(default)]
     results: Vec<StmtResult>,
+    #[serde(default)]
+    error: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -94,6 +102,32 @@ pub struct StmtResult {
     pub values: Vec<Vec<Value>>,
     #[serde(default)]
     pub rows_affected: u64,
+}
+
+/// The results of a 200 answer to `statements` statements: an error when a
+/// statement failed, when the node says it could not run the request, or
+/// when results are missing (never "no rows").
+fn answer(addr: &str, text: &str, statements: usize) -> Result<Vec<StmtResult>, RqliteError> {
+    let parsed: Response = serde_json::from_str(text).map_err(|_| RqliteError::Http {
+        addr: addr.to_string(),
+        status: 200,
+        body: text.to_string(),
+    })?;
+    if let Some(err) = parsed.results.iter().find_map(|r| r.error.clone()) {
+        return Err(RqliteError::Statement(err));
+    }
+    if parsed.error.is_some() || parsed.results.len() != statements {
+        return Err(RqliteError::Unanswered {
+            addr: addr.to_string(),
+            message: parsed.error.unwrap_or_else(|| {
+                format!(
+                    "{} results for {statements} statements",
+                    parsed.results.len()
+                )
+            }),
+        });
+    }
+    Ok(parsed.results)
 }
 
 /// One HTTP transport for every rqlited this daemon talks to. Built once:
@@ -163,23 +197,39 @@ impl RqliteClient {
         &self.addr
     }
 
-    /// Posts, retrying while the cluster has no leader (503: an election
-    /// after a member died), for up to [`ELECTION_WAIT`].
-    async fn post(&self, path: &str, body: Value) -> Result<Vec<StmtResult>, RqliteError> {
+    /// Posts `statements`, retrying while the cluster has no leader (503:
+    /// an election after a member died), for up to [`ELECTION_WAIT`]. A read
+    /// is also retried when the node could not run it (a leader change under
+    /// way); a write is not, since it may have been applied all the same.
+    async fn post(
+        &self,
+        path: &str,
+        statements: &[Stmt],
+        read: bool,
+    ) -> Result<Vec<StmtResult>, RqliteError> {
+        let body = Value::Array(statements.iter().map(Stmt::to_json).collect());
         let deadline = tokio::time::Instant::now() + ELECTION_WAIT;
         loop {
-            match self.post_once(path, &body).await {
-                Err(RqliteError::Http { status: 503, .. })
-                    if tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                other => return other,
+            let answer = self.post_once(path, &body, statements.len()).await;
+            let retry = match &answer {
+                Err(RqliteError::Http { status: 503, .. }) => true,
+                Err(RqliteError::Unanswered { .. }) => read,
+                _ => false,
+            };
+            if !retry || tokio::time::Instant::now() >= deadline {
+                return answer;
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    async fn post_once(&self, path: &str, body: &Value) -> Result<Vec<StmtResult>, RqliteError> {
+    /// One request; `Ok` only with one result per statement.
+    async fn post_once(
+        &self,
+        path: &str,
+        body: &Value,
+        statements: usize,
+    ) -> Result<Vec<StmtResult>, RqliteError> {
         let transport = |source| RqliteError::Transport {
             addr: self.addr.clone(),
             source,
@@ -199,28 +249,19 @@ impl RqliteClient {
                 body: text,
             });
         }
-        let parsed: Response = serde_json::from_str(&text).map_err(|_| RqliteError::Http {
-            addr: self.addr.clone(),
-            status,
-            body: text.clone(),
-        })?;
-        if let Some(err) = parsed.results.iter().find_map(|r| r.error.clone()) {
-            return Err(RqliteError::Statement(err));
-        }
-        Ok(parsed.results)
+        answer(&self.addr, &text, statements)
     }
 
     /// Runs writes in one transaction: all of them or none.
     pub async fn execute(&self, stmts: Vec<Stmt>) -> Result<Vec<StmtResult>, RqliteError> {
-        let body = Value::Array(stmts.iter().map(Stmt::to_json).collect());
-        self.post("/db/execute?transaction", body).await
+        self.post("/db/execute?transaction", &stmts, false).await
     }
 
     /// A read at `level=strong`: it goes through Raft, so it proves there is
     /// a working leader.
     pub async fn query(&self, stmt: Stmt) -> Result<StmtResult, RqliteError> {
         let mut results = self.read(vec![stmt], Level::Strong).await?;
-        Ok(results.pop().unwrap_or_default())
+        Ok(results.pop().expect("one result per statement"))
     }
 
     /// A read of this member's own copy (`level=none`): no trip through
@@ -228,7 +269,7 @@ impl RqliteClient {
     /// row is seen again at the next turn.
     pub async fn query_local(&self, stmt: Stmt) -> Result<StmtResult, RqliteError> {
         let mut results = self.read(vec![stmt], Level::Local).await?;
-        Ok(results.pop().unwrap_or_default())
+        Ok(results.pop().expect("one result per statement"))
     }
 
     /// Several reads in one request (one Raft entry at `Level::Strong`).
@@ -237,11 +278,8 @@ impl RqliteClient {
         stmts: Vec<Stmt>,
         level: Level,
     ) -> Result<Vec<StmtResult>, RqliteError> {
-        let body = Value::Array(stmts.iter().map(Stmt::to_json).collect());
-        let results = self
-            .post(&format!("/db/query?level={}", level.as_str()), body)
-            .await?;
-        Ok(results)
+        self.post(&format!("/db/query?level={}", level.as_str()), &stmts, true)
+            .await
     }
 
     /// `/readyz` is 200: the node runs and knows a leader.
@@ -373,5 +411,31 @@ impl RqliteClient {
             .as_str()
             .filter(|s| !s.is_empty())
             .map(str::to_string)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_that_could_not_run_a_read_is_an_error_not_an_empty_answer() {
+        // What rqlited answers when leadership is lost mid-request.
+        let lost = r#"{"error":"leadership lost while committing log","time":0.01}"#;
+        assert!(matches!(
+            answer("n:1", lost, 1),
+            Err(RqliteError::Unanswered { message, .. }) if message.contains("leadership lost")
+        ));
+        assert!(matches!(
+            answer("n:1", r#"{"results":[{"values":[[1]]}]}"#, 2),
+            Err(RqliteError::Unanswered { .. })
+        ));
+        assert!(matches!(
+            answer("n:1", r#"{"results":[{"error":"no such table: t"}]}"#, 1),
+            Err(RqliteError::Statement(e)) if e == "no such table: t"
+        ));
+        let rows = answer("n:1", r#"{"results":[{"values":[[1]]},{}]}"#, 2).unwrap();
+        assert_eq!(rows[0].values, vec![vec![Value::from(1)]]);
+        assert!(rows[1].values.is_empty());
     }
 }

@@ -110,8 +110,11 @@ pub async fn metric(url: &str, series: &str) -> f64 {
 /// A temporary directory that others may traverse: PostgreSQL runs as user
 /// `postgres` when the tests run as root.
 fn temp_dir(prefix: &str) -> Result<TempDir> {
+    // `ROUSE_TEST_KEEP=1` leaves every directory (logs, data) behind for
+    // a post-mortem of a failure that does not reproduce at will.
     let dir = tempfile::Builder::new()
         .prefix(prefix)
+        .disable_cleanup(std::env::var_os("ROUSE_TEST_KEEP").is_some())
         .tempdir()
         .context("cannot create a temporary directory")?;
     std::fs::set_permissions(dir.path(), Permissions::from_mode(0o755))

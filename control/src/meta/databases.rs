@@ -131,18 +131,8 @@ impl Store {
             ),
         };
         // Both in one request: one Raft entry, one snapshot of both tables.
-        let both = self.db.read(vec![dbs.clone(), reps.clone()], level).await?;
-        let (dbs, reps) = match <[_; 2]>::try_from(both) {
-            Ok([dbs, reps]) => (dbs, reps),
-            // A member that has only just joined `_system` has been seen to
-            // answer such a request without its results: asked one by one.
-            Err(_) => {
-                let one = |stmt| async move { self.db.read(vec![stmt], level).await };
-                let dbs = one(dbs).await?.pop().ok_or_else(|| corrupt("databases"))?;
-                let reps = one(reps).await?.pop().ok_or_else(|| corrupt("replicas"))?;
-                (dbs, reps)
-            }
-        };
+        let [dbs, reps] = <[_; 2]>::try_from(self.db.read(vec![dbs, reps], level).await?)
+            .expect("one result per statement");
         let mut replicas: HashMap<DbKey, Vec<ReplicaRecord>> = HashMap::new();
         for r in &reps.values {
             replicas

@@ -320,9 +320,52 @@ async fn run_all(
             reason: doc["error"].as_str().unwrap_or("error").to_string(),
         });
     }
+    results_of(&key.db, &doc, stmts.as_array().map_or(0, Vec::len))
+}
+
+/// The per-statement results of a 200 answer to `sent` statements. A 200
+/// can still say the node could not run the request (leadership lost while
+/// committing): that is neither an empty result nor a success.
+fn results_of(db: &Name, doc: &Value, sent: usize) -> Result<Vec<Value>> {
     let results = doc["results"].as_array().cloned().unwrap_or_default();
     if let Some(err) = results.iter().find_map(|r| r["error"].as_str()) {
         return Err(ProxyError::Sql(err.to_string()));
     }
+    if doc.get("error").is_some() || results.len() != sent {
+        return Err(ProxyError::Backend {
+            db: db.to_string(),
+            reason: doc["error"].as_str().map_or_else(
+                || format!("{} results for {sent} statements", results.len()),
+                str::to_string,
+            ),
+        });
+    }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unrun_request_is_a_backend_error_never_an_empty_answer() {
+        let db = Name::new("users").unwrap();
+        let lost = serde_json::json!({"error": "leadership lost while committing log"});
+        assert!(matches!(
+            results_of(&db, &lost, 1),
+            Err(ProxyError::Backend { reason, .. }) if reason.contains("leadership lost")
+        ));
+        let short = serde_json::json!({"results": [{"rows_affected": 1}]});
+        assert!(matches!(
+            results_of(&db, &short, 2),
+            Err(ProxyError::Backend { .. })
+        ));
+        let failed = serde_json::json!({"results": [{"error": "no such table: t"}]});
+        assert!(matches!(
+            results_of(&db, &failed, 1),
+            Err(ProxyError::Sql(_))
+        ));
+        let ok = serde_json::json!({"results": [{"rows_affected": 1}, {"rows_affected": 2}]});
+        assert_eq!(results_of(&db, &ok, 2).unwrap().len(), 2);
+    }
 }
