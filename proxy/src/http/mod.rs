@@ -286,14 +286,20 @@ impl Proxy {
 
     async fn target(&self, key: &DbKey) -> Result<Target> {
         let target = self.resolver.target(key).await?;
-        if target.engine != rouse_control_api::Engine::Rqlite {
-            return Err(ProxyError::BadRequest(format!(
-                "database {} is a PostgreSQL database: connect to the Postgres port",
-                key.db
-            )));
-        }
+        rqlite_only(key, target.engine)?;
         Ok(target)
     }
+}
+
+/// The HTTP APIs serve rqlite databases.
+pub(crate) fn rqlite_only(key: &DbKey, engine: rouse_control_api::Engine) -> Result<()> {
+    if engine != rouse_control_api::Engine::Rqlite {
+        return Err(ProxyError::BadRequest(format!(
+            "database {} is a PostgreSQL database: connect to the Postgres port",
+            key.db
+        )));
+    }
+    Ok(())
 }
 
 pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {

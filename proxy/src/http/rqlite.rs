@@ -9,15 +9,19 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::{Request, Response};
-use rouse_control_api::DbKey;
+use hyper::{Method, Request, Response, StatusCode};
+use rouse_control_api::{DatabaseStatus, DbKey};
 use serde_json::{json, Value};
 
+use super::upstream::{Reply, UpstreamError};
 use super::{read_body, Body, Proxy};
-use crate::error::Result;
+use crate::error::{ProxyError, Result};
+use crate::resolve::Probe;
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
+/// A health probe gets a quick answer or an error.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) async fn handle(
     proxy: &Arc<Proxy>,
@@ -27,8 +31,22 @@ pub(crate) async fn handle(
     host: Option<&str>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>> {
-    let _in_flight = proxy.activity.begin(key);
     let method = req.method().clone();
+    let own_addr = host.map_or_else(|| proxy.config.http_addr.to_string(), str::to_string);
+    let own = Own {
+        addr: &own_addr,
+        url: &format!("http://{own_addr}{prefix}"),
+    };
+    if method == Method::GET && matches!(path, "/readyz" | "/status") {
+        let path_and_query = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        if let Some(answer) = probe(proxy, key, path, &path_and_query, &own).await? {
+            return Ok(answer);
+        }
+    }
+    let _in_flight = proxy.activity.begin(key);
     let carries_sql = matches!(path, "/db/execute" | "/db/query" | "/db/request");
     let query = match req.uri().query() {
         Some(q) if carries_sql => Some(crate::sql::checked_query(q)?),
@@ -63,14 +81,113 @@ pub(crate) async fn handle(
             timeout,
         )
         .await?;
-    let body = if reply.status.is_success() && (path == "/status" || path == "/nodes") {
-        let own_addr = host.map_or_else(|| proxy.config.http_addr.to_string(), str::to_string);
-        reduce(
-            path,
-            &reply.body,
-            &format!("http://{own_addr}{prefix}"),
-            &own_addr,
+    Ok(respond(path, reply, &own))
+}
+
+/// The proxy's own address, which clients are told instead of the engines'.
+struct Own<'a> {
+    addr: &'a str,
+    /// With the path prefix that chose the database.
+    url: &'a str,
+}
+
+/// A health probe (`GET /readyz`, `/status`): answered without waking the
+/// database and without counting as activity, so monitoring never keeps a
+/// tenant awake. A database that is not running is described from what
+/// control says of it; one that does not exist is left to the usual path
+/// (created on first access where the app allows it), so `None`.
+async fn probe(
+    proxy: &Arc<Proxy>,
+    key: &DbKey,
+    path: &str,
+    path_and_query: &str,
+    own: &Own<'_>,
+) -> Result<Option<Response<Body>>> {
+    // A route cached a moment before the database went to sleep fails to
+    // connect: asked once more, control says so.
+    let mut retried = false;
+    loop {
+        let target = match proxy.resolver.probe(key).await {
+            Ok(Probe::Running(target)) => target,
+            Ok(Probe::Asleep { engine, status }) => {
+                super::rqlite_only(key, engine)?;
+                return Ok(Some(asleep(path, status, own)));
+            }
+            Err(ProxyError::NotFound) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        super::rqlite_only(key, target.engine)?;
+        let deadline = tokio::time::Instant::now() + PROBE_TIMEOUT;
+        let sent = proxy
+            .upstream
+            .send(
+                &target,
+                &Method::GET,
+                path_and_query,
+                None,
+                Bytes::new(),
+                deadline,
+            )
+            .await;
+        let reason = match sent {
+            Ok(reply) => return Ok(Some(respond(path, reply, own))),
+            Err(UpstreamError::Unreachable(_)) if !retried => {
+                proxy.resolver.invalidate(key);
+                retried = true;
+                continue;
+            }
+            Err(UpstreamError::Route(e)) => return Err(e),
+            Err(UpstreamError::Timeout) => {
+                return Err(ProxyError::UpstreamTimeout(key.db.to_string()))
+            }
+            Err(UpstreamError::Unreachable(reason) | UpstreamError::Failed(reason)) => reason,
+        };
+        return Err(ProxyError::Backend {
+            db: key.db.to_string(),
+            reason,
+        });
+    }
+}
+
+/// What a probe of a database that is not running is told: the proxy
+/// serves it (it wakes on first use), so `/readyz` is 200 and `/status`
+/// names the proxy as leader; both say what the database is doing.
+fn asleep(path: &str, status: DatabaseStatus, own: &Own<'_>) -> Response<Body> {
+    let status_name = serde_json::to_value(status).expect("a status serialises");
+    let status_name = status_name.as_str().unwrap_or("unknown");
+    let failed = status == DatabaseStatus::Failed;
+    let (content_type, body) = if path == "/readyz" {
+        let line = if failed {
+            "[-]database failed: it is woken again on use\n".to_string()
+        } else {
+            format!("[+]node ok\n[+]database {status_name}: it wakes on use\n")
+        };
+        ("text/plain; charset=utf-8", Bytes::from(line))
+    } else {
+        let doc = json!({
+            "http": {"bind_addr": own.addr},
+            "store": {"ready": !failed, "leader": {"addr": own.addr}},
+            "rouse": {"status": status_name, "wakes_on_use": true},
+        });
+        (
+            "application/json",
+            Bytes::from(serde_json::to_vec(&doc).expect("JSON values serialise")),
         )
+    };
+    let mut resp = Response::new(Full::new(body));
+    if failed {
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// The engine's answer as the client gets it: `/status` and `/nodes`
+/// reduced and naming the proxy.
+fn respond(path: &str, reply: Reply, own: &Own<'_>) -> Response<Body> {
+    let body = if reply.status.is_success() && (path == "/status" || path == "/nodes") {
+        reduce(path, &reply.body, own.url, own.addr)
     } else {
         reply.body
     };
@@ -82,7 +199,7 @@ pub(crate) async fn handle(
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
-    Ok(resp)
+    resp
 }
 
 /// `/status` and `/nodes` reduced to what rqlite clients read: the

@@ -265,6 +265,43 @@ impl<C: ControlApi> Resolver<C> {
     }
 }
 
+/// What a health probe learns of a database without waking it.
+pub(crate) enum Probe {
+    Running(Target),
+    /// Not running: what control says it is (hibernating, waking, ...).
+    Asleep {
+        engine: Engine,
+        status: DatabaseStatus,
+    },
+}
+
+impl<C: ControlApi> Resolver<C> {
+    /// The database's endpoints when it runs, else its status: never wakes
+    /// or creates it, so monitoring does not keep a tenant awake.
+    pub(crate) async fn probe(&self, key: &DbKey) -> Result<Probe> {
+        if let Some(t) = self.cache.lock().expect("route cache poisoned").get(key) {
+            return Ok(Probe::Running(t.clone()));
+        }
+        let info = self
+            .control
+            .database(key)
+            .await
+            .map_err(|e| wake::resolve_error(key, e))?;
+        if !wake::is_active(&info) {
+            return Ok(Probe::Asleep {
+                engine: info.engine,
+                status: info.status,
+            });
+        }
+        let target = Target::of(&self.control, &info);
+        self.cache
+            .lock()
+            .expect("route cache poisoned")
+            .insert(key.clone(), target.clone());
+        Ok(Probe::Running(target))
+    }
+}
+
 impl<C> Resolver<C> {
     /// Forgets a database's endpoints (a failed connect, or control says it
     /// changed: it may have been hibernated or moved).

@@ -30,7 +30,7 @@ const WAKE_POLL: Duration = Duration::from_millis(50);
 /// The longest pause between two calls to a control that does not answer.
 const MAX_PAUSE: Duration = Duration::from_secs(1);
 
-fn is_active(info: &DatabaseInfo) -> bool {
+pub(super) fn is_active(info: &DatabaseInfo) -> bool {
     info.status == DatabaseStatus::Active && !info.endpoints.is_empty()
 }
 
@@ -177,7 +177,7 @@ impl<C: ControlApi> WakeCall<C> {
 
 /// What a client is told when control could not give `key`'s database:
 /// control's own words stay inside; an app's limit is named by its code.
-fn resolve_error(key: &DbKey, e: ClientError) -> ProxyError {
+pub(super) fn resolve_error(key: &DbKey, e: ClientError) -> ProxyError {
     match e {
         e if e.is_not_found() => ProxyError::NotFound,
         ClientError::Api {

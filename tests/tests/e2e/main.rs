@@ -14,6 +14,7 @@ mod operations;
 mod operators;
 mod patroni_harness;
 mod private_cluster;
+mod probes;
 mod proxy_http;
 mod proxy_patroni;
 mod proxy_pg;
