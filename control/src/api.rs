@@ -41,7 +41,10 @@ pub async fn serve(
 ) {
     rouse_runtime::server::serve_http(
         listener,
-        tls,
+        tls.map(|acceptor| rouse_runtime::server::ListenerTls {
+            acceptor,
+            plain: false,
+        }),
         "control",
         Duration::from_secs(10),
         Duration::from_secs(5),
@@ -266,6 +269,16 @@ async fn route(
             let body: CreateApp = read_json(req).await?;
             reply(S::CREATED, m.create_app(&body).await)
         }
+        (&Method::DELETE, ["apps", app]) => {
+            let app = name(app)?;
+            c.admin("delete apps")?;
+            let confirm = query_param(&req, "confirm").map(str::to_string);
+            let deleted = detached(m, move |m| async move {
+                m.delete_app(&app, confirm.as_deref()).await
+            })
+            .await;
+            reply(S::OK, deleted)
+        }
         (&Method::POST, ["apps", app, "keys"]) => {
             let app = name(app)?;
             c.owner(&app, "issue keys of this app")?;
@@ -299,6 +312,12 @@ async fn route(
                 S::CREATED,
                 m.upsert_user(&app, &body.name, &body.password).await,
             )
+        }
+        (&Method::DELETE, ["apps", app, "users", user]) => {
+            let app = name(app)?;
+            c.owner(&app, "remove logins of this app")?;
+            let removed = serde_json::json!({"removed": user});
+            reply(S::OK, m.delete_user(&app, user).await.map(|_| removed))
         }
         (&Method::GET, ["apps", app, "users", user]) => {
             c.proxy("read login verifiers")?;

@@ -62,6 +62,13 @@ pub enum AppCmd {
         #[arg(long)]
         no_create_on_first_access: bool,
     },
+    /// Delete an app with its databases (their data removed), keys and
+    /// logins; --confirm must repeat its name.
+    Delete {
+        name: Name,
+        #[arg(long)]
+        confirm: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,6 +95,8 @@ pub enum UserCmd {
         #[arg(long, env = "ROUSE_PASSWORD", hide_env_values = true)]
         password: String,
     },
+    /// Remove a login: every proxy refuses it within a second.
+    Delete { app: Name, name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -206,33 +215,33 @@ fn print_table(dbs: &[DatabaseInfo]) {
 
 pub async fn run(client: &Client, cmd: Command) -> Result<(), ClientError> {
     match cmd {
-        Command::App {
-            cmd:
-                AppCmd::Create {
-                    name,
-                    no_create_on_first_access,
-                },
-        } => print(
-            &client
-                .create_app_with(&CreateApp {
-                    name,
-                    create_on_first_access: !no_create_on_first_access,
-                })
-                .await?,
-        ),
+        Command::App { cmd } => match cmd {
+            AppCmd::Create {
+                name,
+                no_create_on_first_access,
+            } => print(
+                &client
+                    .create_app_with(&CreateApp {
+                        name,
+                        create_on_first_access: !no_create_on_first_access,
+                    })
+                    .await?,
+            ),
+            AppCmd::Delete { name, confirm } => print(&client.delete_app(&name, &confirm).await?),
+        },
         Command::Key { cmd } => match cmd {
             KeyCmd::Create { app } => print(&client.create_key(&app).await?),
             KeyCmd::List { app } => print(&client.list_keys(&app).await?),
             KeyCmd::Revoke { app, id } => print(&client.delete_key(&app, &id).await?),
         },
-        Command::User {
-            cmd:
-                UserCmd::Create {
-                    app,
-                    name,
-                    password,
-                },
-        } => print(&client.create_user(&app, &name, &password).await?),
+        Command::User { cmd } => match cmd {
+            UserCmd::Create {
+                app,
+                name,
+                password,
+            } => print(&client.create_user(&app, &name, &password).await?),
+            UserCmd::Delete { app, name } => print(&client.delete_user(&app, &name).await?),
+        },
         Command::Db { cmd } => match cmd {
             DbCmd::Create {
                 app,

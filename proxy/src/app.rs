@@ -39,6 +39,7 @@ pub(crate) struct Services {
     pub(crate) control: Client,
     pub(crate) fleet: Arc<Fleet>,
     pub(crate) auth: Arc<Authenticator>,
+    pub(crate) verifiers: crate::pg::Verifiers,
     pub(crate) resolver: Arc<Resolver>,
     pub(crate) limits: Arc<RateLimits>,
     pub(crate) cache: Arc<ResponseCache>,
@@ -73,6 +74,7 @@ impl Services {
             control,
             fleet,
             auth,
+            verifiers: Default::default(),
             resolver,
             limits: Arc::new(RateLimits::new(
                 p.rate_limits.http.clone(),
@@ -143,7 +145,17 @@ pub async fn run(
     rouse_runtime::telemetry::metrics();
     rouse_runtime::metric::describe(rouse_runtime::metric::CATALOGUE);
     rouse_runtime::metric::describe(crate::metrics::CATALOGUE);
-    let p = config.proxy.clone();
+    let mut p = config.proxy.clone();
+    p.tls = crate::net::tls::certificate(&p, &config.node.data_dir)?;
+    let http_tls = p
+        .tls
+        .as_ref()
+        .map(crate::net::tls::acceptor)
+        .transpose()?
+        .map(|acceptor| rouse_runtime::server::ListenerTls {
+            acceptor,
+            plain: !p.http_require_tls,
+        });
     let sockets = listeners.sockets(&config);
     let services = Arc::new(Services::build(&config)?);
     let s = &services;
@@ -157,9 +169,14 @@ pub async fn run(
         let (fleet, auth) = (fleet.clone(), auth.clone());
         async move { fleet.follow_revocations(|r| auth.forget(&r)).await }
     });
-    let (control, resolver, auth) = (s.control.clone(), s.resolver.clone(), s.auth.clone());
+    let forget = events::Forget {
+        resolver: s.resolver.clone(),
+        auth: s.auth.clone(),
+        verifiers: s.verifiers.clone(),
+    };
+    let control = s.control.clone();
     loops.restarting("control_events", move || {
-        events::follow(control.clone(), resolver.clone(), auth.clone())
+        events::follow(control.clone(), forget.clone())
     });
     let (activity, control, proxy_id) = (s.activity.clone(), s.control.clone(), s.proxy_id.clone());
     let every = p.activity_interval;
@@ -175,6 +192,7 @@ pub async fn run(
         s.fleet.clone(),
         s.health.clone(),
         Admission {
+            verifiers: s.verifiers.clone(),
             limits: s.limits.clone(),
             failed_logins: s.failed_logins.clone(),
             quotas: s.quotas.clone(),
@@ -276,7 +294,7 @@ pub async fn run(
         let proxy = proxy.clone();
         servers.push(tokio::spawn(rouse_runtime::server::serve_http(
             listener,
-            None,
+            http_tls.clone(),
             "http",
             p.header_read_timeout,
             p.drain_grace,
@@ -358,7 +376,7 @@ async fn drain(servers: Vec<JoinHandle<()>>, connections: &Connections, grace: D
     }
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "proxy".into())

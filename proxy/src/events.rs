@@ -1,8 +1,9 @@
 //! Following control's event stream (`/events`) for the life of the proxy:
 //! status changes and drops make the resolver read a database afresh, a
 //! new leader reorders its cached endpoints, a deleted API key is revoked
-//! across the fleet. After a reconnect or a resync, events may have been
-//! missed, so every cached route and credential is forgotten.
+//! across the fleet, a changed or removed login is read afresh. After a
+//! reconnect or a resync, events may have been missed, so every cached
+//! route and credential is forgotten.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,12 +12,22 @@ use rouse_control_api::{event, Client, DbKey, Event};
 use tracing::{debug, warn};
 
 use crate::auth::Authenticator;
+use crate::pg::Verifiers;
 use crate::resolve::Resolver;
 
-pub(crate) async fn follow(control: Client, resolver: Arc<Resolver>, auth: Arc<Authenticator>) {
+/// What control's news makes the proxy forget.
+#[derive(Clone)]
+pub(crate) struct Forget {
+    pub(crate) resolver: Arc<Resolver>,
+    pub(crate) auth: Arc<Authenticator>,
+    pub(crate) verifiers: Verifiers,
+}
+
+pub(crate) async fn follow(control: Client, forget: Forget) {
     let forget_all = || {
-        resolver.clear();
-        auth.forget_all();
+        forget.resolver.clear();
+        forget.auth.forget_all();
+        forget.verifiers.forget_all();
     };
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -41,7 +52,7 @@ pub(crate) async fn follow(control: Client, resolver: Arc<Resolver>, auth: Arc<A
                     };
                     for frame in frames {
                         match frame {
-                            event::Frame::Event(event) => apply(&event, &resolver, &auth),
+                            event::Frame::Event(event) => apply(&event, &forget),
                             event::Frame::Resync => forget_all(),
                             event::Frame::Other => {}
                         }
@@ -57,7 +68,8 @@ pub(crate) async fn follow(control: Client, resolver: Arc<Resolver>, auth: Arc<A
     }
 }
 
-fn apply(event: &Event, resolver: &Resolver, auth: &Arc<Authenticator>) {
+fn apply(event: &Event, forget: &Forget) {
+    let resolver = &forget.resolver;
     match event {
         // Any change of status or settings: read the database afresh.
         Event::Status {
@@ -70,9 +82,12 @@ fn apply(event: &Event, resolver: &Resolver, auth: &Arc<Authenticator>) {
             endpoints,
         } => resolver.set_endpoints(&DbKey::new(app.clone(), name.clone()), endpoints),
         Event::KeyRevoked { id, .. } => {
-            let (auth, id) = (auth.clone(), id.clone());
+            let (auth, id) = (forget.auth.clone(), id.clone());
             tokio::spawn(async move { auth.revoke_key(&id).await });
         }
-        Event::UserChanged { .. } => {}
+        Event::UserChanged { app, name } => {
+            let (verifiers, app, name) = (forget.verifiers.clone(), app.clone(), name.clone());
+            tokio::spawn(async move { verifiers.forget(&app, &name).await });
+        }
     }
 }

@@ -11,10 +11,11 @@ use rouse_runtime::metric::APP_LIMIT_REFUSALS;
 
 use crate::error::ProxyError;
 
-/// Everything that decides whether a client may come in, beyond its
-/// credential: rate limits, failed-login throttling and the app's limits.
+/// Everything that decides whether a client may come in: the logins'
+/// verifiers, rate limits, failed-login throttling and the app's limits.
 #[derive(Clone)]
 pub(crate) struct Admission {
+    pub(crate) verifiers: crate::pg::Verifiers,
     pub(crate) limits: Arc<crate::fleet::ratelimit::RateLimits>,
     pub(crate) failed_logins: Arc<crate::throttle::FailedLogins>,
     pub(crate) quotas: Arc<AppQuotas>,

@@ -246,6 +246,12 @@ impl Proxy {
         self.http
     }
 
+    /// The certificate the proxy made at first start when none is
+    /// configured (its `node.data_dir` is `./data`, in its directory).
+    pub fn self_signed_certificate(&self) -> std::path::PathBuf {
+        self.dir.path().join("data/proxy-tls/proxy.crt")
+    }
+
     /// The PostgreSQL front.
     pub fn postgres_addr(&self) -> SocketAddr {
         self.postgres

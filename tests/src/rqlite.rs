@@ -132,17 +132,28 @@ async fn post(addr: &str, path: &str, sql: &str) -> Result<Value> {
         format!("http://{addr}")
     };
     let url = format!("{base}{path}");
-    let response = http_client()
-        .post(&url)
-        .json(&[sql])
-        .send()
-        .await
-        .with_context(|| format!("POST {url}"))?;
-    let status = response.status();
-    let body = response
-        .text()
-        .await
-        .with_context(|| format!("POST {url}"))?;
+    // Like rqlite's own clients, wait out an election (503, "leader not
+    // found"): a loaded machine makes a young Raft cluster elect again.
+    let elected_by = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (status, body) = loop {
+        let response = http_client()
+            .post(&url)
+            .json(&[sql])
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let status = response.status();
+        let body = response
+            .text()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        if status != reqwest::StatusCode::SERVICE_UNAVAILABLE
+            || std::time::Instant::now() > elected_by
+        {
+            break (status, body);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     ensure!(status.is_success(), "POST {url}: HTTP {status}: {body}");
     let answer: Value =
         serde_json::from_str(&body).with_context(|| format!("POST {url}: not JSON: {body}"))?;

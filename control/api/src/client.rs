@@ -254,6 +254,30 @@ impl Client {
         self.post(&format!("/apps/{app}/users"), &body).await
     }
 
+    /// Removes a Postgres login; every proxy refuses it within a second.
+    pub async fn delete_user(
+        &self,
+        app: &Name,
+        name: &str,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.send(
+            self.http
+                .delete(self.url(&format!("/apps/{app}/users/{}", segment(name)))),
+        )
+        .await
+    }
+
+    /// Deletes an app with its databases (data removed), keys and logins.
+    /// `confirm` must repeat the app's name.
+    pub async fn delete_app(&self, app: &Name, confirm: &str) -> Result<AppDeleted, ClientError> {
+        self.send(
+            self.http
+                .delete(self.url(&format!("/apps/{app}")))
+                .query(&[("confirm", confirm)]),
+        )
+        .await
+    }
+
     pub async fn get_user(&self, app: &Name, name: &str) -> Result<UserInfo, ClientError> {
         self.get(&format!("/apps/{app}/users/{}", segment(name)))
             .await

@@ -100,6 +100,18 @@ pub struct AppInfo {
     pub create_on_first_access: bool,
 }
 
+/// What deleting an app removed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AppDeleted {
+    pub app: Name,
+    /// Its databases, stopped and their data removed.
+    pub databases: Vec<Name>,
+    /// How many API keys were revoked.
+    pub keys: usize,
+    /// How many Postgres logins were removed.
+    pub users: usize,
+}
+
 /// Returned once when a key is issued; only its hash is kept.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiKeyCreated {

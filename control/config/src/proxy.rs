@@ -42,8 +42,17 @@ pub struct ProxyConfig {
     pub control_timeout: Duration,
     /// Credentials other than API keys.
     pub auth: AuthConfig,
-    /// TLS for the PostgreSQL front (SSLRequest answered `S`); absent: `N`.
+    /// The certificate of the PostgreSQL front (SSLRequest answered `S`)
+    /// and of TLS on the HTTP port. Absent: a self-signed one made at first
+    /// start in `<node.data_dir>/proxy-tls/`, unless `self_signed_tls` is
+    /// off (then SSLRequest is answered `N` and HTTP is plain only).
     pub tls: Option<TlsConfig>,
+    pub self_signed_tls: bool,
+    /// Refuse PostgreSQL clients that do not use TLS (PgBouncer's
+    /// `client_tls_sslmode = require`).
+    pub postgres_require_tls: bool,
+    /// Refuse plain HTTP on the HTTP port and static listeners.
+    pub http_require_tls: bool,
     /// Listeners bound to one database each, for clients that only know
     /// `host:port` (sidecar mode).
     pub static_listeners: Vec<StaticListener>,
@@ -149,6 +158,9 @@ impl Default for ProxyConfig {
             control_timeout: Duration::from_secs(5),
             auth: AuthConfig::default(),
             tls: None,
+            self_signed_tls: true,
+            postgres_require_tls: false,
+            http_require_tls: false,
             static_listeners: Vec::new(),
             max_body_bytes: 16 << 20,
             header_read_timeout: Duration::from_secs(10),
@@ -177,6 +189,14 @@ impl Default for ProxyConfig {
 
 impl ProxyConfig {
     pub(crate) fn validate(&self) -> Result<(), String> {
+        if (self.postgres_require_tls || self.http_require_tls)
+            && self.tls.is_none()
+            && !self.self_signed_tls
+        {
+            return Err(
+                "proxy.postgres_require_tls and proxy.http_require_tls need TLS: set proxy.tls or leave proxy.self_signed_tls on".into(),
+            );
+        }
         let checks = &self.patroni;
         if checks.rise == 0 || checks.fall == 0 || checks.check_interval.is_zero() {
             return Err("proxy.patroni: check_interval, rise and fall must be above zero".into());

@@ -90,6 +90,21 @@ impl<B> ResponseBody for B where
 {
 }
 
+/// TLS on an HTTP listener. A connection whose first byte starts a TLS
+/// handshake gets TLS; any other is plain HTTP, served only where `plain`
+/// allows it and otherwise answered 400 `tls_required` (HAProxy and nginx
+/// answer plain HTTP on an HTTPS port alike).
+#[derive(Clone)]
+pub struct ListenerTls {
+    pub acceptor: TlsAcceptor,
+    pub plain: bool,
+}
+
+/// A TLS record of type handshake: what every TLS client sends first.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+const TLS_REQUIRED: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 71\r\n\r\n{\"error\":\"this port requires TLS: use https://\",\"code\":\"tls_required\"}\n";
+
 /// Serves HTTP/1.1 (over TLS when `tls` is given) on an already-bound
 /// listener until `shutdown` resolves; open connections then get `drain`
 /// to finish. `service` makes the service of one connection from the
@@ -98,7 +113,7 @@ impl<B> ResponseBody for B where
 #[allow(clippy::too_many_arguments)]
 pub async fn serve_http<F, S, B>(
     listener: tokio::net::TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<ListenerTls>,
     protocol: &'static str,
     header_read_timeout: std::time::Duration,
     drain: std::time::Duration,
@@ -130,14 +145,9 @@ pub async fn serve_http<F, S, B>(
         open.increment(1.0);
         tokio::spawn(async move {
             let served = match tls {
-                // The handshake counts as part of the request head.
-                Some(tls) => match tokio::time::timeout(header_read_timeout, tls.accept(stream))
-                    .await
-                {
-                    Ok(Ok(stream)) => serve_one(stream, svc, watcher, header_read_timeout).await,
-                    Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
-                    Err(_) => Err("TLS handshake timed out".to_string()),
-                },
+                Some(tls) => {
+                    serve_tls_or_plain(stream, tls, svc, watcher, header_read_timeout).await
+                }
                 None => serve_one(stream, svc, watcher, header_read_timeout).await,
             };
             if let Err(e) = served {
@@ -151,6 +161,47 @@ pub async fn serve_http<F, S, B>(
     // time to be read, so that it is answered rather than closed as idle.
     tokio::time::sleep(drain.min(std::time::Duration::from_millis(300))).await;
     let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
+}
+
+/// One connection of a listener with TLS: over TLS when it starts a
+/// handshake, else plain or refused as the listener says. The handshake
+/// counts as part of the request head.
+async fn serve_tls_or_plain<S, B>(
+    stream: tokio::net::TcpStream,
+    tls: ListenerTls,
+    service: S,
+    watcher: hyper_util::server::graceful::Watcher,
+    header_read_timeout: std::time::Duration,
+) -> Result<(), String>
+where
+    S: Handler<B>,
+    B: ResponseBody,
+{
+    let deadline = tokio::time::Instant::now() + header_read_timeout;
+    let mut first = [0u8; 1];
+    let starts_tls = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+        Ok(Ok(n)) => n == 1 && first[0] == TLS_HANDSHAKE,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("no request in time".into()),
+    };
+    if starts_tls {
+        match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => serve_one(stream, service, watcher, header_read_timeout).await,
+            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+            Err(_) => Err("TLS handshake timed out".into()),
+        }
+    } else if tls.plain {
+        serve_one(stream, service, watcher, header_read_timeout).await
+    } else {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = stream;
+        stream
+            .write_all(TLS_REQUIRED)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = stream.shutdown().await;
+        Ok(())
+    }
 }
 
 async fn serve_one<I, S, B>(

@@ -82,7 +82,8 @@ pub fn endpoints(replicas: &[ReplicaRecord], reg: &Registration) -> Vec<Endpoint
 }
 
 /// Makes `users` of `app` login roles (`<user>.<app>`) on the cluster's
-/// leader, which is the member that is not in recovery.
+/// leader, which is the member that is not in recovery, and takes LOGIN
+/// from the app's roles of removed users.
 pub async fn apply_users(
     app: &Name,
     replicas: &[ReplicaRecord],
@@ -108,9 +109,16 @@ pub async fn apply_users(
             tried.push(format!("{}:{}: a replica", r.host, r.port));
             continue;
         }
-        return sync_users(&admin, users, None, |n| {
-            rouse_control_api::name::cluster_role(n, app)
-        })
+        // User names hold no dot and app names none either: `<user>.<app>`
+        // is this app's role exactly when it ends with `.<app>`.
+        let suffix = rouse_control_api::name::cluster_role("", app);
+        return sync_users(
+            &admin,
+            users,
+            None,
+            |n| rouse_control_api::name::cluster_role(n, app),
+            |role| role.ends_with(&suffix),
+        )
         .await
         .map_err(ControlError::Engine);
     }

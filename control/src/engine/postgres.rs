@@ -364,9 +364,7 @@ pub(super) async fn after_start(
             .await
             .map_err(|e| engine(e.to_string()))?;
     }
-    sync_users(&admin, users, Some(OWNER_ROLE), str::to_string)
-        .await
-        .map_err(engine)
+    sync_own_users(&admin, users).await.map_err(engine)
 }
 
 /// Makes the app's users login roles with their current verifiers, members
@@ -374,14 +372,21 @@ pub(super) async fn after_start(
 /// each, on an instance of its own (`owner` given), a read-only login for
 /// the proxy's read-only port: the same verifier, `pg_read_all_data`, no
 /// membership of `owner`, so no write is allowed whatever a session sends.
+///
+/// Every other login role of the app (`is_apps`) loses LOGIN: a removed
+/// user cannot log in, directly or through a proxy, while what it created
+/// stays. Superusers are never touched.
 pub(super) async fn sync_users(
     admin: &tokio_postgres::Client,
     users: &[UserRecord],
     owner: Option<&str>,
     role_of: impl Fn(&str) -> String,
+    is_apps: impl Fn(&str) -> bool,
 ) -> std::result::Result<(), String> {
+    let mut wanted = std::collections::HashSet::new();
     for u in users {
         let name = role_of(&u.name);
+        wanted.insert(name.clone());
         let password = verifier_literal(&u.verifier).map_err(|e| e.to_string())?;
         let role = quote_ident(&name);
         let joins = owner.map_or_else(String::new, |owner| {
@@ -395,9 +400,38 @@ pub(super) async fn sync_users(
                 quote_ident(&reader)
             );
             upsert_login(admin, &reader, &password, &joins).await?;
+            wanted.insert(reader);
+        }
+    }
+    let logins = admin
+        .query(
+            "SELECT rolname FROM pg_roles WHERE rolcanlogin AND NOT rolsuper",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    for row in logins {
+        let name: String = row.get(0);
+        if is_apps(&name) && !wanted.contains(&name) {
+            admin
+                .batch_execute(&format!("ALTER ROLE {} NOLOGIN", quote_ident(&name)))
+                .await
+                .map_err(|e| e.to_string())?;
         }
     }
     Ok(())
+}
+
+/// [`sync_users`] on an instance of the app's own, where every login but
+/// control's is the app's.
+async fn sync_own_users(
+    admin: &tokio_postgres::Client,
+    users: &[UserRecord],
+) -> std::result::Result<(), String> {
+    sync_users(admin, users, Some(OWNER_ROLE), str::to_string, |role| {
+        role != ADMIN_USER
+    })
+    .await
 }
 
 /// Gives login role `name` the verifier `password`, creating it (followed
@@ -437,12 +471,13 @@ pub async fn has_user_tables(r: &ReplicaRecord, secret: &str, db: &str) -> Resul
     Ok(row.is_some())
 }
 
-/// Applies the app's users to a running instance (after a user was added).
+/// Applies the app's users to a running instance (after a user was added,
+/// changed or removed).
 pub async fn apply_users(r: &ReplicaRecord, secret: &str, users: &[UserRecord]) -> Result<()> {
     let admin = connect(r, secret, "postgres")
         .await
         .map_err(ControlError::Engine)?;
-    sync_users(&admin, users, Some(OWNER_ROLE), str::to_string)
+    sync_own_users(&admin, users)
         .await
         .map_err(ControlError::Engine)
 }

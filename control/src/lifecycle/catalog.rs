@@ -44,6 +44,48 @@ impl Manager {
         })
     }
 
+    /// Deletes an app: its databases are dropped (stopped, data removed),
+    /// its keys revoked and its logins removed, on every proxy at once.
+    /// `confirm` must repeat the app's name.
+    pub async fn delete_app(&self, app: &Name, confirm: Option<&str>) -> Result<AppDeleted> {
+        self.require_app(app).await?;
+        let databases = self.store.databases(Some(app)).await?;
+        if confirm != Some(app.as_str()) {
+            return Err(ControlError::BadRequest(format!(
+                "deleting app {app} drops its {} databases with their data, its keys and its logins: repeat its name as ?confirm={app}",
+                databases.len()
+            )));
+        }
+        let _guard = self.creating.lock().await;
+        for rec in &databases {
+            self.drop_database(&rec.key).await?;
+        }
+        let keys = self.store.list_keys(app).await?;
+        let users = self.store.users(app).await?;
+        self.store
+            .delete_app(app, &[first_access_setting(app)])
+            .await?;
+        for (id, _) in &keys {
+            self.publish(Event::KeyRevoked {
+                app: app.clone(),
+                id: id.clone(),
+            });
+        }
+        for u in &users {
+            self.publish(Event::UserChanged {
+                app: app.clone(),
+                name: u.name.clone(),
+            });
+        }
+        info!(app = %app, databases = databases.len(), keys = keys.len(), users = users.len(), "app deleted");
+        Ok(AppDeleted {
+            app: app.clone(),
+            databases: databases.into_iter().map(|r| r.key.db).collect(),
+            keys: keys.len(),
+            users: users.len(),
+        })
+    }
+
     pub async fn create_key(&self, app: &Name) -> Result<ApiKeyCreated> {
         self.require_app(app).await?;
         let (id, key) = secrets::new_api_key();
@@ -105,8 +147,37 @@ impl Manager {
             verifier: secrets::scram_verifier(password),
         };
         self.store.upsert_user(app, &user).await?;
-        // Running Postgres databases of the app learn the role now; the
-        // others when they next start.
+        self.user_changed(app, name).await?;
+        info!(app = %app, user = name, "Postgres user saved");
+        Ok(UserInfo {
+            app: app.clone(),
+            name: name.to_string(),
+            scram_verifier: user.verifier,
+        })
+    }
+
+    /// Removes a login: every proxy refuses it from now on, and running
+    /// databases of the app take its LOGIN away (the others at their next
+    /// start).
+    pub async fn delete_user(&self, app: &Name, name: &str) -> Result<()> {
+        if !self.store.delete_user(app, name).await? {
+            return Err(ControlError::NotFound(format!(
+                "app {app} has no user {name}"
+            )));
+        }
+        self.user_changed(app, name).await?;
+        info!(app = %app, user = name, "Postgres user removed");
+        Ok(())
+    }
+
+    /// Tells the proxies first (a removed or changed login must stop
+    /// working at once), then brings the app's running Postgres databases
+    /// in line with its users; the others follow when they next start.
+    async fn user_changed(&self, app: &Name, name: &str) -> Result<()> {
+        self.publish(Event::UserChanged {
+            app: app.clone(),
+            name: name.to_string(),
+        });
         let users = self.store.users(app).await?;
         for rec in self.store.databases(Some(app)).await? {
             let slot = self.slot(&rec.key);
@@ -133,16 +204,7 @@ impl Manager {
                 }
             }
         }
-        info!(app = %app, user = name, "Postgres user saved");
-        self.publish(Event::UserChanged {
-            app: app.clone(),
-            name: name.to_string(),
-        });
-        Ok(UserInfo {
-            app: app.clone(),
-            name: name.to_string(),
-            scram_verifier: user.verifier,
-        })
+        Ok(())
     }
 
     pub async fn user(&self, app: &Name, name: &str) -> Result<UserInfo> {

@@ -271,6 +271,36 @@ impl Store {
         }
     }
 
+    /// Whether a login was deleted.
+    pub async fn delete_user(&self, app: &Name, name: &str) -> Result<bool> {
+        let r = self
+            .db
+            .execute(vec![Stmt::new(
+                "DELETE FROM pg_users WHERE app = ? AND name = ?",
+            )
+            .arg(app.as_str())
+            .arg(name)])
+            .await?;
+        Ok(r.first().is_some_and(|r| r.rows_affected > 0))
+    }
+
+    /// Deletes an app's row, keys and logins, and the `settings` keys
+    /// given, in one transaction.
+    pub async fn delete_app(&self, app: &Name, settings: &[String]) -> Result<()> {
+        let mut stmts = vec![
+            Stmt::new("DELETE FROM api_keys WHERE app = ?").arg(app.as_str()),
+            Stmt::new("DELETE FROM pg_users WHERE app = ?").arg(app.as_str()),
+            Stmt::new("DELETE FROM apps WHERE name = ?").arg(app.as_str()),
+        ];
+        stmts.extend(
+            settings
+                .iter()
+                .map(|k| Stmt::new("DELETE FROM settings WHERE key = ?").arg(k.as_str())),
+        );
+        self.db.execute(stmts).await?;
+        Ok(())
+    }
+
     pub async fn upsert_user(&self, app: &Name, user: &UserRecord) -> Result<()> {
         self.db
             .execute(vec![Stmt::new(

@@ -20,6 +20,34 @@ use super::scram::{self, ScramError, ServerExchange, Verifier};
 use super::PgFront;
 use crate::net::MaybeTls;
 
+/// Login verifiers as control gave them, kept briefly: a login changed or
+/// removed is forgotten as soon as control announces it, so it stops
+/// working on every proxy at once.
+#[derive(Clone)]
+pub(crate) struct Verifiers(moka::future::Cache<(Name, String), Option<Arc<Verifier>>>);
+
+impl Default for Verifiers {
+    fn default() -> Self {
+        Verifiers(
+            moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(30))
+                .build(),
+        )
+    }
+}
+
+impl Verifiers {
+    pub(crate) async fn forget(&self, app: &Name, role: &str) {
+        self.0.invalidate(&(app.clone(), role.to_string())).await;
+    }
+
+    /// After a gap in control's news.
+    pub(crate) fn forget_all(&self) {
+        self.0.invalidate_all();
+    }
+}
+
 /// A client that proved who it is.
 pub(super) struct Login {
     pub(super) role: String,
@@ -76,6 +104,11 @@ impl PgFront {
                 Startup::Cancel { pid, secret } => {
                     self.cancels.cancel(pid, secret).await;
                     return Ok(None);
+                }
+                Startup::Params(_) if self.require_tls && matches!(client, MaybeTls::Plain(_)) => {
+                    return Err(PgError::Authorization(
+                        "this server requires TLS: connect with sslmode=require".into(),
+                    ))
                 }
                 Startup::Params(params) => return Ok(Some(params)),
             }
@@ -144,6 +177,7 @@ impl PgFront {
         let (a, r) = (app.clone(), role.to_string());
         let found = self
             .verifiers
+            .0
             .try_get_with((app.clone(), role.to_string()), async move {
                 match control.get_user(&a, &r).await {
                     Ok(u) => Ok(Verifier::parse(&u.scram_verifier).map(Arc::new)),

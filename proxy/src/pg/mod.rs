@@ -10,6 +10,7 @@ mod backend;
 mod cancel;
 mod error;
 mod login;
+pub(crate) use login::Verifiers;
 mod pool;
 pub(crate) mod proto;
 pub(crate) mod scram;
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rouse_config::{MemberRole, PatroniChecks};
-use rouse_control_api::{Client, DbKey, Engine, Name};
+use rouse_control_api::{Client, DbKey, Engine};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -41,7 +42,6 @@ use cancel::Cancels;
 use error::{closed, PgError};
 use login::login_timed_out;
 use proto::messages;
-use scram::Verifier;
 
 /// A client connection that passed startup, kept on the heap while it lives.
 struct Opened {
@@ -75,7 +75,7 @@ pub(crate) struct PgFront {
     control: Client,
     resolver: Arc<Resolver>,
     activity: Arc<Activity>,
-    verifiers: moka::future::Cache<(Name, String), Option<Arc<Verifier>>>,
+    verifiers: Verifiers,
     /// Derives the stable salt shown for unknown roles, alike on every
     /// proxy of a fleet.
     mock_key: [u8; 32],
@@ -94,6 +94,8 @@ pub(crate) struct PgFront {
     pool_times: pool::PoolTimes,
     startup_timeout: Duration,
     tls: Option<TlsAcceptor>,
+    /// Clients that do not use TLS are refused (`postgres_require_tls`).
+    require_tls: bool,
     base_domain: Option<String>,
     /// One permit per client session.
     sessions: Arc<tokio::sync::Semaphore>,
@@ -125,10 +127,7 @@ impl PgFront {
             control,
             resolver,
             activity,
-            verifiers: moka::future::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(30))
-                .build(),
+            verifiers: admission.verifiers,
             mock_key: fleet.derive_key("unknown-role salt"),
             cancels: Cancels::new(fleet.clone()),
             pools: Mutex::new(HashMap::new()),
@@ -146,6 +145,7 @@ impl PgFront {
             // The startup includes the wake.
             startup_timeout: config.header_read_timeout + config.wake_timeout,
             tls,
+            require_tls: config.postgres_require_tls,
             base_domain: config.base_domain.clone(),
             sessions: Arc::new(tokio::sync::Semaphore::new(config.max_client_connections)),
             pending_logins: Arc::new(tokio::sync::Semaphore::new(config.max_pending_logins)),

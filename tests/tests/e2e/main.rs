@@ -2,6 +2,7 @@
 //! process) with a module per area. Every test starts real servers through
 //! the harness (`rouse_tests`) on free loopback ports and stops them after.
 
+mod accounts;
 mod backups;
 mod cluster;
 mod control;
@@ -22,3 +23,4 @@ mod proxy_redis_front;
 mod proxy_shared;
 mod restarts;
 mod stats_page;
+mod tls;
