@@ -261,6 +261,28 @@ pub async fn run(
             Ok((c.name.clone(), watch::Sender::new(cluster)))
         })
         .collect::<Result<HashMap<_, _>, PatroniError>>()?;
+    let discovered = p
+        .patroni_clusters
+        .iter()
+        .filter_map(|c| Some((c.discovery.as_ref()?, clusters[&c.name].clone())))
+        .map(|(d, cluster)| {
+            let prefix = d.members_prefix().map_err(|e| anyhow::anyhow!(e))?;
+            Ok((d.etcd.clone(), prefix, cluster))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if !discovered.is_empty() {
+        let health = s.health.clone();
+        loops.restarting("patroni_discovery", move || {
+            let follows = discovered.iter().map(|(endpoints, prefix, cluster)| {
+                crate::discovery::follow(
+                    crate::etcd::Members::new(endpoints, prefix.clone()),
+                    cluster.clone(),
+                    health.clone(),
+                )
+            });
+            futures::FutureExt::map(futures::future::join_all(follows), |_| ())
+        });
+    }
     if let (Some(listener), Some(backend)) = (listeners.redis, &p.redis_backend) {
         servers.push(tokio::spawn(redis_front::serve(
             listener,

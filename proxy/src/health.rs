@@ -52,6 +52,15 @@ impl Health {
             .insert(id, state);
     }
 
+    /// Forgets the members of `cluster` that are not among `members` (gone
+    /// from the cluster's list in etcd).
+    pub(crate) fn keep_members(&self, cluster: &str, members: &[&str]) {
+        self.backends
+            .lock()
+            .expect("backends poisoned")
+            .retain(|(c, m, _), _| c != cluster || members.contains(&m.as_str()));
+    }
+
     /// Every backend's state, by cluster, member and role.
     pub(crate) fn backends(&self) -> Vec<BackendState> {
         let backends = self.backends.lock().expect("backends poisoned");

@@ -17,7 +17,9 @@
 mod activity;
 mod app;
 mod auth;
+mod discovery;
 mod error;
+mod etcd;
 mod events;
 mod fleet;
 #[doc(hidden)]

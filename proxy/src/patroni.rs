@@ -172,6 +172,8 @@ impl Cluster {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let count = members.len();
+        let names: Vec<&str> = members.iter().map(|m| m.config.name.as_str()).collect();
+        health.keep_members(name, &names);
         let cluster = Arc::new(Cluster {
             name: name.to_string(),
             checks: checks.clone(),
@@ -188,6 +190,10 @@ impl Cluster {
 
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    pub(crate) fn checks(&self) -> &PatroniChecks {
+        &self.checks
     }
 
     pub(crate) fn members(&self) -> Vec<PatroniMember> {

@@ -95,11 +95,16 @@ impl Reloader {
             if !self.clusters.contains_key(&c.name) || (unchanged && !checks_changed) {
                 continue;
             }
+            // Members found in etcd stay as found until the next read.
+            let members = match &c.discovery {
+                Some(_) => self.clusters[&c.name].borrow().members(),
+                None => c.members.clone(),
+            };
             out.push((
                 c.name.clone(),
                 Cluster::start(
                     &c.name,
-                    &c.members,
+                    &members,
                     &new.proxy.patroni,
                     self.services.health.clone(),
                 )?,

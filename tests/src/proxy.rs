@@ -27,12 +27,31 @@ pub struct ProxyBuilder {
     sections: Vec<String>,
     tcp: Vec<(String, String)>,
     redis_backend: Option<String>,
+    env: Vec<(String, String)>,
 }
 
 impl ProxyBuilder {
     /// A `proxy:` key with its YAML value, e.g. `("wake_timeout", "2s")`.
     pub fn set(mut self, key: &str, value: &str) -> Self {
         self.lines.push(format!("  {key}: {value}"));
+        self
+    }
+
+    /// An environment variable of the proxy process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// A Patroni cluster found in etcd at `etcd` (client URLs) by its
+    /// scope; `None` leaves the scope to `PATRONI_SCOPE`.
+    pub fn patroni_discovered(mut self, name: &str, etcd: &[String], scope: Option<&str>) -> Self {
+        let mut discovery = serde_json::json!({"etcd": etcd});
+        if let Some(scope) = scope {
+            discovery["scope"] = scope.into();
+        }
+        self.clusters
+            .push(serde_json::json!({"name": name, "discovery": discovery}).to_string());
         self
     }
 
@@ -184,7 +203,8 @@ impl ProxyBuilder {
         cmd.arg("--config")
             .arg(&config)
             .arg("serve")
-            .current_dir(dir.path());
+            .current_dir(dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut process = ServerProcess::spawn("rouse-proxy", cmd, &dir.path().join("proxy.log"))?;
         let healthz = format!("http://{stats}/healthz");
         process
@@ -239,6 +259,7 @@ impl Proxy {
             sections: Vec::new(),
             tcp: Vec::new(),
             redis_backend: None,
+            env: Vec::new(),
         }
     }
 

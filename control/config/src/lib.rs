@@ -306,6 +306,16 @@ mod tests {
         let empty = "proxy:\n  patroni_clusters:\n    - {name: a, members: []}\n";
         let err = Config::parse("c.yaml", empty, no_env()).unwrap_err();
         assert!(err.to_string().contains("has no members"), "{err}");
+        let by_scope = "proxy:\n  patroni_clusters:\n    - {name: a, discovery: {etcd: [\"http://127.0.0.1:2379\"], scope: pillar, namespace: /db/}}\n";
+        let c = Config::parse("c.yaml", by_scope, no_env()).unwrap();
+        let d = c.proxy.patroni_clusters[0].discovery.as_ref().unwrap();
+        assert_eq!(d.members_prefix().unwrap(), "/db/pillar/members/");
+        let sneaky = by_scope.replace("scope: pillar", "scope: a/../b");
+        let err = Config::parse("c.yaml", &sneaky, no_env()).unwrap_err();
+        assert!(err.to_string().contains("invalid Patroni scope"), "{err}");
+        let nowhere = by_scope.replace("\"http://127.0.0.1:2379\"", "");
+        let err = Config::parse("c.yaml", &nowhere, no_env()).unwrap_err();
+        assert!(err.to_string().contains("no etcd endpoint"), "{err}");
         let bad_role = "proxy:\n  patroni_clusters:\n    - {name: a, members: []}\n  tcp_listeners:\n    - {addr: \"127.0.0.1:5000\", cluster: a, role: leader}\n";
         let err = Config::parse("c.yaml", bad_role, no_env()).unwrap_err();
         assert!(err.to_string().contains("role"), "{err}");

@@ -202,11 +202,24 @@ impl ProxyConfig {
             return Err("proxy.patroni: check_interval, rise and fall must be above zero".into());
         }
         for (i, c) in self.patroni_clusters.iter().enumerate() {
-            if c.members.is_empty() {
-                return Err(format!(
-                    "proxy.patroni_clusters[{i}] ({}) has no members",
-                    c.name
-                ));
+            match &c.discovery {
+                Some(d) => {
+                    if d.etcd.is_empty() {
+                        return Err(format!(
+                            "proxy.patroni_clusters[{i}] ({}): discovery names no etcd endpoint",
+                            c.name
+                        ));
+                    }
+                    d.members_prefix()
+                        .map_err(|e| format!("proxy.patroni_clusters[{i}] ({}): {e}", c.name))?;
+                }
+                None if c.members.is_empty() => {
+                    return Err(format!(
+                        "proxy.patroni_clusters[{i}] ({}) has no members and no discovery",
+                        c.name
+                    ));
+                }
+                None => {}
             }
             if self.patroni_clusters[..i].iter().any(|o| o.name == c.name) {
                 return Err(format!(

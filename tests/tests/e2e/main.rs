@@ -13,6 +13,7 @@ mod monitoring;
 mod nodes;
 mod operations;
 mod operators;
+mod patroni_discovery;
 mod patroni_harness;
 mod private_cluster;
 mod probes;
