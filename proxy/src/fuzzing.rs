@@ -6,7 +6,8 @@
 use bytes::BytesMut;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::pg::proto::{frame, messages, startup};
+use crate::pg::console::commands;
+use crate::pg::proto::{frame, messages, results, startup};
 use crate::pg::scram;
 
 /// PostgreSQL startup framing (untyped) and the startup packet.
@@ -19,7 +20,8 @@ pub fn pg_startup(data: &[u8]) {
     }
 }
 
-/// Typed messages as a client sends them while logging in.
+/// Typed messages as a client sends them while logging in, and as an
+/// operator sends them to the admin console.
 pub fn pg_messages(mut data: &[u8]) {
     while let Ok(Some(len)) = frame::frame_len(data, true, frame::MAX_AUTH_MESSAGE) {
         if data.len() < len {
@@ -27,6 +29,10 @@ pub fn pg_messages(mut data: &[u8]) {
         }
         let (_, body) = frame::typed(BytesMut::from(&data[..len]));
         let _ = messages::parse_sasl_initial(body.clone());
+        let _ = results::parse_password(&body);
+        if let Some(text) = results::parse_query(&body) {
+            let _ = commands::parse(&text);
+        }
         let _ = messages::parse_auth(body);
         data = &data[len..];
     }

@@ -287,6 +287,12 @@ mod tests {
             20
         );
         assert!(c.redis.fail_open);
+        let bad = "proxy:\n  admin_users: [ops]\n";
+        let err = Config::parse("c.yaml", bad, no_env()).unwrap_err();
+        assert!(
+            err.to_string().contains("not a login <user>.<app>"),
+            "{err}"
+        );
         let bad = "proxy:\n  rate_limits:\n    http: {per_app: {rate: 0, burst: 1}}\n";
         let err = Config::parse("c.yaml", bad, no_env()).unwrap_err();
         assert!(err.to_string().contains("rate must be above zero"), "{err}");

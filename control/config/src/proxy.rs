@@ -42,6 +42,10 @@ pub struct ProxyConfig {
     pub control_timeout: Duration,
     /// Credentials other than API keys.
     pub auth: AuthConfig,
+    /// Logins (`<user>.<app>`) admitted to the admin console (database
+    /// `rouse` or `pgbouncer` on the PostgreSQL port) beside user `admin`
+    /// with an admin token as password.
+    pub admin_users: Vec<String>,
     /// The certificate of the PostgreSQL front (SSLRequest answered `S`)
     /// and of TLS on the HTTP port. Absent: a self-signed one made at first
     /// start in `<node.data_dir>/proxy-tls/`, unless `self_signed_tls` is
@@ -157,6 +161,7 @@ impl Default for ProxyConfig {
             max_waiting: 10_000,
             control_timeout: Duration::from_secs(5),
             auth: AuthConfig::default(),
+            admin_users: Vec::new(),
             tls: None,
             self_signed_tls: true,
             postgres_require_tls: false,
@@ -189,6 +194,16 @@ impl Default for ProxyConfig {
 
 impl ProxyConfig {
     pub(crate) fn validate(&self) -> Result<(), String> {
+        for login in &self.admin_users {
+            let valid = login.rsplit_once('.').is_some_and(|(user, app)| {
+                rouse_control_api::name::validate_user_name(user).is_ok() && Name::new(app).is_ok()
+            });
+            if !valid {
+                return Err(format!(
+                    "proxy.admin_users: {login:?} is not a login <user>.<app>"
+                ));
+            }
+        }
         if (self.postgres_require_tls || self.http_require_tls)
             && self.tls.is_none()
             && !self.self_signed_tls

@@ -22,6 +22,8 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// A health probe gets a quick answer or an error.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a probe asks again about a database that stopped answering.
+const PROBE_RETRY: Duration = Duration::from_millis(100);
 
 pub(crate) async fn handle(
     proxy: &Arc<Proxy>,
@@ -103,9 +105,11 @@ async fn probe(
     path_and_query: &str,
     own: &Own<'_>,
 ) -> Result<Option<Response<Body>>> {
-    // A route cached a moment before the database went to sleep fails to
-    // connect: asked once more, control says so.
-    let mut retried = false;
+    // A database being put to sleep stops answering a moment before
+    // control says it sleeps: asked again until then, it is told as
+    // asleep; one that control still calls running after the probe's time
+    // is down.
+    let deadline = tokio::time::Instant::now() + PROBE_TIMEOUT;
     loop {
         let target = match proxy.resolver.probe(key).await {
             Ok(Probe::Running(target)) => target,
@@ -117,7 +121,6 @@ async fn probe(
             Err(e) => return Err(e),
         };
         super::rqlite_only(key, target.engine)?;
-        let deadline = tokio::time::Instant::now() + PROBE_TIMEOUT;
         let sent = proxy
             .upstream
             .send(
@@ -131,9 +134,9 @@ async fn probe(
             .await;
         let reason = match sent {
             Ok(reply) => return Ok(Some(respond(path, reply, own))),
-            Err(UpstreamError::Unreachable(_)) if !retried => {
+            Err(UpstreamError::Unreachable(_)) if tokio::time::Instant::now() < deadline => {
                 proxy.resolver.invalidate(key);
-                retried = true;
+                tokio::time::sleep(PROBE_RETRY).await;
                 continue;
             }
             Err(UpstreamError::Route(e)) => return Err(e),

@@ -386,9 +386,11 @@ async fn backend_login(
             AuthCode::SaslFinal => exchange
                 .verify(&String::from_utf8_lossy(&data))
                 .map_err(|e| PgError::Backend(e.to_string()))?,
-            AuthCode::Other(other) => {
+            // A backend never gets a password from the proxy: it holds none.
+            other @ (AuthCode::CleartextPassword | AuthCode::Other(_)) => {
                 return Err(PgError::Backend(format!(
-                    "the database asks for authentication method {other}, expected SCRAM-SHA-256"
+                    "the database asks for authentication method {}, expected SCRAM-SHA-256",
+                    other.code()
                 )))
             }
         }

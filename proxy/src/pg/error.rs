@@ -24,6 +24,8 @@ pub(crate) enum PgError {
     UnknownDatabase(String),
     #[error("the database system is starting up: database \"{0}\" is waking, try again")]
     Waking(String),
+    #[error("database \"{0}\" is paused by an operator, try again")]
+    Paused(String),
     #[error("{0}")]
     Backend(String),
     /// The backend's address did not take the connection: the database
@@ -51,7 +53,7 @@ impl PgError {
             PgError::Password(_) => "28P01",
             PgError::Authorization(_) => "28000",
             PgError::UnknownDatabase(_) => "3D000",
-            PgError::Waking(_) => "57P03",
+            PgError::Waking(_) | PgError::Paused(_) => "57P03",
             PgError::Backend(_) | PgError::Unreachable(_) => "08006",
             PgError::TooManyClients
             | PgError::RateLimited(_)
@@ -84,7 +86,7 @@ impl PgError {
                 ErrorKind::User
             }
             PgError::Password(_) | PgError::Authorization(_) => ErrorKind::Auth,
-            PgError::Waking(_) => ErrorKind::WakeTimeout,
+            PgError::Waking(_) | PgError::Paused(_) => ErrorKind::WakeTimeout,
             PgError::Backend(_) | PgError::Unreachable(_) => ErrorKind::Backend,
             PgError::TooManyClients
             | PgError::RateLimited(_)

@@ -252,7 +252,7 @@ fn route(
 }
 
 /// SCRAM-SHA-256 with the client; the proven ClientKey on success.
-async fn authenticate(
+pub(super) async fn authenticate(
     client: &mut MaybeTls,
     buf: &mut BytesMut,
     verifier: &Verifier,

@@ -8,6 +8,8 @@
 
 mod backend;
 mod cancel;
+mod clients;
+pub(crate) mod console;
 mod error;
 mod login;
 pub(crate) use login::Verifiers;
@@ -48,7 +50,14 @@ struct Opened {
     client: MaybeTls,
     /// What the client sent beyond the startup.
     buf: BytesMut,
-    started: Started,
+    started: Begun,
+}
+
+/// What a connection that passed startup is for.
+enum Begun {
+    Database(Started),
+    /// The admin console, for this operator.
+    Console(String),
 }
 
 /// A session that passed startup: its database, how it reaches the
@@ -61,6 +70,8 @@ struct Started {
     _permit: tokio::sync::OwnedSemaphorePermit,
     /// The session's place under its app's limits.
     _app_slot: crate::quota::Slot,
+    /// Where the admin console sees it.
+    registered: clients::Registered,
 }
 
 enum Mode {
@@ -105,6 +116,12 @@ pub(crate) struct PgFront {
     login_timeout: Duration,
     failed_logins: Arc<crate::throttle::FailedLogins>,
     quotas: Arc<crate::quota::AppQuotas>,
+    /// Live sessions and paused databases, for the admin console.
+    clients: Arc<clients::Clients>,
+    /// Logins admitted to the admin console beside `admin`.
+    admin_users: Vec<String>,
+    /// How long a new session waits for a paused database (`wake_timeout`).
+    pause_hold: Duration,
 }
 
 impl PgFront {
@@ -146,6 +163,9 @@ impl PgFront {
             startup_timeout: config.header_read_timeout + config.wake_timeout,
             tls,
             require_tls: config.postgres_require_tls,
+            clients: Default::default(),
+            admin_users: config.admin_users.clone(),
+            pause_hold: config.wake_timeout,
             base_domain: config.base_domain.clone(),
             sessions: Arc::new(tokio::sync::Semaphore::new(config.max_client_connections)),
             pending_logins: Arc::new(tokio::sync::Semaphore::new(config.max_pending_logins)),
@@ -238,7 +258,7 @@ impl PgFront {
         None
     }
 
-    /// Relays a started session until it ends.
+    /// Relays a started session until it ends, or until KILL ends it.
     async fn relay(&self, mut opened: Box<Opened>) {
         // Everything stays in `opened` on the heap and is borrowed from
         // there, so that no copy of it sits in this future.
@@ -247,6 +267,34 @@ impl PgFront {
             buf,
             started,
         } = &mut *opened;
+        let started = match started {
+            Begun::Database(started) => started,
+            Begun::Console(who) => return self.console(client, buf, who).await,
+        };
+        let registered = started.registered.client.clone();
+        let killed = {
+            let relaying = self.relay_started(client, buf, started);
+            tokio::select! {
+                _ = relaying => false,
+                _ = registered.kill.notified() => true,
+            }
+        };
+        if killed {
+            let fatal = messages::fatal(
+                "57P01",
+                "terminating connection due to administrator command",
+            );
+            let _ = client.write_all(&fatal).await;
+        }
+        self.cancels.unregister(started.cancel).await;
+    }
+
+    async fn relay_started(
+        &self,
+        client: &mut MaybeTls,
+        buf: &mut BytesMut,
+        started: &mut Started,
+    ) {
         let key = &started.key;
         REQUESTS
             .counter([
@@ -285,7 +333,6 @@ impl PgFront {
                 }
             }
         }
-        self.cancels.unregister(started.cancel).await;
     }
 
     /// Startup, authentication, wake and backend login. `None` when the
@@ -297,7 +344,7 @@ impl PgFront {
         port: MemberRole,
         peer: SocketAddr,
         pending: tokio::sync::OwnedSemaphorePermit,
-    ) -> Result<Option<Started>, PgError> {
+    ) -> Result<Option<Begun>, PgError> {
         // Logging in is bounded on its own; the wake after it has its own bound.
         let login_deadline = tokio::time::Instant::now() + self.login_timeout;
         let params = tokio::time::timeout_at(login_deadline, self.negotiate(client, buf))
@@ -306,6 +353,15 @@ impl PgFront {
         let Some(params) = params else {
             return Ok(None);
         };
+        if console::wanted(&params) {
+            let who = tokio::time::timeout_at(
+                login_deadline,
+                self.console_login(client, buf, &params, peer),
+            )
+            .await
+            .map_err(login_timed_out)??;
+            return Ok(Some(Begun::Console(who)));
+        }
         // Over the limit: refused after the startup packet, as PostgreSQL does.
         let permit = self
             .sessions
@@ -322,6 +378,9 @@ impl PgFront {
             .await
             .map_err(PgError::admitting)?;
 
+        if !self.clients.unpaused(key, self.pause_hold).await {
+            return Err(PgError::Paused(login.database));
+        }
         let target = self
             .resolver
             .target(key)
@@ -363,12 +422,31 @@ impl PgFront {
         out.write_all(&connected.ready).await.map_err(closed)?;
         out.flush().await.map_err(closed)?;
         info!(database = %key, role = %role, pool_mode = ?target.pool_mode, "postgres session started");
-        Ok(Some(Started {
+        let registered = self.clients.register(|id| clients::Client {
+            id,
+            key: key.clone(),
+            user: format!("{role}.{app}"),
+            addr: peer,
+            connected_at: rouse_runtime::clock::now_ms(),
+            tls: matches!(client, MaybeTls::Tls(_)),
+            application_name: login
+                .params
+                .get("application_name")
+                .cloned()
+                .unwrap_or_default(),
+            backend: match &connected.mode {
+                Mode::Session(backend, _) => Some(backend.addr),
+                Mode::Transaction(..) => None,
+            },
+            kill: Default::default(),
+        });
+        Ok(Some(Begun::Database(Started {
             key: login.key,
             mode: connected.mode,
             cancel: ours,
             _permit: permit,
             _app_slot: app_slot,
-        }))
+            registered,
+        })))
     }
 }

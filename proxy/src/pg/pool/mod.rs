@@ -15,6 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 mod session_state;
+mod stats;
 
 use session_state::leaves_session_state;
 
@@ -118,6 +119,12 @@ pub(crate) struct Pool {
     returned: tokio::sync::Notify,
     /// ParameterStatus messages of the first backend, sent to each client.
     greeting: Mutex<Vec<BytesMut>>,
+    /// Clients waiting for a connection.
+    waiting: std::sync::atomic::AtomicUsize,
+    /// Where the last checkout went: where the lent connections are.
+    last_addr: Mutex<Option<SocketAddr>>,
+    /// Connections made before this are closed, not reused (RECONNECT).
+    retired_before: Mutex<Option<Instant>>,
 }
 
 impl Pool {
@@ -143,6 +150,9 @@ impl Pool {
             last_used: Mutex::new(Instant::now()),
             returned: tokio::sync::Notify::new(),
             greeting: Mutex::new(Vec::new()),
+            waiting: Default::default(),
+            last_addr: Mutex::new(None),
+            retired_before: Mutex::new(None),
         }
     }
 
@@ -164,6 +174,8 @@ impl Pool {
     pub(crate) async fn checkout(&self, addr: SocketAddr) -> Result<Pooled, PgError> {
         let deadline = tokio::time::Instant::now() + CHECKOUT_TIMEOUT;
         *self.last_used.lock().expect("pool poisoned") = Instant::now();
+        *self.last_addr.lock().expect("pool poisoned") = Some(addr);
+        let _waiting = stats::Waiting::new(&self.waiting);
         loop {
             let returned = self.returned.notified();
             loop {
@@ -172,7 +184,7 @@ impl Pool {
                 };
                 // Connections to where the database used to run, or that
                 // went stale, are dropped.
-                if b.session.addr == addr && b.usable(&self.times) {
+                if b.session.addr == addr && b.usable(&self.times) && !self.retired(&b) {
                     return Ok(b);
                 }
             }
@@ -223,7 +235,7 @@ impl Pool {
     }
 
     pub(crate) fn checkin(&self, mut b: Pooled) {
-        if b.born.elapsed() < self.times.server_lifetime {
+        if b.born.elapsed() < self.times.server_lifetime && !self.retired(&b) {
             b.idle_since = Instant::now();
             self.idle.lock().expect("pool poisoned").push(b);
         }

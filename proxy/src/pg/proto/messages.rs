@@ -64,10 +64,15 @@ pub(crate) fn backend_key_data(pid: i32, secret: i32) -> BytesMut {
 
 /// A FATAL ErrorResponse with a SQLSTATE.
 pub(crate) fn fatal(code: &str, text: &str) -> BytesMut {
+    error_response("FATAL", code, text)
+}
+
+/// An ErrorResponse of `severity` (`ERROR`, `FATAL`) with a SQLSTATE.
+pub(crate) fn error_response(severity: &str, code: &str, text: &str) -> BytesMut {
     message(backend::ERROR_RESPONSE, |b| {
         for (field, value) in [
-            (error_field::SEVERITY, "FATAL"),
-            (error_field::SEVERITY_V, "FATAL"),
+            (error_field::SEVERITY, severity),
+            (error_field::SEVERITY_V, severity),
             (error_field::CODE, code),
             (error_field::MESSAGE, text),
         ] {

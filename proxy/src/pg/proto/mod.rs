@@ -4,5 +4,6 @@
 
 pub(crate) mod frame;
 pub(crate) mod messages;
+pub(crate) mod results;
 pub(crate) mod startup;
 pub(crate) mod tags;

@@ -51,6 +51,7 @@ pub(crate) mod error_field {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AuthCode {
     Ok,
+    CleartextPassword,
     /// AuthenticationSASL: the mechanisms follow.
     Sasl,
     SaslContinue,
@@ -63,6 +64,7 @@ impl AuthCode {
     pub(crate) fn code(self) -> u32 {
         match self {
             AuthCode::Ok => 0,
+            AuthCode::CleartextPassword => 3,
             AuthCode::Sasl => 10,
             AuthCode::SaslContinue => 11,
             AuthCode::SaslFinal => 12,
@@ -73,6 +75,7 @@ impl AuthCode {
     pub(crate) fn from_code(code: u32) -> AuthCode {
         match code {
             0 => AuthCode::Ok,
+            3 => AuthCode::CleartextPassword,
             10 => AuthCode::Sasl,
             11 => AuthCode::SaslContinue,
             12 => AuthCode::SaslFinal,
