@@ -8,7 +8,7 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::pg::console::commands;
 use crate::pg::proto::{frame, messages, results, startup};
-use crate::pg::scram;
+use crate::pg::{scram, traffic};
 
 /// PostgreSQL startup framing (untyped) and the startup packet.
 pub fn pg_startup(data: &[u8]) {
@@ -21,8 +21,19 @@ pub fn pg_startup(data: &[u8]) {
 }
 
 /// Typed messages as a client sends them while logging in, and as an
-/// operator sends them to the admin console.
+/// operator sends them to the admin console; and a backend's bytes as
+/// session mode scans them for ReadyForQuery, the same however cut.
 pub fn pg_messages(mut data: &[u8]) {
+    let statuses = |pieces: &[&[u8]]| {
+        let mut scanner = traffic::ReadyScanner::default();
+        let mut seen = Vec::new();
+        for piece in pieces {
+            scanner.feed(piece, |s| seen.push(s));
+        }
+        seen
+    };
+    let (head, tail) = data.split_at(data.len() / 3);
+    assert_eq!(statuses(&[data]), statuses(&[head, tail]));
     while let Ok(Some(len)) = frame::frame_len(data, true, frame::MAX_AUTH_MESSAGE) {
         if data.len() < len {
             break;

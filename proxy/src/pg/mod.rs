@@ -17,6 +17,7 @@ mod pool;
 pub(crate) mod proto;
 pub(crate) mod scram;
 mod session;
+pub(crate) mod traffic;
 
 use crate::metrics::REQUESTS;
 use std::collections::HashMap;
@@ -122,6 +123,8 @@ pub(crate) struct PgFront {
     admin_users: Vec<String>,
     /// How long a new session waits for a paused database (`wake_timeout`).
     pause_hold: Duration,
+    /// What went through each database, for SHOW STATS.
+    traffic: traffic::Traffic,
 }
 
 impl PgFront {
@@ -166,6 +169,7 @@ impl PgFront {
             clients: Default::default(),
             admin_users: config.admin_users.clone(),
             pause_hold: config.wake_timeout,
+            traffic: Default::default(),
             base_domain: config.base_domain.clone(),
             sessions: Arc::new(tokio::sync::Semaphore::new(config.max_client_connections)),
             pending_logins: Arc::new(tokio::sync::Semaphore::new(config.max_pending_logins)),
@@ -305,6 +309,7 @@ impl PgFront {
             ])
             .increment(1);
         let _in_session = self.activity.begin(key);
+        let mut meter = self.traffic.meter(key);
         match &mut started.mode {
             // Boxed, so that the transaction-mode clients' tasks stay small.
             Mode::Session(backend, member) => {
@@ -314,20 +319,30 @@ impl PgFront {
                     backend,
                     member.as_ref(),
                     key,
+                    &mut meter,
                 ))
                 .await
             }
             Mode::Transaction(pool, upstream) => {
                 let slot = self.cancels.slot(started.cancel).unwrap_or_default();
                 let (resolver, upstream) = (self.resolver.clone(), upstream.clone());
+                let (clients, hold, paused) = (self.clients.clone(), self.pause_hold, key.clone());
                 let addr = move |stale| -> futures::future::BoxFuture<
                     'static,
                     Result<SocketAddr, PgError>,
                 > {
                     let (resolver, upstream) = (resolver.clone(), upstream.clone());
-                    Box::pin(async move { upstream.addr(&resolver, stale).await })
+                    let (clients, key) = (clients.clone(), paused.clone());
+                    Box::pin(async move {
+                        // A paused database holds each transaction as it
+                        // begins, as PgBouncer's PAUSE does.
+                        if !clients.unpaused(&key, hold).await {
+                            return Err(PgError::Paused(key.db.to_string()));
+                        }
+                        upstream.addr(&resolver, stale).await
+                    })
                 };
-                if let Err(e) = pool::relay(client, buf, pool, addr, &slot).await {
+                if let Err(e) = pool::relay(client, buf, pool, addr, &slot, &mut meter).await {
                     debug!(database = %key, error = %e, "pooled postgres session ended");
                     let _ = client.write_all(&e.frame()).await;
                 }

@@ -10,6 +10,7 @@ use tracing::{debug, info};
 
 use super::backend::BackendSession;
 use super::proto::messages;
+use super::traffic::{Meter, Metered};
 use crate::net::MaybeTls;
 use crate::patroni::{Cluster, Pick};
 
@@ -21,16 +22,25 @@ pub(super) async fn relay_session(
     backend: &mut BackendSession,
     member: Option<&(Arc<Cluster>, Pick)>,
     key: &DbKey,
+    meter: &mut Meter,
 ) {
-    // Whatever either side sent early goes first, then bytes flow as they are.
+    meter.assigned(std::time::Duration::ZERO);
+    // Whatever either side sent early goes first, then bytes flow as they
+    // are, counted on their way.
     let relay = async {
         if !backend.buf.is_empty() {
+            meter.backend_bytes(&backend.buf);
             client.write_all(&backend.buf).await?;
         }
         if !early.is_empty() {
+            meter.asked(early.len());
             backend.stream.write_all(early).await?;
         }
-        tokio::io::copy_bidirectional(client, &mut backend.stream).await
+        let mut metered = Metered {
+            inner: &mut backend.stream,
+            meter,
+        };
+        tokio::io::copy_bidirectional(client, &mut metered).await
     };
     let lost = async {
         match member {

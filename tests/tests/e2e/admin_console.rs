@@ -28,6 +28,23 @@ fn psql(s: &Stack, db: &str, user: &str, password: &str, command: &str) -> Resul
     }
 }
 
+/// Runs `command` on the console from a psycopg script that reads the
+/// rows by column name, as exporters do (a client-side cursor: simple
+/// queries, as PgBouncer needs), and prints `columns` of each row.
+fn exporter_reads(s: &Stack, token: &str, command: &str, columns: &str) -> String {
+    let script = format!(
+        "import psycopg\n\
+         with psycopg.connect('postgres://admin:{token}@{}/pgbouncer?sslmode=require', autocommit=True, cursor_factory=psycopg.ClientCursor) as c:\n\
+         \x20   cur = c.execute('{command}')\n\
+         \x20   cols = [d.name for d in cur.description]\n\
+         \x20   for r in cur.fetchall():\n\
+         \x20       r = dict(zip(cols, r))\n\
+         \x20       print({columns})\n",
+        s.proxy().postgres_addr()
+    );
+    run_ok(Command::new("python3").args(["-c", &script]))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_drive_the_console_as_they_drive_pgbouncers() {
     let s = Stack::builder()
@@ -105,19 +122,13 @@ async fn operators_drive_the_console_as_they_drive_pgbouncers() {
         "{databases}"
     );
 
-    // A script that reads SHOW POOLS by column name, as exporters do
-    // (psycopg's client-side cursor: simple queries, as PgBouncer needs).
-    let script = format!(
-        "import psycopg\n\
-         with psycopg.connect('postgres://admin:{token}@{}/pgbouncer?sslmode=require', autocommit=True, cursor_factory=psycopg.ClientCursor) as c:\n\
-         \x20   cur = c.execute('SHOW POOLS')\n\
-         \x20   cols = [d.name for d in cur.description]\n\
-         \x20   for r in cur.fetchall():\n\
-         \x20       r = dict(zip(cols, r))\n\
-         \x20       print(r['database'], r['user'], r['cl_active'], r['sv_active'], r['sv_idle'], r['cl_waiting'], r['maxwait'], r['pool_mode'])\n",
-        s.proxy().postgres_addr()
+    // A script that reads SHOW POOLS by column name, as exporters do.
+    let read = exporter_reads(
+        &s,
+        &token,
+        "SHOW POOLS",
+        "r['database'], r['user'], r['cl_active'], r['sv_active'], r['sv_idle'], r['cl_waiting'], r['maxwait'], r['pool_mode']",
     );
-    let read = run_ok(Command::new("python3").args(["-c", &script]));
     assert!(
         read.contains(&format!("{APP}_main alice.{APP} 1 1 0 0 0 session")),
         "{read}"
@@ -200,4 +211,83 @@ async fn operators_drive_the_console_as_they_drive_pgbouncers() {
             .any(|l| l.starts_with(&format!("{APP}_main|")) && l.ends_with("|woke")),
         "{wakes}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_stats_counts_both_pool_modes_and_pause_waits_for_transactions() {
+    let s = Stack::builder().start().await;
+    let api = s.control.client();
+    s.create("main", Engine::Postgres).await;
+    s.create("pooled", Engine::Postgres).await;
+    api.set_pool_mode(&name(APP), &name("pooled"), PoolMode::Transaction)
+        .await
+        .unwrap();
+    let token = s.control.admin_token();
+
+    // On each database: 20 one-query transactions and one of three queries.
+    for db in ["main", "pooled"] {
+        let c = s.pg_connect("alice.shop", "wonderland", db).await.unwrap();
+        for _ in 0..20 {
+            c.simple_query("SELECT 1").await.unwrap();
+        }
+        for q in ["BEGIN", "SELECT repeat('x', 5000)", "COMMIT"] {
+            c.simple_query(q).await.unwrap();
+        }
+    }
+    // Read by column name, as pgbouncer_exporter does: numbers as numbers.
+    let stats = exporter_reads(
+        &s,
+        &token,
+        "SHOW STATS",
+        "r['database'], r['total_query_count'], r['total_xact_count'], r['total_received'] > 0, r['total_sent'] > 5000, r['total_query_time'] > 0, r['avg_wait_time'] >= 0",
+    );
+    for db in ["main", "pooled"] {
+        assert!(
+            stats.contains(&format!("{APP}_{db} 23 21 True True True True")),
+            "{db}: {stats}"
+        );
+    }
+    let totals = psql(&s, "rouse", "admin", &token, "SHOW STATS_TOTALS").unwrap();
+    assert!(totals.contains(&format!("{APP}_main|")), "{totals}");
+
+    // PAUSE answers once the transaction under way has ended, then holds
+    // the next one until RESUME.
+    let c = s
+        .pg_connect("alice.shop", "wonderland", "pooled")
+        .await
+        .unwrap();
+    c.simple_query("BEGIN").await.unwrap();
+    let pause = tokio::task::spawn_blocking({
+        let (url, token) = (s.proxy().postgres_addr(), token.clone());
+        move || {
+            let url = format!("postgres://admin:{token}@{url}/rouse?sslmode=require");
+            run_ok(Command::new("psql").args([&url, "-c", &format!("PAUSE {APP}_pooled")]))
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !pause.is_finished(),
+        "PAUSE answered with a transaction open"
+    );
+    c.simple_query("COMMIT").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), pause)
+        .await
+        .expect("PAUSE answered once the transaction ended")
+        .unwrap();
+    let held = tokio::spawn(async move { c.simple_query("SELECT 2").await.map(|_| c) });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!held.is_finished(), "a transaction began while paused");
+    psql(
+        &s,
+        "rouse",
+        "admin",
+        &token,
+        &format!("RESUME {APP}_pooled"),
+    )
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("RESUME let the transaction go on")
+        .unwrap()
+        .unwrap();
 }

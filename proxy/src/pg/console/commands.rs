@@ -3,6 +3,8 @@
 
 use rouse_control_api::{DbKey, Name};
 
+pub(crate) use super::stats::StatsTable;
+
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Command {
     Show(Show),
@@ -25,6 +27,7 @@ pub(crate) enum Show {
     Clients,
     Servers,
     Databases,
+    Stats(StatsTable),
     Wakes,
     Version,
 }
@@ -49,12 +52,9 @@ pub(crate) fn parse(text: &str) -> Result<Command, String> {
             "pools" => Show::Pools,
             "clients" => Show::Clients,
             "servers" => Show::Servers,
-            "stats" => {
-                return Err(
-                    "SHOW STATS is not kept yet: the proxy's /metrics has requests and durations per database"
-                        .into(),
-                )
-            }
+            "stats" => Show::Stats(StatsTable::Both),
+            "stats_totals" => Show::Stats(StatsTable::Totals),
+            "stats_averages" => Show::Stats(StatsTable::Averages),
             "databases" => Show::Databases,
             "wakes" => Show::Wakes,
             "version" => Show::Version,
@@ -91,6 +91,10 @@ mod tests {
         assert_eq!(parse("SHOW POOLS;"), Ok(Command::Show(Show::Pools)));
         assert_eq!(parse("  show   clients "), Ok(Command::Show(Show::Clients)));
         assert_eq!(parse("PAUSE"), Ok(Command::Pause(None)));
+        assert_eq!(
+            parse("show stats_totals"),
+            Ok(Command::Show(Show::Stats(StatsTable::Totals)))
+        );
         let key = DbKey::new(Name::new("shop").unwrap(), Name::new("main").unwrap());
         assert_eq!(
             parse("pause shop_main;"),

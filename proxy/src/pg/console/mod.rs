@@ -6,6 +6,7 @@
 
 pub(crate) mod commands;
 mod show;
+mod stats;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -166,13 +167,19 @@ impl PgFront {
         match command {
             Command::Show(what) => {
                 let (columns, rows) = self.show(what).await;
-                let mut out = vec![results::row_description(columns)];
+                let mut out = vec![results::row_description(columns, show::is_number)];
                 out.extend(rows.iter().map(|r| results::data_row(r)));
                 out.push(results::command_complete("SHOW"));
                 out
             }
             Command::Pause(key) => {
                 self.clients.pause(key.as_ref());
+                // As PgBouncer's, PAUSE answers once the transactions under
+                // way have ended (new ones are held from now on).
+                let deadline = tokio::time::Instant::now() + self.pause_hold;
+                while self.leased(key.as_ref()) > 0 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
                 done("PAUSE")
             }
             Command::Resume(key) => {
@@ -196,6 +203,17 @@ impl PgFront {
                 done("RELOAD")
             }
         }
+    }
+
+    /// Transaction-pool connections of `key` (or all) lent to a client.
+    fn leased(&self, key: Option<&DbKey>) -> usize {
+        self.pools
+            .lock()
+            .expect("pools poisoned")
+            .iter()
+            .filter(|((k, _, _), _)| key.is_none_or(|key| key == k))
+            .map(|(_, pool)| pool.counts().active)
+            .sum()
     }
 
     /// Pooled server connections of `key` (or all) are made anew.

@@ -10,7 +10,7 @@ use super::super::PgFront;
 use super::commands::Show;
 
 /// Column names, and rows of text (`None` is NULL).
-pub(crate) type Table = (&'static [&'static str], Vec<Vec<Option<String>>>);
+pub(super) type Table = (&'static [&'static str], Vec<Vec<Option<String>>>);
 
 const POOLS: &[&str] = &[
     "database",
@@ -74,7 +74,37 @@ const WAKES: &[&str] = &["database", "ended_at", "wait_ms", "outcome"];
 const HELP: &[&str] = &["command"];
 const VERSION: &[&str] = &["version"];
 
-fn text(v: impl ToString) -> Option<String> {
+/// Columns that hold text; every other column holds a number, and is
+/// typed so (int8) for exporters that read them as numbers.
+const TEXT_COLUMNS: &[&str] = &[
+    "database",
+    "user",
+    "pool_mode",
+    "type",
+    "state",
+    "addr",
+    "local_addr",
+    "connect_time",
+    "request_time",
+    "ptr",
+    "link",
+    "tls",
+    "application_name",
+    "name",
+    "host",
+    "force_user",
+    "load_balance_hosts",
+    "ended_at",
+    "outcome",
+    "command",
+    "version",
+];
+
+pub(super) fn is_number(column: &str) -> bool {
+    !TEXT_COLUMNS.contains(&column)
+}
+
+pub(super) fn text(v: impl ToString) -> Option<String> {
     Some(v.to_string())
 }
 
@@ -98,7 +128,7 @@ impl PgFront {
             Show::Help => (
                 HELP,
                 [
-                    "SHOW HELP|POOLS|CLIENTS|SERVERS|DATABASES|WAKES|VERSION",
+                    "SHOW HELP|POOLS|CLIENTS|SERVERS|DATABASES|STATS|STATS_TOTALS|STATS_AVERAGES|WAKES|VERSION",
                     "PAUSE [<app>_<db>]",
                     "RESUME [<app>_<db>]",
                     "RECONNECT [<app>_<db>]",
@@ -118,6 +148,7 @@ impl PgFront {
             Show::Servers => (CONNECTIONS, self.servers_table()),
             Show::Databases => (DATABASES, self.databases_table().await),
             Show::Wakes => (WAKES, self.wakes_table()),
+            Show::Stats(which) => super::stats::table(&self.traffic, which),
         }
     }
 

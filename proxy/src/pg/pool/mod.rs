@@ -26,6 +26,7 @@ use super::proto::frame::{has_frame, read_frame, FrameError};
 use super::proto::messages;
 use super::proto::tags::{backend, error_field, frontend};
 use super::scram::Verifier;
+use super::traffic::Meter;
 use crate::net::MaybeTls;
 
 /// Largest message relayed in transaction mode (PostgreSQL's own limit is 1 GB).
@@ -283,6 +284,7 @@ pub(crate) async fn relay(
     pool: &Pool,
     addr: impl Fn(bool) -> futures::future::BoxFuture<'static, Result<SocketAddr, PgError>>,
     cancel: &CancelSlot,
+    meter: &mut Meter,
 ) -> Result<(), PgError> {
     let mut statements: HashMap<String, BytesMut> = HashMap::new();
     loop {
@@ -309,6 +311,7 @@ pub(crate) async fn relay(
                 pool,
                 cancel,
                 statements: &mut statements,
+                meter: &mut *meter,
             };
             match Box::pin(lease.run(addr(replays > 0).await?, frame)).await? {
                 Leased::Done => break,
@@ -346,6 +349,7 @@ struct Lease<'a> {
     cancel: &'a CancelSlot,
     /// The client's named statements: name -> its Parse message.
     statements: &'a mut HashMap<String, BytesMut>,
+    meter: &'a mut Meter,
 }
 
 impl Lease<'_> {
@@ -357,9 +361,14 @@ impl Lease<'_> {
             pool,
             cancel,
             statements,
+            meter,
         } = self;
+        let asked_at = Instant::now();
         let mut leased = match pool.checkout(addr).await {
-            Ok(b) => b,
+            Ok(b) => {
+                meter.assigned(asked_at.elapsed());
+                b
+            }
             Err(PgError::Unreachable(_)) => return Ok(Leased::Again(vec![frame])),
             Err(e) => return Err(e),
         };
@@ -387,6 +396,7 @@ impl Lease<'_> {
                 if let Some(sent) = unanswered.as_mut() {
                     sent.push(f.clone());
                 }
+                meter.asked(f.len());
                 forward(
                     f,
                     b,
@@ -420,6 +430,7 @@ impl Lease<'_> {
                         Ok(frame) => frame,
                         Err(e) => return gone(&mut unanswered, e.to_string()),
                     };
+                    meter.answered(frame.len());
                     // A backend that is being stopped says FATAL, then closes.
                     if frame[0] == backend::ERROR_RESPONSE
                         && unanswered.is_some()
@@ -450,7 +461,9 @@ impl Lease<'_> {
                             while responses.front().is_some_and(|r| r.batch < batches_done) {
                                 responses.pop_front();
                             }
-                            let in_transaction = frame.get(5).is_some_and(|s| *s != backend::IDLE);
+                            let status = frame.get(5).copied().unwrap_or(backend::IDLE);
+                            meter.ready(status);
+                            let in_transaction = status != backend::IDLE;
                             to_client.extend_from_slice(&frame);
                             if batches_done == batches_sent && !in_transaction {
                                 *cancel.lock().expect("cancel poisoned") = None;

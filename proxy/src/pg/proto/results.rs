@@ -14,9 +14,10 @@ const COMMAND_COMPLETE: u8 = b'C';
 const AUTHENTICATION: u8 = b'R';
 /// The OID of `text`: every console column is text, as in PgBouncer's.
 const TEXT_OID: u32 = 25;
+const INT8_OID: u32 = 20;
 
 /// RowDescription: every column `text`, in text format.
-pub(crate) fn row_description(columns: &[&str]) -> BytesMut {
+pub(crate) fn row_description(columns: &[&str], is_number: impl Fn(&str) -> bool) -> BytesMut {
     message(ROW_DESCRIPTION, |b| {
         b.put_u16(columns.len() as u16);
         for name in columns {
@@ -24,7 +25,8 @@ pub(crate) fn row_description(columns: &[&str]) -> BytesMut {
             b.put_u8(0);
             b.put_u32(0); // table OID
             b.put_u16(0); // column number
-            b.put_u32(TEXT_OID);
+                          // Numbers are typed so that clients read them as numbers.
+            b.put_u32(if is_number(name) { INT8_OID } else { TEXT_OID });
             b.put_i16(-1); // type size: variable
             b.put_i32(-1); // type modifier
             b.put_u16(0); // text format
@@ -103,10 +105,16 @@ mod tests {
         assert_eq!(&d[5..7], &[0, 2]);
         assert_eq!(&d[7..11], &2i32.to_be_bytes());
         assert_eq!(&d[13..17], &(-1i32).to_be_bytes());
-        let t = row_description(&["database", "user"]);
+        let t = row_description(&["database", "port"], |c| c == "port");
         assert_eq!(
             u32::from_be_bytes([t[1], t[2], t[3], t[4]]) as usize,
             t.len() - 1
+        );
+        // The type OIDs: text, then int8.
+        assert_eq!(&t[7 + 9 + 6..7 + 9 + 10], &TEXT_OID.to_be_bytes());
+        assert_eq!(
+            &t[7 + 9 + 18 + 5 + 6..7 + 9 + 18 + 5 + 10],
+            &INT8_OID.to_be_bytes()
         );
     }
 
