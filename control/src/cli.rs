@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use rouse_control_api::{
     BackendCredentials, Client, ClientError, CreateApp, CreateDatabase, DatabaseInfo, Engine, Name,
-    PatroniMember, PatroniRegistration, PoolMode, RestoreRequest, Role,
+    PatroniDiscovery, PatroniMember, PatroniRegistration, PoolMode, RestoreRequest, Role,
 };
 use serde::Serialize;
 
@@ -108,8 +108,18 @@ pub enum DbCmd {
         name: Name,
         /// A member as NAME=HOST:PORT,REST_API_URL, e.g.
         /// pg1=10.0.0.1:5432,http://10.0.0.1:8008; once per member.
-        #[arg(long = "member", required = true, value_parser = parse_member)]
+        #[arg(long = "member", value_parser = parse_member, required_unless_present = "scope", conflicts_with = "scope")]
         members: Vec<PatroniMember>,
+        /// Instead of members: the cluster's Patroni scope, whose members
+        /// are read from etcd and followed.
+        #[arg(long, requires = "etcd")]
+        scope: Option<String>,
+        /// An etcd client URL (with --scope); once per endpoint.
+        #[arg(long = "etcd")]
+        etcd: Vec<String>,
+        /// Patroni's namespace in etcd (with --scope; default /service).
+        #[arg(long, requires = "scope")]
+        namespace: Option<String>,
         /// A superuser through which the app's users become roles.
         #[arg(long, default_value = "postgres")]
         admin_user: String,
@@ -263,6 +273,9 @@ pub async fn run(client: &Client, cmd: Command) -> Result<(), ClientError> {
                 app,
                 name,
                 members,
+                scope,
+                etcd,
+                namespace,
                 admin_user,
                 admin_password,
             } => print(
@@ -274,6 +287,11 @@ pub async fn run(client: &Client, cmd: Command) -> Result<(), ClientError> {
                         replication_factor: None,
                         patroni: Some(PatroniRegistration {
                             members,
+                            discovery: scope.map(|scope| PatroniDiscovery {
+                                etcd,
+                                scope: Some(scope),
+                                namespace,
+                            }),
                             admin: BackendCredentials {
                                 user: admin_user,
                                 password: admin_password,

@@ -275,7 +275,7 @@ pub async fn run(
         loops.restarting("patroni_discovery", move || {
             let follows = discovered.iter().map(|(endpoints, prefix, cluster)| {
                 crate::discovery::follow(
-                    crate::etcd::Members::new(endpoints, prefix.clone()),
+                    rouse_runtime::etcd::Members::new(endpoints, prefix.clone()),
                     cluster.clone(),
                     health.clone(),
                 )

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::etcd;
 use crate::health::Health;
 use crate::patroni::Cluster;
+use rouse_runtime::etcd;
 
 pub(crate) async fn follow(
     members: etcd::Members,

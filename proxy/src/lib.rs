@@ -19,7 +19,6 @@ mod app;
 mod auth;
 mod discovery;
 mod error;
-mod etcd;
 mod events;
 mod fleet;
 #[doc(hidden)]

@@ -164,12 +164,19 @@ pub struct CreateDatabase {
     pub patroni: Option<PatroniRegistration>,
 }
 
-/// An existing Patroni cluster: its members, and a superuser through which
-/// control creates the app's users as login roles on the leader.
+/// An existing Patroni cluster: its members (or where Patroni keeps them),
+/// and a superuser through which control creates the app's users as login
+/// roles on the leader.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PatroniRegistration {
+    /// The members by address; or none, and `discovery`.
+    #[serde(default)]
     pub members: Vec<PatroniMember>,
+    /// Where Patroni keeps the members: read at registration and followed
+    /// from then on (a member added or removed there is picked up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<PatroniDiscovery>,
     pub admin: BackendCredentials,
 }
 
@@ -182,6 +189,49 @@ pub struct PatroniMember {
     pub addr: SocketAddr,
     /// Patroni REST API base URL, such as `http://10.0.0.5:8008`.
     pub api: String,
+}
+
+/// Where Patroni keeps a cluster's members: etcd (v3 API), under
+/// `<namespace>/<scope>/members/`, as confd reads them for HAProxy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PatroniDiscovery {
+    /// etcd client URLs, such as `http://10.0.0.5:2379`.
+    pub etcd: Vec<String>,
+    /// Patroni's `scope`; unset, `PATRONI_SCOPE` from the environment.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// Patroni's `namespace`; unset, `PATRONI_NAMESPACE`, else `/service`.
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+impl PatroniDiscovery {
+    /// The etcd key prefix of the members, from the config or else the
+    /// environment Patroni itself reads.
+    pub fn members_prefix(&self) -> Result<String, String> {
+        let env = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
+        let scope = self
+            .scope
+            .clone()
+            .or_else(|| env("PATRONI_SCOPE"))
+            .ok_or("discovery needs a scope (or PATRONI_SCOPE)")?;
+        if scope.is_empty() || scope.contains('/') {
+            return Err(format!("invalid Patroni scope {scope:?}"));
+        }
+        let namespace = self
+            .namespace
+            .clone()
+            .or_else(|| env("PATRONI_NAMESPACE"))
+            .unwrap_or_else(|| "/service".into());
+        let namespace = namespace.trim_end_matches('/');
+        let namespace = if namespace.starts_with('/') {
+            namespace.to_string()
+        } else {
+            format!("/{namespace}")
+        };
+        Ok(format!("{namespace}/{scope}/members/"))
+    }
 }
 
 /// One running replica's addresses.

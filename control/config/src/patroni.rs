@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use rouse_control_api::PatroniDiscovery;
+
 /// Health checks of Patroni members (HAProxy's `inter`, `rise`, `fall`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -46,49 +48,6 @@ pub struct PatroniCluster {
     pub members: Vec<rouse_control_api::PatroniMember>,
     #[serde(default)]
     pub discovery: Option<PatroniDiscovery>,
-}
-
-/// Where Patroni keeps a cluster's members: etcd (v3 API), under
-/// `<namespace>/<scope>/members/`, as confd reads them for HAProxy.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct PatroniDiscovery {
-    /// etcd client URLs, such as `http://10.0.0.5:2379`.
-    pub etcd: Vec<String>,
-    /// Patroni's `scope`; unset, `PATRONI_SCOPE` from the environment.
-    #[serde(default)]
-    pub scope: Option<String>,
-    /// Patroni's `namespace`; unset, `PATRONI_NAMESPACE`, else `/service`.
-    #[serde(default)]
-    pub namespace: Option<String>,
-}
-
-impl PatroniDiscovery {
-    /// The etcd key prefix of the members, from the config or else the
-    /// environment Patroni itself reads.
-    pub fn members_prefix(&self) -> Result<String, String> {
-        let env = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
-        let scope = self
-            .scope
-            .clone()
-            .or_else(|| env("PATRONI_SCOPE"))
-            .ok_or("discovery needs a scope (or PATRONI_SCOPE)")?;
-        if scope.is_empty() || scope.contains('/') {
-            return Err(format!("invalid Patroni scope {scope:?}"));
-        }
-        let namespace = self
-            .namespace
-            .clone()
-            .or_else(|| env("PATRONI_NAMESPACE"))
-            .unwrap_or_else(|| "/service".into());
-        let namespace = namespace.trim_end_matches('/');
-        let namespace = if namespace.starts_with('/') {
-            namespace.to_string()
-        } else {
-            format!("/{namespace}")
-        };
-        Ok(format!("{namespace}/{scope}/members/"))
-    }
 }
 
 /// Which members of a cluster a plain TCP listener reaches.

@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod error_kind;
+pub mod etcd;
 pub mod memory;
 pub mod metric;
 pub mod server;

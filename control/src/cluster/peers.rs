@@ -93,7 +93,8 @@ pub(super) enum Command {
     },
     Request {
         peer: PeerId,
-        request: NodeRequest,
+        /// Boxed: a create request is much larger than the other commands.
+        request: Box<NodeRequest>,
         reply: oneshot::Sender<Result<NodeResponse, PeersError>>,
     },
 }
@@ -304,7 +305,7 @@ impl Peers {
         self.commands
             .send(Command::Request {
                 peer,
-                request,
+                request: Box::new(request),
                 reply,
             })
             .map_err(|_| PeersError::Stopped)?;

@@ -227,7 +227,7 @@ impl SwarmTask {
                 request,
                 reply,
             } => {
-                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, request);
+                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, *request);
                 self.requests.insert(id, reply);
             }
         }

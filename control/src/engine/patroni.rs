@@ -3,7 +3,8 @@
 //! login roles there (replicas learn them by streaming replication). The
 //! proxy follows the leader itself, by the members' REST API.
 
-use rouse_control_api::{Endpoint, Name, PatroniRegistration};
+use rouse_control_api::{Endpoint, Name, PatroniDiscovery, PatroniMember, PatroniRegistration};
+use rouse_runtime::etcd;
 use serde::{Deserialize, Serialize};
 
 use super::postgres::{connect_as, sync_users};
@@ -11,25 +12,76 @@ use crate::error::{ControlError, Result};
 use crate::model::{ReplicaRecord, UserRecord};
 
 /// What control keeps of a registration beyond the database record: the
-/// REST API of each member (in replica order) and the admin user; the
-/// admin's password is the record's secret.
+/// REST API of each member (in replica order), the admin user, and where
+/// the members are followed; the admin's password is the record's secret.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Registration {
     pub admin_user: String,
     pub api: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<PatroniDiscovery>,
 }
 
-/// Checks a registration and splits it into replicas and what else is kept.
-pub fn accept(
+/// Checks a registration, reads its members from etcd when it names where
+/// Patroni keeps them, and splits it into replicas and what else is kept.
+pub async fn accept(
     reg: &PatroniRegistration,
     node_id: &str,
 ) -> Result<(Vec<ReplicaRecord>, Registration)> {
+    let members = match &reg.discovery {
+        None => reg.members.clone(),
+        Some(_) if !reg.members.is_empty() => {
+            return Err(ControlError::BadRequest(
+                "give a Patroni cluster's members or its discovery, not both".into(),
+            ))
+        }
+        Some(d) => discover(d).await?,
+    };
+    if reg.admin.user.is_empty() {
+        return Err(ControlError::BadRequest(
+            "the admin user must not be empty".into(),
+        ));
+    }
+    members_of(&members, &reg.admin.user, reg.discovery.clone(), node_id)
+}
+
+/// The members Patroni keeps in etcd now. The scope is named: control's
+/// environment is not the cluster's.
+pub async fn discover(d: &PatroniDiscovery) -> Result<Vec<PatroniMember>> {
     let bad = |m: String| Err(ControlError::BadRequest(m));
-    if reg.members.is_empty() {
+    if d.scope.is_none() {
+        return bad("discovery names the cluster's scope".into());
+    }
+    if d.etcd.is_empty() || d.etcd.iter().any(|e| !e.starts_with("http://")) {
+        return bad(format!(
+            "discovery needs etcd endpoints as http:// URLs: {:?}",
+            d.etcd
+        ));
+    }
+    let prefix = d.members_prefix().map_err(ControlError::BadRequest)?;
+    let found = etcd::Members::new(&d.etcd, prefix.clone())
+        .read()
+        .await
+        .map_err(|e| ControlError::Engine(e.to_string()))?;
+    if found.is_empty() {
+        return bad(format!("etcd holds no Patroni member under {prefix}"));
+    }
+    Ok(found)
+}
+
+/// Checks members and makes them replicas and the registration kept.
+pub fn members_of(
+    members: &[PatroniMember],
+    admin_user: &str,
+    discovery: Option<PatroniDiscovery>,
+    node_id: &str,
+) -> Result<(Vec<ReplicaRecord>, Registration)> {
+    let bad = |m: String| Err(ControlError::BadRequest(m));
+    if members.is_empty() {
         return bad("a Patroni cluster needs at least one member".into());
     }
-    for (i, m) in reg.members.iter().enumerate() {
-        if m.name.is_empty() || reg.members[..i].iter().any(|o| o.name == m.name) {
+    for (i, m) in members.iter().enumerate() {
+        if m.name.is_empty() || members[..i].iter().any(|o| o.name == m.name) {
             return bad(format!(
                 "member names must be unique and not empty: {:?}",
                 m.name
@@ -42,11 +94,7 @@ pub fn accept(
             ));
         }
     }
-    if reg.admin.user.is_empty() {
-        return bad("the admin user must not be empty".into());
-    }
-    let replicas = reg
-        .members
+    let replicas = members
         .iter()
         .enumerate()
         .map(|(i, m)| ReplicaRecord {
@@ -58,8 +106,9 @@ pub fn accept(
         })
         .collect();
     let kept = Registration {
-        admin_user: reg.admin.user.clone(),
-        api: reg.members.iter().map(|m| m.api.clone()).collect(),
+        admin_user: admin_user.to_string(),
+        api: members.iter().map(|m| m.api.clone()).collect(),
+        discovery,
     };
     Ok((replicas, kept))
 }

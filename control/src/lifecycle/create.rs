@@ -39,7 +39,7 @@ impl Manager {
             )));
         }
         let registration = match (req.engine, &req.patroni) {
-            (Engine::Patroni, Some(reg)) => Some(engine::patroni::accept(reg, &self.node_id)?),
+            (Engine::Patroni, Some(reg)) => Some(engine::patroni::accept(reg, &self.node_id).await?),
             (Engine::Patroni, None) => {
                 return Err(ControlError::BadRequest(
                     "engine patroni registers an existing cluster: give `patroni` with its members and an admin login".into(),

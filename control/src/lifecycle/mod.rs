@@ -20,6 +20,7 @@ mod inbound;
 mod local;
 mod membership;
 mod nodes;
+mod patroni_members;
 mod pg_backups;
 mod placement;
 mod replace;

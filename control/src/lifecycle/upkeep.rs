@@ -236,8 +236,8 @@ impl Manager {
 
     /// Every health check interval: tells the peers this node's load, keeps
     /// this node's replicas as `_system` says (starts missing ones, stops
-    /// and removes replaced ones) and, on the coordinator, replaces the
-    /// replicas of dead nodes. Nothing happens while `_system` cannot be
+    /// and removes replaced ones) and, on the coordinator, follows the
+    /// Patroni members kept in etcd and replaces the replicas of dead nodes. Nothing happens while `_system` cannot be
     /// read (a node cut off from its quorum changes nothing).
     pub async fn run_upkeep(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.peers.health_check_interval());
@@ -265,7 +265,11 @@ impl Manager {
             self.peers.set_load(capacity);
             self.keep_local_replicas(&records).await;
             let membership = self.membership().await;
-            if !membership.clustered() || membership.coordinator().is_some() {
+            if membership.coordinator().is_some() {
+                continue;
+            }
+            self.follow_patroni_members(&records).await;
+            if !membership.clustered() {
                 continue;
             }
             for rec in &records {

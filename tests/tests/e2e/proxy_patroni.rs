@@ -135,6 +135,7 @@ async fn patroni_failover_under_load_through_both_fronts() {
             replication_factor: None,
             patroni: Some(PatroniRegistration {
                 members: Vec::new(),
+                discovery: None,
                 admin: BackendCredentials {
                     user: "postgres".into(),
                     password: "x".into(),
@@ -216,6 +217,7 @@ async fn patroni_failover_under_load_through_both_fronts() {
                 .into_iter()
                 .map(|(name, addr, api)| rouse_control_api::PatroniMember { name, addr, api })
                 .collect(),
+            discovery: None,
             admin: BackendCredentials {
                 user: "postgres".into(),
                 password: cluster.superuser_password().into(),

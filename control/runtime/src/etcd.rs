@@ -1,6 +1,8 @@
-//! The only code that talks to etcd: it reads the members Patroni keeps
-//! under `<namespace>/<scope>/members/` (the v3 API's JSON gateway), as
-//! confd does to write HAProxy's configuration. Whatever etcd holds is
+//! The only code that talks to etcd, for both daemons (the proxy follows
+//! Patroni clusters of its configuration, control those registered with
+//! it): it reads the members Patroni keeps under
+//! `<namespace>/<scope>/members/` (the v3 API's JSON gateway), as confd
+//! does to write HAProxy's configuration. Whatever etcd holds is
 //! checked like any other input: bounded in size and count, each member's
 //! addresses parsed strictly, a member that does not parse left out.
 
@@ -20,7 +22,7 @@ const MAX_ANSWER: usize = 1 << 20;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum EtcdError {
+pub enum EtcdError {
     #[error("etcd at {endpoint}: {reason}")]
     Unavailable { endpoint: String, reason: String },
     #[error("no etcd endpoint answered")]
@@ -28,7 +30,7 @@ pub(crate) enum EtcdError {
 }
 
 /// One cluster's members in etcd.
-pub(crate) struct Members {
+pub struct Members {
     endpoints: Vec<String>,
     /// `<namespace>/<scope>/members/`.
     prefix: String,
@@ -56,7 +58,7 @@ struct MemberValue {
 }
 
 impl Members {
-    pub(crate) fn new(endpoints: &[String], prefix: String) -> Members {
+    pub fn new(endpoints: &[String], prefix: String) -> Members {
         Members {
             endpoints: endpoints
                 .iter()
@@ -69,7 +71,7 @@ impl Members {
 
     /// The members now, sorted by name; the first endpoint that answers
     /// is believed.
-    pub(crate) async fn read(&self) -> Result<Vec<PatroniMember>, EtcdError> {
+    pub async fn read(&self) -> Result<Vec<PatroniMember>, EtcdError> {
         let b64 = base64::engine::general_purpose::STANDARD;
         let body = serde_json::json!({
             "key": b64.encode(&self.prefix),
