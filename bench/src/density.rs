@@ -2,7 +2,9 @@
 //! databases. How fast they are created, what control and `_system` cost
 //! per stored database, what a running engine costs, and a storm of 100
 //! distinct wakes from two apps through the proxy, beside 100 bare
-//! `rqlited` cold starts at once on the same data, ports and flags.
+//! `rqlited` cold starts at once on the same data, ports and flags; then
+//! the same node with an active set of 50 under a Zipf-distributed stream
+//! over every tenant.
 
 use std::fmt;
 use std::path::Path;
@@ -13,6 +15,7 @@ use futures::{StreamExt, TryStreamExt};
 use rouse_control_api::{CreateDatabase, DatabaseInfo, Engine};
 use rouse_tests::{Control, Proxy};
 
+use crate::active_set::{ActiveSetResults, ACTIVE_SET};
 use crate::stats::{ms, percentile, table};
 use crate::wake::{bare_start, name};
 
@@ -35,6 +38,7 @@ pub struct DensityResults {
     system_kib_per_db: f64,
     engine_mib_per_active: f64,
     rounds: Vec<Round>,
+    active_set: ActiveSetResults,
 }
 
 /// One storm through rouse and one of bare cold starts on the same databases.
@@ -195,8 +199,9 @@ impl fmt::Display for DensityResults {
         let median = ratios.get(ratios.len() / 2).copied().unwrap_or_default();
         writeln!(
             f,
-            "storm p99 ÷ bare p99, median round: {median:.2}× (target ≤ 1.2×)"
-        )
+            "storm p99 ÷ bare p99, median round: {median:.2}× (target ≤ 1.2×)\n"
+        )?;
+        write!(f, "{}", self.active_set)
     }
 }
 
@@ -250,7 +255,7 @@ fn db_name(i: usize) -> String {
 
 pub async fn run(databases: usize) -> Result<DensityResults> {
     let databases = databases.max(STORM);
-    let control = Control::builder()
+    let mut control = Control::builder()
         .hibernation_timeout("0")
         .replication_factor(1)
         .max_databases(databases as u32 + 10)
@@ -343,6 +348,15 @@ pub async fn run(databases: usize) -> Result<DensityResults> {
     }
     drop(proxy);
 
+    // The same node, now running at most ACTIVE_SET databases at once.
+    control
+        .restart_with(
+            "ROUSE_DATABASE__MAX_ACTIVE_DATABASES",
+            &ACTIVE_SET.to_string(),
+        )
+        .await?;
+    let active_set = crate::active_set::run(&control, APPS, &keys, databases, db_name).await?;
+
     Ok(DensityResults {
         databases,
         create_rate,
@@ -351,6 +365,7 @@ pub async fn run(databases: usize) -> Result<DensityResults> {
         system_kib_per_db: system_bytes as f64 / 1024.0 / databases as f64,
         engine_mib_per_active: engine_kib as f64 / 1024.0 / SAMPLE_ACTIVE as f64,
         rounds,
+        active_set,
     })
 }
 

@@ -1,6 +1,7 @@
 //! `rouse-bench`: side-by-side measurements of rouse against the bare
 //! engines (and, for the data plane, HAProxy and PgBouncer), in one run.
 
+mod active_set;
 mod backups;
 mod chart;
 mod cluster;

@@ -41,6 +41,10 @@ pub enum ControlError {
     },
     #[error("max_databases reached: this node holds {held} of at most {max} databases")]
     MaxDatabases { held: u32, max: u32 },
+    /// A wake found the node's active set full of databases in use, and
+    /// waited its turn in vain; `limit` names the limit.
+    #[error("{limit} reached: every database running on this node has open sessions")]
+    ActiveSetFull { limit: String },
     #[error("no free port in range {start}-{end}")]
     PortsExhausted { start: u16, end: u16 },
     #[error("insufficient nodes for one replica each: got {got}, need {need}")]
@@ -81,6 +85,7 @@ impl ControlError {
             ControlError::Backup(_) => StatusCode::BAD_GATEWAY,
             ControlError::AppLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
             ControlError::MaxDatabases { .. }
+            | ControlError::ActiveSetFull { .. }
             | ControlError::PortsExhausted { .. }
             | ControlError::InsufficientNodes { .. }
             | ControlError::Store(_)
@@ -109,6 +114,7 @@ impl ControlError {
                 ..
             } => ErrorCode::AppCreateRate,
             ControlError::MaxDatabases { .. } => ErrorCode::MaxDatabases,
+            ControlError::ActiveSetFull { .. } => ErrorCode::ActiveSetFull,
             ControlError::PortsExhausted { .. } => ErrorCode::PortsExhausted,
             ControlError::InsufficientNodes { .. } => ErrorCode::InsufficientNodes,
             ControlError::Engine(_) => ErrorCode::EngineFailed,
@@ -136,6 +142,7 @@ impl ControlError {
             | ControlError::HasData(_)
             | ControlError::AppLimit { .. } => ErrorKind::User,
             ControlError::MaxDatabases { .. }
+            | ControlError::ActiveSetFull { .. }
             | ControlError::PortsExhausted { .. }
             | ControlError::InsufficientNodes { .. } => ErrorKind::Capacity,
             ControlError::Engine(_)

@@ -95,6 +95,27 @@ pub const BACKUP_DURATION: Metric = Metric {
     help: "How long backups and restores took (op: backup, restore).",
 };
 
+pub const EVICTIONS: Metric = Metric {
+    name: "rouse_evictions_total",
+    kind: Kind::Counter,
+    labels: &["reason"],
+    help: "Databases put to sleep to make room in the active set, by the limit that was reached.",
+};
+
+pub const ACTIVE_SET_WAITS: Metric = Metric {
+    name: "rouse_active_set_waits_total",
+    kind: Kind::Counter,
+    labels: &["outcome"],
+    help: "Wakes that waited for room in a full active set (outcome: room, refused).",
+};
+
+pub const EVICTION_CHURN: Metric = Metric {
+    name: "rouse_eviction_churn_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "Databases woken again within a minute of being put to sleep to make room.",
+};
+
 /// Control's own metrics; the shared ones are in [`rouse_runtime::metric::CATALOGUE`].
 pub const CATALOGUE: &[&Metric] = &[
     &DATABASES,
@@ -110,4 +131,7 @@ pub const CATALOGUE: &[&Metric] = &[
     &BACKUP_FAILURES,
     &BACKUP_BYTES,
     &BACKUP_DURATION,
+    &EVICTIONS,
+    &ACTIVE_SET_WAITS,
+    &EVICTION_CHURN,
 ];

@@ -26,6 +26,10 @@ pub(crate) enum ProxyError {
     WakeTimeout { db: String, waited: Duration },
     #[error("too many requests waiting for database {0} to wake")]
     QueueFull(String),
+    /// Control would not wake it: its node runs as many databases as it
+    /// may, all in use.
+    #[error("database {0} cannot wake now: its node's active set is full of databases in use (database.max_active_databases / max_active_memory), try again")]
+    ActiveSetFull(String),
     /// A statement the database refused.
     #[error("{0}")]
     Sql(String),
@@ -60,9 +64,9 @@ impl ProxyError {
             }
             ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::WakeTimeout { .. }
+            | ProxyError::QueueFull(_)
+            | ProxyError::ActiveSetFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Backend { .. } | ProxyError::Control(_) => StatusCode::BAD_GATEWAY,
             ProxyError::RateLimited(_)
@@ -82,6 +86,7 @@ impl ProxyError {
             ProxyError::SlowBody(_) => "request_timeout",
             ProxyError::WakeTimeout { .. } => "wake_timeout",
             ProxyError::QueueFull(_) => "wake_queue_full",
+            ProxyError::ActiveSetFull(_) => "active_set_full",
             ProxyError::Sql(_) => "sql_error",
             ProxyError::ForbiddenStatement(_) => "forbidden_statement",
             ProxyError::UpstreamTimeout(_) => "timeout",
@@ -106,6 +111,7 @@ impl ProxyError {
             | ProxyError::Sql(_)
             | ProxyError::ForbiddenStatement(_) => ErrorKind::User,
             ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => ErrorKind::WakeTimeout,
+            ProxyError::ActiveSetFull(_) => ErrorKind::Capacity,
             ProxyError::UpstreamTimeout(_)
             | ProxyError::Backend { .. }
             | ProxyError::Control(_)
@@ -131,6 +137,7 @@ impl ProxyError {
         match self {
             ProxyError::WakeTimeout { .. }
             | ProxyError::QueueFull(_)
+            | ProxyError::ActiveSetFull(_)
             | ProxyError::AppLimit { .. } => Some(1),
             ProxyError::Backend { .. } | ProxyError::Control(_) | ProxyError::SharedState => {
                 Some(1)

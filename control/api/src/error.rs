@@ -27,6 +27,9 @@ pub enum ErrorCode {
     /// A create past the app's `apps.*.creates_per_minute`.
     AppCreateRate,
     MaxDatabases,
+    /// A wake refused: the node's active set stayed full of databases in
+    /// use (`database.max_active_databases` or `max_active_memory`).
+    ActiveSetFull,
     PortsExhausted,
     InsufficientNodes,
     EngineFailed,
@@ -59,6 +62,7 @@ impl ErrorCode {
             ErrorCode::AppDatabaseLimit => "app_database_limit",
             ErrorCode::AppCreateRate => "app_create_rate",
             ErrorCode::MaxDatabases => "max_databases",
+            ErrorCode::ActiveSetFull => "active_set_full",
             ErrorCode::PortsExhausted => "ports_exhausted",
             ErrorCode::InsufficientNodes => "insufficient_nodes",
             ErrorCode::EngineFailed => "engine_failed",

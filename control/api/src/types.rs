@@ -497,6 +497,12 @@ pub struct NodeCapacity {
     pub active: u32,
     pub hibernating: u32,
     pub max_databases: u32,
+    /// The active set's bounds: databases running here at once, and their
+    /// engines' memory (`database.max_active_*`).
+    #[serde(default)]
+    pub max_active_databases: u32,
+    #[serde(default)]
+    pub max_active_memory_bytes: u64,
     /// Proportional set size of the engine processes running here
     /// (PostgreSQL with its backends).
     pub engine_memory_bytes: u64,

@@ -85,6 +85,8 @@ impl Manager {
             active,
             hibernating,
             max_databases: max,
+            max_active_databases: self.active.max_databases as u32,
+            max_active_memory_bytes: self.active.max_memory,
             engine_memory_bytes: engine_memory,
             memory_available_bytes: available,
             room: Room {

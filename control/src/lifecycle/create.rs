@@ -164,7 +164,16 @@ impl Manager {
             raft_moved: false,
         };
         let placed = asked.elapsed();
-        match self.start_everywhere(&rec, start).await {
+        let started = async {
+            // A new database runs: it takes a place in this node's active set.
+            let _seat = if rec.replicas.iter().any(|r| r.node_id == self.node_id) {
+                Some(self.take_seat(&key).await?)
+            } else {
+                None
+            };
+            self.start_everywhere(&rec, start).await
+        };
+        match started.await {
             Ok(endpoints) => {
                 self.activity.touch(&key, now_ms());
                 self.transition(&key, DatabaseStatus::Active, None, endpoints.clone())

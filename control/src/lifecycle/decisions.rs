@@ -36,6 +36,12 @@ impl Manager {
         if self.is_up(key, &rec) {
             return Ok(self.info(&rec));
         }
+        // Refused here, the database stays asleep (not failed).
+        let _seat = if rec.replicas.iter().any(|r| r.node_id == self.node_id) {
+            Some(self.take_seat(key).await?)
+        } else {
+            None
+        };
         let waited = asked.elapsed();
         // Not written to `_system`: a wake is this daemon's work in hand
         // (a restarted daemon wakes again on the next request).

@@ -9,6 +9,7 @@
 //! (the first caller starts the engine, the others find it running when they
 //! get the lock); the other guards this node's processes of it.
 
+mod active_set;
 mod backups;
 mod capacity;
 mod catalog;
@@ -104,6 +105,8 @@ pub struct Manager {
     pub tasks: rouse_runtime::tasks::Tasks,
     /// Engine starts at once, granted in turn across apps.
     starts: crate::start_gate::StartGate,
+    /// How many databases run here at once.
+    active: active_set::ActiveSet,
     backups: crate::backup::Backups,
     last_backups: backups::LastBackups,
     /// Peer ids recorded in `_system` as members, and when each unknown
@@ -133,6 +136,7 @@ impl Manager {
         let (events, _) = broadcast::channel(4096);
         let quotas = crate::quota::Quotas::new(config.apps.clone());
         let starts = crate::start_gate::StartGate::new(config.control.concurrent_starts());
+        let active = active_set::ActiveSet::new(&config.database);
         Arc::new_cyclic(|me| Manager {
             quotas,
             config,
@@ -153,6 +157,7 @@ impl Manager {
             recorded: Mutex::new(HashMap::new()),
             tasks: rouse_runtime::tasks::Tasks::default(),
             starts,
+            active,
             backups,
             last_backups: Default::default(),
             me: me.clone(),

@@ -32,11 +32,20 @@ fn memory(pid: u32) -> u64 {
 
 /// `MemAvailable` of `/proc/meminfo`, in bytes.
 pub fn memory_available() -> u64 {
+    meminfo("MemAvailable:")
+}
+
+/// `MemTotal` of `/proc/meminfo`, in bytes.
+pub fn memory_total() -> u64 {
+    meminfo("MemTotal:")
+}
+
+fn meminfo(field: &str) -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
             m.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))?
+                .find_map(|l| l.strip_prefix(field))?
                 .split_whitespace()
                 .next()?
                 .parse::<u64>()

@@ -44,6 +44,10 @@ pub(crate) enum PgError {
     PendingLogins,
     #[error("{0}")]
     AppLimit(String),
+    /// The node's active set is full: "starting up" as a wake that
+    /// timed out, with the limit named.
+    #[error("{0}")]
+    Full(String),
 }
 
 impl PgError {
@@ -53,7 +57,7 @@ impl PgError {
             PgError::Password(_) => "28P01",
             PgError::Authorization(_) => "28000",
             PgError::UnknownDatabase(_) => "3D000",
-            PgError::Waking(_) | PgError::Paused(_) => "57P03",
+            PgError::Waking(_) | PgError::Paused(_) | PgError::Full(_) => "57P03",
             PgError::Backend(_) | PgError::Unreachable(_) => "08006",
             PgError::TooManyClients
             | PgError::RateLimited(_)
@@ -87,6 +91,7 @@ impl PgError {
             }
             PgError::Password(_) | PgError::Authorization(_) => ErrorKind::Auth,
             PgError::Waking(_) | PgError::Paused(_) => ErrorKind::WakeTimeout,
+            PgError::Full(_) => ErrorKind::Capacity,
             PgError::Backend(_) | PgError::Unreachable(_) => ErrorKind::Backend,
             PgError::TooManyClients
             | PgError::RateLimited(_)
@@ -106,6 +111,7 @@ impl PgError {
                 PgError::Waking(database.to_string())
             }
             e @ ProxyError::AppLimit { .. } => PgError::AppLimit(e.to_string()),
+            e @ ProxyError::ActiveSetFull(_) => PgError::Full(e.to_string()),
             other => PgError::Backend(other.to_string()),
         }
     }

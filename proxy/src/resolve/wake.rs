@@ -194,6 +194,10 @@ pub(super) fn resolve_error(key: &DbKey, e: ClientError) -> ProxyError {
             app: key.app.to_string(),
             limit: "creates_per_minute".into(),
         },
+        ClientError::Api {
+            code: ErrorCode::ActiveSetFull,
+            ..
+        } => ProxyError::ActiveSetFull(key.db.to_string()),
         ClientError::Api { message, .. } => ProxyError::Backend {
             db: key.db.to_string(),
             reason: message,

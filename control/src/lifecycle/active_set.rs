@@ -1,0 +1,225 @@
+//! This node's active set: at most `database.max_active_databases` engines
+//! run here at once, and their RSS stays within `max_active_memory`. A wake
+//! that would go past either first puts to sleep the least recently used
+//! running databases that have no open session (a hibernation like any
+//! other, backed up as one). When none can go, it waits its turn (wakes
+//! pass first come, first served, whatever their app) for up to
+//! `database.active_wait`, then is refused naming the limit. A database with
+//! open sessions is never put to sleep to make room.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rouse_config::DatabaseConfig;
+use rouse_control_api::*;
+use tracing::{info, warn};
+
+use super::Manager;
+use crate::error::{ControlError, Result};
+use crate::metrics::{ACTIVE_SET_WAITS, EVICTIONS, EVICTION_CHURN};
+use crate::process::usage;
+
+/// About an rqlited's RSS here, to derive the default bound from memory.
+const ENGINE_RSS: u64 = 32 << 20;
+/// A database woken again this soon after it was put to sleep to make room
+/// counts as churn.
+const CHURN: Duration = Duration::from_secs(60);
+/// How often engine memory is measured at most (it reads `/proc`).
+const MEASURE_EVERY: Duration = Duration::from_secs(1);
+/// How often a waiting wake looks for room again.
+const RETRY: Duration = Duration::from_millis(100);
+
+pub(super) struct ActiveSet {
+    pub(super) max_databases: usize,
+    pub(super) max_memory: u64,
+    wait: Duration,
+    /// Wakes looking for room pass one at a time, in the order they came.
+    turnstile: tokio::sync::Mutex<()>,
+    /// Databases given a seat whose engines are not running yet.
+    booting: Arc<Mutex<HashSet<DbKey>>>,
+    /// When each database was last put to sleep to make room.
+    evicted: Mutex<HashMap<DbKey, Instant>>,
+    /// Engine RSS as last measured, and when.
+    measured: Mutex<Option<(Instant, u64)>>,
+}
+
+impl ActiveSet {
+    pub(super) fn new(config: &DatabaseConfig) -> ActiveSet {
+        let usable = usage::memory_total() / 4 * 3;
+        ActiveSet {
+            max_databases: match config.max_active_databases {
+                0 => (usable / ENGINE_RSS).max(1) as usize,
+                n => n as usize,
+            },
+            max_memory: match config.max_active_memory {
+                0 => usable,
+                n => n,
+            },
+            wait: config.active_wait,
+            turnstile: tokio::sync::Mutex::new(()),
+            booting: Default::default(),
+            evicted: Default::default(),
+            measured: Mutex::new(None),
+        }
+    }
+}
+
+/// A wake's place in the active set until its engines run (or it fails).
+pub(super) struct Seat {
+    booting: Arc<Mutex<HashSet<DbKey>>>,
+    key: DbKey,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.booting
+            .lock()
+            .expect("active set poisoned")
+            .remove(&self.key);
+    }
+}
+
+impl Manager {
+    /// Room for `key`'s engines here, made by putting idle databases to
+    /// sleep when the active set is full.
+    pub(super) async fn take_seat(&self, key: &DbKey) -> Result<Seat> {
+        let set = &self.active;
+        let asked = Instant::now();
+        let deadline = asked + set.wait;
+        let full = |limit: &str| {
+            let value = match limit {
+                "max_active_databases" => set.max_databases.to_string(),
+                _ => format!("{} MiB", set.max_memory >> 20),
+            };
+            ControlError::ActiveSetFull {
+                limit: format!("{limit} = {value}"),
+            }
+        };
+        let Ok(_turn) = tokio::time::timeout(set.wait, set.turnstile.lock()).await else {
+            ACTIVE_SET_WAITS.counter(["refused".into()]).increment(1);
+            return Err(full("max_active_databases"));
+        };
+        // Databases that would not go (sessions opened meanwhile).
+        let mut kept: HashSet<DbKey> = HashSet::new();
+        loop {
+            let (idle, count) = self.running_here(key);
+            let limit = if count >= set.max_databases {
+                Some("max_active_databases")
+            } else if self.engine_memory() + usage_of_booting(set) >= set.max_memory {
+                Some("max_active_memory")
+            } else {
+                None
+            };
+            let Some(limit) = limit else {
+                if asked.elapsed() > RETRY {
+                    ACTIVE_SET_WAITS.counter(["room".into()]).increment(1);
+                }
+                let churned = set
+                    .evicted
+                    .lock()
+                    .expect("active set poisoned")
+                    .remove(key)
+                    .is_some_and(|at| at.elapsed() < CHURN);
+                if churned {
+                    EVICTION_CHURN.counter([]).increment(1);
+                }
+                set.booting
+                    .lock()
+                    .expect("active set poisoned")
+                    .insert(key.clone());
+                return Ok(Seat {
+                    booting: set.booting.clone(),
+                    key: key.clone(),
+                });
+            };
+            let victim = idle.into_iter().find(|k| !kept.contains(k));
+            if let Some(victim) = victim {
+                info!(database = %victim, waking = %key, limit, "putting the least recently used database to sleep to make room");
+                match self.hibernate_here(&victim, false).await {
+                    Ok(_) => {
+                        EVICTIONS.counter([limit.into()]).increment(1);
+                        set.evicted
+                            .lock()
+                            .expect("active set poisoned")
+                            .insert(victim, Instant::now());
+                        *set.measured.lock().expect("active set poisoned") = None;
+                    }
+                    Err(e) => {
+                        warn!(database = %victim, error = %e, "could not put the database to sleep to make room");
+                        kept.insert(victim);
+                    }
+                }
+                continue;
+            }
+            if Instant::now() + RETRY >= deadline {
+                ACTIVE_SET_WAITS.counter(["refused".into()]).increment(1);
+                warn!(database = %key, limit, "wake refused: the active set is full of databases in use");
+                return Err(full(limit));
+            }
+            tokio::time::sleep(RETRY).await;
+            // Sessions may have closed meanwhile.
+            kept.clear();
+        }
+    }
+
+    /// The databases running here other than `key`, those without open
+    /// sessions least recently used first; and how many run or boot.
+    fn running_here(&self, key: &DbKey) -> (Vec<DbKey>, usize) {
+        let booting = self
+            .active
+            .booting
+            .lock()
+            .expect("active set poisoned")
+            .clone();
+        let mut count = booting.len();
+        let mut idle = Vec::new();
+        for (k, slot) in self.all_slots() {
+            if &k == key || booting.contains(&k) {
+                continue;
+            }
+            match slot.running.try_lock() {
+                // Starting or stopping: it holds its place meanwhile.
+                Err(_) => count += 1,
+                Ok(run) if run.is_some() => {
+                    count += 1;
+                    if self.activity.open_sessions(&k) == 0 {
+                        idle.push(k);
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+        idle.sort_by_key(|k| self.activity.last_activity(k).unwrap_or(0));
+        (idle, count)
+    }
+
+    /// The RSS of the engines running here, measured at most once a second.
+    fn engine_memory(&self) -> u64 {
+        let mut measured = self.active.measured.lock().expect("active set poisoned");
+        if let Some((at, bytes)) = *measured {
+            if at.elapsed() < MEASURE_EVERY {
+                return bytes;
+            }
+        }
+        let mut bytes = 0;
+        for (_, slot) in self.all_slots() {
+            if let Ok(run) = slot.running.try_lock() {
+                if let Some(run) = run.as_ref() {
+                    bytes += run
+                        .processes
+                        .iter()
+                        .map(|p| usage::tree_memory(p.pid()))
+                        .sum::<u64>();
+                }
+            }
+        }
+        *measured = Some((Instant::now(), bytes));
+        bytes
+    }
+}
+
+/// What the engines given a seat will take once they run.
+fn usage_of_booting(set: &ActiveSet) -> u64 {
+    set.booting.lock().expect("active set poisoned").len() as u64 * ENGINE_RSS
+}
