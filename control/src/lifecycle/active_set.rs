@@ -6,6 +6,10 @@
 //! pass first come, first served, whatever their app) for up to
 //! `database.active_wait`, then is refused naming the limit. A database with
 //! open sessions is never put to sleep to make room.
+//!
+//! Only the choice is made in turn: a wake that puts another database to
+//! sleep takes that database's place at once and stops it outside the
+//! turnstile, so that a full node makes room for several wakes at a time.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -38,6 +42,8 @@ pub(super) struct ActiveSet {
     turnstile: tokio::sync::Mutex<()>,
     /// Databases given a seat whose engines are not running yet.
     booting: Arc<Mutex<HashSet<DbKey>>>,
+    /// Databases being put to sleep to make room: their places are taken.
+    leaving: Mutex<HashSet<DbKey>>,
     /// When each database was last put to sleep to make room.
     evicted: Mutex<HashMap<DbKey, Instant>>,
     /// Engine RSS as last measured, and when.
@@ -59,6 +65,7 @@ impl ActiveSet {
             wait: config.active_wait,
             turnstile: tokio::sync::Mutex::new(()),
             booting: Default::default(),
+            leaving: Default::default(),
             evicted: Default::default(),
             measured: Mutex::new(None),
         }
@@ -87,84 +94,126 @@ impl Manager {
         let set = &self.active;
         let asked = Instant::now();
         let deadline = asked + set.wait;
-        let full = |limit: &str| {
-            let value = match limit {
-                "max_active_databases" => set.max_databases.to_string(),
-                _ => format!("{} MiB", set.max_memory >> 20),
-            };
-            ControlError::ActiveSetFull {
-                limit: format!("{limit} = {value}"),
-            }
-        };
-        let Ok(_turn) = tokio::time::timeout(set.wait, set.turnstile.lock()).await else {
-            ACTIVE_SET_WAITS.counter(["refused".into()]).increment(1);
-            return Err(full("max_active_databases"));
-        };
         // Databases that would not go (sessions opened meanwhile).
         let mut kept: HashSet<DbKey> = HashSet::new();
         loop {
-            let (idle, count) = self.running_here(key);
-            let limit = if count >= set.max_databases {
-                Some("max_active_databases")
-            } else if self.engine_memory() + usage_of_booting(set) >= set.max_memory {
-                Some("max_active_memory")
-            } else {
-                None
+            let (seat, victim) = {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let Ok(_turn) = tokio::time::timeout(left, set.turnstile.lock()).await else {
+                    return Err(self.refuse(key, "max_active_databases"));
+                };
+                let (idle, count) = self.running_here(key);
+                let limit = if count >= set.max_databases {
+                    Some("max_active_databases")
+                } else if self.memory_bound_reached(count) {
+                    Some("max_active_memory")
+                } else {
+                    None
+                };
+                match limit {
+                    None => (self.seat(key), None),
+                    Some(limit) => match idle.into_iter().find(|k| !kept.contains(k)) {
+                        Some(victim) => {
+                            set.leaving
+                                .lock()
+                                .expect("active set poisoned")
+                                .insert(victim.clone());
+                            (self.seat(key), Some((victim, limit)))
+                        }
+                        None if Instant::now() + RETRY >= deadline => {
+                            return Err(self.refuse(key, limit));
+                        }
+                        None => {
+                            drop(_turn);
+                            tokio::time::sleep(RETRY).await;
+                            // Sessions may have closed meanwhile.
+                            kept.clear();
+                            continue;
+                        }
+                    },
+                }
             };
-            let Some(limit) = limit else {
+            let Some((victim, limit)) = victim else {
                 if asked.elapsed() > RETRY {
                     ACTIVE_SET_WAITS.counter(["room".into()]).increment(1);
                 }
-                let churned = set
-                    .evicted
-                    .lock()
-                    .expect("active set poisoned")
-                    .remove(key)
-                    .is_some_and(|at| at.elapsed() < CHURN);
-                if churned {
-                    EVICTION_CHURN.counter([]).increment(1);
-                }
-                set.booting
-                    .lock()
-                    .expect("active set poisoned")
-                    .insert(key.clone());
-                return Ok(Seat {
-                    booting: set.booting.clone(),
-                    key: key.clone(),
-                });
+                return Ok(seat);
             };
-            let victim = idle.into_iter().find(|k| !kept.contains(k));
-            if let Some(victim) = victim {
-                info!(database = %victim, waking = %key, limit, "putting the least recently used database to sleep to make room");
-                match self.hibernate_here(&victim, false).await {
-                    Ok(_) => {
-                        EVICTIONS.counter([limit.into()]).increment(1);
-                        set.evicted
-                            .lock()
-                            .expect("active set poisoned")
-                            .insert(victim, Instant::now());
-                        *set.measured.lock().expect("active set poisoned") = None;
-                    }
-                    Err(e) => {
-                        warn!(database = %victim, error = %e, "could not put the database to sleep to make room");
-                        kept.insert(victim);
-                    }
+            info!(database = %victim, waking = %key, limit, "putting the least recently used database to sleep to make room");
+            let slept = self.hibernate_here(&victim, false).await;
+            set.leaving
+                .lock()
+                .expect("active set poisoned")
+                .remove(&victim);
+            match slept {
+                Ok(_) => {
+                    EVICTIONS.counter([limit.into()]).increment(1);
+                    set.evicted
+                        .lock()
+                        .expect("active set poisoned")
+                        .insert(victim, Instant::now());
+                    *set.measured.lock().expect("active set poisoned") = None;
+                    return Ok(seat);
                 }
-                continue;
+                Err(e) => {
+                    // Its place is its own again; look again.
+                    warn!(database = %victim, error = %e, "could not put the database to sleep to make room");
+                    drop(seat);
+                    kept.insert(victim);
+                }
             }
-            if Instant::now() + RETRY >= deadline {
-                ACTIVE_SET_WAITS.counter(["refused".into()]).increment(1);
-                warn!(database = %key, limit, "wake refused: the active set is full of databases in use");
-                return Err(full(limit));
-            }
-            tokio::time::sleep(RETRY).await;
-            // Sessions may have closed meanwhile.
-            kept.clear();
         }
     }
 
-    /// The databases running here other than `key`, those without open
-    /// sessions least recently used first; and how many run or boot.
+    /// A place in the active set for `key`, counted until its engines run.
+    fn seat(&self, key: &DbKey) -> Seat {
+        let set = &self.active;
+        let churned = set
+            .evicted
+            .lock()
+            .expect("active set poisoned")
+            .remove(key)
+            .is_some_and(|at| at.elapsed() < CHURN);
+        if churned {
+            EVICTION_CHURN.counter([]).increment(1);
+        }
+        set.booting
+            .lock()
+            .expect("active set poisoned")
+            .insert(key.clone());
+        Seat {
+            booting: set.booting.clone(),
+            key: key.clone(),
+        }
+    }
+
+    fn refuse(&self, key: &DbKey, limit: &str) -> ControlError {
+        let set = &self.active;
+        ACTIVE_SET_WAITS.counter(["refused".into()]).increment(1);
+        warn!(database = %key, limit, "wake refused: the active set is full of databases in use");
+        let value = match limit {
+            "max_active_databases" => set.max_databases.to_string(),
+            _ => format!("{} MiB", set.max_memory >> 20),
+        };
+        ControlError::ActiveSetFull {
+            limit: format!("{limit} = {value}"),
+        }
+    }
+
+    /// Whether the engines' memory, with `count` running or booting, has
+    /// reached `max_active_memory`. Measured only when it could have: a
+    /// measure reads every engine's page tables.
+    fn memory_bound_reached(&self, count: usize) -> bool {
+        let set = &self.active;
+        if (count as u64) * ENGINE_RSS * 2 < set.max_memory {
+            return false;
+        }
+        self.engine_memory() + usage_of_booting(set) >= set.max_memory
+    }
+
+    /// The databases running here other than `key` and those leaving, the
+    /// ones without open sessions least recently used first; and how many
+    /// run or boot (a leaving database's place is its successor's).
     fn running_here(&self, key: &DbKey) -> (Vec<DbKey>, usize) {
         let booting = self
             .active
@@ -172,10 +221,16 @@ impl Manager {
             .lock()
             .expect("active set poisoned")
             .clone();
+        let leaving = self
+            .active
+            .leaving
+            .lock()
+            .expect("active set poisoned")
+            .clone();
         let mut count = booting.len();
         let mut idle = Vec::new();
         for (k, slot) in self.all_slots() {
-            if &k == key || booting.contains(&k) {
+            if &k == key || booting.contains(&k) || leaving.contains(&k) {
                 continue;
             }
             match slot.running.try_lock() {
