@@ -20,9 +20,15 @@ struct Counters {
     reported_open: u64,
 }
 
+/// The least time between two reports that a new session brought forward.
+const MIN_GAP: Duration = Duration::from_millis(100);
+
 #[derive(Default)]
 pub(crate) struct Activity {
     dbs: Mutex<HashMap<DbKey, Counters>>,
+    /// A database control believes idle got a session: report it now, so
+    /// that control does not put it to sleep to make room meanwhile.
+    session_opened: tokio::sync::Notify,
 }
 
 /// A request in flight; it ends when dropped.
@@ -57,6 +63,23 @@ impl Activity {
             activity: self.clone(),
             key: key.clone(),
         }
+    }
+
+    /// [`Activity::begin`] for a client session, which may last: when
+    /// control last heard of no session on the database, the next report
+    /// goes at once instead of at the next interval.
+    pub(crate) fn begin_session(self: &Arc<Self>, key: &DbKey) -> InFlight {
+        let in_flight = self.begin(key);
+        let unheard = self
+            .dbs
+            .lock()
+            .expect("activity poisoned")
+            .get(key)
+            .is_some_and(|c| c.reported_open == 0);
+        if unheard {
+            self.session_opened.notify_one();
+        }
+        in_flight
     }
 
     /// What happened since the last call; idle databases are dropped.
@@ -95,8 +118,15 @@ impl Activity {
         every: Duration,
     ) {
         let mut tick = tokio::time::interval(every);
+        let mut last = tokio::time::Instant::now();
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.session_opened.notified() => {
+                    tokio::time::sleep_until(last + MIN_GAP).await;
+                }
+            }
+            last = tokio::time::Instant::now();
             let databases = self.take_report();
             if databases.is_empty() {
                 continue;

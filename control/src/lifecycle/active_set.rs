@@ -33,6 +33,10 @@ const CHURN: Duration = Duration::from_secs(60);
 const MEASURE_EVERY: Duration = Duration::from_secs(1);
 /// How often a waiting wake looks for room again.
 const RETRY: Duration = Duration::from_millis(100);
+/// A database started this recently is not put to sleep to make room: it
+/// was started for a client being served now, whose session the proxy
+/// reports at once (a request in flight, at its next report).
+const FRESH: Duration = Duration::from_secs(1);
 
 pub(super) struct ActiveSet {
     pub(super) max_databases: usize,
@@ -236,13 +240,13 @@ impl Manager {
             match slot.running.try_lock() {
                 // Starting or stopping: it holds its place meanwhile.
                 Err(_) => count += 1,
-                Ok(run) if run.is_some() => {
+                Ok(run) => {
+                    let Some(run) = run.as_ref() else { continue };
                     count += 1;
-                    if self.activity.open_sessions(&k) == 0 {
+                    if self.activity.open_sessions(&k) == 0 && run.started.elapsed() >= FRESH {
                         idle.push(k);
                     }
                 }
-                Ok(_) => {}
             }
         }
         idle.sort_by_key(|k| self.activity.last_activity(k).unwrap_or(0));

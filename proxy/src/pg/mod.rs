@@ -308,7 +308,7 @@ impl PgFront {
                 "ok".into(),
             ])
             .increment(1);
-        let _in_session = self.activity.begin(key);
+        let _in_session = self.activity.begin_session(key);
         let mut meter = self.traffic.meter(key);
         match &mut started.mode {
             // Boxed, so that the transaction-mode clients' tasks stay small.
