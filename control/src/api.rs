@@ -329,6 +329,11 @@ async fn route(
             if !(first_access && c.role == Role::Proxy) {
                 c.owner(&body.app, "create databases of this app")?;
             }
+            // A registration makes control connect to the addresses it
+            // names (members, etcd): an operator's act, not a tenant's.
+            if body.patroni.is_some() {
+                c.admin("register Patroni clusters")?;
+            }
             let info = detached(
                 m,
                 move |m| async move { m.create(&body, first_access).await },

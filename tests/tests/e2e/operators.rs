@@ -224,6 +224,26 @@ async fn each_role_reaches_only_what_it_is_for() {
             .create_database(&db("rival", "x", Engine::Rqlite))
             .await
             .map(|_| ()),
+        // Nor may it point control at addresses of its choosing by
+        // registering a Patroni cluster, even for its own app.
+        shop_client
+            .create_database(&CreateDatabase {
+                patroni: Some(PatroniRegistration {
+                    members: Vec::new(),
+                    discovery: Some(PatroniDiscovery {
+                        etcd: vec!["http://127.0.0.1:8001".into()],
+                        scope: Some("x".into()),
+                        namespace: None,
+                    }),
+                    admin: BackendCredentials {
+                        user: "postgres".into(),
+                        password: "x".into(),
+                    },
+                }),
+                ..db("shop", "probe", Engine::Patroni)
+            })
+            .await
+            .map(|_| ()),
     ] {
         assert_eq!(refused.unwrap_err().status(), Some(403));
     }
