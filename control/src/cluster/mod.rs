@@ -34,6 +34,9 @@ pub struct Member {
     /// `None`: this node.
     pub peer: Option<PeerId>,
     pub max_databases: u32,
+    /// Whether its active set has a free place: a database started there
+    /// puts no other to sleep.
+    pub active_room: bool,
 }
 
 /// This node's view of the cluster, taken once per decision.
@@ -41,6 +44,7 @@ pub struct Membership {
     me: String,
     my_peer: PeerId,
     my_max: u32,
+    my_active_room: bool,
     peers: Vec<PeerView>,
     /// Peers may be unknown for a while after this node starts: only a
     /// node seen unhealthy, or unheard of for long, counts as down.
@@ -51,12 +55,13 @@ pub struct Membership {
 impl Membership {
     /// Only peers recorded in `_system` as `members` take part: a holder
     /// of the cluster key that is not one can neither coordinate nor be
-    /// given replicas.
+    /// given replicas. `room`: this node's `max_databases` and whether its
+    /// active set has a free place.
     pub fn new(
         peers: &Peers,
         members: &HashSet<PeerId>,
         me: &str,
-        max_databases: u32,
+        (max_databases, active_room): (u32, bool),
         started: Instant,
         has_bootstrap: bool,
     ) -> Membership {
@@ -64,17 +69,17 @@ impl Membership {
         views.retain(|p| members.contains(&p.peer_id));
         let settle = peers.health_check_interval() * (MISSED_CHECKS * 2);
         Membership::of(
-            (me, peers.peer_id(), max_databases),
+            (me, peers.peer_id(), max_databases, active_room),
             views,
             started.elapsed() > settle.max(Duration::from_secs(1)),
             has_bootstrap,
         )
     }
 
-    /// This node (`me`: node id, peer id, capacity) and the member peers it
-    /// sees; `settled` once unheard-of peers count as down.
+    /// This node (`me`: node id, peer id, capacity, active room) and the
+    /// member peers it sees; `settled` once unheard-of peers count as down.
     fn of(
-        (me, my_peer, my_max): (&str, PeerId, u32),
+        (me, my_peer, my_max, my_active_room): (&str, PeerId, u32, bool),
         peers: Vec<PeerView>,
         settled: bool,
         has_bootstrap: bool,
@@ -83,6 +88,7 @@ impl Membership {
             me: me.to_string(),
             my_peer,
             my_max,
+            my_active_room,
             clustered: has_bootstrap || !peers.is_empty(),
             peers,
             settled,
@@ -130,18 +136,34 @@ impl Membership {
             node_id: self.me.clone(),
             peer: None,
             max_databases: self.my_max,
+            active_room: self.my_active_room,
         }];
         out.extend(self.peers.iter().filter(|p| p.healthy).map(|p| Member {
             node_id: p.heartbeat.node_id.clone(),
             peer: Some(p.peer_id),
             max_databases: p.heartbeat.max_databases,
+            active_room:
+                p.heartbeat.capacity.as_ref().is_none_or(|c| {
+                    c.max_active_databases == 0 || c.active < c.max_active_databases
+                }),
         }));
         out
     }
 
-    /// `count` distinct live nodes with room for one more database, the
-    /// least loaded first (ties by node id, so every coordinator agrees),
-    /// skipping `exclude`. `load` counts the databases each node holds.
+    /// Live nodes whose active set is full: a replica moved off a full node
+    /// does not go to another.
+    pub fn without_active_room(&self) -> HashSet<String> {
+        self.live()
+            .into_iter()
+            .filter(|m| !m.active_room)
+            .map(|m| m.node_id)
+            .collect()
+    }
+
+    /// `count` distinct live nodes with room for one more database, those
+    /// with a free place in their active set first, then the least loaded
+    /// (ties by node id, so every coordinator agrees), skipping `exclude`.
+    /// `load` counts the databases each node holds.
     pub fn place(
         &self,
         count: u32,
@@ -163,7 +185,9 @@ impl Membership {
         fit.sort_by(|a, b| {
             let la = load.get(&a.node_id).copied().unwrap_or(0);
             let lb = load.get(&b.node_id).copied().unwrap_or(0);
-            la.cmp(&lb).then_with(|| a.node_id.cmp(&b.node_id))
+            (!a.active_room, la)
+                .cmp(&(!b.active_room, lb))
+                .then_with(|| a.node_id.cmp(&b.node_id))
         });
         fit.truncate(count as usize);
         Ok(fit)
@@ -271,7 +295,7 @@ mod tests {
             peer("c", 10, true),
             peer("d", 10, false),
         ];
-        let m = Membership::of(("a", me(), 10), peers, true, true);
+        let m = Membership::of(("a", me(), 10, true), peers, true, true);
         let load = HashMap::from([("a".to_string(), 5), ("b".to_string(), 1)]);
         let none = HashSet::new();
         // c holds nothing, b one, a five; d is down.
@@ -286,9 +310,33 @@ mod tests {
     }
 
     #[test]
+    fn placement_prefers_nodes_whose_active_set_has_room() {
+        let mut busy = peer("b", 10, true);
+        busy.heartbeat.capacity = Some(rouse_control_api::NodeCapacity {
+            active: 5,
+            max_active_databases: 5,
+            ..Default::default()
+        });
+        let m = Membership::of(
+            ("a", me(), 10, false),
+            vec![busy, peer("c", 10, true)],
+            true,
+            true,
+        );
+        let load = HashMap::from([("c".to_string(), 7)]);
+        let none = HashSet::new();
+        // c holds the most but is the only one with a free place.
+        assert_eq!(nodes(&m.place(1, &load, &none).unwrap()), ["c"]);
+        // Full nodes still take replicas when nothing else can.
+        assert_eq!(nodes(&m.place(3, &load, &none).unwrap()), ["c", "a", "b"]);
+        let full = m.without_active_room();
+        assert_eq!(full, HashSet::from(["a".to_string(), "b".to_string()]));
+    }
+
+    #[test]
     fn placement_refuses_when_too_few_nodes_have_room() {
         let peers = vec![peer("b", 1, true), peer("c", 10, false)];
-        let m = Membership::of(("a", me(), 2), peers, true, true);
+        let m = Membership::of(("a", me(), 2, true), peers, true, true);
         let full = HashMap::from([("a".to_string(), 2), ("b".to_string(), 0)]);
         match m.place(2, &full, &HashSet::new()) {
             Err(ControlError::InsufficientNodes { got: 1, need: 2 }) => {}
@@ -311,7 +359,7 @@ mod tests {
             .min()
             .unwrap();
         let mine = me();
-        let m = Membership::of(("a", mine, 10), peers.clone(), true, true);
+        let m = Membership::of(("a", mine, 10, true), peers.clone(), true, true);
         match m.coordinator() {
             None => assert!(
                 mine < lowest_healthy,
@@ -320,7 +368,7 @@ mod tests {
             Some(c) => assert_eq!(c, lowest_healthy),
         }
         // Alone, a node is its own coordinator and not clustered.
-        let alone = Membership::of(("a", mine, 10), Vec::new(), true, false);
+        let alone = Membership::of(("a", mine, 10, true), Vec::new(), true, false);
         assert_eq!(alone.coordinator(), None);
         assert!(!alone.clustered());
     }
@@ -328,9 +376,9 @@ mod tests {
     #[test]
     fn an_unheard_of_node_counts_as_live_only_until_the_view_settles() {
         let peers = vec![peer("b", 10, false)];
-        let early = Membership::of(("a", me(), 10), peers.clone(), false, true);
+        let early = Membership::of(("a", me(), 10, true), peers.clone(), false, true);
         assert!(early.is_live("a") && early.is_live("x") && !early.is_live("b"));
-        let settled = Membership::of(("a", me(), 10), peers, true, true);
+        let settled = Membership::of(("a", me(), 10, true), peers, true, true);
         assert!(settled.is_live("a") && !settled.is_live("x") && !settled.is_live("b"));
     }
 }

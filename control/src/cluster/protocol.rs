@@ -92,6 +92,10 @@ pub struct LocalStart {
     pub bootstrap: bool,
     /// The Raft addresses changed since the last run.
     pub raft_moved: bool,
+    /// The others make a quorum without this holder's replicas: a full
+    /// active set refuses them at once rather than waiting for room.
+    #[serde(default)]
+    pub optional: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -135,7 +139,7 @@ mod tests {
                 key: key(),
                 start: LocalStart {
                     bootstrap: true,
-                    raft_moved: false,
+                    ..LocalStart::default()
                 },
             },
             NodeRequest::Allocate {

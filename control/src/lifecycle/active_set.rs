@@ -31,6 +31,9 @@ const ENGINE_RSS: u64 = 32 << 20;
 const CHURN: Duration = Duration::from_secs(60);
 /// How often engine memory is measured at most (it reads `/proc`).
 const MEASURE_EVERY: Duration = Duration::from_secs(1);
+/// How long a replica the others can do without waits for room: long
+/// enough to pass the turnstile in a storm, not for sessions to end.
+const OPTIONAL_WAIT: Duration = Duration::from_secs(1);
 /// How often a waiting wake looks for room again.
 const RETRY: Duration = Duration::from_millis(100);
 /// A database started this recently is not put to sleep to make room: it
@@ -93,11 +96,12 @@ impl Drop for Seat {
 
 impl Manager {
     /// Room for `key`'s engines here, made by putting idle databases to
-    /// sleep when the active set is full.
-    pub(super) async fn take_seat(&self, key: &DbKey) -> Result<Seat> {
+    /// sleep when the active set is full. An `optional` replica (the other
+    /// holders make a quorum without it) hardly waits for room.
+    pub(super) async fn take_seat(&self, key: &DbKey, optional: bool) -> Result<Seat> {
         let set = &self.active;
         let asked = Instant::now();
-        let deadline = asked + set.wait;
+        let deadline = asked + if optional { OPTIONAL_WAIT } else { set.wait };
         // Databases that would not go (sessions opened meanwhile).
         let mut kept: HashSet<DbKey> = HashSet::new();
         loop {
@@ -106,7 +110,7 @@ impl Manager {
                 let Ok(_turn) = tokio::time::timeout(left, set.turnstile.lock()).await else {
                     return Err(self.refuse(key, "max_active_databases"));
                 };
-                let (idle, count) = self.running_here(key);
+                let (idle, count) = self.running_here(Some(key));
                 let limit = if count >= set.max_databases {
                     Some("max_active_databases")
                 } else if self.memory_bound_reached(count) {
@@ -169,6 +173,20 @@ impl Manager {
         }
     }
 
+    /// Whether `key`'s engines run here: a start then needs no new place.
+    pub(super) fn runs_here(&self, key: &DbKey) -> bool {
+        self.slot(key)
+            .running
+            .try_lock()
+            .is_ok_and(|run| run.is_some())
+    }
+
+    /// Whether a database started here now would put none to sleep.
+    pub(super) fn has_active_room(&self) -> bool {
+        let (_, count) = self.running_here(None);
+        count < self.active.max_databases && !self.memory_bound_reached(count)
+    }
+
     /// A place in the active set for `key`, counted until its engines run.
     fn seat(&self, key: &DbKey) -> Seat {
         let set = &self.active;
@@ -215,10 +233,10 @@ impl Manager {
         self.engine_memory() + usage_of_booting(set) >= set.max_memory
     }
 
-    /// The databases running here other than `key` and those leaving, the
-    /// ones without open sessions least recently used first; and how many
-    /// run or boot (a leaving database's place is its successor's).
-    fn running_here(&self, key: &DbKey) -> (Vec<DbKey>, usize) {
+    /// The databases running here other than `except` and those leaving,
+    /// the ones without open sessions least recently used first; and how
+    /// many run or boot (a leaving database's place is its successor's).
+    fn running_here(&self, except: Option<&DbKey>) -> (Vec<DbKey>, usize) {
         let booting = self
             .active
             .booting
@@ -234,7 +252,7 @@ impl Manager {
         let mut count = booting.len();
         let mut idle = Vec::new();
         for (k, slot) in self.all_slots() {
-            if &k == key || booting.contains(&k) || leaving.contains(&k) {
+            if Some(&k) == except || booting.contains(&k) || leaving.contains(&k) {
                 continue;
             }
             match slot.running.try_lock() {

@@ -63,13 +63,21 @@ impl Manager {
         request: NodeRequest,
         here: impl std::future::Future<Output = Result<NodeResponse>>,
     ) -> Result<NodeResponse> {
-        let answer = match self.membership().await.coordinator() {
-            None => here.await?,
-            Some(peer) => self.ask(peer, request).await?,
+        let (answer, asked) = match self.membership().await.coordinator() {
+            None => (here.await?, false),
+            Some(peer) => (self.ask(peer, request).await?, true),
         };
         if let NodeResponse::Info(info) = &answer {
             let key = DbKey::new(info.app.clone(), info.name.clone());
             self.set_view(&key, info.status, info.endpoints.clone());
+            // The caller may be owed the engine login, which the
+            // coordinator's answer does not carry (a database created
+            // elsewhere a moment ago).
+            if asked && !self.knows_secret(&key) {
+                if let Ok(Some(rec)) = self.store.database_status(&key).await {
+                    self.info(&rec);
+                }
+            }
         }
         Ok(answer)
     }
@@ -152,7 +160,7 @@ impl Manager {
                 .map(NodeResponse::Replica),
             NodeRequest::Start { key, start } => {
                 let rec = self.record(&key).await?;
-                self.start_local(&rec, start)
+                self.start_seated(&rec, start)
                     .await
                     .map(|_| NodeResponse::Done)
             }

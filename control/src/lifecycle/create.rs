@@ -8,6 +8,7 @@ use rouse_control_api::*;
 use rouse_runtime::clock::now_ms;
 use tracing::{error, info, warn};
 
+use super::everywhere::Started;
 use super::placement::placement;
 use super::settings::{first_access_setting, patroni_setting};
 use super::Manager;
@@ -161,20 +162,11 @@ impl Manager {
 
         let start = LocalStart {
             bootstrap: true,
-            raft_moved: false,
+            ..LocalStart::default()
         };
         let placed = asked.elapsed();
-        let started = async {
-            // A new database runs: it takes a place in this node's active set.
-            let _seat = if rec.replicas.iter().any(|r| r.node_id == self.node_id) {
-                Some(self.take_seat(&key).await?)
-            } else {
-                None
-            };
-            self.start_everywhere(&rec, start).await
-        };
-        match started.await {
-            Ok(endpoints) => {
+        match self.start_everywhere(&rec, start).await {
+            Ok(Started { endpoints, .. }) => {
                 self.activity.touch(&key, now_ms());
                 self.transition(&key, DatabaseStatus::Active, None, endpoints.clone())
                     .await?;

@@ -8,6 +8,7 @@ use rouse_runtime::clock::now_ms;
 use rouse_runtime::metric::WAKE_DURATION;
 use tracing::{error, info, warn};
 
+use super::everywhere::Started;
 use super::settings::patroni_setting;
 use super::{not_found, Manager};
 use crate::cluster::{LocalStart, Notice};
@@ -36,13 +37,8 @@ impl Manager {
         if self.is_up(key, &rec) {
             return Ok(self.info(&rec));
         }
-        // Refused here, the database stays asleep (not failed).
-        let _seat = if rec.replicas.iter().any(|r| r.node_id == self.node_id) {
-            Some(self.take_seat(key).await?)
-        } else {
-            None
-        };
-        let waited = asked.elapsed();
+        let locked = asked.elapsed();
+        let asleep = rec.status;
         // Not written to `_system`: a wake is this daemon's work in hand
         // (a restarted daemon wakes again on the next request).
         self.announce(key, DatabaseStatus::Waking, None, Vec::new());
@@ -51,11 +47,11 @@ impl Manager {
         let result = async {
             let (rec, raft_moved) = self.reallocate(&rec).await?;
             let start = LocalStart {
-                bootstrap: false,
                 raft_moved,
+                ..LocalStart::default()
             };
             match self.start_everywhere(&rec, start).await {
-                Ok(endpoints) => Ok((rec, endpoints)),
+                Ok(started) => Ok((rec, started)),
                 Err(e) => {
                     self.release(&rec.replicas);
                     Err(e)
@@ -64,13 +60,20 @@ impl Manager {
         }
         .await;
         match result {
-            Ok((mut rec, endpoints)) => {
+            Ok((
+                mut rec,
+                Started {
+                    endpoints,
+                    full,
+                    seat_wait,
+                },
+            )) => {
                 let took = asked.elapsed();
                 let now = now_ms();
                 self.activity.touch(key, now);
                 WAKE_DURATION
                     .histogram([rec.engine.as_str().into(), "wait".into()])
-                    .record(waited.as_secs_f64());
+                    .record((locked + seat_wait).as_secs_f64());
                 self.announce(key, DatabaseStatus::Active, None, endpoints.clone());
                 let wake_ms = took.as_millis() as u64;
                 (rec.last_activity, rec.last_wake_ms) = (now, Some(wake_ms));
@@ -93,12 +96,21 @@ impl Manager {
                     if let Err(e) = m.store.set_woken(&woken.key, now, wake_ms).await {
                         error!(database = %woken.key, error = %e, "could not record the wake");
                     }
-                    // Replicas left behind on dead nodes get their replacements now.
+                    // Replicas left behind on dead nodes get their replacements now,
+                    // and those on full nodes move to nodes with room.
                     if let Err(e) = m.replace_dead(&woken).await {
                         warn!(database = %woken.key, error = %e, "could not replace replicas of dead nodes");
                     }
+                    if let Err(e) = m.move_off(&woken, &full).await {
+                        warn!(database = %woken.key, error = %e, "could not move replicas off full nodes");
+                    }
                 });
                 Ok(self.info(&rec))
+            }
+            // No room: the database stays asleep (not failed).
+            Err(e @ ControlError::ActiveSetFull { .. }) => {
+                self.announce(key, asleep, rec.reason.as_deref(), Vec::new());
+                Err(e)
             }
             Err(e) => {
                 error!(database = %key, error = %e, "wake failed");

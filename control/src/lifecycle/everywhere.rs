@@ -2,7 +2,7 @@
 //! all its holders (this node directly, others over libp2p), and attach a
 //! registered Patroni cluster.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rouse_control_api::*;
 use rouse_runtime::metric::WAKE_DURATION;
@@ -14,17 +14,33 @@ use crate::engine::{self, Instance};
 use crate::error::{ControlError, Result};
 use crate::model::{DatabaseRecord, ReplicaRecord};
 
+/// What a start did.
+#[derive(Default)]
+pub(super) struct Started {
+    /// Where the database answers, leader first.
+    pub(super) endpoints: Vec<Endpoint>,
+    /// Nodes whose active set was full: their replicas were left out.
+    pub(super) full: Vec<String>,
+    /// How long this node's place in its active set took to find.
+    pub(super) seat_wait: Duration,
+}
+
 impl Manager {
-    /// Has every live holder start its replicas, then waits until the
-    /// database answers (leader first in the endpoints). Holders that are
-    /// down are left out while the others still make a quorum.
+    /// Has every live holder start its replicas, each in a place of its
+    /// own active set, then waits until the database answers (leader first
+    /// in the endpoints). Holders that are down, and on a wake holders whose
+    /// active set is full of databases in use, are left out while the
+    /// others still make a quorum.
     pub(super) async fn start_everywhere(
         &self,
         rec: &DatabaseRecord,
         start: LocalStart,
-    ) -> Result<Vec<Endpoint>> {
+    ) -> Result<Started> {
         if rec.engine == Engine::Patroni {
-            return self.attach_patroni(rec).await;
+            return Ok(Started {
+                endpoints: self.attach_patroni(rec).await?,
+                ..Started::default()
+            });
         }
         let membership = self.membership().await;
         let live: Vec<ReplicaRecord> = rec
@@ -48,31 +64,78 @@ impl Manager {
                 down.join(", ")
             )));
         }
+        let holders = cluster::holders(&live);
+        // A holder the others make a quorum without need not wait for room
+        // (a new database's replicas bootstrap together: none is optional).
+        let optional = |node: &str| {
+            let without = live.iter().filter(|r| r.node_id != node).count();
+            !start.bootstrap && without * 2 > rec.replicas.len()
+        };
+        // This node's place is found before a boot slot is taken: a wake
+        // waiting for room holds no slot that another could boot in.
+        let seat_asked = Instant::now();
+        let mut seat_here = match holders.contains(&self.node_id) {
+            true => Some(self.take_seat(&rec.key, optional(&self.node_id)).await),
+            false => None,
+        };
+        let seat_wait = seat_asked.elapsed();
         let t0 = Instant::now();
         // Held while the engines boot, the part of a start that takes CPU
         // and disk: a storm of starts boots engines in bounded number, apps
         // in turn, and their elections (mostly waiting) overlap freely.
         let booting = self.starts.acquire(&rec.key.app).await;
-        let started = futures::future::join_all(cluster::holders(&live).into_iter().map(|node| {
+        let started = futures::future::join_all(holders.iter().map(|node| {
+            let start = LocalStart {
+                optional: optional(node),
+                ..start
+            };
             let request = NodeRequest::Start {
                 key: rec.key.clone(),
                 start,
             };
-            let here = async {
+            let seat = match node == &self.node_id {
+                true => seat_here.take(),
+                false => None,
+            };
+            let here = async move {
+                let _seat = seat.transpose()?;
                 self.start_local(rec, start)
                     .await
                     .map(|_| NodeResponse::Done)
             };
-            async move { self.on_node(&node, request, here).await }
+            async move { (node.clone(), self.on_node(node, request, here).await) }
         }))
         .await;
         drop(booting);
-        if let Some(Err(e)) = started.into_iter().find(Result::is_err) {
-            self.stop_everywhere(rec, false).await;
-            return Err(e);
+        let mut full = Vec::new();
+        let mut failed = None;
+        for (node, result) in started {
+            match result {
+                Ok(_) => {}
+                Err(e @ ControlError::ActiveSetFull { .. }) if !start.bootstrap => {
+                    full.push(node);
+                    failed.get_or_insert(e);
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    full.clear();
+                    break;
+                }
+            }
+        }
+        let running: Vec<ReplicaRecord> = live
+            .into_iter()
+            .filter(|r| !full.contains(&r.node_id))
+            .collect();
+        if let Some(e) = failed {
+            if full.is_empty() || running.len() * 2 <= rec.replicas.len() {
+                self.stop_everywhere(rec, false).await;
+                return Err(e);
+            }
+            warn!(database = %rec.key, full = ?full, "waking without the replicas of nodes whose active set is full");
         }
         let spawned = t0.elapsed();
-        match self.ready_everywhere(rec, &live).await {
+        match self.ready_everywhere(rec, &running).await {
             Ok(endpoints) => {
                 let answered = t0.elapsed();
                 let engine = rec.engine.as_str();
@@ -82,13 +145,27 @@ impl Manager {
                 WAKE_DURATION
                     .histogram([engine.into(), "first_answer".into()])
                     .record((answered - spawned).as_secs_f64());
-                Ok(endpoints)
+                Ok(Started {
+                    endpoints,
+                    full,
+                    seat_wait,
+                })
             }
             Err(e) => {
                 self.stop_everywhere(rec, false).await;
                 Err(e)
             }
         }
+    }
+
+    /// Starts this node's replicas of `rec`, at a peer's request, in a
+    /// place of this node's active set.
+    pub(super) async fn start_seated(&self, rec: &DatabaseRecord, start: LocalStart) -> Result<()> {
+        let _seat = match self.runs_here(&rec.key) {
+            true => None,
+            false => Some(self.take_seat(&rec.key, start.optional).await?),
+        };
+        self.start_local(rec, start).await
     }
 
     /// Waits until the started replicas `live` answer a real query, and

@@ -35,7 +35,7 @@ impl Manager {
             &self.peers,
             &members,
             &self.node_id,
-            self.config.database.max_databases,
+            (self.config.database.max_databases, self.has_active_room()),
             self.started,
             !self.config.discovery.bootstrap_peers.is_empty(),
         );

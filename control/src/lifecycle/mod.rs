@@ -379,6 +379,15 @@ impl Manager {
         self.engines.node_tls.ca_pem()
     }
 
+    /// Whether this node has read `key`'s record, and so can give out its
+    /// engine login.
+    fn knows_secret(&self, key: &DbKey) -> bool {
+        self.secrets
+            .lock()
+            .expect("secrets poisoned")
+            .contains_key(key)
+    }
+
     /// The engine login `role` may use on the database of `info`: the
     /// proxies' data-plane login of an rqlite database for `proxy`, the
     /// engine's superuser for `admin`, nothing otherwise.

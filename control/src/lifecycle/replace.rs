@@ -1,5 +1,6 @@
 //! Replacing the replicas a dead node held, so a database keeps its
-//! replication factor.
+//! replication factor, and moving replicas off nodes whose active set is
+//! full, so a database runs all its replicas.
 
 use std::collections::HashSet;
 
@@ -35,24 +36,56 @@ impl Manager {
             warn!(database = %rec.key, "the node holding this database is down; its engine keeps one copy, so it waits for that node");
             return Ok(());
         }
+        self.replace(rec, dead, Leaving::Dead).await
+    }
+
+    /// Moves the replicas of `rec` on the nodes `full`, whose active sets
+    /// had no place for them at its wake, to nodes with a free place, as a
+    /// dead node's are replaced; the full nodes then drop their copies.
+    /// Run with the database's decision lock held, on a running database.
+    pub(super) async fn move_off(&self, rec: &DatabaseRecord, full: &[String]) -> Result<()> {
+        let gone: Vec<ReplicaRecord> = rec
+            .replicas
+            .iter()
+            .filter(|r| full.contains(&r.node_id))
+            .cloned()
+            .collect();
+        if gone.is_empty() || rec.engine != Engine::Rqlite {
+            return Ok(());
+        }
+        self.replace(rec, gone, Leaving::Full).await
+    }
+
+    async fn replace(
+        &self,
+        rec: &DatabaseRecord,
+        gone_replicas: Vec<ReplicaRecord>,
+        why: Leaving,
+    ) -> Result<()> {
+        let membership = self.membership().await;
         let mut load = self.store.load().await?;
         let mut replicas = rec.replicas.clone();
-        for gone in dead {
-            let holding: HashSet<String> = replicas.iter().map(|r| r.node_id.clone()).collect();
-            let target = match membership.place(1, &load, &holding) {
+        for gone in gone_replicas {
+            let mut exclude: HashSet<String> = replicas.iter().map(|r| r.node_id.clone()).collect();
+            if why == Leaving::Full {
+                exclude.extend(membership.without_active_room());
+            }
+            let target = match membership.place(1, &load, &exclude) {
                 Ok(mut m) => m.remove(0),
                 Err(e) => {
-                    warn!(database = %rec.key, dead_node = %gone.node_id, error = %e, "no node can take a replacement replica");
+                    warn!(database = %rec.key, node_id = %gone.node_id, why = why.as_str(), error = %e, "no node can take a replacement replica");
                     REPLICA_REPLACEMENTS
                         .counter(["no_capacity".into()])
                         .increment(1);
                     continue;
                 }
             };
-            self.notify(Notice::ReplacementNeeded {
-                key: rec.key.clone(),
-                dead_node: gone.node_id.clone(),
-            });
+            if why == Leaving::Dead {
+                self.notify(Notice::ReplacementNeeded {
+                    key: rec.key.clone(),
+                    dead_node: gone.node_id.clone(),
+                });
+            }
             let idx = replicas.iter().map(|r| r.idx).max().unwrap_or(0) + 1;
             let new = self
                 .allocate_on(&target.node_id, &rec.key, rec.engine, idx, None)
@@ -69,11 +102,12 @@ impl Manager {
                 engine::rqlite::node_id(&new),
                 new.node_id
             );
-            self.record_decision(&rec.key, "replace", &detail).await;
+            self.record_decision(&rec.key, why.decision(), &detail)
+                .await;
             *load.entry(new.node_id.clone()).or_default() += 1;
-            info!(database = %rec.key, dead_node = %gone.node_id, new_node = %new.node_id, "replacing a replica of a dead node");
-            // The live members keep a quorum without the dead one. They may
-            // still be electing a leader when the dead node held it.
+            info!(database = %rec.key, node_id = %gone.node_id, new_node = %new.node_id, why = why.as_str(), "replacing a replica");
+            // The running members keep a quorum without the one leaving.
+            // They may still be electing a leader when it held it.
             let survivors: Vec<RqliteClient> = replicas
                 .iter()
                 .filter(|r| r.idx != new.idx)
@@ -82,7 +116,7 @@ impl Manager {
             let dead_member = engine::rqlite::node_id(&gone);
             engine::poll_until(
                 tokio::time::Instant::now() + self.engines.start_timeout,
-                "removing the dead member",
+                "removing the member that leaves",
                 || async {
                     let mut last = String::from("no live member");
                     for client in &survivors {
@@ -95,10 +129,7 @@ impl Manager {
                 },
             )
             .await?;
-            let start = LocalStart {
-                bootstrap: false,
-                raft_moved: false,
-            };
+            let start = LocalStart::default();
             self.on_node(
                 &new.node_id,
                 NodeRequest::Start {
@@ -110,7 +141,7 @@ impl Manager {
                         replicas: replicas.clone(),
                         ..rec.clone()
                     };
-                    self.start_local(&rec, start)
+                    self.start_seated(&rec, start)
                         .await
                         .map(|_| NodeResponse::Done)
                 },
@@ -130,12 +161,28 @@ impl Manager {
             )
             .await?;
             REPLICA_REPLACEMENTS.counter(["done".into()]).increment(1);
-            self.notify(Notice::Replaced {
-                key: rec.key.clone(),
-                dead_node: gone.node_id.clone(),
-                new_node: new.node_id.clone(),
-            });
-            info!(database = %rec.key, new_node = %new.node_id, "replacement replica joined");
+            match why {
+                Leaving::Dead => self.notify(Notice::Replaced {
+                    key: rec.key.clone(),
+                    dead_node: gone.node_id.clone(),
+                    new_node: new.node_id.clone(),
+                }),
+                // The full node's copy is stale from now on: it goes.
+                Leaving::Full => {
+                    let request = NodeRequest::Stop {
+                        key: rec.key.clone(),
+                        remove_data: true,
+                    };
+                    let here = async {
+                        self.stop_local(&rec.key, true).await;
+                        Ok(NodeResponse::Done)
+                    };
+                    if let Err(e) = self.on_node(&gone.node_id, request, here).await {
+                        warn!(database = %rec.key, node_id = %gone.node_id, error = %e, "could not remove a moved replica's data");
+                    }
+                }
+            }
+            info!(database = %rec.key, new_node = %new.node_id, why = why.as_str(), "replacement replica joined");
         }
         let rec = DatabaseRecord {
             replicas,
@@ -143,5 +190,31 @@ impl Manager {
         };
         self.announce_leader(&rec).await;
         Ok(())
+    }
+}
+
+/// Why a replica leaves its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leaving {
+    /// The node is down.
+    Dead,
+    /// The node's active set had no place for it at a wake.
+    Full,
+}
+
+impl Leaving {
+    fn as_str(self) -> &'static str {
+        match self {
+            Leaving::Dead => "node_down",
+            Leaving::Full => "active_set_full",
+        }
+    }
+
+    /// The kind of decision written to `_system`'s log.
+    fn decision(self) -> &'static str {
+        match self {
+            Leaving::Dead => "replace",
+            Leaving::Full => "move",
+        }
     }
 }

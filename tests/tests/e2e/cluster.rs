@@ -17,12 +17,12 @@ use rouse_tests::{
 use serde_json::{json, Value};
 
 /// Checks every 200 ms: a dead node is noticed in about 0.6 s.
-fn fast(b: ControlBuilder) -> ControlBuilder {
+pub(crate) fn fast(b: ControlBuilder) -> ControlBuilder {
     b.hibernation_timeout("0")
         .discovery_intervals("200ms", "500ms")
 }
 
-fn rqlite_db(db: &str, replicas: u32) -> CreateDatabase {
+pub(crate) fn rqlite_db(db: &str, replicas: u32) -> CreateDatabase {
     CreateDatabase {
         app: name(APP),
         name: name(db),
@@ -32,12 +32,17 @@ fn rqlite_db(db: &str, replicas: u32) -> CreateDatabase {
     }
 }
 
-fn holders(info: &DatabaseInfo) -> BTreeSet<String> {
+pub(crate) fn holders(info: &DatabaseInfo) -> BTreeSet<String> {
     info.endpoints.iter().map(|e| e.node_id.clone()).collect()
 }
 
 /// An rqlite API call straight to one replica.
-async fn replica_call(info: &DatabaseInfo, e: &Endpoint, path: &str, body: Value) -> Result<Value> {
+pub(crate) async fn replica_call(
+    info: &DatabaseInfo,
+    e: &Endpoint,
+    path: &str,
+    body: Value,
+) -> Result<Value> {
     let url = format!("{}{path}", engine_url(info, e));
     let resp = rouse_tests::http_client()
         .post(url)
@@ -46,6 +51,37 @@ async fn replica_call(info: &DatabaseInfo, e: &Endpoint, path: &str, body: Value
         .send()
         .await?;
     Ok(resp.error_for_status()?.json().await?)
+}
+
+/// An rqlite API call to the database's leader.
+pub(crate) async fn leader_call(info: &DatabaseInfo, path: &str, body: Value) -> Result<Value> {
+    let leader = info
+        .endpoints
+        .iter()
+        .find(|e| e.leader)
+        .context("a leader")?;
+    replica_call(info, leader, path, body).await
+}
+
+/// Until the replica at `e` reads `want` (rows of values) for `sql`
+/// locally, within 15 s.
+pub(crate) async fn until_replica_reads(
+    info: &DatabaseInfo,
+    e: &Endpoint,
+    sql: &str,
+    want: Value,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let r = replica_call(info, e, "/db/query?level=none", json!([sql])).await;
+        match &r {
+            Ok(r) if r["results"][0]["values"] == want => return Ok(()),
+            _ if start.elapsed() > Duration::from_secs(15) => {
+                anyhow::bail!("replica {e:?} never read {want}: {r:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 /// The Raft members the replica at `e` knows: id → (voter, reachable).
@@ -78,7 +114,7 @@ async fn listening(e: &Endpoint) -> bool {
         .is_ok()
 }
 
-async fn through_proxy(
+pub(crate) async fn through_proxy(
     proxy: &Proxy,
     key: &str,
     db: &str,
@@ -167,7 +203,7 @@ impl Writer {
     }
 }
 
-async fn setup_app(control: &Control) -> Result<String> {
+pub(crate) async fn setup_app(control: &Control) -> Result<String> {
     let api = control.client();
     api.create_app(&name(APP)).await?;
     Ok(api.create_key(&name(APP)).await?.key)
@@ -184,24 +220,20 @@ async fn replicas_go_to_distinct_nodes_and_a_new_node_takes_new_databases() -> R
     ]
     .into();
 
-    // Created through the second node, whoever coordinates.
-    let api = cluster.nodes[1].client();
+    // Created through a node that does not coordinate: its answer still
+    // carries the engine login an operator may use.
+    let api = cluster.nodes[(cluster.coordinator().await? + 1) % 3].client();
     let orders = api.create_database(&rqlite_db("orders", 3)).await?;
     assert_eq!(orders.status, DatabaseStatus::Active, "{orders:?}");
+    assert!(rouse_tests::engine_login(&orders).is_some(), "{orders:?}");
     assert_eq!(holders(&orders), ids, "one replica per node: {orders:?}");
     let hosts: BTreeSet<&str> = orders.endpoints.iter().map(|e| e.host.as_str()).collect();
     assert_eq!(hosts, ["127.0.0.1", "127.0.0.2", "127.0.0.3"].into());
 
     // One Raft cluster across the nodes: written on the leader, read on
     // every replica.
-    let leader = orders
-        .endpoints
-        .iter()
-        .find(|e| e.leader)
-        .context("a leader")?;
-    replica_call(
+    leader_call(
         &orders,
-        leader,
         "/db/execute",
         json!([
             "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
@@ -210,24 +242,7 @@ async fn replicas_go_to_distinct_nodes_and_a_new_node_takes_new_databases() -> R
     )
     .await?;
     for e in &orders.endpoints {
-        let start = Instant::now();
-        loop {
-            let r = replica_call(
-                &orders,
-                e,
-                "/db/query?level=none",
-                json!(["SELECT v FROM t"]),
-            )
-            .await?;
-            if r["results"][0]["values"] == json!([["a"]]) {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "replica {e:?} never saw the row: {r}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_replica_reads(&orders, e, "SELECT v FROM t", json!([["a"]])).await?;
     }
     // Every node tells the same placement.
     for n in &cluster.nodes {

@@ -3,6 +3,7 @@
 //! the harness (`rouse_tests`) on free loopback ports and stops them after.
 
 mod accounts;
+mod active_placement;
 mod active_set;
 mod admin_console;
 mod backups;
