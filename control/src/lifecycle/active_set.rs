@@ -7,11 +7,14 @@
 //! `database.active_wait`, then is refused naming the limit. A database with
 //! open sessions is never put to sleep to make room.
 //!
-//! Only the choice is made in turn: a wake that puts another database to
-//! sleep takes that database's place at once and stops it outside the
-//! turnstile, so that a full node makes room for several wakes at a time.
+//! A wake that finds a free place by count takes it without a turn. Only
+//! the choice of a database to put to sleep is made in turn: a wake that
+//! puts another database to sleep takes that database's place at once and
+//! stops it outside the turnstile, so that a full node makes room for
+//! several wakes at a time.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,8 +50,11 @@ pub(super) struct ActiveSet {
     wait: Duration,
     /// Wakes looking for room pass one at a time, in the order they came.
     turnstile: tokio::sync::Mutex<()>,
-    /// Databases given a seat whose engines are not running yet.
+    /// Databases given a seat whose engines are not running yet. Seats
+    /// are given with this lock held, so two cannot take the last place.
     booting: Arc<Mutex<HashSet<DbKey>>>,
+    /// Databases whose engines run here (a [`Place`] each).
+    running: Arc<AtomicUsize>,
     /// Databases being put to sleep to make room: their places are taken.
     leaving: Mutex<HashSet<DbKey>>,
     /// When each database was last put to sleep to make room.
@@ -72,10 +78,28 @@ impl ActiveSet {
             wait: config.active_wait,
             turnstile: tokio::sync::Mutex::new(()),
             booting: Default::default(),
+            running: Default::default(),
             leaving: Default::default(),
             evicted: Default::default(),
             measured: Mutex::new(None),
         }
+    }
+}
+
+impl ActiveSet {
+    /// A running database's place, counted until it is dropped.
+    pub(super) fn place(&self) -> Place {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        Place(self.running.clone())
+    }
+}
+
+/// Counts a database whose engines run here, as long as it lives.
+pub(super) struct Place(Arc<AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -100,6 +124,11 @@ impl Manager {
     /// holders make a quorum without it) hardly waits for room.
     pub(super) async fn take_seat(&self, key: &DbKey, optional: bool) -> Result<Seat> {
         let set = &self.active;
+        // A free place by count (which counts a database leaving twice):
+        // no scan, no turn.
+        if let Ok(seat) = self.seat_if_room(key, None) {
+            return Ok(seat);
+        }
         let asked = Instant::now();
         let deadline = asked + if optional { OPTIONAL_WAIT } else { set.wait };
         // Databases that would not go (sessions opened meanwhile).
@@ -110,17 +139,10 @@ impl Manager {
                 let Ok(_turn) = tokio::time::timeout(left, set.turnstile.lock()).await else {
                     return Err(self.refuse(key, "max_active_databases"));
                 };
-                let (idle, count) = self.running_here(Some(key));
-                let limit = if count >= set.max_databases {
-                    Some("max_active_databases")
-                } else if self.memory_bound_reached(count) {
-                    Some("max_active_memory")
-                } else {
-                    None
-                };
-                match limit {
-                    None => (self.seat(key), None),
-                    Some(limit) => match idle.into_iter().find(|k| !kept.contains(k)) {
+                let (idle, occupied) = self.running_here(Some(key));
+                match self.seat_if_room(key, Some(&occupied)) {
+                    Ok(seat) => (seat, None),
+                    Err(limit) => match idle.into_iter().find(|k| !kept.contains(k)) {
                         Some(victim) => {
                             set.leaving
                                 .lock()
@@ -181,14 +203,63 @@ impl Manager {
             .is_ok_and(|run| run.is_some())
     }
 
-    /// Whether a database started here now would put none to sleep.
+    /// Whether a database started here now would put none to sleep (by
+    /// count, which counts a database leaving twice).
     pub(super) fn has_active_room(&self) -> bool {
-        let (_, count) = self.running_here(None);
-        count < self.active.max_databases && !self.memory_bound_reached(count)
+        let booting = self.active.booting.lock().expect("active set poisoned");
+        self.free_place(None, &booting).is_ok()
+    }
+
+    /// A seat for `key` when a place is free: with `occupied` (the
+    /// databases running, starting or stopping here, from a scan) exactly,
+    /// else by count. Otherwise the limit reached.
+    fn seat_if_room(
+        &self,
+        key: &DbKey,
+        occupied: Option<&[DbKey]>,
+    ) -> std::result::Result<Seat, &'static str> {
+        let mut booting = self.active.booting.lock().expect("active set poisoned");
+        self.free_place(occupied, &booting)?;
+        booting.insert(key.clone());
+        drop(booting);
+        Ok(self.seated(key))
+    }
+
+    /// `Ok` when one more database fits beside those `occupied` (else
+    /// counted) and those `booting`; otherwise the limit reached.
+    fn free_place(
+        &self,
+        occupied: Option<&[DbKey]>,
+        booting: &HashSet<DbKey>,
+    ) -> std::result::Result<(), &'static str> {
+        let set = &self.active;
+        let running = match occupied {
+            // Those that finished booting since the scan are counted once.
+            Some(keys) => keys.iter().filter(|k| !booting.contains(*k)).count(),
+            None => set.running.load(Ordering::Relaxed),
+        };
+        let count = running + booting.len();
+        if count >= set.max_databases {
+            Err("max_active_databases")
+        } else if self.memory_bound_reached(count, booting.len()) {
+            Err("max_active_memory")
+        } else {
+            Ok(())
+        }
     }
 
     /// A place in the active set for `key`, counted until its engines run.
     fn seat(&self, key: &DbKey) -> Seat {
+        self.active
+            .booting
+            .lock()
+            .expect("active set poisoned")
+            .insert(key.clone());
+        self.seated(key)
+    }
+
+    /// The seat of `key`, just put among the booting.
+    fn seated(&self, key: &DbKey) -> Seat {
         let set = &self.active;
         let churned = set
             .evicted
@@ -199,10 +270,6 @@ impl Manager {
         if churned {
             EVICTION_CHURN.counter([]).increment(1);
         }
-        set.booting
-            .lock()
-            .expect("active set poisoned")
-            .insert(key.clone());
         Seat {
             booting: set.booting.clone(),
             key: key.clone(),
@@ -222,21 +289,23 @@ impl Manager {
         }
     }
 
-    /// Whether the engines' memory, with `count` running or booting, has
-    /// reached `max_active_memory`. Measured only when it could have: a
-    /// measure reads every engine's page tables.
-    fn memory_bound_reached(&self, count: usize) -> bool {
+    /// Whether the engines' memory, with `count` running or booting
+    /// (`booting` of them not running yet), has reached
+    /// `max_active_memory`. Measured only when it could have: a measure
+    /// reads every engine's page tables.
+    fn memory_bound_reached(&self, count: usize, booting: usize) -> bool {
         let set = &self.active;
         if (count as u64) * ENGINE_RSS * 2 < set.max_memory {
             return false;
         }
-        self.engine_memory() + usage_of_booting(set) >= set.max_memory
+        self.engine_memory() + booting as u64 * ENGINE_RSS >= set.max_memory
     }
 
     /// The databases running here other than `except` and those leaving,
-    /// the ones without open sessions least recently used first; and how
-    /// many run or boot (a leaving database's place is its successor's).
-    fn running_here(&self, except: Option<&DbKey>) -> (Vec<DbKey>, usize) {
+    /// the ones without open sessions least recently used first; and every
+    /// one running, starting or stopping here, but for those (a leaving
+    /// database's place is its successor's).
+    fn running_here(&self, except: Option<&DbKey>) -> (Vec<DbKey>, Vec<DbKey>) {
         let booting = self
             .active
             .booting
@@ -249,26 +318,29 @@ impl Manager {
             .lock()
             .expect("active set poisoned")
             .clone();
-        let mut count = booting.len();
+        let mut occupied = Vec::new();
         let mut idle = Vec::new();
         for (k, slot) in self.all_slots() {
-            if Some(&k) == except || booting.contains(&k) || leaving.contains(&k) {
+            if Some(&k) == except || leaving.contains(&k) {
                 continue;
             }
             match slot.running.try_lock() {
                 // Starting or stopping: it holds its place meanwhile.
-                Err(_) => count += 1,
+                Err(_) => occupied.push(k),
                 Ok(run) => {
                     let Some(run) = run.as_ref() else { continue };
-                    count += 1;
-                    if self.activity.open_sessions(&k) == 0 && run.started.elapsed() >= FRESH {
-                        idle.push(k);
+                    if !booting.contains(&k)
+                        && self.activity.open_sessions(&k) == 0
+                        && run.started.elapsed() >= FRESH
+                    {
+                        idle.push(k.clone());
                     }
+                    occupied.push(k);
                 }
             }
         }
         idle.sort_by_key(|k| self.activity.last_activity(k).unwrap_or(0));
-        (idle, count)
+        (idle, occupied)
     }
 
     /// The RSS of the engines running here, measured at most once a second.
@@ -294,9 +366,4 @@ impl Manager {
         *measured = Some((Instant::now(), bytes));
         bytes
     }
-}
-
-/// What the engines given a seat will take once they run.
-fn usage_of_booting(set: &ActiveSet) -> u64 {
-    set.booting.lock().expect("active set poisoned").len() as u64 * ENGINE_RSS
 }

@@ -139,6 +139,7 @@ impl Manager {
             processes,
             ports,
             started: std::time::Instant::now(),
+            _place: self.active.place(),
         });
         Ok(())
     }

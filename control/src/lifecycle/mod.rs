@@ -53,6 +53,8 @@ struct Running {
     processes: Vec<Supervised>,
     ports: Vec<u16>,
     started: Instant,
+    /// Counted in the active set for as long as this lives.
+    _place: active_set::Place,
 }
 
 #[derive(Default)]
