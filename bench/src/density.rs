@@ -16,8 +16,9 @@ use rouse_control_api::{CreateDatabase, DatabaseInfo, Engine};
 use rouse_tests::{Control, Proxy};
 
 use crate::active_set::{ActiveSetResults, ACTIVE_SET};
+use crate::cpu::{cpu_time, machine_busy, rqlited_under, rqlited_used};
 use crate::stats::{ms, percentile, table};
-use crate::wake::{bare_start, name};
+use crate::wake::{bare_boot, name};
 
 const APPS: [&str; 2] = ["tenants-a", "tenants-b"];
 /// Databases woken at once in the storm, half per app.
@@ -50,6 +51,58 @@ struct Round {
     /// Mean time per wake phase during the storm: the proxy's whole wait,
     /// then control's phases.
     phases: [Duration; PHASES.len()],
+    /// CPU spent on each storm until its last answer.
+    cpu_storm: StormCpu,
+    cpu_bare: StormCpu,
+}
+
+/// Where a storm's CPU went.
+#[derive(Default)]
+struct StormCpu {
+    /// The whole machine, every core.
+    machine: Duration,
+    /// The databases' rqlited.
+    engines: Duration,
+    /// Control's `_system` rqlited, control and the proxy.
+    system: Duration,
+    control: Duration,
+    proxy: Duration,
+}
+
+impl StormCpu {
+    /// Snapshots taken before a storm.
+    fn before(control: &Control, proxy: Option<&Proxy>) -> impl FnOnce() -> StormCpu {
+        let dir = control.data_dir();
+        let pids = (control.pid(), proxy.map(Proxy::pid));
+        let cpu = |pid| cpu_time(pid).unwrap_or_default();
+        let (machine, engines) = (machine_busy(), rqlited_under(&dir));
+        let (control0, proxy0) = (cpu(pids.0), pids.1.map(cpu).unwrap_or_default());
+        move || {
+            let (tenants, system) = rqlited_used(&engines, &rqlited_under(&dir));
+            StormCpu {
+                machine: machine_busy().saturating_sub(machine),
+                engines: tenants,
+                system,
+                control: cpu(pids.0).saturating_sub(control0),
+                proxy: pids.1.map(cpu).unwrap_or_default().saturating_sub(proxy0),
+            }
+        }
+    }
+}
+
+impl fmt::Display for StormCpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = |d: Duration| format!("{:.1}", d.as_secs_f64());
+        write!(
+            f,
+            "{} ({} / {} / {} / {})",
+            s(self.machine),
+            s(self.engines),
+            s(self.system),
+            s(self.control),
+            s(self.proxy)
+        )
+    }
 }
 
 /// Where `rouse_wake_duration_seconds` is read for each column: the
@@ -177,6 +230,8 @@ impl fmt::Display for DensityResults {
                             .collect::<Vec<_>>()
                             .join(" / ")
                     ),
+                    r.cpu_storm.to_string(),
+                    r.cpu_bare.to_string(),
                 ]
             })
             .collect();
@@ -190,6 +245,8 @@ impl fmt::Display for DensityResults {
                     "bare p99",
                     "ratio",
                     "means: client; proxy's wait; control's wait / start / first answer",
+                    "rouse CPU s: machine (engines / _system / control / proxy)",
+                    "bare CPU s",
                 ],
                 &rows
             )
@@ -329,20 +386,22 @@ pub async fn run(databases: usize) -> Result<DensityResults> {
     for round in 0..ROUNDS {
         let mut r = Round::default();
         if round % 2 == 1 {
-            r.bare = bare_storm(&control, &storm_dbs).await?;
+            (r.bare, r.cpu_bare) = bare_storm(&control, &storm_dbs).await?;
         }
         hibernate_all(&control, &storm_dbs).await?;
         let before = phase_totals(&control, &proxy).await;
+        let cpu = StormCpu::before(&control, Some(&proxy));
         for (app, took) in rouse_storm(&proxy, &http, &keys, &storm_dbs).await? {
             r.storm.push(took);
             r.storm_by_app[app].push(took);
         }
+        r.cpu_storm = cpu();
         let after = phase_totals(&control, &proxy).await;
         for ((mean, (s0, n0)), (s1, n1)) in r.phases.iter_mut().zip(before).zip(after) {
             *mean = Duration::from_secs_f64((s1 - s0) / (n1 - n0).max(1.0));
         }
         if round % 2 == 0 {
-            r.bare = bare_storm(&control, &storm_dbs).await?;
+            (r.bare, r.cpu_bare) = bare_storm(&control, &storm_dbs).await?;
         }
         rounds.push(r);
     }
@@ -414,15 +473,26 @@ async fn hibernate_all(control: &Control, dbs: &[usize]) -> Result<Vec<(Database
     .await
 }
 
-/// Puts `dbs` to sleep, starts them bare all at once, and stops them again.
-async fn bare_storm(control: &Control, dbs: &[usize]) -> Result<Vec<Duration>> {
+/// Puts `dbs` to sleep, starts them bare all at once, and stops them
+/// again; the start times, and the machine's CPU until the last answered.
+async fn bare_storm(control: &Control, dbs: &[usize]) -> Result<(Vec<Duration>, StormCpu)> {
     let infos = hibernate_all(control, dbs).await?;
-    futures::future::try_join_all(infos.iter().map(|(info, i)| {
+    let cpu = StormCpu::before(control, None);
+    let booted = futures::future::try_join_all(infos.iter().map(|(info, i)| {
         let dir = control
             .data_dir()
             .join(format!("{}_{}", APPS[i % 2], db_name(*i)))
             .join("rqlite");
-        async move { bare_start(info, &dir).await }
+        async move { bare_boot(info, &dir).await }
     }))
-    .await
+    .await?;
+    let used = cpu();
+    let took = futures::future::try_join_all(booted.into_iter().map(|(t, mut ps)| async move {
+        for p in &mut ps {
+            p.terminate(Duration::from_secs(30)).await?;
+        }
+        anyhow::Ok(t)
+    }))
+    .await?;
+    Ok((took, used))
 }

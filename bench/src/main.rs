@@ -5,6 +5,7 @@ mod active_set;
 mod backups;
 mod chart;
 mod cluster;
+mod cpu;
 mod density;
 mod http;
 mod pg;

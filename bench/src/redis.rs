@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use rouse_tests::{free_port, Control, Proxy, Redis, ServerProcess};
 
+use crate::cpu::cpu_time;
 use crate::stats::table;
 
 struct Load {
@@ -156,26 +157,6 @@ pub async fn run(rounds: usize, requests: usize, clients: usize) -> Result<Redis
         requests,
         rows,
     })
-}
-
-/// CPU time (user and system, all threads) a process has used so far.
-fn cpu_time(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which may hold spaces: utime and
-    // stime are the 12th and 13th, in USER_HZ ticks (100 on Linux).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("no command name in /proc/PID/stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
-            .and_then(|f| f.parse().ok())
-            .context("short /proc/PID/stat")
-    };
-    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
 }
 
 /// The median; 0 for none (the bare side has no proxy CPU).

@@ -150,6 +150,19 @@ pub async fn run(cycles: usize) -> Result<WakeResults> {
 /// Starts the hibernated database's engine by hand exactly as control
 /// would, times it to its first answer, and stops it again.
 pub(crate) async fn bare_start(info: &DatabaseInfo, dir: &Path) -> Result<Duration> {
+    let (took, mut processes) = bare_boot(info, dir).await?;
+    for p in &mut processes {
+        p.terminate(Duration::from_secs(30)).await?;
+    }
+    Ok(took)
+}
+
+/// [`bare_start`] without the stop: the time to the first answer, and the
+/// processes, still running.
+pub(crate) async fn bare_boot(
+    info: &DatabaseInfo,
+    dir: &Path,
+) -> Result<(Duration, Vec<ServerProcess>)> {
     let t0 = Instant::now();
     let mut processes = Vec::new();
     match info.engine {
@@ -227,11 +240,7 @@ pub(crate) async fn bare_start(info: &DatabaseInfo, dir: &Path) -> Result<Durati
             .await?;
         }
     }
-    let took = t0.elapsed();
-    for p in &mut processes {
-        p.terminate(Duration::from_secs(30)).await?;
-    }
-    Ok(took)
+    Ok((t0.elapsed(), processes))
 }
 
 /// Polls like control does (every 15 ms) for at most 30 s.
