@@ -273,7 +273,9 @@ impl PgFront {
         } = &mut *opened;
         let started = match started {
             Begun::Database(started) => started,
-            Begun::Console(who) => return self.console(client, buf, who).await,
+            // Boxed: the console's state would otherwise size every
+            // client's task.
+            Begun::Console(who) => return Box::pin(self.console(client, buf, who)).await,
         };
         let registered = started.registered.client.clone();
         let killed = {
@@ -290,7 +292,8 @@ impl PgFront {
             );
             let _ = client.write_all(&fatal).await;
         }
-        self.cancels.unregister(started.cancel).await;
+        // Boxed: its state would otherwise size every idle client's task.
+        Box::pin(self.cancels.unregister(started.cancel)).await;
     }
 
     async fn relay_started(
@@ -310,43 +313,54 @@ impl PgFront {
             .increment(1);
         let _in_session = self.activity.begin_session(key);
         let mut meter = self.traffic.meter(key);
-        match &mut started.mode {
-            // Boxed, so that the transaction-mode clients' tasks stay small.
-            Mode::Session(backend, member) => {
-                Box::pin(session::relay_session(
-                    client,
-                    buf,
-                    backend,
-                    member.as_ref(),
-                    key,
-                    &mut meter,
-                ))
-                .await
-            }
-            Mode::Transaction(pool, upstream) => {
-                let slot = self.cancels.slot(started.cancel).unwrap_or_default();
-                let (resolver, upstream) = (self.resolver.clone(), upstream.clone());
-                let (clients, hold, paused) = (self.clients.clone(), self.pause_hold, key.clone());
-                let addr = move |stale| -> futures::future::BoxFuture<
-                    'static,
-                    Result<SocketAddr, PgError>,
-                > {
-                    let (resolver, upstream) = (resolver.clone(), upstream.clone());
-                    let (clients, key) = (clients.clone(), paused.clone());
-                    Box::pin(async move {
-                        // A paused database holds each transaction as it
-                        // begins, as PgBouncer's PAUSE does.
-                        if !clients.unpaused(&key, hold).await {
-                            return Err(PgError::Paused(key.db.to_string()));
-                        }
-                        upstream.addr(&resolver, stale).await
-                    })
-                };
-                if let Err(e) = pool::relay(client, buf, pool, addr, &slot, &mut meter).await {
-                    debug!(database = %key, error = %e, "pooled postgres session ended");
-                    let _ = client.write_all(&e.frame()).await;
-                }
-            }
+        // Session mode boxed: a transaction-pooled client's task holds only
+        // what its own mode needs.
+        if let Mode::Session(backend, member) = &mut started.mode {
+            return Box::pin(session::relay_session(
+                client,
+                buf,
+                backend,
+                member.as_ref(),
+                key,
+                &mut meter,
+            ))
+            .await;
+        }
+        self.relay_pooled(client, buf, started, &mut meter).await
+    }
+
+    /// A transaction-pooled session: backend connections lent per
+    /// transaction, to where the target says.
+    async fn relay_pooled(
+        &self,
+        client: &mut MaybeTls,
+        buf: &mut BytesMut,
+        started: &Started,
+        meter: &mut traffic::Meter,
+    ) {
+        let Mode::Transaction(pool, upstream) = &started.mode else {
+            return;
+        };
+        let key = &started.key;
+        let slot = self.cancels.slot(started.cancel).unwrap_or_default();
+        let (resolver, upstream) = (self.resolver.clone(), upstream.clone());
+        let (clients, hold, paused) = (self.clients.clone(), self.pause_hold, key.clone());
+        let addr =
+            move |stale| -> futures::future::BoxFuture<'static, Result<SocketAddr, PgError>> {
+                let (resolver, upstream) = (resolver.clone(), upstream.clone());
+                let (clients, key) = (clients.clone(), paused.clone());
+                Box::pin(async move {
+                    // A paused database holds each transaction as it
+                    // begins, as PgBouncer's PAUSE does.
+                    if !clients.unpaused(&key, hold).await {
+                        return Err(PgError::Paused(key.db.to_string()));
+                    }
+                    upstream.addr(&resolver, stale).await
+                })
+            };
+        if let Err(e) = pool::relay(client, buf, pool, addr, &slot, meter).await {
+            debug!(database = %key, error = %e, "pooled postgres session ended");
+            let _ = client.write_all(&e.frame()).await;
         }
     }
 
