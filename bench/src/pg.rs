@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use rouse_control_api::{CreateDatabase, DatabaseInfo, Engine, PoolMode, UserInfo};
 use rouse_tests::{free_port, postgres_bin_dir, Control, Proxy, RunAs, ServerProcess};
 
-use crate::stats::table;
+use crate::stats::{percentile, table};
 use crate::wake::name;
 
 const APP: &str = "bench";
@@ -86,6 +86,9 @@ pub struct PgResults {
     pub rounds: usize,
     pub seconds: u64,
     pub rows: Vec<PgRow>,
+    /// Median p50 latency of a point read at one client, session pooling:
+    /// bare, HAProxy, PgBouncer, rouse.
+    pub one_client: [Duration; 4],
 }
 
 impl fmt::Display for PgResults {
@@ -116,12 +119,29 @@ impl fmt::Display for PgResults {
             "rouse tps",
             "rouse ÷ HAProxy / ÷ PgBouncer",
         ];
-        write!(
+        writeln!(
             f,
             "PostgreSQL through rouse, HAProxy (mode tcp) and PgBouncer (same pooling as rouse), {} s × {} interleaved rounds (medians)\n\n{}",
             self.seconds,
             self.rounds,
             table(&header, &rows)
+        )?;
+        let us = |d: Duration| format!("{} µs", d.as_micros());
+        let [bare, haproxy, bouncer, rouse] = self.one_client;
+        let added = |d: Duration| us(d.saturating_sub(bare));
+        write!(
+            f,
+            "One client (pgbench -S -c 1, session pooling), p50 latency of a point read (median of the rounds)\n\n{}",
+            table(
+                &["bare", "HAProxy", "PgBouncer", "rouse", "added: HAProxy / PgBouncer / rouse"],
+                &[vec![
+                    us(bare),
+                    us(haproxy),
+                    us(bouncer),
+                    us(rouse),
+                    format!("{} / {} / {}", added(haproxy), added(bouncer), added(rouse)),
+                ]],
+            )
         )
     }
 }
@@ -255,11 +275,88 @@ pub async fn run(rounds: usize, seconds: u64) -> Result<PgResults> {
             rouse: medians[3],
         });
     }
+    // One client: what each side adds to a point read's latency.
+    client
+        .set_pool_mode(&name(APP), &name(DB), PoolMode::Session)
+        .await?;
+    let sides = [
+        (pg_port, USER.to_string()),
+        (haproxy_port, USER.to_string()),
+        (bouncers[0].0, USER.to_string()),
+        (proxy.postgres_addr().port(), format!("{USER}.{APP}")),
+    ];
+    let mut p50s: Vec<Vec<Duration>> = sides.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, (port, user)) in sides.iter().enumerate() {
+            let prefix = dir.path().join(format!("one-{round}-{i}"));
+            p50s[i].push(pgbench_p50(&pgbench, seconds, *port, user, &prefix)?);
+        }
+    }
+    let one_client = std::array::from_fn(|i| percentile(&p50s[i], 50.0));
     Ok(PgResults {
         rounds,
         seconds,
         rows,
+        one_client,
     })
+}
+
+/// The p50 latency of `pgbench -S -c 1` for `seconds`, from its
+/// per-transaction log (written under `prefix`).
+fn pgbench_p50(
+    pgbench: &Path,
+    seconds: u64,
+    port: u16,
+    user: &str,
+    prefix: &Path,
+) -> Result<Duration> {
+    let out = Command::new(pgbench)
+        .args([
+            "-n",
+            "-S",
+            "-c",
+            "1",
+            "-j",
+            "1",
+            "-l",
+            "-T",
+            &seconds.to_string(),
+        ])
+        .arg(format!("--log-prefix={}", prefix.display()))
+        .arg(conninfo(port, user))
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .context("cannot run pgbench")?;
+    if !out.status.success() {
+        bail!(
+            "pgbench -c 1 failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dir = prefix.parent().context("log prefix without a directory")?;
+    let stem = prefix
+        .file_name()
+        .context("log prefix without a name")?
+        .to_string_lossy()
+        .into_owned();
+    let mut latencies = Vec::new();
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{stem}."))
+        {
+            continue;
+        }
+        // client_id transaction_no latency_us script_no epoch epoch_us
+        for line in std::fs::read_to_string(entry.path())?.lines() {
+            if let Some(us) = line.split_whitespace().nth(2).and_then(|v| v.parse().ok()) {
+                latencies.push(Duration::from_micros(us));
+            }
+        }
+    }
+    anyhow::ensure!(!latencies.is_empty(), "pgbench wrote no transaction log");
+    Ok(percentile(&latencies, 50.0))
 }
 
 /// Memory per idle client: `clients` connections opened (logged in, then
