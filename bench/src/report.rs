@@ -462,6 +462,7 @@ mod tests {
                     pgbouncer: 41494.0,
                     rouse: 43668.0,
                 }],
+                one_client: [128, 172, 175, 182].map(Duration::from_micros),
             }),
             idle: Some(IdleResults {
                 clients: 1000,
