@@ -43,6 +43,7 @@ const LOADS: [Load; 2] = [
 
 struct WrkResult {
     rps: f64,
+    p50: Duration,
     p99: Duration,
 }
 
@@ -71,6 +72,9 @@ pub struct HttpResults {
     pub connections: usize,
     pub rows: Vec<HttpRow>,
     pub herd: Herd,
+    /// Median p50 latency of a point read at one connection: bare,
+    /// HAProxy, rouse.
+    pub one_client: [Duration; 3],
 }
 
 impl fmt::Display for HttpResults {
@@ -121,10 +125,23 @@ impl fmt::Display for HttpResults {
                 ms(self.herd.bare_cold_start),
             ]],
         );
+        let us = |d: Duration| format!("{} µs", d.as_micros());
+        let [bare, haproxy, rouse] = self.one_client;
+        let added = |d: Duration| us(d.saturating_sub(bare));
+        let one = table(
+            &["bare", "HAProxy", "rouse", "added: HAProxy / rouse"],
+            &[vec![
+                us(bare),
+                us(haproxy),
+                us(rouse),
+                format!("{} / {}", added(haproxy), added(rouse)),
+            ]],
+        );
         let (connections, seconds, rounds) = (self.connections, self.seconds, self.rounds);
         write!(
             f,
-            "rqlite HTTP through rouse, HAProxy and bare: wrk, {connections} connections, {seconds} s × {rounds} interleaved rounds (medians)\n\n{throughput}\n{herd}"
+            "rqlite HTTP through rouse, HAProxy and bare: wrk, {connections} connections, {seconds} s × {rounds} interleaved rounds (medians)\n\n{throughput}\n{herd}\n\
+             One connection (wrk -c 1), p50 latency of a point read (median of the rounds)\n\n{one}"
         )
     }
 }
@@ -167,18 +184,11 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Http
     ];
     let mut rows = Vec::new();
     for load in &LOADS {
-        let mut scripts = Vec::new();
-        for (i, (_, login)) in sides.iter().enumerate() {
-            let script = dir.path().join(format!("post-{i}.lua"));
-            std::fs::write(
-                &script,
-                format!(
-                    "wrk.method = \"POST\"\nwrk.body = [=[{}]=]\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"{login}\"\n",
-                    load.body
-                ),
-            )?;
-            scripts.push(script);
-        }
+        let scripts = sides
+            .iter()
+            .enumerate()
+            .map(|(i, (_, login))| wrk_script(dir.path(), i, load, login))
+            .collect::<Result<Vec<_>>>()?;
         let mut results: Vec<Vec<WrkResult>> = sides.iter().map(|_| Vec::new()).collect();
         for _ in 0..rounds {
             for (i, (side, _)) in sides.iter().enumerate() {
@@ -212,6 +222,17 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Http
             rouse_p99: rouse99,
         });
     }
+
+    // One connection: what each side adds to a point read's latency.
+    let mut p50s: Vec<Vec<Duration>> = sides.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (i, (side, login)) in sides.iter().enumerate() {
+            let script = wrk_script(dir.path(), i, &LOADS[0], login)?;
+            let url = format!("{side}{}", LOADS[0].path);
+            p50s[i].push(wrk(&script, &url, seconds, 1)?.p50);
+        }
+    }
+    let one_client = std::array::from_fn(|i| percentile(&p50s[i], 50.0));
 
     // The herd: 500 requests arrive at once at a small hibernated database.
     const HERD: &str = "herd";
@@ -259,6 +280,7 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Http
         seconds,
         connections,
         rows,
+        one_client,
         herd: Herd {
             first: done[0],
             last: done[done.len() - 1],
@@ -296,11 +318,24 @@ async fn start_haproxy(dir: &Path, port: u16, backend: &str) -> Result<ServerPro
     Ok(process)
 }
 
+/// A wrk script that posts `load`'s body with `login`, for side `i`.
+fn wrk_script(dir: &Path, i: usize, load: &Load, login: &str) -> Result<std::path::PathBuf> {
+    let script = dir.join(format!("post-{i}.lua"));
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = [=[{}]=]\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"{login}\"\n",
+            load.body
+        ),
+    )?;
+    Ok(script)
+}
+
 fn wrk(script: &Path, url: &str, seconds: u64, connections: usize) -> Result<WrkResult> {
     let out = Command::new("wrk")
         .args([
             "-t",
-            "2",
+            &connections.min(2).to_string(),
             "-c",
             &connections.to_string(),
             "-d",
@@ -324,12 +359,17 @@ fn wrk(script: &Path, url: &str, seconds: u64, connections: usize) -> Result<Wrk
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
         .context("no Requests/sec in wrk output")?;
-    let p99 = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("99%"))
-        .and_then(|v| parse_wrk_duration(v.trim()))
-        .context("no 99% latency in wrk output")?;
-    Ok(WrkResult { rps, p99 })
+    let percentile = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p))
+            .and_then(|v| parse_wrk_duration(v.trim()))
+            .with_context(|| format!("no {p} latency in wrk output"))
+    };
+    Ok(WrkResult {
+        rps,
+        p50: percentile("50%")?,
+        p99: percentile("99%")?,
+    })
 }
 
 /// wrk prints `850.00us`, `1.23ms`, `2.00s`.

@@ -445,6 +445,7 @@ mod tests {
                     haproxy_p99: ms(7),
                     rouse_p99: ms(7),
                 }],
+                one_client: [310, 360, 390].map(Duration::from_micros),
                 herd: Herd {
                     first: ms(230),
                     last: ms(278),
