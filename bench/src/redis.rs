@@ -59,6 +59,8 @@ pub struct RedisResults {
     pub rounds: usize,
     pub requests: usize,
     pub rows: Vec<RedisRow>,
+    /// Median p50 latency of a GET at one client: bare, HAProxy, rouse.
+    pub one_client: [Duration; 3],
 }
 
 impl fmt::Display for RedisResults {
@@ -88,9 +90,22 @@ impl fmt::Display for RedisResults {
             "rouse ÷ bare",
             "proxy CPU µs per request, HAProxy / rouse",
         ];
+        let us = |d: Duration| format!("{} µs", d.as_micros());
+        let [bare, haproxy, rouse] = self.one_client;
+        let added = |d: Duration| us(d.saturating_sub(bare));
+        let one = table(
+            &["bare", "HAProxy", "rouse", "added: HAProxy / rouse"],
+            &[vec![
+                us(bare),
+                us(haproxy),
+                us(rouse),
+                format!("{} / {}", added(haproxy), added(rouse)),
+            ]],
+        );
         write!(
             f,
-            "Redis through rouse and HAProxy (mode tcp), beside the bare server; {} requests (×10 pipelined) × {} interleaved rounds (medians)\n\n{}",
+            "Redis through rouse and HAProxy (mode tcp), beside the bare server; {} requests (×10 pipelined) × {} interleaved rounds (medians)\n\n{}\n\
+             One client (redis-benchmark -c 1, GET), p50 latency (median of the rounds)\n\n{one}",
             self.requests,
             self.rounds,
             table(&header, &rows)
@@ -129,7 +144,8 @@ pub async fn run(rounds: usize, requests: usize, clients: usize) -> Result<Redis
                     let before = pid.map(cpu_time).transpose()?;
                     rps[i].push(
                         redis_benchmark(*addr, test, load, n, clients)
-                            .with_context(|| format!("redis-benchmark via {label}"))?,
+                            .with_context(|| format!("redis-benchmark via {label}"))?
+                            .rps,
                     );
                     if let (Some(pid), Some(before)) = (pid, before) {
                         let used = cpu_time(*pid)? - before;
@@ -152,10 +168,21 @@ pub async fn run(rounds: usize, requests: usize, clients: usize) -> Result<Redis
             });
         }
     }
+    // One client: what each side adds to a GET's latency.
+    let mut p50s = vec![Vec::new(); sides.len()];
+    for _ in 0..rounds {
+        for (i, (label, addr, _)) in sides.iter().enumerate() {
+            let one = redis_benchmark(*addr, "GET", &LOADS[0], requests / 10, 1)
+                .with_context(|| format!("redis-benchmark -c 1 via {label}"))?;
+            p50s[i].push(one.p50);
+        }
+    }
+    let one_client = std::array::from_fn(|i| crate::stats::percentile(&p50s[i], 50.0));
     Ok(RedisResults {
         rounds,
         requests,
         rows,
+        one_client,
     })
 }
 
@@ -165,14 +192,20 @@ fn median(v: &mut [f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
-/// Requests per second of one of redis-benchmark's tests.
+/// What one run of a redis-benchmark test measured.
+struct Measured {
+    rps: f64,
+    p50: Duration,
+}
+
+/// Requests per second and p50 latency of one of redis-benchmark's tests.
 fn redis_benchmark(
     addr: SocketAddr,
     test: &str,
     load: &Load,
     requests: usize,
     clients: usize,
-) -> Result<f64> {
+) -> Result<Measured> {
     let out = Command::new("redis-benchmark")
         .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
         .args(["-t", &test.to_lowercase(), "--csv"])
@@ -184,10 +217,18 @@ fn redis_benchmark(
     if !out.status.success() {
         bail!("{text}{}", String::from_utf8_lossy(&out.stderr));
     }
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms",...
     text.lines()
         .find_map(|l| {
-            let mut fields = l.split(',').map(|f| f.trim_matches('"'));
-            (fields.next()? == test).then(|| fields.next()?.parse().ok())?
+            let fields: Vec<&str> = l.split(',').map(|f| f.trim_matches('"')).collect();
+            if fields.first() != Some(&test) {
+                return None;
+            }
+            let p50_ms: f64 = fields.get(4)?.parse().ok()?;
+            Some(Measured {
+                rps: fields.get(1)?.parse().ok()?,
+                p50: Duration::from_secs_f64(p50_ms / 1e3),
+            })
         })
         .with_context(|| format!("no {test} in redis-benchmark output: {text}"))
 }

@@ -492,6 +492,7 @@ mod tests {
                     haproxy_cpu_us: 0.57,
                     rouse_cpu_us: 0.52,
                 }],
+                one_client: [40, 70, 75].map(Duration::from_micros),
             }),
             sessions: None,
             cluster: None,
