@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use rouse_control_api::{BackendCredentials, CreateDatabase, Engine};
 use rouse_tests::{engine_url, free_port, rqlite_execute, Control, Proxy, ServerProcess};
 
-use crate::stats::{ms, percentile, table};
+use crate::stats::{added_latency_table, ms, percentile, table};
 use crate::wake::{bare_start, name};
 
 const APP: &str = "bench";
@@ -125,18 +125,7 @@ impl fmt::Display for HttpResults {
                 ms(self.herd.bare_cold_start),
             ]],
         );
-        let us = |d: Duration| format!("{} µs", d.as_micros());
-        let [bare, haproxy, rouse] = self.one_client;
-        let added = |d: Duration| us(d.saturating_sub(bare));
-        let one = table(
-            &["bare", "HAProxy", "rouse", "added: HAProxy / rouse"],
-            &[vec![
-                us(bare),
-                us(haproxy),
-                us(rouse),
-                format!("{} / {}", added(haproxy), added(rouse)),
-            ]],
-        );
+        let one = added_latency_table(&["bare", "HAProxy", "rouse"], &self.one_client);
         let (connections, seconds, rounds) = (self.connections, self.seconds, self.rounds);
         write!(
             f,

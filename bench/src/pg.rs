@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use rouse_control_api::{CreateDatabase, DatabaseInfo, Engine, PoolMode, UserInfo};
 use rouse_tests::{free_port, postgres_bin_dir, Control, Proxy, RunAs, ServerProcess};
 
-use crate::stats::{percentile, table};
+use crate::stats::{added_latency_table, percentile, table};
 use crate::wake::name;
 
 const APP: &str = "bench";
@@ -126,22 +126,10 @@ impl fmt::Display for PgResults {
             self.rounds,
             table(&header, &rows)
         )?;
-        let us = |d: Duration| format!("{} µs", d.as_micros());
-        let [bare, haproxy, bouncer, rouse] = self.one_client;
-        let added = |d: Duration| us(d.saturating_sub(bare));
         write!(
             f,
             "One client (pgbench -S -c 1, session pooling), p50 latency of a point read (median of the rounds)\n\n{}",
-            table(
-                &["bare", "HAProxy", "PgBouncer", "rouse", "added: HAProxy / PgBouncer / rouse"],
-                &[vec![
-                    us(bare),
-                    us(haproxy),
-                    us(bouncer),
-                    us(rouse),
-                    format!("{} / {} / {}", added(haproxy), added(bouncer), added(rouse)),
-                ]],
-            )
+            added_latency_table(&["bare", "HAProxy", "PgBouncer", "rouse"], &self.one_client)
         )
     }
 }

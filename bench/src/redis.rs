@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use rouse_tests::{free_port, Control, Proxy, Redis, ServerProcess};
 
 use crate::cpu::cpu_time;
-use crate::stats::table;
+use crate::stats::{added_latency_table, table};
 
 struct Load {
     label: &'static str,
@@ -90,18 +90,7 @@ impl fmt::Display for RedisResults {
             "rouse ÷ bare",
             "proxy CPU µs per request, HAProxy / rouse",
         ];
-        let us = |d: Duration| format!("{} µs", d.as_micros());
-        let [bare, haproxy, rouse] = self.one_client;
-        let added = |d: Duration| us(d.saturating_sub(bare));
-        let one = table(
-            &["bare", "HAProxy", "rouse", "added: HAProxy / rouse"],
-            &[vec![
-                us(bare),
-                us(haproxy),
-                us(rouse),
-                format!("{} / {}", added(haproxy), added(rouse)),
-            ]],
-        );
+        let one = added_latency_table(&["bare", "HAProxy", "rouse"], &self.one_client);
         write!(
             f,
             "Redis through rouse and HAProxy (mode tcp), beside the bare server; {} requests (×10 pipelined) × {} interleaved rounds (medians)\n\n{}\n\

@@ -30,6 +30,25 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// One client's p50 latency on each side, the first the bare server, and
+/// what each proxy adds to it.
+pub fn added_latency_table(sides: &[&str], p50s: &[Duration]) -> String {
+    let us = |d: Duration| format!("{} µs", d.as_micros());
+    let bare = p50s.first().copied().unwrap_or_default();
+    let mut header: Vec<String> = sides.iter().map(|s| s.to_string()).collect();
+    header.push(format!("added: {}", sides[1..].join(" / ")));
+    let mut row: Vec<String> = p50s.iter().map(|d| us(*d)).collect();
+    row.push(
+        p50s[1..]
+            .iter()
+            .map(|d| us(d.saturating_sub(bare)))
+            .collect::<Vec<_>>()
+            .join(" / "),
+    );
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    table(&header, &[row])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
