@@ -75,10 +75,16 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
-    /// Memory per idle PostgreSQL client, rouse beside PgBouncer.
+    /// Memory per idle PostgreSQL client, rouse beside PgBouncer; then
+    /// pgbench on some of the clients while the others stay idle.
     PgIdle {
         #[arg(long, default_value_t = 10_000)]
         clients: usize,
+        /// Of the clients, how many pgbench drives.
+        #[arg(long, default_value_t = 1_000)]
+        active: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
     /// rqlite HTTP throughput and p99 through rouse, HAProxy and bare
     /// rqlited (wrk), and 500 requests arriving at a hibernated database.
@@ -137,7 +143,11 @@ async fn main() -> anyhow::Result<()> {
             pg_scale,
         } => println!("{}", backups::run(rqlite_mib, pg_scale).await?),
         Command::Cluster { cycles, kills } => println!("{}", cluster::run(cycles, kills).await?),
-        Command::PgIdle { clients } => println!("{}", pg::idle(clients).await?),
+        Command::PgIdle {
+            clients,
+            active,
+            seconds,
+        } => println!("{}", pg::idle(clients, active, seconds).await?),
         Command::Pg { rounds, seconds } => println!("{}", pg::run(rounds, seconds).await?),
         Command::Http {
             rounds,

@@ -134,15 +134,27 @@ impl fmt::Display for PgResults {
     }
 }
 
-/// Resident memory of one proxy before and with the idle clients.
+/// Resident memory of one proxy before and with the idle clients, and
+/// pgbench's point reads on some of them while the rest stay idle.
 pub struct IdleRow {
     pub label: &'static str,
     pub before_kib: u64,
     pub after_kib: u64,
+    pub busy: Busy,
+}
+
+/// pgbench `-S` through a proxy that holds the idle clients too.
+pub struct Busy {
+    pub tps: f64,
+    pub p50: Duration,
+    pub p99: Duration,
 }
 
 pub struct IdleResults {
     pub clients: usize,
+    /// Of `clients`, how many pgbench drives; the others stay idle.
+    pub active: usize,
+    pub seconds: u64,
     pub rows: Vec<IdleRow>,
 }
 
@@ -167,9 +179,22 @@ impl fmt::Display for IdleResults {
                 ]
             })
             .collect();
+        let busy: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.label.to_string(),
+                    format!("{:.0}", r.busy.tps),
+                    us(r.busy.p50),
+                    us(r.busy.p99),
+                ]
+            })
+            .collect();
         write!(
             f,
-            "{} idle PostgreSQL clients, transaction pooling\n\n{}",
+            "{} idle PostgreSQL clients, transaction pooling\n\n{}\n\
+             {} of them busy (pgbench -S -c {} for {} s), {} idle, transaction pooling\n\n{}",
             self.clients,
             table(
                 &[
@@ -179,9 +204,18 @@ impl fmt::Display for IdleResults {
                     "per idle client"
                 ],
                 &rows
-            )
+            ),
+            self.active,
+            self.active,
+            self.seconds,
+            self.clients - self.active,
+            table(&["proxy", "transactions/s", "p50", "p99"], &busy)
         )
     }
+}
+
+fn us(d: Duration) -> String {
+    format!("{} µs", d.as_micros())
 }
 
 pub async fn run(rounds: usize, seconds: u64) -> Result<PgResults> {
@@ -197,16 +231,7 @@ pub async fn run(rounds: usize, seconds: u64) -> Result<PgResults> {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )?;
     let pgbench = postgres_bin_dir()?.join("pgbench");
-    let init = Command::new(&pgbench)
-        .args(["-i", "-s", "1", "-q", &conninfo(pg_port, USER)])
-        .env("PGPASSWORD", PASSWORD)
-        .output()?;
-    if !init.status.success() {
-        bail!(
-            "pgbench -i failed: {}",
-            String::from_utf8_lossy(&init.stderr)
-        );
-    }
+    init_pgbench(&pgbench, pg_port)?;
 
     let haproxy_port = free_port("127.0.0.1".parse()?);
     let _haproxy = start_haproxy(dir.path(), haproxy_port, pg_port).await?;
@@ -277,7 +302,9 @@ pub async fn run(rounds: usize, seconds: u64) -> Result<PgResults> {
     for round in 0..rounds {
         for (i, (port, user)) in sides.iter().enumerate() {
             let prefix = dir.path().join(format!("one-{round}-{i}"));
-            p50s[i].push(pgbench_p50(&pgbench, seconds, *port, user, &prefix)?);
+            let one = ["-c", "1", "-j", "1"];
+            let latencies = pgbench_latencies(&pgbench, &one, seconds, *port, user, &prefix)?;
+            p50s[i].push(percentile(&latencies, 50.0));
         }
     }
     let one_client = std::array::from_fn(|i| percentile(&p50s[i], 50.0));
@@ -289,27 +316,34 @@ pub async fn run(rounds: usize, seconds: u64) -> Result<PgResults> {
     })
 }
 
-/// The p50 latency of `pgbench -S -c 1` for `seconds`, from its
-/// per-transaction log (written under `prefix`).
-fn pgbench_p50(
+/// pgbench's tables, at scale 1, created directly on the server.
+fn init_pgbench(pgbench: &Path, port: u16) -> Result<()> {
+    let init = Command::new(pgbench)
+        .args(["-i", "-s", "1", "-q", &conninfo(port, USER)])
+        .env("PGPASSWORD", PASSWORD)
+        .output()?;
+    if !init.status.success() {
+        bail!(
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The latency of each transaction of `pgbench -S` with `args` for
+/// `seconds`, from its per-transaction log (written under `prefix`).
+fn pgbench_latencies(
     pgbench: &Path,
+    args: &[&str],
     seconds: u64,
     port: u16,
     user: &str,
     prefix: &Path,
-) -> Result<Duration> {
+) -> Result<Vec<Duration>> {
     let out = Command::new(pgbench)
-        .args([
-            "-n",
-            "-S",
-            "-c",
-            "1",
-            "-j",
-            "1",
-            "-l",
-            "-T",
-            &seconds.to_string(),
-        ])
+        .args(["-n", "-S", "-l", "-T", &seconds.to_string()])
+        .args(args)
         .arg(format!("--log-prefix={}", prefix.display()))
         .arg(conninfo(port, user))
         .env("PGPASSWORD", PASSWORD)
@@ -317,7 +351,8 @@ fn pgbench_p50(
         .context("cannot run pgbench")?;
     if !out.status.success() {
         bail!(
-            "pgbench -c 1 failed: {}",
+            "pgbench {} failed: {}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -342,15 +377,19 @@ fn pgbench_p50(
                 latencies.push(Duration::from_micros(us));
             }
         }
+        std::fs::remove_file(entry.path())?;
     }
     anyhow::ensure!(!latencies.is_empty(), "pgbench wrote no transaction log");
-    Ok(percentile(&latencies, 50.0))
+    Ok(latencies)
 }
 
 /// Memory per idle client: `clients` connections opened (logged in, then
 /// idle) to rouse and to PgBouncer, both in transaction pooling, and the
-/// growth of each one's resident memory divided by `clients`.
-pub async fn idle(clients: usize) -> Result<IdleResults> {
+/// growth of each one's resident memory divided by `clients`. Then `active`
+/// of them are closed and pgbench's `active` clients read for `seconds`
+/// beside the idle rest.
+pub async fn idle(clients: usize, active: usize, seconds: u64) -> Result<IdleResults> {
+    anyhow::ensure!(active <= clients, "more active clients than clients");
     let (control, user, info) = setup().await?;
     let client = control.client();
     client
@@ -371,6 +410,8 @@ pub async fn idle(clients: usize) -> Result<IdleResults> {
         dir.path(),
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )?;
+    let pgbench = postgres_bin_dir()?.join("pgbench");
+    init_pgbench(&pgbench, info.endpoints[0].port)?;
     let bouncer_port = free_port("127.0.0.1".parse()?);
     let bouncer = start_pgbouncer(
         dir.path(),
@@ -411,14 +452,35 @@ pub async fn idle(clients: usize) -> Result<IdleResults> {
             .simple_query("SELECT 1")
             .await?;
         let after = rss_kib(pid)?;
+        held.truncate(clients - active);
+        let threads = active.clamp(1, 2).to_string();
+        let active_arg = active.to_string();
+        let latencies = pgbench_latencies(
+            &pgbench,
+            &["-c", &active_arg, "-j", &threads],
+            seconds,
+            port,
+            &user,
+            &dir.path().join(format!("busy-{label}")),
+        )?;
         rows.push(IdleRow {
             label,
             before_kib: before,
             after_kib: after,
+            busy: Busy {
+                tps: latencies.len() as f64 / seconds as f64,
+                p50: percentile(&latencies, 50.0),
+                p99: percentile(&latencies, 99.0),
+            },
         });
         drop(held);
     }
-    Ok(IdleResults { clients, rows })
+    Ok(IdleResults {
+        clients,
+        active,
+        seconds,
+        rows,
+    })
 }
 
 /// Resident memory of a process, in KiB.

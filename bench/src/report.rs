@@ -28,6 +28,7 @@ pub struct Sizes {
     pub pg_rounds: usize,
     pub pg_seconds: u64,
     pub idle_clients: usize,
+    pub idle_active: usize,
     pub redis_rounds: usize,
     pub redis_requests: usize,
     pub redis_clients: usize,
@@ -47,6 +48,7 @@ impl Sizes {
         pg_rounds: 5,
         pg_seconds: 5,
         idle_clients: 10_000,
+        idle_active: 1_000,
         redis_rounds: 3,
         redis_requests: 300_000,
         redis_clients: 50,
@@ -65,6 +67,7 @@ impl Sizes {
         pg_rounds: 1,
         pg_seconds: 3,
         idle_clients: 2_000,
+        idle_active: 200,
         redis_rounds: 1,
         redis_requests: 50_000,
         redis_clients: 50,
@@ -79,7 +82,7 @@ impl Display for Sizes {
         write!(
             f,
             "wake: {} hibernate/wake cycles per engine; HTTP: wrk, {} × {} s, {} connections; \
-             pgbench: {} × {} s; {} idle PostgreSQL clients; redis-benchmark: {} × {} requests, \
+             pgbench: {} × {} s; {} idle PostgreSQL clients, {} of them then busy; redis-benchmark: {} × {} requests, \
              {} clients; credential checks: {} API keys; several nodes: {} creates and wakes, \
              {} node kills",
             self.wake_cycles,
@@ -89,6 +92,7 @@ impl Display for Sizes {
             self.pg_rounds,
             self.pg_seconds,
             self.idle_clients,
+            self.idle_active,
             self.redis_rounds,
             self.redis_requests,
             self.redis_clients,
@@ -161,7 +165,12 @@ pub async fn all(sizes: &Sizes, quick: bool, out: &Path) -> Result<()> {
     r.pg = r
         .step("pg", crate::pg::run(sizes.pg_rounds, sizes.pg_seconds))
         .await;
-    r.idle = r.step("pg-idle", crate::pg::idle(sizes.idle_clients)).await;
+    r.idle = r
+        .step(
+            "pg-idle",
+            crate::pg::idle(sizes.idle_clients, sizes.idle_active, sizes.pg_seconds),
+        )
+        .await;
     r.redis = r
         .step(
             "redis",
@@ -370,7 +379,7 @@ fn markdown(r: &Results, sizes: &Sizes, quick: bool, charts: &[&str]) -> String 
     md.push_str("\n## PostgreSQL\n");
     section(&mut md, "pg", r.pg.as_ref().map(|x| x as &dyn Display));
 
-    md.push_str("\n## Idle PostgreSQL clients\n");
+    md.push_str("\n## Idle PostgreSQL clients, and busy ones beside them\n");
     chart(
         &mut md,
         IDLE_PNG,
@@ -409,7 +418,7 @@ mod tests {
 
     use super::*;
     use crate::http::{Herd, HttpRow};
-    use crate::pg::{IdleRow, PgRow};
+    use crate::pg::{Busy, IdleRow, PgRow};
     use crate::redis::RedisRow;
     use crate::wake::WakeRow;
 
@@ -467,16 +476,28 @@ mod tests {
             }),
             idle: Some(IdleResults {
                 clients: 1000,
+                active: 100,
+                seconds: 3,
                 rows: vec![
                     IdleRow {
                         label: "PgBouncer",
                         before_kib: 8192,
                         after_kib: 9000,
+                        busy: Busy {
+                            tps: 30000.0,
+                            p50: Duration::from_micros(2900),
+                            p99: Duration::from_micros(7000),
+                        },
                     },
                     IdleRow {
                         label: "rouse",
                         before_kib: 15000,
                         after_kib: 16900,
+                        busy: Busy {
+                            tps: 31000.0,
+                            p50: Duration::from_micros(2800),
+                            p99: Duration::from_micros(6500),
+                        },
                     },
                 ],
             }),
@@ -519,6 +540,8 @@ mod tests {
         assert!(md.contains(&r.wake.as_ref().unwrap().to_string()));
         assert!(md.contains(&r.pg.as_ref().unwrap().to_string()));
         assert!(md.contains("| /db/query (point read) | 26097 | 20201 | 17817 | 0.88× | 0.68× |"));
+        assert!(md.contains("| rouse | 31000 | 2800 µs | 6500 µs |"));
+        assert!(md.contains("100 of them busy (pgbench -S -c 100 for 3 s), 900 idle"));
         assert!(md.contains("Not measured: Redis would not start"));
     }
 }
