@@ -5,7 +5,8 @@
 #   postgresql, pgbackrest, redis, haproxy, pgbouncer, wrk, cmake, patroni, etcd,
 #   systemd (systemd-analyze), chromium (stats page test),
 #   iproute2 (network namespaces of the partition test)  Debian packages
-#   rqlite-js (npm), pyrqlite and psycopg (PyPI)    clients for the tests
+#   rqlite-js, @neondatabase/serverless (npm),
+#   pyrqlite and psycopg (PyPI)                     clients for the tests
 #   moto[server] (PyPI)                             the S3-compatible server of the backup tests
 set -euo pipefail
 
@@ -43,6 +44,10 @@ done
 if [ ! -f "$DEPS_DIR/node_modules/rqlite-js/package.json" ] || [ ! -d "$DEPS_DIR/node_modules/@babel/runtime" ]; then
   echo "installing rqlite-js (npm)"
   $SUDO npm install --silent --no-audit --no-fund --prefix "$DEPS_DIR" rqlite-js@2 @babel/runtime@7 >/dev/null
+fi
+if [ ! -f "$DEPS_DIR/node_modules/@neondatabase/serverless/package.json" ]; then
+  echo "installing @neondatabase/serverless (npm)"
+  $SUDO npm install --silent --no-audit --no-fund --prefix "$DEPS_DIR" @neondatabase/serverless@1.2.0 ws@8 >/dev/null
 fi
 if ! python3 -c "import pyrqlite, psycopg, kubernetes_validate" 2>/dev/null; then
   echo "installing pyrqlite, psycopg and kubernetes-validate (PyPI)"

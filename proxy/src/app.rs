@@ -214,6 +214,7 @@ pub async fn run(
         activity: s.activity.clone(),
         metrics: Default::default(),
         failed_logins: s.failed_logins.clone(),
+        pg: pg.clone(),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -33,6 +33,15 @@ pub(crate) enum ProxyError {
     /// A statement the database refused.
     #[error("{0}")]
     Sql(String),
+    /// A statement PostgreSQL refused: its words and SQLSTATE, with the
+    /// detail and hint it gave.
+    #[error("{message}")]
+    Postgres {
+        message: String,
+        sqlstate: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
     /// A statement the proxy refuses to pass on (it names a file or loads code).
     #[error("statement refused: {0}")]
     ForbiddenStatement(#[from] crate::sql::Forbidden),
@@ -59,9 +68,10 @@ impl ProxyError {
         match self {
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::NotFound | ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
-            ProxyError::BadRequest(_) | ProxyError::Sql(_) | ProxyError::ForbiddenStatement(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::BadRequest(_)
+            | ProxyError::Sql(_)
+            | ProxyError::Postgres { .. }
+            | ProxyError::ForbiddenStatement(_) => StatusCode::BAD_REQUEST,
             ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::WakeTimeout { .. }
@@ -87,7 +97,7 @@ impl ProxyError {
             ProxyError::WakeTimeout { .. } => "wake_timeout",
             ProxyError::QueueFull(_) => "wake_queue_full",
             ProxyError::ActiveSetFull(_) => "active_set_full",
-            ProxyError::Sql(_) => "sql_error",
+            ProxyError::Sql(_) | ProxyError::Postgres { .. } => "sql_error",
             ProxyError::ForbiddenStatement(_) => "forbidden_statement",
             ProxyError::UpstreamTimeout(_) => "timeout",
             ProxyError::Backend { .. } => "backend_unavailable",
@@ -109,6 +119,7 @@ impl ProxyError {
             | ProxyError::PayloadTooLarge(_)
             | ProxyError::SlowBody(_)
             | ProxyError::Sql(_)
+            | ProxyError::Postgres { .. }
             | ProxyError::ForbiddenStatement(_) => ErrorKind::User,
             ProxyError::WakeTimeout { .. } | ProxyError::QueueFull(_) => ErrorKind::WakeTimeout,
             ProxyError::ActiveSetFull(_) => ErrorKind::Capacity,

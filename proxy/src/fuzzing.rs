@@ -7,7 +7,7 @@ use bytes::BytesMut;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::pg::console::commands;
-use crate::pg::proto::{frame, messages, results, startup};
+use crate::pg::proto::{extended, frame, messages, results, startup};
 use crate::pg::{scram, traffic};
 
 /// PostgreSQL startup framing (untyped) and the startup packet.
@@ -21,8 +21,9 @@ pub fn pg_startup(data: &[u8]) {
 }
 
 /// Typed messages as a client sends them while logging in, and as an
-/// operator sends them to the admin console; and a backend's bytes as
-/// session mode scans them for ReadyForQuery, the same however cut.
+/// operator sends them to the admin console; a backend's answers to SQL
+/// over HTTP; and a backend's bytes as session mode scans them for
+/// ReadyForQuery, the same however cut.
 pub fn pg_messages(mut data: &[u8]) {
     let statuses = |pieces: &[&[u8]]| {
         let mut scanner = traffic::ReadyScanner::default();
@@ -44,6 +45,12 @@ pub fn pg_messages(mut data: &[u8]) {
         if let Some(text) = results::parse_query(&body) {
             let _ = commands::parse(&text);
         }
+        let _ = extended::row_description(&body);
+        let _ = extended::data_row(&body);
+        let _ = extended::command_tag(&body)
+            .as_deref()
+            .map(extended::tag_rows);
+        let _ = extended::error_fields(&body);
         let _ = messages::parse_auth(body);
         data = &data[len..];
     }
@@ -116,6 +123,17 @@ pub fn gateway_json(data: &[u8]) {
                 assert!(stmt[0].is_string());
             }
         }
+    }
+}
+
+/// SQL over HTTP: a connection string (the first line) and a body.
+pub fn sql_over_http(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let (connection, body) = text.split_once('\n').unwrap_or((&text, ""));
+    if let Ok((login, statements, batch)) = crate::http::sql::parse(connection, body.as_bytes()) {
+        // A login always names a role and a database; one query is never a batch.
+        assert!(!login.user.is_empty() && !login.database.is_empty());
+        assert!(batch || statements.len() == 1);
     }
 }
 

@@ -10,6 +10,7 @@ pub mod engine_tls;
 pub mod error;
 pub mod event;
 pub mod name;
+pub mod scram;
 pub mod sealed;
 pub mod types;
 

@@ -65,7 +65,8 @@ pub fn validate_user_name(name: &str) -> Result<(), String> {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if ok && !name.starts_with("pg_") && name != "rouse_admin" && name != "rouse_owner" {
+    let reserved = ["rouse_admin", "rouse_owner", API_USER];
+    if ok && !name.starts_with("pg_") && !reserved.contains(&name) {
         Ok(())
     } else {
         Err(format!(
@@ -84,6 +85,11 @@ pub fn cluster_role(name: &str, app: &Name) -> String {
 /// The login the proxy's read-only port uses on a managed PostgreSQL
 /// instance for tenant role `name`: same password, reading rights only.
 /// `@` is not allowed in user names, so it never collides with one.
+/// The login proxies use on a managed PostgreSQL database for the app's
+/// API credentials (the gateway API): an app user, acting as the owner
+/// role like the others.
+pub const API_USER: &str = "rouse_api";
+
 pub fn read_only_role(name: &str) -> String {
     format!("{name}@ro")
 }

@@ -284,6 +284,20 @@ impl BackendCredentials {
             .encode(format!("{}:{}", self.user, self.password));
         format!("Basic {token}")
     }
+
+    /// The SCRAM verifier PostgreSQL keeps for this login: its salt is
+    /// derived from the login, so control and the proxies, which both
+    /// know it, derive the same verifier.
+    pub fn scram_verifier(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(b"rouse login salt\0")
+            .chain_update(self.user.as_bytes())
+            .chain_update([0])
+            .chain_update(self.password.as_bytes())
+            .finalize();
+        crate::scram::verifier(&self.password, &digest[..16])
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -312,7 +326,8 @@ pub struct DatabaseInfo {
     pub open_sessions: u64,
     /// The engine login this caller may use ([`BackendCredentials`] as
     /// JSON), sealed for its bearer token ([`crate::SealKey::for_bearer`]):
-    /// for `proxy` tokens the data-plane login of an rqlite database, for
+    /// for `proxy` tokens the data-plane login of an rqlite database or the
+    /// API login of a PostgreSQL one (an app user, never a superuser), for
     /// `admin` tokens the engine's own superuser; nothing for `app:` tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_login: Option<crate::Sealed>,

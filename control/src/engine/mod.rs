@@ -234,6 +234,18 @@ fn extra_dirs(inst: &Instance<'_>) -> Vec<PathBuf> {
 }
 
 /// Where a replica's process writes its pid, under `<data_dir>/<app>_<db>/<engine>/`.
+/// Login `user` of a database whose secret is `secret`, its password
+/// derived from the secret (so every node derives the same).
+pub fn derived_login(secret: &str, user: &str) -> rouse_control_api::BackendCredentials {
+    rouse_control_api::BackendCredentials {
+        user: user.into(),
+        password: hex::encode(rouse_control_api::scram::hmac(
+            secret.as_bytes(),
+            user.as_bytes(),
+        )),
+    }
+}
+
 pub fn pid_file(engine_dir: &Path, r: &ReplicaRecord) -> PathBuf {
     engine_dir.join(format!("node-{}.pid", r.idx))
 }

@@ -8,6 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 
+use rouse_control_api::name::API_USER;
 use rouse_control_api::Endpoint;
 
 use super::{poll_until, EngineEnv, Instance};
@@ -29,6 +30,11 @@ pub struct Archive {
 pub const ADMIN_USER: &str = "rouse_admin";
 /// The role every app user acts as.
 const OWNER_ROLE: &str = "rouse_owner";
+/// The proxies' login for the app's API credentials on a database whose
+/// secret is `secret` (an app user, never a superuser).
+pub fn api_login(secret: &str) -> rouse_control_api::BackendCredentials {
+    super::derived_login(secret, API_USER)
+}
 /// Left in the instance's directory by a restore, holding the name the
 /// database was backed up under: at the next start the superuser's password
 /// is set anew and the database takes its new name.
@@ -364,7 +370,9 @@ pub(super) async fn after_start(
             .await
             .map_err(|e| engine(e.to_string()))?;
     }
-    sync_own_users(&admin, users).await.map_err(engine)
+    sync_own_users(&admin, inst.secret, users)
+        .await
+        .map_err(engine)
 }
 
 /// Makes the app's users login roles with their current verifiers, members
@@ -423,12 +431,18 @@ pub(super) async fn sync_users(
 }
 
 /// [`sync_users`] on an instance of the app's own, where every login but
-/// control's is the app's.
+/// control's is the app's, the proxies' API login among them.
 async fn sync_own_users(
     admin: &tokio_postgres::Client,
+    secret: &str,
     users: &[UserRecord],
 ) -> std::result::Result<(), String> {
-    sync_users(admin, users, Some(OWNER_ROLE), str::to_string, |role| {
+    let api = UserRecord {
+        name: API_USER.into(),
+        verifier: api_login(secret).scram_verifier(),
+    };
+    let users: Vec<UserRecord> = users.iter().cloned().chain([api]).collect();
+    sync_users(admin, &users, Some(OWNER_ROLE), str::to_string, |role| {
         role != ADMIN_USER
     })
     .await
@@ -477,7 +491,7 @@ pub async fn apply_users(r: &ReplicaRecord, secret: &str, users: &[UserRecord]) 
     let admin = connect(r, secret, "postgres")
         .await
         .map_err(ControlError::Engine)?;
-    sync_own_users(&admin, users)
+    sync_own_users(&admin, secret, users)
         .await
         .map_err(ControlError::Engine)
 }

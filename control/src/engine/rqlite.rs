@@ -43,14 +43,7 @@ pub fn login(secret: &str) -> BackendCredentials {
 
 /// The proxies' login on a database whose secret is `secret`.
 pub fn proxy_login(secret: &str) -> BackendCredentials {
-    use hmac::{Hmac, Mac};
-    let mut mac =
-        Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
-    mac.update(PROXY_USER.as_bytes());
-    BackendCredentials {
-        user: PROXY_USER.into(),
-        password: hex::encode(mac.finalize().into_bytes()),
-    }
+    super::derived_login(secret, PROXY_USER)
 }
 
 /// A replica's member id in its Raft cluster.

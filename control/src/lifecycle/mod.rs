@@ -390,9 +390,10 @@ impl Manager {
             .contains_key(key)
     }
 
-    /// The engine login `role` may use on the database of `info`: the
-    /// proxies' data-plane login of an rqlite database for `proxy`, the
-    /// engine's superuser for `admin`, nothing otherwise.
+    /// The engine login `role` may use on the database of `info`: for
+    /// `proxy` the proxies' data-plane login of an rqlite database or the
+    /// API login (an app user) of a PostgreSQL one, the engine's superuser
+    /// for `admin`, nothing otherwise.
     pub fn engine_login(&self, info: &DatabaseInfo, role: &Role) -> Option<BackendCredentials> {
         let key = DbKey::new(info.app.clone(), info.name.clone());
         let secret = self
@@ -403,6 +404,7 @@ impl Manager {
             .cloned()?;
         let user = match (role, info.engine) {
             (Role::Proxy, Engine::Rqlite) => return Some(engine::rqlite::proxy_login(&secret)),
+            (Role::Proxy, Engine::Postgres) => return Some(engine::postgres::api_login(&secret)),
             (Role::Admin, Engine::Rqlite) => engine::rqlite::ENGINE_USER.to_string(),
             (Role::Admin, Engine::Postgres) => engine::postgres::ADMIN_USER.to_string(),
             (Role::Admin, Engine::Patroni) => self.patroni_registration(&key)?.admin_user,

@@ -1,5 +1,6 @@
 //! The gateway API `/v1/database/{exec,query,transaction,schema,
-//! create-table,drop-table,list}`: JSON in, rqlite statements out. The app
+//! create-table,drop-table,list}`: JSON in, rqlite statements out, or
+//! PostgreSQL's ([`super::gateway_pg`]) for a PostgreSQL database. The app
 //! is always the credential's; the database comes from the request.
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::gateway_pg::On;
 use super::{database_key, json, read_body, Body, Proxy, Served};
 use crate::error::{ProxyError, Result};
 
@@ -74,6 +76,9 @@ pub(super) async fn handle(
     match (&method, op) {
         (&Method::POST, "exec") => {
             let s: Statement = body_json(proxy, req).await?;
+            if let Some(pg) = postgres(proxy, app, &s.database, served).await? {
+                return ok(pg.exec(&s.sql, &s.args).await?);
+            }
             let r = run(
                 proxy,
                 app,
@@ -90,6 +95,9 @@ pub(super) async fn handle(
         }
         (&Method::POST, "query") => {
             let s: Statement = body_json(proxy, req).await?;
+            if let Some(pg) = postgres(proxy, app, &s.database, served).await? {
+                return ok(pg.query(&s.sql, &s.args).await?);
+            }
             let r = run(
                 proxy,
                 app,
@@ -113,6 +121,10 @@ pub(super) async fn handle(
             if stmts.is_empty() {
                 return Err(ProxyError::BadRequest("queries must not be empty".into()));
             }
+            if let Some(pg) = postgres(proxy, app, &t.database, served).await? {
+                let statements: Vec<_> = stmts.iter().map(pg_statement).collect();
+                return ok(pg.transaction(&statements).await?);
+            }
             run_all(
                 proxy,
                 app,
@@ -132,6 +144,9 @@ pub(super) async fn handle(
             } else {
                 body_json::<DatabaseOnly>(proxy, req).await?.database
             };
+            if let Some(pg) = postgres(proxy, app, &database, served).await? {
+                return ok(pg.schema().await?);
+            }
             let sql = "SELECT m.name, p.name FROM sqlite_master AS m JOIN pragma_table_info(m.name) AS p \
                        WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' ORDER BY m.name, p.cid";
             let r = run(
@@ -165,6 +180,9 @@ pub(super) async fn handle(
                     "schema must be a CREATE TABLE statement".into(),
                 ));
             }
+            if let Some(pg) = postgres(proxy, app, &c.database, served).await? {
+                return ok(pg.ddl(&c.schema).await?);
+            }
             run(
                 proxy,
                 app,
@@ -195,6 +213,9 @@ pub(super) async fn handle(
                 )));
             }
             let sql = format!("DROP TABLE \"{}\"", d.table_name);
+            if let Some(pg) = postgres(proxy, app, &d.database, served).await? {
+                return ok(pg.ddl(&sql).await?);
+            }
             run(
                 proxy,
                 app,
@@ -225,6 +246,26 @@ pub(super) async fn handle(
         ))),
         _ => Err(ProxyError::NoRoute(format!("/v1/database/{op}"))),
     }
+}
+
+/// The PostgreSQL side of the app's `database`, when it is one.
+async fn postgres<'a>(
+    proxy: &'a Proxy,
+    app: &Name,
+    database: &str,
+    served: &mut Served,
+) -> Result<Option<On<'a>>> {
+    let key = database_key(app, database)?;
+    served.db = Some(key.clone());
+    On::database(proxy, key).await
+}
+
+/// A transaction entry (`[sql, args...]`, as [`transaction_statement`]
+/// builds it) for PostgreSQL.
+fn pg_statement(stmt: &Value) -> crate::pg::over_http::Statement {
+    let parts = stmt.as_array().map(Vec::as_slice).unwrap_or_default();
+    let sql = parts.first().and_then(Value::as_str).unwrap_or_default();
+    super::gateway_pg::statement(sql, parts.get(1..).unwrap_or_default())
 }
 
 fn query_param(req: &Request<Incoming>, key: &str) -> Option<String> {

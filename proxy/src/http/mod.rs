@@ -3,7 +3,9 @@
 
 mod cache;
 pub(crate) mod gateway;
+mod gateway_pg;
 pub(crate) mod rqlite;
+pub(crate) mod sql;
 pub(crate) mod upstream;
 
 use crate::metrics::{REQUESTS, REQUEST_DURATION};
@@ -47,6 +49,8 @@ pub(crate) struct Proxy {
     pub(crate) metrics: RequestMetrics,
     /// Shared with the PostgreSQL front: one count per client address.
     pub(crate) failed_logins: Arc<crate::throttle::FailedLogins>,
+    /// Runs SQL over HTTP (`/sql`) as the PostgreSQL front would.
+    pub(crate) pg: Arc<crate::pg::PgFront>,
 }
 
 /// How one request was served, for metrics.
@@ -125,6 +129,10 @@ async fn dispatch(
     req: Request<Incoming>,
     served: &mut Served,
 ) -> Result<Response<Body>> {
+    // SQL over HTTP logs in as a Postgres role, with its own credentials.
+    if req.uri().path() == "/sql" {
+        return Ok(sql::handle(proxy, peer, req, served).await);
+    }
     let presented = auth::presented(req.headers());
     let host = req
         .headers()
@@ -312,10 +320,22 @@ pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body
 }
 
 pub(crate) fn error_response(e: &ProxyError) -> Response<Body> {
-    let mut resp = json(
-        e.status(),
-        &serde_json::json!({"error": e.client_message(), "code": e.code()}),
-    );
+    let mut body = serde_json::json!({"error": e.client_message(), "code": e.code()});
+    if let ProxyError::Postgres {
+        sqlstate,
+        detail,
+        hint,
+        ..
+    } = e
+    {
+        body["sqlstate"] = sqlstate.as_str().into();
+        for (name, value) in [("detail", detail), ("hint", hint)] {
+            if let Some(v) = value {
+                body[name] = v.as_str().into();
+            }
+        }
+    }
+    let mut resp = json(e.status(), &body);
     if matches!(e, ProxyError::Unauthorized) {
         resp.headers_mut().insert(
             WWW_AUTHENTICATE,

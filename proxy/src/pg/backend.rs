@@ -135,9 +135,10 @@ impl PgFront {
                     connect_backend(addr, backend_role, database, &passed, verifier, client_key)
                 };
                 let (session, member) = match &upstream {
-                    BackendTarget::Managed(_) => {
-                        (self.connect_managed(login, target, connect).await?, None)
-                    }
+                    BackendTarget::Managed(_) => (
+                        self.connect_managed(key, database, target, connect).await?,
+                        None,
+                    ),
                     BackendTarget::Cluster(cluster, role) => {
                         let (session, pick) =
                             cluster.connect(*role, connect).await.map_err(|e| match e {
@@ -172,7 +173,7 @@ impl PgFront {
                 // A first login checks the route and fills the pool's greeting.
                 let b = match &upstream {
                     BackendTarget::Managed(_) => {
-                        self.connect_managed(login, target, |addr| pool.checkout(addr))
+                        self.connect_managed(key, database, target, |addr| pool.checkout(addr))
                             .await?
                     }
                     BackendTarget::Cluster(..) => {
@@ -194,9 +195,10 @@ impl PgFront {
     /// Connects to a managed database's instance with `connect`. A route
     /// that turns out stale (nothing takes the connection) is resolved
     /// again, which wakes the database, and `connect` is tried once more.
-    async fn connect_managed<T, Fut>(
+    pub(super) async fn connect_managed<T, Fut>(
         &self,
-        login: &Login,
+        key: &DbKey,
+        database: &str,
         target: &Target,
         connect: impl Fn(SocketAddr) -> Fut,
     ) -> Result<T, PgError>
@@ -205,11 +207,11 @@ impl PgFront {
     {
         self.resolver
             .connect_with_wake(
-                &login.key,
+                key,
                 target.clone(),
                 "postgres",
                 |e: &PgError| matches!(e, PgError::Unreachable(_)),
-                |e| PgError::resolving(e, &login.database),
+                |e| PgError::resolving(e, database),
                 |target| {
                     let connecting = endpoint_addr(&target).map(&connect);
                     async move { connecting?.await }
@@ -218,7 +220,7 @@ impl PgFront {
             .await
     }
 
-    fn pool(
+    pub(super) fn pool(
         &self,
         key: &DbKey,
         role: &str,

@@ -193,7 +193,7 @@ impl PgFront {
 }
 
 /// The app named by a TLS server name `<db>.<app>.<base_domain>`.
-fn sni_app(sni: &str, base_domain: Option<&str>) -> Option<Name> {
+pub(super) fn sni_app(sni: &str, base_domain: Option<&str>) -> Option<Name> {
     let sub = sni.strip_suffix(base_domain?)?.strip_suffix('.')?;
     let (_db, app) = sub.split_once('.')?;
     Name::new(app).ok()
@@ -202,7 +202,7 @@ fn sni_app(sni: &str, base_domain: Option<&str>) -> Option<Name> {
 /// Role, app and the parameters to pass on: the app from `user.app`, else
 /// from the TLS server name, else from `options=-c rouse.app=<app>` (which
 /// is then removed).
-fn route(
+pub(super) fn route(
     mut params: BTreeMap<String, String>,
     sni_app: Option<Name>,
 ) -> Result<(String, Name, BTreeMap<String, String>), PgError> {

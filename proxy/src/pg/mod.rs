@@ -13,6 +13,8 @@ pub(crate) mod console;
 mod error;
 mod login;
 pub(crate) use login::Verifiers;
+pub(crate) mod over_http;
+pub(crate) mod placeholders;
 mod pool;
 pub(crate) mod proto;
 pub(crate) mod scram;
@@ -125,6 +127,12 @@ pub(crate) struct PgFront {
     pause_hold: Duration,
     /// What went through each database, for SHOW STATS.
     traffic: traffic::Traffic,
+    /// ClientKeys of cleartext passwords already checked (SQL over HTTP),
+    /// by a keyed hash of verifier and password.
+    cleartext_keys: moka::future::Cache<[u8; 32], [u8; 32]>,
+    /// Databases' API logins (the gateway API) as verifier and key, by
+    /// password.
+    api_logins: moka::future::Cache<String, (Arc<scram::Verifier>, [u8; 32])>,
 }
 
 impl PgFront {
@@ -170,6 +178,14 @@ impl PgFront {
             admin_users: config.admin_users.clone(),
             pause_hold: config.wake_timeout,
             traffic: Default::default(),
+            cleartext_keys: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(300))
+                .build(),
+            api_logins: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(3600))
+                .build(),
             base_domain: config.base_domain.clone(),
             sessions: Arc::new(tokio::sync::Semaphore::new(config.max_client_connections)),
             pending_logins: Arc::new(tokio::sync::Semaphore::new(config.max_pending_logins)),

@@ -6,8 +6,8 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use hmac::{Hmac, Mac};
 use rand::RngCore;
+use rouse_control_api::scram;
 use sha2::{Digest, Sha256};
 
 pub(crate) const MECHANISM: &str = "SCRAM-SHA-256";
@@ -72,10 +72,33 @@ impl Verifier {
     }
 }
 
+impl Verifier {
+    /// What a password must hash to: with the salt, what tells this
+    /// verifier from the role's next one.
+    pub(crate) fn stored_key(&self) -> &[u8; 32] {
+        &self.stored_key
+    }
+
+    /// The ClientKey of `password` when it is this verifier's: a cleartext
+    /// login (SQL over HTTP) ends where a SCRAM exchange does, with the key
+    /// that logs in to the backend.
+    pub(crate) fn client_key_for(&self, password: &str) -> Option<[u8; 32]> {
+        // As libpq prepares a password; one SASLprep refuses is used as is.
+        let prepared = stringprep::saslprep(password).unwrap_or(password.into());
+        let salted = scram::salted_password(prepared.as_bytes(), &self.salt, self.iterations);
+        let client_key = scram::client_key(&salted);
+        let stored: [u8; 32] = Sha256::digest(client_key).into();
+        same(&stored, &self.stored_key).then_some(client_key)
+    }
+}
+
+/// Equal, in constant time: how much of a guess matched must not show.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 fn hmac(key: &[u8], msg: &str) -> [u8; 32] {
-    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-    m.update(msg.as_bytes());
-    m.finalize().into_bytes().into()
+    scram::hmac(key, msg.as_bytes())
 }
 
 fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
@@ -162,13 +185,7 @@ impl ServerExchange {
         );
         let client_key = xor(&proof, &hmac(&verifier.stored_key, &auth));
         let stored: [u8; 32] = Sha256::digest(client_key).into();
-        // Constant time: how much of a guess matched must not show.
-        if stored
-            .iter()
-            .zip(&verifier.stored_key)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            != 0
-        {
+        if !same(&stored, &verifier.stored_key) {
             return Err(ScramError::Proof);
         }
         let signature = hmac(&verifier.server_key, &auth);
@@ -250,25 +267,8 @@ mod tests {
         iterations: u32,
         auth: &str,
     ) -> ([u8; 32], [u8; 32]) {
-        let mut salted = [0u8; 32];
-        let mut u = {
-            let mut m = Hmac::<Sha256>::new_from_slice(password.as_bytes()).unwrap();
-            m.update(salt);
-            m.update(&[0, 0, 0, 1]);
-            <[u8; 32]>::from(m.finalize().into_bytes())
-        };
-        salted.copy_from_slice(&u);
-        for _ in 1..iterations {
-            let mut m = Hmac::<Sha256>::new_from_slice(password.as_bytes()).unwrap();
-            m.update(&u);
-            u = m.finalize().into_bytes().into();
-            salted = xor(&salted, &u);
-        }
-        let client_key = {
-            let mut m = Hmac::<Sha256>::new_from_slice(&salted).unwrap();
-            m.update(b"Client Key");
-            <[u8; 32]>::from(m.finalize().into_bytes())
-        };
+        let salted = scram::salted_password(password.as_bytes(), salt, iterations);
+        let client_key = scram::client_key(&salted);
         let stored: [u8; 32] = Sha256::digest(client_key).into();
         (xor(&client_key, &hmac(&stored, auth)), client_key)
     }
@@ -285,6 +285,19 @@ mod tests {
             &format!("{without_proof},p={}", B64.encode(proof)),
         )?;
         Ok(client_key)
+    }
+
+    #[test]
+    fn a_cleartext_password_gives_the_key_a_scram_exchange_proves() {
+        let v = Verifier::parse(&postgres_protocol::password::scram_sha_256(b"secret")).unwrap();
+        assert_eq!(
+            v.client_key_for("secret"),
+            Some(exchange("secret", &v).unwrap())
+        );
+        assert_eq!(v.client_key_for("Secret"), None);
+        assert_eq!(v.client_key_for(""), None);
+        let unknown = Verifier::impossible(&[7; 32], "alice.shop");
+        assert_eq!(unknown.client_key_for("secret"), None);
     }
 
     #[test]

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use futures::future::{self, BoxFuture, FutureExt};
 use hyper::header::HeaderValue;
 use rouse_control_api::{
-    Client, ClientError, CreateDatabase, DatabaseInfo, DatabaseStatus, DbKey, Endpoint, Engine,
-    PoolMode,
+    BackendCredentials, Client, ClientError, CreateDatabase, DatabaseInfo, DatabaseStatus, DbKey,
+    Endpoint, Engine, PoolMode,
 };
 
 use crate::error::{ProxyError, Result};
@@ -52,9 +52,9 @@ pub(crate) trait ControlApi: Clone + Send + Sync + 'static {
         key: &DbKey,
         within: Duration,
     ) -> impl Future<Output = Result<DatabaseInfo, ClientError>> + Send;
-    /// `Authorization` for an rqlite database's engines, from the login
-    /// control sealed for this proxy's token.
-    fn rqlite_login(&self, info: &DatabaseInfo) -> Option<HeaderValue>;
+    /// The engine login control sealed for this proxy's token: rqlite's
+    /// data plane, or a PostgreSQL database's API login.
+    fn engine_login(&self, info: &DatabaseInfo) -> Option<BackendCredentials>;
 }
 
 impl ControlApi for Client {
@@ -80,11 +80,8 @@ impl ControlApi for Client {
         self.wake_within(&key.app, &key.db, Some(within))
     }
 
-    fn rqlite_login(&self, info: &DatabaseInfo) -> Option<HeaderValue> {
-        let login = self.engine_login(info)?;
-        let mut value = HeaderValue::from_str(&login.basic_auth()).ok()?;
-        value.set_sensitive(true);
-        Some(value)
+    fn engine_login(&self, info: &DatabaseInfo) -> Option<BackendCredentials> {
+        Client::engine_login(self, info)
     }
 }
 
@@ -96,6 +93,8 @@ pub(crate) struct Target {
     pub(crate) pool_mode: PoolMode,
     /// `Authorization` for the engine's HTTP API (rqlited `-auth`).
     pub(crate) login: Option<HeaderValue>,
+    /// A PostgreSQL database's login for the app's API credentials.
+    pub(crate) api_login: Option<Arc<BackendCredentials>>,
 }
 
 impl Target {
@@ -107,7 +106,15 @@ impl Target {
             endpoints: Arc::new(info.endpoints.clone()),
             pool_mode: info.pool_mode,
             login: match info.engine {
-                Engine::Rqlite => control.rqlite_login(info),
+                Engine::Rqlite => control.engine_login(info).and_then(|login| {
+                    let mut value = HeaderValue::from_str(&login.basic_auth()).ok()?;
+                    value.set_sensitive(true);
+                    Some(value)
+                }),
+                _ => None,
+            },
+            api_login: match info.engine {
+                Engine::Postgres => control.engine_login(info).map(Arc::new),
                 _ => None,
             },
         }

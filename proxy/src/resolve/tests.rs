@@ -9,11 +9,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::header::HeaderValue;
 use rouse_config::AppsConfig;
 use rouse_control_api::{
-    ClientError, CreateDatabase, DatabaseInfo, DatabaseStatus, DbKey, Endpoint, Engine, ErrorCode,
-    Name, PoolMode,
+    BackendCredentials, ClientError, CreateDatabase, DatabaseInfo, DatabaseStatus, DbKey, Endpoint,
+    Engine, ErrorCode, Name, PoolMode,
 };
 
 use super::{Bounds, ControlApi, Resolver};
@@ -167,7 +166,7 @@ impl ControlApi for Control {
         Ok(info(DatabaseStatus::Active))
     }
 
-    fn rqlite_login(&self, _: &DatabaseInfo) -> Option<HeaderValue> {
+    fn engine_login(&self, _: &DatabaseInfo) -> Option<BackendCredentials> {
         None
     }
 }

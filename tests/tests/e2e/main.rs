@@ -26,5 +26,6 @@ mod proxy_pg;
 mod proxy_redis_front;
 mod proxy_shared;
 mod restarts;
+mod sql_over_http;
 mod stats_page;
 mod tls;

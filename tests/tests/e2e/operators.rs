@@ -427,14 +427,20 @@ async fn no_answer_and_no_system_row_holds_a_password_in_clear() {
         .database(&name("shop"), &name("orders"))
         .await
         .unwrap();
-    assert!(
-        orders.engine_login.is_none(),
-        "no Postgres superuser for a proxy"
-    );
+    // On PostgreSQL, the API login: an app user, never the superuser.
+    let api_login = Client::new(&control.api_url())
+        .with_token(&proxy)
+        .engine_login(&orders)
+        .expect("the proxy opens the API login of a PostgreSQL database");
+    assert_eq!(api_login.user, rouse_control_api::name::API_USER);
+    assert!(superusers
+        .iter()
+        .all(|(_, l)| l.user != api_login.user && l.password != api_login.password));
 
     let mut secrets: Vec<String> = superusers.iter().map(|(_, l)| l.password.clone()).collect();
     secrets.extend([
         proxy_login.password.clone(),
+        api_login.password.clone(),
         "wonderland".into(),
         key.clone(),
     ]);

@@ -14,6 +14,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+mod pipeline;
 mod session_state;
 mod stats;
 

@@ -6,12 +6,9 @@
 use bytes::{BufMut, BytesMut};
 
 use super::messages::message;
+use super::tags::backend::{AUTHENTICATION, COMMAND_COMPLETE, DATA_ROW, ROW_DESCRIPTION};
 use super::tags::AuthCode;
 
-const ROW_DESCRIPTION: u8 = b'T';
-const DATA_ROW: u8 = b'D';
-const COMMAND_COMPLETE: u8 = b'C';
-const AUTHENTICATION: u8 = b'R';
 /// The OID of `text`: every console column is text, as in PgBouncer's.
 const TEXT_OID: u32 = 25;
 const INT8_OID: u32 = 20;
@@ -36,18 +33,22 @@ pub(crate) fn row_description(columns: &[&str], is_number: impl Fn(&str) -> bool
 
 /// DataRow; `None` is SQL NULL.
 pub(crate) fn data_row(values: &[Option<String>]) -> BytesMut {
-    message(DATA_ROW, |b| {
-        b.put_u16(values.len() as u16);
-        for v in values {
-            match v {
-                Some(v) => {
-                    b.put_i32(v.len() as i32);
-                    b.put_slice(v.as_bytes());
-                }
-                None => b.put_i32(-1),
+    message(DATA_ROW, |b| put_values(b, values))
+}
+
+/// A count, then each value with its length (-1 for NULL): the values of
+/// DataRow and the parameters of Bind alike.
+pub(crate) fn put_values(b: &mut BytesMut, values: &[Option<String>]) {
+    b.put_u16(values.len() as u16);
+    for v in values {
+        match v {
+            Some(v) => {
+                b.put_i32(v.len() as i32);
+                b.put_slice(v.as_bytes());
             }
+            None => b.put_i32(-1),
         }
-    })
+    }
 }
 
 /// CommandComplete with its tag, such as `SHOW` or `PAUSE`.

@@ -18,11 +18,14 @@ pub(crate) mod frontend {
     pub(crate) const DESCRIBE: u8 = b'D';
     pub(crate) const CLOSE: u8 = b'C';
     pub(crate) const SYNC: u8 = b'S';
+    pub(crate) const EXECUTE: u8 = b'E';
     pub(crate) const TERMINATE: u8 = b'X';
     /// SASLInitialResponse and SASLResponse alike.
     pub(crate) const SASL_RESPONSE: u8 = b'p';
     /// In Close and Describe: the name is a prepared statement's (not a portal's).
     pub(crate) const STATEMENT: u8 = b'S';
+    /// In Close and Describe: the name is a portal's.
+    pub(crate) const PORTAL: u8 = b'P';
 }
 
 /// What servers send.
@@ -34,6 +37,11 @@ pub(crate) mod backend {
     pub(crate) const ERROR_RESPONSE: u8 = b'E';
     pub(crate) const PARSE_COMPLETE: u8 = b'1';
     pub(crate) const CLOSE_COMPLETE: u8 = b'3';
+    pub(crate) const ROW_DESCRIPTION: u8 = b'T';
+    pub(crate) const NO_DATA: u8 = b'n';
+    pub(crate) const DATA_ROW: u8 = b'D';
+    pub(crate) const COMMAND_COMPLETE: u8 = b'C';
+    pub(crate) const EMPTY_QUERY: u8 = b'I';
     /// ReadyForQuery's status outside a transaction block.
     pub(crate) const IDLE: u8 = b'I';
 }
