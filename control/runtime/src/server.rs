@@ -215,10 +215,15 @@ where
     S: Handler<B>,
     B: ResponseBody,
 {
-    let conn = hyper::server::conn::http1::Builder::new()
+    // HTTP/1.1 only; upgrades (WebSocket) are handed to the service.
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .http1_only();
+    builder
+        .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
-        .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+        .header_read_timeout(header_read_timeout);
+    let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), service);
     watcher.watch(conn).await.map_err(|e| e.to_string())
 }
 

@@ -129,7 +129,11 @@ async fn dispatch(
     req: Request<Incoming>,
     served: &mut Served,
 ) -> Result<Response<Body>> {
-    // SQL over HTTP logs in as a Postgres role, with its own credentials.
+    // The PostgreSQL wire over a WebSocket, and SQL over HTTP, log in as
+    // a Postgres role, with credentials of their own.
+    if crate::net::websocket::is_upgrade(&req) {
+        return Ok(postgres_websocket(proxy, peer, req));
+    }
     if req.uri().path() == "/sql" {
         return Ok(sql::handle(proxy, peer, req, served).await);
     }
@@ -200,6 +204,25 @@ async fn dispatch(
             rqlite::handle(proxy, &key, &path, &prefix, host.as_deref(), req).await
         }
     }
+}
+
+/// Switches to a WebSocket that carries a PostgreSQL session.
+fn postgres_websocket(
+    proxy: &Arc<Proxy>,
+    peer: std::net::IpAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (answer, upgraded) = crate::net::websocket::accept(req);
+    if let Some(upgraded) = upgraded {
+        let pg = proxy.pg.clone();
+        tokio::spawn(async move {
+            match upgraded.await {
+                Ok(ws) => pg.serve_websocket(ws, (peer, 0).into()).await,
+                Err(e) => tracing::debug!(%peer, error = %e, "WebSocket upgrade failed"),
+            }
+        });
+    }
+    answer
 }
 
 /// The request body, at most `max_body_bytes`, within `body_read_timeout`.

@@ -1,5 +1,6 @@
-//! A TCP connection, plain or inside TLS (either side of the handshake):
-//! clients of the PostgreSQL front, and the Redis front's links to servers.
+//! A TCP connection, plain or inside TLS (either side of the handshake), or
+//! a WebSocket on the HTTP port: clients of the PostgreSQL front, and the
+//! Redis front's links to servers.
 
 use std::io;
 use std::pin::Pin;
@@ -9,9 +10,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsStream;
 
+use super::websocket::WsStream;
+
 pub(crate) enum MaybeTls {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// A PostgreSQL client of the serverless drivers, over the HTTP port.
+    WebSocket(Box<WsStream>),
     /// Only while a plain connection is handed to a TLS handshake.
     Upgrading,
 }
@@ -28,7 +33,7 @@ impl MaybeTls {
                 TlsStream::Server(s) => s.get_ref().1.server_name(),
                 TlsStream::Client(_) => None,
             },
-            MaybeTls::Plain(_) | MaybeTls::Upgrading => None,
+            MaybeTls::Plain(_) | MaybeTls::WebSocket(_) | MaybeTls::Upgrading => None,
         }
     }
 }
@@ -42,6 +47,7 @@ impl AsyncRead for MaybeTls {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            MaybeTls::WebSocket(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             MaybeTls::Upgrading => Poll::Ready(Err(upgrading())),
         }
     }
@@ -56,6 +62,7 @@ impl AsyncWrite for MaybeTls {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            MaybeTls::WebSocket(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             MaybeTls::Upgrading => Poll::Ready(Err(upgrading())),
         }
     }
@@ -64,6 +71,7 @@ impl AsyncWrite for MaybeTls {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            MaybeTls::WebSocket(s) => Pin::new(s.as_mut()).poll_flush(cx),
             MaybeTls::Upgrading => Poll::Ready(Err(upgrading())),
         }
     }
@@ -72,6 +80,7 @@ impl AsyncWrite for MaybeTls {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            MaybeTls::WebSocket(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             MaybeTls::Upgrading => Poll::Ready(Err(upgrading())),
         }
     }
@@ -84,6 +93,7 @@ impl AsyncWrite for MaybeTls {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            MaybeTls::WebSocket(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             MaybeTls::Upgrading => Poll::Ready(Err(upgrading())),
         }
     }
@@ -92,6 +102,7 @@ impl AsyncWrite for MaybeTls {
         match self {
             MaybeTls::Plain(s) => s.is_write_vectored(),
             MaybeTls::Tls(s) => s.is_write_vectored(),
+            MaybeTls::WebSocket(_) => false,
             MaybeTls::Upgrading => false,
         }
     }

@@ -14,6 +14,7 @@ use tokio::io::AsyncWriteExt;
 use super::error::{closed, PgError};
 use super::proto::frame::{read_frame, typed, MAX_AUTH_MESSAGE, MAX_STARTUP};
 use super::proto::messages;
+use super::proto::results;
 use super::proto::startup::{self, Startup};
 use super::proto::tags::frontend;
 use super::scram::{self, ScramError, ServerExchange, Verifier};
@@ -141,7 +142,13 @@ impl PgFront {
             .map_err(PgError::FailedLogins)?;
         let (verifier, client_key) = tokio::time::timeout_at(deadline, async {
             let verifier = self.verifier(&app, &role).await?;
-            let client_key = authenticate(client, buf, &verifier, &role).await;
+            let client_key = match client {
+                // The serverless drivers send the password with the
+                // startup, unasked: a cleartext login, inside the
+                // WebSocket's TLS.
+                MaybeTls::WebSocket(_) => self.cleartext_login(client, buf, &verifier, &role).await,
+                _ => authenticate(client, buf, &verifier, &role).await,
+            };
             if matches!(client_key, Err(PgError::Password(_))) {
                 self.failed_logins.record(peer.ip());
             }
@@ -249,6 +256,32 @@ pub(super) fn route(
     let app =
         Name::new(&app).map_err(|_| PgError::Authorization(format!("invalid app \"{app}\"")))?;
     Ok((user, app, params))
+}
+
+impl PgFront {
+    /// A cleartext password exchange; the ClientKey the password gives.
+    async fn cleartext_login(
+        &self,
+        client: &mut MaybeTls,
+        buf: &mut BytesMut,
+        verifier: &Arc<Verifier>,
+        role: &str,
+    ) -> Result<[u8; 32], PgError> {
+        client
+            .write_all(&results::auth_cleartext())
+            .await
+            .map_err(closed)?;
+        client.flush().await.map_err(closed)?;
+        let (tag, body) = typed(read_frame(client, buf, true, MAX_AUTH_MESSAGE).await?);
+        if tag != frontend::SASL_RESPONSE {
+            return Err(PgError::Protocol("expected a PasswordMessage".into()));
+        }
+        let password = results::parse_password(&body)
+            .ok_or_else(|| PgError::Protocol("malformed PasswordMessage".into()))?;
+        self.cleartext_key(verifier, &password)
+            .await
+            .ok_or_else(|| PgError::Password(role.to_string()))
+    }
 }
 
 /// SCRAM-SHA-256 with the client; the proven ClientKey on success.

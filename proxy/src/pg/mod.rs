@@ -31,7 +31,7 @@ use bytes::BytesMut;
 use rouse_config::{MemberRole, PatroniChecks};
 use rouse_control_api::{Client, DbKey, Engine};
 use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -39,6 +39,7 @@ use crate::activity::Activity;
 use crate::fleet::ratelimit::{Protocol, RateLimits};
 use crate::fleet::Fleet;
 use crate::health::Health;
+use crate::net::websocket::WsStream;
 use crate::net::{accept_forever, Connections, MaybeTls};
 use crate::patroni::{Cluster, Pick};
 use crate::resolve::Resolver;
@@ -214,15 +215,23 @@ impl PgFront {
             "postgres",
             connections,
             stop,
-            move |socket, peer| self.clone().session(socket, peer, port),
+            move |socket, peer| self.clone().session(MaybeTls::Plain(socket), peer, port),
         )
         .await
     }
 
-    async fn session(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, port: MemberRole) {
+    /// Serves a client of the serverless drivers, whose PostgreSQL wire
+    /// comes over a WebSocket of the HTTP port, as a client of the
+    /// read-write port.
+    pub(crate) async fn serve_websocket(self: Arc<Self>, ws: WsStream, peer: SocketAddr) {
+        let client = MaybeTls::WebSocket(Box::new(ws));
+        self.session(client, peer, MemberRole::Primary).await
+    }
+
+    async fn session(self: Arc<Self>, client: MaybeTls, peer: SocketAddr, port: MemberRole) {
         // Boxed: the startup's large state is freed once it is done, instead
         // of staying in every session's task.
-        let Some(opened) = Box::pin(self.open(tcp, peer, port)).await else {
+        let Some(opened) = Box::pin(self.open(client, peer, port)).await else {
             return;
         };
         self.relay(opened).await;
@@ -231,12 +240,11 @@ impl PgFront {
     /// The startup, bounded in time; failures are answered here.
     async fn open(
         &self,
-        tcp: TcpStream,
+        mut client: MaybeTls,
         peer: SocketAddr,
         port: MemberRole,
     ) -> Option<Box<Opened>> {
         let mut buf = BytesMut::with_capacity(1024);
-        let mut client = MaybeTls::Plain(tcp);
         let started = match self.pending_logins.clone().try_acquire_owned() {
             Ok(pending) => {
                 tokio::time::timeout(
@@ -399,6 +407,11 @@ impl PgFront {
             return Ok(None);
         };
         if console::wanted(&params) {
+            if matches!(client, MaybeTls::WebSocket(_)) {
+                return Err(PgError::Authorization(
+                    "the admin console is not served over WebSocket".into(),
+                ));
+            }
             let who = tokio::time::timeout_at(
                 login_deadline,
                 self.console_login(client, buf, &params, peer),

@@ -265,7 +265,11 @@ impl PgFront {
     /// The ClientKey a cleartext `password` gives, when it is the role's.
     /// The key derivation (thousands of HMACs) runs once per password and
     /// verifier, not once per request.
-    async fn cleartext_key(&self, verifier: &Arc<Verifier>, password: &str) -> Option<[u8; 32]> {
+    pub(super) async fn cleartext_key(
+        &self,
+        verifier: &Arc<Verifier>,
+        password: &str,
+    ) -> Option<[u8; 32]> {
         use hmac::{Hmac, Mac};
         let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&self.mock_key)
             .expect("HMAC takes any key length");

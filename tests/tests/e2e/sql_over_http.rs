@@ -275,3 +275,78 @@ async fn the_gateway_api_serves_a_postgres_database_like_an_rqlite_one() {
         .await;
     assert_eq!(r, json!({"items": [{"x": 1}], "count": 1}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serverless_drivers_pool_speaks_postgres_over_a_websocket() {
+    let s = Stack::builder().start().await;
+    s.create("users", Engine::Postgres).await;
+    let api = s.control.client();
+    api.hibernate(&name(APP), &name("users"), true)
+        .await
+        .unwrap();
+    let port = s.proxy().http_addr().port();
+    let script = format!(
+        r#"
+const {{ Pool, Client, neonConfig }} = require('@neondatabase/serverless');
+neonConfig.webSocketConstructor = require('ws');
+neonConfig.wsProxy = () => '127.0.0.1:{port}/v2';
+neonConfig.useSecureWebSocket = false;
+const url = (password) => `postgresql://alice.{APP}:${{password}}@127.0.0.1/users`;
+(async () => {{
+  const pool = new Pool({{ connectionString: url('wonderland') }});
+  // The first connect wakes the database.
+  const client = await pool.connect();
+  await client.query('CREATE TABLE notes (id serial PRIMARY KEY, body text)');
+  // An interactive transaction: what it wrote is seen inside, gone after.
+  await client.query('BEGIN');
+  await client.query('INSERT INTO notes (body) VALUES ($1)', ['in a transaction']);
+  const inside = await client.query('SELECT count(*)::int AS c FROM notes');
+  await client.query('ROLLBACK');
+  const after = await client.query('SELECT count(*)::int AS c FROM notes');
+  console.log('transaction', inside.rows[0].c, after.rows[0].c);
+  // LISTEN on one session, NOTIFY from another.
+  const listener = new Client({{ connectionString: url('wonderland') }});
+  await listener.connect();
+  const heard = new Promise(resolve => listener.on('notification', m => resolve(m.payload)));
+  await listener.query('LISTEN news');
+  await client.query("SELECT pg_notify('news', 'hello')");
+  console.log('notified', await heard);
+  try {{ await client.query('SELECT * FROM nope'); }} catch (e) {{ console.log('missing', e.code); }}
+  const still = await client.query('SELECT 1 AS one');
+  console.log('still', still.rows[0].one);
+  client.release();
+  // A pipelined connect resolves before the login is answered: the
+  // refusal comes as an error event or on the first query.
+  const stranger = new Client({{ connectionString: url('nope') }});
+  const refused = new Promise(resolve => stranger.on('error', e => resolve('denied ' + e.code)));
+  const asked = (async () => {{
+    try {{ await stranger.connect(); await stranger.query('SELECT 1'); return 'stranger answered'; }}
+    catch (e) {{ return 'denied ' + e.code; }}
+  }})();
+  console.log(await Promise.race([refused, asked]));
+  await listener.end();
+  await pool.end();
+}})().catch(e => {{ console.error(e); process.exit(1); }});
+"#
+    );
+    let deps = std::env::var("ROUSE_DEPS_DIR").unwrap_or_else(|_| "/opt/rouse-deps".into());
+    let out = run_ok(
+        Command::new("node")
+            .args(["-e", &script])
+            .env("NODE_PATH", format!("{deps}/node_modules")),
+    );
+    for expected in [
+        "transaction 1 0",
+        "notified hello",
+        "missing 42P01",
+        "still 1",
+        "denied 28P01",
+    ] {
+        assert!(
+            out.lines().any(|l| l == expected),
+            "no {expected:?} in:\n{out}"
+        );
+    }
+    let info = api.database(&name(APP), &name("users")).await.unwrap();
+    assert_eq!(info.status, DatabaseStatus::Active);
+}
