@@ -9,6 +9,7 @@ mod cpu;
 mod density;
 mod http;
 mod pg;
+mod pg_http;
 mod redis;
 mod report;
 mod sessions;
@@ -74,6 +75,17 @@ enum Command {
         rounds: usize,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+    },
+    /// A point read through `/sql` (Neon's SQL over HTTP) and through the
+    /// gateway API, beside the same read over PostgreSQL connections (bare
+    /// and through rouse's Postgres port), at one client and at many.
+    PgHttp {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
     },
     /// Memory per idle PostgreSQL client, rouse beside PgBouncer; then
     /// pgbench on some of the clients while the others stay idle.
@@ -149,6 +161,11 @@ async fn main() -> anyhow::Result<()> {
             seconds,
         } => println!("{}", pg::idle(clients, active, seconds).await?),
         Command::Pg { rounds, seconds } => println!("{}", pg::run(rounds, seconds).await?),
+        Command::PgHttp {
+            rounds,
+            seconds,
+            clients,
+        } => println!("{}", pg_http::run(rounds, seconds, clients).await?),
         Command::Http {
             rounds,
             seconds,

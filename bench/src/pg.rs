@@ -13,10 +13,10 @@ use rouse_tests::{free_port, postgres_bin_dir, Control, Proxy, RunAs, ServerProc
 use crate::stats::{added_latency_table, percentile, table};
 use crate::wake::name;
 
-const APP: &str = "bench";
-const DB: &str = "pgb";
-const USER: &str = "alice";
-const PASSWORD: &str = "bench-password";
+pub(crate) const APP: &str = "bench";
+pub(crate) const DB: &str = "pgb";
+pub(crate) const USER: &str = "alice";
+pub(crate) const PASSWORD: &str = "bench-password";
 
 struct Side {
     label: &'static str,
@@ -55,7 +55,7 @@ const LOADS: [Load; 3] = [
 ];
 
 /// Control with app `bench`, its user and its PostgreSQL database.
-async fn setup() -> Result<(Control, UserInfo, DatabaseInfo)> {
+pub(crate) async fn setup() -> Result<(Control, UserInfo, DatabaseInfo)> {
     let control = Control::builder().hibernation_timeout("0").start().await?;
     let client = control.client();
     client.create_app(&name(APP)).await?;
@@ -214,7 +214,7 @@ impl fmt::Display for IdleResults {
     }
 }
 
-fn us(d: Duration) -> String {
+pub(crate) fn us(d: Duration) -> String {
     format!("{} µs", d.as_micros())
 }
 
@@ -317,7 +317,7 @@ pub async fn run(rounds: usize, seconds: u64) -> Result<PgResults> {
 }
 
 /// pgbench's tables, at scale 1, created directly on the server.
-fn init_pgbench(pgbench: &Path, port: u16) -> Result<()> {
+pub(crate) fn init_pgbench(pgbench: &Path, port: u16) -> Result<()> {
     let init = Command::new(pgbench)
         .args(["-i", "-s", "1", "-q", &conninfo(port, USER)])
         .env("PGPASSWORD", PASSWORD)

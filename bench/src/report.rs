@@ -15,6 +15,7 @@ use crate::chart::{
 use crate::cluster::ClusterResults;
 use crate::http::HttpResults;
 use crate::pg::{IdleResults, PgResults};
+use crate::pg_http::PgHttpResults;
 use crate::redis::RedisResults;
 use crate::sessions::SessionResults;
 use crate::wake::WakeResults;
@@ -110,6 +111,7 @@ struct Results {
     wake: Option<WakeResults>,
     http: Option<HttpResults>,
     pg: Option<PgResults>,
+    pg_http: Option<PgHttpResults>,
     idle: Option<IdleResults>,
     redis: Option<RedisResults>,
     sessions: Option<SessionResults>,
@@ -164,6 +166,12 @@ pub async fn all(sizes: &Sizes, quick: bool, out: &Path) -> Result<()> {
         .await;
     r.pg = r
         .step("pg", crate::pg::run(sizes.pg_rounds, sizes.pg_seconds))
+        .await;
+    r.pg_http = r
+        .step(
+            "pg-http",
+            crate::pg_http::run(sizes.pg_rounds, sizes.pg_seconds, sizes.http_connections),
+        )
         .await;
     r.idle = r
         .step(
@@ -333,7 +341,7 @@ fn markdown(r: &Results, sizes: &Sizes, quick: bool, charts: &[&str]) -> String 
         );
     }
     md.push_str(
-        "Each part also runs alone (`rouse-bench wake`, `http`, `pg`, `pg-idle`, `redis`, \
+        "Each part also runs alone (`rouse-bench wake`, `http`, `pg`, `pg-http`, `pg-idle`, `redis`, \
          `cluster`) and prints the same tables.\n",
     );
     let chart = |md: &mut String, file: &str, alt: &str| {
@@ -378,6 +386,13 @@ fn markdown(r: &Results, sizes: &Sizes, quick: bool, charts: &[&str]) -> String 
 
     md.push_str("\n## PostgreSQL\n");
     section(&mut md, "pg", r.pg.as_ref().map(|x| x as &dyn Display));
+
+    md.push_str("\n## PostgreSQL over HTTP\n");
+    section(
+        &mut md,
+        "pg-http",
+        r.pg_http.as_ref().map(|x| x as &dyn Display),
+    );
 
     md.push_str("\n## Idle PostgreSQL clients, and busy ones beside them\n");
     chart(
@@ -515,6 +530,7 @@ mod tests {
                 }],
                 one_client: [40, 70, 75].map(Duration::from_micros),
             }),
+            pg_http: None,
             sessions: None,
             cluster: None,
             failed: vec![("credential checks", "Redis would not start".into())],
