@@ -194,7 +194,7 @@ impl fmt::Display for IdleResults {
         write!(
             f,
             "{} idle PostgreSQL clients, transaction pooling\n\n{}\n\
-             {} of them busy (pgbench -S -c {} for {} s), {} idle, transaction pooling\n\n{}",
+             {} of them busy (pgbench -S -c {} for {} s, counted once every client ran), {} idle, transaction pooling\n\n{}",
             self.clients,
             table(
                 &[
@@ -303,8 +303,8 @@ pub async fn run(rounds: usize, seconds: u64) -> Result<PgResults> {
         for (i, (port, user)) in sides.iter().enumerate() {
             let prefix = dir.path().join(format!("one-{round}-{i}"));
             let one = ["-c", "1", "-j", "1"];
-            let latencies = pgbench_latencies(&pgbench, &one, seconds, *port, user, &prefix)?;
-            p50s[i].push(percentile(&latencies, 50.0));
+            let run = pgbench_steady(&pgbench, &one, seconds, *port, user, &prefix)?;
+            p50s[i].push(percentile(&run.latencies, 50.0));
         }
     }
     let one_client = std::array::from_fn(|i| percentile(&p50s[i], 50.0));
@@ -331,16 +331,24 @@ pub(crate) fn init_pgbench(pgbench: &Path, port: u16) -> Result<()> {
     Ok(())
 }
 
-/// The latency of each transaction of `pgbench -S` with `args` for
-/// `seconds`, from its per-transaction log (written under `prefix`).
-fn pgbench_latencies(
+/// pgbench's transactions from the moment every client had run its first
+/// (before it, clients are still connecting, which is not the load being
+/// measured): their latencies and rate.
+pub(crate) struct Steady {
+    pub(crate) latencies: Vec<Duration>,
+    pub(crate) per_second: f64,
+}
+
+/// `pgbench -S` with `args` for `seconds`, from its per-transaction log
+/// (written under `prefix`).
+fn pgbench_steady(
     pgbench: &Path,
     args: &[&str],
     seconds: u64,
     port: u16,
     user: &str,
     prefix: &Path,
-) -> Result<Vec<Duration>> {
+) -> Result<Steady> {
     let out = Command::new(pgbench)
         .args(["-n", "-S", "-l", "-T", &seconds.to_string()])
         .args(args)
@@ -362,7 +370,8 @@ fn pgbench_latencies(
         .context("log prefix without a name")?
         .to_string_lossy()
         .into_owned();
-    let mut latencies = Vec::new();
+    // (client, finished at in µs since the epoch, latency in µs)
+    let mut done: Vec<(u64, u64, u64)> = Vec::new();
     for entry in std::fs::read_dir(dir)?.flatten() {
         if !entry
             .file_name()
@@ -373,14 +382,42 @@ fn pgbench_latencies(
         }
         // client_id transaction_no latency_us script_no epoch epoch_us
         for line in std::fs::read_to_string(entry.path())?.lines() {
-            if let Some(us) = line.split_whitespace().nth(2).and_then(|v| v.parse().ok()) {
-                latencies.push(Duration::from_micros(us));
+            let f: Vec<u64> = line
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            if let [client, _, latency, _, secs, micros, ..] = f[..] {
+                done.push((client, secs * 1_000_000 + micros, latency));
             }
         }
         std::fs::remove_file(entry.path())?;
     }
-    anyhow::ensure!(!latencies.is_empty(), "pgbench wrote no transaction log");
-    Ok(latencies)
+    anyhow::ensure!(!done.is_empty(), "pgbench wrote no transaction log");
+    Ok(steady(&done, seconds))
+}
+
+/// The transactions after every client's first, and their rate.
+fn steady(done: &[(u64, u64, u64)], seconds: u64) -> Steady {
+    let mut first = std::collections::HashMap::new();
+    for &(client, at, _) in done {
+        let f = first.entry(client).or_insert(at);
+        *f = (*f).min(at);
+    }
+    let start = first.values().copied().max().unwrap_or(0);
+    let end = done.iter().map(|&(_, at, _)| at).max().unwrap_or(0);
+    let kept: Vec<Duration> = done
+        .iter()
+        .filter(|&&(_, at, _)| at > start || end == start)
+        .map(|&(_, _, latency)| Duration::from_micros(latency))
+        .collect();
+    let span = match end > start {
+        true => (end - start) as f64 / 1e6,
+        false => seconds as f64,
+    };
+    Steady {
+        per_second: kept.len() as f64 / span,
+        latencies: kept,
+    }
 }
 
 /// Memory per idle client: `clients` connections opened (logged in, then
@@ -455,7 +492,7 @@ pub async fn idle(clients: usize, active: usize, seconds: u64) -> Result<IdleRes
         held.truncate(clients - active);
         let threads = active.clamp(1, 2).to_string();
         let active_arg = active.to_string();
-        let latencies = pgbench_latencies(
+        let run = pgbench_steady(
             &pgbench,
             &["-c", &active_arg, "-j", &threads],
             seconds,
@@ -468,9 +505,9 @@ pub async fn idle(clients: usize, active: usize, seconds: u64) -> Result<IdleRes
             before_kib: before,
             after_kib: after,
             busy: Busy {
-                tps: latencies.len() as f64 / seconds as f64,
-                p50: percentile(&latencies, 50.0),
-                p99: percentile(&latencies, 99.0),
+                tps: run.per_second,
+                p50: percentile(&run.latencies, 50.0),
+                p99: percentile(&run.latencies, 99.0),
             },
         });
         drop(held);
@@ -575,4 +612,29 @@ async fn start_pgbouncer(
 async fn tcp_ready(port: u16) -> Result<()> {
     tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_steady_part_starts_when_every_client_has_run() {
+        // Client 1 connects late: until its first answer at t = 900 µs the
+        // load is not all there.
+        let done = [
+            (0, 100, 10),
+            (0, 200, 10),
+            (0, 500, 10),
+            (1, 900, 50),
+            (0, 1_000, 20),
+            (1, 1_900, 30),
+        ];
+        let s = steady(&done, 1);
+        assert_eq!(s.latencies, [20, 30].map(Duration::from_micros).to_vec());
+        assert!((s.per_second - 2.0 / 0.001).abs() < 1e-6);
+        // One transaction: all of it, over the run's length.
+        let one = steady(&[(0, 100, 10)], 2);
+        assert_eq!((one.latencies.len(), one.per_second), (1, 0.5));
+    }
 }

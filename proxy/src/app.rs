@@ -202,6 +202,7 @@ pub async fn run(
     let front = pg.clone();
     loops.restarting("pg_pools", move || front.clone().keep_pools());
     loops.restarting("memory_trim", rouse_runtime::memory::trim_forever);
+    let connections = Arc::new(Connections::default());
     let proxy = Arc::new(Proxy {
         config: p.clone(),
         control: s.control.clone(),
@@ -215,6 +216,7 @@ pub async fn run(
         metrics: Default::default(),
         failed_logins: s.failed_logins.clone(),
         pg: pg.clone(),
+        connections: connections.clone(),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -235,7 +237,6 @@ pub async fn run(
         auth: p.stats_auth.clone(),
         loops: loops.clone(),
     });
-    let connections = Arc::new(Connections::default());
     let upgrade_listener = p.upgrade_socket.as_ref().map(|path| {
         upgrade::bind(path)
             .inspect_err(|e| error!(error = %e, socket = %path.display(), "no graceful upgrade"))

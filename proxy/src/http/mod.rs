@@ -51,6 +51,8 @@ pub(crate) struct Proxy {
     pub(crate) failed_logins: Arc<crate::throttle::FailedLogins>,
     /// Runs SQL over HTTP (`/sql`) as the PostgreSQL front would.
     pub(crate) pg: Arc<crate::pg::PgFront>,
+    /// Where a WebSocket's session is counted, so that a drain waits for it.
+    pub(crate) connections: Arc<crate::net::Connections>,
 }
 
 /// How one request was served, for metrics.
@@ -215,7 +217,9 @@ fn postgres_websocket(
     let (answer, upgraded) = crate::net::websocket::accept(req);
     if let Some(upgraded) = upgraded {
         let pg = proxy.pg.clone();
+        let open = proxy.connections.track("postgres");
         tokio::spawn(async move {
+            let _open = open;
             match upgraded.await {
                 Ok(ws) => pg.serve_websocket(ws, (peer, 0).into()).await,
                 Err(e) => tracing::debug!(%peer, error = %e, "WebSocket upgrade failed"),

@@ -58,7 +58,7 @@ pub(super) async fn handle(
     req: Request<Incoming>,
     served: &mut Served,
 ) -> Response<Body> {
-    match serve(proxy, peer, req).await {
+    match serve(proxy, peer, req, served).await {
         Ok(answer) => answer,
         Err(r) => {
             served.outcome = r.kind.label();
@@ -76,6 +76,7 @@ async fn serve(
     proxy: &Arc<Proxy>,
     peer: IpAddr,
     req: Request<Incoming>,
+    served: &mut Served,
 ) -> Result<Response<Body>, Refusal> {
     if req.method() != Method::POST {
         return Err(user_error("send queries with POST"));
@@ -94,11 +95,15 @@ async fn serve(
         true => Some(batch_of(&headers).map_err(user_error)?),
         false => None,
     };
-    let answers = proxy
-        .pg
-        .run_sql(peer, login, &statements, batch)
-        .await
-        .map_err(refusal)?;
+    let who = proxy.pg.identify(login).map_err(|e| refusal(e.into()))?;
+    let key = who.key.clone();
+    let answers = proxy.pg.run_sql(peer, who, &statements, batch).await;
+    // Named in the metrics once the login was good: a stranger's names
+    // would otherwise make label series at will.
+    if matches!(answers, Ok(_) | Err(SqlError::Postgres(_))) {
+        served.db = Some(key);
+    }
+    let answers = answers.map_err(refusal)?;
     let results: Vec<Value> = answers.iter().map(|a| answer_json(a, shape)).collect();
     Ok(match batch {
         Some(_) => json(StatusCode::OK, &json!({ "results": results })),

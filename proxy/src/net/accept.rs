@@ -27,6 +27,12 @@ impl Connections {
         self.open.load(Ordering::Acquire)
     }
 
+    /// One more open connection of `protocol`, for as long as the guard
+    /// lives (connections not accepted here: WebSockets of the HTTP port).
+    pub(crate) fn track(self: &Arc<Self>, protocol: &'static str) -> OpenConnection {
+        OpenConnection::new(protocol, self.clone())
+    }
+
     /// Resolves once no connection is open.
     pub(crate) async fn drained(&self) {
         loop {
@@ -77,7 +83,7 @@ pub(crate) async fn accept_forever<F, Fut>(
 
 /// Counts one open client connection in `rouse_client_connections` and in
 /// [`Connections`] for as long as it lives, also when its task is aborted.
-struct OpenConnection {
+pub(crate) struct OpenConnection {
     gauge: metrics::Gauge,
     connections: Arc<Connections>,
 }

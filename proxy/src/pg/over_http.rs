@@ -40,6 +40,15 @@ pub(crate) struct SqlLogin {
     pub(crate) host: String,
 }
 
+/// A login a connection string named, before its password is checked.
+pub(crate) struct Identified {
+    pub(crate) key: DbKey,
+    role: String,
+    app: Name,
+    database: String,
+    password: String,
+}
+
 pub(crate) struct Statement {
     pub(crate) sql: String,
     /// Text parameters; `None` is NULL.
@@ -114,15 +123,9 @@ pub(crate) fn message(fields: &[(u8, String)]) -> &str {
 }
 
 impl PgFront {
-    /// Runs `statements` as `login` asks from `peer`: each in a transaction
-    /// of its own or, with `batch`, all in one.
-    pub(crate) async fn run_sql(
-        &self,
-        peer: IpAddr,
-        login: SqlLogin,
-        statements: &[Statement],
-        batch: Option<Batch>,
-    ) -> Result<Vec<Answer>, SqlError> {
+    /// Who a connection string names: role, app and database, checked as
+    /// the Postgres port checks a startup's (nothing is looked up yet).
+    pub(crate) fn identify(&self, login: SqlLogin) -> Result<Identified, PgError> {
         let params = BTreeMap::from([
             ("user".to_string(), login.user),
             ("database".to_string(), login.database.clone()),
@@ -131,12 +134,36 @@ impl PgFront {
         let (role, app, _) = route(params, sni_app(host, self.base_domain.as_deref()))?;
         let database = login.database;
         let db = Name::new(&database).map_err(|_| PgError::UnknownDatabase(database.clone()))?;
-        let key = DbKey::new(app.clone(), db);
+        Ok(Identified {
+            key: DbKey::new(app.clone(), db),
+            role,
+            app,
+            database,
+            password: login.password,
+        })
+    }
+
+    /// Runs `statements` as `who` from `peer`: each in a transaction of its
+    /// own or, with `batch`, all in one.
+    pub(crate) async fn run_sql(
+        &self,
+        peer: IpAddr,
+        who: Identified,
+        statements: &[Statement],
+        batch: Option<Batch>,
+    ) -> Result<Vec<Answer>, SqlError> {
+        let Identified {
+            key,
+            role,
+            app,
+            database,
+            password,
+        } = who;
         self.failed_logins
             .check(peer)
             .map_err(PgError::FailedLogins)?;
         let verifier = self.verifier(&app, &role).await?;
-        let Some(client_key) = self.cleartext_key(&verifier, &login.password).await else {
+        let Some(client_key) = self.cleartext_key(&verifier, &password).await else {
             self.failed_logins.record(peer);
             return Err(PgError::Password(role).into());
         };
