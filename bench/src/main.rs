@@ -32,7 +32,7 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Every comparison below in one run (about eleven minutes on two cores),
+    /// Every comparison below in one run (about 23 minutes on two cores),
     /// written as one Markdown report with PNG charts.
     All {
         /// Small sizes everywhere: a smoke run of a couple of minutes.

@@ -41,7 +41,7 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    /// Every part at a size whose medians hold still: about eleven minutes
+    /// Every part at a size whose medians hold still: about 23 minutes
     /// on two cores.
     pub const FULL: Sizes = Sizes {
         wake_cycles: 20,
