@@ -10,6 +10,7 @@ mod density;
 mod http;
 mod pg;
 mod pg_http;
+mod pg_idle;
 mod redis;
 mod report;
 mod sessions;
@@ -159,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
             clients,
             active,
             seconds,
-        } => println!("{}", pg::idle(clients, active, seconds).await?),
+        } => println!("{}", pg_idle::idle(clients, active, seconds).await?),
         Command::Pg { rounds, seconds } => println!("{}", pg::run(rounds, seconds).await?),
         Command::PgHttp {
             rounds,

@@ -14,8 +14,9 @@ use crate::chart::{
 };
 use crate::cluster::ClusterResults;
 use crate::http::HttpResults;
-use crate::pg::{IdleResults, PgResults};
+use crate::pg::PgResults;
 use crate::pg_http::PgHttpResults;
+use crate::pg_idle::IdleResults;
 use crate::redis::RedisResults;
 use crate::sessions::SessionResults;
 use crate::wake::WakeResults;
@@ -180,7 +181,7 @@ pub async fn all(sizes: &Sizes, quick: bool, out: &Path) -> Result<()> {
     r.idle = r
         .step(
             "pg-idle",
-            crate::pg::idle(sizes.idle_clients, sizes.idle_active, sizes.idle_seconds),
+            crate::pg_idle::idle(sizes.idle_clients, sizes.idle_active, sizes.idle_seconds),
         )
         .await;
     r.redis = r
@@ -437,7 +438,8 @@ mod tests {
 
     use super::*;
     use crate::http::{Herd, HttpRow};
-    use crate::pg::{Busy, IdleRow, PgRow};
+    use crate::pg::PgRow;
+    use crate::pg_idle::{Busy, IdleRow};
     use crate::redis::RedisRow;
     use crate::wake::WakeRow;
 

@@ -20,22 +20,35 @@ fn neon(s: &Stack, user: &str, password: &str, db: &str, body: &str) -> String {
          const sql = connect('{user}', '{password}', '{db}');\n\
          (async () => {{\n{body}\n}})().catch(e => {{ console.error(e); process.exit(1); }});\n"
     );
+    node(&script)
+}
+
+/// Runs a Node.js script with the test clients installed; what it printed.
+fn node(script: &str) -> String {
     let deps = std::env::var("ROUSE_DEPS_DIR").unwrap_or_else(|_| "/opt/rouse-deps".into());
     run_ok(
         Command::new("node")
-            .args(["-e", &script])
+            .args(["-e", script])
             .env("NODE_PATH", format!("{deps}/node_modules")),
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_serverless_driver_queries_a_hibernated_database_over_http() {
+/// A stack whose app has a hibernated PostgreSQL database `users`.
+async fn hibernated_users() -> Stack {
     let s = Stack::builder().start().await;
     s.create("users", Engine::Postgres).await;
-    let api = s.control.client();
-    api.hibernate(&name(APP), &name("users"), true)
+    s.control
+        .client()
+        .hibernate(&name(APP), &name("users"), true)
         .await
         .unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serverless_driver_queries_a_hibernated_database_over_http() {
+    let s = hibernated_users().await;
+    let api = s.control.client();
 
     let out = neon(
         &s,
@@ -278,12 +291,8 @@ async fn the_gateway_api_serves_a_postgres_database_like_an_rqlite_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_serverless_drivers_pool_speaks_postgres_over_a_websocket() {
-    let s = Stack::builder().start().await;
-    s.create("users", Engine::Postgres).await;
+    let s = hibernated_users().await;
     let api = s.control.client();
-    api.hibernate(&name(APP), &name("users"), true)
-        .await
-        .unwrap();
     let port = s.proxy().http_addr().port();
     let script = format!(
         r#"
@@ -329,12 +338,7 @@ const url = (password) => `postgresql://alice.{APP}:${{password}}@127.0.0.1/user
 }})().catch(e => {{ console.error(e); process.exit(1); }});
 "#
     );
-    let deps = std::env::var("ROUSE_DEPS_DIR").unwrap_or_else(|_| "/opt/rouse-deps".into());
-    let out = run_ok(
-        Command::new("node")
-            .args(["-e", &script])
-            .env("NODE_PATH", format!("{deps}/node_modules")),
-    );
+    let out = node(&script);
     for expected in [
         "transaction 1 0",
         "notified hello",
