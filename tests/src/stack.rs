@@ -151,6 +151,15 @@ impl Stack {
         self.control.client().create_database(&req).await.unwrap();
     }
 
+    /// Puts [`APP`]'s database `db` to sleep now.
+    pub async fn hibernate(&self, db: &str) {
+        self.control
+            .client()
+            .hibernate(&name(APP), &name(db), true)
+            .await
+            .unwrap();
+    }
+
     /// `postgres://user:password@<first proxy>/db`, without parameters.
     pub fn pg_url(&self, user: &str, password: &str, db: &str) -> String {
         self.pg_url_via(0, user, password, db)

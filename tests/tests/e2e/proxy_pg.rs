@@ -16,11 +16,7 @@ const STARTS: &str = r#"rouse_wake_duration_seconds_count{engine="postgres",phas
 async fn ordinary_clients_connect_and_a_hibernated_database_wakes_on_connect() {
     let s = Stack::builder().start().await;
     s.create("users", Engine::Postgres).await;
-    s.control
-        .client()
-        .hibernate(&name(APP), &name("users"), true)
-        .await
-        .unwrap();
+    s.hibernate("users").await;
 
     // psql with the app in the user name; the first connect wakes the database.
     for sslmode in ["disable", "prefer"] {

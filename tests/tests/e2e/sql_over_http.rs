@@ -37,11 +37,7 @@ fn node(script: &str) -> String {
 async fn hibernated_users() -> Stack {
     let s = Stack::builder().start().await;
     s.create("users", Engine::Postgres).await;
-    s.control
-        .client()
-        .hibernate(&name(APP), &name("users"), true)
-        .await
-        .unwrap();
+    s.hibernate("users").await;
     s
 }
 
@@ -158,8 +154,8 @@ async fn another_apps_login_reaches_nothing_over_http() {
 async fn the_gateway_api_serves_a_postgres_database_like_an_rqlite_one() {
     let s = Stack::builder().start().await;
     s.create("pg", Engine::Postgres).await;
+    s.hibernate("pg").await;
     let api = s.control.client();
-    api.hibernate(&name(APP), &name("pg"), true).await.unwrap();
 
     // The first call wakes the database.
     let (st, r) = s
