@@ -163,6 +163,9 @@ pub async fn idle(clients: usize, active: usize, seconds: u64) -> Result<IdleRes
             .context("no clients")?
             .simple_query("SELECT 1")
             .await?;
+        // Idle means idle for a while: rouse parks a client that said
+        // nothing for a second.
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
         let after = rss_kib(pid)?;
         held.truncate(clients - active);
         let threads = active.clamp(1, 2).to_string();

@@ -102,6 +102,13 @@ pub const CONFIG_RELOADS: Metric = Metric {
     help: "Configuration reloads (SIGHUP), applied or refused.",
 };
 
+pub const PARKED_CLIENTS: Metric = Metric {
+    name: "rouse_parked_clients",
+    kind: Kind::Gauge,
+    labels: &[],
+    help: "PostgreSQL clients idle long enough to be parked outside the runtime (a part of rouse_client_connections{protocol=\"postgres\"}).",
+};
+
 pub const CATALOGUE: &[&Metric] = &[
     &REQUESTS,
     &REQUEST_DURATION,
@@ -117,4 +124,5 @@ pub const CATALOGUE: &[&Metric] = &[
     &ENGINE_LOGIN_REFUSALS,
     &UPGRADE_REFUSALS,
     &CONFIG_RELOADS,
+    &PARKED_CLIENTS,
 ];

@@ -26,9 +26,10 @@ pub(crate) async fn serve(
     connections: Arc<Connections>,
     stop: impl Future<Output = ()>,
 ) {
-    accept_forever(listener, "tcp", connections, stop, move |mut client, peer| {
+    accept_forever(listener, "tcp", connections, stop, move |mut client, peer, open| {
         let cluster = cluster.borrow().clone();
         async move {
+            let _open = open;
             let outcome = |o: &'static str| {
                 REQUESTS.counter(["".into(), cluster.name().to_string().into(), "tcp".into(), o.into()])
                     .increment(1)

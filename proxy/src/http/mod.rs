@@ -219,9 +219,8 @@ fn postgres_websocket(
         let pg = proxy.pg.clone();
         let open = proxy.connections.track("postgres");
         tokio::spawn(async move {
-            let _open = open;
             match upgraded.await {
-                Ok(ws) => pg.serve_websocket(ws, (peer, 0).into()).await,
+                Ok(ws) => pg.serve_websocket(ws, (peer, 0).into(), open).await,
                 Err(e) => tracing::debug!(%peer, error = %e, "WebSocket upgrade failed"),
             }
         });

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
 use rouse_runtime::metric::CLIENT_CONNECTIONS;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -56,7 +55,7 @@ pub(crate) async fn accept_forever<F, Fut>(
     stop: impl Future<Output = ()>,
     serve: F,
 ) where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+    F: Fn(TcpStream, SocketAddr, OpenConnection) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     tokio::pin!(stop);
@@ -74,10 +73,9 @@ pub(crate) async fn accept_forever<F, Fut>(
             _ = &mut stop => return,
         };
         let _ = socket.set_nodelay(true);
+        // The session holds its count (a parked one too, outside its task).
         let open = OpenConnection::new(protocol, connections.clone());
-        // A combinator, not an async block: awaiting a moved-in future
-        // from an async block would hold it twice in every task.
-        tokio::spawn(serve(socket, peer).map(move |()| drop(open)));
+        tokio::spawn(serve(socket, peer, open));
     }
 }
 

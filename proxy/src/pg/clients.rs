@@ -11,6 +11,8 @@ use std::time::Duration;
 use rouse_control_api::DbKey;
 use tokio::sync::{watch, Notify};
 
+use crate::net::park::{self, Ticket};
+
 /// One client session, as the console shows it.
 pub(crate) struct Client {
     pub(crate) id: u64,
@@ -26,6 +28,31 @@ pub(crate) struct Client {
     pub(crate) backend: Option<SocketAddr>,
     /// Notified to end the session (KILL).
     pub(crate) kill: Notify,
+    /// The ticket of its last parking (0: never parked), or [`KILLED`].
+    pub(crate) parked: AtomicU64,
+}
+
+/// In [`Client::parked`] once KILL came.
+const KILLED: u64 = u64::MAX;
+
+impl Client {
+    /// The session was parked with `ticket`: KILL must unpark it. A KILL
+    /// that came while it was parking unparks it at once.
+    pub(crate) fn parked(&self, ticket: Ticket) {
+        if self.parked.swap(ticket.get(), Ordering::SeqCst) == KILLED {
+            park::unpark(ticket);
+        }
+    }
+
+    /// Ends the session: at once when it runs; a parked one is unparked
+    /// to hear it. A stale ticket unparks nothing.
+    fn kill(&self) {
+        self.kill.notify_one();
+        match self.parked.swap(KILLED, Ordering::SeqCst) {
+            0 | KILLED => {}
+            ticket => park::unpark(Ticket::from_raw(ticket)),
+        }
+    }
 }
 
 #[derive(Default, Clone)]
@@ -91,7 +118,7 @@ impl Clients {
     pub(crate) fn kill(&self, key: &DbKey) -> usize {
         let doomed: Vec<_> = self.all().into_iter().filter(|c| &c.key == key).collect();
         for c in &doomed {
-            c.kill.notify_one();
+            c.kill();
         }
         doomed.len()
     }
@@ -173,6 +200,7 @@ mod tests {
                 application_name: String::new(),
                 backend: None,
                 kill: Notify::new(),
+                parked: AtomicU64::new(0),
             }
         };
         let a = clients.register(make("a"));

@@ -16,6 +16,7 @@ pub(crate) use login::Verifiers;
 pub(crate) mod over_http;
 pub(crate) mod placeholders;
 mod pool;
+mod pooled;
 pub(crate) mod proto;
 pub(crate) mod scram;
 mod session;
@@ -40,13 +41,14 @@ use crate::fleet::ratelimit::{Protocol, RateLimits};
 use crate::fleet::Fleet;
 use crate::health::Health;
 use crate::net::websocket::WsStream;
-use crate::net::{accept_forever, Connections, MaybeTls};
+use crate::net::{accept_forever, Connections, MaybeTls, OpenConnection};
 use crate::patroni::{Cluster, Pick};
 use crate::resolve::Resolver;
 use backend::{BackendSession, BackendTarget};
 use cancel::Cancels;
 use error::{closed, PgError};
 use login::login_timed_out;
+use pooled::PooledClient;
 use proto::messages;
 
 /// A client connection that passed startup, kept on the heap while it lives.
@@ -55,6 +57,7 @@ struct Opened {
     /// What the client sent beyond the startup.
     buf: BytesMut,
     started: Begun,
+    open: OpenConnection,
 }
 
 /// What a connection that passed startup is for.
@@ -134,6 +137,8 @@ pub(crate) struct PgFront {
     /// Databases' API logins (the gateway API) as verifier and key, by
     /// password.
     api_logins: moka::future::Cache<String, (Arc<scram::Verifier>, [u8; 32])>,
+    /// Where parked clients are served again.
+    runtime: tokio::runtime::Handle,
 }
 
 impl PgFront {
@@ -193,6 +198,7 @@ impl PgFront {
             login_timeout: config.header_read_timeout,
             failed_logins: admission.failed_logins,
             quotas: admission.quotas,
+            runtime: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -215,7 +221,10 @@ impl PgFront {
             "postgres",
             connections,
             stop,
-            move |socket, peer| self.clone().session(MaybeTls::Plain(socket), peer, port),
+            move |socket, peer, open| {
+                self.clone()
+                    .session(MaybeTls::Plain(socket), peer, port, open)
+            },
         )
         .await
     }
@@ -223,18 +232,78 @@ impl PgFront {
     /// Serves a client of the serverless drivers, whose PostgreSQL wire
     /// comes over a WebSocket of the HTTP port, as a client of the
     /// read-write port.
-    pub(crate) async fn serve_websocket(self: Arc<Self>, ws: WsStream, peer: SocketAddr) {
+    pub(crate) async fn serve_websocket(
+        self: Arc<Self>,
+        ws: WsStream,
+        peer: SocketAddr,
+        open: OpenConnection,
+    ) {
         let client = MaybeTls::WebSocket(Box::new(ws));
-        self.session(client, peer, MemberRole::Primary).await
+        self.session(client, peer, MemberRole::Primary, open).await
     }
 
-    async fn session(self: Arc<Self>, client: MaybeTls, peer: SocketAddr, port: MemberRole) {
-        // Boxed: the startup's large state is freed once it is done, instead
-        // of staying in every session's task.
-        let Some(opened) = Box::pin(self.open(client, peer, port)).await else {
+    async fn session(
+        self: Arc<Self>,
+        client: MaybeTls,
+        peer: SocketAddr,
+        port: MemberRole,
+        open: OpenConnection,
+    ) {
+        // Boxed: the startup's large state, and a session-pooled client's
+        // relay, would otherwise size the task of every pooled client.
+        let Some(opened) = Box::pin(self.open(client, peer, port, open)).await else {
             return;
         };
-        self.relay(opened).await;
+        match self.pooled(opened) {
+            Ok(pooled) => pooled.serve().await,
+            Err(opened) => Box::pin(self.relay(opened)).await,
+        }
+    }
+
+    /// A transaction-pooled session's state, moved to where it is served
+    /// from; any other session is given back.
+    fn pooled(self: &Arc<Self>, opened: Box<Opened>) -> Result<Box<PooledClient>, Box<Opened>> {
+        let Opened {
+            client,
+            buf,
+            started:
+                Begun::Database(
+                    started @ Started {
+                        mode: Mode::Transaction(..),
+                        ..
+                    },
+                ),
+            open,
+        } = *opened
+        else {
+            return Err(opened);
+        };
+        let (in_session, meter) = self.session_began(&started.key);
+        Ok(Box::new(PooledClient {
+            front: self.clone(),
+            client,
+            buf,
+            slot: self.cancels.slot(started.cancel).unwrap_or_default(),
+            started,
+            meter,
+            statements: Default::default(),
+            _in_session: in_session,
+            _open: open,
+        }))
+    }
+
+    /// Counts a session that begins, for the metrics, control's
+    /// hibernation and SHOW STATS.
+    fn session_began(&self, key: &DbKey) -> (crate::activity::InFlight, traffic::Meter) {
+        REQUESTS
+            .counter([
+                key.app.to_string().into(),
+                key.db.to_string().into(),
+                "postgres".into(),
+                "ok".into(),
+            ])
+            .increment(1);
+        (self.activity.begin_session(key), self.traffic.meter(key))
     }
 
     /// The startup, bounded in time; failures are answered here.
@@ -243,6 +312,7 @@ impl PgFront {
         mut client: MaybeTls,
         peer: SocketAddr,
         port: MemberRole,
+        open: OpenConnection,
     ) -> Option<Box<Opened>> {
         let mut buf = BytesMut::with_capacity(1024);
         let started = match self.pending_logins.clone().try_acquire_owned() {
@@ -261,6 +331,7 @@ impl PgFront {
                     client,
                     buf,
                     started,
+                    open,
                 }))
             }
             Ok(Ok(None)) => return None,
@@ -294,6 +365,7 @@ impl PgFront {
             client,
             buf,
             started,
+            ..
         } = &mut *opened;
         let started = match started {
             Begun::Database(started) => started,
@@ -320,6 +392,7 @@ impl PgFront {
         Box::pin(self.cancels.unregister(started.cancel)).await;
     }
 
+    /// A session-pooled session: its own backend connection, byte for byte.
     async fn relay_started(
         &self,
         client: &mut MaybeTls,
@@ -327,65 +400,11 @@ impl PgFront {
         started: &mut Started,
     ) {
         let key = &started.key;
-        REQUESTS
-            .counter([
-                key.app.to_string().into(),
-                key.db.to_string().into(),
-                "postgres".into(),
-                "ok".into(),
-            ])
-            .increment(1);
-        let _in_session = self.activity.begin_session(key);
-        let mut meter = self.traffic.meter(key);
-        // Session mode boxed: a transaction-pooled client's task holds only
-        // what its own mode needs.
-        if let Mode::Session(backend, member) = &mut started.mode {
-            return Box::pin(session::relay_session(
-                client,
-                buf,
-                backend,
-                member.as_ref(),
-                key,
-                &mut meter,
-            ))
-            .await;
-        }
-        self.relay_pooled(client, buf, started, &mut meter).await
-    }
-
-    /// A transaction-pooled session: backend connections lent per
-    /// transaction, to where the target says.
-    async fn relay_pooled(
-        &self,
-        client: &mut MaybeTls,
-        buf: &mut BytesMut,
-        started: &Started,
-        meter: &mut traffic::Meter,
-    ) {
-        let Mode::Transaction(pool, upstream) = &started.mode else {
-            return;
+        let Mode::Session(backend, member) = &mut started.mode else {
+            unreachable!("transaction-pooled sessions are served as PooledClient");
         };
-        let key = &started.key;
-        let slot = self.cancels.slot(started.cancel).unwrap_or_default();
-        let (resolver, upstream) = (self.resolver.clone(), upstream.clone());
-        let (clients, hold, paused) = (self.clients.clone(), self.pause_hold, key.clone());
-        let addr =
-            move |stale| -> futures::future::BoxFuture<'static, Result<SocketAddr, PgError>> {
-                let (resolver, upstream) = (resolver.clone(), upstream.clone());
-                let (clients, key) = (clients.clone(), paused.clone());
-                Box::pin(async move {
-                    // A paused database holds each transaction as it
-                    // begins, as PgBouncer's PAUSE does.
-                    if !clients.unpaused(&key, hold).await {
-                        return Err(PgError::Paused(key.db.to_string()));
-                    }
-                    upstream.addr(&resolver, stale).await
-                })
-            };
-        if let Err(e) = pool::relay(client, buf, pool, addr, &slot, meter).await {
-            debug!(database = %key, error = %e, "pooled postgres session ended");
-            let _ = client.write_all(&e.frame()).await;
-        }
+        let (_in_session, mut meter) = self.session_began(key);
+        session::relay_session(client, buf, backend, member.as_ref(), key, &mut meter).await
     }
 
     /// Startup, authentication, wake and backend login. `None` when the
@@ -497,6 +516,7 @@ impl PgFront {
                 Mode::Transaction(..) => None,
             },
             kill: Default::default(),
+            parked: Default::default(),
         });
         Ok(Some(Begun::Database(Started {
             key: login.key,

@@ -37,7 +37,7 @@ use tracing::{debug, error, info, warn};
 use self::check::{CheckError, Checker, Role};
 use self::link::Dialer;
 use crate::health::Health;
-use crate::net::{accept_forever, Connections, MaybeTls};
+use crate::net::{accept_forever, Connections, MaybeTls, OpenConnection};
 
 /// How long a client waits for a master before it is dropped.
 pub(crate) const MASTER_WAIT: Duration = Duration::from_secs(30);
@@ -109,9 +109,13 @@ pub(crate) async fn serve(
     for sentinel in &front.backend.sentinels {
         tokio::spawn(switches::follow(Arc::downgrade(&front), sentinel.clone()));
     }
-    accept_forever(listener, "redis", connections, stop, move |client, peer| {
-        front.clone().session(client, peer)
-    })
+    accept_forever(
+        listener,
+        "redis",
+        connections,
+        stop,
+        move |client, peer, open| front.clone().session(client, peer, open),
+    )
     .await
 }
 
@@ -252,7 +256,12 @@ impl Front {
 
     /// Relays one client to the master until either side closes or the
     /// master changes.
-    async fn session(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+    async fn session(
+        self: Arc<Self>,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        _open: OpenConnection,
+    ) {
         let outcome = |o: &'static str| {
             REQUESTS
                 .counter(["".into(), "redis".into(), "redis".into(), o.into()])

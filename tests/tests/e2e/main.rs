@@ -11,6 +11,7 @@ mod cluster;
 mod control;
 mod deploy;
 mod harness;
+mod idle_clients;
 mod isolation;
 mod monitoring;
 mod nodes;

@@ -276,66 +276,60 @@ enum Leased {
     Again(Vec<BytesMut>),
 }
 
-/// Relays one client in transaction mode until it leaves. `addr(stale)`
-/// is where new backend connections go; `stale` says the last one was
-/// gone (the route is resolved again, waking the database if need be).
-pub(crate) async fn relay(
+/// Serves a client's next transaction: reads its first message, then
+/// lends a backend connection (from `addr`, told when the last one was
+/// stale) until ReadyForQuery says idle. A transaction whose backend was
+/// gone before the client heard anything is sent again on another.
+/// `false` once the client has left.
+pub(crate) async fn next_transaction<'a>(
     client: &mut MaybeTls,
     cbuf: &mut BytesMut,
     pool: &Pool,
-    addr: impl Fn(bool) -> futures::future::BoxFuture<'static, Result<SocketAddr, PgError>>,
+    addr: impl Fn(bool) -> futures::future::BoxFuture<'a, Result<SocketAddr, PgError>>,
     cancel: &CancelSlot,
     meter: &mut Meter,
-) -> Result<(), PgError> {
-    let mut statements: HashMap<String, BytesMut> = HashMap::new();
+    statements: &mut HashMap<String, BytesMut>,
+) -> Result<bool, PgError> {
+    let mut frame = match read_frame(client, cbuf, true, MAX_MESSAGE).await {
+        Ok(f) => f,
+        Err(FrameError::Closed) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    if frame[0] == frontend::TERMINATE {
+        return Ok(false);
+    }
+    let mut replays = 0;
     loop {
-        // An idle client keeps no buffer.
-        if cbuf.is_empty() {
-            *cbuf = BytesMut::new();
-        }
-        let frame = match read_frame(client, cbuf, true, MAX_MESSAGE).await {
-            Ok(f) => f,
-            Err(FrameError::Closed) => return Ok(()),
-            Err(e) => return Err(e.into()),
+        // Boxed: a transaction's state lives on the heap while it runs.
+        let lease = Lease {
+            client: &mut *client,
+            cbuf: &mut *cbuf,
+            pool,
+            cancel,
+            statements: &mut *statements,
+            meter: &mut *meter,
         };
-        if frame[0] == frontend::TERMINATE {
-            return Ok(());
-        }
-        let mut frame = frame;
-        let mut replays = 0;
-        loop {
-            // Boxed: a transaction's state lives on the heap while it runs,
-            // so an idle client holds only what is above.
-            let lease = Lease {
-                client: &mut *client,
-                cbuf: &mut *cbuf,
-                pool,
-                cancel,
-                statements: &mut statements,
-                meter: &mut *meter,
-            };
-            match Box::pin(lease.run(addr(replays > 0).await?, frame)).await? {
-                Leased::Done => break,
-                Leased::ClientLeft => return Ok(()),
-                Leased::Again(_) if replays == MAX_REPLAYS => {
-                    return Err(PgError::Backend(
-                        "the database connection was lost and could not be made again".into(),
-                    ))
+        match Box::pin(lease.run(addr(replays > 0).await?, frame)).await? {
+            Leased::Done => return Ok(true),
+            Leased::ClientLeft => return Ok(false),
+            Leased::Again(_) if replays == MAX_REPLAYS => {
+                return Err(PgError::Backend(
+                    "the database connection was lost and could not be made again".into(),
+                ))
+            }
+            Leased::Again(mut sent) => {
+                replays += 1;
+                // Its database is stopping or starting: give it a moment.
+                tokio::time::sleep(Duration::from_millis(50 << replays.min(4))).await;
+                // The first message opens the lease again; the others
+                // are read again from the client's buffer.
+                let mut rest = BytesMut::new();
+                for f in sent.drain(1..) {
+                    rest.extend_from_slice(&f);
                 }
-                Leased::Again(mut sent) => {
-                    replays += 1;
-                    // Its database is stopping or starting: give it a moment.
-                    tokio::time::sleep(Duration::from_millis(50 << replays.min(4))).await;
-                    // The first message opens the lease again; the others
-                    // are read again from the client's buffer.
-                    let mut rest = BytesMut::new();
-                    for f in sent.drain(1..) {
-                        rest.extend_from_slice(&f);
-                    }
-                    rest.extend_from_slice(cbuf);
-                    *cbuf = rest;
-                    frame = sent.pop().expect("a lease starts with a message");
-                }
+                rest.extend_from_slice(cbuf);
+                *cbuf = rest;
+                frame = sent.pop().expect("a lease starts with a message");
             }
         }
     }

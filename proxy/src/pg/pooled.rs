@@ -1,0 +1,212 @@
+//! A transaction-pooled client session: between transactions it holds no
+//! backend connection and waits for its next message; after
+//! [`PARK_AFTER`] without one, a plain TCP client is parked outside the
+//! runtime (no task, no reactor registration) until it speaks, which is
+//! what makes ten thousand idle clients cheap. Each transaction runs in a
+//! boxed future, so the waiting task stays small too.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tracing::debug;
+
+use super::backend::BackendTarget;
+use super::cancel::CancelSlot;
+use super::clients;
+use super::error::PgError;
+use super::proto::messages;
+use super::traffic::Meter;
+use super::{pool, Mode, PgFront, Started};
+use crate::activity::InFlight;
+use crate::net::park::{self, Resume};
+use crate::net::{MaybeTls, OpenConnection};
+
+/// How long a client says nothing before it is parked. Parking and
+/// coming back cost a few system calls and a thread hop, nothing a
+/// client that speaks less than once a second would notice.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Everything a transaction-pooled session keeps between transactions,
+/// on the heap; parked, this is all of it.
+pub(super) struct PooledClient {
+    pub(super) front: Arc<PgFront>,
+    /// `MaybeTls::Upgrading` while parked (the parker holds the socket).
+    pub(super) client: MaybeTls,
+    /// What the client sent beyond the last whole message.
+    pub(super) buf: BytesMut,
+    pub(super) started: Started,
+    pub(super) slot: CancelSlot,
+    pub(super) meter: Meter,
+    /// The client's named statements: name -> its Parse message.
+    pub(super) statements: HashMap<String, BytesMut>,
+    pub(super) _in_session: InFlight,
+    pub(super) _open: OpenConnection,
+}
+
+enum Idle {
+    /// A message (or the end) is there to read.
+    Readable,
+    Park,
+    Killed,
+}
+
+enum Ended {
+    Left,
+    Killed,
+    Failed(PgError),
+}
+
+impl PooledClient {
+    /// Serves transactions until the client leaves, KILL ends it, or it
+    /// is parked (and [`Resume`] takes up here again).
+    pub(super) async fn serve(mut self: Box<Self>) {
+        let registered = self.started.registered.client.clone();
+        let ended = loop {
+            if self.buf.is_empty() {
+                // An idle client keeps no buffer.
+                self.buf = BytesMut::new();
+                let waited = match self.plain() {
+                    Some(socket) => idle(socket, &registered).await,
+                    // TLS and WebSocket layers may hold bytes already
+                    // read: they wait inside the read.
+                    None => Idle::Readable,
+                };
+                match waited {
+                    Idle::Readable => {}
+                    Idle::Killed => break Ended::Killed,
+                    Idle::Park => return self.park(&registered),
+                }
+            }
+            tokio::select! {
+                served = Box::pin(self.next_transaction()) => match served {
+                    Ok(true) => {}
+                    Ok(false) => break Ended::Left,
+                    Err(e) => break Ended::Failed(e),
+                },
+                _ = registered.kill.notified() => break Ended::Killed,
+            }
+        };
+        Box::pin(self.end(ended)).await;
+    }
+
+    fn plain(&self) -> Option<&tokio::net::TcpStream> {
+        match &self.client {
+            MaybeTls::Plain(socket) => Some(socket),
+            _ => None,
+        }
+    }
+
+    async fn next_transaction(&mut self) -> Result<bool, PgError> {
+        let Mode::Transaction(pool, upstream) = &self.started.mode else {
+            unreachable!("only transaction-pooled sessions are served here");
+        };
+        let (front, key) = (&self.front, &self.started.key);
+        let addr = move |stale| -> futures::future::BoxFuture<'_, _> {
+            Box::pin(front.pooled_addr(key, upstream, stale))
+        };
+        pool::next_transaction(
+            &mut self.client,
+            &mut self.buf,
+            pool,
+            addr,
+            &self.slot,
+            &mut self.meter,
+            &mut self.statements,
+        )
+        .await
+    }
+
+    /// Hands the socket to the parker; this task ends here.
+    fn park(mut self: Box<Self>, registered: &clients::Client) {
+        let MaybeTls::Plain(socket) = std::mem::replace(&mut self.client, MaybeTls::Upgrading)
+        else {
+            unreachable!("only plain TCP clients park");
+        };
+        match socket.into_std() {
+            Ok(socket) => {
+                if let Some(ticket) = park::park(socket, self) {
+                    registered.parked(ticket);
+                }
+            }
+            Err(e) => {
+                // The socket is gone with the error: the session ends.
+                debug!(error = %e, "an idle client could not be parked");
+                tokio::spawn(self.end(Ended::Failed(PgError::Backend(e.to_string()))));
+            }
+        }
+    }
+
+    async fn end(mut self: Box<Self>, ended: Ended) {
+        let last = match ended {
+            Ended::Left => None,
+            Ended::Killed => Some(messages::fatal(
+                "57P01",
+                "terminating connection due to administrator command",
+            )),
+            Ended::Failed(e) => {
+                debug!(database = %self.started.key, error = %e, "pooled postgres session ended");
+                Some(e.frame())
+            }
+        };
+        if let Some(last) = last {
+            let _ = self.client.write_all(&last).await;
+        }
+        // Boxed: its state would otherwise size every session's task.
+        Box::pin(self.front.cancels.unregister(self.started.cancel)).await;
+    }
+}
+
+/// Waits for a plain TCP client's next message; `Park` after
+/// [`PARK_AFTER`] without one.
+async fn idle(socket: &tokio::net::TcpStream, registered: &clients::Client) -> Idle {
+    tokio::select! {
+        biased;
+        _ = registered.kill.notified() => Idle::Killed,
+        readable = tokio::time::timeout(PARK_AFTER, socket.readable()) => match readable {
+            Err(_) => Idle::Park,
+            // An error shows on the read.
+            Ok(_) => Idle::Readable,
+        },
+    }
+}
+
+impl Resume for PooledClient {
+    fn resume(self: Box<Self>, socket: std::net::TcpStream) {
+        let runtime = self.front.runtime.clone();
+        runtime.spawn(self.resumed(socket));
+    }
+}
+
+impl PooledClient {
+    async fn resumed(mut self: Box<Self>, socket: std::net::TcpStream) {
+        match tokio::net::TcpStream::from_std(socket) {
+            Ok(socket) => self.client = MaybeTls::Plain(socket),
+            Err(e) => {
+                return self
+                    .end(Ended::Failed(PgError::Backend(e.to_string())))
+                    .await
+            }
+        }
+        self.serve().await
+    }
+}
+
+impl PgFront {
+    /// Where a pooled session's next transaction goes: held while its
+    /// database is paused (as PgBouncer's PAUSE does), then resolved,
+    /// again when `stale`.
+    pub(super) async fn pooled_addr(
+        &self,
+        key: &rouse_control_api::DbKey,
+        upstream: &BackendTarget,
+        stale: bool,
+    ) -> Result<std::net::SocketAddr, PgError> {
+        if !self.clients.unpaused(key, self.pause_hold).await {
+            return Err(PgError::Paused(key.db.to_string()));
+        }
+        upstream.addr(&self.resolver, stale).await
+    }
+}
