@@ -28,6 +28,17 @@ enum Counter {
     Waiting(Name),
 }
 
+impl Counter {
+    /// The limit's name in `apps:`.
+    fn limit(&self) -> &'static str {
+        match self {
+            Counter::Sessions(_) => "max_connections",
+            Counter::DatabaseSessions(_) => "max_connections_per_database",
+            Counter::Waiting(_) => "max_waiting",
+        }
+    }
+}
+
 pub(crate) struct AppQuotas {
     apps: AppsConfig,
     /// Only counters above zero are kept.
@@ -37,13 +48,32 @@ pub(crate) struct AppQuotas {
 /// Held while a session lives or a request waits; gives its place back when dropped.
 pub(crate) struct Slot {
     quotas: Arc<AppQuotas>,
-    counters: Vec<Counter>,
+    /// What it counts in: its counters are made again when it is dropped,
+    /// so that an idle session holds no list of them.
+    held: Held,
+}
+
+enum Held {
+    Session(DbKey),
+    Waiting(Name),
+}
+
+impl Held {
+    fn counters(&self) -> Vec<Counter> {
+        match self {
+            Held::Session(key) => vec![
+                Counter::Sessions(key.app.clone()),
+                Counter::DatabaseSessions(key.clone()),
+            ],
+            Held::Waiting(app) => vec![Counter::Waiting(app.clone())],
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut counts = self.quotas.counts.lock().expect("quotas poisoned");
-        for c in &self.counters {
+        for c in &self.held.counters() {
             if let Some(n) = counts.get_mut(c) {
                 *n -= 1;
                 if *n == 0 {
@@ -67,36 +97,24 @@ impl AppQuotas {
         let limits = self.apps.limits(key.app.as_str());
         self.take(
             &key.app,
-            &[
-                (
-                    Counter::Sessions(key.app.clone()),
-                    "max_connections",
-                    limits.max_connections,
-                ),
-                (
-                    Counter::DatabaseSessions(key.clone()),
-                    "max_connections_per_database",
-                    limits.max_connections_per_database,
-                ),
-            ],
+            Held::Session(key.clone()),
+            &[limits.max_connections, limits.max_connections_per_database],
         )
     }
 
     /// A request of `app` waiting for a wake.
     pub(crate) fn wait(self: &Arc<Self>, app: &Name) -> Result<Slot, ProxyError> {
         let max = self.apps.limits(app.as_str()).max_waiting;
-        self.take(app, &[(Counter::Waiting(app.clone()), "max_waiting", max)])
+        self.take(app, Held::Waiting(app.clone()), &[max])
     }
 
-    /// All counters or none.
-    fn take(
-        self: &Arc<Self>,
-        app: &Name,
-        wanted: &[(Counter, &'static str, usize)],
-    ) -> Result<Slot, ProxyError> {
+    /// All counters of `held` or none; `maxes` in the order of its counters.
+    fn take(self: &Arc<Self>, app: &Name, held: Held, maxes: &[usize]) -> Result<Slot, ProxyError> {
+        let wanted = held.counters();
         let mut counts = self.counts.lock().expect("quotas poisoned");
-        for (counter, limit, max) in wanted {
+        for (counter, max) in wanted.iter().zip(maxes) {
             if counts.get(counter).copied().unwrap_or(0) >= *max {
+                let limit = counter.limit();
                 APP_LIMIT_REFUSALS.counter([(*limit).into()]).increment(1);
                 return Err(ProxyError::AppLimit {
                     app: app.to_string(),
@@ -104,12 +122,12 @@ impl AppQuotas {
                 });
             }
         }
-        for (counter, _, _) in wanted {
-            *counts.entry(counter.clone()).or_default() += 1;
+        for counter in wanted {
+            *counts.entry(counter).or_default() += 1;
         }
         Ok(Slot {
             quotas: self.clone(),
-            counters: wanted.iter().map(|(c, _, _)| c.clone()).collect(),
+            held,
         })
     }
 }

@@ -2,17 +2,19 @@
 //! validated, never sanitised.
 
 use std::fmt;
+use std::sync::Arc;
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Longest name accepted: 63 characters, like a DNS label, so that
 /// `<db>.<app>.<base_domain>` stays a valid host name.
 pub const MAX_NAME_LEN: usize = 63;
 
-/// An app (tenant) or database name: `[a-z0-9][a-z0-9-]{0,62}`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
-pub struct Name(String);
+/// An app (tenant) or database name: `[a-z0-9][a-z0-9-]{0,62}`. Shared,
+/// not copied: every session and request holds its database's key, and
+/// a clone costs a reference count, not an allocation.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Name(Arc<str>);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
@@ -44,7 +46,7 @@ impl Name {
         {
             return Err(NameError::BadChar(name.to_string()));
         }
-        Ok(Name(name.to_string()))
+        Ok(Name(name.into()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -104,6 +106,12 @@ impl std::str::FromStr for Name {
     type Err = NameError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Name::new(s)
+    }
+}
+
+impl Serialize for Name {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
     }
 }
 

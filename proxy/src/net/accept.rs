@@ -82,22 +82,29 @@ pub(crate) async fn accept_forever<F, Fut>(
 /// Counts one open client connection in `rouse_client_connections` and in
 /// [`Connections`] for as long as it lives, also when its task is aborted.
 pub(crate) struct OpenConnection {
-    gauge: metrics::Gauge,
+    /// The gauge is looked up again when the connection closes: a handle
+    /// held for the connection's life would cost every idle client an
+    /// allocation.
+    protocol: &'static str,
     connections: Arc<Connections>,
 }
 
 impl OpenConnection {
     fn new(protocol: &'static str, connections: Arc<Connections>) -> OpenConnection {
-        let gauge = CLIENT_CONNECTIONS.gauge([protocol.into()]);
-        gauge.increment(1.0);
+        CLIENT_CONNECTIONS.gauge([protocol.into()]).increment(1.0);
         connections.open.fetch_add(1, Ordering::AcqRel);
-        OpenConnection { gauge, connections }
+        OpenConnection {
+            protocol,
+            connections,
+        }
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.gauge.decrement(1.0);
+        CLIENT_CONNECTIONS
+            .gauge([self.protocol.into()])
+            .decrement(1.0);
         if self.connections.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.connections.none_open.notify_waiters();
         }
