@@ -445,24 +445,30 @@ impl PgFront {
             .clone()
             .try_acquire_owned()
             .map_err(|_| PgError::TooManyClients)?;
-        let login = self
+        let mut login = self
             .login(client, buf, params, peer, login_deadline)
             .await?;
         drop(pending);
-        let (key, role, app) = (&login.key, &login.role, &login.app);
+        let role = &login.role;
         self.limits
-            .check(&self.fleet, Protocol::Postgres, app, || role.clone())
+            .check(&self.fleet, Protocol::Postgres, &login.app, || role.clone())
             .await
             .map_err(PgError::admitting)?;
 
-        if !self.clients.unpaused(key, self.pause_hold).await {
+        if !self.clients.unpaused(&login.key, self.pause_hold).await {
             return Err(PgError::Paused(login.database));
         }
         let target = self
             .resolver
-            .target(key)
+            .target(&login.key)
             .await
             .map_err(|e| PgError::resolving(e, &login.database))?;
+        // The session keeps its route's key (the same names): thousands of
+        // sessions share them instead of each holding copies.
+        if target.key == login.key {
+            login.key = target.key.clone();
+        }
+        let (key, role, app) = (&login.key, &login.role, &login.app);
         let app_slot = self
             .quotas
             .session(key)

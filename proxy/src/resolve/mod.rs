@@ -88,6 +88,9 @@ impl ControlApi for Client {
 /// A database's running replicas, leader first.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
+    /// The database, as its route holds it: sessions keep this one, so
+    /// that thousands of them share its names instead of copying them.
+    pub(crate) key: DbKey,
     pub(crate) engine: Engine,
     pub(crate) endpoints: Arc<Vec<Endpoint>>,
     pub(crate) pool_mode: PoolMode,
@@ -102,6 +105,7 @@ impl Target {
     /// the engine login that control sealed for this proxy's token.
     fn of(control: &impl ControlApi, info: &DatabaseInfo) -> Target {
         Target {
+            key: DbKey::new(info.app.clone(), info.name.clone()),
             engine: info.engine,
             endpoints: Arc::new(info.endpoints.clone()),
             pool_mode: info.pool_mode,
