@@ -362,7 +362,7 @@ fn markdown(r: &Results, sizes: &Sizes, quick: bool, charts: &[&str]) -> String 
                 .iter()
                 .find(|(p, _)| *p == part)
                 .map_or("not run", |(_, e)| e.as_str());
-            md.push_str(&not_measured(why));
+            md.push_str(&crate::stats::not_measured(why));
         }
     };
 
@@ -430,35 +430,6 @@ fn markdown(r: &Results, sizes: &Sizes, quick: bool, charts: &[&str]) -> String 
         r.cluster.as_ref().map(|x| x as &dyn Display),
     );
     md
-}
-
-/// Why a part was not measured, as the report says it: the first line as
-/// a sentence, and any log it carries in a block, without terminal colours.
-fn not_measured(why: &str) -> String {
-    let plain = without_colours(why);
-    match plain.split_once('\n') {
-        Some((first, log)) if !log.trim().is_empty() => {
-            format!(
-                "\nNot measured: {first}\n\n```text\n{}\n```\n",
-                log.trim_end()
-            )
-        }
-        _ => format!("\nNot measured: {}\n", plain.trim_end()),
-    }
-}
-
-/// `s` without ANSI escape sequences (`ESC [ ... letter`).
-fn without_colours(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            chars.by_ref().find(|c| c.is_ascii_alphabetic());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -596,15 +567,5 @@ mod tests {
             "100 of them busy (pgbench -S -c 100 for 3 s, counted once every client ran), 900 idle"
         ));
         assert!(md.contains("Not measured: Redis would not start"));
-    }
-
-    #[test]
-    fn a_failure_with_a_log_reads_as_a_sentence_and_a_plain_block() {
-        let why = "rouse-control exited before it was ready; its log ends with:\n\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m started\n";
-        assert_eq!(
-            not_measured(why),
-            "\nNot measured: rouse-control exited before it was ready; its log ends with:\n\n```text\n2026  INFO started\n```\n"
-        );
-        assert_eq!(not_measured("not run"), "\nNot measured: not run\n");
     }
 }

@@ -1,4 +1,5 @@
-//! Percentiles and the Markdown table the benchmarks print.
+//! Percentiles, the Markdown table the benchmarks print, and how a part
+//! that failed is told.
 
 use std::time::Duration;
 
@@ -49,6 +50,35 @@ pub fn added_latency_table(sides: &[&str], p50s: &[Duration]) -> String {
     table(&header, &[row])
 }
 
+/// Why a part was not measured, as the report says it: the first line as
+/// a sentence, and any log it carries in a block, without terminal colours.
+pub fn not_measured(why: &str) -> String {
+    let plain = without_colours(why);
+    match plain.split_once('\n') {
+        Some((first, log)) if !log.trim().is_empty() => {
+            format!(
+                "\nNot measured: {first}\n\n```text\n{}\n```\n",
+                log.trim_end()
+            )
+        }
+        _ => format!("\nNot measured: {}\n", plain.trim_end()),
+    }
+}
+
+/// `s` without ANSI escape sequences (`ESC [ ... letter`).
+fn without_colours(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +89,15 @@ mod tests {
         assert_eq!(percentile(&s, 50.0), Duration::from_millis(50));
         assert_eq!(percentile(&s, 99.0), Duration::from_millis(99));
         assert_eq!(percentile(&s[..1], 99.0), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn a_failure_with_a_log_reads_as_a_sentence_and_a_plain_block() {
+        let why = "rouse-control exited before it was ready; its log ends with:\n\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m started\n";
+        assert_eq!(
+            not_measured(why),
+            "\nNot measured: rouse-control exited before it was ready; its log ends with:\n\n```text\n2026  INFO started\n```\n"
+        );
+        assert_eq!(not_measured("not run"), "\nNot measured: not run\n");
     }
 }
