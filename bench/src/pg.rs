@@ -143,15 +143,7 @@ pub async fn run(rounds: usize, seconds: u64) -> Result<PgResults> {
     let client = control.client();
     let pg_port = info.endpoints[0].port;
     let proxy = Proxy::builder(&control).start().await?;
-    let dir = tempfile::Builder::new()
-        .prefix("rouse-bench-pg-")
-        .tempdir()?;
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )?;
-    let pgbench = postgres_bin_dir()?.join("pgbench");
-    init_pgbench(&pgbench, pg_port)?;
+    let (dir, pgbench) = pgbench_ready("rouse-bench-pg-", pg_port)?;
 
     let haproxy_port = free_port("127.0.0.1".parse()?);
     let _haproxy = start_haproxy(dir.path(), haproxy_port, pg_port).await?;
@@ -234,6 +226,22 @@ pub async fn run(rounds: usize, seconds: u64) -> Result<PgResults> {
         rows,
         one_client,
     })
+}
+
+/// A directory for pgbench's files and PgBouncer's, which PostgreSQL's
+/// user may read, and pgbench with its tables made on the server at `port`.
+pub(crate) fn pgbench_ready(
+    prefix: &str,
+    port: u16,
+) -> Result<(tempfile::TempDir, std::path::PathBuf)> {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let pgbench = postgres_bin_dir()?.join("pgbench");
+    init_pgbench(&pgbench, port)?;
+    Ok((dir, pgbench))
 }
 
 /// pgbench's tables, at scale 1, created directly on the server.

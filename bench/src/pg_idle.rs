@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rouse_control_api::PoolMode;
-use rouse_tests::{free_port, postgres_bin_dir, Proxy};
+use rouse_tests::{free_port, Proxy};
 
 use crate::pg::{
-    conninfo, init_pgbench, pgbench_steady, setup, start_pgbouncer, us, APP, DB, PASSWORD, USER,
+    conninfo, pgbench_ready, pgbench_steady, setup, start_pgbouncer, us, APP, DB, PASSWORD, USER,
 };
 use crate::stats::{percentile, table};
 use crate::wake::name;
@@ -115,15 +115,7 @@ pub async fn idle(clients: usize, active: usize, seconds: u64) -> Result<IdleRes
         )
         .start()
         .await?;
-    let dir = tempfile::Builder::new()
-        .prefix("rouse-bench-idle-")
-        .tempdir()?;
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )?;
-    let pgbench = postgres_bin_dir()?.join("pgbench");
-    init_pgbench(&pgbench, info.endpoints[0].port)?;
+    let (dir, pgbench) = pgbench_ready("rouse-bench-idle-", info.endpoints[0].port)?;
     let bouncer_port = free_port("127.0.0.1".parse()?);
     let bouncer = start_pgbouncer(
         dir.path(),
