@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use rouse_config::MemberRole;
@@ -14,14 +14,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::cancel::CancelSlot;
+use super::clients::BackendKey;
 use super::error::PgError;
 use super::login::Login;
 use super::proto::frame::{read_frame, typed, FrameError, MAX_STARTUP};
 use super::proto::messages;
 use super::proto::tags::{backend, error_field, AuthCode};
 use super::scram::{ClientExchange, Verifier};
-use super::{pool, Mode, PgFront};
+use super::{pool, Mode, OwnBackend, PgFront};
 use crate::patroni::{Cluster, ConnectError};
 use crate::resolve::{Resolver, Target};
 
@@ -29,22 +29,23 @@ use crate::resolve::{Resolver, Target};
 #[derive(Clone)]
 pub(super) enum BackendTarget {
     /// A database control runs: its (only) instance, as control reports it.
-    Managed(DbKey),
+    Managed,
     /// A Patroni cluster: its leader or a replica, by the health checks.
     Cluster(Arc<Cluster>, MemberRole),
 }
 
 impl BackendTarget {
-    /// The address for a new backend connection; `stale`: the last one
-    /// there was gone, so the route is resolved afresh (and the database
-    /// woken if it went to sleep).
+    /// The address for a new backend connection to `key`; `stale`: the
+    /// last one there was gone, so the route is resolved afresh (and the
+    /// database woken if it went to sleep).
     pub(super) async fn addr(
         &self,
+        key: &DbKey,
         resolver: &Resolver,
         stale: bool,
     ) -> Result<SocketAddr, PgError> {
         match self {
-            BackendTarget::Managed(key) => {
+            BackendTarget::Managed => {
                 if stale {
                     resolver.invalidate(key);
                 }
@@ -89,14 +90,15 @@ pub(super) fn endpoint_addr(target: &Target) -> Result<SocketAddr, PgError> {
 }
 
 /// A session's way to its backend, as just connected: the mode, what the
-/// client is greeted with, and where its cancel requests go.
+/// client is greeted with, and, in session pooling, its own backend.
 pub(super) struct Connected {
     pub(super) mode: Mode,
     /// ParameterStatus and notices of a backend's login.
     pub(super) greeting: Vec<BytesMut>,
     /// The ReadyForQuery that ends the client's login.
     pub(super) ready: BytesMut,
-    pub(super) cancel: CancelSlot,
+    /// Session pooling: where its cancel requests go.
+    pub(super) own_backend: Option<BackendKey>,
 }
 
 impl PgFront {
@@ -119,7 +121,6 @@ impl PgFront {
             client_key,
             ..
         } = login;
-        let slot: CancelSlot = Arc::new(Mutex::new(None));
         match target.pool_mode {
             PoolMode::Session => {
                 let mut passed: Vec<(&str, &str)> = params
@@ -128,14 +129,14 @@ impl PgFront {
                     .map(|(k, v)| (k.as_str(), v.as_str()))
                     .collect();
                 // One instance serves both ports; the read-only port keeps it so.
-                if matches!(upstream, BackendTarget::Managed(_)) && port == MemberRole::Replica {
+                if matches!(upstream, BackendTarget::Managed) && port == MemberRole::Replica {
                     passed.push(("default_transaction_read_only", "on"));
                 }
                 let connect = |addr| {
                     connect_backend(addr, backend_role, database, &passed, verifier, client_key)
                 };
                 let (session, member) = match &upstream {
-                    BackendTarget::Managed(_) => (
+                    BackendTarget::Managed => (
                         self.connect_managed(key, database, target, connect).await?,
                         None,
                     ),
@@ -151,13 +152,11 @@ impl PgFront {
                         (session, Some((cluster.clone(), pick)))
                     }
                 };
-                *slot.lock().expect("cancel poisoned") =
-                    Some((session.addr, session.pid, session.secret));
                 Ok(Connected {
                     greeting: session.greeting.clone(),
                     ready: session.ready.clone(),
-                    mode: Mode::Session(Box::new(session), member),
-                    cancel: slot,
+                    own_backend: Some((session.addr, session.pid, session.secret)),
+                    mode: Mode::Session(Box::new(OwnBackend { session, member })),
                 })
             }
             PoolMode::Transaction => {
@@ -172,12 +171,12 @@ impl PgFront {
                 );
                 // A first login checks the route and fills the pool's greeting.
                 let b = match &upstream {
-                    BackendTarget::Managed(_) => {
+                    BackendTarget::Managed => {
                         self.connect_managed(key, database, target, |addr| pool.checkout(addr))
                             .await?
                     }
                     BackendTarget::Cluster(..) => {
-                        pool.checkout(upstream.addr(&self.resolver, false).await?)
+                        pool.checkout(upstream.addr(key, &self.resolver, false).await?)
                             .await?
                     }
                 };
@@ -186,7 +185,7 @@ impl PgFront {
                     greeting: pool.greeting(),
                     ready: messages::ready_for_query_idle(),
                     mode: Mode::Transaction(pool, upstream),
-                    cancel: slot,
+                    own_backend: None,
                 })
             }
         }

@@ -1,35 +1,31 @@
-//! Cancel requests: each session gets a cancel key of the proxy's own; a
-//! CancelRequest with it is sent to the backend connection that serves the
-//! session at that moment (in transaction mode, the one leased, if any).
-//! A key this proxy did not hand out is forwarded to the proxy that did, as
-//! the fleet knows it (`fleet::cancel_keys`).
+//! Cancel requests: each session gets a cancel key of the proxy's own (its
+//! record in [`Clients`]); a CancelRequest with it is sent to the backend
+//! connection that serves the session at that moment (in transaction mode,
+//! the one leased, if any). A key this proxy did not hand out is forwarded
+//! to the proxy that did, as the fleet knows it (`fleet::cancel_keys`).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::info;
 
+use super::clients::{CancelKey, Clients};
 use super::proto::messages;
 use crate::fleet::Fleet;
 
-/// Where a cancel for this client goes right now: a backend's address and
-/// its own cancel key.
-pub(crate) type CancelSlot = Arc<Mutex<Option<(SocketAddr, i32, i32)>>>;
-
 pub(super) struct Cancels {
-    slots: Mutex<HashMap<(i32, i32), CancelSlot>>,
+    clients: Arc<Clients>,
     fleet: Arc<Fleet>,
     /// Where other proxies forward cancel requests for this one's sessions.
     advertised: OnceLock<SocketAddr>,
 }
 
 impl Cancels {
-    pub(super) fn new(fleet: Arc<Fleet>) -> Cancels {
+    pub(super) fn new(clients: Arc<Clients>, fleet: Arc<Fleet>) -> Cancels {
         Cancels {
-            slots: Mutex::new(HashMap::new()),
+            clients,
             fleet,
             advertised: OnceLock::new(),
         }
@@ -40,40 +36,26 @@ impl Cancels {
         let _ = self.advertised.set(addr);
     }
 
-    /// Files a session's cancel key here and with the fleet, so that a
-    /// cancel request arriving at any proxy reaches `slot`.
-    pub(super) async fn register(&self, key: (i32, i32), slot: CancelSlot) {
-        self.slots
-            .lock()
-            .expect("cancels poisoned")
-            .insert(key, slot);
+    /// Tells the fleet that a session's cancel key is this proxy's, so that
+    /// a cancel request arriving at any proxy reaches it.
+    pub(super) async fn share(&self, key: CancelKey) {
         if let Some(addr) = self.advertised.get() {
             self.fleet.share_cancel_key(key, *addr).await;
         }
     }
 
-    /// The slot filed under `key`.
-    pub(super) fn slot(&self, key: (i32, i32)) -> Option<CancelSlot> {
-        self.slots
-            .lock()
-            .expect("cancels poisoned")
-            .get(&key)
-            .cloned()
-    }
-
-    /// Forgets a session's cancel key (the session ended).
-    pub(super) async fn unregister(&self, key: (i32, i32)) {
-        self.slots.lock().expect("cancels poisoned").remove(&key);
+    /// Tells the fleet that a session's cancel key is gone (the session
+    /// ended; its record left [`Clients`] with it).
+    pub(super) async fn unshare(&self, key: CancelKey) {
         self.fleet.drop_cancel_key(key).await;
     }
 
     /// Forwards a client's CancelRequest to the backend that holds its session.
     pub(super) async fn cancel(&self, pid: i32, secret: i32) {
-        let Some(slot) = self.slot((pid, secret)) else {
+        let Some(client) = self.clients.by_cancel_key((pid, secret)) else {
             return self.forward(pid, secret).await;
         };
-        let target = *slot.lock().expect("cancel poisoned");
-        if let Some((addr, bpid, bsecret)) = target {
+        if let Some((addr, bpid, bsecret)) = client.cancel_target() {
             if send_cancel(addr, bpid, bsecret).await {
                 info!(backend = %addr, "query cancelled");
             }

@@ -1,8 +1,10 @@
-//! Who is connected to the PostgreSQL front, for the admin console: every
-//! session while it lives (SHOW CLIENTS, SHOW SERVERS, KILL), and which
-//! databases are paused (PAUSE holds new sessions as a wake does).
+//! Who is connected to the PostgreSQL front: every session while it lives,
+//! filed under the cancel key it was given, so that one record serves the
+//! admin console (SHOW CLIENTS, SHOW SERVERS, KILL) and cancel requests;
+//! and which databases are paused (PAUSE holds new sessions as a wake
+//! does).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,29 +15,68 @@ use tokio::sync::{watch, Notify};
 
 use crate::net::park::{self, Ticket};
 
-/// One client session, as the console shows it.
+/// A cancel key: the process id and secret of a BackendKeyData.
+pub(crate) type CancelKey = (i32, i32);
+
+/// Where a cancel request goes: a backend's address and its own key.
+pub(crate) type BackendKey = (SocketAddr, i32, i32);
+
+/// One client session. Ten thousand idle clients each keep one of these,
+/// so it holds no more than the console and cancel requests need.
 pub(crate) struct Client {
     pub(crate) id: u64,
+    /// What its CancelRequests name; its key in [`Clients`].
+    pub(crate) cancel_key: CancelKey,
     pub(crate) key: DbKey,
-    /// `<role>.<app>`, as the client logged in.
-    pub(crate) user: String,
+    pub(crate) role: Box<str>,
     pub(crate) addr: SocketAddr,
     /// Unix ms.
     pub(crate) connected_at: u64,
     pub(crate) tls: bool,
-    pub(crate) application_name: String,
-    /// The backend of its own, in session pooling.
-    pub(crate) backend: Option<SocketAddr>,
+    /// A backend of its own for the whole session (session pooling).
+    pub(crate) session_pooled: bool,
+    pub(crate) application_name: Box<str>,
+    /// Where its cancel requests go now: its own backend in session
+    /// pooling; in transaction pooling the one lent to it, if any.
+    pub(crate) cancel_to: Mutex<Option<BackendKey>>,
     /// Notified to end the session (KILL).
     pub(crate) kill: Notify,
     /// The ticket of its last parking (0: never parked), or [`KILLED`].
     pub(crate) parked: AtomicU64,
 }
 
+/// What a session is registered with; [`Clients::register`] adds its id
+/// and cancel key.
+pub(crate) struct NewClient {
+    pub(crate) key: DbKey,
+    pub(crate) role: Box<str>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) tls: bool,
+    pub(crate) application_name: Box<str>,
+    /// Session pooling: its own backend, where its cancels go.
+    pub(crate) own_backend: Option<BackendKey>,
+}
+
 /// In [`Client::parked`] once KILL came.
 const KILLED: u64 = u64::MAX;
 
 impl Client {
+    /// `<role>.<app>`, as the client logged in.
+    pub(crate) fn user(&self) -> String {
+        format!("{}.{}", self.role, self.key.app)
+    }
+
+    /// The backend of its own, in session pooling.
+    pub(crate) fn backend(&self) -> Option<SocketAddr> {
+        self.session_pooled
+            .then(|| self.cancel_target().map(|(addr, ..)| addr))
+            .flatten()
+    }
+
+    pub(crate) fn cancel_target(&self) -> Option<BackendKey> {
+        *self.cancel_to.lock().expect("cancel target poisoned")
+    }
+
     /// The session was parked with `ticket`: KILL must unpark it. A KILL
     /// that came while it was parking unparks it at once.
     pub(crate) fn parked(&self, ticket: Ticket) {
@@ -70,7 +111,8 @@ impl Paused {
 #[derive(Default)]
 pub(crate) struct Clients {
     next: AtomicU64,
-    live: Mutex<BTreeMap<u64, Arc<Client>>>,
+    /// By cancel key.
+    live: Mutex<HashMap<CancelKey, Arc<Client>>>,
     paused: watch::Sender<Paused>,
 }
 
@@ -86,18 +128,38 @@ impl Drop for Registered {
             .live
             .lock()
             .expect("clients poisoned")
-            .remove(&self.client.id);
+            .remove(&self.client.cancel_key);
     }
 }
 
 impl Clients {
-    /// Registers a session; `make` gets its id.
-    pub(crate) fn register(self: &Arc<Self>, make: impl FnOnce(u64) -> Client) -> Registered {
-        let client = Arc::new(make(self.next.fetch_add(1, Ordering::Relaxed) + 1));
-        self.live
-            .lock()
-            .expect("clients poisoned")
-            .insert(client.id, client.clone());
+    /// Registers a session under a new id and a cancel key that no live
+    /// session has.
+    pub(crate) fn register(self: &Arc<Self>, new: NewClient) -> Registered {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut live = self.live.lock().expect("clients poisoned");
+        let cancel_key = loop {
+            let drawn = (rand::random::<i32>(), rand::random::<i32>());
+            if !live.contains_key(&drawn) {
+                break drawn;
+            }
+        };
+        let client = Arc::new(Client {
+            id,
+            cancel_key,
+            key: new.key,
+            role: new.role,
+            addr: new.addr,
+            connected_at: rouse_runtime::clock::now_ms(),
+            tls: new.tls,
+            session_pooled: new.own_backend.is_some(),
+            application_name: new.application_name,
+            cancel_to: Mutex::new(new.own_backend),
+            kill: Notify::new(),
+            parked: AtomicU64::new(0),
+        });
+        live.insert(cancel_key, client.clone());
+        drop(live);
         Registered {
             clients: self.clone(),
             client,
@@ -106,12 +168,24 @@ impl Clients {
 
     /// Every live session, oldest first.
     pub(crate) fn all(&self) -> Vec<Arc<Client>> {
-        self.live
+        let mut all: Vec<_> = self
+            .live
             .lock()
             .expect("clients poisoned")
             .values()
             .cloned()
-            .collect()
+            .collect();
+        all.sort_unstable_by_key(|c| c.id);
+        all
+    }
+
+    /// The session that was given `cancel_key`, if it is here.
+    pub(crate) fn by_cancel_key(&self, cancel_key: CancelKey) -> Option<Arc<Client>> {
+        self.live
+            .lock()
+            .expect("clients poisoned")
+            .get(&cancel_key)
+            .cloned()
     }
 
     /// Ends every session of `key`; how many.
@@ -188,28 +262,51 @@ mod tests {
     #[test]
     fn sessions_leave_when_dropped_and_kill_reaches_only_their_database() {
         let clients = Arc::new(Clients::default());
-        let make = |db: &str| {
-            let k = key(db);
-            move |id| Client {
-                id,
-                key: k,
-                user: "alice.shop".into(),
-                addr: "127.0.0.1:1".parse().unwrap(),
-                connected_at: 0,
-                tls: false,
-                application_name: String::new(),
-                backend: None,
-                kill: Notify::new(),
-                parked: AtomicU64::new(0),
-            }
+        let make = |db: &str| NewClient {
+            key: key(db),
+            role: "alice".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            tls: false,
+            application_name: "".into(),
+            own_backend: None,
         };
         let a = clients.register(make("a"));
         let b = clients.register(make("b"));
+        assert_ne!(a.client.cancel_key, b.client.cancel_key);
+        assert_eq!(a.client.user(), "alice.shop");
+        let found = clients.by_cancel_key(b.client.cancel_key).unwrap();
+        assert!(Arc::ptr_eq(&found, &b.client));
         assert_eq!(clients.kill(&key("a")), 1);
-        assert_eq!(clients.all().len(), 2);
+        let ids: Vec<_> = clients.all().iter().map(|c| c.id).collect();
+        assert_eq!(ids, [a.client.id, b.client.id], "oldest first");
+        let gone = a.client.cancel_key;
         drop(a);
         assert_eq!(clients.all().len(), 1);
+        assert!(clients.by_cancel_key(gone).is_none());
         drop(b);
         assert!(clients.all().is_empty());
+    }
+
+    #[test]
+    fn a_session_pooled_client_shows_its_own_backend_only() {
+        let clients = Arc::new(Clients::default());
+        let backend: BackendKey = ("127.0.0.1:5432".parse().unwrap(), 7, 8);
+        let new = |own_backend| NewClient {
+            key: key("a"),
+            role: "alice".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            tls: false,
+            application_name: "".into(),
+            own_backend,
+        };
+        let session = clients.register(new(Some(backend)));
+        assert_eq!(session.client.backend(), Some(backend.0));
+        assert_eq!(session.client.cancel_target(), Some(backend));
+        // A transaction-pooled client's cancels follow its lease; it has
+        // no backend of its own.
+        let pooled = clients.register(new(None));
+        *pooled.client.cancel_to.lock().unwrap() = Some(backend);
+        assert_eq!(pooled.client.backend(), None);
+        assert_eq!(pooled.client.cancel_target(), Some(backend));
     }
 }

@@ -68,12 +68,11 @@ enum Begun {
 }
 
 /// A session that passed startup: its database, how it reaches the
-/// backend, the client's cancel key and its slot among
-/// `max_client_connections`.
+/// backend, its slots among `max_client_connections` and the app's
+/// limits, and its record (with its cancel key).
 struct Started {
     key: DbKey,
     mode: Mode,
-    cancel: (i32, i32),
     _permit: tokio::sync::OwnedSemaphorePermit,
     /// The session's place under its app's limits.
     _app_slot: crate::quota::Slot,
@@ -82,11 +81,19 @@ struct Started {
 }
 
 enum Mode {
-    /// A backend connection of its own for the whole session; on a Patroni
-    /// member, closed when the member loses its role.
-    Session(Box<BackendSession>, Option<(Arc<Cluster>, Pick)>),
+    /// A backend connection of its own for the whole session. Boxed: a
+    /// transaction-pooled session, which may idle for hours, keeps a
+    /// [`Mode`] too.
+    Session(Box<OwnBackend>),
     /// Backend connections lent per transaction, to where the target says.
     Transaction(Arc<pool::Pool>, BackendTarget),
+}
+
+/// A session-pooled session's backend; on a Patroni member, closed when
+/// the member loses its role.
+struct OwnBackend {
+    session: BackendSession,
+    member: Option<(Arc<Cluster>, Pick)>,
 }
 
 pub(crate) struct PgFront {
@@ -157,13 +164,14 @@ impl PgFront {
             .as_ref()
             .map(crate::net::tls::acceptor)
             .transpose()?;
+        let clients: Arc<clients::Clients> = Default::default();
         Ok(Arc::new(PgFront {
             control,
             resolver,
             activity,
             verifiers: admission.verifiers,
             mock_key: fleet.derive_key("unknown-role salt"),
-            cancels: Cancels::new(fleet.clone()),
+            cancels: Cancels::new(clients.clone(), fleet.clone()),
             pools: Mutex::new(HashMap::new()),
             clusters: Mutex::new(HashMap::new()),
             checks: config.patroni.clone(),
@@ -180,7 +188,7 @@ impl PgFront {
             startup_timeout: config.header_read_timeout + config.wake_timeout,
             tls,
             require_tls: config.postgres_require_tls,
-            clients: Default::default(),
+            clients,
             admin_users: config.admin_users.clone(),
             pause_hold: config.wake_timeout,
             traffic: Default::default(),
@@ -283,7 +291,6 @@ impl PgFront {
             front: self.clone(),
             client,
             buf,
-            slot: self.cancels.slot(started.cancel).unwrap_or_default(),
             started,
             meter,
             statements: Default::default(),
@@ -389,7 +396,7 @@ impl PgFront {
             let _ = client.write_all(&fatal).await;
         }
         // Boxed: its state would otherwise size every idle client's task.
-        Box::pin(self.cancels.unregister(started.cancel)).await;
+        Box::pin(self.cancels.unshare(registered.cancel_key)).await;
     }
 
     /// A session-pooled session: its own backend connection, byte for byte.
@@ -400,11 +407,12 @@ impl PgFront {
         started: &mut Started,
     ) {
         let key = &started.key;
-        let Mode::Session(backend, member) = &mut started.mode else {
+        let Mode::Session(own) = &mut started.mode else {
             unreachable!("transaction-pooled sessions are served as PooledClient");
         };
+        let OwnBackend { session, member } = &mut **own;
         let (_in_session, mut meter) = self.session_began(key);
-        session::relay_session(client, buf, backend, member.as_ref(), key, &mut meter).await
+        session::relay_session(client, buf, session, member.as_ref(), key, &mut meter).await
     }
 
     /// Startup, authentication, wake and backend login. `None` when the
@@ -475,7 +483,7 @@ impl PgFront {
             .map_err(|e| PgError::AppLimit(e.to_string()))?;
         let upstream = match target.engine {
             Engine::Rqlite => return Err(PgError::UnknownDatabase(login.database)),
-            Engine::Postgres => BackendTarget::Managed(key.clone()),
+            Engine::Postgres => BackendTarget::Managed,
             Engine::Patroni => BackendTarget::Cluster(self.cluster(key, &target)?, port),
         };
         // One managed instance serves both ports: on the read-only one the
@@ -483,17 +491,28 @@ impl PgFront {
         // whatever it sends (a replica cannot anyway).
         // On a shared (Patroni) cluster the role carries its app.
         let backend_role = match (&upstream, port) {
-            (BackendTarget::Managed(_), MemberRole::Replica) => {
+            (BackendTarget::Managed, MemberRole::Replica) => {
                 rouse_control_api::name::read_only_role(role)
             }
-            (BackendTarget::Managed(_), MemberRole::Primary) => role.clone(),
+            (BackendTarget::Managed, MemberRole::Primary) => role.clone(),
             (BackendTarget::Cluster(..), _) => rouse_control_api::name::cluster_role(role, app),
         };
         let connected = self
             .connect_upstream(&login, &target, upstream, &backend_role, port)
             .await?;
-        let ours = (rand::random::<i32>(), rand::random::<i32>());
-        self.cancels.register(ours, connected.cancel).await;
+        let registered = self.clients.register(clients::NewClient {
+            key: key.clone(),
+            role: role.as_str().into(),
+            addr: peer,
+            tls: matches!(client, MaybeTls::Tls(_)),
+            application_name: login
+                .params
+                .get("application_name")
+                .map_or("".into(), |name| name.as_str().into()),
+            own_backend: connected.own_backend,
+        });
+        let ours = registered.client.cancel_key;
+        self.cancels.share(ours).await;
         let mut out = BufWriter::new(&mut *client);
         out.write_all(&messages::auth_ok()).await.map_err(closed)?;
         for frame in &connected.greeting {
@@ -505,29 +524,9 @@ impl PgFront {
         out.write_all(&connected.ready).await.map_err(closed)?;
         out.flush().await.map_err(closed)?;
         info!(database = %key, role = %role, pool_mode = ?target.pool_mode, "postgres session started");
-        let registered = self.clients.register(|id| clients::Client {
-            id,
-            key: key.clone(),
-            user: format!("{role}.{app}"),
-            addr: peer,
-            connected_at: rouse_runtime::clock::now_ms(),
-            tls: matches!(client, MaybeTls::Tls(_)),
-            application_name: login
-                .params
-                .get("application_name")
-                .cloned()
-                .unwrap_or_default(),
-            backend: match &connected.mode {
-                Mode::Session(backend, _) => Some(backend.addr),
-                Mode::Transaction(..) => None,
-            },
-            kill: Default::default(),
-            parked: Default::default(),
-        });
         Ok(Some(Begun::Database(Started {
             key: login.key,
             mode: connected.mode,
-            cancel: ours,
             _permit: permit,
             _app_slot: app_slot,
             registered,

@@ -243,7 +243,7 @@ impl PgFront {
             .map_err(|e| PgError::AppLimit(e.to_string()))?;
         let upstream = match target.engine {
             Engine::Rqlite => return Err(PgError::UnknownDatabase(database.to_string()).into()),
-            Engine::Postgres => BackendTarget::Managed(key.clone()),
+            Engine::Postgres => BackendTarget::Managed,
             Engine::Patroni => {
                 BackendTarget::Cluster(self.cluster(key, target)?, MemberRole::Primary)
             }
@@ -257,12 +257,12 @@ impl PgFront {
         let mut stale = false;
         let finished = loop {
             let conn = match &upstream {
-                BackendTarget::Managed(_) if !stale => {
+                BackendTarget::Managed if !stale => {
                     self.connect_managed(key, database, target, |addr| pool.checkout(addr))
                         .await?
                 }
                 _ => {
-                    pool.checkout(upstream.addr(&self.resolver, stale).await?)
+                    pool.checkout(upstream.addr(key, &self.resolver, stale).await?)
                         .await?
                 }
             };

@@ -28,18 +28,15 @@ pub(super) async fn relay_session(
     // Whatever either side sent early goes first, then bytes flow as they
     // are, counted on their way.
     let relay = async {
+        let mut metered = Metered::new(&mut backend.stream, meter);
         if !backend.buf.is_empty() {
-            meter.backend_bytes(&backend.buf);
+            metered.backend_bytes(&backend.buf);
             client.write_all(&backend.buf).await?;
         }
         if !early.is_empty() {
-            meter.asked(early.len());
-            backend.stream.write_all(early).await?;
+            metered.meter.asked(early.len());
+            metered.inner.write_all(early).await?;
         }
-        let mut metered = Metered {
-            inner: &mut backend.stream,
-            meter,
-        };
         tokio::io::copy_bidirectional(client, &mut metered).await
     };
     let lost = async {

@@ -159,9 +159,9 @@ impl PgFront {
         let mut pools: BTreeMap<(String, String), [usize; 4]> = BTreeMap::new();
         let mut modes = BTreeMap::new();
         for c in self.clients.all() {
-            let id = (c.key.internal(), c.user.clone());
+            let id = (c.key.internal(), c.user());
             pools.entry(id.clone()).or_default()[0] += 1;
-            if c.backend.is_some() {
+            if c.session_pooled {
                 pools.entry(id.clone()).or_default()[2] += 1;
                 modes.insert(id, "session");
             }
@@ -208,7 +208,7 @@ impl PgFront {
             .map(|c| {
                 connection_row(
                     "C",
-                    &c.user,
+                    &c.user(),
                     &c.key,
                     if self.clients.is_paused(&c.key) {
                         "waiting"
@@ -233,19 +233,20 @@ impl PgFront {
             .all()
             .iter()
             .filter_map(|c| {
+                let backend = c.backend()?;
                 let mut row = connection_row(
                     "S",
-                    &c.user,
+                    &c.user(),
                     &c.key,
                     "active",
-                    c.backend,
+                    Some(backend),
                     c.connected_at,
                     false,
                     "",
                     c.id,
                 );
                 row[14] = text(c.id);
-                c.backend.map(|_| row)
+                Some(row)
             })
             .collect();
         let now = rouse_runtime::clock::now_ms();

@@ -16,12 +16,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 mod pipeline;
 mod session_state;
+mod statements;
 mod stats;
 
 use session_state::leaves_session_state;
+pub(crate) use statements::Statements;
 
 use super::backend::{connect_backend, BackendSession};
-use super::cancel::CancelSlot;
+use super::clients::BackendKey;
 use super::error::{closed, PgError};
 use super::proto::frame::{has_frame, read_frame, FrameError};
 use super::proto::messages;
@@ -286,9 +288,9 @@ pub(crate) async fn next_transaction<'a>(
     cbuf: &mut BytesMut,
     pool: &Pool,
     addr: impl Fn(bool) -> futures::future::BoxFuture<'a, Result<SocketAddr, PgError>>,
-    cancel: &CancelSlot,
+    cancel: &Mutex<Option<BackendKey>>,
     meter: &mut Meter,
-    statements: &mut HashMap<String, BytesMut>,
+    statements: &mut Statements,
 ) -> Result<bool, PgError> {
     let mut frame = match read_frame(client, cbuf, true, MAX_MESSAGE).await {
         Ok(f) => f,
@@ -341,9 +343,9 @@ struct Lease<'a> {
     client: &'a mut MaybeTls,
     cbuf: &'a mut BytesMut,
     pool: &'a Pool,
-    cancel: &'a CancelSlot,
+    cancel: &'a Mutex<Option<BackendKey>>,
     /// The client's named statements: name -> its Parse message.
-    statements: &'a mut HashMap<String, BytesMut>,
+    statements: &'a mut Statements,
     meter: &'a mut Meter,
 }
 
@@ -510,7 +512,7 @@ async fn send(client: &mut MaybeTls, gathered: &[u8]) -> Result<(), PgError> {
 fn forward(
     frame: BytesMut,
     b: &mut Pooled,
-    statements: &mut HashMap<String, BytesMut>,
+    statements: &mut Statements,
     responses: &mut VecDeque<Hidden>,
     batches_sent: &mut u64,
     out: &mut BytesMut,
