@@ -56,7 +56,7 @@ impl fmt::Display for IdleResults {
                     r.label.to_string(),
                     format!("{} MiB", r.before_kib / 1024),
                     format!("{} MiB", r.after_kib / 1024),
-                    format!("{:.1} KiB", self.per_client_kib(r)),
+                    format!("{:.2} KiB", self.per_client_kib(r)),
                 ]
             })
             .collect();

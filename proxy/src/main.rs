@@ -40,6 +40,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The proxy starts no processes that would inherit this.
+    rouse_runtime::memory::no_huge_pages();
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig => match rouse_proxy::check_config(cli.config.as_deref()) {

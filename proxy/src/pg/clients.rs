@@ -28,14 +28,15 @@ pub(crate) struct Client {
     /// What its CancelRequests name; its key in [`Clients`].
     pub(crate) cancel_key: CancelKey,
     pub(crate) key: DbKey,
-    pub(crate) role: Box<str>,
+    /// The role, a NUL, then the application name: one allocation for
+    /// both (neither can hold a NUL: they come from C strings).
+    names: Box<str>,
     pub(crate) addr: SocketAddr,
-    /// Unix ms.
-    pub(crate) connected_at: u64,
+    /// Unix seconds (what the console shows).
+    connected_at: u32,
     pub(crate) tls: bool,
     /// A backend of its own for the whole session (session pooling).
     pub(crate) session_pooled: bool,
-    pub(crate) application_name: Box<str>,
     /// Where its cancel requests go now: its own backend in session
     /// pooling; in transaction pooling the one lent to it, if any.
     pub(crate) cancel_to: Mutex<Option<BackendKey>>,
@@ -47,12 +48,12 @@ pub(crate) struct Client {
 
 /// What a session is registered with; [`Clients::register`] adds its id
 /// and cancel key.
-pub(crate) struct NewClient {
+pub(crate) struct NewClient<'a> {
     pub(crate) key: DbKey,
-    pub(crate) role: Box<str>,
+    pub(crate) role: &'a str,
     pub(crate) addr: SocketAddr,
     pub(crate) tls: bool,
-    pub(crate) application_name: Box<str>,
+    pub(crate) application_name: &'a str,
     /// Session pooling: its own backend, where its cancels go.
     pub(crate) own_backend: Option<BackendKey>,
 }
@@ -63,7 +64,20 @@ const KILLED: u64 = u64::MAX;
 impl Client {
     /// `<role>.<app>`, as the client logged in.
     pub(crate) fn user(&self) -> String {
-        format!("{}.{}", self.role, self.key.app)
+        format!("{}.{}", self.role(), self.key.app)
+    }
+
+    pub(crate) fn role(&self) -> &str {
+        self.names.split('\0').next().unwrap_or_default()
+    }
+
+    pub(crate) fn application_name(&self) -> &str {
+        self.names.split_once('\0').map_or("", |(_, name)| name)
+    }
+
+    /// Unix ms.
+    pub(crate) fn connected_at(&self) -> u64 {
+        u64::from(self.connected_at) * 1000
     }
 
     /// The backend of its own, in session pooling.
@@ -135,7 +149,7 @@ impl Drop for Registered {
 impl Clients {
     /// Registers a session under a new id and a cancel key that no live
     /// session has.
-    pub(crate) fn register(self: &Arc<Self>, new: NewClient) -> Registered {
+    pub(crate) fn register(self: &Arc<Self>, new: NewClient<'_>) -> Registered {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let mut live = self.live.lock().expect("clients poisoned");
         let cancel_key = loop {
@@ -148,12 +162,11 @@ impl Clients {
             id,
             cancel_key,
             key: new.key,
-            role: new.role,
+            names: format!("{}\0{}", new.role, new.application_name).into(),
             addr: new.addr,
-            connected_at: rouse_runtime::clock::now_ms(),
+            connected_at: (rouse_runtime::clock::now_ms() / 1000) as u32,
             tls: new.tls,
             session_pooled: new.own_backend.is_some(),
-            application_name: new.application_name,
             cancel_to: Mutex::new(new.own_backend),
             kill: Notify::new(),
             parked: AtomicU64::new(0),
@@ -264,16 +277,17 @@ mod tests {
         let clients = Arc::new(Clients::default());
         let make = |db: &str| NewClient {
             key: key(db),
-            role: "alice".into(),
+            role: "alice",
             addr: "127.0.0.1:1".parse().unwrap(),
             tls: false,
-            application_name: "".into(),
+            application_name: "",
             own_backend: None,
         };
         let a = clients.register(make("a"));
         let b = clients.register(make("b"));
         assert_ne!(a.client.cancel_key, b.client.cancel_key);
         assert_eq!(a.client.user(), "alice.shop");
+        assert_eq!(a.client.application_name(), "");
         let found = clients.by_cancel_key(b.client.cancel_key).unwrap();
         assert!(Arc::ptr_eq(&found, &b.client));
         assert_eq!(clients.kill(&key("a")), 1);
@@ -293,13 +307,20 @@ mod tests {
         let backend: BackendKey = ("127.0.0.1:5432".parse().unwrap(), 7, 8);
         let new = |own_backend| NewClient {
             key: key("a"),
-            role: "alice".into(),
+            role: "alice",
             addr: "127.0.0.1:1".parse().unwrap(),
             tls: false,
-            application_name: "".into(),
+            application_name: "",
             own_backend,
         };
-        let session = clients.register(new(Some(backend)));
+        let session = clients.register(NewClient {
+            application_name: "psql",
+            ..new(Some(backend))
+        });
+        assert_eq!(
+            (session.client.role(), session.client.application_name()),
+            ("alice", "psql")
+        );
         assert_eq!(session.client.backend(), Some(backend.0));
         assert_eq!(session.client.cancel_target(), Some(backend));
         // A transaction-pooled client's cancels follow its lease; it has

@@ -502,13 +502,13 @@ impl PgFront {
             .await?;
         let registered = self.clients.register(clients::NewClient {
             key: key.clone(),
-            role: role.as_str().into(),
+            role,
             addr: peer,
             tls: matches!(client, MaybeTls::Tls(_)),
             application_name: login
                 .params
                 .get("application_name")
-                .map_or("".into(), |name| name.as_str().into()),
+                .map_or("", String::as_str),
             own_backend: connected.own_backend,
         });
         let ours = registered.client.cancel_key;

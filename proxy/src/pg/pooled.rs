@@ -214,13 +214,14 @@ mod tests {
 
     /// Each idle client keeps one of each, on the heap: a field that makes
     /// either bigger moves the idle figure of `docs/performance.md` (the
-    /// allocator rounds up to 256 and 224 bytes).
+    /// allocator rounds them up to 256 and, with its reference counts,
+    /// 192 bytes).
     #[test]
     fn an_idle_session_stays_small() {
         let sizes = (
             std::mem::size_of::<PooledClient>(),
             std::mem::size_of::<clients::Client>(),
         );
-        assert!(sizes.0 <= 256 && sizes.1 <= 208, "{sizes:?}");
+        assert!(sizes.0 <= 256 && sizes.1 <= 176, "{sizes:?}");
     }
 }

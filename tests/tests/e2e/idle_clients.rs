@@ -145,3 +145,17 @@ async fn until_gone(s: &Stack) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A huge page is resident whole once a byte of it is used: the proxy's
+/// heap of small sessions is kept on ordinary pages, whatever the
+/// system's transparent huge page setting.
+#[tokio::test]
+async fn the_proxys_memory_is_not_backed_by_huge_pages() {
+    let s = Stack::builder().start().await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.proxy().pid())).unwrap();
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(thp, Some("0"), "the proxy's THP_enabled");
+}

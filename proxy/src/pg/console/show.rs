@@ -216,9 +216,9 @@ impl PgFront {
                         "active"
                     },
                     Some(c.addr),
-                    c.connected_at,
+                    c.connected_at(),
                     c.tls,
-                    &c.application_name,
+                    c.application_name(),
                     c.id,
                 )
             })
@@ -240,7 +240,7 @@ impl PgFront {
                     &c.key,
                     "active",
                     Some(backend),
-                    c.connected_at,
+                    c.connected_at(),
                     false,
                     "",
                     c.id,
