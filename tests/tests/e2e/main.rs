@@ -19,6 +19,7 @@ mod operations;
 mod operators;
 mod patroni_discovery;
 mod patroni_harness;
+mod pool_turns;
 mod private_cluster;
 mod probes;
 mod proxy_http;

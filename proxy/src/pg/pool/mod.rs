@@ -14,6 +14,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+mod lend;
 mod pipeline;
 mod session_state;
 mod statements;
@@ -22,7 +23,7 @@ mod stats;
 use session_state::leaves_session_state;
 pub(crate) use statements::Statements;
 
-use super::backend::{connect_backend, BackendSession};
+use super::backend::BackendSession;
 use super::clients::BackendKey;
 use super::error::{closed, PgError};
 use super::proto::frame::{has_frame, read_frame, FrameError};
@@ -114,13 +115,12 @@ pub(crate) struct Pool {
     /// A key proven by a client of this role: what logs new backends in.
     client_key: Mutex<[u8; 32]>,
     /// Idle connections keep their permit: permits bound all connections.
-    idle: Mutex<Vec<Pooled>>,
+    idle: Mutex<lend::Idle>,
     permits: Arc<Semaphore>,
     size: usize,
     times: PoolTimes,
     /// The last checkout: a pool nobody uses is dropped.
     last_used: Mutex<Instant>,
-    returned: tokio::sync::Notify,
     /// ParameterStatus messages of the first backend, sent to each client.
     greeting: Mutex<Vec<BytesMut>>,
     /// Clients waiting for a connection.
@@ -147,12 +147,11 @@ impl Pool {
             read_only,
             verifier,
             client_key: Mutex::new(client_key),
-            idle: Mutex::new(Vec::new()),
+            idle: Default::default(),
             permits: Arc::new(Semaphore::new(size)),
             size,
             times,
             last_used: Mutex::new(Instant::now()),
-            returned: tokio::sync::Notify::new(),
             greeting: Mutex::new(Vec::new()),
             waiting: Default::default(),
             last_addr: Mutex::new(None),
@@ -171,91 +170,6 @@ impl Pool {
 
     pub(crate) fn greeting(&self) -> Vec<BytesMut> {
         self.greeting.lock().expect("pool poisoned").clone()
-    }
-
-    /// An idle connection to `addr`, else a new one while the pool has
-    /// room, else the next one returned.
-    pub(crate) async fn checkout(&self, addr: SocketAddr) -> Result<Pooled, PgError> {
-        let deadline = tokio::time::Instant::now() + CHECKOUT_TIMEOUT;
-        *self.last_used.lock().expect("pool poisoned") = Instant::now();
-        *self.last_addr.lock().expect("pool poisoned") = Some(addr);
-        let _waiting = stats::Waiting::new(&self.waiting);
-        loop {
-            let returned = self.returned.notified();
-            loop {
-                let Some(b) = self.idle.lock().expect("pool poisoned").pop() else {
-                    break;
-                };
-                // Connections to where the database used to run, or that
-                // went stale, are dropped.
-                if b.session.addr == addr && b.usable(&self.times) && !self.retired(&b) {
-                    return Ok(b);
-                }
-            }
-            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-                return self.connect(addr, permit).await;
-            }
-            if tokio::time::timeout_at(deadline, returned).await.is_err() {
-                return Err(PgError::TooManyClients);
-            }
-        }
-    }
-
-    async fn connect(
-        &self,
-        addr: SocketAddr,
-        permit: OwnedSemaphorePermit,
-    ) -> Result<Pooled, PgError> {
-        let key = *self.client_key.lock().expect("pool poisoned");
-        let params: &[(&str, &str)] = if self.read_only {
-            &[("default_transaction_read_only", "on")]
-        } else {
-            &[]
-        };
-        let session = connect_backend(
-            addr,
-            &self.role,
-            &self.database,
-            params,
-            &self.verifier,
-            &key,
-        )
-        .await?;
-        {
-            let mut greeting = self.greeting.lock().expect("pool poisoned");
-            if greeting.is_empty() {
-                *greeting = session.greeting.clone();
-            }
-        }
-        let now = Instant::now();
-        Ok(Pooled {
-            session,
-            prepared: HashMap::new(),
-            dirty: false,
-            born: now,
-            idle_since: now,
-            _permit: permit,
-        })
-    }
-
-    pub(crate) fn checkin(&self, mut b: Pooled) {
-        if b.born.elapsed() < self.times.server_lifetime && !self.retired(&b) {
-            b.idle_since = Instant::now();
-            self.idle.lock().expect("pool poisoned").push(b);
-        }
-        self.returned.notify_one();
-    }
-
-    /// Closes idle connections that went stale or idle too long; whether
-    /// the pool is now empty and unused, so it can go (the database
-    /// hibernated, moved or was dropped, or its clients left).
-    pub(crate) fn sweep(&self) -> bool {
-        let mut idle = self.idle.lock().expect("pool poisoned");
-        idle.retain(|b| b.usable(&self.times));
-        idle.is_empty()
-            && self.permits.available_permits() == self.size
-            && self.last_used.lock().expect("pool poisoned").elapsed()
-                >= self.times.server_idle_timeout
     }
 }
 

@@ -35,7 +35,7 @@ impl Drop for Waiting<'_> {
 
 impl Pool {
     pub(crate) fn counts(&self) -> PoolCounts {
-        let idle = self.idle.lock().expect("pool poisoned").len();
+        let idle = self.idle.lock().expect("pool poisoned").conns.len();
         let open = self.size - self.permits.available_permits();
         // A checkout that found a connection has stopped waiting by the
         // time its guard drops; one still in the loop is waiting.
@@ -51,6 +51,7 @@ impl Pool {
     pub(crate) fn servers(&self) -> (Vec<(SocketAddr, Duration)>, Option<SocketAddr>) {
         let idle = self.idle.lock().expect("pool poisoned");
         let idle = idle
+            .conns
             .iter()
             .map(|b| (b.session.addr, b.born.elapsed()))
             .collect();
@@ -61,8 +62,8 @@ impl Pool {
     /// back, so that new ones are made (PgBouncer's RECONNECT).
     pub(crate) fn reconnect(&self) {
         *self.retired_before.lock().expect("pool poisoned") = Some(Instant::now());
-        self.idle.lock().expect("pool poisoned").clear();
-        self.returned.notify_one();
+        // Their permits freed, waiting clients open new ones.
+        self.idle.lock().expect("pool poisoned").conns.clear();
     }
 
     pub(super) fn retired(&self, b: &Pooled) -> bool {
