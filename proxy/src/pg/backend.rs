@@ -169,18 +169,25 @@ impl PgFront {
                     *client_key,
                     read_only,
                 );
-                // A first login checks the route and fills the pool's greeting.
-                let b = match &upstream {
-                    BackendTarget::Managed => {
-                        self.connect_managed(key, database, target, |addr| pool.checkout(addr))
-                            .await?
-                    }
-                    BackendTarget::Cluster(..) => {
-                        pool.checkout(upstream.addr(key, &self.resolver, false).await?)
-                            .await?
-                    }
-                };
-                pool.checkin(b);
+                // The first login checks the route and fills the pool's
+                // greeting. Later ones are greeted from it, as PgBouncer
+                // does: a client logging in does not queue for a
+                // connection of a busy pool (the route was resolved, and
+                // the database woken, just before; the first transaction
+                // finds a stale one as any transaction does).
+                if pool.greeting().is_empty() {
+                    let b = match &upstream {
+                        BackendTarget::Managed => {
+                            self.connect_managed(key, database, target, |addr| pool.checkout(addr))
+                                .await?
+                        }
+                        BackendTarget::Cluster(..) => {
+                            pool.checkout(upstream.addr(key, &self.resolver, false).await?)
+                                .await?
+                        }
+                    };
+                    pool.checkin(b);
+                }
                 Ok(Connected {
                     greeting: pool.greeting(),
                     ready: messages::ready_for_query_idle(),

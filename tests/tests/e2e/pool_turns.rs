@@ -1,6 +1,7 @@
 //! A transaction pool's connections are lent in turn: a client that waits
 //! for a full pool is served by the next connection given back, or by the
-//! room a closed one leaves, never left to time out.
+//! room a closed one leaves, never left to time out. Logging in needs no
+//! connection of a pool that served its role before.
 
 use std::time::Duration;
 
@@ -21,10 +22,12 @@ async fn a_client_waiting_for_a_full_pool_gets_the_room_a_closed_connection_leav
         .await
         .unwrap();
     let connect = || s.pg_connect("alice.shop", "wonderland", "one");
-    let (a, b) = (connect().await.unwrap(), connect().await.unwrap());
+    let a = connect().await.unwrap();
     a.batch_execute("BEGIN").await.unwrap();
 
-    // B waits for it, as SHOW POOLS tells.
+    // B logs in meanwhile, greeted as A was, and waits for the connection
+    // with its first query, as SHOW POOLS tells.
+    let b = connect().await.unwrap();
     let waiting = tokio::spawn(async move {
         b.query_one("SELECT 41 + 1", &[])
             .await
