@@ -297,7 +297,7 @@ fn draw_charts(r: &Results, out: &Path) -> Result<Vec<&'static str>> {
     }
 
     if let Some(idle) = &r.idle {
-        let kib = |v: f64| format!("{v:.1} KiB");
+        let kib = |v: f64| format!("{v:.2} KiB");
         BarChart {
             title: "Memory per idle PostgreSQL client (transaction pooling)",
             axis: "growth of resident memory per idle client",
