@@ -290,6 +290,9 @@ mod tests {
         assert_eq!(a.client.application_name(), "");
         let found = clients.by_cancel_key(b.client.cancel_key).unwrap();
         assert!(Arc::ptr_eq(&found, &b.client));
+        // The process id alone finds nothing: the secret must match too.
+        let (pid, secret) = b.client.cancel_key;
+        assert!(clients.by_cancel_key((pid, secret ^ 1)).is_none());
         assert_eq!(clients.kill(&key("a")), 1);
         let ids: Vec<_> = clients.all().iter().map(|c| c.id).collect();
         assert_eq!(ids, [a.client.id, b.client.id], "oldest first");
