@@ -13,6 +13,18 @@ use rouse_runtime::telemetry::{init_logs, LogFormat};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Run by a worker about to sleep. A block freed on another thread than
+/// the one that allocated it waits in its page until the owner collects,
+/// which mimalloc does only while the owner allocates; a session's login
+/// garbage and task are often freed by the other worker, and once every
+/// client idles no worker allocates, so that memory stayed resident (0.3
+/// KiB per idle client with two workers). Collecting costs a walk over the
+/// thread's partly used pages, under 1 % of the proxy's CPU at full load.
+fn take_back_remote_frees() {
+    // SAFETY: mi_collect only touches the calling thread's own heap.
+    unsafe { libmimalloc_sys::mi_collect(false) }
+}
+
 #[derive(Parser)]
 #[command(name = "rouse-proxy", version, about = "rouse data plane")]
 struct Cli {
@@ -73,6 +85,7 @@ fn main() -> ExitCode {
             rouse_runtime::server::raise_open_file_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(rouse_proxy::worker_threads(&config.proxy))
+                .on_thread_park(take_back_remote_frees)
                 .enable_all()
                 .build();
             let runtime = match runtime {
