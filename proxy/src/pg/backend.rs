@@ -69,9 +69,9 @@ pub(crate) struct BackendSession {
     pub(crate) stream: TcpStream,
     /// What the backend sent beyond ReadyForQuery.
     pub(crate) buf: BytesMut,
-    pub(crate) addr: SocketAddr,
-    pub(crate) pid: i32,
-    pub(crate) secret: i32,
+    /// Its address and cancel key, shared with the clients it serves so
+    /// that a session's record points at it rather than holding a copy.
+    pub(crate) key: Arc<BackendKey>,
     /// ParameterStatus and notices of the login.
     pub(crate) greeting: Vec<BytesMut>,
     /// The login's ReadyForQuery.
@@ -98,7 +98,7 @@ pub(super) struct Connected {
     /// The ReadyForQuery that ends the client's login.
     pub(super) ready: BytesMut,
     /// Session pooling: where its cancel requests go.
-    pub(super) own_backend: Option<BackendKey>,
+    pub(super) own_backend: Option<Arc<BackendKey>>,
 }
 
 impl PgFront {
@@ -155,7 +155,7 @@ impl PgFront {
                 Ok(Connected {
                     greeting: session.greeting.clone(),
                     ready: session.ready.clone(),
-                    own_backend: Some((session.addr, session.pid, session.secret)),
+                    own_backend: Some(session.key.clone()),
                     mode: Mode::Session(Box::new(OwnBackend { session, member })),
                 })
             }
@@ -338,9 +338,7 @@ pub(crate) async fn connect_backend(
                 return Ok(BackendSession {
                     stream,
                     buf,
-                    addr,
-                    pid,
-                    secret,
+                    key: Arc::new((addr, pid, secret)),
                     greeting,
                     ready: frame,
                 })

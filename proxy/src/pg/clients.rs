@@ -39,7 +39,7 @@ pub(crate) struct Client {
     pub(crate) session_pooled: bool,
     /// Where its cancel requests go now: its own backend in session
     /// pooling; in transaction pooling the one lent to it, if any.
-    pub(crate) cancel_to: Mutex<Option<BackendKey>>,
+    pub(crate) cancel_to: Mutex<Option<Arc<BackendKey>>>,
     /// Notified to end the session (KILL).
     pub(crate) kill: Notify,
     /// The ticket of its last parking (0: never parked), or [`KILLED`].
@@ -55,7 +55,7 @@ pub(crate) struct NewClient<'a> {
     pub(crate) tls: bool,
     pub(crate) application_name: &'a str,
     /// Session pooling: its own backend, where its cancels go.
-    pub(crate) own_backend: Option<BackendKey>,
+    pub(crate) own_backend: Option<Arc<BackendKey>>,
 }
 
 /// In [`Client::parked`] once KILL came.
@@ -88,7 +88,11 @@ impl Client {
     }
 
     pub(crate) fn cancel_target(&self) -> Option<BackendKey> {
-        *self.cancel_to.lock().expect("cancel target poisoned")
+        self.cancel_to
+            .lock()
+            .expect("cancel target poisoned")
+            .as_deref()
+            .copied()
     }
 
     /// The session was parked with `ticket`: KILL must unpark it. A KILL
@@ -318,7 +322,7 @@ mod tests {
         };
         let session = clients.register(NewClient {
             application_name: "psql",
-            ..new(Some(backend))
+            ..new(Some(Arc::new(backend)))
         });
         assert_eq!(
             (session.client.role(), session.client.application_name()),
@@ -329,7 +333,7 @@ mod tests {
         // A transaction-pooled client's cancels follow its lease; it has
         // no backend of its own.
         let pooled = clients.register(new(None));
-        *pooled.client.cancel_to.lock().unwrap() = Some(backend);
+        *pooled.client.cancel_to.lock().unwrap() = Some(Arc::new(backend));
         assert_eq!(pooled.client.backend(), None);
         assert_eq!(pooled.client.cancel_target(), Some(backend));
     }

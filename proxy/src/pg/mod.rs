@@ -263,14 +263,18 @@ impl PgFront {
             return;
         };
         match self.pooled(opened) {
-            Ok(pooled) => pooled.serve().await,
+            Ok((pooled, buf)) => pooled.serve(buf).await,
             Err(opened) => Box::pin(self.relay(opened)).await,
         }
     }
 
     /// A transaction-pooled session's state, moved to where it is served
-    /// from; any other session is given back.
-    fn pooled(self: &Arc<Self>, opened: Box<Opened>) -> Result<Box<PooledClient>, Box<Opened>> {
+    /// from, and what the client sent beyond its login; any other session
+    /// is given back.
+    fn pooled(
+        self: &Arc<Self>,
+        opened: Box<Opened>,
+    ) -> Result<(Box<PooledClient>, BytesMut), Box<Opened>> {
         let Opened {
             client,
             buf,
@@ -287,16 +291,16 @@ impl PgFront {
             return Err(opened);
         };
         let (in_session, meter) = self.session_began(&started.key);
-        Ok(Box::new(PooledClient {
+        let pooled = Box::new(PooledClient {
             front: self.clone(),
             client,
-            buf,
             started,
             meter,
             statements: Default::default(),
             _in_session: in_session,
             _open: open,
-        }))
+        });
+        Ok((pooled, buf))
     }
 
     /// Counts a session that begins, for the metrics, control's

@@ -99,7 +99,7 @@ impl Pool {
 
     /// Whether an idle connection can serve a client going to `addr`.
     fn fits(&self, b: &Pooled, addr: SocketAddr) -> bool {
-        b.session.addr == addr && b.usable(&self.times) && !self.retired(b)
+        b.session.key.0 == addr && b.usable(&self.times) && !self.retired(b)
     }
 
     async fn connect(

@@ -202,7 +202,7 @@ pub(crate) async fn next_transaction<'a>(
     cbuf: &mut BytesMut,
     pool: &Pool,
     addr: impl Fn(bool) -> futures::future::BoxFuture<'a, Result<SocketAddr, PgError>>,
-    cancel: &Mutex<Option<BackendKey>>,
+    cancel: &Mutex<Option<Arc<BackendKey>>>,
     meter: &mut Meter,
     statements: &mut Statements,
 ) -> Result<bool, PgError> {
@@ -257,7 +257,7 @@ struct Lease<'a> {
     client: &'a mut MaybeTls,
     cbuf: &'a mut BytesMut,
     pool: &'a Pool,
-    cancel: &'a Mutex<Option<BackendKey>>,
+    cancel: &'a Mutex<Option<Arc<BackendKey>>>,
     /// The client's named statements: name -> its Parse message.
     statements: &'a mut Statements,
     meter: &'a mut Meter,
@@ -290,11 +290,7 @@ impl Lease<'_> {
             Some(sent) => Ok(Leased::Again(sent)),
             None => Err(PgError::Backend(e)),
         };
-        *cancel.lock().expect("cancel poisoned") = Some((
-            leased.session.addr,
-            leased.session.pid,
-            leased.session.secret,
-        ));
+        *cancel.lock().expect("cancel poisoned") = Some(leased.session.key.clone());
         let b = &mut leased;
         let mut responses: VecDeque<Hidden> = VecDeque::new();
         let (mut batches_sent, mut batches_done) = (0u64, 0u64);

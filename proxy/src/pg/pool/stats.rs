@@ -53,7 +53,7 @@ impl Pool {
         let idle = idle
             .conns
             .iter()
-            .map(|b| (b.session.addr, b.born.elapsed()))
+            .map(|b| (b.session.key.0, b.born.elapsed()))
             .collect();
         (idle, *self.last_addr.lock().expect("pool poisoned"))
     }
