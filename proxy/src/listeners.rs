@@ -19,12 +19,14 @@ pub fn check_config(path: Option<&std::path::Path>) -> Result<serde_json::Value,
     Ok(serde_json::json!({ "proxy": config.proxy, "redis": config.redis }))
 }
 
-/// Threads serving clients: `proxy.worker_threads`, or by default half the
-/// cores (at least one), since a sidecar shares its machine with the app and
-/// the database, and fewer threads mean fewer cross-thread wake-ups.
+/// Threads serving clients: `proxy.worker_threads`, or by default one per
+/// core the proxy may use (its CPU affinity and cgroup quota count), as
+/// HAProxy's `nbthread`. An idle thread costs nothing, and under load a
+/// single thread waits for a core among the app's and the database's
+/// (decision 0017).
 pub fn worker_threads(config: &ProxyConfig) -> usize {
     match config.worker_threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     }
 }

@@ -73,7 +73,7 @@ pub struct ProxyConfig {
     pub activity_interval: Duration,
     /// Create a database on first access through the proxy.
     pub auto_create: bool,
-    /// Threads serving clients; 0 means half the cores, at least one.
+    /// Threads serving clients; 0 means one per core the proxy may use.
     pub worker_threads: usize,
     /// PostgreSQL client connections beyond this get `53300`.
     pub max_client_connections: usize,
