@@ -265,6 +265,8 @@ pub(crate) fn init_pgbench(pgbench: &Path, port: u16) -> Result<()> {
 pub(crate) struct Steady {
     pub(crate) latencies: Vec<Duration>,
     pub(crate) per_second: f64,
+    /// Every transaction, the first ones of each client too.
+    pub(crate) all: usize,
 }
 
 /// `pgbench -S` with `args` for `seconds`, from its per-transaction log
@@ -345,6 +347,7 @@ fn steady(done: &[(u64, u64, u64)], seconds: u64) -> Steady {
     Steady {
         per_second: kept.len() as f64 / span,
         latencies: kept,
+        all: done.len(),
     }
 }
 

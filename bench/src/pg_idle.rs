@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use rouse_control_api::PoolMode;
 use rouse_tests::{free_port, Proxy};
 
+use crate::cpu::cpu_time;
 use crate::pg::{
     conninfo, pgbench_ready, pgbench_steady, setup, start_pgbouncer, us, APP, DB, PASSWORD, USER,
 };
@@ -29,6 +30,9 @@ pub struct Busy {
     pub tps: f64,
     pub p50: Duration,
     pub p99: Duration,
+    /// The proxy's CPU time over the whole pgbench run (its logins too)
+    /// divided by every transaction, in µs.
+    pub cpu_us: f64,
 }
 
 pub struct IdleResults {
@@ -69,6 +73,7 @@ impl fmt::Display for IdleResults {
                     format!("{:.0}", r.busy.tps),
                     us(r.busy.p50),
                     us(r.busy.p99),
+                    format!("{:.1}", r.busy.cpu_us),
                 ]
             })
             .collect();
@@ -90,7 +95,16 @@ impl fmt::Display for IdleResults {
             self.active,
             self.seconds,
             self.clients - self.active,
-            table(&["proxy", "transactions/s", "p50", "p99"], &busy)
+            table(
+                &[
+                    "proxy",
+                    "transactions/s",
+                    "p50",
+                    "p99",
+                    "proxy CPU µs per transaction"
+                ],
+                &busy
+            )
         )
     }
 }
@@ -161,6 +175,7 @@ pub async fn idle(clients: usize, active: usize, seconds: u64) -> Result<IdleRes
         let after = rss_kib(pid)?;
         held.truncate(clients - active);
         let threads = active.clamp(1, 2).to_string();
+        let cpu_before = cpu_time(pid)?;
         let active_arg = active.to_string();
         let run = pgbench_steady(
             &pgbench,
@@ -170,6 +185,7 @@ pub async fn idle(clients: usize, active: usize, seconds: u64) -> Result<IdleRes
             &user,
             &dir.path().join(format!("busy-{label}")),
         )?;
+        let cpu = cpu_time(pid)?.saturating_sub(cpu_before);
         rows.push(IdleRow {
             label,
             before_kib: before,
@@ -178,6 +194,7 @@ pub async fn idle(clients: usize, active: usize, seconds: u64) -> Result<IdleRes
                 tps: run.per_second,
                 p50: percentile(&run.latencies, 50.0),
                 p99: percentile(&run.latencies, 99.0),
+                cpu_us: cpu.as_secs_f64() * 1e6 / run.all.max(1) as f64,
             },
         });
         drop(held);

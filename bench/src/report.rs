@@ -508,6 +508,7 @@ mod tests {
                             tps: 30000.0,
                             p50: Duration::from_micros(2900),
                             p99: Duration::from_micros(7000),
+                            cpu_us: 30.0,
                         },
                     },
                     IdleRow {
@@ -518,6 +519,7 @@ mod tests {
                             tps: 31000.0,
                             p50: Duration::from_micros(2800),
                             p99: Duration::from_micros(6500),
+                            cpu_us: 35.0,
                         },
                     },
                 ],

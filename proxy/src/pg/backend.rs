@@ -83,9 +83,13 @@ pub(super) fn endpoint_addr(target: &Target) -> Result<SocketAddr, PgError> {
         .endpoints
         .first()
         .ok_or_else(|| PgError::Backend("no endpoint".into()))?;
+    // Asked at every pooled transaction: parsed without formatting first.
     endpoint
-        .addr()
+        .host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
         .parse()
+        .map(|ip| SocketAddr::new(ip, endpoint.port))
         .map_err(|_| PgError::Backend(format!("bad endpoint {}", endpoint.addr())))
 }
 

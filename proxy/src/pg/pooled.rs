@@ -5,11 +5,14 @@
 //! what makes ten thousand idle clients cheap. Each transaction runs in a
 //! boxed future, so the waiting task stays small too.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::futures::Notified;
+use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
 use super::backend::BackendTarget;
@@ -60,12 +63,21 @@ impl PooledClient {
     /// in the session, since a session is parked only with nothing in it.
     pub(super) async fn serve(mut self: Box<Self>, mut buf: BytesMut) {
         let registered = self.started.registered.client.clone();
+        // One KILL listener and one park timer for the task's life, not
+        // one each per transaction: a busy client moves the timer on about
+        // once a second.
+        let kill = registered.kill.notified();
+        let park_timer = tokio::time::sleep(PARK_AFTER);
+        tokio::pin!(kill, park_timer);
+        let mut last_served = Instant::now();
         let ended = loop {
             if buf.is_empty() {
                 // An idle client keeps no buffer.
                 buf = BytesMut::new();
                 let waited = match self.plain() {
-                    Some(socket) => idle(socket, &registered).await,
+                    Some(socket) => {
+                        idle(socket, kill.as_mut(), park_timer.as_mut(), last_served).await
+                    }
                     // TLS and WebSocket layers may hold bytes already
                     // read: they wait inside the read.
                     None => Idle::Readable,
@@ -78,11 +90,11 @@ impl PooledClient {
             }
             tokio::select! {
                 served = Box::pin(self.next_transaction(&mut buf)) => match served {
-                    Ok(true) => {}
+                    Ok(true) => last_served = Instant::now(),
                     Ok(false) => break Ended::Left,
                     Err(e) => break Ended::Failed(e),
                 },
-                _ = registered.kill.notified() => break Ended::Killed,
+                _ = kill.as_mut() => break Ended::Killed,
             }
         };
         Box::pin(self.end(ended)).await;
@@ -156,17 +168,29 @@ impl PooledClient {
     }
 }
 
-/// Waits for a plain TCP client's next message; `Park` after
-/// [`PARK_AFTER`] without one.
-async fn idle(socket: &tokio::net::TcpStream, registered: &clients::Client) -> Idle {
-    tokio::select! {
-        biased;
-        _ = registered.kill.notified() => Idle::Killed,
-        readable = tokio::time::timeout(PARK_AFTER, socket.readable()) => match readable {
-            Err(_) => Idle::Park,
+/// Waits for a plain TCP client's next message; `Park` once it has said
+/// nothing for [`PARK_AFTER`] since `last_served`. The timer may have been
+/// set for an earlier transaction: when it rings early, it is moved on.
+async fn idle(
+    socket: &tokio::net::TcpStream,
+    mut kill: Pin<&mut Notified<'_>>,
+    mut park_timer: Pin<&mut Sleep>,
+    last_served: Instant,
+) -> Idle {
+    loop {
+        tokio::select! {
+            biased;
+            _ = kill.as_mut() => return Idle::Killed,
             // An error shows on the read.
-            Ok(_) => Idle::Readable,
-        },
+            _ = socket.readable() => return Idle::Readable,
+            _ = park_timer.as_mut() => {
+                let due = last_served + PARK_AFTER;
+                if Instant::now() >= due {
+                    return Idle::Park;
+                }
+                park_timer.as_mut().reset(due);
+            }
+        }
     }
 }
 

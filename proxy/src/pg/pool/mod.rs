@@ -300,11 +300,8 @@ impl Lease<'_> {
         let mut frame = Some(frame);
         loop {
             if let Some(f) = frame.take() {
-                if let Some(sent) = unanswered.as_mut() {
-                    sent.push(f.clone());
-                }
                 meter.asked(f.len());
-                forward(
+                let f = forward(
                     f,
                     b,
                     statements,
@@ -312,6 +309,9 @@ impl Lease<'_> {
                     &mut batches_sent,
                     &mut to_backend,
                 );
+                if let Some(sent) = unanswered.as_mut() {
+                    sent.push(f);
+                }
                 if has_frame(cbuf, true, MAX_MESSAGE) {
                     frame = Some(read_frame(client, cbuf, true, MAX_MESSAGE).await?);
                     if frame.as_ref().is_some_and(|f| f[0] == frontend::TERMINATE) {
@@ -418,7 +418,7 @@ async fn send(client: &mut MaybeTls, gathered: &[u8]) -> Result<(), PgError> {
 }
 
 /// Adds a client message for the backend to `out`, preparing the statements
-/// it uses first.
+/// it uses first; gives the message back.
 fn forward(
     frame: BytesMut,
     b: &mut Pooled,
@@ -426,7 +426,7 @@ fn forward(
     responses: &mut VecDeque<Hidden>,
     batches_sent: &mut u64,
     out: &mut BytesMut,
-) {
+) -> BytesMut {
     let body = &frame[5..];
     let batch = *batches_sent;
     // Makes statement `name` exist on this backend as the client prepared it.
@@ -488,4 +488,5 @@ fn forward(
         _ => {}
     }
     out.extend_from_slice(&frame);
+    frame
 }
