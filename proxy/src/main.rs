@@ -25,6 +25,18 @@ fn take_back_remote_frees() {
     unsafe { libmimalloc_sys::mi_collect(false) }
 }
 
+/// A worker that sleeps while another frees into its pages would keep
+/// them until it next wakes; a task scheduled now and then wakes a
+/// sleeping worker to look for it, and so to collect on its way back to
+/// sleep.
+async fn wake_sleeping_workers() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        tokio::spawn(async {});
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "rouse-proxy", version, about = "rouse data plane")]
 struct Cli {
@@ -95,6 +107,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            runtime.spawn(wake_sleeping_workers());
             runtime.block_on(serve(config, cli.config, upgrade))
         }
     }
