@@ -54,7 +54,7 @@ pub struct ControlConfig {
     pub stop_engines_on_exit: bool,
     /// Engines booting at once on this node (from spawn until the process
     /// answers; elections then overlap freely), granted in turn across
-    /// apps; 0: sixteen per CPU.
+    /// apps; 0: eight per CPU.
     pub max_concurrent_starts: usize,
     /// An engine's log is rotated when it grows past this many bytes.
     pub engine_log_max_bytes: u64,
@@ -92,7 +92,7 @@ impl ControlConfig {
     /// `max_concurrent_starts`, with 0 resolved for this machine.
     pub fn concurrent_starts(&self) -> usize {
         match self.max_concurrent_starts {
-            0 => 16 * std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => 8 * std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         }
     }
