@@ -45,7 +45,7 @@ impl<'a> On<'a> {
     /// The PostgreSQL side when `key` is a managed PostgreSQL database
     /// (woken if need be); `None` for rqlite.
     pub(super) async fn database(proxy: &'a Proxy, key: DbKey) -> Result<Option<On<'a>>> {
-        let target = proxy.resolver.target(&key).await?;
+        let target = proxy.resolver.target_or_create(&key).await?;
         match target.engine {
             Engine::Rqlite => Ok(None),
             Engine::Postgres => Ok(Some(On { proxy, key, target })),

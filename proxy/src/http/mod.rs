@@ -319,7 +319,7 @@ impl Proxy {
     }
 
     async fn target(&self, key: &DbKey) -> Result<Target> {
-        let target = self.resolver.target(key).await?;
+        let target = self.resolver.target_or_create(key).await?;
         rqlite_only(key, target.engine)?;
         Ok(target)
     }

@@ -135,7 +135,8 @@ pub(crate) struct Resolver<C = Client> {
     /// This proxy's name in wake locks.
     proxy_id: String,
     cache: Cache,
-    wakes: Arc<Mutex<HashMap<DbKey, WakeFuture>>>,
+    /// Wakes under way, by database and whether they may create it.
+    wakes: Arc<Mutex<HashMap<(DbKey, bool), WakeFuture>>>,
     waiting: Mutex<HashMap<DbKey, Arc<AtomicUsize>>>,
     /// `wake_timeout` and `max_waiting`, replaced together on reload.
     bounds: Mutex<(Duration, usize)>,
@@ -199,8 +200,19 @@ impl<C: ControlApi> Resolver<C> {
         })
     }
 
-    /// The database's endpoints, waking (or creating) it when needed.
+    /// The database's endpoints, waking it when needed; one that does not
+    /// exist is not found (the Postgres and Redis fronts).
     pub(crate) async fn target(&self, key: &DbKey) -> Result<Target> {
+        self.resolve(key, false).await
+    }
+
+    /// [`Self::target`] that creates a database that does not exist when
+    /// the proxy's policy allows (the HTTP APIs: first access creates).
+    pub(crate) async fn target_or_create(&self, key: &DbKey) -> Result<Target> {
+        self.resolve(key, self.auto_create).await
+    }
+
+    async fn resolve(&self, key: &DbKey, create: bool) -> Result<Target> {
         if let Some(t) = self.cache.lock().expect("route cache poisoned").get(key) {
             return Ok(t.clone());
         }
@@ -225,7 +237,7 @@ impl<C: ControlApi> Resolver<C> {
             return Err(ProxyError::QueueFull(key.db.to_string()));
         }
         let started = Instant::now();
-        let wake = self.wake_future(key, wake_timeout);
+        let wake = self.wake_future(key, create, wake_timeout);
         let result = tokio::time::timeout(wake_timeout, wake).await;
         WAKE_DURATION
             .histogram(["any".into(), "wait".into()])
@@ -239,9 +251,10 @@ impl<C: ControlApi> Resolver<C> {
         }
     }
 
-    fn wake_future(&self, key: &DbKey, wake_timeout: Duration) -> WakeFuture {
+    fn wake_future(&self, key: &DbKey, create: bool, wake_timeout: Duration) -> WakeFuture {
         let mut wakes = self.wakes.lock().expect("wakes poisoned");
-        if let Some(f) = wakes.get(key) {
+        let wake_key = (key.clone(), create);
+        if let Some(f) = wakes.get(&wake_key) {
             return f.clone();
         }
         let call = WakeCall {
@@ -250,26 +263,25 @@ impl<C: ControlApi> Resolver<C> {
             proxy_id: self.proxy_id.clone(),
             seen: self.wakes_seen.clone(),
         };
-        let auto_create = self.auto_create;
         let asleep = self.asleep.lock().expect("asleep poisoned").contains(key);
         let (cache, all_wakes) = (self.cache.clone(), self.wakes.clone());
-        let k = key.clone();
+        let (k, mine) = (key.clone(), wake_key.clone());
         // The wake files its own result: every waiter shares it, and the
         // next request after a failure tries again.
         let fut = async move {
-            let result = call.resolve(&k, auto_create, asleep, wake_timeout).await;
+            let result = call.resolve(&k, create, asleep, wake_timeout).await;
             if let Ok(t) = &result {
                 cache
                     .lock()
                     .expect("route cache poisoned")
                     .insert(k.clone(), t.clone());
             }
-            all_wakes.lock().expect("wakes poisoned").remove(&k);
+            all_wakes.lock().expect("wakes poisoned").remove(&mine);
             result
         }
         .boxed()
         .shared();
-        wakes.insert(key.clone(), fut.clone());
+        wakes.insert(wake_key, fut.clone());
         // Driven by a task of its own, so waiters that give up do not cancel it.
         tokio::spawn(fut.clone());
         fut

@@ -309,7 +309,10 @@ async fn a_wake_that_never_ends_fails_its_waiters_at_wake_timeout() {
 async fn a_database_created_meanwhile_by_another_proxy_is_woken() {
     let control = Control::refusing_creates(409, ErrorCode::AlreadyExists);
     let r = resolver(&control, Duration::from_secs(30), 10_000);
-    let target = r.target(&key()).await.expect("woken after the conflict");
+    let target = r
+        .target_or_create(&key())
+        .await
+        .expect("woken after the conflict");
     assert_eq!(target.engine, Engine::Rqlite);
     assert_eq!(control.0.create_calls.load(Ordering::SeqCst), 1);
     assert_eq!(control.wakes(), 1);
@@ -319,7 +322,7 @@ async fn a_database_created_meanwhile_by_another_proxy_is_woken() {
 async fn a_missing_database_is_created_on_first_access_or_not_found() {
     let control = Control::new(None, Wakes::After(Duration::ZERO));
     let r = resolver(&control, Duration::from_secs(30), 10_000);
-    r.target(&key()).await.expect("created");
+    r.target_or_create(&key()).await.expect("created");
     assert_eq!(control.0.create_calls.load(Ordering::SeqCst), 1);
     assert_eq!(control.wakes(), 0, "a created database is active");
 
@@ -335,23 +338,37 @@ async fn a_missing_database_is_created_on_first_access_or_not_found() {
         },
         AppQuotas::new(AppsConfig::default()),
     );
+    let e = r.target_or_create(&key()).await.unwrap_err();
+    assert!(matches!(e, ProxyError::NotFound), "{e:?}");
+    assert_eq!(control.0.create_calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_front_that_does_not_create_finds_a_missing_database_not_found() {
+    // A Postgres login naming a database that does not exist must not
+    // leave an rqlite database behind, whatever the HTTP policy says.
+    let control = Control::new(None, Wakes::After(Duration::ZERO));
+    let r = resolver(&control, Duration::from_secs(30), 10_000);
     let e = r.target(&key()).await.unwrap_err();
     assert!(matches!(e, ProxyError::NotFound), "{e:?}");
     assert_eq!(control.0.create_calls.load(Ordering::SeqCst), 0);
+    // The HTTP API's request that follows still creates it.
+    r.target_or_create(&key()).await.expect("created");
+    assert_eq!(control.0.create_calls.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
 async fn controls_refusals_reach_clients_by_their_code_only() {
     let control = Control::refusing_creates(429, ErrorCode::AppDatabaseLimit);
     let r = resolver(&control, Duration::from_secs(30), 10_000);
-    let e = r.target(&key()).await.unwrap_err();
+    let e = r.target_or_create(&key()).await.unwrap_err();
     assert!(
         matches!(e, ProxyError::AppLimit { ref limit, .. } if limit == "max_databases"),
         "{e:?}"
     );
     let control = Control::refusing_creates(500, ErrorCode::Internal);
     let r = resolver(&control, Duration::from_secs(30), 10_000);
-    let e = r.target(&key()).await.unwrap_err();
+    let e = r.target_or_create(&key()).await.unwrap_err();
     assert!(matches!(e, ProxyError::Backend { .. }), "{e:?}");
     assert!(!e.client_message().contains("control's own words"));
 }
@@ -412,7 +429,7 @@ async fn a_database_dropped_while_asleep_is_created_on_first_access_again() {
     let r = resolver(&control, Duration::from_secs(5), 10);
     // Its drop was missed: the resolver still thinks it asleep.
     r.status_changed(&key(), DatabaseStatus::Hibernating);
-    r.target(&key()).await.expect("created");
+    r.target_or_create(&key()).await.expect("created");
     assert_eq!(control.wakes(), 1, "the wake found nothing");
     assert_eq!(control.0.create_calls.load(Ordering::SeqCst), 1);
 }

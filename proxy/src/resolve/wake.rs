@@ -35,15 +35,16 @@ pub(super) fn is_active(info: &DatabaseInfo) -> bool {
 }
 
 impl<C: ControlApi> WakeCall<C> {
-    /// Asks control for the database, waking or creating it as needed; a
-    /// database known to be `asleep` is woken without being read first.
+    /// Asks control for the database, waking it as needed and creating it
+    /// when `create` says so; a database known to be `asleep` is woken
+    /// without being read first.
     /// While control cannot answer (restarting, wedged), it asks again for
     /// up to `wake_timeout`: the request is held, as during a wake, and
     /// times out as a wake does.
     pub(super) async fn resolve(
         &self,
         key: &DbKey,
-        auto_create: bool,
+        create: bool,
         mut asleep: bool,
         wake_timeout: Duration,
     ) -> Result<Target> {
@@ -53,7 +54,7 @@ impl<C: ControlApi> WakeCall<C> {
             let attempt = if asleep {
                 self.wake_target(key, deadline).await
             } else {
-                self.attempt(key, auto_create, deadline).await
+                self.attempt(key, create, deadline).await
             };
             match attempt {
                 // Dropped meanwhile: the usual way, which may create it.
@@ -77,13 +78,13 @@ impl<C: ControlApi> WakeCall<C> {
     async fn attempt(
         &self,
         key: &DbKey,
-        auto_create: bool,
+        create: bool,
         deadline: Instant,
     ) -> std::result::Result<Target, ClientError> {
         let control = &self.control;
         let info = match control.database(key).await {
             Ok(info) => info,
-            Err(e) if e.is_not_found() && auto_create => {
+            Err(e) if e.is_not_found() && create => {
                 let req = CreateDatabase {
                     app: key.app.clone(),
                     name: key.db.clone(),

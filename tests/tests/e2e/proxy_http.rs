@@ -970,6 +970,32 @@ async fn rs256_tokens_are_checked_against_the_configured_public_key() {
 async fn an_app_may_forbid_creating_databases_on_first_access() {
     let s = Stack::builder().start().await;
     let client = s.control.client();
+    // By default both HTTP APIs create a database on its first access.
+    client.create_app(&name("open")).await.unwrap();
+    let key = client.create_key(&name("open")).await.unwrap().key;
+    let resp = s
+        .http
+        .post(format!("{}/v1/database/exec", s.proxy().url()))
+        .bearer_auth(&key)
+        .json(&json!({"database": "adhoc", "sql": "CREATE TABLE t (x)"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = s
+        .http
+        .post(format!("{}/open/other/db/query", s.proxy().url()))
+        .bearer_auth(&key)
+        .json(&json!(["SELECT 1"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let open = client.list_databases(Some(&name("open"))).await.unwrap();
+    let mut open: Vec<String> = open.databases.iter().map(|d| d.name.to_string()).collect();
+    open.sort();
+    assert_eq!(open, ["adhoc", "other"]);
+
     client
         .create_app_with(&CreateApp {
             name: name("strict"),

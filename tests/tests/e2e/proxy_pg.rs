@@ -170,6 +170,12 @@ async fn bad_connections_get_postgres_errors_and_harm_nobody() {
         code(s.pg_connect("mallory.shop", "secret", "vault").await),
         Some(SqlState::INVALID_PASSWORD)
     );
+    // A login names a database, it never creates one: "missing" and
+    // "vault" were not left behind in shop (the HTTP APIs create).
+    let api = s.control.client();
+    let shop = api.list_databases(Some(&name("shop"))).await.unwrap();
+    let shop: Vec<String> = shop.databases.iter().map(|d| d.name.to_string()).collect();
+    assert_eq!(shop, ["main"]);
     assert!(s
         .pg_connect("mallory.rival", "secret", "vault")
         .await

@@ -148,6 +148,9 @@ async fn another_apps_login_reaches_nothing_over_http() {
     assert!(out.contains("badapp 28000"), "{out}");
     assert!(out.contains("rqlite 3D000"), "{out}");
     assert!(out.contains("own answered"), "{out}");
+    // other's login named "users" and found none: none was made for it.
+    let other = api.list_databases(Some(&name("other"))).await.unwrap();
+    assert!(other.databases.is_empty(), "{:?}", other.databases);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
