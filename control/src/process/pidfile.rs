@@ -12,7 +12,7 @@ use std::path::Path;
 pub fn write(path: &Path, pid: u32) {
     let started = start_time(pid).unwrap_or(0);
     let mut out = format!("{pid} {started}\n").into_bytes();
-    for arg in command_line(pid) {
+    for arg in settled_command_line(pid) {
         out.extend(arg.into_vec());
         out.push(0);
     }
@@ -65,6 +65,22 @@ pub fn start_time(pid: u32) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
     // `rest` starts at field 3 (state); field 22 is 19 further on.
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The command line of a process just started. `posix_spawn` returns as
+/// soon as the child has its new address space, a moment before the
+/// kernel has put the new program's arguments in it: until then the
+/// command line reads empty, and a pid file written from it would name
+/// nothing adoptable.
+fn settled_command_line(pid: u32) -> Vec<OsString> {
+    for _ in 0..100 {
+        let args = command_line(pid);
+        if !args.is_empty() {
+            return args;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    Vec::new()
 }
 
 /// The process's argument vector, as `/proc/<pid>/cmdline` holds it.
@@ -122,5 +138,25 @@ mod tests {
         let args = command_line(std::process::id());
         assert!(!args.is_empty());
         assert_eq!(args.len(), std::env::args_os().count());
+    }
+
+    /// A process written right after its spawn returned is adopted later:
+    /// its arguments are read once its exec has set them, not while the
+    /// kernel is still setting them up (an empty command line then).
+    #[test]
+    fn a_process_written_as_soon_as_it_is_spawned_is_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node-0.pid");
+        for _ in 0..20 {
+            let mut child = std::process::Command::new("/bin/sleep")
+                .arg("5")
+                .spawn()
+                .unwrap();
+            write(&file, child.id());
+            let adopted = live(&file);
+            child.kill().unwrap();
+            child.wait().unwrap();
+            assert_eq!(adopted, Some(child.id()));
+        }
     }
 }
