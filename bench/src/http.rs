@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use rouse_control_api::{BackendCredentials, CreateDatabase, Engine};
 use rouse_tests::{engine_url, free_port, rqlite_execute, Control, Proxy, ServerProcess};
 
+use crate::cpu::cpu_time;
 use crate::stats::{added_latency_table, ms, percentile, table};
 use crate::wake::{bare_start, name};
 
@@ -43,6 +44,8 @@ const LOADS: [Load; 2] = [
 
 struct WrkResult {
     rps: f64,
+    /// The proxy's CPU time per request, in µs (none for the bare side).
+    cpu_us: Option<f64>,
     p50: Duration,
     p99: Duration,
 }
@@ -57,6 +60,9 @@ pub struct HttpRow {
     pub bare_p99: Duration,
     pub haproxy_p99: Duration,
     pub rouse_p99: Duration,
+    /// Each proxy's CPU time per request, µs.
+    pub haproxy_cpu_us: f64,
+    pub rouse_cpu_us: f64,
 }
 
 /// 500 requests arriving at once at a hibernated database.
@@ -96,6 +102,7 @@ impl fmt::Display for HttpResults {
                         ms_f(r.haproxy_p99),
                         ms_f(r.rouse_p99)
                     ),
+                    format!("{:.1} / {:.1}", r.haproxy_cpu_us, r.rouse_cpu_us),
                 ]
             })
             .collect();
@@ -108,6 +115,7 @@ impl fmt::Display for HttpResults {
                 "rouse ÷ HAProxy",
                 "rouse ÷ bare",
                 "p99 bare / HAProxy / rouse",
+                "proxy CPU µs per request: HAProxy / rouse",
             ],
             &rows,
         );
@@ -160,15 +168,21 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Http
     let proxy = Proxy::builder(&control).start().await?;
     let dir = tempfile::tempdir()?;
     let haproxy_port = free_port("127.0.0.1".parse()?);
-    let _haproxy = start_haproxy(dir.path(), haproxy_port, &engine).await?;
+    let haproxy = start_haproxy(dir.path(), haproxy_port, &engine).await?;
 
-    // Base URLs, routing prefix included, and logins: bare rqlited, HAProxy, rouse.
+    // Base URLs, routing prefix included, logins, and the proxy's pid for
+    // its CPU time: bare rqlited, HAProxy, rouse.
     let sides = [
-        (format!("http://{engine}"), engine_login.clone()),
-        (format!("http://127.0.0.1:{haproxy_port}"), engine_login),
+        (format!("http://{engine}"), engine_login.clone(), None),
+        (
+            format!("http://127.0.0.1:{haproxy_port}"),
+            engine_login,
+            Some(haproxy.pid()),
+        ),
         (
             format!("{}/{APP}/{DB}", proxy.url()),
             format!("ApiKey {key}"),
+            Some(proxy.pid()),
         ),
     ];
     let mut rows = Vec::new();
@@ -176,26 +190,33 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Http
         let scripts = sides
             .iter()
             .enumerate()
-            .map(|(i, (_, login))| wrk_script(dir.path(), i, load, login))
+            .map(|(i, (_, login, _))| wrk_script(dir.path(), i, load, login))
             .collect::<Result<Vec<_>>>()?;
         let mut results: Vec<Vec<WrkResult>> = sides.iter().map(|_| Vec::new()).collect();
         for _ in 0..rounds {
-            for (i, (side, _)) in sides.iter().enumerate() {
+            for (i, (side, _, pid)) in sides.iter().enumerate() {
                 results[i].push(wrk(
                     &scripts[i],
                     &format!("{side}{}", load.path),
                     seconds,
                     connections,
+                    *pid,
                 )?);
             }
         }
         let median = |rs: &[WrkResult]| {
-            let mut rps: Vec<f64> = rs.iter().map(|r| r.rps).collect();
-            rps.sort_by(|a, b| a.total_cmp(b));
+            let middle = |mut v: Vec<f64>| {
+                v.sort_by(|a, b| a.total_cmp(b));
+                v.get(v.len() / 2).copied().unwrap_or_default()
+            };
             let p99s: Vec<Duration> = rs.iter().map(|r| r.p99).collect();
-            (rps[rps.len() / 2], percentile(&p99s, 50.0))
+            (
+                middle(rs.iter().map(|r| r.rps).collect()),
+                percentile(&p99s, 50.0),
+                middle(rs.iter().filter_map(|r| r.cpu_us).collect()),
+            )
         };
-        let [(bare, bare99), (ha, ha99), (rouse, rouse99)] = [
+        let [(bare, bare99, _), (ha, ha99, ha_cpu), (rouse, rouse99, rouse_cpu)] = [
             median(&results[0]),
             median(&results[1]),
             median(&results[2]),
@@ -209,16 +230,18 @@ pub async fn run(rounds: usize, seconds: u64, connections: usize) -> Result<Http
             bare_p99: bare99,
             haproxy_p99: ha99,
             rouse_p99: rouse99,
+            haproxy_cpu_us: ha_cpu,
+            rouse_cpu_us: rouse_cpu,
         });
     }
 
     // One connection: what each side adds to a point read's latency.
     let mut p50s: Vec<Vec<Duration>> = sides.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds {
-        for (i, (side, login)) in sides.iter().enumerate() {
+        for (i, (side, login, _)) in sides.iter().enumerate() {
             let script = wrk_script(dir.path(), i, &LOADS[0], login)?;
             let url = format!("{side}{}", LOADS[0].path);
-            p50s[i].push(wrk(&script, &url, seconds, 1)?.p50);
+            p50s[i].push(wrk(&script, &url, seconds, 1, None)?.p50);
         }
     }
     let one_client = std::array::from_fn(|i| percentile(&p50s[i], 50.0));
@@ -320,7 +343,15 @@ fn wrk_script(dir: &Path, i: usize, load: &Load, login: &str) -> Result<std::pat
     Ok(script)
 }
 
-fn wrk(script: &Path, url: &str, seconds: u64, connections: usize) -> Result<WrkResult> {
+/// One wrk run; with `proxy`, that process's CPU time per request too.
+fn wrk(
+    script: &Path,
+    url: &str,
+    seconds: u64,
+    connections: usize,
+    proxy: Option<u32>,
+) -> Result<WrkResult> {
+    let cpu_before = proxy.map(cpu_time).transpose()?;
     let out = Command::new("wrk")
         .args([
             "-t",
@@ -348,6 +379,19 @@ fn wrk(script: &Path, url: &str, seconds: u64, connections: usize) -> Result<Wrk
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
         .context("no Requests/sec in wrk output")?;
+    // "12345 requests in 5.00s, ..."
+    let requests: f64 = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.parse().ok())
+        .context("no request count in wrk output")?;
+    let cpu_us = match (proxy, cpu_before) {
+        (Some(pid), Some(before)) => {
+            let used = cpu_time(pid)?.saturating_sub(before);
+            Some(used.as_secs_f64() * 1e6 / requests.max(1.0))
+        }
+        _ => None,
+    };
     let percentile = |p: &str| {
         text.lines()
             .find_map(|l| l.trim().strip_prefix(p))
@@ -356,6 +400,7 @@ fn wrk(script: &Path, url: &str, seconds: u64, connections: usize) -> Result<Wrk
     };
     Ok(WrkResult {
         rps,
+        cpu_us,
         p50: percentile("50%")?,
         p99: percentile("99%")?,
     })

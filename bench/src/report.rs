@@ -474,6 +474,8 @@ mod tests {
                     bare_p99: ms(34),
                     haproxy_p99: ms(7),
                     rouse_p99: ms(7),
+                    haproxy_cpu_us: 21.0,
+                    rouse_cpu_us: 24.0,
                 }],
                 one_client: [310, 360, 390].map(Duration::from_micros),
                 herd: Herd {

@@ -159,3 +159,30 @@ pub fn events(data: &[u8]) {
         }
     }
 }
+
+/// An engine's HTTP answer as the rqlite leg reads it: the head, and a
+/// chunked body decoded the same however its bytes arrive.
+pub fn http_answer(data: &[u8]) {
+    use crate::http::upstream::answer::{self, Chunked, Framing};
+    if let Ok(Some((head, len))) = answer::parse_head(data, false) {
+        assert!(len <= data.len().min(answer::MAX_HEAD));
+        if let Framing::Length(n) = head.framing {
+            assert!(n <= answer::MAX_BODY);
+        }
+    }
+    let decode = |pieces: &[&[u8]]| {
+        let (mut chunked, mut body, mut buf) =
+            (Chunked::default(), BytesMut::new(), BytesMut::new());
+        for piece in pieces {
+            buf.extend_from_slice(piece);
+            match chunked.decode(&mut buf, &mut body) {
+                Ok(false) => {}
+                Ok(true) => return Some(Ok(body)),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        None
+    };
+    let (head, tail) = data.split_at(data.len() / 2);
+    assert_eq!(decode(&[data]), decode(&[head, tail]));
+}

@@ -1,7 +1,9 @@
-//! The leg to rqlite: a pooled HTTP/1.1 client that tries the leader first,
-//! moves on to the other replicas when one refuses connections (a follower
-//! forwards to the leader), follows a follower's redirect to the leader
-//! itself (re-sending the body), and retries while the cluster elects.
+//! The leg to rqlite: an HTTP/1.1 client of rouse's own (decision 0018;
+//! connections in `connection.rs`, the answer's framing in `answer.rs`)
+//! that tries the leader first, moves on to the other replicas when one
+//! refuses connections (a follower forwards to the leader), follows a
+//! follower's redirect to the leader itself (re-sending the body), and
+//! retries while the cluster elects.
 //!
 //! Engines whose HTTP API speaks TLS (rqlite across nodes) are reached over
 //! TLS checked against the cluster CA, which the proxy learns from control.
@@ -11,19 +13,21 @@
 //! forged endpoint, a port taken over by another database), so its answer
 //! is never served and the route counts as stale.
 
+pub(crate) mod answer;
+mod connection;
+
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderValue, CONTENT_TYPE, LOCATION};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use hyper::header::HeaderValue;
+use hyper::{Method, StatusCode};
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 
 use crate::metrics::ENGINE_LOGIN_REFUSALS;
 use crate::resolve::Target;
+use connection::{Answer, Connection, ExchangeError, Pool};
 
 pub(crate) struct Reply {
     pub(crate) status: StatusCode,
@@ -41,12 +45,11 @@ pub(crate) enum UpstreamError {
     Route(crate::error::ProxyError),
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
-
+#[derive(Default)]
 pub(crate) struct Upstream {
-    client: Client<HttpConnector, Full<Bytes>>,
-    /// To engines over TLS; made once the engine CA is known.
-    tls: OnceLock<HttpsClient>,
+    idle: Pool,
+    /// To engines over TLS; set once the engine CA is known.
+    tls: OnceLock<TlsConnector>,
 }
 
 /// Redirects followed inside the proxy before giving up.
@@ -61,27 +64,50 @@ fn electing(status: StatusCode, body: &[u8]) -> bool {
         || (status == StatusCode::INTERNAL_SERVER_ERROR && body.starts_with(b"leader not found"))
 }
 
-fn connector() -> HttpConnector {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
-    connector.set_nodelay(true);
-    connector
+/// One request's head, as it goes to every engine tried.
+struct RequestHead<'a> {
+    method: &'a Method,
+    path_and_query: &'a str,
+    content_type: Option<&'a HeaderValue>,
+    login: Option<&'a HeaderValue>,
 }
 
-fn pooled() -> hyper_util::client::legacy::Builder {
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(512);
-    builder
-}
-
-impl Default for Upstream {
-    fn default() -> Self {
-        Upstream {
-            client: pooled().build(connector()),
-            tls: OnceLock::new(),
+impl RequestHead<'_> {
+    /// The request line and headers. Every part is checked already (a
+    /// parsed URI, header values), so this refuses only what would let one
+    /// request be read as two.
+    fn encode(&self, addr: &str, body_len: usize) -> Result<Vec<u8>, UpstreamError> {
+        let unsafe_byte = |s: &str| s.bytes().any(|b| b <= b' ' || b == 0x7f);
+        if unsafe_byte(self.path_and_query) || unsafe_byte(addr) {
+            return Err(UpstreamError::Failed(
+                "a request target with spaces or controls".into(),
+            ));
         }
+        let mut head = Vec::with_capacity(256);
+        for part in [
+            self.method.as_str(),
+            " ",
+            self.path_and_query,
+            " HTTP/1.1\r\nHost: ",
+            addr,
+        ] {
+            head.extend_from_slice(part.as_bytes());
+        }
+        for (name, value) in [
+            ("\r\nContent-Type: ", self.content_type),
+            ("\r\nAuthorization: ", self.login),
+        ] {
+            if let Some(value) = value {
+                head.extend_from_slice(name.as_bytes());
+                head.extend_from_slice(value.as_bytes());
+            }
+        }
+        if body_len > 0 || !matches!(*self.method, Method::GET | Method::HEAD) {
+            head.extend_from_slice(b"\r\nContent-Length: ");
+            head.extend_from_slice(body_len.to_string().as_bytes());
+        }
+        head.extend_from_slice(b"\r\n\r\n");
+        Ok(head)
     }
 }
 
@@ -89,34 +115,66 @@ impl Upstream {
     /// Engines over TLS are checked against this configuration (see
     /// `rouse_control_api::engine_tls`) from now on.
     pub(crate) fn trust_engines(&self, config: Arc<rustls::ClientConfig>) {
-        let mut http = connector();
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((*config).clone())
-            .https_only()
-            .enable_http1()
-            .wrap_connector(http);
-        let _ = self.tls.set(pooled().build(https));
+        let _ = self.tls.set(TlsConnector::from(config));
     }
 
-    async fn request(
+    /// One exchange with the engine at `addr`: on an idle connection when
+    /// there is one (a fresh one if that had been closed meanwhile), else
+    /// on a new one, which is kept for the next request.
+    async fn exchange(
         &self,
         tls: bool,
-        req: Request<Full<Bytes>>,
-    ) -> Result<hyper::Response<hyper::body::Incoming>, UpstreamError> {
-        let sent = if tls {
-            match self.tls.get() {
-                Some(client) => client.request(req).await,
-                None => {
-                    return Err(UpstreamError::Unreachable(
-                        "the engines speak TLS and the proxy does not know their CA yet".into(),
-                    ))
+        addr: &str,
+        head: &RequestHead<'_>,
+        body: &[u8],
+    ) -> Result<Answer, UpstreamError> {
+        let connector = match (tls, self.tls.get()) {
+            (false, _) => None,
+            (true, Some(connector)) => Some(connector),
+            (true, None) => {
+                return Err(UpstreamError::Unreachable(
+                    "the engines speak TLS and the proxy does not know their CA yet".into(),
+                ))
+            }
+        };
+        let head_only = *head.method == Method::HEAD;
+        if let Some(mut conn) = self.idle.take(addr, tls) {
+            match conn
+                .exchange(head.encode(addr, body.len())?, body, head_only)
+                .await
+            {
+                Ok((answer, reusable)) => return Ok(self.keep(addr, tls, conn, reusable, answer)),
+                Err(ExchangeError::NoAnswer(_)) => {}
+                Err(e @ ExchangeError::Broken(_)) => {
+                    return Err(UpstreamError::Failed(e.to_string()))
                 }
             }
-        } else {
-            self.client.request(req).await
-        };
-        sent.map_err(|e| UpstreamError::Unreachable(e.to_string()))
+        }
+        let mut conn = Connection::open(addr, connector)
+            .await
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        match conn
+            .exchange(head.encode(addr, body.len())?, body, head_only)
+            .await
+        {
+            Ok((answer, reusable)) => Ok(self.keep(addr, tls, conn, reusable, answer)),
+            Err(e @ ExchangeError::NoAnswer(_)) => Err(UpstreamError::Unreachable(e.to_string())),
+            Err(e @ ExchangeError::Broken(_)) => Err(UpstreamError::Failed(e.to_string())),
+        }
+    }
+
+    fn keep(
+        &self,
+        addr: &str,
+        tls: bool,
+        conn: Connection,
+        reusable: bool,
+        answer: Answer,
+    ) -> Answer {
+        if reusable {
+            self.idle.put(addr, tls, conn);
+        }
+        answer
     }
 
     /// Sends one request to the database, by the rules above, until `deadline`.
@@ -135,7 +193,12 @@ impl Upstream {
         }
         // The replicas of one database all speak TLS or none does.
         let tls = endpoints.iter().any(|e| e.tls);
-        let scheme = if tls { "https" } else { "http" };
+        let head = RequestHead {
+            method,
+            path_and_query,
+            content_type,
+            login,
+        };
         let mut next = 0usize;
         let mut redirected: Option<String> = None;
         let mut hops = 0;
@@ -145,34 +208,26 @@ impl Upstream {
                 Some(a) => a,
                 None => endpoints[next % endpoints.len()].addr(),
             };
-            let mut req = Request::builder()
-                .method(method.clone())
-                .uri(format!("{scheme}://{addr}{path_and_query}"));
-            if let Some(ct) = content_type {
-                req = req.header(CONTENT_TYPE, ct.clone());
-            }
-            if let Some(login) = login {
-                req = req.header(hyper::header::AUTHORIZATION, login.clone());
-            }
-            let req = req
-                .body(Full::new(body.clone()))
-                .map_err(|e| UpstreamError::Failed(e.to_string()))?;
-            let resp = match tokio::time::timeout_at(deadline, self.request(tls, req)).await {
-                Err(_) => return Err(UpstreamError::Timeout),
-                // Refused, a pooled connection to a replica that died, or a
-                // certificate not of the cluster CA: no answer came, so the
-                // next replica gets the request.
-                Ok(Err(e)) => {
-                    refused += 1;
-                    next += 1;
-                    if refused >= endpoints.len() {
-                        return Err(e);
+            let answer =
+                match tokio::time::timeout_at(deadline, self.exchange(tls, &addr, &head, &body))
+                    .await
+                {
+                    Err(_) => return Err(UpstreamError::Timeout),
+                    // Refused, a replica that died, or a certificate not of the
+                    // cluster CA: no answer came, so the next replica gets the
+                    // request.
+                    Ok(Err(e @ UpstreamError::Unreachable(_))) => {
+                        refused += 1;
+                        next += 1;
+                        if refused >= endpoints.len() {
+                            return Err(e);
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                Ok(Ok(resp)) => resp,
-            };
-            let status = resp.status();
+                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(answer)) => answer,
+                };
+            let status = answer.status;
             if status == StatusCode::UNAUTHORIZED {
                 ENGINE_LOGIN_REFUSALS.counter([]).increment(1);
                 tracing::warn!(engine = %addr, "an engine refused this database's login: not serving its answer");
@@ -187,10 +242,9 @@ impl Upstream {
             }
             refused = 0;
             if status.is_redirection() && hops < MAX_HOPS {
-                let target = resp
-                    .headers()
-                    .get(LOCATION)
-                    .and_then(|l| l.to_str().ok())
+                let target = answer
+                    .location
+                    .as_deref()
                     .and_then(|l| l.parse::<hyper::Uri>().ok())
                     .and_then(|u| u.authority().map(|a| a.to_string()));
                 // Only ever towards a replica of this database.
@@ -200,21 +254,15 @@ impl Upstream {
                     continue;
                 }
             }
-            let content_type = resp.headers().get(CONTENT_TYPE).cloned();
-            let body = match tokio::time::timeout_at(deadline, resp.into_body().collect()).await {
-                Err(_) => return Err(UpstreamError::Timeout),
-                Ok(Err(e)) => return Err(UpstreamError::Failed(e.to_string())),
-                Ok(Ok(b)) => b.to_bytes(),
-            };
-            if electing(status, &body) && Instant::now() + ELECTION_RETRY < deadline {
+            if electing(status, &answer.body) && Instant::now() + ELECTION_RETRY < deadline {
                 tokio::time::sleep(ELECTION_RETRY).await;
                 next += 1;
                 continue;
             }
             return Ok(Reply {
                 status,
-                content_type,
-                body,
+                content_type: answer.content_type,
+                body: answer.body,
             });
         }
     }
