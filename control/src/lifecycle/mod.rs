@@ -97,6 +97,9 @@ pub struct Manager {
     secrets: Mutex<HashMap<DbKey, String>>,
     /// Serialises the capacity check and insert of creates.
     creating: tokio::sync::Mutex<()>,
+    /// Serialises where replacement replicas go: replacements that run at
+    /// once each see the load the others recorded.
+    placing: tokio::sync::Mutex<()>,
     /// Per-app database count and create rate.
     quotas: crate::quota::Quotas,
     started: Instant,
@@ -155,6 +158,7 @@ impl Manager {
             members: Mutex::new(Members::default()),
             patroni: Mutex::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
+            placing: tokio::sync::Mutex::new(()),
             started: Instant::now(),
             recorded: Mutex::new(HashMap::new()),
             tasks: rouse_runtime::tasks::Tasks::default(),

@@ -63,9 +63,10 @@ impl Manager {
         why: Leaving,
     ) -> Result<()> {
         let membership = self.membership().await;
-        let mut load = self.store.load().await?;
         let mut replicas = rec.replicas.clone();
         for gone in gone_replicas {
+            let placing = self.placing.lock().await;
+            let load = self.store.load().await?;
             let mut exclude: HashSet<String> = replicas.iter().map(|r| r.node_id.clone()).collect();
             if why == Leaving::Full {
                 exclude.extend(membership.without_active_room());
@@ -104,7 +105,7 @@ impl Manager {
             );
             self.record_decision(&rec.key, why.decision(), &detail)
                 .await;
-            *load.entry(new.node_id.clone()).or_default() += 1;
+            drop(placing);
             info!(database = %rec.key, node_id = %gone.node_id, new_node = %new.node_id, why = why.as_str(), "replacing a replica");
             // The running members keep a quorum without the one leaving.
             // They may still be electing a leader when it held it.

@@ -272,25 +272,30 @@ impl Manager {
             if !membership.clustered() {
                 continue;
             }
-            for rec in &records {
-                if rec.engine != Engine::Rqlite
-                    || rec.replicas.iter().all(|r| membership.is_live(&r.node_id))
-                {
-                    continue;
-                }
-                let slot = self.slot(&rec.key);
-                let _deciding = slot.deciding.lock().await;
-                let Ok(rec) = self.record(&rec.key).await else {
-                    continue;
-                };
-                // Hibernating databases get their replacements at their next wake.
-                if !self.is_up(&rec.key, &rec) {
-                    continue;
-                }
-                if let Err(e) = self.replace_dead(&rec).await {
-                    warn!(database = %rec.key, error = %e, "replacing replicas of a dead node failed; retrying");
-                }
-            }
+            // Several databases at once: each replacement mostly waits for
+            // its new replica to start and join, and a dead node may have
+            // held hundreds. Where they go is still decided one at a time.
+            let dead_held = records.iter().filter(|rec| {
+                rec.engine == Engine::Rqlite
+                    && !rec.replicas.iter().all(|r| membership.is_live(&r.node_id))
+            });
+            let manager = &*self;
+            futures::stream::iter(dead_held)
+                .for_each_concurrent(REPLACEMENTS_AT_ONCE, |rec| async move {
+                    let slot = manager.slot(&rec.key);
+                    let _deciding = slot.deciding.lock().await;
+                    let Ok(rec) = manager.record(&rec.key).await else {
+                        return;
+                    };
+                    // Hibernating databases get their replacements at their next wake.
+                    if !manager.is_up(&rec.key, &rec) {
+                        return;
+                    }
+                    if let Err(e) = manager.replace_dead(&rec).await {
+                        warn!(database = %rec.key, error = %e, "replacing replicas of a dead node failed; retrying");
+                    }
+                })
+                .await;
         }
     }
 
@@ -440,6 +445,9 @@ impl Manager {
 /// How long adopting one running database may take before it is started
 /// again instead.
 const ADOPT_WITHIN: Duration = Duration::from_secs(10);
+
+/// Databases whose replicas on a dead node are replaced at once.
+const REPLACEMENTS_AT_ONCE: usize = 8;
 
 /// How a database that should run is brought back when the daemon starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
