@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rouse_control_api::{CreateDatabase, DatabaseInfo, Engine, PoolMode, UserInfo};
-use rouse_tests::{free_port, postgres_bin_dir, Control, Proxy, RunAs, ServerProcess};
+use rouse_tests::{free_port, postgres_bin_dir, Control, Proxy, RunAs, ServerProcess, TlsFiles};
 
 use crate::stats::{added_latency_table, percentile, table};
 use crate::wake::name;
@@ -157,8 +157,15 @@ pub async fn run(rounds: usize, seconds: u64) -> Result<PgResults> {
             &bouncer_dir,
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )?;
-        let process =
-            start_pgbouncer(&bouncer_dir, port, pg_port, &user.scram_verifier, mode).await?;
+        let process = start_pgbouncer(
+            &bouncer_dir,
+            port,
+            pg_port,
+            &user.scram_verifier,
+            mode,
+            None,
+        )
+        .await?;
         bouncers.push((port, process));
     }
     let mut rows = Vec::new();
@@ -351,8 +358,13 @@ fn steady(done: &[(u64, u64, u64)], seconds: u64) -> Steady {
     }
 }
 
+/// Plain TCP, as every load here but idle clients over TLS.
 pub(crate) fn conninfo(port: u16, user: &str) -> String {
-    format!("host=127.0.0.1 port={port} user={user} dbname={DB} sslmode=disable")
+    conninfo_over(port, user, "disable")
+}
+
+pub(crate) fn conninfo_over(port: u16, user: &str, sslmode: &str) -> String {
+    format!("host=127.0.0.1 port={port} user={user} dbname={DB} sslmode={sslmode}")
 }
 
 fn pgbench_tps(pgbench: &Path, args: &[&str], seconds: u64, side: &Side) -> Result<f64> {
@@ -402,16 +414,25 @@ pub(crate) async fn start_pgbouncer(
     backend: u16,
     verifier: &str,
     pool_mode: &str,
+    tls: Option<&TlsFiles>,
 ) -> Result<ServerProcess> {
     let ini = dir.join("pgbouncer.ini");
     let users = dir.join("userlist.txt");
     std::fs::write(&users, format!("\"{USER}\" \"{verifier}\"\n"))?;
+    // Clients choose: TLS for those that ask, as rouse's default.
+    let tls = tls.map_or_else(String::new, |files| {
+        format!(
+            "client_tls_sslmode = allow\nclient_tls_cert_file = {}\nclient_tls_key_file = {}\n",
+            files.cert.display(),
+            files.key.display()
+        )
+    });
     std::fs::write(
         &ini,
         format!(
             "[databases]\n{DB} = host=127.0.0.1 port={backend} dbname={DB}\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = scram-sha-256\nauth_file = {}\n\
-             pool_mode = {pool_mode}\nmax_client_conn = 20000\ndefault_pool_size = 20\nunix_socket_dir =\nlogfile = {}\n",
+             pool_mode = {pool_mode}\nmax_client_conn = 20000\ndefault_pool_size = 20\nunix_socket_dir =\nlogfile = {}\n{tls}",
             users.display(),
             dir.join("pgbouncer-own.log").display(),
         ),

@@ -302,15 +302,18 @@ fn draw_charts(r: &Results, out: &Path) -> Result<Vec<&'static str>> {
             title: "Memory per idle PostgreSQL client (transaction pooling)",
             axis: "growth of resident memory per idle client",
             groups: idle.rows.iter().map(|row| row.label.to_string()).collect(),
-            series: vec![Series {
-                name: format!("{} idle clients", idle.clients),
-                color: BLUE_BAR,
-                values: idle
-                    .rows
-                    .iter()
-                    .map(|row| Some(idle.per_client_kib(row)))
-                    .collect(),
-            }],
+            series: [("plain TCP", BLUE_BAR, false), ("TLS", ORANGE_BAR, true)]
+                .into_iter()
+                .map(|(over, color, tls)| Series {
+                    name: format!("{} idle clients, {over}", idle.clients),
+                    color,
+                    values: idle
+                        .rows
+                        .iter()
+                        .map(|row| Some(idle.per_client_kib(row.memory(tls))))
+                        .collect(),
+                })
+                .collect(),
             format: &kib,
             reference: None,
         }
@@ -439,7 +442,7 @@ mod tests {
     use super::*;
     use crate::http::{Herd, HttpRow};
     use crate::pg::PgRow;
-    use crate::pg_idle::{Busy, IdleRow};
+    use crate::pg_idle::{Busy, IdleRow, Memory};
     use crate::redis::RedisRow;
     use crate::wake::WakeRow;
 
@@ -504,8 +507,14 @@ mod tests {
                 rows: vec![
                     IdleRow {
                         label: "PgBouncer",
-                        before_kib: 8192,
-                        after_kib: 9000,
+                        plain: Memory {
+                            before_kib: 8192,
+                            after_kib: 9000,
+                        },
+                        tls: Memory {
+                            before_kib: 8192,
+                            after_kib: 24000,
+                        },
                         busy: Busy {
                             tps: 30000.0,
                             p50: Duration::from_micros(2900),
@@ -515,8 +524,14 @@ mod tests {
                     },
                     IdleRow {
                         label: "rouse",
-                        before_kib: 15000,
-                        after_kib: 16900,
+                        plain: Memory {
+                            before_kib: 15000,
+                            after_kib: 16900,
+                        },
+                        tls: Memory {
+                            before_kib: 15000,
+                            after_kib: 25000,
+                        },
                         busy: Busy {
                             tps: 31000.0,
                             p50: Duration::from_micros(2800),

@@ -314,14 +314,9 @@ async fn tls_is_offered_and_the_server_name_can_name_the_app() {
     );
     // tokio-postgres over rustls: the test trusts the proxy's self-signed
     // certificate, as a client configured with it as root would.
-    let tls = rustls::ClientConfig::builder()
-        .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCertificate))
-        .with_no_client_auth();
-    let (c, conn) =
-        tokio_postgres::connect(&url, tokio_postgres_rustls::MakeRustlsConnect::new(tls))
-            .await
-            .unwrap();
+    let (c, conn) = tokio_postgres::connect(&url, rouse_tests::trust_any_certificate())
+        .await
+        .unwrap();
     tokio::spawn(conn);
     // With sslmode=require, tokio-postgres connects only over TLS.
     assert_eq!(
@@ -494,57 +489,6 @@ async fn session_state_does_not_leak_to_the_next_pooled_client() {
         .await
         .unwrap();
     assert_eq!(backend_pid(c).await, pid);
-}
-
-/// Accepts any server certificate: the test's proxy has a throwaway one.
-#[derive(Debug)]
-struct AnyCertificate;
-
-impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// A database hibernated while the proxy missed control's events: the next
