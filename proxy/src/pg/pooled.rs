@@ -1,10 +1,11 @@
 //! A transaction-pooled client session: between transactions it holds no
 //! backend connection and waits for its next message; after
-//! [`PARK_AFTER`] without one, a plain TCP client is parked outside the
-//! runtime (no task, no reactor registration) until it speaks, which is
-//! what makes ten thousand idle clients cheap. Each transaction runs in a
+//! [`PARK_AFTER`] without one, the client is parked outside the runtime
+//! (no task; a plain TCP client no reactor registration either) until it
+//! speaks, which is what makes ten thousand idle clients cheap. Each transaction runs in a
 //! boxed future, so the waiting task stays small too.
 
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +35,8 @@ const PARK_AFTER: Duration = Duration::from_secs(1);
 /// on the heap; parked, this is all of it.
 pub(super) struct PooledClient {
     pub(super) front: Arc<PgFront>,
-    /// `MaybeTls::Upgrading` while parked (the parker holds the socket).
+    /// `MaybeTls::Upgrading` while a plain client is parked (the parker
+    /// holds the socket); a parked TLS client keeps its stream here.
     pub(super) client: MaybeTls,
     pub(super) started: Started,
     pub(super) meter: Meter,
@@ -74,12 +76,10 @@ impl PooledClient {
             if buf.is_empty() {
                 // An idle client keeps no buffer.
                 buf = BytesMut::new();
-                let waited = match self.plain() {
+                let waited = match self.socket_to_watch() {
                     Some(socket) => {
                         idle(socket, kill.as_mut(), park_timer.as_mut(), last_served).await
                     }
-                    // TLS and WebSocket layers may hold bytes already
-                    // read: they wait inside the read.
                     None => Idle::Readable,
                 };
                 match waited {
@@ -100,10 +100,21 @@ impl PooledClient {
         Box::pin(self.end(ended)).await;
     }
 
-    fn plain(&self) -> Option<&tokio::net::TcpStream> {
+    /// The socket whose readiness says the client spoke: a plain one, or
+    /// the one under TLS when the TLS layer holds nothing already read or
+    /// still to send. A WebSocket, or TLS with bytes in hand, waits inside
+    /// its read instead.
+    fn socket_to_watch(&self) -> Option<&tokio::net::TcpStream> {
         match &self.client {
             MaybeTls::Plain(socket) => Some(socket),
-            _ => None,
+            MaybeTls::Tls(tls) => match tls.as_ref() {
+                tokio_rustls::TlsStream::Server(tls) => {
+                    let (socket, session) = tls.get_ref();
+                    (session.wants_read() && !session.wants_write()).then_some(socket)
+                }
+                tokio_rustls::TlsStream::Client(_) => None,
+            },
+            MaybeTls::WebSocket(_) | MaybeTls::Upgrading => None,
         }
     }
 
@@ -127,20 +138,31 @@ impl PooledClient {
         .await
     }
 
-    /// Hands the socket to the parker; this task ends here.
+    /// Hands the socket to the parker; this task ends here. A plain
+    /// socket leaves the runtime; under TLS the stream stays with the
+    /// session (its TLS state is in it) and the parker watches a duplicate
+    /// of its descriptor, dropped when the client comes back.
     fn park(mut self: Box<Self>, registered: &clients::Client) {
-        let MaybeTls::Plain(socket) = std::mem::replace(&mut self.client, MaybeTls::Upgrading)
-        else {
-            unreachable!("only plain TCP clients park");
+        let watched = match &self.client {
+            MaybeTls::Tls(_) => self
+                .socket_to_watch()
+                .expect("parked only after waiting on its socket")
+                .as_fd()
+                .try_clone_to_owned()
+                .map(std::net::TcpStream::from),
+            _ => match std::mem::replace(&mut self.client, MaybeTls::Upgrading) {
+                MaybeTls::Plain(socket) => socket.into_std(),
+                _ => unreachable!("only plain TCP and TLS clients park"),
+            },
         };
-        match socket.into_std() {
+        match watched {
             Ok(socket) => {
                 if let Some(ticket) = park::park(socket, self) {
                     registered.parked(ticket);
                 }
             }
             Err(e) => {
-                // The socket is gone with the error: the session ends.
+                // Nothing can watch the socket: the session ends.
                 debug!(error = %e, "an idle client could not be parked");
                 tokio::spawn(self.end(Ended::Failed(PgError::Backend(e.to_string()))));
             }
@@ -168,7 +190,7 @@ impl PooledClient {
     }
 }
 
-/// Waits for a plain TCP client's next message; `Park` once it has said
+/// Waits for a client's next message on its socket; `Park` once it has said
 /// nothing for [`PARK_AFTER`] since `last_served`. The timer may have been
 /// set for an earlier transaction: when it rings early, it is moved on.
 async fn idle(
@@ -203,12 +225,15 @@ impl Resume for PooledClient {
 
 impl PooledClient {
     async fn resumed(mut self: Box<Self>, socket: std::net::TcpStream) {
-        match tokio::net::TcpStream::from_std(socket) {
-            Ok(socket) => self.client = MaybeTls::Plain(socket),
-            Err(e) => {
-                return self
-                    .end(Ended::Failed(PgError::Backend(e.to_string())))
-                    .await
+        // A TLS client kept its stream: `socket` was the duplicate watched.
+        if matches!(self.client, MaybeTls::Upgrading) {
+            match tokio::net::TcpStream::from_std(socket) {
+                Ok(socket) => self.client = MaybeTls::Plain(socket),
+                Err(e) => {
+                    return self
+                        .end(Ended::Failed(PgError::Backend(e.to_string())))
+                        .await
+                }
             }
         }
         self.serve(BytesMut::new()).await

@@ -2,13 +2,14 @@
 //! outside the proxy's runtime, which is what keeps ten thousand idle
 //! clients cheap. A parked client must come back exactly as it was: its
 //! prepared statements, its cancel key, its place in SHOW CLIENTS, and
-//! KILL must reach it without it sending anything. A client idle inside a
-//! transaction keeps its backend and is never parked.
+//! KILL must reach it without it sending anything, over plain TCP and over
+//! TLS alike. A client idle inside a transaction keeps its backend and is
+//! never parked.
 
 use std::time::Duration;
 
 use rouse_control_api::*;
-use rouse_tests::{name, Stack, APP};
+use rouse_tests::{name, trust_any_certificate, Stack, APP};
 use tokio_postgres::error::SqlState;
 
 const CLIENTS: usize = 40;
@@ -32,13 +33,40 @@ async fn until_parked(s: &Stack, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_pooled_clients_are_parked_and_come_back_as_they_were() {
+    parked_clients_come_back_as_they_were(false).await;
+}
+
+/// The TLS layer keeps its state with the session while the parker
+/// watches the socket under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_tls_clients_are_parked_and_come_back_as_they_were() {
+    parked_clients_come_back_as_they_were(true).await;
+}
+
+async fn parked_clients_come_back_as_they_were(tls: bool) {
     let s = Stack::builder().start().await;
     let api = s.control.client();
     s.create("pooled", Engine::Postgres).await;
     api.set_pool_mode(&name(APP), &name("pooled"), PoolMode::Transaction)
         .await
         .unwrap();
-    let connect = || s.pg_connect("alice.shop", "wonderland", "pooled");
+    let url = format!(
+        "{}?sslmode={}",
+        s.pg_url("alice.shop", "wonderland", "pooled"),
+        if tls { "require" } else { "disable" }
+    );
+    let connect = || async {
+        let client = if tls {
+            let (client, conn) = tokio_postgres::connect(&url, trust_any_certificate()).await?;
+            tokio::spawn(conn);
+            client
+        } else {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            client
+        };
+        Ok::<_, tokio_postgres::Error>(client)
+    };
     connect()
         .await
         .unwrap()
@@ -93,7 +121,11 @@ async fn idle_pooled_clients_are_parked_and_come_back_as_they_were() {
     let slow = sleeper.simple_query("SELECT pg_sleep(30)");
     let cancelling = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        if tls {
+            cancel.cancel_query(trust_any_certificate()).await.unwrap();
+        } else {
+            cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        }
     };
     let (slept, ()) = tokio::join!(slow, cancelling);
     assert_eq!(
