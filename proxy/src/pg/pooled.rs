@@ -2,8 +2,8 @@
 //! backend connection and waits for its next message; after
 //! [`PARK_AFTER`] without one, the client is parked outside the runtime
 //! (no task; a plain TCP client no reactor registration either) until it
-//! speaks, which is what makes ten thousand idle clients cheap. Each transaction runs in a
-//! boxed future, so the waiting task stays small too.
+//! speaks, which is what makes ten thousand idle clients cheap. Each
+//! transaction runs in a boxed future, so the waiting task stays small too.
 
 use std::os::fd::AsFd;
 use std::pin::Pin;
