@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rouse_control_api::PoolMode;
-use rouse_tests::{free_port, trust_any_certificate, Proxy, TlsFiles};
+use rouse_tests::{free_port, pg_connect_url, trust_any_certificate, Proxy, TlsFiles};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::cpu::cpu_time;
@@ -251,7 +251,7 @@ impl Side {
             "{} password={PASSWORD}",
             conninfo_over(self.port, &self.user, sslmode)
         );
-        let first = connect(&url, tls).await?;
+        let first = pg_connect_url(&url, tls).await?;
         first.simple_query("SELECT 1").await?;
         drop(first);
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -259,7 +259,7 @@ impl Side {
         let mut held = Vec::with_capacity(clients);
         for chunk in 0..clients.div_ceil(200) {
             let n = (clients - chunk * 200).min(200);
-            let batch = futures::future::join_all((0..n).map(|_| connect(&url, tls))).await;
+            let batch = futures::future::join_all((0..n).map(|_| pg_connect_url(&url, tls))).await;
             for c in batch {
                 held.push(c.with_context(|| format!("connect to {}", self.label))?);
             }
@@ -306,23 +306,6 @@ impl Side {
             cpu_us: cpu.as_secs_f64() * 1e6 / run.all.max(1) as f64,
         })
     }
-}
-
-/// One logged-in client, its connection driven in the background.
-async fn connect(url: &str, tls: Option<&MakeRustlsConnect>) -> Result<tokio_postgres::Client> {
-    let client = match tls {
-        Some(tls) => {
-            let (client, conn) = tokio_postgres::connect(url, tls.clone()).await?;
-            tokio::spawn(conn);
-            client
-        }
-        None => {
-            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-            tokio::spawn(conn);
-            client
-        }
-    };
-    Ok(client)
 }
 
 /// Resident memory of a process, in KiB.

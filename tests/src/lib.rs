@@ -40,7 +40,7 @@ pub use rqlite::{engine_curl_args, engine_url, rqlite_execute, rqlite_query, Rql
 pub use s3::S3;
 pub use sentinel::{Sentinel, SentinelBuilder};
 pub use stack::{name, Stack, StackBuilder, APP};
-pub use tls::trust_any_certificate;
+pub use tls::{pg_connect_url, trust_any_certificate};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 

@@ -57,3 +57,23 @@ impl ServerCertVerifier for AnyCertificate {
             .supported_schemes()
     }
 }
+
+/// A tokio-postgres session to `url`, over `tls` when given, its
+/// connection driven in the background.
+pub async fn pg_connect_url(
+    url: &str,
+    tls: Option<&tokio_postgres_rustls::MakeRustlsConnect>,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    Ok(match tls {
+        Some(tls) => {
+            let (client, conn) = tokio_postgres::connect(url, tls.clone()).await?;
+            tokio::spawn(conn);
+            client
+        }
+        None => {
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            client
+        }
+    })
+}

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use rouse_control_api::*;
-use rouse_tests::{name, trust_any_certificate, Stack, APP};
+use rouse_tests::{name, pg_connect_url, trust_any_certificate, Stack, APP};
 use tokio_postgres::error::SqlState;
 
 const CLIENTS: usize = 40;
@@ -55,18 +55,8 @@ async fn parked_clients_come_back_as_they_were(tls: bool) {
         s.pg_url("alice.shop", "wonderland", "pooled"),
         if tls { "require" } else { "disable" }
     );
-    let connect = || async {
-        let client = if tls {
-            let (client, conn) = tokio_postgres::connect(&url, trust_any_certificate()).await?;
-            tokio::spawn(conn);
-            client
-        } else {
-            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-            tokio::spawn(conn);
-            client
-        };
-        Ok::<_, tokio_postgres::Error>(client)
-    };
+    let tls_config = tls.then(trust_any_certificate);
+    let connect = || pg_connect_url(&url, tls_config.as_ref());
     connect()
         .await
         .unwrap()
